@@ -1,0 +1,110 @@
+"""QUAD Llama / Qwen2 decoder, as the packed checkpoint stores it.
+
+The residual stream is r + d wide: r fp16 outlier channels first, then the d channels that are
+quantized. Norms are weightless (their weights are fused into the next linears), the embedding and
+every linear that reads or writes the stream are already rotated, and the inverse of each online
+Hadamard is fused into the weight that consumes it. So the forward pass is the original model's
+forward with three extra steps: split at the norm, online Hadamards, quantization.
+
+Llama and Qwen2 differ only in q/k/v bias, which the checkpoint carries or not.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels_tl import reference as ref
+from quad_engine import ops
+from quad_engine.config import QuadConfig
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """HF's rotate-half RoPE; x [B, heads, T, hd], cos/sin [B or 1, T, hd]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: QuadConfig, tensors: dict[str, torch.Tensor], prefix: str):
+        super().__init__()
+        self.cfg = cfg
+        self.qkv = ops.QuantWeights.from_checkpoint(tensors, prefix + "qkv.")
+        self.o = ops.QuantWeights.from_checkpoint(tensors, prefix + "o.")
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        cfg, bits = self.cfg, self.cfg.act_bits
+        b, t, _ = h.shape
+        x_out, x_q, x_s = ops.rmsnorm_quant(h, cfg.rank, cfg.hidden_size, cfg.rms_norm_eps,
+                                            bits["qkv"], cfg.act_clip)
+        qkv = self.qkv(x_q, x_s, x_out)
+        nq, nkv, hd = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.head_dim
+        q = qkv[..., :nq].view(b, t, cfg.num_heads, hd).transpose(1, 2)
+        k = qkv[..., nq:nq + nkv].view(b, t, cfg.num_kv_heads, hd).transpose(1, 2)
+        v = qkv[..., nq + nkv:].view(b, t, cfg.num_kv_heads, hd).transpose(1, 2)
+        # The head_dim Hadamard after RoPE spreads K's outliers so its int4 cache quantizes well;
+        # Q gets the same one so QKᵀ is unchanged. V's was fused into v_proj offline.
+        q = ops.hadamard(apply_rope(q, cos, sin), cfg.hadamard_head)
+        k = ops.hadamard(apply_rope(k, cos, sin), cfg.hadamard_head)
+        k = ref.fake_quant_kv(k, cfg.kv_bits, cfg.kv_clip)
+        v = ref.fake_quant_kv(v, cfg.kv_bits, cfg.kv_clip)
+        attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        attn = attn.transpose(1, 2).reshape(b, t, nq)
+        a_q, a_s = ops.hadamard_quant(attn, cfg.hadamard_o, bits["o"], cfg.act_clip)
+        return self.o(a_q, a_s)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: QuadConfig, tensors: dict[str, torch.Tensor], prefix: str):
+        super().__init__()
+        self.cfg = cfg
+        self.gate_up = ops.QuantWeights.from_checkpoint(tensors, prefix + "gate_up.")
+        self.down = ops.QuantWeights.from_checkpoint(tensors, prefix + "down.")
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        cfg, bits = self.cfg, self.cfg.act_bits
+        x_out, x_q, x_s = ops.rmsnorm_quant(h, cfg.rank, cfg.hidden_size, cfg.rms_norm_eps,
+                                            bits["gate_up"], cfg.act_clip)
+        gate, up = self.gate_up(x_q, x_s, x_out).chunk(2, dim=-1)
+        a_q, a_s = ops.hadamard_quant(F.silu(gate) * up, cfg.hadamard_down, bits["down"], cfg.act_clip)
+        return self.down(a_q, a_s)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: QuadConfig, tensors: dict[str, torch.Tensor], index: int):
+        super().__init__()
+        self.attn = Attention(cfg, tensors, f"layers.{index}.")
+        self.mlp = MLP(cfg, tensors, f"layers.{index}.")
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        h = h + self.attn(h, cos, sin)
+        return h + self.mlp(h)
+
+
+class QuadForCausalLM(nn.Module):
+    """Reference-backend model: forward(input_ids [B, T]) -> float32 logits [B, T, V]."""
+
+    def __init__(self, cfg: QuadConfig, tensors: dict[str, torch.Tensor]):
+        super().__init__()
+        self.cfg = cfg
+        self.register_buffer("embed", tensors["embed.weight"])
+        self.register_buffer("lm_head", tensors["lm_head.weight"])
+        self.register_buffer("inv_freq", tensors["rope.inv_freq"].float())
+        self.layers = nn.ModuleList(DecoderLayer(cfg, tensors, i) for i in range(cfg.num_layers))
+
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float().unsqueeze(-1) * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        scale = self.cfg.rope_attention_scaling
+        return emb.cos() * scale, emb.sin() * scale
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(input_ids.shape[-1], device=input_ids.device).unsqueeze(0)
+        cos, sin = self.rope(positions)
+        h = self.embed[input_ids].float()
+        for layer in self.layers:
+            h = layer(h, cos, sin)
+        normed = h * torch.rsqrt(h.pow(2).sum(-1, keepdim=True) / self.cfg.hidden_size + self.cfg.rms_norm_eps)
+        return normed @ self.lm_head.float().T
