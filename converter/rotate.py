@@ -37,7 +37,7 @@ def residual_rotation(d: int, r: int, seed: int, device=None) -> tuple[torch.Ten
     for name, n, s in (("outlier", r, seed + 1), ("main", d, seed)):
         if n == 0:
             continue
-        kinds[name] = "hadamard" if has_hadamard(n) else "random_orthogonal"
+        kinds[name] = "hadamard" if has_hadamard(n, max_factor=None) else "random_orthogonal"
         blocks.append(random_hadamard(n, s).to(device))
     return torch.block_diag(*blocks), {"kind": "randomized_hadamard", "seed": seed, "blocks": kinds}
 

@@ -155,7 +155,7 @@ def quant_linear(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_
         wg = w_q.float().reshape(n, groups, gs).permute(1, 2, 0)          # [G, gs, N]
         y = torch.einsum("gmn,gn->mn", torch.bmm(xg, wg), w_scale.float().T)
     y = y * x_scale.float().reshape(-1, 1)
-    if w_out is not None and w_out.shape[-1] > 0:
+    if x_out is not None and w_out is not None:
         y = y + x_out.float() @ w_out.float().T
     if bias is not None:
         y = y + bias.float()

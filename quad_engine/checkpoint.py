@@ -95,7 +95,7 @@ def validate_tensors(cfg: QuadConfig, tensors: dict[str, torch.Tensor]) -> None:
             raise CheckpointError(f"{name}: expected {dtype} {list(shape)}, found {t.dtype} {list(t.shape)}")
 
 
-def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+def load_model(directory: str | Path, device: str | torch.device = "cpu"):
     """Load a packed checkpoint into the reference-backend model (see quad_engine.models.llama)."""
     from quad_engine.models.llama import QuadForCausalLM
 

@@ -44,10 +44,10 @@ def quant_linear(x_q: torch.Tensor, x_scale: torch.Tensor | None, weight: "Quant
     """y = dequant(x_q) @ dequant(W)ᵀ + x_out @ w_outᵀ + bias, with the integer part exact."""
     lead = x_q.shape[:-1]
     x2 = x_q.reshape(-1, x_q.shape[-1])
-    xo = None if x_out is None else x_out.reshape(-1, x_out.shape[-1])
+    xo = None if x_out is None or x_out.shape[-1] == 0 else x_out.reshape(-1, x_out.shape[-1])
     if x_scale is None:  # unquantized mode: weight.values holds float weights
         y = x2.float() @ weight.values.T
-        if weight.w_out is not None and weight.w_out.shape[-1] > 0:
+        if xo is not None and weight.w_out is not None:
             y = y + xo.float() @ weight.w_out.float().T
         if weight.bias is not None:
             y = y + weight.bias.float()

@@ -14,6 +14,7 @@ FAST = ["--nsamples", "4", "--seqlen", "32", "--quiet", "--device", "cpu"]
 
 
 def run_cli(capsys, *argv):
+    capsys.readouterr()  # drop what building the fixture printed
     code = main([str(a) for a in argv])
     captured = capsys.readouterr()
     return code, captured.err.strip().splitlines()
