@@ -221,6 +221,10 @@ class GGUFSource(ModelSource):
         except (ValueError, KeyError, OSError) as e:
             raise SourceError(f"{path.name}: unsupported GGUF model ({str(e).splitlines()[0]}); supported: "
                               f"{', '.join(SUPPORTED_ARCHITECTURES)}") from None
+        if not getattr(self.config, "architectures", None):
+            # GGUF metadata names the model type only; its causal-LM class is the architecture.
+            arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+            self.config.architectures = [arch.get(self.config.model_type, self.config.model_type)]
         _check_architecture(self.config, path.name)
         self._tensors = {}
         for t in self.reader.tensors:

@@ -13,6 +13,7 @@ import argparse
 import json
 import platform
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -39,7 +40,8 @@ ROWS = [
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gguf", required=True)
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", required=True, help="where the JSON and markdown results go")
+    ap.add_argument("--work", default=None, help="where checkpoints go (default: a temporary directory)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--calib-seqlen", type=int, default=1024)
@@ -49,6 +51,7 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    work = Path(args.work or tempfile.mkdtemp(prefix="smollm2-results-"))
     gguf = Path(args.gguf)
 
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -79,7 +82,7 @@ def main() -> None:
         opts = ConvertOptions(nsamples=args.nsamples, seqlen=args.calib_seqlen, device=args.device,
                               calib=str(DEMO_CALIB_TEXT), force=True, **overrides)
         started = time.time()
-        ckpt = convert(str(gguf), out / f"ckpt{index}", opts, progress=False)
+        ckpt = convert(str(gguf), work / f"ckpt{index}", opts, progress=False)
         seconds = time.time() - started
         model = load_model(ckpt, device=args.device)
         for kv in (16, 4):
