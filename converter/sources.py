@@ -40,7 +40,13 @@ def smollm2_gguf_path() -> str | None:
     return str(path) if path.is_file() else None
 
 
+_CAUSAL_LM_OF_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+
 def _check_architecture(config, where: str) -> None:
+    if not getattr(config, "architectures", None) and config.model_type in _CAUSAL_LM_OF_MODEL_TYPE:
+        # GGUF metadata (and some hand-written configs) name only the model type; its causal LM is meant.
+        config.architectures = [_CAUSAL_LM_OF_MODEL_TYPE[config.model_type]]
     archs = getattr(config, "architectures", None) or []
     if not archs or archs[0] not in SUPPORTED_ARCHITECTURES:
         found = archs[0] if archs else f"model_type {getattr(config, 'model_type', '?')!r}"
@@ -221,10 +227,6 @@ class GGUFSource(ModelSource):
         except (ValueError, KeyError, OSError) as e:
             raise SourceError(f"{path.name}: unsupported GGUF model ({str(e).splitlines()[0]}); supported: "
                               f"{', '.join(SUPPORTED_ARCHITECTURES)}") from None
-        if not getattr(self.config, "architectures", None):
-            # GGUF metadata names the model type only; its causal-LM class is the architecture.
-            arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
-            self.config.architectures = [arch.get(self.config.model_type, self.config.model_type)]
         _check_architecture(self.config, path.name)
         self._tensors = {}
         for t in self.reader.tensors:

@@ -33,7 +33,8 @@ SHAPES = {
 
 
 def write_random_model(directory: Path, shape: str, layers: int) -> None:
-    cfg = LlamaConfig(num_hidden_layers=layers, torch_dtype="bfloat16", tie_word_embeddings=False, **SHAPES[shape])
+    cfg = LlamaConfig(num_hidden_layers=layers, torch_dtype="bfloat16", tie_word_embeddings=False,
+                      architectures=["LlamaForCausalLM"], **SHAPES[shape])
     directory.mkdir(parents=True, exist_ok=True)
     cfg.save_pretrained(directory)
     g = torch.Generator().manual_seed(0)
