@@ -113,7 +113,6 @@ class HFDirectorySource(ModelSource):
             raise SourceError(f"{directory}/config.json could not be read: {str(e).splitlines()[0]}") from None
         _check_architecture(self.config, str(directory))
         self._location = self._index_weights()
-        self._open_files: dict[Path, object] = {}
         self._bin_cache: tuple[Path, dict] | None = None
         self.fingerprint = _fingerprint(sorted(set(self._location.values())))
 
@@ -173,10 +172,10 @@ class HFDirectorySource(ModelSource):
         if path.suffix == ".bin":
             return self._load_bin(path)[name].float()
         from safetensors import safe_open
-        handle = self._open_files.get(path)
-        if handle is None:
-            handle = self._open_files[path] = safe_open(str(path), framework="pt")
-        return handle.get_tensor(name).float()
+        # Opened per read (a header parse): a handle kept open keeps its mapped pages resident,
+        # and RSS would then grow with every shard the conversion has passed.
+        with safe_open(str(path), framework="pt") as handle:
+            return handle.get_tensor(name).float()
 
     def save_tokenizer(self, out_dir: str) -> None:
         from transformers import AutoTokenizer
@@ -188,7 +187,6 @@ class HFDirectorySource(ModelSource):
             (Path(out_dir) / "generation_config.json").write_text((self.dir / "generation_config.json").read_text())
 
     def close(self) -> None:
-        self._open_files.clear()
         self._bin_cache = None
 
 
