@@ -28,7 +28,7 @@ from converter.sources import ModelSource, open_source
 from converter.write import CheckpointWriter, check_output_dir
 from kernels_tl import reference as ref
 from quad_engine.config import MODES, QuadConfig
-from quad_engine.models.llama import DecoderLayer
+from quad_engine.models.llama import DecoderLayer, rope_cos_sin
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
 READERS = ("qkv", "gate_up")          # read the residual stream: fp16 outlier slice + quantized part
@@ -94,9 +94,7 @@ def _rope(source: ModelSource) -> tuple[torch.Tensor, float]:
 
 
 def _cos_sin(inv_freq: torch.Tensor, scale: float, seqlen: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    freqs = torch.arange(seqlen, device=device).float().unsqueeze(-1) * inv_freq.to(device)
-    emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(0)
-    return emb.cos() * scale, emb.sin() * scale
+    return rope_cos_sin(inv_freq, torch.arange(seqlen, device=device).unsqueeze(0), scale)
 
 
 def _chunks(h: torch.Tensor, size: int):
@@ -139,11 +137,8 @@ def residual_covariance(source: ModelSource, cfg: QuadConfig, tokens: torch.Tens
     inv_freq, scale = _rope(source)
     cos, sin = _cos_sin(inv_freq, scale, tokens.shape[1], device)
     h = source.tensor("model.embed_tokens.weight").to(device)[tokens.to(device)].float()
-    xtx = torch.zeros(cfg.hidden_size, cfg.hidden_size, dtype=torch.float64, device=device)
-
-    def accumulate(x: torch.Tensor) -> None:
-        x2 = x.reshape(-1, x.shape[-1]).double()
-        xtx.add_(x2.T @ x2)
+    xtx = gptq.HessianAccumulator(cfg.hidden_size, device=device)  # Σ xᵀx in float64
+    accumulate = xtx.add
 
     for i in tqdm(range(cfg.num_layers), desc="calibrating P", disable=not progress, file=sys.stderr):
         t = transform_layer(_layer_weights(source, i), None, cfg.num_heads, cfg.num_kv_heads, None, None, None)
@@ -156,7 +151,7 @@ def residual_covariance(source: ModelSource, cfg: QuadConfig, tokens: torch.Tens
             h[s] = mid + layer.mlp(mid)
         del layer, t
     accumulate(h)
-    return xtx
+    return xtx.sum
 
 
 def _rows_times(w: torch.Tensor, m: torch.Tensor, dtype: torch.dtype, rows: int = 8192) -> torch.Tensor:

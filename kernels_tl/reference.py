@@ -164,6 +164,13 @@ def quant_linear(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_
 
 # ---------------------------------------------------------------- norm + quantize
 
+def rmsnorm_widened(h: torch.Tensor, d: int, eps: float) -> torch.Tensor:
+    """Weightless RMSNorm of the (r + d)-wide residual in float32: sum of squares over all
+    channels divided by d (the widened stream carries the original stream's norm, QQᵀ = I)."""
+    hf = h.float()
+    return hf * torch.rsqrt(hf.pow(2).sum(-1, keepdim=True) / d + eps)
+
+
 def rmsnorm_split_quant(h: torch.Tensor, r: int, d: int, eps: float, bits: int, clip: float
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Weightless RMSNorm of the (r + d)-wide residual, split into the fp16 outlier part and the
@@ -173,8 +180,7 @@ def rmsnorm_split_quant(h: torch.Tensor, r: int, d: int, eps: float, bits: int, 
     the same norm as the original d-wide one (QQᵀ = I), so the original eps keeps its meaning.
     Returns (x_out [.., r] float32, x_q [.., d] int8, x_scale [.., 1] float32).
     """
-    hf = h.float()
-    normed = hf * torch.rsqrt(hf.pow(2).sum(-1, keepdim=True) / d + eps)
+    normed = rmsnorm_widened(h, d, eps)
     x_out, x_main = normed[..., :r], normed[..., r:]
     x_q, x_scale = quantize_act(x_main, bits, clip)
     return x_out, x_q, x_scale

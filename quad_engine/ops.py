@@ -20,8 +20,7 @@ def rmsnorm_quant(h: torch.Tensor, rank: int, hidden: int, eps: float, bits: int
     With bits >= 16 (unquantized mode) x_q is the float activation and x_scale is None.
     """
     if bits >= 16:
-        hf = h.float()
-        normed = hf * torch.rsqrt(hf.pow(2).sum(-1, keepdim=True) / hidden + eps)
+        normed = ref.rmsnorm_widened(h, hidden, eps)
         return normed[..., :rank], normed[..., rank:], None
     return ref.rmsnorm_split_quant(h, rank, hidden, eps, bits, clip)
 

@@ -27,6 +27,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
 
 
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [.., T, hd] for integer positions, HF's layout (frequencies repeated twice)."""
+    freqs = positions.float().unsqueeze(-1) * inv_freq.to(positions.device)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos() * scale, emb.sin() * scale
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: QuadConfig, tensors: dict[str, torch.Tensor], prefix: str):
         super().__init__()
@@ -94,17 +101,10 @@ class QuadForCausalLM(nn.Module):
         self.register_buffer("inv_freq", tensors["rope.inv_freq"].float())
         self.layers = nn.ModuleList(DecoderLayer(cfg, tensors, i) for i in range(cfg.num_layers))
 
-    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions.float().unsqueeze(-1) * self.inv_freq
-        emb = torch.cat((freqs, freqs), dim=-1)
-        scale = self.cfg.rope_attention_scaling
-        return emb.cos() * scale, emb.sin() * scale
-
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(input_ids.shape[-1], device=input_ids.device).unsqueeze(0)
-        cos, sin = self.rope(positions)
+        cos, sin = rope_cos_sin(self.inv_freq, positions, self.cfg.rope_attention_scaling)
         h = self.embed[input_ids].float()
         for layer in self.layers:
             h = layer(h, cos, sin)
-        normed = h * torch.rsqrt(h.pow(2).sum(-1, keepdim=True) / self.cfg.hidden_size + self.cfg.rms_norm_eps)
-        return normed @ self.lm_head.float().T
+        return ref.rmsnorm_widened(h, self.cfg.hidden_size, self.cfg.rms_norm_eps) @ self.lm_head.float().T
