@@ -64,7 +64,7 @@ def main() -> int:
     tokenizer = AutoTokenizer.from_pretrained(str(out))
     windows = eval_windows(tokenizer, load_text(str(DEMO_EVAL_TEXT)), 1024, args.eval_tokens)
     fp16 = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                torch_dtype=torch.float32 if args.device == "cpu" else torch.float16)
+                                                dtype=torch.float32 if args.device == "cpu" else torch.float16)
     fp16 = fp16.to(args.device).eval()
     quad = load_model(out, device=args.device)
     fp16_fn = lambda ids: fp16(ids).logits  # noqa: E731

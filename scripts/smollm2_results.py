@@ -72,7 +72,7 @@ def main() -> None:
 
     if args.only is None or "fp16" in args.only.split(","):
         hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                  torch_dtype=torch.float16).to(args.device).eval()
+                                                  dtype=torch.float16).to(args.device).eval()
         record({"label": "FP16 (dequantized GGUF)", "kv": 16, "ppl": run_ppl(lambda ids: hf(ids).logits)})
         del hf
 
