@@ -1,22 +1,23 @@
-"""Kernel benchmark: W4A4 / W4A8 GEMM (+ fused outlier path) against cuBLAS bf16 and torch._int_mm.
+"""Kernel benchmark: W4A4 / W4A8 GEMM (+ fused outlier path) and the quantize kernels against torch
+baselines timed in the same run on the same GPU: cuBLAS bf16 X·Wᵀ, torch._int_mm int8 and the
+unfused reference (kernels_tl.reference on the GPU). CUDA-event timing through
+triton.testing.do_bench (median). Prints a table and writes JSON.
 
-Every baseline is timed in the same run on the same GPU (CUDA-event timing through
-triton.testing.do_bench, median of repeated runs). Prints a table and writes JSON.
-
-    python bench/kernels.py --out bench/results/kernels.json [--quick]
+    python bench/kernels.py --out bench/results/kernels.json [--quick] [--sweep]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import platform
 import time
 
 import torch
 from triton.testing import do_bench
 
+from kernels_tl import gemm
 from kernels_tl import reference as ref
-from kernels_tl.gemm import tiles_for, w4ax_gemm
 
 MODELS = {
     "llama-3-8b": {"qkv": (6144, 4096), "o": (4160, 4096), "gate_up": (28672, 4096), "down": (4160, 14336)},
@@ -27,51 +28,215 @@ MS = [1, 4, 16, 64, 256, 1024, 2048, 8192]
 RANK = 64
 
 
-def bench_one(m: int, n: int, k: int, act_bits: int, rank: int) -> dict:
+def bench(fn) -> float:
+    return do_bench(fn, warmup=25, rep=100)
+
+
+def bench_graph(fns: list) -> float:
+    """ms per call for back-to-back calls replayed from one CUDA graph, as the engine's decode
+    step runs its layers: no launch gaps, and each call reads its own weights (enough copies that
+    they do not fit in L2, as with a model's many layers)."""
+    calls = max(20, len(fns))
+    for fn in fns:
+        fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fns[i % len(fns)]()
+    return do_bench(graph.replay, warmup=5, rep=50) / calls
+
+
+def build_all(thunks: dict) -> dict:
+    """Compile many kernel variants in parallel (nvcc subprocesses overlap): key -> kernel or exception."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def attempt(thunk):
+        try:
+            return thunk()
+        except Exception as e:  # a variant that does not build is reported, not fatal
+            return e
+
+    with ThreadPoolExecutor(16) as pool:
+        return dict(zip(thunks, pool.map(attempt, thunks.values())))
+
+
+def copies_beyond_l2(nbytes: int) -> int:
+    return max(1, -(-150_000_000 // nbytes))
+
+
+def int8_ceiling(n: int, k: int, block_m: int, block_n: int, block_k: int, num_stages: int, threads: int):
+    """A plain int8 x int8 TileLang GEMM at the prefill kernel's tiles (no unpack, no epilogue
+    scales): the ceiling the W4 kernel is compared against."""
+    import tilelang
+    import tilelang.language as T
+
+    @tilelang.jit
+    def build():
+        m = T.dynamic("m")
+
+        @T.prim_func
+        def main(X: T.Tensor((m, k), "int8"), W: T.Tensor((n, k), "int8"), Y: T.Tensor((m, n), "int32")):
+            with T.Kernel(T.ceildiv(n, block_n), T.ceildiv(m, block_m), threads=threads) as (bx, by):
+                x_s = T.alloc_shared((block_m, block_k), "int8")
+                w_s = T.alloc_shared((block_n, block_k), "int8")
+                acc = T.alloc_fragment((block_m, block_n), "int32")
+                T.clear(acc)
+                for kt in T.Pipelined(k // block_k, num_stages=num_stages):
+                    T.copy(X[by * block_m, kt * block_k], x_s)
+                    T.copy(W[bx * block_n, kt * block_k], w_s)
+                    T.gemm(x_s, w_s, acc, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
+                T.copy(acc, Y[by * block_m, bx * block_n])
+
+        return main
+
+    return build()
+
+
+def operands(m, n, k, rank):
     dev = "cuda"
     xq = torch.randint(-8, 8, (m, k), device=dev, dtype=torch.int8)
     wq = torch.randint(-8, 8, (n, k), device=dev, dtype=torch.int8)
-    xs, ws = torch.rand(m, device=dev), torch.rand(n, device=dev).half()
-    r = max(rank, 16)
-    xo, wo = torch.randn(m, r, device=dev).half(), torch.randn(n, r, device=dev).half()
-    bias, y = torch.zeros(n, device=dev).half(), torch.empty(m, n, device=dev).half()
-    a, w = xq, ref.pack_int4(wq)
-    kernel = w4ax_gemm(n, k, rank, act_bits, False, "float16", **tiles_for(m, n, k))
-    t_ours = do_bench(lambda: kernel(a, xs, w, ws, xo, wo, bias, y), warmup=25, rep=100)
-    xb, wb = torch.randn(m, k, device=dev, dtype=torch.bfloat16), torch.randn(n, k, device=dev, dtype=torch.bfloat16)
-    t_bf16 = do_bench(lambda: xb @ wb.T, warmup=25, rep=100)
-    t_int8 = None
+    xs, ws = torch.rand(m, device=dev) * 0.01, torch.rand(n, device=dev).half() * 0.01
+    xo = torch.randn(m, rank, device=dev).half() if rank else None
+    wo = torch.randn(n, rank, device=dev).half() if rank else None
+    return xq, xs, wq, ws, xo, wo
+
+
+def bench_gemm(m: int, n: int, k: int, rank: int, with_reference: bool) -> dict:
+    xq, xs, wq, ws, xo, wo = operands(m, n, k, rank)
+    wp = ref.pack_int4(wq)
+    y = torch.empty(m, n, device="cuda", dtype=torch.float16)
+    t_ours = bench(lambda: gemm.w4ax_linear(xq, xs, wp, ws, xo, wo, out=y))
+    xb, wb = torch.randn(m, k, device="cuda", dtype=torch.bfloat16), torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+    t_bf16 = bench(lambda: xb @ wb.T)
+    row = {"m": m, "n": n, "k": k, "rank": rank, "ms": t_ours, "bf16_ms": t_bf16}
+    if m <= 64:  # decode sizes also as the engine runs them: replayed from a CUDA graph
+        yb = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+        wps = [wp.clone() for _ in range(copies_beyond_l2(wp.numel()))]
+        wbs = [wb.clone() for _ in range(copies_beyond_l2(wb.numel() * 2))]
+        row["graph_ms"] = bench_graph([lambda w=w: gemm.w4ax_linear(xq, xs, w, ws, xo, wo, out=y) for w in wps])
+        row["graph_bf16_ms"] = bench_graph([lambda w=w: torch.matmul(xb, w.T, out=yb) for w in wbs])
+        del wps, wbs
     if m > 16:  # torch._int_mm needs M > 16
-        x8, w8t = xq.contiguous(), wq.T  # [K, N] column-major: the layout _int_mm is fast on
-        t_int8 = do_bench(lambda: torch._int_mm(x8, w8t), warmup=25, rep=100)
-    ops = 2 * m * n * k
-    bytes_read = n * k // 2 + m * k + m * n * 2 + (n + m) * rank * 2
-    return {"m": m, "n": n, "k": k, "act_bits": act_bits, "rank": rank, "ms": t_ours, "bf16_ms": t_bf16,
-            "int_mm_ms": t_int8, "tops": ops / t_ours / 1e9, "gbps": bytes_read / t_ours / 1e6,
-            "speedup_vs_bf16": t_bf16 / t_ours}
+        w8t = wq.T  # [K, N] column-major: the layout _int_mm is fast on
+        row["int_mm_ms"] = bench(lambda: torch._int_mm(xq, w8t))
+    if with_reference:
+        wf, xf = wq.float(), xq.float()
+        row["reference_ms"] = bench(lambda: ref.quant_linear(xf, xs[:, None], wf, ws[:, None], xo, wo))
+    must_read = n * k // 2 + n * 2 + m * k + m * 4 + (n + m) * rank * 2
+    row.update(tops=2 * m * n * k / t_ours / 1e9, gbps=(must_read + m * n * 2) / t_ours / 1e6,
+               speedup_vs_bf16=t_bf16 / t_ours)
+    if "graph_ms" in row:
+        row.update(graph_gbps=(must_read + m * n * 2) / row["graph_ms"] / 1e6,
+                   graph_speedup_vs_bf16=row["graph_bf16_ms"] / row["graph_ms"])
+    return row
+
+
+def sweep_prefill(n: int, k: int, m: int) -> list[dict]:
+    """Tile variants of the prefill kernel at one shape (integer GEMM alone, rank 0)."""
+    xq, xs, wq, ws, _, _ = operands(m, n, k, 0)
+    wp, y = ref.pack_int4(wq), torch.empty(m, n, device="cuda", dtype=torch.float16)
+    xo, wo, bias = (torch.zeros(m, 16, device="cuda").half(), torch.zeros(n, 16, device="cuda").half(),
+                    torch.zeros(n, device="cuda").half())
+    rows = []
+    x8, w8, y32 = xq, wq, torch.empty(m, n, device="cuda", dtype=torch.int32)
+    variants = [v for v in [(256, 128, 128, 4, 256), (384, 128, 128, 3, 384), (256, 128, 128, 4, 512),
+                            (256, 128, 128, 5, 256), (256, 64, 128, 4, 256)] if n % v[1] == 0 and k % v[2] == 0]
+    thunks = {("ceil", v): (lambda v=v: int8_ceiling(n, k, *v)) for v in variants}
+    thunks.update({("w4", v): (lambda v=v: gemm.w4ax_gemm(n, k, 0, False, "float16", *v)) for v in variants})
+    built = build_all(thunks)
+    for bm, bn, bk, stages, threads in variants:
+        try:
+            ceil = built[("ceil", (bm, bn, bk, stages, threads))]
+            if isinstance(ceil, Exception):
+                raise ceil
+            t = bench(lambda: ceil(x8, w8, y32))
+            rows.append({"tiles": [bm, bn, bk, stages, threads], "int8_ceiling_ms": t, "tops": 2 * m * n * k / t / 1e9})
+        except Exception as e:
+            rows.append({"tiles": [bm, bn, bk, stages, threads], "int8_ceiling_error": str(e).splitlines()[0][:200]})
+        print(f"  sweep prefill N={n} K={k} M={m} {rows[-1]}", flush=True)
+        try:
+            kern = built[("w4", (bm, bn, bk, stages, threads))]
+            if isinstance(kern, Exception):
+                raise kern
+            kern(xq, xs, wp, ws, xo, wo, bias, y)
+            t = bench(lambda: kern(xq, xs, wp, ws, xo, wo, bias, y))
+            rows.append({"tiles": [bm, bn, bk, stages, threads], "ms": t, "tops": 2 * m * n * k / t / 1e9})
+        except Exception as e:  # a variant that does not build or launch is reported, not fatal
+            rows.append({"tiles": [bm, bn, bk, stages, threads], "error": str(e).splitlines()[0][:200]})
+        print(f"  sweep prefill N={n} K={k} M={m} {rows[-1]}", flush=True)
+    return rows
+
+
+def sweep_decode(n: int, k: int, m: int) -> list[dict]:
+    xq, xs, wq, ws, _, _ = operands(m, n, k, 0)
+    wp = ref.pack_int4(wq)
+    acc = torch.zeros(m, n, device="cuda", dtype=torch.int32)
+    rows = []
+    variants = [(s, bk, st) for s in (1, 2) for bk, st in ((512, 3), (1024, 2)) if k % (bk * s) == 0]
+    built = build_all({v: (lambda v=v: gemm.w4ax_gemm_splitk(n, k, v[0], 16 if m <= 16 else 64, 64, v[1], v[2]))
+                       for v in variants})
+    for split, bk, stages in variants:
+        kern = built[(split, bk, stages)]
+        t = bench(lambda: kern(xq, wp, acc))
+        rows.append({"split": split, "block_k": bk, "stages": stages, "ms": t, "gbps": n * k / 2 / t / 1e6})
+        print(f"  sweep decode N={n} K={k} M={m} {rows[-1]}", flush=True)
+    return rows
+
+
+def sweep_gemv(n: int, k: int) -> list[dict]:
+    rows = []
+    variants = [(t, r, w, u) for t in (1, 4, 8) for r, w, u in ((4, 4, 2), (2, 4, 4), (2, 8, 2), (8, 4, 1))]
+    kernels = build_all({v: (lambda v=v: gemm.w4ax_gemv(n, k, 64, False, "float16", *v)) for v in variants})
+    for tokens in (1, 4, 8):
+        xq, xs, wq, ws, xo, wo = operands(tokens, n, k, 64)
+        wp, y = ref.pack_int4(wq), torch.empty(tokens, n, device="cuda", dtype=torch.float16)
+        bias = torch.zeros(n, device="cuda").half()
+        for rows_per_warp, warps, unroll in ((4, 4, 2), (2, 4, 4), (2, 8, 2), (8, 4, 1)):
+            kern = kernels[(tokens, rows_per_warp, warps, unroll)]
+            if isinstance(kern, Exception):
+                continue
+            t = bench(lambda: kern(xq, xs, wp, ws, xo, wo, bias, y))
+            rows.append({"tokens": tokens, "rows_per_warp": rows_per_warp, "warps": warps, "unroll": unroll, "ms": t,
+                         "gbps": (n * k / 2 + n * 64 * 2) / t / 1e6})
+            print(f"  sweep gemv N={n} K={k} {rows[-1]}", flush=True)
+    return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--quick", action="store_true", help="Llama-3-8B shapes only")
+    ap.add_argument("--sweep", action="store_true", help="also time tile / split variants at Llama-3-8B shapes")
     args = ap.parse_args()
     copy = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")
-    copy_gbps = 2 * copy.numel() / do_bench(lambda: copy.clone(), warmup=5, rep=20) / 1e6
-    rows = []
+    copy_gbps = 2 * copy.numel() / bench(lambda: copy.clone()) / 1e6
+    print(f"device copy: {copy_gbps:.0f} GB/s", flush=True)
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "tilelang": __import__("tilelang").__version__, "python": platform.python_version(),
+              "date": time.strftime("%Y-%m-%d"), "copy_gbps": copy_gbps, "gemm": []}
+    if args.sweep:
+        result["sweep_gemv"] = {f"{n}x{k}": sweep_gemv(n, k) for n, k in MODELS["llama-3-8b"].values()}
+        result["sweep_prefill"] = {f"{n}x{k}": sweep_prefill(n, k, 4096) for n, k in MODELS["llama-3-8b"].values()}
+        result["sweep_decode"] = {f"{n}x{k}@{m}": sweep_decode(n, k, m) for n, k in MODELS["llama-3-8b"].values()
+                                  for m in (16,)}
     models = ["llama-3-8b"] if args.quick else list(MODELS)
+    gemm.prebuild([(m, n, k, RANK if name in ("qkv", "gate_up") else 0, False, "float16")
+                   for model in models for name, (n, k) in MODELS[model].items() for m in MS])
     for model in models:
         for name, (n, k) in MODELS[model].items():
             rank = RANK if name in ("qkv", "gate_up") else 0
-            for act_bits in ((4,) if name in ("qkv", "gate_up") else (4, 8)):
-                for m in MS:
-                    row = {"model": model, "linear": name, **bench_one(m, n, k, act_bits, rank)}
-                    rows.append(row)
-                    print(f"{model:11s} {name:8s} a{act_bits} M={m:5d} N={n:5d} K={k:5d}: {row['ms'] * 1e3:8.1f} us "
-                          f"{row['tops']:7.1f} TOPS {row['gbps']:7.0f} GB/s  bf16 {row['bf16_ms'] * 1e3:8.1f} us "
-                          f"x{row['speedup_vs_bf16']:.2f}", flush=True)
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-              "copy_gbps": copy_gbps, "rows": rows}
+            for m in MS:
+                row = {"model": model, "linear": name,
+                       **bench_gemm(m, n, k, rank, with_reference=m in (1, 2048) and model == "llama-3-8b")}
+                result["gemm"].append(row)
+                print(f"{model:11s} {name:8s} M={m:5d} N={n:5d} K={k:5d} r={rank:3d}: {row['ms'] * 1e3:8.1f} us "
+                      f"{row['tops']:7.1f} TOPS {row['gbps']:7.0f} GB/s ({row['gbps'] / copy_gbps:4.0%} of copy)  "
+                      f"bf16 {row['bf16_ms'] * 1e3:8.1f} us  x{row['speedup_vs_bf16']:.2f}" + (
+                          f" | graph {row['graph_ms'] * 1e3:6.1f} us {row['graph_gbps'] / copy_gbps:4.0%} of copy,"
+                          f" bf16 {row['graph_bf16_ms'] * 1e3:6.1f} us x{row['graph_speedup_vs_bf16']:.2f}"
+                          if "graph_ms" in row else ""), flush=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
 

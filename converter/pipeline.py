@@ -267,7 +267,7 @@ def _convert_into(writer: CheckpointWriter, source: ModelSource, cfg: QuadConfig
         entry = {"layer": i}
         for name in SEQUENTIAL_GROUPS:
             module = modules[name]
-            w = module.values
+            w = module.weight
             hessian = None
             if h is not None:
                 hessian = _collect_hessian(layer, module, h, cos, sin, opts.batch_size)
@@ -275,7 +275,7 @@ def _convert_into(writer: CheckpointWriter, source: ModelSource, cfg: QuadConfig
             w_hat = qw.dequantize().to(w.device)
             if hessian is not None:
                 entry[name] = _relative_output_error(hessian, w, w_hat)
-            module.values = w_hat  # later groups calibrate on this group's quantized output
+            module.weight = w_hat  # later groups calibrate on this group's quantized output
             writer.add(f"layers.{i}.{name}.qweight", ref.pack_int4(qw.q.cpu()))
             writer.add(f"layers.{i}.{name}.wscale", qw.scale.cpu())
             for extra in ("w_out", "bias"):
@@ -300,7 +300,7 @@ def _convert_into(writer: CheckpointWriter, source: ModelSource, cfg: QuadConfig
 def _collect_hessian(layer: DecoderLayer, module: torch.nn.Module, h: torch.Tensor, cos: torch.Tensor,
                      sin: torch.Tensor, batch_size: int) -> torch.Tensor:
     """Run the layer over the calibration activations and accumulate this linear's input Hessian."""
-    acc = gptq.HessianAccumulator(module.values.shape[1], device=h.device)
+    acc = gptq.HessianAccumulator(module.weight.shape[1], device=h.device)
     handle = module.register_forward_pre_hook(lambda _m, args: acc.add(args[0]))
     try:
         with torch.no_grad():

@@ -4,14 +4,23 @@ Computes exactly `reference.quant_linear` for per-row weight scales:
 
     Y = (Xq · Wqᵀ) · sx · swᵀ  +  X_out · W_outᵀ  (+ bias)
 
-Hopper has no fast int4 tensor-core path, so int4 is only the storage format: each K tile of the
-packed operands is unpacked in shared memory to int8 holding 16·q (the two-logic-op nibble trick of
-the checkpoint's packing, see docs/checkpoint-format.md) and multiplied on int8 wgmma into an int32
-accumulator. The 16 (or 16·16) is folded into the epilogue scale, so the integer part is exact.
-The r outlier channels run as a second, fp16 wgmma into a float32 accumulator in the same kernel.
-M is dynamic: one compiled kernel serves every token count.
-"""
+Hopper has no fast int4 tensor-core path, so int4 is only the storage format. Each K tile of the
+packed weight is brought to shared memory by the copy engine, unpacked there to int8 holding 16·q
+(two logic ops per 4 values: the checkpoint's packing, docs/checkpoint-format.md, is laid out for
+exactly this) and multiplied on int8 wgmma into an int32 accumulator. The 16 is folded into the
+epilogue scale, so the integer part is exact. Activations arrive as int8 (4-bit values stored
+unpacked: the tensor cores want int8 operands, and an activation tile is read once per weight tile).
 
+Two kernels, chosen by token count (`w4ax_linear`):
+- prefill (M > 64): tokens are the wgmma M side, 128- or 256-token tiles; the r outlier channels
+  run as a second, fp16 wgmma into the float accumulator in the same kernel.
+- decode (M <= 64): memory-bound, so the weight is the wgmma M side (64 rows) and the tokens the
+  N side (16-64 wide), and K is split across blocks until the grid covers the GPU twice. The
+  split partial sums are added as int32 (exact, order-independent) into a workspace;
+  `w4ax_epilogue` then applies the scales, the outlier product and the bias, and zeroes the
+  workspace for the next call.
+M is dynamic in both: one compiled kernel serves every token count.
+"""
 
 import functools
 
@@ -22,30 +31,59 @@ import tilelang.language as T
 SM90 = "sm90"
 _TARGETS = {"sm90": {"kind": "cuda", "arch": "sm_90a"}, None: "auto"}
 
+_UNPACK_SRC = r"""
+// 16 packed bytes = 32 int4 in the checkpoint's 8-interleaved order -> 32 int8 holding 16*q, in K
+// order: each 32-bit word w gives elements 0..3 as (w << 4) & 0xF0F0F0F0 and 4..7 as w & 0xF0F0F0F0.
+__device__ __forceinline__ void quad_unpack_int4x32(const void* src, void* dst_lo, void* dst_hi) {
+  const uint4 p = *reinterpret_cast<const uint4*>(src);
+  uint4 a, b;
+  a.x = (p.x << 4) & 0xF0F0F0F0u; a.y = p.x & 0xF0F0F0F0u;
+  a.z = (p.y << 4) & 0xF0F0F0F0u; a.w = p.y & 0xF0F0F0F0u;
+  b.x = (p.z << 4) & 0xF0F0F0F0u; b.y = p.z & 0xF0F0F0F0u;
+  b.z = (p.w << 4) & 0xF0F0F0F0u; b.w = p.w & 0xF0F0F0F0u;
+  *reinterpret_cast<uint4*>(dst_lo) = a;
+  *reinterpret_cast<uint4*>(dst_hi) = b;
+}
+"""
 
-def _nibble_as_int8x16(packed_byte, element):
-    """int8 holding 16·q for element `element` of an 8-group: byte element % 4, nibble element // 4."""
-    shifted = T.if_then_else(element // 4 == 0, packed_byte << T.uint8(4), packed_byte)
-    return T.reinterpret(shifted & T.uint8(0xF0), "int8")
+
+def _unpack_tile(wp_s, w_s, rows: int, block_k: int, threads: int):
+    """Unpack a [rows, block_k / 2] packed tile in shared memory into w_s [rows, block_k] int8.
+
+    Each thread turns 16 packed bytes into two 16-byte stores (a 16-byte chunk stays contiguous
+    under the wgmma swizzle). The writes are plain stores that the tensor cores read next: fence
+    into the async proxy, then a barrier of the threads that run this."""
+    chunks = block_k // 32
+    items = rows * chunks
+
+    @T.macro
+    def unpack():
+        tx = T.get_thread_binding()
+        for it in T.serial(-(-items // threads)):
+            item = it * threads + tx
+            row, col = item // chunks, item % chunks
+            if items % threads == 0 or item < items:
+                T.call_extern("handle", "quad_unpack_int4x32", T.address_of(wp_s[row, col * 16]),
+                              T.address_of(w_s[row, col * 32]), T.address_of(w_s[row, col * 32 + 16]))
+        T.fence_proxy_async()
+        T.sync_threads()
+
+    return unpack
 
 
 @functools.lru_cache(maxsize=None)
-def w4ax_gemm(n: int, k: int, rank: int, act_bits: int = 4, has_bias: bool = False, out_dtype: str = "float16",
-              block_n: int = 128, block_m: int = 128, block_k: int = 128, num_stages: int = 3,
+def w4ax_gemm(n: int, k: int, rank: int, has_bias: bool = False, out_dtype: str = "float16",
+              block_m: int = 128, block_n: int = 128, block_k: int = 128, num_stages: int = 3,
               threads: int = 256, target=None):
-    """Build (and cache) the kernel for one weight shape and tile configuration.
+    """The prefill kernel for one weight shape and tile configuration, called as
+    kernel(x_q, x_scale, w_q, w_scale, x_out, w_out, bias, y).
 
-    Activations arrive as int8 (values in the int4 range for 4-bit sites: the quantize kernels write
-    them unpacked, which costs M·K bytes but no unpacking on the tensor-core path). The weight tile is
-    the wgmma A operand, unpacked in registers (wgmma_rs); the tokens are the wgmma N dimension, so
-    a decode step (M = 1..16) wastes little of a 16-wide tile. Y is computed transposed in registers
-    and written back through shared memory.
-
-    Call it as kernel(x_q, x_scale, w_q, w_scale, x_out, w_out, bias, y): y [M, n] is written, not
-    allocated, so callers (CUDA graphs, tests that poison the output) own it. x_out / w_out are
-    [M, max(rank, 16)] / [n, max(rank, 16)] and bias [n]; they are not read when rank == 0 / no bias.
+    y [M, n] is written, not allocated, so callers (CUDA graphs, tests that poison the output) own
+    it. x_out / w_out are [M, max(rank, 16)] / [n, max(rank, 16)] and bias [n]; they are not read
+    when rank == 0 / no bias. `threads` counts the consumer warpgroups (each owns block_m /
+    (threads / 128) tokens of the tile); TileLang adds one producer warpgroup for the copies.
     """
-    assert act_bits in (4, 8) and k % block_k == 0 and n % block_n == 0 and rank % 16 == 0
+    assert k % block_k == 0 and rank % 16 == 0
     r = max(rank, 16)  # a zero-width outlier path still needs a legal tensor; it is skipped below
 
     @tilelang.jit(target=_TARGETS[target])
@@ -66,79 +104,323 @@ def w4ax_gemm(n: int, k: int, rank: int, act_bits: int = 4, has_bias: bool = Fal
             with T.Kernel(T.ceildiv(n, block_n), T.ceildiv(m, block_m), threads=threads) as (bx, by):
                 x_s = T.alloc_shared((block_m, block_k), "int8")
                 w_packed = T.alloc_shared((block_n, block_k // 2), "uint8")
-                w_l = T.alloc_fragment((block_n, block_k), "int8")
-                acc = T.alloc_fragment((block_n, block_m), "int32")
-                out = T.alloc_fragment((block_n, block_m), "float32")
-                out_s = T.alloc_shared((block_n, block_m), "float32")
+                w_s = T.alloc_shared((block_n, block_k), "int8")
+                acc = T.alloc_fragment((block_m, block_n), "int32")
+                out = T.alloc_fragment((block_m, block_n), "float32")
+                out_s = T.alloc_shared((block_m, block_n), out_dtype)
+                T.import_source(_UNPACK_SRC)
+                unpack = _unpack_tile(w_packed, w_s, block_n, block_k, threads)
                 T.clear(acc)
                 for kt in T.Pipelined(k // block_k, num_stages=num_stages):
                     T.copy(XQ[by * block_m, kt * block_k], x_s)
                     T.copy(WQ[bx * block_n, kt * (block_k // 2)], w_packed)
-                    for i, j in T.Parallel(block_n, block_k):
-                        w_l[i, j] = _nibble_as_int8x16(w_packed[i, (j // 8) * 4 + j % 4], j % 8)
-                    T.gemm(w_l, x_s, acc, transpose_B=True)
-                T.clear(out)
+                    unpack()
+                    T.gemm(x_s, w_s, acc, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
+                    # w_s is rewritten next iteration: no warpgroup may still be reading it.
+                    T.sync_threads()
+                for i, j in T.Parallel(block_m, block_n):
+                    # acc holds Σ 16·qw·qx: the 16 of the weight nibble is folded in here. The last
+                    # weight tile may overhang n (4160 = 32.5 x 128): the copy engine zero-fills
+                    # and clips those rows; the scale and bias loads are guarded here.
+                    col = bx * block_n + j
+                    out[i, j] = T.Cast("float32", acc[i, j]) * (XS[by * block_m + i] * T.Cast(
+                        "float32", T.if_then_else(col < n, WS[col], T.float16(0))) * T.float32(1.0 / 16))
                 if rank > 0:
                     xo_s = T.alloc_shared((block_m, r), "float16")
                     wo_s = T.alloc_shared((block_n, r), "float16")
                     T.copy(XO[by * block_m, 0], xo_s)
                     T.copy(WO[bx * block_n, 0], wo_s)
-                    T.gemm(wo_s, xo_s, out, transpose_B=True)
-                for i, j in T.Parallel(block_n, block_m):
-                    # acc holds Σ 16·qw·qx: the 16 of the weight nibble is folded in here.
-                    x_scale = T.if_then_else(by * block_m + j < m, XS[by * block_m + j], T.float32(0))
-                    out[i, j] = out[i, j] + T.Cast("float32", acc[i, j]) * (
-                        x_scale * T.Cast("float32", WS[bx * block_n + i]) * T.float32(1.0 / 16))
+                    T.gemm(xo_s, wo_s, out, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
+                if has_bias:
+                    for i, j in T.Parallel(block_m, block_n):
+                        col = bx * block_n + j
+                        out[i, j] = out[i, j] + T.Cast("float32", T.if_then_else(col < n, BIAS[col], T.float16(0)))
                 T.copy(out, out_s)
-                for j, i in T.Parallel(block_m, block_n):
-                    row = by * block_m + j
-                    if row < m:
-                        y = out_s[i, j]
-                        if has_bias:
-                            y = y + T.Cast("float32", BIAS[bx * block_n + i])
-                        Y[row, bx * block_n + i] = T.Cast(out_dtype, y)
+                T.copy(out_s, Y[by * block_m, bx * block_n])
 
         return main
 
     return build()
 
 
-DECODE_TILES = dict(block_n=64, block_m=16, block_k=256, num_stages=4, threads=128)
+@functools.lru_cache(maxsize=None)
+def w4ax_gemm_splitk(n: int, k: int, split: int, block_m: int = 16, block_n: int = 64, block_k: int = 256,
+                     num_stages: int = 4, target=None):
+    """The decode kernel: ACC[M, n] += Xq · Wqᵀ (int32, 16·q weights) over one of `split` K ranges
+    per block, called as kernel(x_q, w_q, acc). ACC must be zero before the first split lands;
+    `w4ax_epilogue` reads it and zeroes it again."""
+    assert k % (block_k * split) == 0 and n % block_n == 0 and block_n == 64
+    k_tiles = k // block_k // split
+
+    @tilelang.jit(target=_TARGETS[target])
+    def build():
+        m = T.dynamic("m")
+
+        @T.prim_func
+        def main(XQ: T.Tensor((m, k), "int8"), WQ: T.Tensor((n, k // 2), "uint8"), ACC: T.Tensor((m, n), "int32")):
+            with T.Kernel(T.ceildiv(n, block_n), T.ceildiv(m, block_m), split, threads=128) as (bx, by, bz):
+                x_s = T.alloc_shared((block_m, block_k), "int8")
+                w_packed = T.alloc_shared((block_n, block_k // 2), "uint8")
+                w_s = T.alloc_shared((block_n, block_k), "int8")
+                acc = T.alloc_fragment((block_n, block_m), "int32")
+                T.import_source(_UNPACK_SRC)
+                unpack = _unpack_tile(w_packed, w_s, block_n, block_k, 128)
+                T.clear(acc)
+                for kt in T.Pipelined(k_tiles, num_stages=num_stages):
+                    T.copy(XQ[by * block_m, (bz * k_tiles + kt) * block_k], x_s)
+                    T.copy(WQ[bx * block_n, (bz * k_tiles + kt) * (block_k // 2)], w_packed)
+                    unpack()
+                    T.gemm(w_s, x_s, acc, transpose_B=True)
+                    T.sync_threads()
+                for i, j in T.Parallel(block_n, block_m):
+                    if by * block_m + j < m:
+                        T.atomic_add(ACC[by * block_m + j, bx * block_n + i], acc[i, j])
+
+        return main
+
+    return build()
 
 
-def tiles_for(m: int, n: int, k: int) -> dict:
-    """Tile configuration by token count: a 16-token-wide tile for decode, 128 x 128 for prefill
-    (64-row weight tiles when n, e.g. 4096 + r = 4160, is not a multiple of 128; 64-deep K tiles
-    when k, e.g. SmolLM2's 576, is not a multiple of 128)."""
-    if m <= 64:
-        tiles = dict(DECODE_TILES)
-    elif n % 128:
-        tiles = dict(block_n=64, block_m=128, block_k=128, num_stages=3, threads=128)
+@functools.lru_cache(maxsize=None)
+def w4ax_epilogue(n: int, rank: int, has_bias: bool = False, out_dtype: str = "float16", target=None):
+    """Y = ACC · sx · sw / 16 + X_out · W_outᵀ + bias for the split-K kernel's int32 sums, zeroing
+    ACC; called as kernel(acc, x_scale, w_scale, x_out, w_out, bias, y). One thread per output."""
+    r = max(rank, 16)
+    block_n = 128 if n % 128 == 0 else 64
+    assert n % block_n == 0
+
+    @tilelang.jit(target=_TARGETS[target])
+    def build():
+        m = T.dynamic("m")
+
+        @T.prim_func
+        def main(ACC: T.Tensor((m, n), "int32"), XS: T.Tensor((m,), "float32"), WS: T.Tensor((n,), "float16"),
+                 XO: T.Tensor((m, r), "float16"), WO: T.Tensor((n, r), "float16"), BIAS: T.Tensor((n,), "float16"),
+                 Y: T.Tensor((m, n), out_dtype)):
+            with T.Kernel(n // block_n, m, threads=block_n) as (bx, row):
+                tx = T.get_thread_binding()
+                col = bx * block_n + tx
+                y = T.alloc_local((1,), "float32")
+                y[0] = T.Cast("float32", ACC[row, col]) * (XS[row] * T.Cast("float32", WS[col]) * T.float32(1.0 / 16))
+                ACC[row, col] = 0
+                if rank > 0:
+                    xo_s = T.alloc_shared((r,), "float16")
+                    w_row = T.alloc_local((r,), "float16")
+                    T.copy(XO[row, 0:r], xo_s)
+                    for c in T.vectorized(r):
+                        w_row[c] = WO[col, c]
+                    for c in T.serial(r):
+                        y[0] = y[0] + T.Cast("float32", xo_s[c]) * T.Cast("float32", w_row[c])
+                if has_bias:
+                    y[0] = y[0] + T.Cast("float32", BIAS[col])
+                Y[row, col] = T.Cast(out_dtype, y[0])
+
+        return main
+
+    return build()
+
+
+_DOT_SRC = r"""
+// acc + <16*w, x> over 32 values: w = 16 packed bytes (8-interleaved int4), x = 32 int8 in K order.
+__device__ __forceinline__ int quad_dot_int4x32(const void* w_ptr, const void* x_ptr, int acc) {
+  const uint4 w = *reinterpret_cast<const uint4*>(w_ptr);
+  const uint4 x0 = reinterpret_cast<const uint4*>(x_ptr)[0];
+  const uint4 x1 = reinterpret_cast<const uint4*>(x_ptr)[1];
+  acc = __dp4a((int)((w.x << 4) & 0xF0F0F0F0u), (int)x0.x, acc);
+  acc = __dp4a((int)(w.x & 0xF0F0F0F0u), (int)x0.y, acc);
+  acc = __dp4a((int)((w.y << 4) & 0xF0F0F0F0u), (int)x0.z, acc);
+  acc = __dp4a((int)(w.y & 0xF0F0F0F0u), (int)x0.w, acc);
+  acc = __dp4a((int)((w.z << 4) & 0xF0F0F0F0u), (int)x1.x, acc);
+  acc = __dp4a((int)(w.z & 0xF0F0F0F0u), (int)x1.y, acc);
+  acc = __dp4a((int)((w.w << 4) & 0xF0F0F0F0u), (int)x1.z, acc);
+  acc = __dp4a((int)(w.w & 0xF0F0F0F0u), (int)x1.w, acc);
+  return acc;
+}
+"""
+
+
+@functools.lru_cache(maxsize=None)
+def w4ax_gemv(n: int, k: int, rank: int, has_bias: bool = False, out_dtype: str = "float16", tokens: int = 1,
+              rows_per_warp: int = 4, warps: int = 4, unroll: int = 2, target=None):
+    """The small-batch kernel (M <= `tokens`): a GEMV on the CUDA cores, no tensor cores, no shared
+    memory, everything in one pass. Each warp owns `rows_per_warp` weight rows; each lane streams
+    16-byte packed chunks of them (`unroll` chunks per row in flight before the first use) and
+    reuses every activation chunk it loads across its rows. Unpacked words go straight into dp4a;
+    lanes are reduced with warp shuffles, and lane 0 adds the fp16 outlier product, the scales and
+    the bias. Called like the prefill kernel: kernel(x_q, x_scale, w_q, w_scale, x_out, w_out, bias, y).
+    """
+    r = max(rank, 16)
+    rows_per_block = rows_per_warp * warps
+    chunks = k // 32  # 16-byte packed chunks per weight row
+    steps = -(-chunks // (32 * unroll))
+    assert k % 32 == 0 and n % rows_per_block == 0 and r % 32 == 0 or rank == 0
+
+    @tilelang.jit(target=_TARGETS[target])
+    def build():
+        m = T.dynamic("m")
+
+        @T.prim_func
+        def main(
+            XQ: T.Tensor((m, k), "int8"),
+            XS: T.Tensor((m,), "float32"),
+            WQ: T.Tensor((n, k // 2), "uint8"),
+            WS: T.Tensor((n,), "float16"),
+            XO: T.Tensor((m, r), "float16"),
+            WO: T.Tensor((n, r), "float16"),
+            BIAS: T.Tensor((n,), "float16"),
+            Y: T.Tensor((m, n), out_dtype),
+        ):
+            with T.Kernel(n // rows_per_block, threads=warps * 32) as bx:
+                tx = T.get_thread_binding()
+                lane = tx % 32
+                row0 = bx * rows_per_block + (tx // 32) * rows_per_warp
+                w_loc = T.alloc_local((rows_per_warp * unroll * 16,), "uint8")
+                x_loc = T.alloc_local((tokens * unroll * 32,), "int8")
+                acc = T.alloc_local((tokens * rows_per_warp,), "int32")
+                scale = T.alloc_local((tokens * rows_per_warp,), "float32")
+                extra = T.alloc_local((tokens * rows_per_warp,), "float32")
+                T.import_source(_DOT_SRC)
+                # The epilogue's operands (scales, bias, this lane's share of the outlier product)
+                # are loaded before the main loop, so their latency hides under the weight stream.
+                for t in T.unroll(tokens):
+                    for rw in T.unroll(rows_per_warp):
+                        i = t * rows_per_warp + rw
+                        acc[i] = 0
+                        scale[i] = T.if_then_else(t < m, XS[t], T.float32(0)) * T.Cast(
+                            "float32", WS[row0 + rw]) * T.float32(1.0 / 16)
+                        extra[i] = 0
+                        for c in T.unroll(rank // 32):
+                            extra[i] = extra[i] + T.if_then_else(
+                                t < m, T.Cast("float32", XO[t, lane * (rank // 32) + c]), T.float32(0)) * T.Cast(
+                                "float32", WO[row0 + rw, lane * (rank // 32) + c])
+                for step in T.unroll(steps):
+                    # All loads of a step first (independent, in flight together), then the math.
+                    for u in T.unroll(unroll):
+                        chunk = (step * unroll + u) * 32 + lane
+                        for rw in T.unroll(rows_per_warp):
+                            for v in T.vectorized(16):
+                                w_loc[(rw * unroll + u) * 16 + v] = T.if_then_else(
+                                    chunk < chunks, WQ[row0 + rw, chunk * 16 + v], T.uint8(0))
+                        for t in T.unroll(tokens):
+                            for v in T.vectorized(32):
+                                x_loc[(t * unroll + u) * 32 + v] = T.if_then_else(
+                                    chunk < chunks and t < m, XQ[t, chunk * 32 + v], T.int8(0))
+                    for u in T.unroll(unroll):
+                        for rw in T.unroll(rows_per_warp):
+                            for t in T.unroll(tokens):
+                                acc[t * rows_per_warp + rw] = T.call_extern(
+                                    "int32", "quad_dot_int4x32", T.address_of(w_loc[(rw * unroll + u) * 16]),
+                                    T.address_of(x_loc[(t * unroll + u) * 32]), acc[t * rows_per_warp + rw])
+                for t in T.unroll(tokens):
+                    for rw in T.unroll(rows_per_warp):
+                        i = t * rows_per_warp + rw
+                        y = T.Cast("float32", T.warp_reduce_sum(acc[i])) * scale[i]
+                        if rank > 0:
+                            y = y + T.warp_reduce_sum(extra[i])
+                        if has_bias:
+                            y = y + T.Cast("float32", BIAS[row0 + rw])
+                        if lane == 0 and t < m:
+                            Y[t, row0 + rw] = T.Cast(out_dtype, y)
+
+        return main
+
+    return build()
+
+
+GEMV_TOKENS = (1, 2, 4)  # compiled token widths of the CUDA-core kernel; larger M goes to tensor cores
+DECODE_MAX_M = 64
+LONG_TILES = dict(block_m=384, block_n=128, block_k=128, num_stages=3, threads=384)
+LONG_TILES_OUTLIER = dict(block_m=256, block_n=128, block_k=128, num_stages=4, threads=256)
+MEDIUM_TILES = dict(block_m=128, block_n=128, block_k=128, num_stages=4, threads=256)
+
+
+def prefill_tiles(m: int, n: int, k: int, rank: int = 0, has_bias: bool = False) -> dict:
+    """384 x 128 tiles for long prompts: three consumer warpgroups of 128 tokens share each
+    unpacked weight tile, so the unpack is paid once per 384 tokens (H100, M = 4096: 1080-1100
+    int8-equivalent TOPS, against 1180-1240 for a plain int8 GEMM at the same tiles). With an
+    outlier product or a bias the epilogue does not fit the 128 registers a thread of a
+    4-warpgroup block gets (ptxas spills ~1 KB), so those take 256 x 128 with two consumer
+    warpgroups. 128 x 128 below 1024 tokens, where the grid would otherwise not fill the GPU.
+    K tiles shrink to divide k (SmolLM2's 576)."""
+    if m < 1024:
+        tiles = dict(MEDIUM_TILES)
     else:
-        tiles = dict(block_n=128, block_m=128, block_k=128, num_stages=3, threads=256)
+        tiles = dict(LONG_TILES_OUTLIER if rank or has_bias else LONG_TILES)
     while k % tiles["block_k"]:
         tiles["block_k"] //= 2
     return tiles
 
 
-def w4ax_linear(x_q, x_scale, w_q, w_scale, x_out=None, w_out=None, bias=None, act_bits: int = 4,
-                out_dtype=None):
-    """Y = quant_linear(...) on the GPU, allocating Y (the dispatch layer's entry point)."""
+def decode_plan(m: int, n: int, k: int, sms: int = 132) -> dict:
+    """Token tile, K tile and K split for the split-K kernel: split until the grid fills ~0.7 of
+    the SMs (more splits cost more than the idle SMs, measured at Llama-3-8B shapes)."""
+    block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
+    block_k = 512
+    while k % block_k:
+        block_k //= 2
+    tiles = n // 64 * -(-m // block_m)
+    split = 1
+    while tiles * split < 0.7 * sms and k % (block_k * split * 2) == 0 and k // (block_k * split * 2) >= 2:
+        split *= 2
+    return dict(block_m=block_m, block_k=block_k, split=split, num_stages=3 if block_k == 512 else 4)
+
+
+def kernels_for(m: int, n: int, k: int, rank: int, has_bias: bool, out_dtype: str) -> list:
+    """The compiled kernels `w4ax_linear` runs for one problem, in call order."""
+    if m <= GEMV_TOKENS[-1] and n % 16 == 0:
+        tokens = next(t for t in GEMV_TOKENS if t >= m)
+        return [w4ax_gemv(n, k, rank, has_bias, out_dtype, tokens)]
+    if m <= DECODE_MAX_M:
+        return [w4ax_gemm_splitk(n, k, **decode_plan(m, n, k)), w4ax_epilogue(n, rank, has_bias, out_dtype)]
+    return [w4ax_gemm(n, k, rank, has_bias, out_dtype, **prefill_tiles(m, n, k, rank, has_bias))]
+
+
+def prebuild(problems, workers: int = 16) -> None:
+    """Compile the kernels for many (m, n, k, rank, has_bias, out_dtype) problems in parallel
+    (TileLang compiles through nvcc subprocesses, so threads overlap)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(lambda p: kernels_for(*p), sorted(set(problems))))
+
+
+_buffers: dict = {}
+
+
+def _zeros(name: str, rows: int, cols: int, dtype, device):
+    """A zero [rows, cols] view of a cached per-device buffer (grown on demand, never reallocated
+    per call: allocate before CUDA-graph capture by calling once at the largest size)."""
+    import torch
+
+    key = (name, dtype, device, cols)
+    buf = _buffers.get(key)
+    if buf is None or buf.shape[0] < rows:
+        buf = torch.zeros(max(rows, 64), cols, dtype=dtype, device=device)
+        _buffers[key] = buf
+    return buf[:rows]
+
+
+def w4ax_linear(x_q, x_scale, w_q, w_scale, x_out=None, w_out=None, bias=None, out=None, out_dtype=None):
+    """Y = quant_linear(...) on the GPU (the dispatch layer's entry point): the CUDA-core GEMV for
+    M <= 4, the split-K tensor-core kernel + epilogue for M <= 64, the prefill kernel above.
+    Writes `out` when given. x_scale float32 [M], w_scale float16 [n] (reshaped if [.., 1])."""
     import torch
 
     m = x_q.shape[0]
     n, k = w_q.shape[0], w_q.shape[1] * 2
     rank = 0 if w_out is None else w_out.shape[1]
-    out_dtype = out_dtype or torch.float16
-    kernel = w4ax_gemm(n, k, rank, act_bits, bias is not None, str(out_dtype).removeprefix("torch."),
-                       **tiles_for(m, n, k))
+    out_dtype = out.dtype if out is not None else (out_dtype or torch.float16)
     dev = x_q.device
     if rank == 0:
-        x_out = torch.zeros(m, 16, dtype=torch.float16, device=dev)
-        w_out = torch.zeros(n, 16, dtype=torch.float16, device=dev)
-    if bias is None:
-        bias = torch.zeros(n, dtype=torch.float16, device=dev)
-    y = torch.empty(m, n, dtype=out_dtype, device=dev)
-    kernel(x_q, x_scale.reshape(-1).float(), w_q, w_scale.reshape(-1).half(), x_out.half(), w_out.half(),
-           bias.half(), y)
+        x_out, w_out = _zeros("x_out", m, 16, torch.float16, dev), _zeros("w_out", n, 16, torch.float16, dev)
+    bias_t = _zeros("bias", n, 1, torch.float16, dev).view(n) if bias is None else bias
+    y = out if out is not None else torch.empty(m, n, dtype=out_dtype, device=dev)
+    xs, ws = x_scale.reshape(-1), w_scale.reshape(-1)
+    kernels = kernels_for(m, n, k, rank, bias is not None, str(out_dtype).removeprefix("torch."))
+    if len(kernels) == 2:
+        acc = _zeros("acc", m, n, torch.int32, dev)  # the epilogue leaves it zero again
+        kernels[0](x_q, w_q, acc)
+        kernels[1](acc, xs, ws, x_out, w_out, bias_t, y)
+    else:
+        kernels[0](x_q, xs, w_q, ws, x_out, w_out, bias_t, y)
     return y

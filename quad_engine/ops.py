@@ -1,17 +1,46 @@
 """The one dispatch layer between the model and its kernels.
 
-Every quantized-model operation the engine runs goes through a function here. Today each one is
-the PyTorch reference from `kernels_tl.reference` (CPU and GPU); the TileLang kernels plug in
-behind the same signatures, so the model file never changes when a kernel lands.
+Every quantized-model operation goes through a function here, with one signature for both
+backends: CUDA tensors run the TileLang kernels (`kernels_tl.quantize`, `kernels_tl.gemm`), CPU
+tensors run the PyTorch reference (`kernels_tl.reference`), which defines the numerics the kernels
+are tested against. `QUAD_BACKEND=reference` forces the reference on the GPU too (for checking a
+model end to end against it); cases the kernels do not cover (per-group weight scales, no online
+Hadamard) fall back to the reference on their own.
 """
 
 from __future__ import annotations
+
+import functools
+import os
 
 import torch
 
 from kernels_tl import reference as ref
 from kernels_tl.hadamard import apply_hadamard
 from quad_engine.config import HadamardSpec
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels_importable() -> bool:
+    try:
+        import tilelang  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def use_kernels(t: torch.Tensor) -> bool:
+    """Whether `t` is handled by the TileLang kernels (CUDA tensor, tilelang installed, not forced off)."""
+    backend = os.environ.get("QUAD_BACKEND", "auto")
+    if backend not in ("auto", "reference", "tilelang"):
+        raise ValueError(f"QUAD_BACKEND={backend!r}: expected auto, reference or tilelang")
+    if backend == "reference" or not t.is_cuda:
+        return False
+    if not _kernels_importable():
+        if backend == "tilelang":
+            raise RuntimeError("QUAD_BACKEND=tilelang but tilelang is not installed (pip install '.[gpu]')")
+        return False
+    return True
 
 
 def rmsnorm_quant(h: torch.Tensor, rank: int, hidden: int, eps: float, bits: int, clip: float):
@@ -22,11 +51,17 @@ def rmsnorm_quant(h: torch.Tensor, rank: int, hidden: int, eps: float, bits: int
     if bits >= 16:
         normed = ref.rmsnorm_widened(h, hidden, eps)
         return normed[..., :rank], normed[..., rank:], None
+    if use_kernels(h):
+        from kernels_tl.quantize import rmsnorm_quant_op
+        return rmsnorm_quant_op(h, rank, hidden, eps, bits, clip)
     return ref.rmsnorm_split_quant(h, rank, hidden, eps, bits, clip)
 
 
 def hadamard_quant(x: torch.Tensor, spec: HadamardSpec | None, bits: int, clip: float):
     """Online Hadamard over the last dim, then per-token quantization: (x_q, x_scale)."""
+    if bits < 16 and spec is not None and use_kernels(x):
+        from kernels_tl.quantize import hadamard_quant_op
+        return hadamard_quant_op(x, tuple(spec.factors), spec.block, bits, clip)
     if spec is not None:
         x = apply_hadamard(x.float(), spec.factors, spec.block)
     if bits >= 16:
@@ -40,36 +75,51 @@ def hadamard(x: torch.Tensor, spec: HadamardSpec | None) -> torch.Tensor:
 
 def quant_linear(x_q: torch.Tensor, x_scale: torch.Tensor | None, weight: "QuantWeights",
                  x_out: torch.Tensor | None = None) -> torch.Tensor:
-    """y = dequant(x_q) @ dequant(W)ᵀ + x_out @ w_outᵀ + bias, with the integer part exact."""
+    """y = dequant(x_q) @ dequant(W)ᵀ + x_out @ w_outᵀ + bias, with the integer part exact.
+
+    float16 out from the kernels, float32 from the reference."""
     lead = x_q.shape[:-1]
     x2 = x_q.reshape(-1, x_q.shape[-1])
     xo = None if x_out is None or x_out.shape[-1] == 0 else x_out.reshape(-1, x_out.shape[-1])
-    if x_scale is None:  # unquantized mode: weight.values holds float weights
-        y = x2.float() @ weight.values.T
+    if x_scale is None:  # unquantized mode: float weights
+        y = x2.float() @ weight.weight.float().T
         if xo is not None and weight.w_out is not None:
             y = y + xo.float() @ weight.w_out.float().T
         if weight.bias is not None:
             y = y + weight.bias.float()
+    elif use_kernels(x2) and weight.scale.shape[-1] == 1:
+        from kernels_tl.gemm import w4ax_linear
+        y = w4ax_linear(x2.contiguous(), x_scale.reshape(-1).float(), weight.qweight, weight.scale.reshape(-1).half(),
+                        None if xo is None else xo.half().contiguous(), weight.w_out, weight.bias)
     else:
-        y = ref.quant_linear(x2, x_scale.reshape(-1, 1), weight.values, weight.scale, xo,
+        y = ref.quant_linear(x2, x_scale.reshape(-1, 1), weight.unpacked(), weight.scale, xo,
                              weight.w_out, weight.bias)
     return y.reshape(*lead, y.shape[-1])
 
 
 class QuantWeights(torch.nn.Module):
-    """One linear layer's stored tensors, as the reference backend wants them.
+    """One linear layer's stored tensors, as the checkpoint holds them.
 
-    values: int8-valued weights unpacked once at load (float32 on the reference path, so the
-    integer matmul runs on the float units exactly), or float weights in unquantized mode.
+    qweight: packed int4 [N, K / 2] (uint8) with scale [N, G]; or, in unquantized mode, weight
+    [N, K] floats. The reference backend unpacks qweight on first use and keeps the int values as
+    float32 (so its integer matmul runs exactly on the float units); the kernels read it packed.
     """
 
-    def __init__(self, values: torch.Tensor, scale: torch.Tensor | None, w_out: torch.Tensor | None,
-                 bias: torch.Tensor | None):
+    def __init__(self, qweight: torch.Tensor | None, scale: torch.Tensor | None, w_out: torch.Tensor | None,
+                 bias: torch.Tensor | None, weight: torch.Tensor | None = None):
         super().__init__()
-        self.register_buffer("values", values)
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("weight", weight)
         self.register_buffer("scale", scale)
         self.register_buffer("w_out", w_out)
         self.register_buffer("bias", bias)
+        self._unpacked: tuple[int, torch.Tensor] | None = None
+
+    def unpacked(self) -> torch.Tensor:
+        key = self.qweight.data_ptr()
+        if self._unpacked is None or self._unpacked[0] != key:
+            self._unpacked = (key, ref.unpack_int4(self.qweight).float())
+        return self._unpacked[1]
 
     def forward(self, x_q: torch.Tensor, x_scale: torch.Tensor | None,
                 x_out: torch.Tensor | None = None) -> torch.Tensor:
@@ -77,10 +127,7 @@ class QuantWeights(torch.nn.Module):
 
     @classmethod
     def from_checkpoint(cls, tensors: dict[str, torch.Tensor], prefix: str) -> "QuantWeights":
+        get = tensors.get
         if prefix + "qweight" in tensors:
-            values = ref.unpack_int4(tensors[prefix + "qweight"]).float()
-            scale = tensors[prefix + "wscale"]
-        else:
-            values = tensors[prefix + "weight"].float()
-            scale = None
-        return cls(values, scale, tensors.get(prefix + "w_out"), tensors.get(prefix + "bias"))
+            return cls(get(prefix + "qweight"), get(prefix + "wscale"), get(prefix + "w_out"), get(prefix + "bias"))
+        return cls(None, None, get(prefix + "w_out"), get(prefix + "bias"), weight=get(prefix + "weight"))

@@ -4,14 +4,13 @@ import pytest
 import torch
 
 from kernels_tl import reference as ref
-from kernels_tl.gemm import tiles_for
 
 pytestmark = pytest.mark.gpu
 
 # (n, k): Llama-3-8B qkv / o / gate_up / down, Qwen2.5-7B qkv / down, SmolLM2 qkv / down (widened by r).
 SHAPES = [(6144, 4096), (4160, 4096), (28672, 4096), (4160, 14336), (4608, 3584), (3648, 18944),
           (960, 576), (640, 1536)]
-MS = [1, 3, 17, 100, 2053]
+MS = [1, 3, 9, 17, 100, 2053]  # GEMV, GEMV, split-K (16 and 32 wide), prefill
 
 
 def operands(m, n, k, rank, act_bits, seed):
@@ -30,13 +29,11 @@ def operands(m, n, k, rank, act_bits, seed):
 @pytest.mark.parametrize("m", MS)
 @pytest.mark.parametrize("n,k", SHAPES)
 def test_integer_part_is_bit_exact(m, n, k, act_bits):
-    from kernels_tl.gemm import w4ax_gemm
+    from kernels_tl.gemm import w4ax_linear
     xq, _, wq, _, _, _ = operands(m, n, k, 0, act_bits, seed=m * 7 + n)
-    kernel = w4ax_gemm(n, k, 0, act_bits, False, "float32", **tiles_for(m, n, k))
     y = torch.full((m, n), float("nan"), device="cuda")
     ones_x, ones_w = torch.ones(m, device="cuda"), torch.ones(n, device="cuda", dtype=torch.float16)
-    kernel(xq, ones_x, ref.pack_int4(wq), ones_w, torch.zeros(m, 16, device="cuda", dtype=torch.float16),
-           torch.zeros(n, 16, device="cuda", dtype=torch.float16), torch.zeros(n, device="cuda").half(), y)
+    w4ax_linear(xq, ones_x, ref.pack_int4(wq), ones_w, out=y)
     # With unit scales Y is the int32 accumulator itself (exact in float32 below 2^24).
     assert torch.equal(y.double(), ref.int_matmul(xq, wq).double())
 
@@ -46,15 +43,21 @@ def test_integer_part_is_bit_exact(m, n, k, act_bits):
 @pytest.mark.parametrize("m", MS)
 @pytest.mark.parametrize("n,k", SHAPES[:3] + SHAPES[6:])
 def test_full_output_matches_reference(m, n, k, act_bits, rank):
-    from kernels_tl.gemm import w4ax_gemm
+    from kernels_tl.gemm import w4ax_linear
     xq, xs, wq, ws, xo, wo = operands(m, n, k, rank, act_bits, seed=m + n + rank)
     bias = torch.randn(n, device="cuda").half()
-    kernel = w4ax_gemm(n, k, rank, act_bits, True, "float16", **tiles_for(m, n, k))
     y = torch.full((m, n), float("nan"), device="cuda", dtype=torch.float16)
-    r = max(rank, 16)
-    xo_k = xo if rank else torch.zeros(m, r, device="cuda", dtype=torch.float16)
-    wo_k = wo if rank else torch.zeros(n, r, device="cuda", dtype=torch.float16)
-    kernel(xq, xs.reshape(-1), ref.pack_int4(wq), ws.reshape(-1), xo_k, wo_k, bias, y)
+    w4ax_linear(xq, xs, ref.pack_int4(wq), ws, xo, wo, bias, out=y)
     expected = ref.quant_linear(xq, xs, wq, ws, xo, wo, bias)
     rel = float((y.float() - expected).norm() / expected.norm())
     assert not torch.isnan(y).any() and rel < 1e-3, rel
+
+
+def test_split_k_workspace_is_left_zero():
+    """The split-K path's int32 workspace must be zero again after every call (CUDA graphs replay it)."""
+    from kernels_tl import gemm
+    xq, xs, wq, ws, _, _ = operands(9, 6144, 4096, 0, 4, seed=1)
+    y1 = gemm.w4ax_linear(xq, xs, ref.pack_int4(wq), ws)
+    y2 = gemm.w4ax_linear(xq, xs, ref.pack_int4(wq), ws)
+    assert torch.equal(y1, y2)
+    assert not gemm._buffers[("acc", torch.int32, xq.device, 6144)].any()

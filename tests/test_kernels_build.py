@@ -9,14 +9,33 @@ if shutil.which("nvcc") is None:
     pytest.skip("nvcc is not installed", allow_module_level=True)
 
 
-@pytest.mark.parametrize("tiles", ["prefill", "decode"])
 @pytest.mark.parametrize("act_bits,rank,bias", [(4, 64, False), (8, 0, False), (4, 32, True)])
-def test_gemm_builds_with_int8_wgmma(act_bits, rank, bias, tiles):
-    from kernels_tl.gemm import DECODE_TILES, SM90, w4ax_gemm
-    kernel = w4ax_gemm(640, 1536, rank, act_bits, bias, "float16", target=SM90,
-                       **(DECODE_TILES if tiles == "decode" else {}))
+def test_prefill_gemm_builds_with_int8_wgmma(act_bits, rank, bias):
+    from kernels_tl.gemm import SM90, prefill_tiles, w4ax_gemm
+    kernel = w4ax_gemm(640, 1536, rank, bias, "float16", target=SM90, **prefill_tiles(2048, 640, 1536, rank, bias))
     src = kernel.get_kernel_source()
-    # The unpacked weight tile feeds int8 wgmma from registers; the outlier slice runs on fp16 wgmma.
-    assert "wgmma_rs<tl::DataType::kInt8, tl::DataType::kInt8, tl::DataType::kInt32" in src
+    # The unpacked weight tile and the activation tile feed int8 wgmma from shared memory; the
+    # outlier slice runs on fp16 wgmma; the weight is unpacked by the word (never per element).
+    assert "wgmma_ss<tl::DataType::kInt8, tl::DataType::kInt8, tl::DataType::kInt32" in src
     assert "mma_sync" not in src
     assert ("wgmma_ss<tl::DataType::kFloat16, tl::DataType::kFloat16, tl::DataType::kFloat32" in src) == (rank > 0)
+    assert "quad_unpack_int4x32(" in src and "fence_proxy_async" in src
+
+
+@pytest.mark.parametrize("n,k,m", [(4160, 4096, 1), (6144, 4096, 16), (640, 1536, 64), (960, 576, 3)])
+def test_decode_gemm_builds_with_split_k(n, k, m):
+    from kernels_tl.gemm import SM90, decode_plan, w4ax_epilogue, w4ax_gemm_splitk
+    plan = decode_plan(m, n, k)
+    src = w4ax_gemm_splitk(n, k, **plan, target=SM90).get_kernel_source()
+    assert "wgmma_ss<tl::DataType::kInt8, tl::DataType::kInt8, tl::DataType::kInt32, 64" in src
+    assert "AtomicAdd" in src
+    if k >= 4096:  # Llama-sized problems are split along K until the grid fills most SMs
+        assert n // 64 * plan["split"] >= 0.7 * 132
+    assert w4ax_epilogue(n, 64, True, "float16", target=SM90).get_kernel_source()
+
+
+@pytest.mark.parametrize("tokens,rank", [(1, 0), (4, 64)])
+def test_gemv_builds_on_dp4a_without_spills(tokens, rank):
+    from kernels_tl.gemm import SM90, w4ax_gemv
+    src = w4ax_gemv(4160, 4096, rank, True, "float16", tokens, target=SM90).get_kernel_source()
+    assert "__dp4a(" in src and "warp_reduce_sum" in src
