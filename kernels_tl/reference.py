@@ -23,6 +23,13 @@ INT4_MIN, INT4_MAX = -8, 7
 INT8_MIN, INT8_MAX = -128, 127
 
 
+def _div(x: torch.Tensor, divisor: float) -> torch.Tensor:
+    """x / divisor as an IEEE float32 division. (On CUDA, torch turns a division by a Python
+    scalar into a multiplication by its reciprocal, which rounds differently; a 0-dim tensor on
+    x's device keeps the true division the kernels do.)"""
+    return x / torch.full((), divisor, dtype=x.dtype, device=x.device)
+
+
 def qrange(bits: int) -> tuple[int, int]:
     if bits == 4:
         return INT4_MIN, INT4_MAX
@@ -40,7 +47,7 @@ def act_scale(x: torch.Tensor, bits: int, clip: float) -> torch.Tensor:
     """
     qmax = qrange(bits)[1]
     amax = x.float().abs().amax(dim=-1, keepdim=True)
-    scale = amax * clip / qmax
+    scale = _div(amax * clip, qmax)
     return torch.where(scale == 0, torch.ones_like(scale), scale)
 
 
@@ -192,17 +199,18 @@ def quantize_kv(x: torch.Tensor, bits: int = 4, clip: float = 1.0
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Asymmetric per-(token, head) quantization over head_dim (last dim), after the Hadamard.
 
-    scale = clip * (max - min) / (2^bits - 1); zero = round(-clip * min / scale);
-    q = clamp(round(x / scale) + zero, 0, 2^bits - 1) as uint8. scale and zero are float32 [..., 1].
-    A constant row gets scale 1.
+    scale = fp16(clip * (max - min) / (2^bits - 1)) (the cache stores it in float16, so the values
+    are quantized with the stored scale); zero = clamp(round(-clip * min / scale), 0, 2^bits - 1);
+    q = clamp(round(x / scale) + zero, 0, 2^bits - 1) as uint8. scale and zero are float32 [..., 1]
+    holding float16-exact values. A constant row gets scale 1.
     """
     qmax = 2 ** bits - 1
     xf = x.float()
     xmin = xf.amin(-1, keepdim=True).clamp(max=0) * clip
     xmax = xf.amax(-1, keepdim=True).clamp(min=0) * clip
-    scale = (xmax - xmin) / qmax
+    scale = _div(xmax - xmin, qmax).half().float()
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-    zero = torch.round(-xmin / scale)
+    zero = torch.clamp(torch.round(-xmin / scale), 0, qmax)
     q = torch.clamp(torch.round(xf / scale) + zero, 0, qmax).to(torch.uint8)
     return q, scale, zero
 
@@ -215,3 +223,71 @@ def fake_quant_kv(x: torch.Tensor, bits: int, clip: float) -> torch.Tensor:
     if bits >= 16:
         return x.float()
     return dequantize_kv(*quantize_kv(x, bits, clip))
+
+
+# ---------------------------------------------------------------- paged int4 KV cache
+#
+# Per layer: data uint8 [num_blocks, kv_heads, block_size, head_dim / 2] and meta float16
+# [num_blocks, kv_heads, block_size, 2] = (scale, zero) of each (token, head). Byte j of a token's
+# row holds element 2j in its low nibble and 2j + 1 in its high nibble. A token at position p of a
+# sequence lives in slot = block_table[p // block_size] * block_size + p % block_size.
+# docs/kv-cache-format.md describes the same layout.
+
+def pack_kv(q: torch.Tensor) -> torch.Tensor:
+    """uint8 values in [0, 15], last dim even -> uint8 [..., d / 2], low nibble first."""
+    return (q[..., 0::2] | (q[..., 1::2] << 4)).to(torch.uint8)
+
+
+def unpack_kv(packed: torch.Tensor) -> torch.Tensor:
+    return torch.stack((packed & 0xF, packed >> 4), dim=-1).flatten(-2)
+
+
+def kv_store(k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor, k_data: torch.Tensor,
+             k_meta: torch.Tensor, v_data: torch.Tensor, v_meta: torch.Tensor, clip: float = 1.0) -> None:
+    """Quantize the new tokens' K and V [T, kv_heads, head_dim] and write them to their slots (in
+    place). Slot -1 is skipped (padding of a CUDA-graph batch)."""
+    block_size = k_data.shape[2]
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    blocks, offsets = slots // block_size, slots % block_size
+    for x, data, meta in ((k[keep], k_data, k_meta), (v[keep], v_data, v_meta)):
+        q, scale, zero = quantize_kv(x, 4, clip)
+        data[blocks, :, offsets] = pack_kv(q)
+        meta[blocks, :, offsets] = torch.cat((scale, zero), dim=-1).half()
+
+
+def gather_kv(data: torch.Tensor, meta: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """The first `length` tokens of one sequence, dequantized: float32 [length, kv_heads, head_dim]."""
+    block_size = data.shape[2]
+    blocks = block_table[: -(-length // block_size)].long()
+    q = unpack_kv(data[blocks]).transpose(1, 2).flatten(0, 1)[:length]        # [T, H, D]
+    m = meta[blocks].transpose(1, 2).flatten(0, 1)[:length].float()            # [T, H, 2]
+    return (q.float() - m[..., 1:]) * m[..., :1]
+
+
+def paged_attention(q: torch.Tensor, k_data: torch.Tensor, k_meta: torch.Tensor, v_data: torch.Tensor,
+                    v_meta: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
+                    query_lens: torch.Tensor | None = None, sm_scale: float | None = None) -> torch.Tensor:
+    """Causal attention of packed queries over the paged int4 cache, float32 softmax.
+
+    q [sum(query_lens), heads, head_dim] holds each sequence's last query_lens[i] tokens (1 each for
+    decode, the default); sequence i attends to its first context_lens[i] cached tokens, causally.
+    Returns float32 [sum(query_lens), heads, head_dim]."""
+    batch = context_lens.shape[0]
+    query_lens = torch.ones(batch, dtype=torch.long) if query_lens is None else query_lens
+    heads, dim = q.shape[1], q.shape[2]
+    sm_scale = dim ** -0.5 if sm_scale is None else sm_scale
+    out, start = [], 0
+    for i in range(batch):
+        n, ctx = int(query_lens[i]), int(context_lens[i])
+        k = gather_kv(k_data, k_meta, block_tables[i], ctx)
+        v = gather_kv(v_data, v_meta, block_tables[i], ctx)
+        group = heads // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)   # [ctx, heads, D]
+        qi = q[start:start + n].float()
+        scores = torch.einsum("qhd,khd->hqk", qi, k) * sm_scale
+        pos_q = torch.arange(ctx - n, ctx, device=q.device).unsqueeze(1)
+        scores = scores.masked_fill(torch.arange(ctx, device=q.device).unsqueeze(0) > pos_q, float("-inf"))
+        out.append(torch.einsum("hqk,khd->qhd", scores.softmax(-1), v))
+        start += n
+    return torch.cat(out)

@@ -1,0 +1,87 @@
+"""Decode attention benchmark: the paged int4 KV cache kernel against torch SDPA on a dense fp16
+cache (flash backend where it applies) and flash-attn where it imports, timed in the same run.
+
+    python bench/attention.py --out bench/results/attention.json [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+from triton.testing import do_bench
+
+from kernels_tl import kv_attention as kv
+
+MODELS = {"llama-3-8b": (32, 8, 128), "qwen2.5-7b": (28, 4, 128), "smollm2": (9, 3, 64)}
+BATCHES = [1, 16, 64]
+CONTEXTS = [1024, 4096, 16384, 32768]
+
+
+def bench(fn) -> float:
+    return do_bench(fn, warmup=10, rep=50)
+
+
+def one(model: str, batch: int, ctx: int) -> dict:
+    heads, kv_heads, dim = MODELS[model]
+    width = ctx // kv.BLOCK_SIZE
+    num_blocks = batch * width
+    kd = torch.randint(0, 256, (num_blocks, kv_heads, kv.BLOCK_SIZE, dim // 2), device="cuda", dtype=torch.uint8)
+    km = torch.rand(num_blocks, kv_heads, kv.BLOCK_SIZE, 2, device="cuda").half()
+    vd, vm = kd.clone(), km.clone()
+    tables = torch.randperm(num_blocks, device="cuda").view(batch, width).int()
+    lens = torch.full((batch,), ctx, device="cuda", dtype=torch.int32)
+    q = torch.randn(batch, heads, dim, device="cuda").half()
+    splits = kv.decode_splits(batch, kv_heads, ctx)
+    out = torch.empty_like(q)
+    kv.attention_decode_op(q, kd, km, vd, vm, tables, lens, splits, out=out)
+    t_ours = bench(lambda: kv.attention_decode_op(q, kd, km, vd, vm, tables, lens, splits, out=out))
+    del kd, km, vd, vm
+    k16 = torch.randn(batch, kv_heads, ctx, dim, device="cuda").half()
+    v16 = torch.randn(batch, kv_heads, ctx, dim, device="cuda").half()
+    q4 = q.unsqueeze(2)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    t_sdpa = bench(lambda: sdpa(q4, k16, v16, enable_gqa=True))
+    row = {"model": model, "batch": batch, "context": ctx, "splits": splits, "ms": t_ours, "sdpa_fp16_ms": t_sdpa}
+    try:
+        from flash_attn import flash_attn_with_kvcache
+        kf, vf, qf = k16.transpose(1, 2).contiguous(), v16.transpose(1, 2).contiguous(), q.unsqueeze(1)
+        row["flash_attn_fp16_ms"] = bench(lambda: flash_attn_with_kvcache(qf, kf, vf))
+    except ImportError:
+        pass
+    int4_bytes = 2 * batch * ctx * kv_heads * (dim // 2 + 4)
+    row.update(gbps=int4_bytes / t_ours / 1e6, speedup_vs_sdpa=t_sdpa / t_ours,
+               fp16_bytes_per_int4_byte=(2 * dim) / (dim // 2 + 4))
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--quick", action="store_true", help="Llama-3-8B shapes only")
+    args = ap.parse_args()
+    copy = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")
+    copy_gbps = 2 * copy.numel() / bench(lambda: copy.clone()) / 1e6
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "tilelang": __import__("tilelang").__version__, "python": platform.python_version(),
+              "date": time.strftime("%Y-%m-%d"), "copy_gbps": copy_gbps, "decode": []}
+    for model in (["llama-3-8b"] if args.quick else list(MODELS)):
+        for batch in BATCHES:
+            for ctx in CONTEXTS:
+                if batch * ctx > 64 * 32768:
+                    continue
+                row = one(model, batch, ctx)
+                result["decode"].append(row)
+                print(f"{model:11s} B={batch:3d} ctx={ctx:6d} splits={row['splits']:2d}: {row['ms'] * 1e3:8.1f} us "
+                      f"{row['gbps']:6.0f} GB/s ({row['gbps'] / copy_gbps:4.0%} of copy)  SDPA fp16 "
+                      f"{row['sdpa_fp16_ms'] * 1e3:8.1f} us  x{row['speedup_vs_sdpa']:.2f}", flush=True)
+                torch.cuda.empty_cache()
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

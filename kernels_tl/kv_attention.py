@@ -1,0 +1,252 @@
+"""Paged int4 KV cache kernels (TileLang, Hopper): `kv_store` and split-KV decode attention.
+
+Layout (per layer; `reference.py` and docs/kv-cache-format.md define it): data uint8
+[num_blocks, kv_heads, block_size, head_dim / 2], two elements per byte (low nibble first), and
+meta float16 [num_blocks, kv_heads, block_size, 2] = (scale, zero) of each (token, head). One
+(block, head) tile is contiguous, so the attention kernel streams 64-token tiles of one head.
+
+Decode attention is flash-decoding: one program per (sequence, kv head, split of the context);
+the program's query rows are the GQA group of that kv head (padded to the 16-row mma tile), so K and
+V are read once per group. Each K / V tile is dequantized in shared memory to float16 and fed to
+the tensor cores; softmax is online in float32. A combine kernel merges the splits with their
+log-sum-exp. Batch, number of blocks and block-table width are dynamic (no recompile per step).
+"""
+
+import functools
+import math
+
+import tilelang
+import tilelang.language as T
+
+# Explicit target so kernels also build (codegen + nvcc) on a machine without a GPU.
+SM90 = "sm90"
+_TARGETS = {"sm90": {"kind": "cuda", "arch": "sm_90a"}, None: "auto"}
+BLOCK_SIZE = 64  # tokens per cache block = the decode kernel's K / V tile
+
+
+@functools.lru_cache(maxsize=None)
+def kv_store(kv_heads: int, head_dim: int, block_size: int = BLOCK_SIZE, clip: float = 1.0, target=None):
+    """Quantize new K and V [T, kv_heads, head_dim] (float16) and scatter them into the cache;
+    called as kernel(k, v, slot_mapping, k_data, k_meta, v_data, v_meta). Slot -1 is skipped.
+    Matches `reference.kv_store` bit for bit (IEEE division, round-half-even, float16 scale).
+    One warp per (token, K or V, head): min / max by warp shuffles, each lane packs its bytes."""
+    assert head_dim % 64 == 0
+    per_lane = head_dim // 32
+    half = head_dim // 2
+
+    @tilelang.jit(target=_TARGETS[target])
+    def build():
+        t = T.dynamic("tokens")
+        nb = T.dynamic("num_blocks")
+
+        @T.prim_func
+        def main(K: T.Tensor((t, kv_heads, head_dim), "float16"), V: T.Tensor((t, kv_heads, head_dim), "float16"),
+                 SLOTS: T.Tensor((t,), "int32"),
+                 KD: T.Tensor((nb, kv_heads, block_size, half), "uint8"),
+                 KM: T.Tensor((nb, kv_heads, block_size, 2), "float16"),
+                 VD: T.Tensor((nb, kv_heads, block_size, half), "uint8"),
+                 VM: T.Tensor((nb, kv_heads, block_size, 2), "float16")):
+            with T.Kernel(t, 2 * kv_heads, threads=32) as (tok, row):
+                lane = T.get_thread_binding()
+                x = T.alloc_local((per_lane,), "float32")
+                stat = T.alloc_local((4,), "float32")  # lo, hi, scale, zero
+                slot = SLOTS[tok]
+                is_k = row < kv_heads
+                h = row % kv_heads
+                if slot >= 0:
+                    blk, off = slot // block_size, slot % block_size
+                    for i in T.unroll(per_lane):
+                        x[i] = T.Cast("float32", T.if_then_else(is_k, K[tok, h, lane * per_lane + i],
+                                                                V[tok, h, lane * per_lane + i]))
+                    stat[0] = x[0]
+                    stat[1] = x[0]
+                    for i in T.unroll(1, per_lane):
+                        stat[0] = T.min(stat[0], x[i])
+                        stat[1] = T.max(stat[1], x[i])
+                    stat[0] = T.min(T.warp_reduce_min(stat[0]), T.float32(0)) * T.float32(clip)
+                    stat[1] = T.max(T.warp_reduce_max(stat[1]), T.float32(0)) * T.float32(clip)
+                    # The stored scale is float16: quantize with exactly that value.
+                    stat[2] = T.Cast("float32", T.Cast("float16", (stat[1] - stat[0]) / T.float32(15)))
+                    stat[2] = T.if_then_else(stat[2] == T.float32(0), T.float32(1), stat[2])
+                    stat[3] = T.clamp(T.round(-stat[0] / stat[2]), T.float32(0), T.float32(15))
+                    for j in T.unroll(per_lane // 2):
+                        q0 = T.clamp(T.round(x[2 * j] / stat[2]) + stat[3], T.float32(0), T.float32(15))
+                        q1 = T.clamp(T.round(x[2 * j + 1] / stat[2]) + stat[3], T.float32(0), T.float32(15))
+                        byte = T.Cast("uint8", q0) | (T.Cast("uint8", q1) << T.uint8(4))
+                        if is_k:
+                            KD[blk, h, off, lane * (per_lane // 2) + j] = byte
+                        else:
+                            VD[blk, h, off, lane * (per_lane // 2) + j] = byte
+                    if lane < 2:
+                        value = T.Cast("float16", T.if_then_else(lane == 0, stat[2], stat[3]))
+                        if is_k:
+                            KM[blk, h, off, lane] = value
+                        else:
+                            VM[blk, h, off, lane] = value
+
+        return main
+
+    return build()
+
+
+@functools.lru_cache(maxsize=None)
+def attention_decode(heads: int, kv_heads: int, head_dim: int, num_splits: int, block_size: int = BLOCK_SIZE,
+                     sm_scale: float | None = None, threads: int = 128, target=None):
+    """Split-KV decode attention over the paged int4 cache: kernel(q, k_data, k_meta, v_data,
+    v_meta, block_tables, context_lens, out_partial, lse) writes, for every split, the normalized
+    partial output [B, heads, splits, head_dim] and its log2-sum-exp [B, heads, splits]
+    (-inf for an empty split); `attention_combine` merges them."""
+    group = heads // kv_heads
+    rows = 16 * -(-group // 16)  # mma tile height
+    half = head_dim // 2
+    scale_log2 = (sm_scale if sm_scale is not None else head_dim ** -0.5) * math.log2(math.e)
+
+    @tilelang.jit(target=_TARGETS[target])
+    def build():
+        b = T.dynamic("batch")
+        nb = T.dynamic("num_blocks")
+        width = T.dynamic("table_width")
+
+        @T.prim_func
+        def main(Q: T.Tensor((b, heads, head_dim), "float16"),
+                 KD: T.Tensor((nb, kv_heads, block_size, half), "uint8"),
+                 KM: T.Tensor((nb, kv_heads, block_size, 2), "float16"),
+                 VD: T.Tensor((nb, kv_heads, block_size, half), "uint8"),
+                 VM: T.Tensor((nb, kv_heads, block_size, 2), "float16"),
+                 TABLES: T.Tensor((b, width), "int32"), LENS: T.Tensor((b,), "int32"),
+                 OP: T.Tensor((b, heads, num_splits, head_dim), "float32"),
+                 LSE: T.Tensor((b, heads, num_splits), "float32")):
+            with T.Kernel(b, kv_heads, num_splits, threads=threads) as (seq, kvh, split):
+                q_s = T.alloc_shared((rows, head_dim), "float16")
+                kp_s = T.alloc_shared((block_size, half), "uint8")
+                vp_s = T.alloc_shared((block_size, half), "uint8")
+                km_s = T.alloc_shared((block_size, 2), "float16")
+                vm_s = T.alloc_shared((block_size, 2), "float16")
+                k_s = T.alloc_shared((block_size, head_dim), "float16")
+                v_s = T.alloc_shared((block_size, head_dim), "float16")
+                s = T.alloc_fragment((rows, block_size), "float32")
+                p_s = T.alloc_shared((rows, block_size), "float16")  # probabilities, re-laid out for P·V
+                o = T.alloc_fragment((rows, head_dim), "float32")
+                m = T.alloc_fragment((rows,), "float32")
+                m_prev = T.alloc_fragment((rows,), "float32")
+                rescale = T.alloc_fragment((rows,), "float32")
+                l = T.alloc_fragment((rows,), "float32")
+                l_blk = T.alloc_fragment((rows,), "float32")
+
+                ctx = LENS[seq]
+                n_blocks = T.ceildiv(ctx, block_size)
+                per_split = T.ceildiv(n_blocks, num_splits)
+                first = split * per_split
+                count = T.max(T.min(n_blocks - first, per_split), 0)
+
+                for i, d in T.Parallel(rows, head_dim):
+                    q_s[i, d] = T.if_then_else(i < group, Q[seq, kvh * group + i, d], T.float16(0))
+                T.fill(o, 0)
+                T.fill(l, 0)
+                T.fill(m, -T.infinity("float32"))
+                for it in T.serial(count):
+                    phys = TABLES[seq, first + it]
+                    T.copy(KD[phys, kvh, :, :], kp_s)
+                    T.copy(KM[phys, kvh, :, :], km_s)
+                    T.copy(VD[phys, kvh, :, :], vp_s)
+                    T.copy(VM[phys, kvh, :, :], vm_s)
+                    # int4 -> float16: (q - zero) * scale, per (token, head).
+                    for j, d in T.Parallel(block_size, head_dim):
+                        nib = (kp_s[j, d // 2] >> T.Cast("uint8", (d % 2) * 4)) & T.uint8(15)
+                        k_s[j, d] = T.Cast("float16", (T.Cast("float32", nib) - T.Cast("float32", km_s[j, 1]))
+                                           * T.Cast("float32", km_s[j, 0]))
+                    for j, d in T.Parallel(block_size, head_dim):
+                        nib = (vp_s[j, d // 2] >> T.Cast("uint8", (d % 2) * 4)) & T.uint8(15)
+                        v_s[j, d] = T.Cast("float16", (T.Cast("float32", nib) - T.Cast("float32", vm_s[j, 1]))
+                                           * T.Cast("float32", vm_s[j, 0]))
+                    T.clear(s)
+                    T.gemm(q_s, k_s, s, transpose_B=True, policy=T.GemmWarpPolicy.FullCol)
+                    for i, j in T.Parallel(rows, block_size):
+                        s[i, j] = T.if_then_else((first + it) * block_size + j < ctx, s[i, j] * T.float32(scale_log2),
+                                                 -T.infinity("float32"))
+                    T.copy(m, m_prev)
+                    T.reduce_max(s, m, dim=1, clear=False)
+                    for i in T.Parallel(rows):
+                        rescale[i] = T.exp2(m_prev[i] - m[i])
+                    for i, j in T.Parallel(rows, block_size):
+                        s[i, j] = T.exp2(s[i, j] - m[i])
+                    T.reduce_sum(s, l_blk, dim=1)
+                    for i in T.Parallel(rows):
+                        l[i] = l[i] * rescale[i] + l_blk[i]
+                    for i, d in T.Parallel(rows, head_dim):
+                        o[i, d] = o[i, d] * rescale[i]
+                    T.copy(s, p_s)
+                    T.gemm(p_s, v_s, o, policy=T.GemmWarpPolicy.FullCol)
+                for i, d in T.Parallel(rows, head_dim):
+                    if i < group:
+                        OP[seq, kvh * group + i, split, d] = T.if_then_else(l[i] > 0, o[i, d] / l[i], T.float32(0))
+                for i in T.Parallel(rows):
+                    if i < group:
+                        LSE[seq, kvh * group + i, split] = T.if_then_else(
+                            l[i] > 0, T.log2(l[i]) + m[i], -T.infinity("float32"))
+
+        return main
+
+    return build()
+
+
+@functools.lru_cache(maxsize=None)
+def attention_combine(heads: int, head_dim: int, num_splits: int, target=None):
+    """out[b, h] = Σ_s 2^(lse_s - lse) · partial_s with lse = log2 Σ_s 2^lse_s; float16 out."""
+
+    @tilelang.jit(target=_TARGETS[target])
+    def build():
+        b = T.dynamic("batch")
+
+        @T.prim_func
+        def main(OP: T.Tensor((b, heads, num_splits, head_dim), "float32"),
+                 LSE: T.Tensor((b, heads, num_splits), "float32"), OUT: T.Tensor((b, heads, head_dim), "float16")):
+            with T.Kernel(b, heads, threads=head_dim) as (seq, h):
+                d = T.get_thread_binding()
+                top = T.alloc_local((1,), "float32")
+                total = T.alloc_local((1,), "float32")
+                acc = T.alloc_local((1,), "float32")
+                top[0] = -T.infinity("float32")
+                for sp in T.serial(num_splits):
+                    top[0] = T.max(top[0], LSE[seq, h, sp])
+                total[0] = 0
+                acc[0] = 0
+                for sp in T.serial(num_splits):
+                    w = T.if_then_else(LSE[seq, h, sp] == -T.infinity("float32"), T.float32(0),
+                                       T.exp2(LSE[seq, h, sp] - top[0]))
+                    total[0] = total[0] + w
+                    acc[0] = acc[0] + w * OP[seq, h, sp, d]
+                OUT[seq, h, d] = T.Cast("float16", acc[0] / total[0])
+
+        return main
+
+    return build()
+
+
+def decode_splits(batch: int, kv_heads: int, max_context: int, block_size: int = BLOCK_SIZE, sms: int = 132) -> int:
+    """Context splits so that batch x kv_heads x splits programs fill the GPU about twice, with at
+    least two cache blocks per split."""
+    want = -(-2 * sms // (batch * kv_heads))
+    return max(1, min(want, max_context // (2 * block_size), 32))
+
+
+def kv_store_op(k, v, slot_mapping, k_data, k_meta, v_data, v_meta, clip: float = 1.0) -> None:
+    kv_heads, head_dim = k.shape[1], k.shape[2]
+    kernel = kv_store(kv_heads, head_dim, k_data.shape[2], float(clip))
+    kernel(k.half().contiguous(), v.half().contiguous(), slot_mapping.int(), k_data, k_meta, v_data, v_meta)
+
+
+def attention_decode_op(q, k_data, k_meta, v_data, v_meta, block_tables, context_lens, num_splits: int,
+                        sm_scale: float | None = None, out=None):
+    """float16 [B, heads, head_dim] decode attention (q [B, heads, head_dim] float16)."""
+    import torch
+
+    b, heads, head_dim = q.shape
+    kv_heads = k_data.shape[1]
+    partial = torch.empty(b, heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
+    lse = torch.empty(b, heads, num_splits, dtype=torch.float32, device=q.device)
+    out = torch.empty(b, heads, head_dim, dtype=torch.float16, device=q.device) if out is None else out
+    attention_decode(heads, kv_heads, head_dim, num_splits, k_data.shape[2], sm_scale)(
+        q, k_data, k_meta, v_data, v_meta, block_tables, context_lens, partial, lse)
+    attention_combine(heads, head_dim, num_splits)(partial, lse, out)
+    return out

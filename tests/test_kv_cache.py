@@ -1,0 +1,99 @@
+"""Paged int4 KV cache: reference numerics, slot mapping and block tables on the CPU; the kernels build for sm_90a."""
+
+import shutil
+
+import pytest
+import torch
+
+from kernels_tl import reference as ref
+
+BLOCK = 4
+
+
+def empty_cache(num_blocks, kv_heads, head_dim, block=BLOCK):
+    return (torch.zeros(num_blocks, kv_heads, block, head_dim // 2, dtype=torch.uint8),
+            torch.zeros(num_blocks, kv_heads, block, 2, dtype=torch.float16))
+
+
+def test_pack_roundtrip_and_nibble_order():
+    q = torch.randint(0, 16, (5, 3, 8), dtype=torch.uint8)
+    packed = ref.pack_kv(q)
+    assert torch.equal(ref.unpack_kv(packed), q)
+    assert int(packed[0, 0, 0]) == int(q[0, 0, 0]) | int(q[0, 0, 1]) << 4  # low nibble = even element
+
+
+def test_quantize_kv_stores_a_float16_scale_and_bounded_error():
+    x = torch.randn(64, 4, 32, generator=torch.Generator().manual_seed(0)) * torch.linspace(0.1, 10, 32)
+    q, scale, zero = ref.quantize_kv(x, 4)
+    assert torch.equal(scale, scale.half().float()) and zero.min() >= 0 and zero.max() <= 15
+    err = (ref.dequantize_kv(q, scale, zero) - x).abs()
+    # Half a step, plus at most 15 * 2^-11 steps where float16 rounding shrank the scale.
+    assert (err <= scale * (0.5 + 15 * 2.0 ** -11) + 1e-6).all()
+
+
+def test_store_then_gather_follows_the_block_table():
+    torch.manual_seed(0)
+    kv_heads, dim, n = 2, 8, 11
+    k, v = torch.randn(n, kv_heads, dim), torch.randn(n, kv_heads, dim)
+    table = torch.tensor([5, 2, 7])  # non-contiguous physical blocks
+    slots = table[torch.arange(n) // BLOCK] * BLOCK + torch.arange(n) % BLOCK
+    kd, km = empty_cache(8, kv_heads, dim)
+    vd, vm = empty_cache(8, kv_heads, dim)
+    ref.kv_store(k, v, slots, kd, km, vd, vm)
+    assert torch.allclose(ref.gather_kv(kd, km, table, n), ref.fake_quant_kv(k, 4, 1.0))
+    assert torch.allclose(ref.gather_kv(vd, vm, table, n), ref.fake_quant_kv(v, 4, 1.0))
+    assert not kd[[0, 1, 3, 4, 6]].any()  # blocks outside the table are untouched
+
+
+def test_padding_slots_are_skipped():
+    k = torch.randn(3, 1, 8)
+    kd, km = empty_cache(2, 1, 8)
+    vd, vm = empty_cache(2, 1, 8)
+    ref.kv_store(k, k, torch.tensor([-1, 5, -1]), kd, km, vd, vm)
+    written = (km[..., 0] != 0).nonzero().tolist()
+    assert written == [[1, 0, 1]]
+
+
+def test_paged_attention_matches_dense_attention_and_is_causal_for_prefill():
+    torch.manual_seed(1)
+    heads, kv_heads, dim = 4, 2, 8
+    lens, qlens = torch.tensor([9, 5]), torch.tensor([3, 5])
+    kd, km = empty_cache(8, kv_heads, dim)
+    vd, vm = empty_cache(8, kv_heads, dim)
+    tables = torch.tensor([[6, 1, 3], [0, 4, 2]])
+    ks, vs = [], []
+    for i in range(2):
+        k, v = torch.randn(int(lens[i]), kv_heads, dim), torch.randn(int(lens[i]), kv_heads, dim)
+        pos = torch.arange(int(lens[i]))
+        ref.kv_store(k, v, tables[i][pos // BLOCK] * BLOCK + pos % BLOCK, kd, km, vd, vm)
+        ks.append(ref.fake_quant_kv(k, 4, 1.0))
+        vs.append(ref.fake_quant_kv(v, 4, 1.0))
+    q = torch.randn(int(qlens.sum()), heads, dim)
+    out = ref.paged_attention(q, kd, km, vd, vm, tables, lens, qlens)
+    start = 0
+    for i in range(2):
+        n, ctx = int(qlens[i]), int(lens[i])
+        qi = q[start:start + n].transpose(0, 1).unsqueeze(0)                       # [1, H, n, D]
+        k = ks[i].repeat_interleave(2, 1).transpose(0, 1).unsqueeze(0)
+        v = vs[i].repeat_interleave(2, 1).transpose(0, 1).unsqueeze(0)
+        mask = torch.arange(ctx).unsqueeze(0) <= torch.arange(ctx - n, ctx).unsqueeze(1)
+        want = torch.nn.functional.scaled_dot_product_attention(qi, k, v, attn_mask=mask)
+        assert torch.allclose(out[start:start + n], want[0].transpose(0, 1), atol=1e-5)
+        start += n
+
+
+def test_kv_bytes_per_token_are_at_least_3_5x_smaller_than_fp16():
+    for dim in (64, 128):
+        int4 = dim // 2 + 2 * 2  # packed nibbles + float16 scale and zero
+        assert 2 * dim / int4 >= 3.5
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
+@pytest.mark.parametrize("heads,kv_heads,dim", [(32, 8, 128), (9, 3, 64), (28, 4, 128)])
+def test_kv_kernels_build_for_sm90(heads, kv_heads, dim):
+    pytest.importorskip("tilelang")
+    from kernels_tl.kv_attention import SM90, attention_combine, attention_decode, kv_store
+    assert "nearbyintf" in kv_store(kv_heads, dim, target=SM90).get_kernel_source()
+    src = attention_decode(heads, kv_heads, dim, 4, target=SM90).get_kernel_source()
+    assert "mma" in src and "exp2" in src
+    assert attention_combine(heads, dim, 4, target=SM90).get_kernel_source()
