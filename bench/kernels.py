@@ -204,6 +204,49 @@ def sweep_gemv(n: int, k: int) -> list[dict]:
     return rows
 
 
+QUANT_SHAPES = {"llama-3-8b": (4096, 14336), "qwen2.5-7b": (3584, 18944), "smollm2": (576, 1536)}
+
+
+def bench_quantize(model: str, m: int) -> list[dict]:
+    """Norm+quantize (d + r wide residual) and Hadamard+quantize (the down_proj input), GB/s on the
+    bytes they must move, and each followed by its GEMM against cuBLAS bf16 on the same shape."""
+    from kernels_tl import quantize as qk
+    from kernels_tl.hadamard import hadamard_factors
+
+    d, f = QUANT_SHAPES[model]
+    rows = []
+    h = torch.randn(m, RANK + d, device="cuda").half()
+    x_out, x_q = torch.empty(m, RANK, device="cuda").half(), torch.empty(m, d, device="cuda", dtype=torch.int8)
+    x_s = torch.empty(m, device="cuda")
+    norm = qk.rmsnorm_quant(RANK + d, RANK, d, 4, 0.9, 1e-5)
+    t = bench(lambda: norm(h, x_out, x_q, x_s))
+    moved = h.numel() * 2 + x_out.numel() * 2 + x_q.numel() + m * 4
+    n_gu = 2 * f
+    wq = ref.pack_int4(torch.randint(-8, 8, (n_gu, d), device="cuda", dtype=torch.int8))
+    ws, wo = torch.rand(n_gu, device="cuda").half(), torch.randn(n_gu, RANK, device="cuda").half()
+    y = torch.empty(m, n_gu, device="cuda").half()
+    t_fused = bench(lambda: (norm(h, x_out, x_q, x_s), gemm.w4ax_linear(x_q, x_s, wq, ws, x_out, wo, out=y)))
+    xb, wb = torch.randn(m, d, device="cuda").bfloat16(), torch.randn(n_gu, d, device="cuda").bfloat16()
+    t_bf16 = bench(lambda: xb @ wb.T)
+    rows.append({"model": model, "kernel": "rmsnorm_quant", "m": m, "width": RANK + d, "ms": t, "gbps": moved / t / 1e6,
+                 "with_gemm": {"n": n_gu, "k": d, "ms": t_fused, "bf16_ms": t_bf16, "speedup_vs_bf16": t_bf16 / t_fused}})
+    factors = hadamard_factors(f)
+    x = torch.randn(m, f, device="cuda").half()
+    a_q, a_s = torch.empty(m, f, device="cuda", dtype=torch.int8), torch.empty(m, device="cuda")
+    had = qk.hadamard_quant(f, tuple(factors), None, 4, 0.9)
+    t = bench(lambda: had(x, a_q, a_s))
+    moved = x.numel() * 2 + a_q.numel() + m * 4
+    wq = ref.pack_int4(torch.randint(-8, 8, (d, f), device="cuda", dtype=torch.int8))
+    ws, y = torch.rand(d, device="cuda").half(), torch.empty(m, d, device="cuda").half()
+    t_fused = bench(lambda: (had(x, a_q, a_s), gemm.w4ax_linear(a_q, a_s, wq, ws, out=y)))
+    xb, wb = torch.randn(m, f, device="cuda").bfloat16(), torch.randn(d, f, device="cuda").bfloat16()
+    t_bf16 = bench(lambda: xb @ wb.T)
+    rows.append({"model": model, "kernel": "hadamard_quant", "m": m, "n": f, "factors": factors, "ms": t,
+                 "gbps": moved / t / 1e6,
+                 "with_gemm": {"n": d, "k": f, "ms": t_fused, "bf16_ms": t_bf16, "speedup_vs_bf16": t_bf16 / t_fused}})
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
@@ -222,6 +265,15 @@ def main() -> None:
         result["sweep_decode"] = {f"{n}x{k}@{m}": sweep_decode(n, k, m) for n, k in MODELS["llama-3-8b"].values()
                                   for m in (16,)}
     models = ["llama-3-8b"] if args.quick else list(MODELS)
+    result["quantize"] = []
+    for model in models:
+        for m in (2048, 8192):
+            for row in bench_quantize(model, m):
+                result["quantize"].append(row)
+                g = row["with_gemm"]
+                print(f"{model:11s} {row['kernel']:15s} M={m:5d}: {row['ms'] * 1e3:8.1f} us {row['gbps']:6.0f} GB/s "
+                      f"({row['gbps'] / copy_gbps:4.0%} of copy); + GEMM {g['n']}x{g['k']}: {g['ms'] * 1e3:8.1f} us, "
+                      f"bf16 {g['bf16_ms'] * 1e3:8.1f} us x{g['speedup_vs_bf16']:.2f}", flush=True)
     gemm.prebuild([(m, n, k, RANK if name in ("qkv", "gate_up") else 0, False, "float16")
                    for model in models for name, (n, k) in MODELS[model].items() for m in MS])
     for model in models:

@@ -1,0 +1,66 @@
+"""The activation quantizers build for sm_90a without a GPU: reference rounding, vector memory access,
+exactly the barriers the kernel places itself, and no register spills (checked with ptxas)."""
+
+import re
+import shutil
+import subprocess
+
+import pytest
+
+tilelang = pytest.importorskip("tilelang")
+if shutil.which("nvcc") is None:
+    pytest.skip("nvcc is not installed", allow_module_level=True)
+
+
+def ptxas_spills(src: str, tmp_path) -> list[int]:
+    """(spill store bytes, spill load bytes) of the generated CUDA source, from ptxas -v."""
+    from tilelang import env
+    cu = tmp_path / "kernel.cu"
+    cu.write_text(src)
+    out = subprocess.run(
+        ["nvcc", "-std=c++17", "-arch=sm_90a", "-O3", "-Xptxas", "-v", "-c", str(cu), "-o", str(tmp_path / "k.o"),
+         f"-I{env.TILELANG_TEMPLATE_PATH}", f"-I{env.CUTLASS_INCLUDE_DIR}"],
+        capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", out.stderr)
+    assert spills, out.stderr[-2000:]
+    return [int(v) for pair in spills for v in pair]
+
+
+def assert_reference_rounding(src: str):
+    # rint (round half to even) of the IEEE quotient (Markstein's FMA correction of x·(1/scale)),
+    # never the approximate fast-math forms.
+    assert "nearbyintf(" in src or "rintf(" in src
+    assert "__fmaf_rn(" in src
+    assert "__fdividef" not in src and "__frcp" not in src
+
+
+@pytest.mark.parametrize("rank,d,bits", [(0, 4096, 4), (64, 4096, 8)])
+def test_rmsnorm_quant_builds(rank, d, bits, tmp_path):
+    from kernels_tl.quantize import SM90, rmsnorm_quant
+    src = rmsnorm_quant(rank + d, rank, d, bits, 0.9, 1e-5, target=SM90).get_kernel_source()
+    assert_reference_rounding(src)
+    assert "*(uint4*)(H +" in src                       # 16-byte loads of the residual row
+    assert "*(int2*)(XQ +" in src                       # 8 int8 values per store
+    assert src.count("__syncthreads()") == 2            # one per block reduction, nothing else
+    assert ("XO[" in src or "(XO +" in src) == (rank > 0)
+    assert ptxas_spills(src, tmp_path) == [0, 0]
+
+
+@pytest.mark.parametrize("n,bits", [(14336, 4), (576, 8), (11008, 4)])
+def test_hadamard_quant_builds(n, bits, tmp_path):
+    from kernels_tl.hadamard import block_hadamard_size, hadamard_factors
+    from kernels_tl.quantize import SM90, _layout, hadamard_quant
+    factors, block = hadamard_factors(n), None
+    if factors is None:  # 11008: block-diagonal fallback
+        block = block_hadamard_size(n)
+        factors = hadamard_factors(block)
+    src = hadamard_quant(n, factors, block, bits, 0.9, target=SM90).get_kernel_source()
+    assert_reference_rounding(src)
+    assert "extern __shared__" in src                   # the fp32 row: dynamic shared memory
+    assert "*(float4*)(" in src                         # butterfly passes: 16-byte smem accesses
+    assert "*(int4*)(XQ +" in src                       # 16 int8 values per store
+    # Barriers: after the load phase, after each shared-memory butterfly pass but the last, and the
+    # amax reduction. TileLang's own sync insertion would add one per store.
+    assert src.count("__syncthreads()") == len(_layout(n, tuple(factors), block).plan) + 1
+    assert ptxas_spills(src, tmp_path) == [0, 0]

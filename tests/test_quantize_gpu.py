@@ -1,0 +1,150 @@
+"""Activation quantizers (fused RMSNorm + split + quantize, fused Hadamard + quantize) against the
+reference on the GPU: fresh random inputs every run (rows with planted outliers, an all-zero row),
+poisoned outputs. Scales must agree to float rounding; int8 values may differ only by one step, on
+the few elements a different float summation order moves across a rounding boundary."""
+
+import os
+
+import pytest
+import torch
+
+from kernels_tl import reference as ref
+from kernels_tl.hadamard import apply_hadamard, block_hadamard_size, hadamard_factors
+
+pytestmark = pytest.mark.gpu
+
+MS = [1, 3, 17, 100, 2053]
+SEED = int.from_bytes(os.urandom(4), "little")
+CLIP = 0.9
+
+
+def activations(m: int, width: int, seed: int, spread: float = 1.0) -> torch.Tensor:
+    """fp16 rows of varying magnitude; about one row in eight carries a planted outlier channel
+    (5 to 50 times the row's std), row 0 is all zero when there is more than one row."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    std = torch.rand(m, 1, generator=g, device="cuda") * spread + 0.1
+    x = torch.randn(m, width, generator=g, device="cuda") * std
+    rows = torch.randint(0, m, (max(1, m // 8),), generator=g, device="cuda")
+    cols = torch.randint(0, width, (rows.numel(),), generator=g, device="cuda")
+    sign = torch.randint(0, 2, (rows.numel(),), generator=g, device="cuda") * 2 - 1
+    x[rows, cols] = (torch.rand(rows.numel(), generator=g, device="cuda") * 45 + 5) * std[rows, 0] * sign
+    if m > 1:
+        x[0] = 0
+    return x.half()
+
+
+def assert_quantized_close(q, s, q_ref, s_ref, what: str):
+    assert not torch.isnan(s).any(), what
+    rel = ((s.reshape(-1).double() - s_ref.reshape(-1).double()).abs() / s_ref.reshape(-1).double()).max().item()
+    assert rel <= 1e-5, f"{what}: scale rel err {rel}"
+    dq = q.to(torch.int32) - q_ref.to(torch.int32)
+    assert dq.abs().max().item() <= 1, f"{what}: |Δq| = {dq.abs().max().item()}"
+    # Allow a couple of boundary flips even on tiny tensors, where 1e-3 of the elements is < 1.
+    mismatches = int((dq != 0).sum())
+    assert mismatches <= 1e-3 * dq.numel() + 2, f"{what}: {mismatches} of {dq.numel()} q values differ"
+
+
+@pytest.fixture(autouse=True)
+def exact_fp32_matmul():
+    """The reference Hadamard runs as fp32 matmuls: keep TF32 off for it."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+# (rank, d): Llama-3-8B / Qwen2.5-7B hidden sizes widened by r outlier channels, SmolLM2, none.
+NORM_SHAPES = [(0, 4096), (64, 4096), (128, 3584), (64, 576), (128, 8192)]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("m", MS)
+@pytest.mark.parametrize("rank,d", NORM_SHAPES)
+def test_rmsnorm_quant_matches_reference(rank, d, m, bits):
+    from kernels_tl.quantize import rmsnorm_quant
+    seed = SEED + 1000 * m + rank + d + bits
+    h = activations(m, rank + d, seed, spread=20.0)
+    eps = 1e-5
+    kernel = rmsnorm_quant(rank + d, rank, d, bits, CLIP, eps)
+    x_out = torch.full((m, max(rank, 16)), float("nan"), device="cuda", dtype=torch.float16)
+    x_q = torch.full((m, d), 0x55, device="cuda", dtype=torch.int8)
+    x_scale = torch.full((m,), float("nan"), device="cuda")
+    kernel(h, x_out, x_q, x_scale)
+    out_ref, q_ref, s_ref = ref.rmsnorm_split_quant(h, rank, d, eps, bits, CLIP)
+    what = f"rmsnorm r={rank} d={d} m={m} bits={bits} seed={seed}"
+    assert_quantized_close(x_q, x_scale, q_ref, s_ref, what)
+    if rank:
+        torch.testing.assert_close(x_out[:, :rank].float(), out_ref, rtol=1e-3, atol=1e-3, msg=what)
+    else:
+        assert torch.isnan(x_out).all(), f"{what}: x_out written with rank 0"
+    if m > 1:  # the zero row: scale 1, all zeros
+        assert x_scale[0].item() == 1.0 and not x_q[0].any()
+
+
+def hadamard_spec(n: int):
+    factors = hadamard_factors(n)
+    if factors is None:
+        block = block_hadamard_size(n)
+        return hadamard_factors(block), block
+    return factors, None
+
+
+# Llama-3-8B (o / down), Qwen2.5-7B down, SmolLM2 o / down, Qwen2.5-7B o, Llama-2-7B down (block fallback).
+HADAMARD_SIZES = [4096, 14336, 18944, 576, 1536, 3584, 11008]
+
+
+def check_hadamard_quant(n: int, m: int, bits: int, **tuning):
+    from kernels_tl.quantize import hadamard_quant
+    seed = SEED + 1000 * m + n + bits
+    factors, block = hadamard_spec(n)
+    x = activations(m, n, seed)
+    kernel = hadamard_quant(n, factors, block, bits, CLIP, **tuning)
+    x_q = torch.full((m, n), 0x55, device="cuda", dtype=torch.int8)
+    x_scale = torch.full((m,), float("nan"), device="cuda")
+    kernel(x, x_q, x_scale)
+    q_ref, s_ref = ref.quantize_act(apply_hadamard(x.float(), factors, block), bits, CLIP)
+    what = f"hadamard n={n} {factors} block={block} m={m} bits={bits} {tuning} seed={seed}"
+    assert_quantized_close(x_q, x_scale, q_ref, s_ref, what)
+    deq, deq_ref = x_q.float() * x_scale.reshape(-1, 1), q_ref.float() * s_ref
+    rel = float((deq - deq_ref).norm() / deq_ref.norm())
+    assert rel < 1e-2, f"{what}: dequantized rel err {rel}"
+    if m > 1:
+        assert x_scale[0].item() == 1.0 and not x_q[0].any()
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("m", MS)
+@pytest.mark.parametrize("n", HADAMARD_SIZES)
+def test_hadamard_quant_matches_reference(n, m, bits):
+    check_hadamard_quant(n, m, bits)
+
+
+# Other launch shapes (hadamard_quant's tuning knobs) must compute the same thing.
+TUNINGS = [
+    (14336, dict(threads=256, cols_per_thread=1, min_blocks=3, max_radix=3)),
+    (14336, dict(threads=512, cols_per_thread=1, min_blocks=2, max_radix=3)),
+    (14336, dict(max_radix=3)),
+    (4096, dict(max_radix=4, min_blocks=2)),
+    (11008, dict(min_blocks=2)),
+]
+
+
+@pytest.mark.parametrize("m", [3, 2053])
+@pytest.mark.parametrize("n,tuning", TUNINGS)
+def test_hadamard_quant_tunings_match_reference(n, tuning, m):
+    check_hadamard_quant(n, m, 4, **tuning)
+
+
+def test_dispatch_wrappers():
+    from kernels_tl.quantize import hadamard_quant_op, rmsnorm_quant_op
+    h = activations(2, 64 + 576, SEED)
+    x_out, x_q, x_scale = rmsnorm_quant_op(h.reshape(1, 2, -1), 64, 576, 1e-5, 4, CLIP)
+    assert x_out.shape == (1, 2, 64) and x_q.shape == (1, 2, 576) and x_scale.shape == (1, 2, 1)
+    out_ref, q_ref, s_ref = ref.rmsnorm_split_quant(h, 64, 576, 1e-5, 4, CLIP)
+    assert_quantized_close(x_q.reshape(2, -1), x_scale.reshape(-1), q_ref, s_ref, "rmsnorm_quant_op")
+    factors, block = hadamard_spec(576)
+    x = activations(5, 576, SEED + 1)
+    x_q, x_scale = hadamard_quant_op(x.reshape(5, 1, 576), factors, block, 8, CLIP)
+    assert x_q.shape == (5, 1, 576) and x_scale.shape == (5, 1, 1)
+    q_ref, s_ref = ref.quantize_act(apply_hadamard(x.float(), factors, block), 8, CLIP)
+    assert_quantized_close(x_q.reshape(5, -1), x_scale.reshape(-1), q_ref, s_ref, "hadamard_quant_op")
