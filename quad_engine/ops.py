@@ -131,3 +131,26 @@ class QuantWeights(torch.nn.Module):
         if prefix + "qweight" in tensors:
             return cls(get(prefix + "qweight"), get(prefix + "wscale"), get(prefix + "w_out"), get(prefix + "bias"))
         return cls(None, None, get(prefix + "w_out"), get(prefix + "bias"), weight=get(prefix + "weight"))
+
+
+# ---------------------------------------------------------------- paged int4 KV cache
+
+def kv_store(k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor, cache: tuple, clip: float) -> None:
+    """Quantize the new tokens' K and V [T, kv_heads, head_dim] into their cache slots."""
+    if use_kernels(k):
+        from kernels_tl.kv_attention import kv_store_op
+        kv_store_op(k, v, slot_mapping, *cache, clip=clip)
+    else:
+        ref.kv_store(k, v, slot_mapping, *cache, clip=clip)
+
+
+def paged_attention(q: torch.Tensor, cache: tuple, block_tables: torch.Tensor, context_lens: torch.Tensor,
+                    query_lens: torch.Tensor, is_prefill: bool) -> torch.Tensor:
+    """Causal attention of the packed new queries [T, heads, head_dim] over the paged cache (which
+    already holds the new tokens). Decode on CUDA runs the split-KV kernel; prefill (and
+    everything on CPU) the reference."""
+    if not is_prefill and use_kernels(q):
+        from kernels_tl.kv_attention import attention_decode_op, decode_splits
+        splits = decode_splits(q.shape[0], cache[0].shape[1], cache[0].shape[2] * block_tables.shape[1])
+        return attention_decode_op(q.half().contiguous(), *cache, block_tables, context_lens, splits)
+    return ref.paged_attention(q, *cache, block_tables.cpu(), context_lens.cpu(), query_lens.cpu())

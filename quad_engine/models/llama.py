@@ -18,6 +18,7 @@ from torch import nn
 from kernels_tl import reference as ref
 from quad_engine import ops
 from quad_engine.config import QuadConfig
+from quad_engine.context import get_context
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -40,6 +41,7 @@ class Attention(nn.Module):
         self.cfg = cfg
         self.qkv = ops.QuantWeights.from_checkpoint(tensors, prefix + "qkv.")
         self.o = ops.QuantWeights.from_checkpoint(tensors, prefix + "o.")
+        self.kv_cache: tuple | None = None  # (k_data, k_meta, v_data, v_meta), set by the engine
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         cfg, bits = self.cfg, self.cfg.act_bits
@@ -55,10 +57,17 @@ class Attention(nn.Module):
         # Q gets the same one so QKᵀ is unchanged. V's was fused into v_proj offline.
         q = ops.hadamard(apply_rope(q, cos, sin), cfg.hadamard_head)
         k = ops.hadamard(apply_rope(k, cos, sin), cfg.hadamard_head)
-        k = ref.fake_quant_kv(k, cfg.kv_bits, cfg.kv_clip)
-        v = ref.fake_quant_kv(v, cfg.kv_bits, cfg.kv_clip)
-        attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        attn = attn.transpose(1, 2).reshape(b, t, nq)
+        ctx = get_context()
+        if ctx is None:  # full recompute: the cache's int4 round trip is simulated
+            k = ref.fake_quant_kv(k, cfg.kv_bits, cfg.kv_clip)
+            v = ref.fake_quant_kv(v, cfg.kv_bits, cfg.kv_clip)
+            attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            attn = attn.transpose(1, 2).reshape(b, t, nq)
+        else:  # engine step: the batch is packed into t tokens (b == 1)
+            ops.kv_store(k[0].transpose(0, 1), v[0].transpose(0, 1), ctx.slot_mapping, self.kv_cache, cfg.kv_clip)
+            attn = ops.paged_attention(q[0].transpose(0, 1), self.kv_cache, ctx.block_tables, ctx.context_lens,
+                                       ctx.query_lens, ctx.is_prefill)
+            attn = attn.reshape(b, t, nq)
         a_q, a_s = ops.hadamard_quant(attn, cfg.hadamard_o, bits["o"], cfg.act_clip)
         return self.o(a_q, a_s)
 
@@ -101,10 +110,20 @@ class QuadForCausalLM(nn.Module):
         self.register_buffer("inv_freq", tensors["rope.inv_freq"].float())
         self.layers = nn.ModuleList(DecoderLayer(cfg, tensors, i) for i in range(cfg.num_layers))
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        positions = torch.arange(input_ids.shape[-1], device=input_ids.device).unsqueeze(0)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids [B, T] -> logits [B, T, V], recomputing every position (no cache)."""
+        return self.logits(self.hidden(input_ids, positions))
+
+    def hidden(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Final normalized hidden states. With an engine StepContext set, input_ids / positions are
+        one packed step [1, T] and attention goes through the paged KV cache."""
+        if positions is None:
+            positions = torch.arange(input_ids.shape[-1], device=input_ids.device).unsqueeze(0)
         cos, sin = rope_cos_sin(self.inv_freq, positions, self.cfg.rope_attention_scaling)
         h = self.embed[input_ids].float()
         for layer in self.layers:
             h = layer(h, cos, sin)
-        return ref.rmsnorm_widened(h, self.cfg.hidden_size, self.cfg.rms_norm_eps) @ self.lm_head.float().T
+        return ref.rmsnorm_widened(h, self.cfg.hidden_size, self.cfg.rms_norm_eps)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden @ self.lm_head.float().T

@@ -1,0 +1,176 @@
+"""`LLM(checkpoint).generate(prompts, SamplingParams(...))`: the engine loop.
+
+Each step the scheduler picks a batch (prefill of waiting sequences, or one decode token for every
+running one), the model runs it as one packed sequence of tokens with the step's cache metadata in
+a StepContext, and the sampler turns the last position of each sequence into its next token.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from quad_engine import kv_cache
+from quad_engine.block_manager import BlockManager
+from quad_engine.checkpoint import load_model
+from quad_engine.context import StepContext, set_context
+from quad_engine.sampling import Sampler, SamplingParams, find_stop
+from quad_engine.scheduler import Scheduler, Sequence
+
+
+@dataclass
+class RequestOutput:
+    prompt: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None
+
+
+@dataclass
+class GenerateStats:
+    prefill_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_tokens: int = 0
+    decode_s: float = 0.0
+    preemptions: int = 0
+    steps: list = field(default_factory=list)
+
+
+def pick_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class LLM:
+    """A packed QUAD checkpoint served from a paged int4 KV cache.
+
+    max_model_len: longest sequence (prompt + generation) accepted; defaults to the checkpoint's
+    max_position_embeddings. The cache gets `num_blocks` blocks if given, else `kv_cache_gb`, else
+    `gpu_memory_utilization` of the GPU after a warm-up step (on the CPU: room for max_num_seqs
+    full-length sequences).
+    """
+
+    def __init__(self, checkpoint: str | Path, device: str | None = None, max_model_len: int | None = None,
+                 max_num_seqs: int = 64, max_num_batched_tokens: int = 8192, num_blocks: int | None = None,
+                 kv_cache_gb: float | None = None, gpu_memory_utilization: float = 0.9,
+                 block_size: int = kv_cache.BLOCK_SIZE):
+        from transformers import AutoTokenizer
+
+        self.device = pick_device(device)
+        self.model = load_model(checkpoint, self.device)
+        self.cfg = self.model.cfg
+        self.tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
+        self.max_model_len = max_model_len or self.cfg.max_position_embeddings
+        self.block_size = block_size
+        if num_blocks is None:
+            if kv_cache_gb is not None:
+                budget = int(kv_cache_gb * 2 ** 30)
+            elif self.device.type == "cuda":
+                self._warm_up(max_num_batched_tokens)
+                budget = kv_cache.gpu_budget(self.device, gpu_memory_utilization)
+            else:
+                budget = kv_cache.bytes_per_block(self.cfg, block_size) * max_num_seqs * -(-self.max_model_len // block_size)
+            num_blocks = kv_cache.blocks_for_budget(self.cfg, budget, block_size)
+        if num_blocks * block_size < self.max_model_len:
+            raise ValueError(f"the KV cache holds {num_blocks * block_size} tokens, fewer than max_model_len "
+                             f"{self.max_model_len}: give it more memory or lower max_model_len")
+        self.num_blocks = num_blocks
+        for layer, cache in zip(self.model.layers, kv_cache.allocate(self.cfg, num_blocks, self.device, block_size)):
+            layer.attn.kv_cache = cache
+        self.block_manager = BlockManager(num_blocks, block_size)
+        eos = self.tokenizer.eos_token_id
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens, self.max_model_len,
+                                   eos if eos is not None else -1)
+        self.sampler = Sampler()
+        self._ids = itertools.count()
+
+    def _warm_up(self, tokens: int) -> None:
+        """One full-recompute forward at the largest step size, so the cache is sized after the peak
+        activation memory is known."""
+        torch.cuda.reset_peak_memory_stats(self.device)
+        ids = torch.zeros(1, min(tokens, self.cfg.max_position_embeddings), dtype=torch.long, device=self.device)
+        with torch.inference_mode():
+            self.model.hidden(ids)
+        torch.cuda.synchronize(self.device)
+
+    # ------------------------------------------------------------------ one step
+
+    @torch.inference_mode()
+    def _run(self, seqs: list[Sequence], is_prefill: bool) -> torch.Tensor:
+        ids, positions, slots, query_lens = [], [], [], []
+        for seq in seqs:
+            start = seq.num_cached_tokens if is_prefill else seq.num_tokens - 1
+            tokens = seq.token_ids[start:]
+            ids += tokens
+            positions += range(start, start + len(tokens))
+            slots += self.block_manager.slot_mapping(seq.seq_id, start, start + len(tokens))
+            query_lens.append(len(tokens))
+        tables = [self.block_manager.block_table(seq.seq_id) for seq in seqs]
+        width = max(len(t) for t in tables)
+        dev = self.device
+        ctx = StepContext(
+            is_prefill=is_prefill,
+            slot_mapping=torch.tensor(slots, dtype=torch.int32, device=dev),
+            block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=dev),
+            context_lens=torch.tensor([seq.num_tokens for seq in seqs], dtype=torch.int32, device=dev),
+            query_lens=torch.tensor(query_lens, dtype=torch.long))
+        set_context(ctx)
+        try:
+            hidden = self.model.hidden(torch.tensor([ids], device=dev), torch.tensor([positions], device=dev))[0]
+        finally:
+            set_context(None)
+        last = torch.cumsum(ctx.query_lens, 0) - 1
+        logits = self.model.logits(hidden[last.to(dev)])
+        return self.sampler.sample(logits, [seq.params for seq in seqs], [seq.generator for seq in seqs])
+
+    # ------------------------------------------------------------------ API
+
+    def generate(self, prompts: list[str] | list[list[int]], params: SamplingParams | list[SamplingParams] | None = None,
+                 on_token=None) -> tuple[list[RequestOutput], GenerateStats]:
+        """Generate for every prompt (text, or token ids); `on_token(index, text_delta)` streams."""
+        params = params or SamplingParams()
+        params = params if isinstance(params, list) else [params] * len(prompts)
+        seqs = []
+        for prompt, p in zip(prompts, params):
+            token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+            seq = Sequence(next(self._ids), token_ids, p)
+            seq.generator = torch.Generator(device=self.device).manual_seed(p.seed) if p.seed is not None else None
+            self.scheduler.add(seq)  # raises ValueError for empty or too-long prompts
+            seqs.append(seq)
+        stats, emitted = GenerateStats(), [""] * len(seqs)
+        index = {seq.seq_id: i for i, seq in enumerate(seqs)}
+        while self.scheduler.has_unfinished():
+            batch, is_prefill = self.scheduler.schedule()
+            t0 = time.perf_counter()
+            tokens = self._run(batch, is_prefill).tolist()
+            self.scheduler.postprocess(batch, tokens)
+            dt = time.perf_counter() - t0
+            if is_prefill:
+                stats.prefill_s += dt
+            else:
+                stats.decode_s += dt
+                stats.decode_tokens += len(batch)
+            for seq in batch:
+                i = index[seq.seq_id]
+                text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
+                stop_at = find_stop(text, seq.params.stop)
+                if stop_at is not None and not seq.is_finished:
+                    self.scheduler.finish(seq, "stop")
+                    text = text[:stop_at]
+                if on_token is not None and len(text) > len(emitted[i]) and text.startswith(emitted[i]):
+                    on_token(i, text[len(emitted[i]):])
+                emitted[i] = text
+        stats.prefill_tokens = sum(len(seq.prompt_token_ids) for seq in seqs)
+        outputs = []
+        for seq, prompt in zip(seqs, prompts):
+            text = emitted[index[seq.seq_id]]
+            outputs.append(RequestOutput(prompt if isinstance(prompt, str) else self.tokenizer.decode(prompt),
+                                         seq.prompt_token_ids, list(seq.output_token_ids), text, seq.finish_reason))
+        stats.preemptions = self.scheduler.num_preemptions
+        return outputs, stats

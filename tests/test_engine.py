@@ -1,0 +1,132 @@
+"""Engine on the reference backend (CPU): paged-cache generation equals full recompute, preemption
+is invisible in the output, blocks never leak, sampling behaves."""
+
+import random
+
+import pytest
+import torch
+
+from converter.pipeline import ConvertOptions, convert
+from quad_engine.block_manager import BlockManager
+from quad_engine.checkpoint import load_model
+from quad_engine.engine import LLM
+from quad_engine.sampling import Sampler, SamplingParams, find_stop
+from quad_engine.scheduler import Scheduler, Sequence
+from tiny import save_tiny
+
+PROMPTS = [[5, 17, 99, 3, 250, 41, 7], [120, 8], list(range(30, 59))]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("engine")
+    src = save_tiny(root / "src", "llama")
+    calib = torch.randint(0, 256, (8, 64), generator=torch.Generator().manual_seed(0))
+    opts = ConvertOptions(rank=8, mode="w4a4a8", kv_bits=4, nsamples=8, seqlen=64)
+    return convert(str(src), root / "quad", opts, calib_tokens=calib, progress=False)
+
+
+def reference_greedy(model, prompt, steps):
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(steps):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+
+def test_greedy_tokens_equal_a_full_recompute_loop(checkpoint):
+    llm = LLM(checkpoint, device="cpu", num_blocks=64, block_size=4, max_model_len=128)
+    outputs, stats = llm.generate(PROMPTS, GREEDY)
+    model = load_model(checkpoint)
+    for prompt, out in zip(PROMPTS, outputs):
+        assert out.token_ids == reference_greedy(model, prompt, 12)
+        assert out.finish_reason == "length"
+    assert stats.prefill_tokens == sum(map(len, PROMPTS)) and stats.decode_tokens == 3 * 11
+    assert llm.block_manager.num_free_blocks == 64  # every block came back
+
+
+def test_preemption_and_resume_do_not_change_greedy_output(checkpoint):
+    roomy = LLM(checkpoint, device="cpu", num_blocks=64, block_size=4, max_model_len=48)
+    tight = LLM(checkpoint, device="cpu", num_blocks=12, block_size=4, max_model_len=48)
+    want, _ = roomy.generate(PROMPTS, GREEDY)
+    got, stats = tight.generate(PROMPTS, GREEDY)
+    assert stats.preemptions >= 1
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert tight.block_manager.num_free_blocks == 12
+
+
+def test_prompts_that_cannot_run_are_rejected_at_submission(checkpoint):
+    llm = LLM(checkpoint, device="cpu", num_blocks=64, block_size=4, max_model_len=32)
+    with pytest.raises(ValueError, match="context of 32 tokens"):
+        llm.generate([list(range(40))], GREEDY)
+    with pytest.raises(ValueError, match="empty prompt"):
+        llm.generate([[]], GREEDY)
+
+
+def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(checkpoint):
+    llm = LLM(checkpoint, device="cpu", num_blocks=64, block_size=4, max_model_len=64)
+    p = SamplingParams(temperature=1.0, top_p=0.9, seed=7, max_tokens=8, ignore_eos=True)
+    alone, _ = llm.generate([PROMPTS[0]], p)
+    batched, _ = llm.generate(PROMPTS, [p, SamplingParams(temperature=1.0, seed=1, max_tokens=5), GREEDY])
+    assert alone[0].token_ids == batched[0].token_ids
+
+
+# ---------------------------------------------------------------- blocks and scheduler
+
+def test_block_manager_slots_follow_non_contiguous_tables_and_free_everything():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    bm.allocate(0, 3)
+    bm.allocate(1, 6)
+    bm.free(0)
+    bm.allocate(2, 9)  # reuses block 0 after blocks 3.. : a non-contiguous table
+    table = bm.block_table(2)
+    assert bm.slot_mapping(2, 3, 6) == [table[0] * 4 + 3, table[1] * 4, table[1] * 4 + 1]
+    with pytest.raises(RuntimeError, match="freed twice"):
+        bm.allocator.free(table[0]) or bm.allocator.free(table[0])
+
+
+def test_no_block_leaks_after_a_thousand_random_requests():
+    rng = random.Random(0)
+    bm = BlockManager(num_blocks=64, block_size=4)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=64, max_model_len=60, eos_token_id=0)
+    for i in range(1000):
+        n = rng.randint(1, 40)
+        sched.add(Sequence(i, [rng.randint(1, 9) for _ in range(n)], SamplingParams(max_tokens=rng.randint(1, 30))))
+    while sched.has_unfinished():
+        batch, _ = sched.schedule()
+        owned = [b for seq in sched.running for b in bm.block_table(seq.seq_id)]
+        assert len(owned) == len(set(owned))  # no block is shared by two live sequences
+        sched.postprocess(batch, [rng.choice([0] + [5] * 20) for _ in batch])
+    assert bm.num_free_blocks == 64 and not any(bm.allocator.refcount) and not bm.tables
+
+
+def test_sampler_greedy_top_k_and_top_p_reduce_to_argmax():
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    sampler = Sampler()
+    argmax = logits.argmax(-1)
+    for p in (SamplingParams(temperature=0), SamplingParams(temperature=2.0, top_k=1),
+              SamplingParams(temperature=1.0, top_p=1e-6)):
+        assert torch.equal(sampler.sample(logits, [p] * 4), argmax)
+
+
+def test_sampler_frequencies_follow_the_softmax():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).repeat(4000, 1)
+    gen = torch.Generator().manual_seed(0)
+    tokens = Sampler().sample(logits, [SamplingParams(temperature=1.0)] * 4000, [gen] * 4000)
+    freq = torch.bincount(tokens, minlength=4).float() / 4000
+    assert (freq - logits[0].softmax(-1)).abs().max() < 0.03
+
+
+@pytest.mark.parametrize("kwargs,field", [({"temperature": -1}, "temperature"), ({"top_k": 0}, "top_k"),
+                                          ({"top_p": 0}, "top_p"), ({"max_tokens": 0}, "max_tokens")])
+def test_invalid_sampling_values_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**kwargs)
+
+
+def test_find_stop():
+    assert find_stop("hello world. Bye", [".", "Bye"]) == 11
+    assert find_stop("hello", ["x"]) is None
