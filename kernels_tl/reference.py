@@ -273,6 +273,36 @@ def paged_attention(q: torch.Tensor, k_data: torch.Tensor, k_meta: torch.Tensor,
     q [sum(query_lens), heads, head_dim] holds each sequence's last query_lens[i] tokens (1 each for
     decode, the default); sequence i attends to its first context_lens[i] cached tokens, causally.
     Returns float32 [sum(query_lens), heads, head_dim]."""
+    return _paged_attend(q, lambda table, n: gather_kv(k_data, k_meta, table, n),
+                         lambda table, n: gather_kv(v_data, v_meta, table, n),
+                         block_tables, context_lens, query_lens, sm_scale)
+
+
+# The float16 paged cache of the unquantized baseline: [num_blocks, kv_heads, block_size, head_dim].
+
+def kv_store_fp16(k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor, k_cache: torch.Tensor,
+                  v_cache: torch.Tensor) -> None:
+    block_size = k_cache.shape[2]
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    k_cache[slots // block_size, :, slots % block_size] = k[keep].to(k_cache.dtype)
+    v_cache[slots // block_size, :, slots % block_size] = v[keep].to(v_cache.dtype)
+
+
+def gather_fp16(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    blocks = block_table[: -(-length // cache.shape[2])].long()
+    return cache[blocks].transpose(1, 2).flatten(0, 1)[:length].float()
+
+
+def paged_attention_fp16(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                         context_lens: torch.Tensor, query_lens: torch.Tensor | None = None,
+                         sm_scale: float | None = None) -> torch.Tensor:
+    return _paged_attend(q, lambda table, n: gather_fp16(k_cache, table, n),
+                         lambda table, n: gather_fp16(v_cache, table, n),
+                         block_tables, context_lens, query_lens, sm_scale)
+
+
+def _paged_attend(q, gather_k, gather_v, block_tables, context_lens, query_lens, sm_scale) -> torch.Tensor:
     batch = context_lens.shape[0]
     query_lens = torch.ones(batch, dtype=torch.long) if query_lens is None else query_lens
     heads, dim = q.shape[1], q.shape[2]
@@ -280,8 +310,7 @@ def paged_attention(q: torch.Tensor, k_data: torch.Tensor, k_meta: torch.Tensor,
     out, start = [], 0
     for i in range(batch):
         n, ctx = int(query_lens[i]), int(context_lens[i])
-        k = gather_kv(k_data, k_meta, block_tables[i], ctx)
-        v = gather_kv(v_data, v_meta, block_tables[i], ctx)
+        k, v = gather_k(block_tables[i], ctx), gather_v(block_tables[i], ctx)
         group = heads // k.shape[1]
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)   # [ctx, heads, D]
         qi = q[start:start + n].float()

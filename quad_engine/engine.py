@@ -48,24 +48,28 @@ def pick_device(device: str | None) -> torch.device:
 
 
 class LLM:
-    """A packed QUAD checkpoint served from a paged int4 KV cache.
+    """A packed QUAD checkpoint served from a paged int4 KV cache; with fp16=True, a Hugging Face
+    model (directory, .gguf file or hub id) unquantized, from a paged float16 cache: the baseline.
 
     max_model_len: longest sequence (prompt + generation) accepted; defaults to the checkpoint's
     max_position_embeddings. The cache gets `num_blocks` blocks if given, else `kv_cache_gb`, else
-    `gpu_memory_utilization` of the GPU after a warm-up step (on the CPU: room for max_num_seqs
-    full-length sequences).
+    `gpu_memory_utilization` of the GPU after a warm-up step (on the CPU: 1 GiB).
     """
 
     def __init__(self, checkpoint: str | Path, device: str | None = None, max_model_len: int | None = None,
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 8192, num_blocks: int | None = None,
                  kv_cache_gb: float | None = None, gpu_memory_utilization: float = 0.9,
-                 block_size: int = kv_cache.BLOCK_SIZE):
+                 block_size: int = kv_cache.BLOCK_SIZE, fp16: bool = False):
         from transformers import AutoTokenizer
 
         self.device = pick_device(device)
-        self.model = load_model(checkpoint, self.device)
+        if fp16:
+            from quad_engine.models.fp16 import load_fp16_model
+            self.model, self.tokenizer = load_fp16_model(checkpoint, self.device)
+        else:
+            self.model = load_model(checkpoint, self.device)
+            self.tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
         self.cfg = self.model.cfg
-        self.tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
         self.max_model_len = max_model_len or self.cfg.max_position_embeddings
         self.block_size = block_size
         if num_blocks is None:
@@ -75,7 +79,7 @@ class LLM:
                 self._warm_up(max_num_batched_tokens)
                 budget = kv_cache.gpu_budget(self.device, gpu_memory_utilization)
             else:
-                budget = kv_cache.bytes_per_block(self.cfg, block_size) * max_num_seqs * -(-self.max_model_len // block_size)
+                budget = 2 ** 30
             num_blocks = kv_cache.blocks_for_budget(self.cfg, budget, block_size)
         if num_blocks * block_size < self.max_model_len:
             raise ValueError(f"the KV cache holds {num_blocks * block_size} tokens, fewer than max_model_len "

@@ -14,8 +14,13 @@ BLOCK_SIZE = 64  # tokens per block: the decode attention kernel's tile
 
 
 def bytes_per_block(cfg: QuadConfig, block_size: int = BLOCK_SIZE) -> int:
-    """Packed nibbles plus float16 (scale, zero) per token and head, K and V, all layers."""
-    return cfg.num_layers * 2 * cfg.num_kv_heads * block_size * (cfg.head_dim // 2 + 2 * 2)
+    """Packed nibbles plus float16 (scale, zero) per token and head, K and V, all layers; float16
+    values for the unquantized baseline (kv_bits 16)."""
+    if isinstance(cfg, QuadConfig):
+        per_token_head = cfg.head_dim // 2 + 2 * 2
+    else:
+        per_token_head = cfg.head_dim * cfg.dtype.itemsize
+    return cfg.num_layers * 2 * cfg.num_kv_heads * block_size * per_token_head
 
 
 def blocks_for_budget(cfg: QuadConfig, budget_bytes: int, block_size: int = BLOCK_SIZE) -> int:
@@ -31,10 +36,15 @@ def gpu_budget(device: torch.device, utilization: float) -> int:
 
 
 def allocate(cfg: QuadConfig, num_blocks: int, device, block_size: int = BLOCK_SIZE) -> list[tuple]:
-    """Per layer (k_data, k_meta, v_data, v_meta), views into two pool tensors."""
-    if cfg.kv_bits != 4:
-        raise NotImplementedError(f"the engine's paged cache is int4; this checkpoint has kv_bits={cfg.kv_bits}")
+    """Per layer (k_data, k_meta, v_data, v_meta), views into two pool tensors; (k, v) float16 for
+    the unquantized baseline."""
     shape = (cfg.num_layers, 2, num_blocks, cfg.num_kv_heads, block_size)
+    if not isinstance(cfg, QuadConfig):  # the unquantized baseline (models/fp16.py)
+        pool = torch.zeros(*shape, cfg.head_dim, dtype=cfg.dtype, device=device)
+        return [(pool[i, 0], pool[i, 1]) for i in range(cfg.num_layers)]
+    if cfg.kv_bits != 4:
+        raise NotImplementedError(f"the engine's paged cache for QUAD checkpoints is int4; this one has "
+                                  f"kv_bits={cfg.kv_bits}")
     data = torch.zeros(*shape, cfg.head_dim // 2, dtype=torch.uint8, device=device)
     meta = torch.zeros(*shape, 2, dtype=torch.float16, device=device)
     return [(data[i, 0], meta[i, 0], data[i, 1], meta[i, 1]) for i in range(cfg.num_layers)]

@@ -154,3 +154,13 @@ def paged_attention(q: torch.Tensor, cache: tuple, block_tables: torch.Tensor, c
         splits = decode_splits(q.shape[0], cache[0].shape[1], cache[0].shape[2] * block_tables.shape[1])
         return attention_decode_op(q.half().contiguous(), *cache, block_tables, context_lens, splits)
     return ref.paged_attention(q, *cache, block_tables.cpu(), context_lens.cpu(), query_lens.cpu())
+
+
+def kv_store_fp16(k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor, cache: tuple) -> None:
+    """The unquantized baseline's float16 paged cache (k_cache, v_cache)."""
+    ref.kv_store_fp16(k, v, slot_mapping, *cache)
+
+
+def paged_attention_fp16(q: torch.Tensor, cache: tuple, block_tables: torch.Tensor, context_lens: torch.Tensor,
+                         query_lens: torch.Tensor) -> torch.Tensor:
+    return ref.paged_attention_fp16(q, *cache, block_tables.cpu(), context_lens.cpu(), query_lens.cpu())

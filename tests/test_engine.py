@@ -130,3 +130,17 @@ def test_invalid_sampling_values_name_the_field(kwargs, field):
 def test_find_stop():
     assert find_stop("hello world. Bye", [".", "Bye"]) == 11
     assert find_stop("hello", ["x"]) is None
+
+
+def test_fp16_baseline_engine_matches_transformers_greedy(tmp_path):
+    """The unquantized path (HF weights, paged float cache) under the same scheduler equals
+    transformers' own greedy generation."""
+    from tiny import tiny_model
+    src = save_tiny(tmp_path / "src", "qwen2", intermediate=96)
+    hf = tiny_model("qwen2", intermediate=96)
+    llm = LLM(src, device="cpu", num_blocks=64, block_size=4, max_model_len=128, fp16=True)
+    outputs, _ = llm.generate(PROMPTS, GREEDY)
+    for prompt, out in zip(PROMPTS, outputs):
+        want = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None,
+                           pad_token_id=0)[0, len(prompt):]
+        assert out.token_ids == want.tolist()

@@ -13,7 +13,10 @@ from quad_engine.config import ConfigError
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="quad-generate", description="Generate text with a packed QUAD checkpoint "
                                 "(TileLang kernels on a GPU, the PyTorch reference on the CPU).")
-    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint directory written by quad-convert")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint directory written by quad-convert "
+                   "(with --fp16: a Hugging Face model directory, .gguf file or hub id)")
+    p.add_argument("--fp16", action="store_true", help="run an unquantized Hugging Face model through the same "
+                   "engine (float16 weights and paged float16 KV cache): the baseline")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts-file", help="prompts, one per line (.txt) or one JSON object with a \"prompt\" "
                    "field per line (.jsonl)")
@@ -65,7 +68,7 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"quad-generate: error: {e}", file=sys.stderr)
         return 2
-    if not Path(args.checkpoint).is_dir():
+    if not Path(args.checkpoint).exists() and not (args.fp16 and "/" in args.checkpoint):
         print(f"quad-generate: error: checkpoint {args.checkpoint} not found", file=sys.stderr)
         return 2
     from quad_engine.checkpoint import CheckpointError
@@ -74,7 +77,7 @@ def main(argv=None) -> int:
     try:
         llm = LLM(args.checkpoint, device=args.device, max_model_len=args.max_model_len,
                   max_num_seqs=args.max_num_seqs, kv_cache_gb=args.kv_cache_gb,
-                  gpu_memory_utilization=args.gpu_memory_utilization)
+                  gpu_memory_utilization=args.gpu_memory_utilization, fp16=args.fp16)
         if args.chat:
             prompts = [llm.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                                          add_generation_prompt=True) for p in prompts]
@@ -95,7 +98,7 @@ def main(argv=None) -> int:
             generated = sum(len(o.token_ids) for o in outputs)
             print(f"prompt tokens {stats.prefill_tokens} ({prefill_rate:.1f} tok/s prefill), generated tokens "
                   f"{generated} ({decode_rate:.1f} tok/s decode), device {llm.device}", file=sys.stderr)
-    except (ConfigError, CheckpointError, ValueError, NotImplementedError) as e:
+    except (ConfigError, CheckpointError, ValueError, NotImplementedError, OSError) as e:
         print(f"quad-generate: error: {e}", file=sys.stderr)
         return 1
     return 0
