@@ -56,14 +56,19 @@ class LLM:
     `gpu_memory_utilization` of the GPU after a warm-up step (on the CPU: 1 GiB).
     """
 
-    def __init__(self, checkpoint: str | Path, device: str | None = None, max_model_len: int | None = None,
-                 max_num_seqs: int = 64, max_num_batched_tokens: int = 8192, num_blocks: int | None = None,
-                 kv_cache_gb: float | None = None, gpu_memory_utilization: float = 0.9,
-                 block_size: int = kv_cache.BLOCK_SIZE, fp16: bool = False):
+    def __init__(self, checkpoint: str | Path | None = None, device: str | None = None,
+                 max_model_len: int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 8192,
+                 num_blocks: int | None = None, kv_cache_gb: float | None = None,
+                 gpu_memory_utilization: float = 0.9, block_size: int = kv_cache.BLOCK_SIZE, fp16: bool = False,
+                 model=None, tokenizer=None):
+        """`model` (with `tokenizer`, or None for token-id prompts only) instead of a checkpoint:
+        e.g. quad_engine.synthetic models for the bench."""
         from transformers import AutoTokenizer
 
         self.device = pick_device(device)
-        if fp16:
+        if model is not None:
+            self.model, self.tokenizer = model.to(self.device), tokenizer
+        elif fp16:
             from quad_engine.models.fp16 import load_fp16_model
             self.model, self.tokenizer = load_fp16_model(checkpoint, self.device)
         else:
@@ -88,11 +93,12 @@ class LLM:
         for layer, cache in zip(self.model.layers, kv_cache.allocate(self.cfg, num_blocks, self.device, block_size)):
             layer.attn.kv_cache = cache
         self.block_manager = BlockManager(num_blocks, block_size)
-        eos = self.tokenizer.eos_token_id
+        eos = self.tokenizer.eos_token_id if self.tokenizer is not None else None
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens, self.max_model_len,
                                    eos if eos is not None else -1)
         self.sampler = Sampler()
         self._ids = itertools.count()
+        self.logits_hook = None  # called as hook(seqs, logits) every step (tests, debugging)
 
     def _warm_up(self, tokens: int) -> None:
         """One full-recompute forward at the largest step size, so the cache is sized after the peak
@@ -131,7 +137,12 @@ class LLM:
             set_context(None)
         last = torch.cumsum(ctx.query_lens, 0) - 1
         logits = self.model.logits(hidden[last.to(dev)])
+        if self.logits_hook is not None:
+            self.logits_hook(seqs, logits)
         return self.sampler.sample(logits, [seq.params for seq in seqs], [seq.generator for seq in seqs])
+
+    def _decode(self, token_ids: list[int]) -> str:
+        return "" if self.tokenizer is None else self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
     # ------------------------------------------------------------------ API
 
@@ -142,6 +153,8 @@ class LLM:
         params = params if isinstance(params, list) else [params] * len(prompts)
         seqs = []
         for prompt, p in zip(prompts, params):
+            if isinstance(prompt, str) and self.tokenizer is None:
+                raise ValueError("this model has no tokenizer: give prompts as token ids")
             token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
             seq = Sequence(next(self._ids), token_ids, p)
             seq.generator = torch.Generator(device=self.device).manual_seed(p.seed) if p.seed is not None else None
@@ -162,7 +175,7 @@ class LLM:
                 stats.decode_tokens += len(batch)
             for seq in batch:
                 i = index[seq.seq_id]
-                text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
+                text = self._decode(seq.output_token_ids)
                 stop_at = find_stop(text, seq.params.stop)
                 if stop_at is not None and not seq.is_finished:
                     self.scheduler.finish(seq, "stop")
@@ -174,7 +187,7 @@ class LLM:
         outputs = []
         for seq, prompt in zip(seqs, prompts):
             text = emitted[index[seq.seq_id]]
-            outputs.append(RequestOutput(prompt if isinstance(prompt, str) else self.tokenizer.decode(prompt),
+            outputs.append(RequestOutput(prompt if isinstance(prompt, str) else self._decode(prompt),
                                          seq.prompt_token_ids, list(seq.output_token_ids), text, seq.finish_reason))
         stats.preemptions = self.scheduler.num_preemptions
         return outputs, stats

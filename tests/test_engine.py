@@ -144,3 +144,19 @@ def test_fp16_baseline_engine_matches_transformers_greedy(tmp_path):
         want = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None,
                            pad_token_id=0)[0, len(prompt):]
         assert out.token_ids == want.tolist()
+
+
+def test_synthetic_models_follow_the_checkpoint_schema_and_run_in_the_engine():
+    from quad_engine.checkpoint import validate_tensors
+    from quad_engine.synthetic import ARCHITECTURES, synthetic_config, synthetic_model, synthetic_tensors
+    for name in ARCHITECTURES:
+        cfg = synthetic_config(name, num_layers=1)
+        assert cfg.hadamard_down.size == cfg.intermediate_size
+    cfg = synthetic_config("smollm2-135m", num_layers=2, vocab_size=512)
+    validate_tensors(cfg, synthetic_tensors(cfg))  # names, shapes and dtypes of a converted checkpoint
+    model = synthetic_model("smollm2-135m", num_layers=2, vocab_size=512)
+    llm = LLM(model=model, device="cpu", num_blocks=16, block_size=16, max_model_len=128)
+    outputs, _ = llm.generate([[1, 2, 3], [4] * 20], GREEDY)
+    with torch.no_grad():
+        want = reference_greedy(model, [1, 2, 3], 12)
+    assert outputs[0].token_ids == want and outputs[0].text == ""
