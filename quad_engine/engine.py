@@ -99,6 +99,7 @@ class LLM:
         self.sampler = Sampler()
         self._ids = itertools.count()
         self.logits_hook = None  # called as hook(seqs, logits) every step (tests, debugging)
+        self.step_hook = None    # called with each step's wall time in seconds (the bench)
 
     def _warm_up(self, tokens: int) -> None:
         """One full-recompute forward at the largest step size, so the cache is sized after the peak
@@ -167,7 +168,9 @@ class LLM:
             t0 = time.perf_counter()
             tokens = self._run(batch, is_prefill).tolist()
             self.scheduler.postprocess(batch, tokens)
-            dt = time.perf_counter() - t0
+            dt = time.perf_counter() - t0  # the step ends with the tokens on the host: synchronized
+            if self.step_hook is not None:
+                self.step_hook(dt)
             if is_prefill:
                 stats.prefill_s += dt
             else:

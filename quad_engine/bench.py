@@ -1,0 +1,271 @@
+"""End-to-end latency of the engine's QUAD paths against its fp16 path and Hugging Face transformers.
+
+Every system runs in the same process on the same device, one after the other (each freed before
+the next is built): prefill latency (batch x prompt length), decode latency per step (batch x
+context), and a throughput run. Times are medians of repeated, synchronized runs after a warm-up.
+"""
+
+from __future__ import annotations
+
+import gc
+import random
+import statistics
+import subprocess
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from quad_engine.engine import LLM
+from quad_engine.sampling import SamplingParams
+from quad_engine.synthetic import ARCHITECTURES, synthetic_model
+
+SYSTEMS = ("quad-w4a4", "quad-w4a4a8", "fp16", "hf")
+
+
+@dataclass
+class BenchPlan:
+    arch: str = "llama-3-8b"
+    layers: int | None = None
+    overrides: dict = field(default_factory=dict)        # shape overrides (tests use tiny vocabularies)
+    systems: tuple = SYSTEMS
+    prefill: list = field(default_factory=lambda: [(1, 512), (1, 2048), (4, 2048), (16, 2048), (1, 8192)])
+    decode: list = field(default_factory=lambda: [(1, 1024), (8, 1024), (32, 1024), (128, 1024), (1, 4096),
+                                                  (32, 4096)])
+    decode_steps: int = 32
+    throughput_requests: int = 64
+    repeats: int = 3
+    device: str = "cuda"
+    seed: int = 0
+    checkpoint: str | None = None  # a packed checkpoint: system "quad" runs it instead of random weights
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _hf_model(plan: BenchPlan, dtype):
+    """A random transformers model of the architecture's shapes (the 'hf' and 'fp16' systems)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    s = dict(ARCHITECTURES[plan.arch], **plan.overrides)
+    kw = dict(hidden_size=s["hidden_size"], num_hidden_layers=plan.layers or s["num_layers"],
+              num_attention_heads=s["num_heads"], num_key_value_heads=s["num_kv_heads"], head_dim=s["head_dim"],
+              intermediate_size=s["intermediate_size"], vocab_size=s["vocab_size"], rms_norm_eps=s["rms_norm_eps"],
+              max_position_embeddings=s["max_position_embeddings"], rope_theta=s["rope_theta"])
+    config = Qwen2Config(**kw) if s["architecture"] == "qwen2" else LlamaConfig(**kw)
+    with torch.device(plan.device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def _engine(plan: BenchPlan, system: str, max_len: int, max_seqs: int) -> LLM:
+    common = dict(device=plan.device, max_model_len=max_len, max_num_seqs=max_seqs,
+                  max_num_batched_tokens=max(8192, max(b * t for b, t in plan.prefill)))
+    if system == "fp16":
+        from quad_engine.models.fp16 import FP16ForCausalLM
+        dtype = torch.float16 if torch.device(plan.device).type == "cuda" else torch.float32
+        return LLM(model=FP16ForCausalLM(_hf_model(plan, dtype)), **common)
+    if system == "quad":
+        return LLM(plan.checkpoint, **common)
+    mode = system.removeprefix("quad-")
+    model = synthetic_model(plan.arch, device=plan.device, seed=plan.seed, num_layers=plan.layers, mode=mode,
+                            **plan.overrides)
+    return LLM(model=model, **common)
+
+
+def _prompts(rng: random.Random, batch: int, length: int, vocab: int) -> list[list[int]]:
+    return [[rng.randrange(vocab) for _ in range(length)] for _ in range(batch)]
+
+
+def _engine_runs(llm: LLM, plan: BenchPlan, vocab: int) -> dict:
+    rng = random.Random(plan.seed)
+    greedy = dict(temperature=0, ignore_eos=True)
+    out = {"prefill": [], "decode": []}
+    llm.generate([[1] * 8, [2] * 16], SamplingParams(max_tokens=4, **greedy))  # warm-up: first-call setup
+    for batch, length in plan.prefill:
+        prompts = _prompts(rng, batch, length, vocab)
+        times = []
+        for _ in range(plan.repeats + 1):  # the first run is the warm-up
+            _sync(plan.device)
+            t0 = time.perf_counter()
+            llm.generate(prompts, SamplingParams(max_tokens=1, **greedy))
+            _sync(plan.device)
+            times.append(time.perf_counter() - t0)
+        out["prefill"].append({"batch": batch, "tokens": length, "ms": 1e3 * statistics.median(times[1:])})
+    for batch, context in plan.decode:
+        prompts = _prompts(rng, batch, context, vocab)
+        steps = []
+        for _ in range(plan.repeats):
+            times = []
+            llm.step_hook = times.append
+            llm.generate(prompts, SamplingParams(max_tokens=plan.decode_steps + 1, **greedy))
+            llm.step_hook = None
+            steps += times[1:]  # decode steps only (the first step is the prefill)
+        out["decode"].append({"batch": batch, "context": context, "ms_per_step": 1e3 * statistics.median(steps)})
+    n = plan.throughput_requests
+    prompts = [[rng.randrange(vocab) for _ in range(rng.randint(16, 512))] for _ in range(n)]
+    params = [SamplingParams(max_tokens=rng.randint(16, 256), **greedy) for _ in range(n)]
+    _sync(plan.device)
+    t0 = time.perf_counter()
+    outputs, stats = llm.generate(prompts, params)
+    _sync(plan.device)
+    seconds = time.perf_counter() - t0
+    generated = sum(len(o.token_ids) for o in outputs)
+    out["throughput"] = {"requests": n, "generated_tokens": generated, "s": seconds,
+                         "tok_per_s": generated / seconds, "preemptions": stats.preemptions}
+    return out
+
+
+class _StepTimer:
+    """A generate() streamer that stamps the time each token reaches the host. generate checks its
+    stopping criteria on the host every step, so consecutive stamps are one synchronized step."""
+
+    def __init__(self):
+        self.stamps: list[float] = []
+
+    def put(self, value) -> None:
+        self.stamps.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+    def decode_steps(self) -> list[float]:
+        # stamps[0]: the prompt; stamps[1]: the first token (prefill); then one per decode step.
+        return [b - a for a, b in zip(self.stamps[1:], self.stamps[2:])]
+
+
+def _hf_runs(plan: BenchPlan, vocab: int) -> dict:
+    """transformers with SDPA and a static cache, as a user would run it."""
+    dtype = torch.bfloat16 if torch.device(plan.device).type == "cuda" else torch.float32
+    model = _hf_model(plan, dtype)
+    rng = random.Random(plan.seed)
+    out = {"prefill": [], "decode": []}
+    with torch.inference_mode():
+        for batch, length in plan.prefill:
+            ids = torch.tensor(_prompts(rng, batch, length, vocab), device=plan.device)
+            times = []
+            for _ in range(plan.repeats + 1):
+                _sync(plan.device)
+                t0 = time.perf_counter()
+                model(ids, use_cache=False)
+                _sync(plan.device)
+                times.append(time.perf_counter() - t0)
+            out["prefill"].append({"batch": batch, "tokens": length, "ms": 1e3 * statistics.median(times[1:])})
+        for batch, context in plan.decode:
+            ids = torch.tensor(_prompts(rng, batch, context, vocab), device=plan.device)
+            steps = []
+            for _ in range(plan.repeats):
+                timer = _StepTimer()
+                model.generate(ids, max_new_tokens=plan.decode_steps + 1, min_new_tokens=plan.decode_steps + 1,
+                               do_sample=False, cache_implementation="static", pad_token_id=0, streamer=timer)
+                steps += timer.decode_steps()
+            out["decode"].append({"batch": batch, "context": context, "ms_per_step": 1e3 * statistics.median(steps)})
+    del model
+    return out
+
+
+def environment() -> dict:
+    import platform
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    env = {"torch": torch.__version__, "python": platform.python_version(), "git_commit": commit or None,
+           "date": time.strftime("%Y-%m-%d"), "device": "cpu"}
+    if torch.cuda.is_available():
+        env["device"] = torch.cuda.get_device_name()
+        copy = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")
+        copy.clone()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(10):
+            copy.clone()
+        torch.cuda.synchronize()
+        env["copy_gbps"] = 2 * copy.numel() * 10 / (time.perf_counter() - t0) / 1e9
+    return env
+
+
+def run(plan: BenchPlan, progress=print) -> dict:
+    if plan.checkpoint:
+        from quad_engine.config import QuadConfig
+        vocab = QuadConfig.load(plan.checkpoint).vocab_size
+    else:
+        vocab = dict(ARCHITECTURES[plan.arch], **plan.overrides)["vocab_size"]
+    max_len = max([t for _, t in plan.prefill] + [c + plan.decode_steps + 2 for _, c in plan.decode] + [800])
+    max_seqs = max([b for b, _ in plan.prefill] + [b for b, _ in plan.decode] + [plan.throughput_requests])
+    result = {"plan": {k: v for k, v in plan.__dict__.items()}, "environment": environment(), "systems": {}}
+    for system in plan.systems:
+        progress(f"{system}: building")
+        if torch.device(plan.device).type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        if system == "hf":
+            runs = _hf_runs(plan, vocab)
+        else:
+            llm = _engine(plan, system, max_len, max_seqs)
+            progress(f"{system}: measuring")
+            runs = _engine_runs(llm, plan, vocab)
+            del llm
+        if torch.device(plan.device).type == "cuda":
+            runs["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
+        result["systems"][system] = runs
+        gc.collect()
+        if torch.device(plan.device).type == "cuda":
+            torch.cuda.empty_cache()
+    _add_ratios(result)
+    return result
+
+
+def _add_ratios(result: dict) -> None:
+    systems = result["systems"]
+    for name, runs in systems.items():
+        for base in ("fp16", "hf"):
+            if base == name or base not in systems:
+                continue
+            for kind, key in (("prefill", "ms"), ("decode", "ms_per_step")):
+                for row, base_row in zip(runs[kind], systems[base][kind]):
+                    row[f"speedup_vs_{base}"] = base_row[key] / row[key] if row[key] > 0 else None
+
+
+def markdown(result: dict) -> str:
+    systems = result["systems"]
+    names = list(systems)
+    env = result["environment"]
+    lines = [f"# quad-bench: {result['plan']['arch']} on {env['device']} ({env['date']}, commit "
+             f"{(env.get('git_commit') or '?')[:10]})", "", "## Prefill latency (ms)", "",
+             "| batch x tokens | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for i, (batch, tokens) in enumerate(result["plan"]["prefill"]):
+        lines.append(f"| {batch} x {tokens} | " + " | ".join(f"{systems[n]['prefill'][i]['ms']:.2f}" for n in names) + " |")
+    lines += ["", "## Decode latency (ms / step)", "", "| batch x context | " + " | ".join(names) + " |",
+              "|---" * (len(names) + 1) + "|"]
+    for i, (batch, context) in enumerate(result["plan"]["decode"]):
+        lines.append(f"| {batch} x {context} | " +
+                     " | ".join(f"{systems[n]['decode'][i]['ms_per_step']:.3f}" for n in names) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path) -> bool:
+    """Decode ms/step vs batch (one line per system and context) and prefill ms vs batch x tokens."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name, runs in result["systems"].items():
+        for context in sorted({r["context"] for r in runs["decode"]}):
+            rows = [r for r in runs["decode"] if r["context"] == context]
+            ax1.plot([r["batch"] for r in rows], [r["ms_per_step"] for r in rows], marker="o", label=f"{name} ctx {context}")
+        ax2.plot([f"{r['batch']}x{r['tokens']}" for r in runs["prefill"]], [r["ms"] for r in runs["prefill"]],
+                 marker="o", label=name)
+    ax1.set(xscale="log", yscale="log", xlabel="batch", ylabel="ms / decode step", title="decode")
+    ax2.set(yscale="log", xlabel="batch x prompt tokens", ylabel="ms", title="prefill")
+    ax1.legend(fontsize=7)
+    ax2.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True

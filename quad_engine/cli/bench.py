@@ -1,0 +1,81 @@
+"""`quad-bench`: prefill / decode latency and throughput of QUAD against the fp16 path and transformers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from quad_engine.synthetic import ARCHITECTURES
+
+
+def shapes(text: str) -> list[tuple[int, int]]:
+    try:
+        return [tuple(int(x) for x in item.lower().split("x")) for item in text.split(",") if item]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a list like 1x512,4x2048, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="quad-bench", description="Latency of QUAD W4A4 / W4A4A8 against the engine's "
+                                "fp16 path and Hugging Face transformers, same device, same run.")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--arch", choices=sorted(ARCHITECTURES), default="llama-3-8b",
+                     help="random weights of this architecture, packed like the converter (default llama-3-8b)")
+    src.add_argument("--checkpoint", help="a packed checkpoint (system 'quad'; fp16 / hf need --arch)")
+    p.add_argument("--layers", type=int, default=None, help="decoder layers (default: the architecture's)")
+    p.add_argument("--vocab", type=int, default=None, help="override the vocabulary size (tests)")
+    p.add_argument("--systems", default="quad-w4a4,quad-w4a4a8,fp16,hf",
+                   help="comma-separated: quad-w4a4, quad-w4a4a8, fp16, hf (default all); quad with --checkpoint")
+    p.add_argument("--prefill", type=shapes, default=None, help="batch x prompt tokens list (default "
+                   "1x512,1x2048,4x2048,16x2048,1x8192)")
+    p.add_argument("--decode", type=shapes, default=None, help="batch x context list (default "
+                   "1x1024,8x1024,32x1024,128x1024,1x4096,32x4096)")
+    p.add_argument("--decode-steps", type=int, default=32)
+    p.add_argument("--throughput", type=int, default=64, help="requests in the throughput run (default 64)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--out-dir", default="bench/results", help="where JSON, markdown and PNG go (default bench/results)")
+    p.add_argument("--name", default=None, help="file stem (default quad-bench_<arch>_<device>_<date>)")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    import torch
+
+    from quad_engine import bench
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    systems = tuple(s.strip() for s in args.systems.split(",") if s.strip())
+    allowed = ("quad",) if args.checkpoint else bench.SYSTEMS
+    unknown = [s for s in systems if s not in allowed]
+    if unknown:
+        print(f"quad-bench: error: unknown system(s) {unknown}; expected {list(allowed)}", file=sys.stderr)
+        return 2
+    plan = bench.BenchPlan(arch=args.arch, layers=args.layers, systems=systems, device=device,
+                           decode_steps=args.decode_steps, throughput_requests=args.throughput, repeats=args.repeats,
+                           checkpoint=args.checkpoint,
+                           overrides={"vocab_size": args.vocab} if args.vocab else {})
+    if args.prefill:
+        plan.prefill = args.prefill
+    if args.decode:
+        plan.decode = args.decode
+    started = time.time()
+    result = bench.run(plan, progress=lambda msg: print(f"[{time.time() - started:7.1f} s] {msg}", file=sys.stderr))
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = args.name or f"quad-bench_{args.arch}_{device}_{time.strftime('%Y-%m-%d')}"
+    (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1, default=str))
+    table = bench.markdown(result)
+    (out_dir / f"{stem}.md").write_text(table)
+    if not bench.plot(result, out_dir / f"{stem}.png"):
+        print("quad-bench: matplotlib is not installed: no plot written", file=sys.stderr)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

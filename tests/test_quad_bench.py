@@ -1,0 +1,21 @@
+"""quad-bench end to end on the CPU with tiny random models: valid JSON, table and plot (no timing asserted)."""
+
+import json
+
+from quad_engine.cli.bench import main
+
+
+def test_quad_bench_runs_every_system_and_writes_json_and_a_plot(tmp_path, capsys):
+    code = main(["--arch", "smollm2-135m", "--layers", "1", "--vocab", "512", "--device", "cpu",
+                 "--prefill", "1x16,2x8", "--decode", "1x16,2x16", "--decode-steps", "2", "--throughput", "3",
+                 "--repeats", "1", "--out-dir", str(tmp_path), "--name", "run"])
+    assert code == 0
+    result = json.loads((tmp_path / "run.json").read_text())
+    assert set(result["systems"]) == {"quad-w4a4", "quad-w4a4a8", "fp16", "hf"}
+    for name, runs in result["systems"].items():
+        assert [(r["batch"], r["tokens"]) for r in runs["prefill"]] == [(1, 16), (2, 8)]
+        assert all(r["ms"] > 0 for r in runs["prefill"]) and all(r["ms_per_step"] > 0 for r in runs["decode"])
+        if name.startswith("quad"):
+            assert runs["throughput"]["requests"] == 3 and "speedup_vs_fp16" in runs["decode"][0]
+    assert (tmp_path / "run.png").stat().st_size > 0
+    assert "| 1 x 16 |" in (tmp_path / "run.md").read_text()
