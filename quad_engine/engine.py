@@ -60,7 +60,7 @@ class LLM:
                  max_model_len: int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 8192,
                  num_blocks: int | None = None, kv_cache_gb: float | None = None,
                  gpu_memory_utilization: float = 0.9, block_size: int = kv_cache.BLOCK_SIZE, fp16: bool = False,
-                 model=None, tokenizer=None):
+                 model=None, tokenizer=None, cuda_graph: bool = True):
         """`model` (with `tokenizer`, or None for token-id prompts only) instead of a checkpoint:
         e.g. quad_engine.synthetic models for the bench."""
         from transformers import AutoTokenizer
@@ -99,6 +99,11 @@ class LLM:
         self.sampler = Sampler()
         self._ids = itertools.count()
         self.logits_hook = None  # called as hook(seqs, logits) every step (tests, debugging)
+        # Decode batch buckets (1, 2, 4, 8, 16, 32, 48, 64, ... up to max_num_seqs): CUDA graphs on a GPU.
+        self.decode_buckets = sorted({min(b, max_num_seqs) for b in [1, 2, 4, 8] + list(range(16, max_num_seqs + 16, 16))})
+        self.use_cuda_graph = cuda_graph and self.device.type == "cuda"
+        self.graphs: dict[int, tuple] = {}
+        self.graph_pool = None
         self.step_hook = None    # called with each step's wall time in seconds (the bench)
 
     def _warm_up(self, tokens: int) -> None:
@@ -114,33 +119,95 @@ class LLM:
 
     @torch.inference_mode()
     def _run(self, seqs: list[Sequence], is_prefill: bool) -> torch.Tensor:
+        logits = self._prefill_logits(seqs) if is_prefill else self._decode_logits(seqs)
+        if self.logits_hook is not None:
+            self.logits_hook(seqs, logits)
+        return self.sampler.sample(logits, [seq.params for seq in seqs], [seq.generator for seq in seqs])
+
+    def _forward(self, ctx: StepContext, ids: torch.Tensor, positions: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        set_context(ctx)
+        try:
+            hidden = self.model.hidden(ids.unsqueeze(0), positions.unsqueeze(0))[0]
+        finally:
+            set_context(None)
+        return self.model.logits(hidden[last])
+
+    def _prefill_logits(self, seqs: list[Sequence]) -> torch.Tensor:
         ids, positions, slots, query_lens = [], [], [], []
         for seq in seqs:
-            start = seq.num_cached_tokens if is_prefill else seq.num_tokens - 1
-            tokens = seq.token_ids[start:]
-            ids += tokens
-            positions += range(start, start + len(tokens))
-            slots += self.block_manager.slot_mapping(seq.seq_id, start, start + len(tokens))
-            query_lens.append(len(tokens))
+            start = seq.num_cached_tokens
+            ids += seq.token_ids[start:]
+            positions += range(start, seq.num_tokens)
+            slots += self.block_manager.slot_mapping(seq.seq_id, start, seq.num_tokens)
+            query_lens.append(seq.num_tokens - start)
         tables = [self.block_manager.block_table(seq.seq_id) for seq in seqs]
-        width = max(len(t) for t in tables)
-        dev = self.device
+        width, dev = max(len(t) for t in tables), self.device
         ctx = StepContext(
-            is_prefill=is_prefill,
+            is_prefill=True,
             slot_mapping=torch.tensor(slots, dtype=torch.int32, device=dev),
             block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=dev),
             context_lens=torch.tensor([seq.num_tokens for seq in seqs], dtype=torch.int32, device=dev),
             query_lens=torch.tensor(query_lens, dtype=torch.long))
-        set_context(ctx)
-        try:
-            hidden = self.model.hidden(torch.tensor([ids], device=dev), torch.tensor([positions], device=dev))[0]
-        finally:
-            set_context(None)
-        last = torch.cumsum(ctx.query_lens, 0) - 1
-        logits = self.model.logits(hidden[last.to(dev)])
-        if self.logits_hook is not None:
-            self.logits_hook(seqs, logits)
-        return self.sampler.sample(logits, [seq.params for seq in seqs], [seq.generator for seq in seqs])
+        last = (torch.cumsum(ctx.query_lens, 0) - 1).to(dev)
+        return self._forward(ctx, torch.tensor(ids, device=dev), torch.tensor(positions, device=dev), last)
+
+    # Decode runs at a fixed batch size (the next bucket up) so that each bucket's step can be
+    # captured once as a CUDA graph and replayed: padding rows have slot -1 (nothing is stored), an
+    # all-zero block table and a context of 1, and their logits are dropped.
+
+    def _bucket(self, batch: int) -> int | None:
+        return next((b for b in self.decode_buckets if b >= batch), None) if self.decode_buckets else None
+
+    def _decode_inputs(self, seqs: list[Sequence], size: int, width: int) -> dict[str, torch.Tensor]:
+        pad = size - len(seqs)
+        tables = [self.block_manager.block_table(seq.seq_id) for seq in seqs]
+        return {
+            "ids": torch.tensor([seq.token_ids[-1] for seq in seqs] + [0] * pad),
+            "positions": torch.tensor([seq.num_tokens - 1 for seq in seqs] + [0] * pad),
+            "slots": torch.tensor([self.block_manager.slot_mapping(seq.seq_id, seq.num_tokens - 1, seq.num_tokens)[0]
+                                   for seq in seqs] + [-1] * pad, dtype=torch.int32),
+            "tables": torch.tensor([t + [0] * (width - len(t)) for t in tables] + [[0] * width] * pad,
+                                   dtype=torch.int32),
+            "lens": torch.tensor([seq.num_tokens for seq in seqs] + [1] * pad, dtype=torch.int32),
+        }
+
+    def _decode_logits(self, seqs: list[Sequence]) -> torch.Tensor:
+        size = self._bucket(len(seqs)) or len(seqs)
+        if self.use_cuda_graph and size in self.decode_buckets:
+            return self._graph_replay(size, seqs)[: len(seqs)]
+        width = max(len(self.block_manager.block_table(seq.seq_id)) for seq in seqs)
+        x = {k: v.to(self.device) for k, v in self._decode_inputs(seqs, size, width).items()}
+        ctx = StepContext(False, x["slots"], x["tables"], x["lens"], torch.ones(size, dtype=torch.long))
+        return self._forward(ctx, x["ids"], x["positions"], torch.arange(len(seqs), device=self.device))
+
+    def _graph_replay(self, size: int, seqs: list[Sequence]) -> torch.Tensor:
+        """Copy the step's inputs into the bucket's static buffers and replay its graph (captured on
+        first use; all buckets share one memory pool)."""
+        entry = self.graphs.get(size)
+        if entry is None:
+            entry = self.graphs[size] = self._capture(size)
+        static, graph, logits = entry
+        for name, value in self._decode_inputs(seqs, size, static["tables"].shape[1]).items():
+            static[name].copy_(value, non_blocking=True)
+        graph.replay()
+        return logits
+
+    def _capture(self, size: int):
+        width = -(-self.max_model_len // self.block_size)
+        static = {"ids": torch.zeros(size, dtype=torch.long, device=self.device),
+                  "positions": torch.zeros(size, dtype=torch.long, device=self.device),
+                  "slots": torch.full((size,), -1, dtype=torch.int32, device=self.device),
+                  "tables": torch.zeros(size, width, dtype=torch.int32, device=self.device),
+                  "lens": torch.ones(size, dtype=torch.int32, device=self.device)}
+        ctx = StepContext(False, static["slots"], static["tables"], static["lens"], torch.ones(size, dtype=torch.long))
+        rows = torch.arange(size, device=self.device)
+        self._forward(ctx, static["ids"], static["positions"], rows)  # warm-up: lazy buffers, kernel builds
+        torch.cuda.synchronize(self.device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.graph_pool):
+            logits = self._forward(ctx, static["ids"], static["positions"], rows)
+        self.graph_pool = graph.pool()
+        return static, graph, logits
 
     def _decode(self, token_ids: list[int]) -> str:
         return "" if self.tokenizer is None else self.tokenizer.decode(token_ids, skip_special_tokens=True)
