@@ -51,7 +51,7 @@ def rmsnorm_quant(h: torch.Tensor, rank: int, hidden: int, eps: float, bits: int
     if bits >= 16:
         normed = ref.rmsnorm_widened(h, hidden, eps)
         return normed[..., :rank], normed[..., rank:], None
-    if use_kernels(h):
+    if use_kernels(h) and rank % 16 == 0:
         from kernels_tl.quantize import rmsnorm_quant_op
         return rmsnorm_quant_op(h, rank, hidden, eps, bits, clip)
     return ref.rmsnorm_split_quant(h, rank, hidden, eps, bits, clip)
@@ -87,7 +87,7 @@ def quant_linear(x_q: torch.Tensor, x_scale: torch.Tensor | None, weight: "Quant
             y = y + xo.float() @ weight.w_out.float().T
         if weight.bias is not None:
             y = y + weight.bias.float()
-    elif use_kernels(x2) and weight.scale.shape[-1] == 1:
+    elif use_kernels(x2) and _gemm_supports(weight):
         from kernels_tl.gemm import w4ax_linear
         y = w4ax_linear(x2.contiguous(), x_scale.reshape(-1).float(), weight.qweight, weight.scale.reshape(-1).half(),
                         None if xo is None else xo.half().contiguous(), weight.w_out, weight.bias)
@@ -95,6 +95,14 @@ def quant_linear(x_q: torch.Tensor, x_scale: torch.Tensor | None, weight: "Quant
         y = ref.quant_linear(x2, x_scale.reshape(-1, 1), weight.unpacked(), weight.scale, xo,
                              weight.w_out, weight.bias)
     return y.reshape(*lead, y.shape[-1])
+
+
+def _gemm_supports(weight: "QuantWeights") -> bool:
+    """Shapes the TileLang GEMMs take: per-row weight scales, K a multiple of 64, an outlier rank
+    that is 0 or a multiple of 32 (the GEMV splits it over a warp's lanes). Others run the reference."""
+    rank = 0 if weight.w_out is None else weight.w_out.shape[1]
+    k = weight.qweight.shape[1] * 2
+    return weight.scale.shape[-1] == 1 and k % 64 == 0 and rank % 32 == 0
 
 
 class QuantWeights(torch.nn.Module):
@@ -135,9 +143,14 @@ class QuantWeights(torch.nn.Module):
 
 # ---------------------------------------------------------------- paged int4 KV cache
 
+def _kv_kernels_support(cache: tuple) -> bool:
+    """The KV kernels' shapes: head_dim a multiple of 64, 64-token blocks."""
+    return cache[0].shape[-1] * 2 % 64 == 0 and cache[0].shape[2] == 64
+
+
 def kv_store(k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor, cache: tuple, clip: float) -> None:
     """Quantize the new tokens' K and V [T, kv_heads, head_dim] into their cache slots."""
-    if use_kernels(k):
+    if use_kernels(k) and _kv_kernels_support(cache):
         from kernels_tl.kv_attention import kv_store_op
         kv_store_op(k, v, slot_mapping, *cache, clip=clip)
     else:
@@ -149,7 +162,7 @@ def paged_attention(q: torch.Tensor, cache: tuple, block_tables: torch.Tensor, c
     """Causal attention of the packed new queries [T, heads, head_dim] over the paged cache (which
     already holds the new tokens). Decode on CUDA runs the split-KV kernel; prefill (and
     everything on CPU) the reference."""
-    if not is_prefill and use_kernels(q):
+    if not is_prefill and use_kernels(q) and _kv_kernels_support(cache):
         from kernels_tl.kv_attention import attention_decode_op, decode_splits
         splits = decode_splits(q.shape[0], cache[0].shape[1], cache[0].shape[2] * block_tables.shape[1])
         return attention_decode_op(q.half().contiguous(), *cache, block_tables, context_lens, splits)
