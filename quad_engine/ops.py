@@ -158,15 +158,34 @@ def kv_store(k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor, cache
 
 
 def paged_attention(q: torch.Tensor, cache: tuple, block_tables: torch.Tensor, context_lens: torch.Tensor,
-                    query_lens: torch.Tensor, is_prefill: bool) -> torch.Tensor:
+                    query_lens: torch.Tensor, is_prefill: bool, k_new: torch.Tensor | None = None,
+                    v_new: torch.Tensor | None = None, kv_clip: float = 1.0) -> torch.Tensor:
     """Causal attention of the packed new queries [T, heads, head_dim] over the paged cache (which
-    already holds the new tokens). Decode on CUDA runs the split-KV kernel; prefill (and
-    everything on CPU) the reference."""
+    already holds the new tokens). Decode on CUDA runs the split-KV kernel. A prefill whose
+    sequences have no cached prefix attends to its own new K / V (k_new, v_new [T, kv_heads,
+    head_dim]) through SDPA, with the cache's int4 round trip applied to them: the same values the
+    cache holds, without gathering them back. Anything else runs the reference."""
     if not is_prefill and use_kernels(q) and _kv_kernels_support(cache):
         from kernels_tl.kv_attention import attention_decode_op, decode_splits
         splits = decode_splits(q.shape[0], cache[0].shape[1], cache[0].shape[2] * block_tables.shape[1])
         return attention_decode_op(q.half().contiguous(), *cache, block_tables, context_lens, splits)
+    if is_prefill and k_new is not None and torch.equal(query_lens.cpu(), context_lens.cpu().long()):
+        return _attend_new_tokens(q, ref.fake_quant_kv(k_new, 4, kv_clip), ref.fake_quant_kv(v_new, 4, kv_clip),
+                                  query_lens)
     return ref.paged_attention(q, *cache, block_tables.cpu(), context_lens.cpu(), query_lens.cpu())
+
+
+def _attend_new_tokens(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_lens: torch.Tensor) -> torch.Tensor:
+    """Causal SDPA of each packed sequence over its own tokens, [T, heads, head_dim]: float16 on a
+    GPU (flash attention), q's float dtype on the CPU."""
+    dtype = torch.float16 if q.is_cuda and q.dtype != torch.bfloat16 else q.dtype
+    out, start = [], 0
+    for n in query_lens.tolist():
+        qi, ki, vi = (x[start:start + n].transpose(0, 1).unsqueeze(0).to(dtype) for x in (q, k, v))
+        out.append(torch.nn.functional.scaled_dot_product_attention(qi, ki, vi, is_causal=True, enable_gqa=True)
+                   [0].transpose(0, 1))
+        start += n
+    return torch.cat(out)
 
 
 def kv_store_fp16(k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor, cache: tuple) -> None:
@@ -175,5 +194,8 @@ def kv_store_fp16(k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor, 
 
 
 def paged_attention_fp16(q: torch.Tensor, cache: tuple, block_tables: torch.Tensor, context_lens: torch.Tensor,
-                         query_lens: torch.Tensor) -> torch.Tensor:
+                         query_lens: torch.Tensor, k_new: torch.Tensor | None = None,
+                         v_new: torch.Tensor | None = None) -> torch.Tensor:
+    if k_new is not None and torch.equal(query_lens.cpu(), context_lens.cpu().long()):
+        return _attend_new_tokens(q, k_new, v_new, query_lens)  # a prefill without cached prefix
     return ref.paged_attention_fp16(q, *cache, block_tables.cpu(), context_lens.cpu(), query_lens.cpu())

@@ -97,3 +97,22 @@ def test_kv_kernels_build_for_sm90(heads, kv_heads, dim):
     src = attention_decode(heads, kv_heads, dim, 4, target=SM90).get_kernel_source()
     assert "mma" in src and "exp2" in src
     assert attention_combine(heads, dim, 4, target=SM90).get_kernel_source()
+
+
+def test_prefill_without_prefix_attends_to_its_own_tokens_like_the_cache():
+    """ops.paged_attention's shortcut (SDPA over the new K / V with the int4 round trip) equals the
+    reference reading the same tokens back from the paged cache."""
+    from quad_engine import ops
+    torch.manual_seed(3)
+    heads, kv_heads, dim, lens = 4, 2, 8, torch.tensor([6, 3])
+    k, v, q = torch.randn(9, kv_heads, dim), torch.randn(9, kv_heads, dim), torch.randn(9, heads, dim)
+    kd, km = empty_cache(8, kv_heads, dim)
+    vd, vm = empty_cache(8, kv_heads, dim)
+    tables = torch.tensor([[3, 5], [1, 0]])
+    pos = torch.cat([torch.arange(6), torch.arange(3)])
+    seq = torch.tensor([0] * 6 + [1] * 3)
+    ref.kv_store(k, v, tables[seq, pos // BLOCK] * BLOCK + pos % BLOCK, kd, km, vd, vm)
+    cache = (kd, km, vd, vm)
+    fast = ops.paged_attention(q, cache, tables, lens, lens, True, k, v)
+    slow = ref.paged_attention(q, kd, km, vd, vm, tables, lens, lens)
+    assert torch.allclose(fast, slow, atol=1e-5)
