@@ -115,6 +115,9 @@ def _engine_runs(llm: LLM, plan: BenchPlan, vocab: int) -> dict:
     generated = sum(len(o.token_ids) for o in outputs)
     out["throughput"] = {"requests": n, "generated_tokens": generated, "s": seconds,
                          "tok_per_s": generated / seconds, "preemptions": stats.preemptions}
+    batch, length = plan.prefill[0]
+    out["breakdown"] = {"prefill_batch": batch, "prefill_tokens": length,
+                        **breakdown(llm, _prompts(rng, batch, length, vocab), plan.decode_steps)}
     return out
 
 
@@ -134,6 +137,45 @@ class _StepTimer:
     def decode_steps(self) -> list[float]:
         # stamps[0]: the prompt; stamps[1]: the first token (prefill); then one per decode step.
         return [b - a for a, b in zip(self.stamps[1:], self.stamps[2:])]
+
+
+def breakdown(llm: LLM, prompts: list[list[int]], steps: int) -> dict:
+    """Per-step time by category (gemm, quantize, hadamard, attention, kv_store, other) for the
+    prefill of `prompts` and the following `steps` decode steps, from one profiled eager run:
+    device time on a GPU, CPU time on the CPU. Categories are the `quad_engine.ops` calls; the
+    fp16 path's GEMMs are plain nn.Linear and count as "other"."""
+    from collections import defaultdict
+
+    from quad_engine import ops
+
+    on_gpu = llm.device.type == "cuda"
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if on_gpu else [])
+    graphs, llm.use_cuda_graph, ops.PROFILE = llm.use_cuda_graph, False, True
+    try:
+        with torch.profiler.profile(activities=activities) as prof:
+            llm.generate(prompts, SamplingParams(temperature=0, ignore_eos=True, max_tokens=steps + 1))
+    finally:
+        llm.use_cuda_graph, ops.PROFILE = graphs, False
+    cost = (lambda ev: ev.device_time_total) if on_gpu else (lambda ev: ev.cpu_time_total)
+    totals, parts, counts = defaultdict(float), defaultdict(float), defaultdict(int)
+    for ev in prof.events():
+        if ev.name in ("quad::prefill_step", "quad::decode_step"):
+            totals[ev.name] += cost(ev)
+            counts[ev.name] += 1
+        elif ev.name.startswith("quad::"):
+            parent = ev.cpu_parent
+            while parent is not None and parent.name not in ("quad::prefill_step", "quad::decode_step"):
+                parent = parent.cpu_parent
+            if parent is not None:
+                parts[(parent.name, ev.name.removeprefix("quad::"))] += cost(ev)
+    out = {}
+    for phase in ("quad::prefill_step", "quad::decode_step"):
+        n = max(counts[phase], 1)
+        row = {cat: t / n / 1e3 for (ph, cat), t in parts.items() if ph == phase}
+        row["other"] = totals[phase] / n / 1e3 - sum(row.values())
+        row["total"] = totals[phase] / n / 1e3
+        out[phase.removeprefix("quad::").removesuffix("_step") + "_ms"] = row
+    return out
 
 
 def _hf_runs(plan: BenchPlan, vocab: int) -> dict:

@@ -41,6 +41,16 @@ class GenerateStats:
     steps: list = field(default_factory=list)
 
 
+def _step_range(is_prefill: bool):
+    """A quad::prefill_step / quad::decode_step profiler range when the bench profiles."""
+    import contextlib
+
+    from quad_engine import ops
+    if not ops.PROFILE:
+        return contextlib.nullcontext()
+    return torch.profiler.record_function("quad::prefill_step" if is_prefill else "quad::decode_step")
+
+
 def pick_device(device: str | None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -233,7 +243,8 @@ class LLM:
         while self.scheduler.has_unfinished():
             batch, is_prefill = self.scheduler.schedule()
             t0 = time.perf_counter()
-            tokens = self._run(batch, is_prefill).tolist()
+            with _step_range(is_prefill):
+                tokens = self._run(batch, is_prefill).tolist()
             self.scheduler.postprocess(batch, tokens)
             dt = time.perf_counter() - t0  # the step ends with the tokens on the host: synchronized
             if self.step_hook is not None:

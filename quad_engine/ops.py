@@ -20,6 +20,22 @@ from kernels_tl.hadamard import apply_hadamard
 from quad_engine.config import HadamardSpec
 
 
+PROFILE = False  # quad-bench sets it: each op below then shows up as a quad::<category> profiler range
+
+
+def _profiled(category: str):
+    """Label an op for the bench's per-layer time breakdown (no cost unless PROFILE is set)."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def inner(*args, **kwargs):
+            if not PROFILE:
+                return fn(*args, **kwargs)
+            with torch.profiler.record_function(f"quad::{category}"):
+                return fn(*args, **kwargs)
+        return inner
+    return wrap
+
+
 @functools.lru_cache(maxsize=None)
 def _kernels_importable() -> bool:
     try:
@@ -43,6 +59,7 @@ def use_kernels(t: torch.Tensor) -> bool:
     return True
 
 
+@_profiled("quantize")
 def rmsnorm_quant(h: torch.Tensor, rank: int, hidden: int, eps: float, bits: int, clip: float):
     """Weightless RMSNorm of the widened residual, split into (x_out, x_q, x_scale).
 
@@ -57,6 +74,7 @@ def rmsnorm_quant(h: torch.Tensor, rank: int, hidden: int, eps: float, bits: int
     return ref.rmsnorm_split_quant(h, rank, hidden, eps, bits, clip)
 
 
+@_profiled("quantize")
 def hadamard_quant(x: torch.Tensor, spec: HadamardSpec | None, bits: int, clip: float):
     """Online Hadamard over the last dim, then per-token quantization: (x_q, x_scale)."""
     if bits < 16 and spec is not None and use_kernels(x):
@@ -69,10 +87,12 @@ def hadamard_quant(x: torch.Tensor, spec: HadamardSpec | None, bits: int, clip: 
     return ref.quantize_act(x, bits, clip)
 
 
+@_profiled("hadamard")
 def hadamard(x: torch.Tensor, spec: HadamardSpec | None) -> torch.Tensor:
     return x.float() if spec is None else apply_hadamard(x.float(), spec.factors, spec.block)
 
 
+@_profiled("gemm")
 def quant_linear(x_q: torch.Tensor, x_scale: torch.Tensor | None, weight: "QuantWeights",
                  x_out: torch.Tensor | None = None) -> torch.Tensor:
     """y = dequant(x_q) @ dequant(W)ᵀ + x_out @ w_outᵀ + bias, with the integer part exact.
@@ -148,6 +168,7 @@ def _kv_kernels_support(cache: tuple) -> bool:
     return cache[0].shape[-1] * 2 % 64 == 0 and cache[0].shape[2] == 64
 
 
+@_profiled("kv_store")
 def kv_store(k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor, cache: tuple, clip: float) -> None:
     """Quantize the new tokens' K and V [T, kv_heads, head_dim] into their cache slots."""
     if use_kernels(k) and _kv_kernels_support(cache):
@@ -157,6 +178,7 @@ def kv_store(k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor, cache
         ref.kv_store(k, v, slot_mapping, *cache, clip=clip)
 
 
+@_profiled("attention")
 def paged_attention(q: torch.Tensor, cache: tuple, block_tables: torch.Tensor, context_lens: torch.Tensor,
                     query_lens: torch.Tensor, is_prefill: bool, k_new: torch.Tensor | None = None,
                     v_new: torch.Tensor | None = None, kv_clip: float = 1.0) -> torch.Tensor:
@@ -188,11 +210,13 @@ def _attend_new_tokens(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_
     return torch.cat(out)
 
 
+@_profiled("kv_store")
 def kv_store_fp16(k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor, cache: tuple) -> None:
     """The unquantized baseline's float16 paged cache (k_cache, v_cache)."""
     ref.kv_store_fp16(k, v, slot_mapping, *cache)
 
 
+@_profiled("attention")
 def paged_attention_fp16(q: torch.Tensor, cache: tuple, block_tables: torch.Tensor, context_lens: torch.Tensor,
                          query_lens: torch.Tensor, k_new: torch.Tensor | None = None,
                          v_new: torch.Tensor | None = None) -> torch.Tensor:

@@ -17,5 +17,8 @@ def test_quad_bench_runs_every_system_and_writes_json_and_a_plot(tmp_path, capsy
         assert all(r["ms"] > 0 for r in runs["prefill"]) and all(r["ms_per_step"] > 0 for r in runs["decode"])
         if name.startswith("quad"):
             assert runs["throughput"]["requests"] == 3 and "speedup_vs_fp16" in runs["decode"][0]
+            for phase in ("prefill_ms", "decode_ms"):  # the per-layer time breakdown
+                parts = runs["breakdown"][phase]
+                assert parts["gemm"] > 0 and parts["attention"] > 0 and parts["total"] >= parts["gemm"]
     assert (tmp_path / "run.png").stat().st_size > 0
     assert "| 1 x 16 |" in (tmp_path / "run.md").read_text()
