@@ -239,6 +239,7 @@ class LLM:
             self.scheduler.add(seq)  # raises ValueError for empty or too-long prompts
             seqs.append(seq)
         stats, emitted = GenerateStats(), [""] * len(seqs)
+        needs_text = on_token is not None or any(p.stop for p in params)
         index = {seq.seq_id: i for i, seq in enumerate(seqs)}
         while self.scheduler.has_unfinished():
             batch, is_prefill = self.scheduler.schedule()
@@ -254,7 +255,7 @@ class LLM:
             else:
                 stats.decode_s += dt
                 stats.decode_tokens += len(batch)
-            for seq in batch:
+            for seq in batch if needs_text else ():  # detokenize per step only for stop strings / streaming
                 i = index[seq.seq_id]
                 text = self._decode(seq.output_token_ids)
                 stop_at = find_stop(text, seq.params.stop)
@@ -267,7 +268,7 @@ class LLM:
         stats.prefill_tokens = sum(len(seq.prompt_token_ids) for seq in seqs)
         outputs = []
         for seq, prompt in zip(seqs, prompts):
-            text = emitted[index[seq.seq_id]]
+            text = emitted[index[seq.seq_id]] if needs_text else self._decode(seq.output_token_ids)
             outputs.append(RequestOutput(prompt if isinstance(prompt, str) else self._decode(prompt),
                                          seq.prompt_token_ids, list(seq.output_token_ids), text, seq.finish_reason))
         stats.preemptions = self.scheduler.num_preemptions

@@ -160,3 +160,16 @@ def test_synthetic_models_follow_the_checkpoint_schema_and_run_in_the_engine():
     with torch.no_grad():
         want = reference_greedy(model, [1, 2, 3], 12)
     assert outputs[0].token_ids == want and outputs[0].text == ""
+
+
+def test_stop_strings_and_streaming_see_the_same_text(checkpoint):
+    llm = LLM(checkpoint, device="cpu", num_blocks=64, block_size=4, max_model_len=128)
+    plain, _ = llm.generate(["Once upon a time"], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+    text = plain[0].text
+    assert text, "the tiny model generated no text"
+    stop = text[len(text) // 2: len(text) // 2 + 2]
+    pieces = []
+    cut, _ = llm.generate(["Once upon a time"], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True,
+                                                                stop=[stop]), on_token=lambda i, d: pieces.append(d))
+    assert cut[0].text == text[:text.find(stop)] and cut[0].finish_reason == "stop"
+    assert "".join(pieces) == cut[0].text or text.find(stop) == 0
