@@ -222,4 +222,19 @@ def paged_attention_fp16(q: torch.Tensor, cache: tuple, block_tables: torch.Tens
                          v_new: torch.Tensor | None = None) -> torch.Tensor:
     if k_new is not None and torch.equal(query_lens.cpu(), context_lens.cpu().long()):
         return _attend_new_tokens(q, k_new, v_new, query_lens)  # a prefill without cached prefix
+    if k_new is None:  # decode: one batched SDPA call, no host synchronization (CUDA-graph safe)
+        return _decode_attention_fp16(q, *cache, block_tables, context_lens)
     return ref.paged_attention_fp16(q, *cache, block_tables.cpu(), context_lens.cpu(), query_lens.cpu())
+
+
+def _decode_attention_fp16(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                           context_lens: torch.Tensor) -> torch.Tensor:
+    """One query per sequence over its gathered blocks, positions past its length masked out."""
+    batch, width = block_tables.shape
+    kv_heads, block_size, dim = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
+    k = k_cache[block_tables.long()].transpose(1, 2).reshape(batch, kv_heads, width * block_size, dim)
+    v = v_cache[block_tables.long()].transpose(1, 2).reshape(batch, kv_heads, width * block_size, dim)
+    mask = torch.arange(width * block_size, device=q.device) < context_lens.to(q.device).unsqueeze(1)
+    out = torch.nn.functional.scaled_dot_product_attention(q.unsqueeze(2).to(k.dtype), k, v,
+                                                           attn_mask=mask[:, None, None, :], enable_gqa=True)
+    return out.squeeze(2)

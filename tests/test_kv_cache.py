@@ -116,3 +116,15 @@ def test_prefill_without_prefix_attends_to_its_own_tokens_like_the_cache():
     fast = ops.paged_attention(q, cache, tables, lens, lens, True, k, v)
     slow = ref.paged_attention(q, kd, km, vd, vm, tables, lens, lens)
     assert torch.allclose(fast, slow, atol=1e-5)
+
+
+def test_batched_fp16_decode_attention_equals_the_reference():
+    from quad_engine import ops
+    torch.manual_seed(4)
+    heads, kv_heads, dim = 4, 2, 8
+    k_cache, v_cache = torch.randn(8, kv_heads, BLOCK, dim), torch.randn(8, kv_heads, BLOCK, dim)
+    tables, lens = torch.tensor([[6, 1, 3], [0, 4, 0]]), torch.tensor([9, 5])
+    q = torch.randn(2, heads, dim)
+    fast = ops.paged_attention_fp16(q, (k_cache, v_cache), tables, lens, torch.ones(2, dtype=torch.long))
+    slow = ref.paged_attention_fp16(q, k_cache, v_cache, tables, lens)
+    assert torch.allclose(fast, slow, atol=1e-5)
