@@ -17,6 +17,7 @@ import torch
 from quad_engine import kv_cache
 from quad_engine.block_manager import BlockManager
 from quad_engine.checkpoint import load_model
+from quad_engine.config import QuadConfig
 from quad_engine.context import StepContext, set_context
 from quad_engine.sampling import Sampler, SamplingParams, find_stop
 from quad_engine.scheduler import Scheduler, Sequence
@@ -85,6 +86,10 @@ class LLM:
             self.model = load_model(checkpoint, self.device)
             self.tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
         self.cfg = self.model.cfg
+        # Decode batch buckets (1, 2, 4, 8, 16, 32, 48, 64, ... up to max_num_seqs): CUDA graphs on a GPU.
+        self.decode_buckets = sorted({min(b, max_num_seqs) for b in [1, 2, 4, 8] + list(range(16, max_num_seqs + 16, 16))})
+        if self.device.type == "cuda" and isinstance(self.cfg, QuadConfig):
+            self._prebuild_gemms(max_num_batched_tokens)
         self.max_model_len = max_model_len or self.cfg.max_position_embeddings
         self.block_size = block_size
         if num_blocks is None:
@@ -109,8 +114,6 @@ class LLM:
         self.sampler = Sampler()
         self._ids = itertools.count()
         self.logits_hook = None  # called as hook(seqs, logits) every step (tests, debugging)
-        # Decode batch buckets (1, 2, 4, 8, 16, 32, 48, 64, ... up to max_num_seqs): CUDA graphs on a GPU.
-        self.decode_buckets = sorted({min(b, max_num_seqs) for b in [1, 2, 4, 8] + list(range(16, max_num_seqs + 16, 16))})
         self.use_cuda_graph = cuda_graph and self.device.type == "cuda"
         self.graphs: dict[int, tuple] = {}
         self.graph_pool = None
@@ -124,6 +127,23 @@ class LLM:
         with torch.inference_mode():
             self.model.hidden(ids)
         torch.cuda.synchronize(self.device)
+
+    def _prebuild_gemms(self, max_tokens: int) -> None:
+        """Compile, in parallel, every GEMM variant the decode buckets and prefills will use (TileLang
+        builds a kernel on first use of a shape; one at a time that is minutes for a large model)."""
+        from quad_engine import ops
+        try:
+            from kernels_tl import gemm
+        except ImportError:
+            return
+        linears = {}
+        for layer in self.model.layers:
+            for w in (layer.attn.qkv, layer.attn.o, layer.mlp.gate_up, layer.mlp.down):
+                if w.qweight is not None and ops._gemm_supports(w):
+                    rank = 0 if w.w_out is None else w.w_out.shape[1]
+                    linears[(w.qweight.shape[0], w.qweight.shape[1] * 2, rank, w.bias is not None)] = None
+        sizes = sorted(set(self.decode_buckets) | {65, min(1024, max_tokens)})
+        gemm.prebuild([(m, n, k, rank, bias, "float16") for n, k, rank, bias in linears for m in sizes])
 
     # ------------------------------------------------------------------ one step
 
