@@ -81,21 +81,23 @@ def main(argv=None) -> int:
                   max_num_seqs=args.max_num_seqs, kv_cache_gb=args.kv_cache_gb,
                   gpu_memory_utilization=args.gpu_memory_utilization, fp16=args.fp16,
                   cuda_graph=not args.no_cuda_graph)
+        shown = list(prompts)  # what the user typed, also with --chat
         if args.chat:
             prompts = [llm.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                                          add_generation_prompt=True) for p in prompts]
-        groups = [[p] for p in prompts] if args.stream else [prompts]
-        for group in groups:
+        groups = [[i] for i in range(len(prompts))] if args.stream else [list(range(len(prompts)))]
+        for group_ids in groups:
+            group = [prompts[i] for i in group_ids]
             stream = (lambda i, delta: print(delta, end="", flush=True)) if args.stream else None
             outputs, stats = llm.generate(group, params, on_token=stream)
             if args.stream:
                 print()
-            for out in outputs:
+            for i, out in zip(group_ids, outputs):
                 if args.json:
-                    print(json.dumps({"prompt": out.prompt, "text": out.text, "prompt_tokens": len(out.prompt_token_ids),
+                    print(json.dumps({"prompt": shown[i], "text": out.text, "prompt_tokens": len(out.prompt_token_ids),
                                       "generated_tokens": len(out.token_ids), "finish_reason": out.finish_reason}))
                 elif not args.stream:
-                    print(f"{out.prompt}{out.text}\n")
+                    print(f"{shown[i]}{out.text}\n")
             prefill_rate = stats.prefill_tokens / stats.prefill_s if stats.prefill_s else 0.0
             decode_rate = stats.decode_tokens / stats.decode_s if stats.decode_s else 0.0
             generated = sum(len(o.token_ids) for o in outputs)
