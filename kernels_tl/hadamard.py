@@ -153,6 +153,12 @@ def block_hadamard_size(n: int) -> int:
     return max(b for b in range(1, n + 1) if n % b == 0 and has_hadamard(b))
 
 
+@lru_cache(maxsize=None)
+def _factor_matrix(f: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    # Built once per device: a host-to-device copy per call would also break CUDA-graph capture.
+    return (_factor_pm1(f) / math.sqrt(f)).to(device=device, dtype=dtype)
+
+
 def apply_hadamard(x: torch.Tensor, factors: list[int], block: int | None = None,
                    transpose: bool = False) -> torch.Tensor:
     """y = x @ H (or x @ Hᵀ) along the last dim, H the orthonormal Kronecker product of `factors`.
@@ -172,7 +178,7 @@ def apply_hadamard(x: torch.Tensor, factors: list[int], block: int | None = None
         raise ValueError(f"last dim {n} does not match the Hadamard size {size}")
     y = x.to(compute).reshape(-1, n // size, *factors)
     for axis, f in enumerate(factors):
-        h = (_factor_pm1(f) / math.sqrt(f)).to(device=x.device, dtype=compute)
+        h = _factor_matrix(f, x.device, compute)
         if transpose:
             h = h.T
         y = torch.movedim(torch.movedim(y, axis + 2, -1) @ h, -1, axis + 2)

@@ -236,7 +236,7 @@ def run(plan: BenchPlan, progress=print) -> dict:
         vocab = QuadConfig.load(plan.checkpoint).vocab_size
     else:
         vocab = dict(ARCHITECTURES[plan.arch], **plan.overrides)["vocab_size"]
-    max_len = max([t for _, t in plan.prefill] + [c + plan.decode_steps + 2 for _, c in plan.decode] + [800])
+    max_len = max([t + 1 for _, t in plan.prefill] + [c + plan.decode_steps + 2 for _, c in plan.decode] + [800])
     max_seqs = max([b for b, _ in plan.prefill] + [b for b, _ in plan.decode] + [plan.throughput_requests])
     result = {"plan": {k: v for k, v in plan.__dict__.items()}, "environment": environment(), "systems": {}}
     for system in plan.systems:

@@ -205,7 +205,9 @@ class LLM:
         size = self._bucket(len(seqs)) or len(seqs)
         if self.use_cuda_graph and size in self.decode_buckets:
             return self._graph_replay(size, seqs)[: len(seqs)]
-        width = max(len(self.block_manager.block_table(seq.seq_id)) for seq in seqs)
+        # Tables as wide as a captured graph's: the attention kernel picks its context split from
+        # the width, so eager and graphed steps then sum in the same order.
+        width = -(-self.max_model_len // self.block_size)
         x = {k: v.to(self.device) for k, v in self._decode_inputs(seqs, size, width).items()}
         ctx = StepContext(False, x["slots"], x["tables"], x["lens"], torch.ones(size, dtype=torch.long))
         return self._forward(ctx, x["ids"], x["positions"], torch.arange(len(seqs), device=self.device))
@@ -217,7 +219,7 @@ class LLM:
         if entry is None:
             entry = self.graphs[size] = self._capture(size)
         static, graph, logits = entry
-        for name, value in self._decode_inputs(seqs, size, static["tables"].shape[1]).items():
+        for name, value in self._decode_inputs(seqs, size, static["tables"].shape[1]).items():  # all but rows
             static[name].copy_(value, non_blocking=True)
         graph.replay()
         return logits
@@ -228,9 +230,12 @@ class LLM:
                   "positions": torch.zeros(size, dtype=torch.long, device=self.device),
                   "slots": torch.full((size,), -1, dtype=torch.int32, device=self.device),
                   "tables": torch.zeros(size, width, dtype=torch.int32, device=self.device),
-                  "lens": torch.ones(size, dtype=torch.int32, device=self.device)}
+                  "lens": torch.ones(size, dtype=torch.int32, device=self.device),
+                  # Every tensor the graph reads must outlive it: a local would be freed and its
+                  # memory reused under the replay.
+                  "rows": torch.arange(size, device=self.device)}
         ctx = StepContext(False, static["slots"], static["tables"], static["lens"], torch.ones(size, dtype=torch.long))
-        rows = torch.arange(size, device=self.device)
+        rows = static["rows"]
         self._forward(ctx, static["ids"], static["positions"], rows)  # warm-up: lazy buffers, kernel builds
         torch.cuda.synchronize(self.device)
         graph = torch.cuda.CUDAGraph()

@@ -6,6 +6,12 @@ tensors run the PyTorch reference (`kernels_tl.reference`), which defines the nu
 are tested against. `QUAD_BACKEND=reference` forces the reference on the GPU too (for checking a
 model end to end against it); cases the kernels do not cover (per-group weight scales, no online
 Hadamard) fall back to the reference on their own.
+
+The float16 boundaries are part of the numerics, on both backends: the norm and the Hadamard
+quantizers read float16, the GEMMs and attention return float16, the KV cache quantizes float16.
+Every activation quantizer turns a difference far below its step into whole-step flips with some
+probability, so a reference that rounded elsewhere would drift from the kernels by percents over
+a deep model; rounding at the same places keeps the two within float32 summation order.
 """
 
 from __future__ import annotations
@@ -68,22 +74,24 @@ def rmsnorm_quant(h: torch.Tensor, rank: int, hidden: int, eps: float, bits: int
     if bits >= 16:
         normed = ref.rmsnorm_widened(h, hidden, eps)
         return normed[..., :rank], normed[..., rank:], None
+    h = h.half()  # the kernels read the residual as float16: so does the reference (see module doc)
     if use_kernels(h) and rank % 16 == 0:
         from kernels_tl.quantize import rmsnorm_quant_op
         return rmsnorm_quant_op(h, rank, hidden, eps, bits, clip)
-    return ref.rmsnorm_split_quant(h, rank, hidden, eps, bits, clip)
+    x_out, x_q, x_scale = ref.rmsnorm_split_quant(h.float(), rank, hidden, eps, bits, clip)
+    return x_out.half(), x_q, x_scale
 
 
 @_profiled("quantize")
 def hadamard_quant(x: torch.Tensor, spec: HadamardSpec | None, bits: int, clip: float):
     """Online Hadamard over the last dim, then per-token quantization: (x_q, x_scale)."""
-    if bits < 16 and spec is not None and use_kernels(x):
+    if bits >= 16:
+        return (x.float() if spec is None else apply_hadamard(x.float(), spec.factors, spec.block)), None
+    x = x.half()  # float16 in, as the kernel reads it
+    if spec is not None and use_kernels(x):
         from kernels_tl.quantize import hadamard_quant_op
         return hadamard_quant_op(x, tuple(spec.factors), spec.block, bits, clip)
-    if spec is not None:
-        x = apply_hadamard(x.float(), spec.factors, spec.block)
-    if bits >= 16:
-        return x.float(), None
+    x = x.float() if spec is None else apply_hadamard(x.float(), spec.factors, spec.block)
     return ref.quantize_act(x, bits, clip)
 
 
@@ -97,7 +105,7 @@ def quant_linear(x_q: torch.Tensor, x_scale: torch.Tensor | None, weight: "Quant
                  x_out: torch.Tensor | None = None) -> torch.Tensor:
     """y = dequant(x_q) @ dequant(W)ᵀ + x_out @ w_outᵀ + bias, with the integer part exact.
 
-    float16 out from the kernels, float32 from the reference."""
+    float16 out (float32 in the unquantized mode), from either backend."""
     lead = x_q.shape[:-1]
     x2 = x_q.reshape(-1, x_q.shape[-1])
     xo = None if x_out is None or x_out.shape[-1] == 0 else x_out.reshape(-1, x_out.shape[-1])
@@ -112,8 +120,8 @@ def quant_linear(x_q: torch.Tensor, x_scale: torch.Tensor | None, weight: "Quant
         y = w4ax_linear(x2.contiguous(), x_scale.reshape(-1).float(), weight.qweight, weight.scale.reshape(-1).half(),
                         None if xo is None else xo.half().contiguous(), weight.w_out, weight.bias)
     else:
-        y = ref.quant_linear(x2, x_scale.reshape(-1, 1), weight.unpacked(), weight.scale, xo,
-                             weight.w_out, weight.bias)
+        y = ref.quant_linear(x2, x_scale.reshape(-1, 1), weight.unpacked(), weight.scale,
+                             None if xo is None else xo.half().float(), weight.w_out, weight.bias).half()
     return y.reshape(*lead, y.shape[-1])
 
 
@@ -171,11 +179,12 @@ def _kv_kernels_support(cache: tuple) -> bool:
 @_profiled("kv_store")
 def kv_store(k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor, cache: tuple, clip: float) -> None:
     """Quantize the new tokens' K and V [T, kv_heads, head_dim] into their cache slots."""
+    k, v = k.half(), v.half()  # the cache quantizes float16 K / V
     if use_kernels(k) and _kv_kernels_support(cache):
         from kernels_tl.kv_attention import kv_store_op
         kv_store_op(k, v, slot_mapping, *cache, clip=clip)
     else:
-        ref.kv_store(k, v, slot_mapping, *cache, clip=clip)
+        ref.kv_store(k.float(), v.float(), slot_mapping, *cache, clip=clip)
 
 
 @_profiled("attention")
@@ -187,25 +196,44 @@ def paged_attention(q: torch.Tensor, cache: tuple, block_tables: torch.Tensor, c
     sequences have no cached prefix attends to its own new K / V (k_new, v_new [T, kv_heads,
     head_dim]) through SDPA, with the cache's int4 round trip applied to them: the same values the
     cache holds, without gathering them back. Anything else runs the reference."""
+    q = q.half()
     if not is_prefill and use_kernels(q) and _kv_kernels_support(cache):
         from kernels_tl.kv_attention import attention_decode_op, decode_splits
+        # Splits from the table's capacity, not this step's lengths: a captured graph and an eager
+        # step of the same bucket then sum in the same order and give the same tokens.
         splits = decode_splits(q.shape[0], cache[0].shape[1], cache[0].shape[2] * block_tables.shape[1])
-        return attention_decode_op(q.half().contiguous(), *cache, block_tables, context_lens, splits)
+        return attention_decode_op(q.contiguous(), *cache, block_tables, context_lens, splits)
     if is_prefill and k_new is not None and torch.equal(query_lens.cpu(), context_lens.cpu().long()):
-        return _attend_new_tokens(q, ref.fake_quant_kv(k_new, 4, kv_clip), ref.fake_quant_kv(v_new, 4, kv_clip),
-                                  query_lens)
-    return ref.paged_attention(q, *cache, block_tables.cpu(), context_lens.cpu(), query_lens.cpu())
+        k_new = ref.fake_quant_kv(k_new.half().float(), 4, kv_clip)
+        v_new = ref.fake_quant_kv(v_new.half().float(), 4, kv_clip)
+        return _attend_new_tokens(q, k_new, v_new, query_lens, causal_attention)
+    return ref.paged_attention(q.float(), *cache, block_tables.cpu(), context_lens.cpu(), query_lens.cpu()).half()
 
 
-def _attend_new_tokens(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_lens: torch.Tensor) -> torch.Tensor:
-    """Causal SDPA of each packed sequence over its own tokens, [T, heads, head_dim]: float16 on a
-    GPU (flash attention), q's float dtype on the CPU."""
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The quantized model's causal self-attention, [B, heads, T, head_dim] (GQA), float16 out.
+    float16 Q (the decode kernel's input); on a GPU everything runs in float16 (flash attention),
+    on the CPU in float32 on the same Q and the given K / V."""
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    if q.is_cuda:
+        return sdpa(q.half(), k.half(), v.half(), is_causal=True, enable_gqa=True)
+    return sdpa(q.half().float(), k.float(), v.float(), is_causal=True, enable_gqa=True).half()
+
+
+def _float_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The fp16 baseline's: float16 on a GPU (flash attention), q's float dtype on the CPU."""
     dtype = torch.float16 if q.is_cuda and q.dtype != torch.bfloat16 else q.dtype
+    return torch.nn.functional.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype), is_causal=True,
+                                                            enable_gqa=True)
+
+
+def _attend_new_tokens(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_lens: torch.Tensor,
+                       attend=_float_attention) -> torch.Tensor:
+    """Causal attention of each packed sequence over its own tokens, [T, heads, head_dim]."""
     out, start = [], 0
     for n in query_lens.tolist():
-        qi, ki, vi = (x[start:start + n].transpose(0, 1).unsqueeze(0).to(dtype) for x in (q, k, v))
-        out.append(torch.nn.functional.scaled_dot_product_attention(qi, ki, vi, is_causal=True, enable_gqa=True)
-                   [0].transpose(0, 1))
+        qi, ki, vi = (x[start:start + n].transpose(0, 1).unsqueeze(0) for x in (q, k, v))
+        out.append(attend(qi, ki, vi)[0].transpose(0, 1))
         start += n
     return torch.cat(out)
 

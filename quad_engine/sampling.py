@@ -24,7 +24,7 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self):
-        if not self.temperature >= 0:
+        if not self.temperature >= 0:  # also rejects NaN
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k == 0 or self.top_k < -1:
             raise ValueError(f"top_k must be -1 (off) or >= 1, got {self.top_k}")
@@ -34,32 +34,67 @@ class SamplingParams:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if self.seed is not None and self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
+        # A bare string would be taken character by character.
+        if isinstance(self.stop, str) or not all(isinstance(s, str) for s in self.stop):
+            raise ValueError(f"stop must be a list of strings, got {self.stop!r}")
 
 
 class Sampler:
     def sample(self, logits: torch.Tensor, params: list[SamplingParams],
                generators: list[torch.Generator | None] | None = None) -> torch.Tensor:
-        """Next token [B] (int64, on the logits' device) for logits [B, V]."""
-        logits = logits.float()
-        greedy = logits.argmax(-1)
+        """Next token [B] (int64, on the logits' device) for logits [B, V], one request per row."""
         if all(p.temperature == 0 for p in params):
-            return greedy
-        dev, vocab = logits.device, logits.shape[-1]
-        temps = torch.tensor([p.temperature for p in params], device=dev)
-        top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=dev)
-        top_p = torch.tensor([p.top_p for p in params], device=dev)
-        ordered, order = (logits / temps.clamp(min=1e-6).unsqueeze(1)).sort(-1, descending=True)
-        ranks = torch.arange(vocab, device=dev).unsqueeze(0)
-        probs = ordered.masked_fill(ranks >= top_k.unsqueeze(1), float("-inf")).softmax(-1)
-        # top-p: keep the smallest prefix whose mass reaches p (the first token always stays).
-        probs = probs.masked_fill(probs.cumsum(-1) - probs > top_p.unsqueeze(1), 0)
-        # Exponential race: argmax(p / E) with E ~ Exp(1) samples from p (no normalization needed).
-        noise = torch.empty_like(probs)
-        for i, gen in enumerate(generators or [None] * len(params)):
+            return logits.argmax(-1)
+        vocab = logits.shape[-1]
+        # One host-to-device copy for the three per-row settings (top-k is exact as a float32).
+        rows = [[p.temperature for p in params], [p.top_k if p.top_k > 0 else vocab for p in params],
+                [p.top_p for p in params]]
+        packed = _to_device(torch.tensor(rows, dtype=torch.float32), logits.device)
+        truncates = any(p.top_k > 0 or p.top_p < 1 for p in params)
+        return sample_tokens(logits, packed[0], packed[1].long() if truncates else None,
+                             packed[2] if truncates else None, generators)
+
+
+def sample_tokens(logits: torch.Tensor, temperatures: torch.Tensor, top_ks: torch.Tensor | None = None,
+                  top_ps: torch.Tensor | None = None,
+                  generators: list[torch.Generator | None] | None = None) -> torch.Tensor:
+    """Next token [B] for logits [B, V]: temperature 0 rows take the argmax, the others sample from
+    softmax(logits / temperature) cut to the top_k most likely tokens, then to the smallest prefix
+    whose mass reaches top_p. top_ks and top_ps None: no row truncates (and nothing is sorted).
+    generators[i], when given, draws row i's noise: the same generator state gives the same token
+    whatever the other rows are."""
+    logits = logits.float()
+    greedy = logits.argmax(-1)
+    temps = torch.where(temperatures > 0, temperatures, 1.0).unsqueeze(1)
+    probs = (logits / temps).softmax(-1)
+    if top_ks is not None:
+        ordered, order = probs.sort(-1, descending=True)
+        ranks = torch.arange(probs.shape[-1], device=probs.device).unsqueeze(0)
+        drop = ranks >= top_ks.unsqueeze(1)
+        kept = ordered.masked_fill(drop, 0)
+        kept = kept / kept.sum(-1, keepdim=True)  # top-p is measured on the top-k distribution
+        top_p = top_ps.unsqueeze(1)
+        # The mass before a token already reaches p: it is not needed (the first token always stays).
+        drop |= (kept.cumsum(-1) - kept >= top_p) & (top_p < 1)
+        # Mask in vocabulary order, so that a row's noise meets the same token whether or not some
+        # row of the batch truncates.
+        probs = probs.masked_fill(torch.empty_like(drop).scatter_(1, order, drop), 0)
+    # Exponential race: argmax(p / E) with E ~ Exp(1) samples from p (no normalization needed).
+    noise = torch.empty_like(probs).exponential_()
+    for i, gen in enumerate(generators or ()):
+        if gen is not None:
             noise[i].exponential_(generator=gen)
-        choice = (probs / noise).argmax(-1, keepdim=True)
-        sampled = order.gather(1, choice).squeeze(1)
-        return torch.where(temps == 0, greedy, sampled)
+    # An exact zero draw would make 0 / 0 = NaN win the argmax for a dropped token.
+    sampled = (probs / noise.clamp_(min=torch.finfo(noise.dtype).tiny)).argmax(-1)
+    return torch.where(temperatures == 0, greedy, sampled)
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    # A plain copy to a GPU waits for the stream to drain (the step's forward); from pinned memory
+    # it is queued behind the forward instead.
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def find_stop(text: str, stops: list[str]) -> int | None:

@@ -87,6 +87,11 @@ class Scheduler:
         if batch:
             self.running += batch
             return batch, True
+        if not self.running and self.waiting:
+            # Every block is free and the head still does not fit: waiting would never end.
+            n = self.waiting[0].num_tokens
+            raise RuntimeError(f"a sequence of {n} tokens needs {self.blocks.blocks_needed(n)} KV-cache blocks, "
+                               f"more than the {self.blocks.num_free_blocks} the cache has")
         for seq in list(self.running):
             # The step feeds the last token at position num_tokens - 1: the table must hold num_tokens.
             while seq.status == Status.RUNNING and not self.blocks.can_append(seq.seq_id, seq.num_tokens):
@@ -94,6 +99,9 @@ class Scheduler:
             if seq.status == Status.RUNNING:
                 self.blocks.append_slot(seq.seq_id, seq.num_tokens)
                 batch.append(seq)
+        if not batch:
+            # The only running sequence preempted itself: admit it again, or say why it cannot run.
+            return self.schedule()
         return batch, False
 
     def _preempt(self, seq: Sequence) -> None:

@@ -3,7 +3,7 @@
 Speed does not depend on the weights' values, so the bench and the GPU tests measure real shapes
 (Llama-3-8B, Qwen2.5-7B, Llama-2-13B, SmolLM2) where no checkpoint can be downloaded: every tensor of
 `checkpoint.tensor_schema` is generated on the target device with the converter's dtypes, layouts and
-plausible magnitudes (int4 codes uniform in [-8, 7], scales that give unit-variance outputs).
+plausible magnitudes (int4 codes uniform in [-7, 7], scales that give unit-variance outputs).
 """
 
 from __future__ import annotations
@@ -63,11 +63,16 @@ def synthetic_tensors(cfg: QuadConfig, device="cpu", seed: int = 0, rope_theta: 
     for name, (shape, dtype) in schema.items():
         if name == "rope.inv_freq":
             t = 1.0 / theta ** (torch.arange(0, cfg.head_dim, 2, device=device, dtype=torch.float32) / cfg.head_dim)
-        elif name.endswith("qweight"):  # every byte is a valid pair of int4 codes
-            t = torch.randint(0, 256, shape, generator=g, device=device, dtype=torch.uint8)
-        elif name.endswith("wscale"):   # int4 codes have std ~4.6: unit-variance outputs
+        elif name.endswith("qweight"):
+            # Two int4 codes per byte, uniform in [-7, 7] like GPTQ's symmetric grid. Mean zero
+            # matters: codes in [-8, 7] (mean -0.5) give every weight matrix a strong rank-one
+            # component that amplifies rounding differences several-fold per layer.
+            lo, hi = (torch.randint(-7, 8, shape, generator=g, device=device, dtype=torch.int16) & 0xF
+                      for _ in range(2))
+            t = (lo | (hi << 4)).to(torch.uint8)
+        elif name.endswith("wscale"):   # codes uniform in [-7, 7] have std sqrt(56 / 3): unit-variance outputs
             k = 2 * schema[name.replace("wscale", "qweight")][0][1]
-            t = torch.full(shape, 1.0 / (4.6 * k ** 0.5), device=device, dtype=dtype)
+            t = torch.full(shape, 1.0 / ((56 / 3) * k) ** 0.5, device=device, dtype=dtype)
         elif name.endswith("bias"):
             t = (0.02 * torch.randn(shape, generator=g, device=device)).to(dtype)
         elif name.endswith("w_out"):

@@ -19,7 +19,8 @@ def test_kernel_path_logits_track_the_reference_at_every_step(name, layers, monk
     llm = LLM(model=model, device="cuda", num_blocks=64, max_model_len=1024)
     steps = []
     llm.logits_hook = lambda seqs, logits: steps.append((list(seqs[0].token_ids), logits[0].float().clone()))
-    prompt = [random.Random(0).randrange(1000) for _ in range(100)]
+    rng = random.Random(0)
+    prompt = [rng.randrange(1000) for _ in range(100)]
     llm.generate([prompt], SamplingParams(temperature=0, max_tokens=64, ignore_eos=True))
     assert len(steps) == 64
     monkeypatch.setenv("QUAD_BACKEND", "reference")

@@ -59,9 +59,12 @@ class Attention(nn.Module):
         k = ops.hadamard(apply_rope(k, cos, sin), cfg.hadamard_head)
         ctx = get_context()
         if ctx is None:  # full recompute: the cache's int4 round trip is simulated
-            k = ref.fake_quant_kv(k, cfg.kv_bits, cfg.kv_clip)
-            v = ref.fake_quant_kv(v, cfg.kv_bits, cfg.kv_clip)
-            attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            if cfg.quantized:  # the engine's numerics: float16 K / V into the cache, float16 attention
+                k = ref.fake_quant_kv(k.half().float(), cfg.kv_bits, cfg.kv_clip)
+                v = ref.fake_quant_kv(v.half().float(), cfg.kv_bits, cfg.kv_clip)
+                attn = ops.causal_attention(q, k, v)
+            else:  # the float32 invariance check of the rotations
+                attn = F.scaled_dot_product_attention(q, k.float(), v.float(), is_causal=True, enable_gqa=True)
             attn = attn.transpose(1, 2).reshape(b, t, nq)
         else:  # engine step: the batch is packed into t tokens (b == 1)
             k_new, v_new = k[0].transpose(0, 1), v[0].transpose(0, 1)
