@@ -27,10 +27,10 @@ def test_kernel_path_logits_track_the_reference_at_every_step(name, layers, monk
     with torch.no_grad():
         tokens = steps[-1][0]
         ref_logits = model(torch.tensor([tokens], device="cuda"))[0]  # full recompute, reference ops
-    for i, (seen, logits) in enumerate(steps):
-        want = ref_logits[len(seen) - 1]
-        rel = float((logits - want).norm() / want.norm())
-        assert rel <= 2e-2, (i, rel)
+    rels = [float((logits - ref_logits[len(seen) - 1]).norm() / ref_logits[len(seen) - 1].norm())
+            for seen, logits in steps]
+    print(f"{name}: relative logit error per step, max {max(rels):.2e}, mean {sum(rels) / len(rels):.2e}")
+    assert max(rels) <= 2e-2, [f"{r:.1e}" for r in rels]
 
 
 def test_64_concurrent_requests_finish_under_kv_pressure():
