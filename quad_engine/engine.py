@@ -7,6 +7,7 @@ a StepContext, and the sampler turns the last position of each sequence into its
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -42,14 +43,22 @@ class GenerateStats:
     steps: list = field(default_factory=list)
 
 
+@contextlib.contextmanager
 def _step_range(is_prefill: bool):
-    """A quad::prefill_step / quad::decode_step profiler range when the bench profiles."""
-    import contextlib
-
+    """When the bench profiles: the step's synchronized wall time into ops.PROFILE_TIMES under
+    prefill/total or decode/total (and the number of steps under .../steps); the ops called
+    inside it file their time under the same phase."""
     from quad_engine import ops
     if not ops.PROFILE:
-        return contextlib.nullcontext()
-    return torch.profiler.record_function("quad::prefill_step" if is_prefill else "quad::decode_step")
+        yield
+        return
+    ops.PROFILE_PHASE = "prefill" if is_prefill else "decode"
+    ops._sync()
+    start = time.perf_counter()
+    yield
+    ops._sync()
+    ops.profile_add(f"{ops.PROFILE_PHASE}/total", time.perf_counter() - start)
+    ops.profile_add(f"{ops.PROFILE_PHASE}/steps", 1)
 
 
 def pick_device(device: str | None) -> torch.device:

@@ -6,6 +6,7 @@ import random
 import pytest
 import torch
 
+from quad_engine import ops
 from quad_engine.engine import LLM
 from quad_engine.sampling import SamplingParams
 from quad_engine.synthetic import synthetic_model
@@ -13,8 +14,21 @@ from quad_engine.synthetic import synthetic_model
 pytestmark = pytest.mark.gpu
 
 
+def _relative_errors(logits: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    return (logits.float() - ref).norm(dim=-1) / ref.norm(dim=-1)
+
+
 @pytest.mark.parametrize("name,layers", [("smollm2-135m", 30), ("llama-3-8b", 2)])
 def test_kernel_path_logits_track_the_reference_at_every_step(name, layers, monkeypatch):
+    """Teacher-forced logits of the engine (kernels, paged int4 cache, 64 decode steps) against a
+    full recompute on the reference backend.
+
+    An activation quantizer turns an input difference far below its step into whole-step flips, so
+    float32 summation-order differences between kernel and reference grow layer by layer until the
+    two differ by about the model's own quantization noise (docs/results.md has the measurement).
+    The bound is therefore relative to that noise: the reference against itself with every norm
+    input perturbed by 1e-6 (relative), far below float16's resolution. A wrong kernel (scale,
+    layout, Hadamard, cache) is off by 100% or more; a correct one is within this noise."""
     model = synthetic_model(name, device="cuda", num_layers=layers, mode="w4a4a8")
     llm = LLM(model=model, device="cuda", num_blocks=64, max_model_len=1024)
     steps = []
@@ -24,13 +38,27 @@ def test_kernel_path_logits_track_the_reference_at_every_step(name, layers, monk
     llm.generate([prompt], SamplingParams(temperature=0, max_tokens=64, ignore_eos=True))
     assert len(steps) == 64
     monkeypatch.setenv("QUAD_BACKEND", "reference")
+    tokens = torch.tensor([steps[-1][0]], device="cuda")
+    positions = torch.tensor([len(seen) - 1 for seen, _ in steps], device="cuda")
     with torch.no_grad():
-        tokens = steps[-1][0]
-        ref_logits = model(torch.tensor([tokens], device="cuda"))[0]  # full recompute, reference ops
-    rels = [float((logits - ref_logits[len(seen) - 1]).norm() / ref_logits[len(seen) - 1].norm())
-            for seen, logits in steps]
-    print(f"{name}: relative logit error per step, max {max(rels):.2e}, mean {sum(rels) / len(rels):.2e}")
-    assert max(rels) <= 2e-2, [f"{r:.1e}" for r in rels]
+        ref = model(tokens)[0][positions]  # full recompute, reference ops
+        norm_quant = ops.rmsnorm_quant
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        monkeypatch.setattr(ops, "rmsnorm_quant", lambda h, *a: norm_quant(
+            h * (1 + 1e-6 * torch.randn(h.shape, device=h.device, generator=gen)), *a))
+        noisy = model(tokens)[0][positions]
+    kernel_err = _relative_errors(torch.stack([logits for _, logits in steps]), ref)
+    noise_err = _relative_errors(noisy, ref)
+    print(f"\n{name} x{layers}: logits vs reference, relative error over 64 steps: kernels max "
+          f"{kernel_err.max():.2e} mean {kernel_err.mean():.2e}; reference with 1e-6 noise max "
+          f"{noise_err.max():.2e} mean {noise_err.mean():.2e}")
+    assert kernel_err.mean() <= 1.5 * noise_err.mean() + 2e-3, (kernel_err.tolist(), noise_err.tolist())
+    assert kernel_err.max() <= 2 * noise_err.max() + 2e-3
+    # Top-1 agreement wherever the reference's own margin is clear of that noise.
+    top2 = ref.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 8 * noise_err.max() * ref.norm(dim=-1) / ref.shape[-1] ** 0.5
+    agree = torch.stack([logits for _, logits in steps]).argmax(-1) == ref.argmax(-1)
+    assert agree[clear].all(), (clear.sum().item(), agree[clear].sum().item())
 
 
 def test_64_concurrent_requests_finish_under_kv_pressure():
@@ -45,8 +73,9 @@ def test_64_concurrent_requests_finish_under_kv_pressure():
     assert llm.block_manager.num_free_blocks == 40
 
 
-def test_cuda_graphs_on_and_off_give_identical_tokens():
-    model = synthetic_model("smollm2-135m", device="cuda", num_layers=4)
+@pytest.mark.parametrize("name", ["smollm2-135m", "llama-3-8b"])
+def test_cuda_graphs_on_and_off_give_identical_tokens(name):
+    model = synthetic_model(name, device="cuda", num_layers=4 if name == "smollm2-135m" else 2)
     rng = random.Random(2)
     prompts = [[rng.randrange(1000) for _ in range(rng.randint(5, 200))] for _ in range(5)]
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)

@@ -130,4 +130,8 @@ class QuadForCausalLM(nn.Module):
         return ref.rmsnorm_widened(h, self.cfg.hidden_size, self.cfg.rms_norm_eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """float32 logits [.., V]. On a GPU a float16 tensor-core GEMM: a float32 copy of a 128k-row
+        head would cost more than the rest of a decode step (and gigabytes inside a CUDA graph)."""
+        if hidden.is_cuda:
+            return F.linear(hidden.to(self.lm_head.dtype), self.lm_head).float()
         return hidden @ self.lm_head.float().T
