@@ -116,6 +116,13 @@ def hadamard_quant(x: torch.Tensor, spec: HadamardSpec | None, bits: int, clip: 
 
 
 @_profiled("hadamard")
+def rope_hadamard(x: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
+    """RoPE then the head Hadamard as one batched matmul: x [B, T, heads, hd] (any float dtype),
+    matrices [B or 1, T, hd, hd] (models.llama.rope_hadamard_matrices); float32 [B, T, heads, hd]."""
+    return torch.matmul(x.float(), matrices)
+
+
+@_profiled("hadamard")
 def hadamard(x: torch.Tensor, spec: HadamardSpec | None) -> torch.Tensor:
     return x.float() if spec is None else apply_hadamard(x.float(), spec.factors, spec.block)
 

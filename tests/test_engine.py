@@ -173,3 +173,19 @@ def test_stop_strings_and_streaming_see_the_same_text(checkpoint):
                                                                 stop=[stop]), on_token=lambda i, d: pieces.append(d))
     assert cut[0].text == text[:text.find(stop)] and cut[0].finish_reason == "stop"
     assert "".join(pieces) == cut[0].text or text.find(stop) == 0
+
+
+@pytest.mark.parametrize("head_dim", [64, 80, 128])
+def test_rope_and_head_hadamard_as_one_matrix_per_token_equal_the_two_steps(head_dim):
+    """The small-step path (one matmul with per-token matrices) against RoPE then the Hadamard."""
+    from quad_engine import ops
+    from quad_engine.models.llama import apply_rope, rope_cos_sin, rope_hadamard_matrices
+    from quad_engine.synthetic import _online
+
+    spec = _online(head_dim)
+    inv_freq = 1.0 / 500000 ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    cos, sin = rope_cos_sin(inv_freq, torch.tensor([[0, 1, 5, 100, 4095, 8191]]), 1.0)
+    x = torch.randn(1, 6, 3, head_dim)
+    want = ops.hadamard(apply_rope(x.transpose(1, 2), cos, sin), spec).transpose(1, 2)
+    got = ops.rope_hadamard(x, rope_hadamard_matrices(cos, sin, spec))
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()

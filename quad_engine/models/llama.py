@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels_tl import reference as ref
+from kernels_tl.hadamard import apply_hadamard
 from quad_engine import ops
 from quad_engine.config import QuadConfig
 from quad_engine.context import get_context
@@ -35,6 +36,22 @@ def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, scale: float) 
     return emb.cos() * scale, emb.sin() * scale
 
 
+def rope_hadamard_matrices(cos: torch.Tensor, sin: torch.Tensor, spec) -> torch.Tensor:
+    """Per-token matrices M [B, T, hd, hd] with x @ M = hadamard(apply_rope(x)) for a row x of one
+    head at that token: (x·cos + rotate_half(x)·sin) @ H = x @ (diag(cos) H + P diag(sin) H), P the
+    rotate-half permutation. Built once per forward and shared by every layer, they turn RoPE and
+    the head Hadamard of Q and K into one batched matmul per layer instead of a dozen elementwise
+    kernels (what a decode step's time goes to)."""
+    hd = cos.shape[-1]
+    eye = torch.eye(hd, device=cos.device, dtype=torch.float32)
+    h = eye if spec is None else apply_hadamard(eye, spec.factors, spec.block)
+    half = hd // 2
+    # rotate_half(x)_j = -x_(j+half) for j < half, x_(j-half) above; cos and sin repeat with period
+    # half, so P diag(sin) H = diag(sin) [H_(half:) ; -H_(:half)].
+    rot_h = torch.cat((h[half:], -h[:half]), dim=0)
+    return cos.unsqueeze(-1) * h + sin.unsqueeze(-1) * rot_h
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: QuadConfig, tensors: dict[str, torch.Tensor], prefix: str):
         super().__init__()
@@ -43,20 +60,25 @@ class Attention(nn.Module):
         self.o = ops.QuantWeights.from_checkpoint(tensors, prefix + "o.")
         self.kv_cache: tuple | None = None  # (k_data, k_meta, v_data, v_meta), set by the engine
 
-    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                rope_h: torch.Tensor | None = None) -> torch.Tensor:
         cfg, bits = self.cfg, self.cfg.act_bits
         b, t, _ = h.shape
         x_out, x_q, x_s = ops.rmsnorm_quant(h, cfg.rank, cfg.hidden_size, cfg.rms_norm_eps,
                                             bits["qkv"], cfg.act_clip)
         qkv = self.qkv(x_q, x_s, x_out)
         nq, nkv, hd = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.head_dim
-        q = qkv[..., :nq].view(b, t, cfg.num_heads, hd).transpose(1, 2)
-        k = qkv[..., nq:nq + nkv].view(b, t, cfg.num_kv_heads, hd).transpose(1, 2)
         v = qkv[..., nq + nkv:].view(b, t, cfg.num_kv_heads, hd).transpose(1, 2)
         # The head_dim Hadamard after RoPE spreads K's outliers so its int4 cache quantizes well;
         # Q gets the same one so QKᵀ is unchanged. V's was fused into v_proj offline.
-        q = ops.hadamard(apply_rope(q, cos, sin), cfg.hadamard_head)
-        k = ops.hadamard(apply_rope(k, cos, sin), cfg.hadamard_head)
+        if rope_h is not None:  # both in one matmul with the per-token matrices
+            qk = ops.rope_hadamard(qkv[..., :nq + nkv].view(b, t, cfg.num_heads + cfg.num_kv_heads, hd), rope_h)
+            q, k = qk[:, :, :cfg.num_heads].transpose(1, 2), qk[:, :, cfg.num_heads:].transpose(1, 2)
+        else:
+            q = qkv[..., :nq].view(b, t, cfg.num_heads, hd).transpose(1, 2)
+            k = qkv[..., nq:nq + nkv].view(b, t, cfg.num_kv_heads, hd).transpose(1, 2)
+            q = ops.hadamard(apply_rope(q, cos, sin), cfg.hadamard_head)
+            k = ops.hadamard(apply_rope(k, cos, sin), cfg.hadamard_head)
         ctx = get_context()
         if ctx is None:  # full recompute: the cache's int4 round trip is simulated
             if cfg.quantized:  # the engine's numerics: float16 K / V into the cache, float16 attention
@@ -98,13 +120,16 @@ class DecoderLayer(nn.Module):
         self.attn = Attention(cfg, tensors, f"layers.{index}.")
         self.mlp = MLP(cfg, tensors, f"layers.{index}.")
 
-    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        h = h + self.attn(h, cos, sin)
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                rope_h: torch.Tensor | None = None) -> torch.Tensor:
+        h = h + self.attn(h, cos, sin, rope_h)
         return h + self.mlp(h)
 
 
 class QuadForCausalLM(nn.Module):
     """Reference-backend model: forward(input_ids [B, T]) -> float32 logits [B, T, V]."""
+
+    ROPE_MATRIX_MAX_TOKENS = 512
 
     def __init__(self, cfg: QuadConfig, tensors: dict[str, torch.Tensor]):
         super().__init__()
@@ -124,9 +149,15 @@ class QuadForCausalLM(nn.Module):
         if positions is None:
             positions = torch.arange(input_ids.shape[-1], device=input_ids.device).unsqueeze(0)
         cos, sin = rope_cos_sin(self.inv_freq, positions, self.cfg.rope_attention_scaling)
+        # Small steps (decode, short prompts): RoPE + head Hadamard as per-token matrices, built once
+        # here ([tokens, hd, hd] float32, 64 KB a token at hd 128); long prefills keep the elementwise
+        # form, whose cost is spread over many tokens.
+        rope_h = None
+        if input_ids.numel() <= self.ROPE_MATRIX_MAX_TOKENS:
+            rope_h = rope_hadamard_matrices(cos, sin, self.cfg.hadamard_head)
         h = self.embed[input_ids].float()
         for layer in self.layers:
-            h = layer(h, cos, sin)
+            h = layer(h, cos, sin, rope_h)
         return ref.rmsnorm_widened(h, self.cfg.hidden_size, self.cfg.rms_norm_eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
