@@ -1,0 +1,100 @@
+"""Kernel-level profile of one engine prefill and of decode steps on the GPU: which kernels a step
+runs, how many, and their device time. Writes tables under OUT_DIR.
+
+    python3 scripts/gpu_profile_step.py OUT_DIR [--arch llama-3-8b] [--prefill 2048] [--context 1024]
+"""
+
+import argparse
+import random
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from quad_engine.engine import LLM
+from quad_engine.sampling import SamplingParams
+from quad_engine.synthetic import synthetic_model
+
+
+ON_GPU = torch.cuda.is_available()
+
+
+def kernel_times(prof) -> dict[str, tuple[float, int]]:
+    """name -> (device µs, calls) of every op that ran on the GPU (CPU time of the aten ops on a
+    machine without one, so that the script can be tried there)."""
+    if not ON_GPU:
+        return {e.key: (e.self_cpu_time_total, e.count) for e in prof.key_averages() if e.key.startswith("aten::")}
+    return {e.key: (e.device_time_total, e.count) for e in prof.key_averages() if e.device_time_total > 0}
+
+
+def table(times: dict[str, tuple[float, int]], steps: int, minus: dict | None = None) -> str:
+    """Per-step table; `minus` (another run's kernel_times) is subtracted first, to leave only
+    the decode steps of a run that also prefilled."""
+    minus = minus or {}
+    rows = {k: (t - minus.get(k, (0, 0))[0], n - minus.get(k, (0, 0))[1]) for k, (t, n) in times.items()}
+    rows = sorted(((k, t, n) for k, (t, n) in rows.items() if n > 0), key=lambda r: -r[1])
+    total, kernels = sum(t for _, t, _ in rows), sum(n for _, _, n in rows)
+    lines = [f"{steps} step(s): {total / steps / 1e3:.3f} ms device time and {kernels / steps:.0f} GPU ops a step",
+             f"{'ms/step':>9} {'calls/step':>10}  name"]
+    for k, t, n in rows[:60]:
+        lines.append(f"{t / steps / 1e3:9.3f} {n / steps:10.1f}  {k[:150]}")
+    return "\n".join(lines)
+
+
+def sync() -> None:
+    if ON_GPU:
+        torch.cuda.synchronize()
+
+
+def profiled(fn) -> dict:
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ON_GPU else [])) as prof:
+        fn()
+        sync()
+    return kernel_times(prof)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("out")
+    p.add_argument("--arch", default="llama-3-8b")
+    p.add_argument("--mode", default="w4a4a8")
+    p.add_argument("--prefill", type=int, default=2048)
+    p.add_argument("--context", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--layers", type=int, default=None, help="decoder layers (default: the architecture's)")
+    args = p.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = "cuda" if ON_GPU else "cpu"
+    model = synthetic_model(args.arch, device=device, mode=args.mode, num_layers=args.layers)
+    llm = LLM(model=model, device=device, max_model_len=max(args.prefill, args.context) + args.steps + 8,
+              kv_cache_gb=8 if ON_GPU else 0.25)
+    rng = random.Random(0)
+    greedy = dict(temperature=0, ignore_eos=True)
+    long_prompt = [rng.randrange(1000) for _ in range(args.prefill)]
+    ctx_prompt = [rng.randrange(1000) for _ in range(args.context)]
+    llm.generate([long_prompt], SamplingParams(max_tokens=2, **greedy))  # warm-up
+    llm.generate([ctx_prompt], SamplingParams(max_tokens=args.steps, **greedy))
+    sync()
+    prefill = profiled(lambda: llm.generate([long_prompt], SamplingParams(max_tokens=1, **greedy)))
+    (out / "profile_prefill.txt").write_text(table(prefill, 1))
+    modes = (False, True) if ON_GPU else (False,)
+    for graphs in modes:
+        llm.use_cuda_graph = graphs
+        llm.generate([ctx_prompt], SamplingParams(max_tokens=3, **greedy))  # warm-up / capture
+        ctx_prefill = profiled(lambda: llm.generate([ctx_prompt], SamplingParams(max_tokens=1, **greedy)))
+        times = []
+        llm.step_hook = times.append
+        both = profiled(lambda: llm.generate([ctx_prompt], SamplingParams(max_tokens=args.steps + 1, **greedy)))
+        llm.step_hook = None
+        name = "graph" if graphs else "eager"
+        decode_ms = [round(1e3 * t, 3) for t in sorted(times[1:])]
+        text = table(both, args.steps, minus=ctx_prefill) + f"\n\nwall ms per decode step (sorted): {decode_ms}\n"
+        (out / f"profile_decode_{name}.txt").write_text(text)
+    print((out / "profile_prefill.txt").read_text().splitlines()[0])
+    for name in ("eager", "graph")[:len(modes)]:
+        print(name, (out / f"profile_decode_{name}.txt").read_text().splitlines()[0])
+
+
+if __name__ == "__main__":
+    main()
