@@ -204,6 +204,10 @@ def environment() -> dict:
 
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10).stdout.strip()
+        # A tree that differs from the commit says so: the commit alone would claim code it did not run.
+        if commit and subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                     text=True, timeout=10).stdout.strip():
+            commit += "-dirty"
     except (OSError, subprocess.SubprocessError):
         commit = None
     env = {"torch": torch.__version__, "python": platform.python_version(), "git_commit": commit or None,
