@@ -84,11 +84,17 @@ def _block_allreduce(value, red, off: int, tx, warps: int, is_sum: bool):
 
 @functools.lru_cache(maxsize=None)
 def rmsnorm_quant(width: int, rank: int, d: int, bits: int, clip: float, eps: float, target=None,
-                  threads=None):
+                  threads=None, residual: str = "float16"):
     """Build (and cache) the fused norm for one residual width (= rank + d).
 
-    Call it as kernel(H, XO, XQ, XS): H float16 [m, rank + d] is read; XO float16 [m, max(rank, 16)]
-    (columns >= rank untouched), XQ int8 [m, d] and XS float32 [m] are written, not allocated.
+    residual "float16": call it as kernel(H, XO, XQ, XS): H float16 [m, rank + d] is read.
+    residual "float32": the same with H float32, rounded to float16 on load (the numerics' norm
+    input), so the model's float32 residual needs no separate cast kernel.
+    residual "add": kernel(H, D, XO, XQ, XS): H float32 [m, rank + d] += D float16 in place (the
+    residual add of the branch before it), then the norm of float16(H) as above: one pass over
+    the row instead of an add kernel, a cast kernel and the norm.
+    XO float16 [m, max(rank, 16)] (columns >= rank untouched), XQ int8 [m, d] and XS float32 [m]
+    are written, not allocated.
 
     One block per token: each thread loads 16-byte vectors of 8 halves (interleaved over threads, so
     a warp reads 512 contiguous bytes), keeps them in registers, and one block reduction gives both
@@ -96,6 +102,7 @@ def rmsnorm_quant(width: int, rank: int, d: int, bits: int, clip: float, eps: fl
     normalized amax is amax·rsqrt(...) exactly, since rounding x·inv is monotonic in |x|.
     """
     assert width == rank + d and rank % 16 == 0 and d % 8 == 0, (width, rank, d)
+    assert residual in ("float16", "float32", "add"), residual
     _qmax(bits)
     vec = 8
     nvec = width // vec
@@ -105,57 +112,84 @@ def rmsnorm_quant(width: int, rank: int, d: int, bits: int, clip: float, eps: fl
     ragged = nvec % threads != 0
     warps = threads // 32
     r = max(rank, 16)  # a zero-width outlier output still needs a legal tensor; it is not written
+    in_dtype = "float16" if residual == "float16" else "float32"
+    add = residual == "add"
+
+    @T.macro
+    def body(H, D, XO, XQ, XS, bx):
+        tx = T.get_thread_binding()
+        xh = T.alloc_local((per_thread, vec), "float16")
+        hf = T.alloc_local((vec,), "float32")
+        red = T.alloc_shared((2 * warps,), "float32")
+        ss = T.alloc_var("float32", init=0)
+        amax = T.alloc_var("float32", init=0)
+        for v in T.unroll(per_thread):
+            col = (v * threads + tx) * vec
+            if not ragged or col < width:
+                if add:
+                    for e in T.vectorized(vec):
+                        hf[e] = H[bx, col + e] + T.Cast("float32", D[bx, col + e])
+                    for e in T.vectorized(vec):
+                        H[bx, col + e] = hf[e]
+                    for e in T.vectorized(vec):
+                        xh[v, e] = T.Cast("float16", hf[e])
+                else:
+                    for e in T.vectorized(vec):
+                        xh[v, e] = T.Cast("float16", H[bx, col + e])
+            else:
+                for e in T.vectorized(vec):
+                    xh[v, e] = T.float16(0)
+            for e in T.unroll(vec):
+                x = T.Cast("float32", xh[v, e])
+                ss += x * x
+                if rank == 0 or col >= rank:
+                    amax = T.max(amax, T.abs(x))
+        total = _block_allreduce(ss, red, 0, tx, warps, True)
+        amax_raw = _block_allreduce(amax, red, warps, tx, warps, False)
+        # The widened stream carries the original stream's norm: divide by d, not rank + d.
+        inv = T.alloc_var("float32", init=T.rsqrt(total / T.float32(d) + T.float32(eps)))
+        scale = T.alloc_var("float32", init=_token_scale(amax_raw * inv, bits, clip))
+        rcp = T.alloc_var("float32", init=T.float32(1) / scale)
+        qv = T.alloc_local((vec,), "int8")
+        if tx == 0:
+            XS[bx] = scale
+        for v in T.unroll(per_thread):
+            col = (v * threads + tx) * vec
+            # rank is a multiple of 16: a vector is entirely outlier or entirely quantized.
+            if rank > 0 and col < rank:
+                for e in T.vectorized(vec):
+                    XO[bx, col + e] = T.Cast("float16", T.Cast("float32", xh[v, e]) * inv)
+            elif not ragged or col < width:
+                for e in T.unroll(vec):
+                    qv[e] = _quantize(T.Cast("float32", xh[v, e]) * inv, scale, rcp, bits)
+                for e in T.vectorized(vec):
+                    XQ[bx, col - rank + e] = qv[e]
 
     @tilelang.jit(target=_TARGETS[target], pass_configs=_PASS_CONFIGS)
     def build():
         m = T.dynamic("m")
 
-        @T.prim_func
-        def main(
-            H: T.Tensor((m, width), "float16"),
-            XO: T.Tensor((m, r), "float16"),
-            XQ: T.Tensor((m, d), "int8"),
-            XS: T.Tensor((m,), "float32"),
-        ):
-            with T.Kernel(m, threads=threads) as bx:
-                tx = T.get_thread_binding()
-                xh = T.alloc_local((per_thread, vec), "float16")
-                red = T.alloc_shared((2 * warps,), "float32")
-                ss = T.alloc_var("float32", init=0)
-                amax = T.alloc_var("float32", init=0)
-                for v in T.unroll(per_thread):
-                    col = (v * threads + tx) * vec
-                    if not ragged or col < width:
-                        for e in T.vectorized(vec):
-                            xh[v, e] = H[bx, col + e]
-                    else:
-                        for e in T.vectorized(vec):
-                            xh[v, e] = T.float16(0)
-                    for e in T.unroll(vec):
-                        x = T.Cast("float32", xh[v, e])
-                        ss += x * x
-                        if rank == 0 or col >= rank:
-                            amax = T.max(amax, T.abs(x))
-                total = _block_allreduce(ss, red, 0, tx, warps, True)
-                amax_raw = _block_allreduce(amax, red, warps, tx, warps, False)
-                # The widened stream carries the original stream's norm: divide by d, not rank + d.
-                inv = T.alloc_var("float32", init=T.rsqrt(total / T.float32(d) + T.float32(eps)))
-                scale = T.alloc_var("float32", init=_token_scale(amax_raw * inv, bits, clip))
-                rcp = T.alloc_var("float32", init=T.float32(1) / scale)
-                qv = T.alloc_local((vec,), "int8")
-                if tx == 0:
-                    XS[bx] = scale
-                for v in T.unroll(per_thread):
-                    col = (v * threads + tx) * vec
-                    # rank is a multiple of 16: a vector is entirely outlier or entirely quantized.
-                    if rank > 0 and col < rank:
-                        for e in T.vectorized(vec):
-                            XO[bx, col + e] = T.Cast("float16", T.Cast("float32", xh[v, e]) * inv)
-                    elif not ragged or col < width:
-                        for e in T.unroll(vec):
-                            qv[e] = _quantize(T.Cast("float32", xh[v, e]) * inv, scale, rcp, bits)
-                        for e in T.vectorized(vec):
-                            XQ[bx, col - rank + e] = qv[e]
+        if add:
+            @T.prim_func
+            def main(
+                H: T.Tensor((m, width), "float32"),
+                D: T.Tensor((m, width), "float16"),
+                XO: T.Tensor((m, r), "float16"),
+                XQ: T.Tensor((m, d), "int8"),
+                XS: T.Tensor((m,), "float32"),
+            ):
+                with T.Kernel(m, threads=threads) as bx:
+                    body(H, D, XO, XQ, XS, bx)
+        else:
+            @T.prim_func
+            def main(
+                H: T.Tensor((m, width), in_dtype),
+                XO: T.Tensor((m, r), "float16"),
+                XQ: T.Tensor((m, d), "int8"),
+                XS: T.Tensor((m,), "float32"),
+            ):
+                with T.Kernel(m, threads=threads) as bx:
+                    body(H, H, XO, XQ, XS, bx)  # D is never read without the add
 
         return main
 
@@ -297,7 +331,7 @@ def _layout(n: int, factors: tuple, block, threads=None, cols_per_thread=None, m
 
 @functools.lru_cache(maxsize=None)
 def _hadamard_quant(n: int, factors: tuple, block, bits: int, clip: float, target, threads, cols_per_thread,
-                    min_blocks, max_radix):
+                    min_blocks, max_radix, gated: bool = False):
     _qmax(bits)
     f, p, nb, cpt, threads, plan = _layout(n, factors, block, threads, cols_per_thread, max_radix)
     size = f * p
@@ -336,7 +370,7 @@ def _hadamard_quant(n: int, factors: tuple, block, bits: int, clip: float, targe
 
         @T.prim_func
         def main(
-            X: T.Tensor((m, n), "float16"),
+            X: T.Tensor((m, 2 * n if gated else n), "float16"),
             XQ: T.Tensor((m, n), "int8"),
             XS: T.Tensor((m,), "float32"),
         ):
@@ -362,8 +396,15 @@ def _hadamard_quant(n: int, factors: tuple, block, bits: int, clip: float, targe
                         col0 = cg * cpt
                         gbase = col0 if nb == 1 or f == 1 else col0 + (col0 // p) * ((f - 1) * p)
                         for i in rows:
-                            for t in T.vectorized(cpt):
-                                xin[i, t] = T.Cast("float32", X[bx, gbase + i * p + t])
+                            if gated:  # torch's float16 F.silu(gate) * up, each rounded to float16
+                                for t in T.unroll(cpt):
+                                    g = T.Cast("float32", X[bx, gbase + i * p + t])
+                                    sg = T.Cast("float16", g / (T.float32(1) + T.exp(T.float32(0) - g)))
+                                    xin[i, t] = T.Cast("float32", T.Cast("float16", T.Cast("float32", sg) * T.Cast(
+                                        "float32", X[bx, n + gbase + i * p + t])))
+                            else:
+                                for t in T.vectorized(cpt):
+                                    xin[i, t] = T.Cast("float32", X[bx, gbase + i * p + t])
                         for t in list(range(cpt)):
                             if quads:
                                 _quad_combos(xin, comb, t, quads)
@@ -493,7 +534,7 @@ def _butterfly_pass(S, tx, threads: int, n: int, stride: int, radix: int, lo: in
 
 
 def hadamard_quant(n: int, factors, block, bits: int, clip: float, target=None, threads=None,
-                   cols_per_thread=None, min_blocks=None, max_radix=None):
+                   cols_per_thread=None, min_blocks=None, max_radix=None, gated: bool = False):
     """Build (and cache) the fused online Hadamard + per-token quantization for one activation width.
 
     Call it as kernel(X, XQ, XS): X float16 [m, n] is read; XQ int8 [m, n] and XS float32 [m] are
@@ -508,37 +549,54 @@ def hadamard_quant(n: int, factors, block, bits: int, clip: float, target=None, 
     conflicts); the last pass stays in registers for absmax + quantize + 16-byte int8 stores.
     threads, cols_per_thread (a power of two ≤ 8), min_blocks (per SM, caps registers) and
     max_radix (bits per strided butterfly pass) override the defaults, for tuning.
+
+    gated: X is the MLP's float16 gate_up [m, 2n] (gate first) and the transform runs on
+    silu(gate) * up, computed on load as torch computes it in float16 (each op rounded to float16):
+    the SwiGLU's two elementwise kernels and its [m, n] intermediate disappear.
     """
     return _hadamard_quant(int(n), tuple(int(f) for f in factors), None if block is None else int(block),
-                           int(bits), float(clip), target, threads, cols_per_thread, min_blocks, max_radix)
+                           int(bits), float(clip), target, threads, cols_per_thread, min_blocks, max_radix,
+                           bool(gated))
 
 
 # ---------------------------------------------------------------- dispatch entry points
 
-def rmsnorm_quant_op(h, rank: int, d: int, eps: float, bits: int, clip: float):
-    """(x_out float16 [.., rank], x_q int8 [.., d], x_scale float32 [.., 1]) of the widened residual h."""
+def rmsnorm_quant_op(h, rank: int, d: int, eps: float, bits: int, clip: float, residual=None):
+    """(x_out float16 [.., rank], x_q int8 [.., d], x_scale float32 [.., 1]) of the widened residual h
+    (float16, or float32: rounded to float16 on load). With `residual` (float16, h's shape; h float32
+    and contiguous) h += residual in place first, in the same pass."""
     import torch
 
     lead = h.shape[:-1]
-    h2 = h.reshape(-1, h.shape[-1]).to(torch.float16).contiguous()
+    if residual is not None:
+        assert h.dtype == torch.float32 and h.is_contiguous(), "the fused add updates a contiguous float32 h"
+        h2, mode = h.view(-1, h.shape[-1]), "add"
+    elif h.dtype == torch.float32:
+        h2, mode = h.reshape(-1, h.shape[-1]).contiguous(), "float32"
+    else:
+        h2, mode = h.reshape(-1, h.shape[-1]).to(torch.float16).contiguous(), "float16"
     m = h2.shape[0]
-    kernel = rmsnorm_quant(rank + d, rank, d, bits, float(clip), float(eps))
+    kernel = rmsnorm_quant(rank + d, rank, d, bits, float(clip), float(eps), residual=mode)
     x_out = torch.empty(m, max(rank, 16), dtype=torch.float16, device=h.device)
     x_q = torch.empty(m, d, dtype=torch.int8, device=h.device)
     x_scale = torch.empty(m, dtype=torch.float32, device=h.device)
     if m:
-        kernel(h2, x_out, x_q, x_scale)
+        if residual is not None:
+            kernel(h2, residual.reshape(m, -1).to(torch.float16).contiguous(), x_out, x_q, x_scale)
+        else:
+            kernel(h2, x_out, x_q, x_scale)
     return x_out[:, :rank].reshape(*lead, rank), x_q.reshape(*lead, d), x_scale.reshape(*lead, 1)
 
 
-def hadamard_quant_op(x, factors, block, bits: int, clip: float):
-    """(x_q int8 [.., n], x_scale float32 [.., 1]) of apply_hadamard(x) quantized per token."""
+def hadamard_quant_op(x, factors, block, bits: int, clip: float, gated: bool = False):
+    """(x_q int8 [.., n], x_scale float32 [.., 1]) of apply_hadamard(x) quantized per token; with
+    gated, x is gate_up [.., 2n] and the transform runs on silu(gate) * up."""
     import torch
 
-    lead, n = x.shape[:-1], x.shape[-1]
-    x2 = x.reshape(-1, n).to(torch.float16).contiguous()
+    lead, n = x.shape[:-1], x.shape[-1] // (2 if gated else 1)
+    x2 = x.reshape(-1, x.shape[-1]).to(torch.float16).contiguous()
     m = x2.shape[0]
-    kernel = hadamard_quant(n, factors, block, bits, clip)
+    kernel = hadamard_quant(n, factors, block, bits, clip, gated=gated)
     x_q = torch.empty(m, n, dtype=torch.int8, device=x.device)
     x_scale = torch.empty(m, dtype=torch.float32, device=x.device)
     if m:

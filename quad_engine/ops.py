@@ -86,19 +86,27 @@ def use_kernels(t: torch.Tensor) -> bool:
 
 
 @_profiled("quantize")
-def rmsnorm_quant(h: torch.Tensor, rank: int, hidden: int, eps: float, bits: int, clip: float):
+def rmsnorm_quant(h: torch.Tensor, rank: int, hidden: int, eps: float, bits: int, clip: float,
+                  residual: torch.Tensor | None = None):
     """Weightless RMSNorm of the widened residual, split into (x_out, x_q, x_scale).
 
-    With bits >= 16 (unquantized mode) x_q is the float activation and x_scale is None.
+    With `residual` (the previous branch's output, not yet added), h += residual in place first:
+    the kernel does both in one pass over the row. With bits >= 16 (unquantized mode) x_q is the
+    float activation and x_scale is None.
     """
     if bits >= 16:
+        if residual is not None:
+            h += residual
         normed = ref.rmsnorm_widened(h, hidden, eps)
         return normed[..., :rank], normed[..., rank:], None
-    h = h.half()  # the kernels read the residual as float16: so does the reference (see module doc)
-    if use_kernels(h) and rank % 16 == 0:
+    fused = residual is None or (h.dtype == torch.float32 and h.is_contiguous())
+    if use_kernels(h) and rank % 16 == 0 and fused:
         from kernels_tl.quantize import rmsnorm_quant_op
-        return rmsnorm_quant_op(h, rank, hidden, eps, bits, clip)
-    x_out, x_q, x_scale = ref.rmsnorm_split_quant(h.float(), rank, hidden, eps, bits, clip)
+        return rmsnorm_quant_op(h, rank, hidden, eps, bits, clip, residual)
+    if residual is not None:
+        h += residual
+    # The kernels read the residual as float16: so does the reference (see module doc).
+    x_out, x_q, x_scale = ref.rmsnorm_split_quant(h.half().float(), rank, hidden, eps, bits, clip)
     return x_out.half(), x_q, x_scale
 
 
@@ -113,6 +121,17 @@ def hadamard_quant(x: torch.Tensor, spec: HadamardSpec | None, bits: int, clip: 
         return hadamard_quant_op(x, tuple(spec.factors), spec.block, bits, clip)
     x = x.float() if spec is None else apply_hadamard(x.float(), spec.factors, spec.block)
     return ref.quantize_act(x, bits, clip)
+
+
+@_profiled("quantize")
+def swiglu_hadamard_quant(gate_up: torch.Tensor, spec: HadamardSpec | None, bits: int, clip: float):
+    """hadamard_quant(silu(gate) * up) of the MLP's gate_up [.., 2n] (gate first); the kernel
+    computes the SwiGLU on load, in torch's float16 arithmetic."""
+    if bits < 16 and spec is not None and use_kernels(gate_up):
+        from kernels_tl.quantize import hadamard_quant_op
+        return hadamard_quant_op(gate_up, tuple(spec.factors), spec.block, bits, clip, gated=True)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return hadamard_quant.__wrapped__(torch.nn.functional.silu(gate) * up, spec, bits, clip)
 
 
 @_profiled("hadamard")

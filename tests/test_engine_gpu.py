@@ -44,8 +44,10 @@ def test_kernel_path_logits_track_the_reference_at_every_step(name, layers, monk
         ref = model(tokens)[0][positions]  # full recompute, reference ops
         norm_quant = ops.rmsnorm_quant
         gen = torch.Generator(device="cuda").manual_seed(0)
-        monkeypatch.setattr(ops, "rmsnorm_quant", lambda h, *a: norm_quant(
-            h * (1 + 1e-6 * torch.randn(h.shape, device=h.device, generator=gen)), *a))
+        def noisy_norm_quant(h, *args, **kwargs):
+            h.mul_(1 + 1e-6 * torch.randn(h.shape, device=h.device, generator=gen))  # the residual itself
+            return norm_quant(h, *args, **kwargs)
+        monkeypatch.setattr(ops, "rmsnorm_quant", noisy_norm_quant)
         noisy = model(tokens)[0][positions]
     kernel_err = _relative_errors(torch.stack([logits for _, logits in steps]), ref)
     noise_err = _relative_errors(noisy, ref)

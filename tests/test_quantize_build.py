@@ -64,3 +64,24 @@ def test_hadamard_quant_builds(n, bits, tmp_path):
     # amax reduction. TileLang's own sync insertion would add one per store.
     assert src.count("__syncthreads()") == len(_layout(n, tuple(factors), block).plan) + 1
     assert ptxas_spills(src, tmp_path) == [0, 0]
+
+
+@pytest.mark.parametrize("residual", ["float32", "add"])
+def test_rmsnorm_quant_float32_residual_variants_build(residual, tmp_path):
+    from kernels_tl.quantize import SM90, rmsnorm_quant
+    src = rmsnorm_quant(64 + 4096, 64, 4096, 4, 0.9, 1e-5, target=SM90, residual=residual).get_kernel_source()
+    assert_reference_rounding(src)
+    assert "float* __restrict__ H" in src               # the float32 residual
+    assert ("*(float4*)(H +" in src) and (src.count("*(float4*)(H +") == (2 if residual == "add" else 1))
+    assert ("const half_t* __restrict__ D" in src) == (residual == "add")
+    assert src.count("__syncthreads()") == 2
+    assert ptxas_spills(src, tmp_path) == [0, 0]
+
+
+def test_gated_hadamard_quant_builds(tmp_path):
+    from kernels_tl.hadamard import hadamard_factors
+    from kernels_tl.quantize import SM90, hadamard_quant
+    src = hadamard_quant(1536, hadamard_factors(1536), None, 8, 0.9, target=SM90, gated=True).get_kernel_source()
+    assert_reference_rounding(src)
+    assert "expf(" in src and "__expf" not in src       # silu with the precise exp, as torch's kernel
+    assert ptxas_spills(src, tmp_path) == [0, 0]

@@ -112,6 +112,31 @@ def check_hadamard_quant(n: int, m: int, bits: int, **tuning):
         assert x_scale[0].item() == 1.0 and not x_q[0].any()
 
 
+@pytest.mark.parametrize("m", [1, 17, 2053])
+@pytest.mark.parametrize("rank,d", [(64, 4096), (64, 576), (0, 3584)])
+@pytest.mark.parametrize("residual", ["float32", "add"])
+def test_rmsnorm_quant_float32_residual_and_fused_add(rank, d, m, residual):
+    """The float32-residual variants: h read as float32 and rounded to float16 on load; with the
+    fused add, h += d in place (bit-exact: one float32 add) before the norm."""
+    from kernels_tl.quantize import rmsnorm_quant
+    seed = SEED + 7 * m + rank + d
+    h = activations(m, rank + d, seed, spread=20.0).float() * (1 + 1e-3 * torch.rand(m, rank + d, device="cuda"))
+    delta = activations(m, rank + d, seed + 1)
+    kernel = rmsnorm_quant(rank + d, rank, d, 4, CLIP, 1e-5, residual=residual)
+    x_out = torch.full((m, max(rank, 16)), float("nan"), device="cuda", dtype=torch.float16)
+    x_q = torch.full((m, d), 0x55, device="cuda", dtype=torch.int8)
+    x_scale = torch.full((m,), float("nan"), device="cuda")
+    want_h = h + delta.float() if residual == "add" else h.clone()
+    args = (h, delta) if residual == "add" else (h,)
+    kernel(*args, x_out, x_q, x_scale)
+    assert torch.equal(h, want_h), "the residual after the kernel"
+    out_ref, q_ref, s_ref = ref.rmsnorm_split_quant(want_h.half().float(), rank, d, 1e-5, 4, CLIP)
+    what = f"rmsnorm {residual} r={rank} d={d} m={m} seed={seed}"
+    assert_quantized_close(x_q, x_scale, q_ref, s_ref, what)
+    if rank:
+        torch.testing.assert_close(x_out[:, :rank].float(), out_ref, rtol=1e-3, atol=1e-3, msg=what)
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("m", MS)
 @pytest.mark.parametrize("n", HADAMARD_SIZES)
@@ -133,6 +158,24 @@ TUNINGS = [
 @pytest.mark.parametrize("n,tuning", TUNINGS)
 def test_hadamard_quant_tunings_match_reference(n, tuning, m):
     check_hadamard_quant(n, m, 4, **tuning)
+
+
+@pytest.mark.parametrize("m", [1, 17, 2053])
+@pytest.mark.parametrize("n", [14336, 1536, 18944])
+def test_gated_hadamard_quant_matches_silu_times_up_then_reference(n, m):
+    """The MLP variant: silu(gate) * up computed on load, as torch computes it in float16."""
+    from kernels_tl.quantize import hadamard_quant
+    seed = SEED + 31 * m + n
+    factors, block = hadamard_spec(n)
+    gate_up = activations(m, 2 * n, seed)
+    kernel = hadamard_quant(n, factors, block, 8, CLIP, gated=True)
+    x_q = torch.full((m, n), 0x55, device="cuda", dtype=torch.int8)
+    x_scale = torch.full((m,), float("nan"), device="cuda")
+    kernel(gate_up, x_q, x_scale)
+    gate, up = gate_up.chunk(2, dim=-1)
+    x = torch.nn.functional.silu(gate) * up
+    q_ref, s_ref = ref.quantize_act(apply_hadamard(x.float(), factors, block), 8, CLIP)
+    assert_quantized_close(x_q, x_scale, q_ref, s_ref, f"gated hadamard n={n} m={m} seed={seed}")
 
 
 def test_dispatch_wrappers():

@@ -60,12 +60,13 @@ class Attention(nn.Module):
         self.o = ops.QuantWeights.from_checkpoint(tensors, prefix + "o.")
         self.kv_cache: tuple | None = None  # (k_data, k_meta, v_data, v_meta), set by the engine
 
-    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    def forward(self, h: torch.Tensor, pending: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
                 rope_h: torch.Tensor | None = None) -> torch.Tensor:
+        """The attention branch's output for residual h, after h += pending (fused into the norm)."""
         cfg, bits = self.cfg, self.cfg.act_bits
         b, t, _ = h.shape
         x_out, x_q, x_s = ops.rmsnorm_quant(h, cfg.rank, cfg.hidden_size, cfg.rms_norm_eps,
-                                            bits["qkv"], cfg.act_clip)
+                                            bits["qkv"], cfg.act_clip, residual=pending)
         qkv = self.qkv(x_q, x_s, x_out)
         nq, nkv, hd = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.head_dim
         v = qkv[..., nq + nkv:].view(b, t, cfg.num_kv_heads, hd).transpose(1, 2)
@@ -105,12 +106,13 @@ class MLP(nn.Module):
         self.gate_up = ops.QuantWeights.from_checkpoint(tensors, prefix + "gate_up.")
         self.down = ops.QuantWeights.from_checkpoint(tensors, prefix + "down.")
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, pending: torch.Tensor | None) -> torch.Tensor:
+        """The MLP branch's output for residual h, after h += pending (fused into the norm)."""
         cfg, bits = self.cfg, self.cfg.act_bits
         x_out, x_q, x_s = ops.rmsnorm_quant(h, cfg.rank, cfg.hidden_size, cfg.rms_norm_eps,
-                                            bits["gate_up"], cfg.act_clip)
-        gate, up = self.gate_up(x_q, x_s, x_out).chunk(2, dim=-1)
-        a_q, a_s = ops.hadamard_quant(F.silu(gate) * up, cfg.hadamard_down, bits["down"], cfg.act_clip)
+                                            bits["gate_up"], cfg.act_clip, residual=pending)
+        gate_up = self.gate_up(x_q, x_s, x_out)
+        a_q, a_s = ops.swiglu_hadamard_quant(gate_up, cfg.hadamard_down, bits["down"], cfg.act_clip)
         return self.down(a_q, a_s)
 
 
@@ -120,10 +122,17 @@ class DecoderLayer(nn.Module):
         self.attn = Attention(cfg, tensors, f"layers.{index}.")
         self.mlp = MLP(cfg, tensors, f"layers.{index}.")
 
-    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    def forward(self, h: torch.Tensor, pending: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
                 rope_h: torch.Tensor | None = None) -> torch.Tensor:
-        h = h + self.attn(h, cos, sin, rope_h)
-        return h + self.mlp(h)
+        """Advance the float32 residual h in place; returns this layer's MLP output, which the next
+        norm adds (each residual add rides in the following norm kernel's pass over the row)."""
+        attn = self.attn(h, pending, cos, sin, rope_h)
+        return self.mlp(h, attn)
+
+    def apply(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """The layer as a function of its input residual (a new tensor; h is left as it was)."""
+        h = h.float().clone()
+        return h + self(h, None, cos, sin)
 
 
 class QuadForCausalLM(nn.Module):
@@ -155,9 +164,12 @@ class QuadForCausalLM(nn.Module):
         rope_h = None
         if input_ids.numel() <= self.ROPE_MATRIX_MAX_TOKENS:
             rope_h = rope_hadamard_matrices(cos, sin, self.cfg.hadamard_head)
-        h = self.embed[input_ids].float()
+        h = self.embed[input_ids].float()  # a fresh tensor (indexing copies): updated in place below
+        pending = None
         for layer in self.layers:
-            h = layer(h, cos, sin, rope_h)
+            pending = layer(h, pending, cos, sin, rope_h)
+        if pending is not None:
+            h += pending
         return ref.rmsnorm_widened(h, self.cfg.hidden_size, self.cfg.rms_norm_eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
