@@ -45,6 +45,35 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
+class _PeakMemory:
+    """Peak GPU memory allocated while the block runs (GiB; None on the CPU): weights, KV cache
+    and activations, as each system holds them for that batch and context."""
+
+    def __init__(self, device):
+        self.on_gpu = torch.device(device).type == "cuda"
+        self.gb = None
+
+    def __enter__(self):
+        if self.on_gpu:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        return self
+
+    def __exit__(self, *exc):
+        if self.on_gpu:
+            torch.cuda.synchronize()
+            self.gb = torch.cuda.max_memory_allocated() / 2 ** 30
+
+
+def kv_blocks_for(plan: "BenchPlan", block_size: int) -> int:
+    """KV-cache blocks for the plan's largest batch x context: every engine system gets this many,
+    so that their peak memory compares at the same batch and context (the throughput run may
+    preempt, alike for all)."""
+    need = [b * -(-(t + 1) // block_size) for b, t in plan.prefill]
+    need += [b * -(-(c + plan.decode_steps + 2) // block_size) for b, c in plan.decode]
+    return max(need + [-(-1024 // block_size)])
+
+
 def _hf_model(plan: BenchPlan, dtype):
     """A random transformers model of the architecture's shapes (the 'hf' and 'fp16' systems)."""
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
@@ -61,7 +90,9 @@ def _hf_model(plan: BenchPlan, dtype):
 
 
 def _engine(plan: BenchPlan, system: str, max_len: int, max_seqs: int) -> LLM:
-    common = dict(device=plan.device, max_model_len=max_len, max_num_seqs=max_seqs,
+    from quad_engine.kv_cache import BLOCK_SIZE
+    blocks = max(kv_blocks_for(plan, BLOCK_SIZE), -(-max_len // BLOCK_SIZE))
+    common = dict(device=plan.device, max_model_len=max_len, max_num_seqs=max_seqs, num_blocks=blocks,
                   max_num_batched_tokens=max(8192, max(b * t for b, t in plan.prefill)))
     if system == "fp16":
         from quad_engine.models.fp16 import FP16ForCausalLM
@@ -87,23 +118,27 @@ def _engine_runs(llm: LLM, plan: BenchPlan, vocab: int) -> dict:
     for batch, length in plan.prefill:
         prompts = _prompts(rng, batch, length, vocab)
         times = []
-        for _ in range(plan.repeats + 1):  # the first run is the warm-up
-            _sync(plan.device)
-            t0 = time.perf_counter()
-            llm.generate(prompts, SamplingParams(max_tokens=1, **greedy))
-            _sync(plan.device)
-            times.append(time.perf_counter() - t0)
-        out["prefill"].append({"batch": batch, "tokens": length, "ms": 1e3 * statistics.median(times[1:])})
+        with _PeakMemory(plan.device) as peak:
+            for _ in range(plan.repeats + 1):  # the first run is the warm-up
+                _sync(plan.device)
+                t0 = time.perf_counter()
+                llm.generate(prompts, SamplingParams(max_tokens=1, **greedy))
+                _sync(plan.device)
+                times.append(time.perf_counter() - t0)
+        out["prefill"].append({"batch": batch, "tokens": length, "ms": 1e3 * statistics.median(times[1:]),
+                               "peak_gb": peak.gb})
     for batch, context in plan.decode:
         prompts = _prompts(rng, batch, context, vocab)
         steps = []
-        for _ in range(plan.repeats):
-            times = []
-            llm.step_hook = times.append
-            llm.generate(prompts, SamplingParams(max_tokens=plan.decode_steps + 1, **greedy))
-            llm.step_hook = None
-            steps += times[1:]  # decode steps only (the first step is the prefill)
-        out["decode"].append({"batch": batch, "context": context, "ms_per_step": 1e3 * statistics.median(steps)})
+        with _PeakMemory(plan.device) as peak:
+            for _ in range(plan.repeats):
+                times = []
+                llm.step_hook = times.append
+                llm.generate(prompts, SamplingParams(max_tokens=plan.decode_steps + 1, **greedy))
+                llm.step_hook = None
+                steps += times[1:]  # decode steps only (the first step is the prefill)
+        out["decode"].append({"batch": batch, "context": context, "ms_per_step": 1e3 * statistics.median(steps),
+                              "peak_gb": peak.gb})
     n = plan.throughput_requests
     prompts = [[rng.randrange(vocab) for _ in range(rng.randint(16, 512))] for _ in range(n)]
     params = [SamplingParams(max_tokens=rng.randint(16, 256), **greedy) for _ in range(n)]
@@ -179,22 +214,26 @@ def _hf_runs(plan: BenchPlan, vocab: int) -> dict:
         for batch, length in plan.prefill:
             ids = torch.tensor(_prompts(rng, batch, length, vocab), device=plan.device)
             times = []
-            for _ in range(plan.repeats + 1):
-                _sync(plan.device)
-                t0 = time.perf_counter()
-                model(ids, use_cache=False)
-                _sync(plan.device)
-                times.append(time.perf_counter() - t0)
-            out["prefill"].append({"batch": batch, "tokens": length, "ms": 1e3 * statistics.median(times[1:])})
+            with _PeakMemory(plan.device) as peak:
+                for _ in range(plan.repeats + 1):
+                    _sync(plan.device)
+                    t0 = time.perf_counter()
+                    model(ids, use_cache=False, logits_to_keep=1)  # the engines also compute last-token logits only
+                    _sync(plan.device)
+                    times.append(time.perf_counter() - t0)
+            out["prefill"].append({"batch": batch, "tokens": length, "ms": 1e3 * statistics.median(times[1:]),
+                                   "peak_gb": peak.gb})
         for batch, context in plan.decode:
             ids = torch.tensor(_prompts(rng, batch, context, vocab), device=plan.device)
             steps = []
-            for _ in range(plan.repeats):
-                timer = _StepTimer()
-                model.generate(ids, max_new_tokens=plan.decode_steps + 1, min_new_tokens=plan.decode_steps + 1,
-                               do_sample=False, cache_implementation="static", pad_token_id=0, streamer=timer)
-                steps += timer.decode_steps()
-            out["decode"].append({"batch": batch, "context": context, "ms_per_step": 1e3 * statistics.median(steps)})
+            with _PeakMemory(plan.device) as peak:
+                for _ in range(plan.repeats):
+                    timer = _StepTimer()
+                    model.generate(ids, max_new_tokens=plan.decode_steps + 1, min_new_tokens=plan.decode_steps + 1,
+                                   do_sample=False, cache_implementation="static", pad_token_id=0, streamer=timer)
+                    steps += timer.decode_steps()
+            out["decode"].append({"batch": batch, "context": context, "ms_per_step": 1e3 * statistics.median(steps),
+                                  "peak_gb": peak.gb})
     del model
     return out
 
@@ -280,6 +319,12 @@ def markdown(result: dict) -> str:
     for i, (batch, context) in enumerate(result["plan"]["decode"]):
         lines.append(f"| {batch} x {context} | " +
                      " | ".join(f"{systems[n]['decode'][i]['ms_per_step']:.3f}" for n in names) + " |")
+    if any(r.get("peak_gb") is not None for n in names for r in systems[n]["decode"]):
+        lines += ["", "## Peak GPU memory during decode (GiB: weights, KV cache for this batch x context, "
+                  "activations)", "", "| batch x context | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        for i, (batch, context) in enumerate(result["plan"]["decode"]):
+            lines.append(f"| {batch} x {context} | " + " | ".join(
+                f"{systems[n]['decode'][i]['peak_gb']:.2f}" for n in names) + " |")
     return "\n".join(lines) + "\n"
 
 
