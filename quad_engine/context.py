@@ -18,6 +18,7 @@ class StepContext:
     block_tables: torch.Tensor    # int32 [B, W]: physical blocks of each sequence
     context_lens: torch.Tensor    # int32 [B]: tokens in the cache after this step, per sequence
     query_lens: torch.Tensor      # int64 [B] (CPU): new tokens per sequence (1 each when decoding)
+    has_prefix: bool = False      # some sequence already has tokens in the cache (chunked / resumed prefill)
 
 
 _context: StepContext | None = None

@@ -186,7 +186,8 @@ class LLM:
             slot_mapping=torch.tensor(slots, dtype=torch.int32, device=dev),
             block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=dev),
             context_lens=torch.tensor([seq.num_tokens for seq in seqs], dtype=torch.int32, device=dev),
-            query_lens=torch.tensor(query_lens, dtype=torch.long))
+            query_lens=torch.tensor(query_lens, dtype=torch.long),
+            has_prefix=any(seq.num_cached_tokens > 0 for seq in seqs))
         last = (torch.cumsum(ctx.query_lens, 0) - 1).to(dev)
         return self._forward(ctx, torch.tensor(ids, device=dev), torch.tensor(positions, device=dev), last)
 

@@ -236,7 +236,8 @@ def kv_store(k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor, cache
 @_profiled("attention")
 def paged_attention(q: torch.Tensor, cache: tuple, block_tables: torch.Tensor, context_lens: torch.Tensor,
                     query_lens: torch.Tensor, is_prefill: bool, k_new: torch.Tensor | None = None,
-                    v_new: torch.Tensor | None = None, kv_clip: float = 1.0) -> torch.Tensor:
+                    v_new: torch.Tensor | None = None, kv_clip: float = 1.0,
+                    has_prefix: bool | None = None) -> torch.Tensor:
     """Causal attention of the packed new queries [T, heads, head_dim] over the paged cache (which
     already holds the new tokens). Decode on CUDA runs the split-KV kernel. A prefill whose
     sequences have no cached prefix attends to its own new K / V (k_new, v_new [T, kv_heads,
@@ -249,11 +250,19 @@ def paged_attention(q: torch.Tensor, cache: tuple, block_tables: torch.Tensor, c
         # step of the same bucket then sum in the same order and give the same tokens.
         splits = decode_splits(q.shape[0], cache[0].shape[1], cache[0].shape[2] * block_tables.shape[1])
         return attention_decode_op(q.contiguous(), *cache, block_tables, context_lens, splits)
-    if is_prefill and k_new is not None and torch.equal(query_lens.cpu(), context_lens.cpu().long()):
+    if is_prefill and k_new is not None and not _has_prefix(has_prefix, query_lens, context_lens):
         k_new = ref.fake_quant_kv(k_new.half().float(), 4, kv_clip)
         v_new = ref.fake_quant_kv(v_new.half().float(), 4, kv_clip)
         return _attend_new_tokens(q, k_new, v_new, query_lens, causal_attention)
     return ref.paged_attention(q.float(), *cache, block_tables.cpu(), context_lens.cpu(), query_lens.cpu()).half()
+
+
+def _has_prefix(known: bool | None, query_lens: torch.Tensor, context_lens: torch.Tensor) -> bool:
+    """Whether some sequence attends to tokens cached before this step. The engine knows it on the
+    host (StepContext.has_prefix); comparing the lengths would wait for the GPU in every layer."""
+    if known is not None:
+        return known
+    return not torch.equal(query_lens.cpu(), context_lens.cpu().long())
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -299,8 +308,8 @@ def kv_store_fp16(k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor, 
 @_profiled("attention")
 def paged_attention_fp16(q: torch.Tensor, cache: tuple, block_tables: torch.Tensor, context_lens: torch.Tensor,
                          query_lens: torch.Tensor, k_new: torch.Tensor | None = None,
-                         v_new: torch.Tensor | None = None) -> torch.Tensor:
-    if k_new is not None and torch.equal(query_lens.cpu(), context_lens.cpu().long()):
+                         v_new: torch.Tensor | None = None, has_prefix: bool | None = None) -> torch.Tensor:
+    if k_new is not None and not _has_prefix(has_prefix, query_lens, context_lens):
         return _attend_new_tokens(q, k_new, v_new, query_lens)  # a prefill without cached prefix
     if k_new is None:  # decode: one batched SDPA call, no host synchronization (CUDA-graph safe)
         return _decode_attention_fp16(q, *cache, block_tables, context_lens)

@@ -57,7 +57,8 @@ class FP16Attention(nn.Module):
             ops.kv_store_fp16(k_new, v_new, ctx.slot_mapping, self.kv_cache)
             new = (k_new, v_new) if ctx.is_prefill else (None, None)
             attn = ops.paged_attention_fp16(q[0].transpose(0, 1), self.kv_cache, ctx.block_tables,
-                                            ctx.context_lens, ctx.query_lens, *new).transpose(0, 1).unsqueeze(0)
+                                            ctx.context_lens, ctx.query_lens, *new,
+                                            has_prefix=ctx.has_prefix).transpose(0, 1).unsqueeze(0)
         return self.o(attn.transpose(1, 2).reshape(b, t, -1).to(x.dtype))
 
 

@@ -93,7 +93,7 @@ class Attention(nn.Module):
             k_new, v_new = k[0].transpose(0, 1), v[0].transpose(0, 1)
             ops.kv_store(k_new, v_new, ctx.slot_mapping, self.kv_cache, cfg.kv_clip)
             attn = ops.paged_attention(q[0].transpose(0, 1), self.kv_cache, ctx.block_tables, ctx.context_lens,
-                                       ctx.query_lens, ctx.is_prefill, k_new, v_new, cfg.kv_clip)
+                                       ctx.query_lens, ctx.is_prefill, k_new, v_new, cfg.kv_clip, ctx.has_prefix)
             attn = attn.reshape(b, t, nq)
         a_q, a_s = ops.hadamard_quant(attn, cfg.hadamard_o, bits["o"], cfg.act_clip)
         return self.o(a_q, a_s)
