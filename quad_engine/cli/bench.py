@@ -25,6 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--arch", choices=sorted(ARCHITECTURES), default="llama-3-8b",
                      help="random weights of this architecture, packed like the converter (default llama-3-8b)")
     src.add_argument("--checkpoint", help="a packed checkpoint (system 'quad'; fp16 / hf need --arch)")
+    p.add_argument("--preset", choices=["quad-reference"], default=None,
+                   help="quad-reference: the QUAD reference speed script's configuration (llama-2-13b, "
+                        "prefill batch 1, 2, 4, 8, 16 x 2048 tokens), to set the numbers beside it")
     p.add_argument("--layers", type=int, default=None, help="decoder layers (default: the architecture's)")
     p.add_argument("--vocab", type=int, default=None, help="override the vocabulary size (tests)")
     p.add_argument("--systems", default="quad-w4a4,quad-w4a4a8,fp16,hf",
@@ -48,6 +51,9 @@ def main(argv=None) -> int:
 
     from quad_engine import bench
 
+    if args.preset == "quad-reference":
+        args.arch = "llama-2-13b"
+        args.prefill = args.prefill or [(b, 2048) for b in (1, 2, 4, 8, 16)]
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     systems = tuple(s.strip() for s in args.systems.split(",") if s.strip())
     allowed = ("quad",) if args.checkpoint else bench.SYSTEMS
