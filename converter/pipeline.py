@@ -284,7 +284,7 @@ def _convert_into(writer: CheckpointWriter, source: ModelSource, cfg: QuadConfig
         if h is not None:
             with torch.no_grad():
                 for s in _chunks(h, opts.batch_size):
-                    h[s] = layer.apply(h[s], cos, sin)
+                    h[s] = layer.step(h[s], cos, sin)
         layer_logs.append(entry)
         if len(entry) > 1:
             bar.set_postfix({k: f"{v:.2e}" for k, v in entry.items() if k != "layer"})
@@ -305,7 +305,7 @@ def _collect_hessian(layer: DecoderLayer, module: torch.nn.Module, h: torch.Tens
     try:
         with torch.no_grad():
             for s in _chunks(h, batch_size):
-                layer.apply(h[s], cos, sin)
+                layer.step(h[s], cos, sin)
     finally:
         handle.remove()
     return acc.hessian

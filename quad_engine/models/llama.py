@@ -129,7 +129,7 @@ class DecoderLayer(nn.Module):
         attn = self.attn(h, pending, cos, sin, rope_h)
         return self.mlp(h, attn)
 
-    def apply(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def step(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """The layer as a function of its input residual (a new tensor; h is left as it was)."""
         h = h.float().clone()
         return h + self(h, None, cos, sin)
