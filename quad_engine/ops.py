@@ -85,6 +85,13 @@ def use_kernels(t: torch.Tensor) -> bool:
     return True
 
 
+def fusions_enabled() -> bool:
+    """QUAD_FUSE=0 turns the fused kernel variants off (residual add and float32 read inside the
+    norm, SwiGLU inside the down_proj quantizer): the same numerics through more kernels, for
+    measuring what the fusions save and for isolating a kernel."""
+    return os.environ.get("QUAD_FUSE", "1") != "0"
+
+
 @_profiled("quantize")
 def rmsnorm_quant(h: torch.Tensor, rank: int, hidden: int, eps: float, bits: int, clip: float,
                   residual: torch.Tensor | None = None):
@@ -99,10 +106,13 @@ def rmsnorm_quant(h: torch.Tensor, rank: int, hidden: int, eps: float, bits: int
             h += residual
         normed = ref.rmsnorm_widened(h, hidden, eps)
         return normed[..., :rank], normed[..., rank:], None
-    fused = residual is None or (h.dtype == torch.float32 and h.is_contiguous())
-    if use_kernels(h) and rank % 16 == 0 and fused:
+    if use_kernels(h) and rank % 16 == 0:
         from kernels_tl.quantize import rmsnorm_quant_op
-        return rmsnorm_quant_op(h, rank, hidden, eps, bits, clip, residual)
+        if fusions_enabled() and (residual is None or (h.dtype == torch.float32 and h.is_contiguous())):
+            return rmsnorm_quant_op(h, rank, hidden, eps, bits, clip, residual)
+        if residual is not None:
+            h += residual
+        return rmsnorm_quant_op(h.half(), rank, hidden, eps, bits, clip)
     if residual is not None:
         h += residual
     # The kernels read the residual as float16: so does the reference (see module doc).
@@ -127,7 +137,7 @@ def hadamard_quant(x: torch.Tensor, spec: HadamardSpec | None, bits: int, clip: 
 def swiglu_hadamard_quant(gate_up: torch.Tensor, spec: HadamardSpec | None, bits: int, clip: float):
     """hadamard_quant(silu(gate) * up) of the MLP's gate_up [.., 2n] (gate first); the kernel
     computes the SwiGLU on load, in torch's float16 arithmetic."""
-    if bits < 16 and spec is not None and use_kernels(gate_up):
+    if bits < 16 and spec is not None and use_kernels(gate_up) and fusions_enabled():
         from kernels_tl.quantize import hadamard_quant_op
         return hadamard_quant_op(gate_up, tuple(spec.factors), spec.block, bits, clip, gated=True)
     gate, up = gate_up.chunk(2, dim=-1)
