@@ -7,7 +7,9 @@ context), and a throughput run. Times are medians of repeated, synchronized runs
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import os
 import random
 import statistics
 import subprocess
@@ -21,6 +23,8 @@ from quad_engine.sampling import SamplingParams
 from quad_engine.synthetic import ARCHITECTURES, synthetic_model
 
 SYSTEMS = ("quad-w4a4", "quad-w4a4a8", "fp16", "hf")
+# Also accepted: quad-<mode>-unfused, the same model with QUAD_FUSE=0 (what the fused kernels save).
+EXTRA_SYSTEMS = ("quad-w4a4-unfused", "quad-w4a4a8-unfused")
 
 
 @dataclass
@@ -89,6 +93,20 @@ def _hf_model(plan: BenchPlan, dtype):
     return model.eval()
 
 
+@contextlib.contextmanager
+def _fusions(enabled: bool):
+    """QUAD_FUSE for one system's runs (ops reads it at every call, graph captures included)."""
+    saved = os.environ.get("QUAD_FUSE")
+    os.environ["QUAD_FUSE"] = "1" if enabled else "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["QUAD_FUSE"]
+        else:
+            os.environ["QUAD_FUSE"] = saved
+
+
 def _engine(plan: BenchPlan, system: str, max_len: int, max_seqs: int) -> LLM:
     from quad_engine.kv_cache import BLOCK_SIZE
     blocks = max(kv_blocks_for(plan, BLOCK_SIZE), -(-max_len // BLOCK_SIZE))
@@ -100,7 +118,7 @@ def _engine(plan: BenchPlan, system: str, max_len: int, max_seqs: int) -> LLM:
         return LLM(model=FP16ForCausalLM(_hf_model(plan, dtype)), **common)
     if system == "quad":
         return LLM(plan.checkpoint, **common)
-    mode = system.removeprefix("quad-")
+    mode = system.removeprefix("quad-").removesuffix("-unfused")
     model = synthetic_model(plan.arch, device=plan.device, seed=plan.seed, num_layers=plan.layers, mode=mode,
                             **plan.overrides)
     return LLM(model=model, **common)
@@ -280,10 +298,11 @@ def run(plan: BenchPlan, progress=print) -> dict:
         if system == "hf":
             runs = _hf_runs(plan, vocab)
         else:
-            llm = _engine(plan, system, max_len, max_seqs)
-            progress(f"{system}: measuring")
-            runs = _engine_runs(llm, plan, vocab)
-            del llm
+            with _fusions(not system.endswith("-unfused")):
+                llm = _engine(plan, system, max_len, max_seqs)
+                progress(f"{system}: measuring")
+                runs = _engine_runs(llm, plan, vocab)
+                del llm
         if torch.device(plan.device).type == "cuda":
             runs["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
         result["systems"][system] = runs

@@ -22,3 +22,18 @@ def test_quad_bench_runs_every_system_and_writes_json_and_a_plot(tmp_path, capsy
                 assert parts["gemm"] > 0 and parts["attention"] > 0 and parts["total"] >= parts["gemm"]
     assert (tmp_path / "run.png").stat().st_size > 0
     assert "| 1 x 16 |" in (tmp_path / "run.md").read_text()
+
+
+def test_unfused_system_runs_with_fusions_off_and_restores_the_setting(tmp_path, monkeypatch):
+    from quad_engine import ops
+    seen = []
+    norm_quant = ops.rmsnorm_quant
+    monkeypatch.setattr(ops, "rmsnorm_quant", lambda *a, **k: seen.append(ops.fusions_enabled()) or norm_quant(*a, **k))
+    monkeypatch.delenv("QUAD_FUSE", raising=False)
+    code = main(["--arch", "smollm2-135m", "--layers", "1", "--vocab", "512", "--device", "cpu",
+                 "--systems", "quad-w4a4a8-unfused", "--prefill", "1x16", "--decode", "1x16", "--decode-steps", "2",
+                 "--throughput", "0", "--repeats", "1", "--out-dir", str(tmp_path), "--name", "run"])
+    assert code == 0
+    assert seen and not any(seen)
+    assert ops.fusions_enabled()
+    assert list(json.loads((tmp_path / "run.json").read_text())["systems"]) == ["quad-w4a4a8-unfused"]

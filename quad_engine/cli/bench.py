@@ -31,7 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=None, help="decoder layers (default: the architecture's)")
     p.add_argument("--vocab", type=int, default=None, help="override the vocabulary size (tests)")
     p.add_argument("--systems", default="quad-w4a4,quad-w4a4a8,fp16,hf",
-                   help="comma-separated: quad-w4a4, quad-w4a4a8, fp16, hf (default all); quad with --checkpoint")
+                   help="comma-separated: quad-w4a4, quad-w4a4a8, fp16, hf (default all); quad with --checkpoint; "
+                        "quad-w4a4-unfused / quad-w4a4a8-unfused run the fused kernel variants' unfused "
+                        "counterparts (QUAD_FUSE=0)")
     p.add_argument("--prefill", type=shapes, default=None, help="batch x prompt tokens list (default "
                    "1x512,1x2048,4x2048,16x2048,1x8192)")
     p.add_argument("--decode", type=shapes, default=None, help="batch x context list (default "
@@ -56,7 +58,7 @@ def main(argv=None) -> int:
         args.prefill = args.prefill or [(b, 2048) for b in (1, 2, 4, 8, 16)]
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     systems = tuple(s.strip() for s in args.systems.split(",") if s.strip())
-    allowed = ("quad",) if args.checkpoint else bench.SYSTEMS
+    allowed = ("quad",) if args.checkpoint else bench.SYSTEMS + bench.EXTRA_SYSTEMS
     unknown = [s for s in systems if s not in allowed]
     if unknown:
         print(f"quad-bench: error: unknown system(s) {unknown}; expected {list(allowed)}", file=sys.stderr)
