@@ -1,15 +1,22 @@
 #!/usr/bin/env bash
-# The engine on the GPU in one device call (about 8 minutes), logs under $1 (the device's $OUT):
-#   source .gpu/activate.sh && export PYTHONPATH=$PWD:$PYTHONPATH && bash scripts/gpu_engine.sh $OUT
-# engine GPU tests, a kernel-level profile of a Llama-3-8B-shaped prefill and decode step, and
-# quad-bench on the same shapes (all four systems, a short plan).
+# The engine on the GPU, logs under $1 (the device's $OUT), in two parts that each fit one device
+# call (10 minutes):
+#   source .gpu/activate.sh && export PYTHONPATH=$PWD:$PYTHONPATH && bash scripts/gpu_engine.sh $OUT check
+#   source .gpu/activate.sh && export PYTHONPATH=$PWD:$PYTHONPATH && bash scripts/gpu_engine.sh $OUT bench
+# check: the engine GPU tests and a kernel-level profile of a Llama-3-8B-shaped prefill and decode
+# step (about 4 minutes); bench: quad-bench on Llama-3-8B shapes, every system plus the unfused
+# W4A4A8 variant, a short plan (about 7 minutes).
 set -u
-out=${1:?usage: scripts/gpu_engine.sh OUT_DIR}
+out=${1:?usage: scripts/gpu_engine.sh OUT_DIR [check|bench]}
+part=${2:-check}
 mkdir -p "$out"
 quiet() { grep -v "INFO\|WARNING\|AnnotateWarpGroup" ; }
-timeout 200 python3 -m pytest -q -s -m gpu tests/test_engine_gpu.py 2>&1 | quiet > "$out/engine_gpu.log"
-grep -E "logits vs|passed|failed" "$out/engine_gpu.log"
-timeout 120 python3 scripts/gpu_profile_step.py "$out" 2>&1 | quiet | tail -n 3
-timeout 250 python3 -m quad_engine.cli.bench --arch llama-3-8b --prefill 1x2048,16x2048 --decode 1x1024,32x1024 \
-  --throughput 16 --repeats 3 --decode-steps 16 --out-dir "$out" --name "quad-bench_llama-3-8b_$(date +%F)" 2>&1 \
-  | quiet | tail -n 20
+if [ "$part" = check ]; then
+  timeout 260 python3 -m pytest -q -s -m gpu tests/test_engine_gpu.py 2>&1 | quiet > "$out/engine_gpu.log"
+  grep -E "logits vs|passed|failed" "$out/engine_gpu.log"
+  timeout 200 python3 scripts/gpu_profile_step.py "$out" 2>&1 | quiet | tail -n 3
+else
+  timeout 560 python3 -m quad_engine.cli.bench --arch llama-3-8b --prefill 1x2048,16x2048 --decode 1x1024,32x1024 \
+    --systems quad-w4a4a8,quad-w4a4a8-unfused,quad-w4a4,fp16,hf --throughput 16 --repeats 3 --decode-steps 16 \
+    --out-dir "$out" --name "quad-bench_llama-3-8b_$(date +%F)" 2>&1 | quiet | tail -n 30
+fi
