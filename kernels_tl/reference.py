@@ -193,6 +193,15 @@ def rmsnorm_split_quant(h: torch.Tensor, r: int, d: int, eps: float, bits: int, 
     return x_out, x_q, x_scale
 
 
+def swiglu_f16(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of the MLP's gate_up [.., 2n] (gate first) in float16 arithmetic, as torch's
+    float16 kernels compute it: silu(g) = g / (1 + exp(-g)) in float32 rounded to float16, then the
+    product rounded to float16 (what `quantize.hadamard_quant(gated=True)` computes on load)."""
+    gate, up = gate_up.half().chunk(2, dim=-1)
+    g = gate.float()
+    return ((g / (1 + torch.exp(-g))).half().float() * up.float()).half()
+
+
 # ---------------------------------------------------------------- KV cache
 
 def quantize_kv(x: torch.Tensor, bits: int = 4, clip: float = 1.0

@@ -140,8 +140,10 @@ def swiglu_hadamard_quant(gate_up: torch.Tensor, spec: HadamardSpec | None, bits
     if bits < 16 and spec is not None and use_kernels(gate_up) and fusions_enabled():
         from kernels_tl.quantize import hadamard_quant_op
         return hadamard_quant_op(gate_up, tuple(spec.factors), spec.block, bits, clip, gated=True)
-    gate, up = gate_up.chunk(2, dim=-1)
-    return hadamard_quant.__wrapped__(torch.nn.functional.silu(gate) * up, spec, bits, clip)
+    if bits >= 16:  # unquantized mode: float32 throughout
+        gate, up = gate_up.float().chunk(2, dim=-1)
+        return hadamard_quant.__wrapped__(torch.nn.functional.silu(gate) * up, spec, bits, clip)
+    return hadamard_quant.__wrapped__(ref.swiglu_f16(gate_up), spec, bits, clip)
 
 
 @_profiled("hadamard")
