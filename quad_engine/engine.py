@@ -198,18 +198,27 @@ class LLM:
     def _bucket(self, batch: int) -> int | None:
         return next((b for b in self.decode_buckets if b >= batch), None) if self.decode_buckets else None
 
-    def _decode_inputs(self, seqs: list[Sequence], size: int, width: int) -> dict[str, torch.Tensor]:
-        pad = size - len(seqs)
+    def _decode_inputs(self, seqs: list[Sequence], size: int, width: int) -> torch.Tensor:
+        """The step's inputs as one int32 host tensor (one copy to the device): ids, positions,
+        slots and context lengths [size] each, then the block tables [size, width] (see _views)."""
         tables = [self.block_manager.block_table(seq.seq_id) for seq in seqs]
-        return {
-            "ids": torch.tensor([seq.token_ids[-1] for seq in seqs] + [0] * pad),
-            "positions": torch.tensor([seq.num_tokens - 1 for seq in seqs] + [0] * pad),
-            "slots": torch.tensor([self.block_manager.slot_mapping(seq.seq_id, seq.num_tokens - 1, seq.num_tokens)[0]
-                                   for seq in seqs] + [-1] * pad, dtype=torch.int32),
-            "tables": torch.tensor([t + [0] * (width - len(t)) for t in tables] + [[0] * width] * pad,
-                                   dtype=torch.int32),
-            "lens": torch.tensor([seq.num_tokens for seq in seqs] + [1] * pad, dtype=torch.int32),
-        }
+        pad = size - len(seqs)
+        flat = [seq.token_ids[-1] for seq in seqs] + [0] * pad
+        flat += [seq.num_tokens - 1 for seq in seqs] + [0] * pad
+        flat += [self.block_manager.slot_mapping(seq.seq_id, seq.num_tokens - 1, seq.num_tokens)[0]
+                 for seq in seqs] + [-1] * pad
+        flat += [seq.num_tokens for seq in seqs] + [1] * pad
+        for table in tables:
+            flat += table + [0] * (width - len(table))
+        flat += [0] * (width * pad)
+        packed = torch.tensor(flat, dtype=torch.int32)
+        return packed.pin_memory() if self.device.type == "cuda" else packed
+
+    @staticmethod
+    def _views(packed: torch.Tensor, size: int) -> tuple[torch.Tensor, ...]:
+        """(ids, positions, slots, lens, tables) of a packed input: contiguous views."""
+        ids, positions, slots, lens = (packed[i * size:(i + 1) * size] for i in range(4))
+        return ids, positions, slots, lens, packed[4 * size:].view(size, -1)
 
     def _decode_logits(self, seqs: list[Sequence]) -> torch.Tensor:
         size = self._bucket(len(seqs)) or len(seqs)
@@ -218,41 +227,39 @@ class LLM:
         # Tables as wide as a captured graph's: the attention kernel picks its context split from
         # the width, so eager and graphed steps then sum in the same order.
         width = -(-self.max_model_len // self.block_size)
-        x = {k: v.to(self.device) for k, v in self._decode_inputs(seqs, size, width).items()}
-        ctx = StepContext(False, x["slots"], x["tables"], x["lens"], torch.ones(size, dtype=torch.long))
-        return self._forward(ctx, x["ids"], x["positions"], torch.arange(len(seqs), device=self.device))
+        packed = self._decode_inputs(seqs, size, width).to(self.device, non_blocking=True)
+        ids, positions, slots, lens, tables = self._views(packed, size)
+        ctx = StepContext(False, slots, tables, lens, torch.ones(size, dtype=torch.long))
+        return self._forward(ctx, ids, positions, torch.arange(len(seqs), device=self.device))
 
     def _graph_replay(self, size: int, seqs: list[Sequence]) -> torch.Tensor:
-        """Copy the step's inputs into the bucket's static buffers and replay its graph (captured on
-        first use; all buckets share one memory pool)."""
+        """Copy the step's inputs into the bucket's static buffer and replay its graph (captured on
+        first use; all buckets share one memory pool). The host buffer is pinned and the copy
+        asynchronous: the previous step's tokens were read back before, so nothing still uses it."""
         entry = self.graphs.get(size)
         if entry is None:
             entry = self.graphs[size] = self._capture(size)
-        static, graph, logits = entry
-        for name, value in self._decode_inputs(seqs, size, static["tables"].shape[1]).items():  # all but rows
-            static[name].copy_(value, non_blocking=True)
+        packed, rows, graph, logits = entry
+        packed.copy_(self._decode_inputs(seqs, size, -(-self.max_model_len // self.block_size)), non_blocking=True)
         graph.replay()
         return logits
 
     def _capture(self, size: int):
         width = -(-self.max_model_len // self.block_size)
-        static = {"ids": torch.zeros(size, dtype=torch.long, device=self.device),
-                  "positions": torch.zeros(size, dtype=torch.long, device=self.device),
-                  "slots": torch.full((size,), -1, dtype=torch.int32, device=self.device),
-                  "tables": torch.zeros(size, width, dtype=torch.int32, device=self.device),
-                  "lens": torch.ones(size, dtype=torch.int32, device=self.device),
-                  # Every tensor the graph reads must outlive it: a local would be freed and its
-                  # memory reused under the replay.
-                  "rows": torch.arange(size, device=self.device)}
-        ctx = StepContext(False, static["slots"], static["tables"], static["lens"], torch.ones(size, dtype=torch.long))
-        rows = static["rows"]
-        self._forward(ctx, static["ids"], static["positions"], rows)  # warm-up: lazy buffers, kernel builds
+        # Every tensor the graph reads must outlive it (a local would be freed and its memory
+        # reused under the replay): the packed inputs and the row index are kept with the graph.
+        packed = torch.cat([torch.zeros(2 * size), torch.full((size,), -1), torch.ones(size),
+                            torch.zeros(size * width)]).to(torch.int32).to(self.device)
+        rows = torch.arange(size, device=self.device)
+        ids, positions, slots, lens, tables = self._views(packed, size)
+        ctx = StepContext(False, slots, tables, lens, torch.ones(size, dtype=torch.long))
+        self._forward(ctx, ids, positions, rows)  # warm-up: lazy buffers, kernel builds
         torch.cuda.synchronize(self.device)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.graph_pool):
-            logits = self._forward(ctx, static["ids"], static["positions"], rows)
+            logits = self._forward(ctx, ids, positions, rows)
         self.graph_pool = graph.pool()
-        return static, graph, logits
+        return packed, rows, graph, logits
 
     def _decode(self, token_ids: list[int]) -> str:
         return "" if self.tokenizer is None else self.tokenizer.decode(token_ids, skip_special_tokens=True)
