@@ -53,10 +53,10 @@ def _step_range(is_prefill: bool):
         yield
         return
     ops.PROFILE_PHASE = "prefill" if is_prefill else "decode"
-    ops._sync()
+    ops.device_sync()
     start = time.perf_counter()
     yield
-    ops._sync()
+    ops.device_sync()
     ops.profile_add(f"{ops.PROFILE_PHASE}/total", time.perf_counter() - start)
     ops.profile_add(f"{ops.PROFILE_PHASE}/steps", 1)
 
@@ -101,6 +101,7 @@ class LLM:
             self._prebuild_gemms(max_num_batched_tokens)
         self.max_model_len = max_model_len or self.cfg.max_position_embeddings
         self.block_size = block_size
+        self._table_width = -(-self.max_model_len // block_size)  # decode block tables: room for any sequence
         if num_blocks is None:
             if kv_cache_gb is not None:
                 budget = int(kv_cache_gb * 2 ** 30)
@@ -226,8 +227,7 @@ class LLM:
             return self._graph_replay(size, seqs)[: len(seqs)]
         # Tables as wide as a captured graph's: the attention kernel picks its context split from
         # the width, so eager and graphed steps then sum in the same order.
-        width = -(-self.max_model_len // self.block_size)
-        packed = self._decode_inputs(seqs, size, width).to(self.device, non_blocking=True)
+        packed = self._decode_inputs(seqs, size, self._table_width).to(self.device, non_blocking=True)
         ids, positions, slots, lens, tables = self._views(packed, size)
         ctx = StepContext(False, slots, tables, lens, torch.ones(size, dtype=torch.long))
         return self._forward(ctx, ids, positions, torch.arange(len(seqs), device=self.device))
@@ -240,16 +240,15 @@ class LLM:
         if entry is None:
             entry = self.graphs[size] = self._capture(size)
         packed, rows, graph, logits = entry
-        packed.copy_(self._decode_inputs(seqs, size, -(-self.max_model_len // self.block_size)), non_blocking=True)
+        packed.copy_(self._decode_inputs(seqs, size, self._table_width), non_blocking=True)
         graph.replay()
         return logits
 
     def _capture(self, size: int):
-        width = -(-self.max_model_len // self.block_size)
         # Every tensor the graph reads must outlive it (a local would be freed and its memory
-        # reused under the replay): the packed inputs and the row index are kept with the graph.
-        packed = torch.cat([torch.zeros(2 * size), torch.full((size,), -1), torch.ones(size),
-                            torch.zeros(size * width)]).to(torch.int32).to(self.device)
+        # reused under the replay): the packed inputs (all padding rows to start with) and the
+        # row index are kept with the graph.
+        packed = self._decode_inputs([], size, self._table_width).to(self.device)
         rows = torch.arange(size, device=self.device)
         ids, positions, slots, lens, tables = self._views(packed, size)
         ctx = StepContext(False, slots, tables, lens, torch.ones(size, dtype=torch.long))

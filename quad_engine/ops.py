@@ -32,7 +32,8 @@ PROFILE_TIMES: dict[str, float] = {}   # "<phase>/<category>" -> seconds, phase 
 PROFILE_PHASE = "step"
 
 
-def _sync(t: torch.Tensor | None = None) -> None:
+def device_sync() -> None:
+    """Wait for the GPU (when one is in use): the profile's timings bracket finished work."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()
 
@@ -52,10 +53,10 @@ def _profiled(category: str):
         def inner(*args, **kwargs):
             if not PROFILE:
                 return fn(*args, **kwargs)
-            _sync()
+            device_sync()
             start = time.perf_counter()
             out = fn(*args, **kwargs)
-            _sync()
+            device_sync()
             profile_add(f"{PROFILE_PHASE}/{category}", time.perf_counter() - start)
             return out
         return inner
@@ -101,20 +102,18 @@ def rmsnorm_quant(h: torch.Tensor, rank: int, hidden: int, eps: float, bits: int
     the kernel does both in one pass over the row. With bits >= 16 (unquantized mode) x_q is the
     float activation and x_scale is None.
     """
-    if bits >= 16:
-        if residual is not None:
-            h += residual
-        normed = ref.rmsnorm_widened(h, hidden, eps)
-        return normed[..., :rank], normed[..., rank:], None
-    if use_kernels(h) and rank % 16 == 0:
+    kernels = bits < 16 and use_kernels(h) and rank % 16 == 0
+    if kernels and fusions_enabled() and (residual is None or (h.dtype == torch.float32 and h.is_contiguous())):
         from kernels_tl.quantize import rmsnorm_quant_op
-        if fusions_enabled() and (residual is None or (h.dtype == torch.float32 and h.is_contiguous())):
-            return rmsnorm_quant_op(h, rank, hidden, eps, bits, clip, residual)
-        if residual is not None:
-            h += residual
-        return rmsnorm_quant_op(h.half(), rank, hidden, eps, bits, clip)
+        return rmsnorm_quant_op(h, rank, hidden, eps, bits, clip, residual)
     if residual is not None:
         h += residual
+    if bits >= 16:
+        normed = ref.rmsnorm_widened(h, hidden, eps)
+        return normed[..., :rank], normed[..., rank:], None
+    if kernels:
+        from kernels_tl.quantize import rmsnorm_quant_op
+        return rmsnorm_quant_op(h.half(), rank, hidden, eps, bits, clip)
     # The kernels read the residual as float16: so does the reference (see module doc).
     x_out, x_q, x_scale = ref.rmsnorm_split_quant(h.half().float(), rank, hidden, eps, bits, clip)
     return x_out.half(), x_q, x_scale
@@ -124,13 +123,12 @@ def rmsnorm_quant(h: torch.Tensor, rank: int, hidden: int, eps: float, bits: int
 def hadamard_quant(x: torch.Tensor, spec: HadamardSpec | None, bits: int, clip: float):
     """Online Hadamard over the last dim, then per-token quantization: (x_q, x_scale)."""
     if bits >= 16:
-        return (x.float() if spec is None else apply_hadamard(x.float(), spec.factors, spec.block)), None
+        return _hadamard_f32(x, spec), None
     x = x.half()  # float16 in, as the kernel reads it
     if spec is not None and use_kernels(x):
         from kernels_tl.quantize import hadamard_quant_op
         return hadamard_quant_op(x, tuple(spec.factors), spec.block, bits, clip)
-    x = x.float() if spec is None else apply_hadamard(x.float(), spec.factors, spec.block)
-    return ref.quantize_act(x, bits, clip)
+    return ref.quantize_act(_hadamard_f32(x, spec), bits, clip)
 
 
 @_profiled("quantize")
@@ -155,6 +153,10 @@ def rope_hadamard(x: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
 
 @_profiled("hadamard")
 def hadamard(x: torch.Tensor, spec: HadamardSpec | None) -> torch.Tensor:
+    return _hadamard_f32(x, spec)
+
+
+def _hadamard_f32(x: torch.Tensor, spec: HadamardSpec | None) -> torch.Tensor:
     return x.float() if spec is None else apply_hadamard(x.float(), spec.factors, spec.block)
 
 
