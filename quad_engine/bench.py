@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import itertools
 import os
 import random
 import statistics
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from quad_engine import kv_cache
 from quad_engine.engine import LLM
 from quad_engine.sampling import SamplingParams
 from quad_engine.synthetic import ARCHITECTURES, synthetic_model
@@ -145,6 +147,7 @@ def _engine_runs(llm: LLM, plan: BenchPlan, vocab: int) -> dict:
                 times.append(time.perf_counter() - t0)
         out["prefill"].append({"batch": batch, "tokens": length, "ms": 1e3 * statistics.median(times[1:]),
                                "peak_gb": peak.gb})
+    weights = weight_bytes(llm.model)
     for batch, context in plan.decode:
         prompts = _prompts(rng, batch, context, vocab)
         steps = []
@@ -155,13 +158,14 @@ def _engine_runs(llm: LLM, plan: BenchPlan, vocab: int) -> dict:
                 llm.generate(prompts, SamplingParams(max_tokens=plan.decode_steps + 1, **greedy))
                 llm.step_hook = None
                 steps += times[1:]  # decode steps only (the first step is the prefill)
+        kv = batch * (context + plan.decode_steps // 2) * kv_cache.bytes_per_block(llm.cfg, 1)
         out["decode"].append({"batch": batch, "context": context, "ms_per_step": 1e3 * statistics.median(steps),
-                              "peak_gb": peak.gb})
+                              "peak_gb": peak.gb, **_bandwidth(weights + kv, statistics.median(steps))})
     n = plan.throughput_requests
     prompts = [[rng.randrange(vocab) for _ in range(rng.randint(16, 512))] for _ in range(n)]
     params = [SamplingParams(max_tokens=rng.randint(16, 256), **greedy) for _ in range(n)]
-    if n:  # warm-up: the batch shapes of this run (kernel builds, graph captures) are not timed
-        llm.generate(prompts, SamplingParams(max_tokens=2, **greedy))
+    if n:  # warm-up: the whole run once untimed, so every batch size it passes through is built and captured
+        llm.generate(prompts, params)
     _sync(plan.device)
     t0 = time.perf_counter()
     outputs, stats = llm.generate(prompts, params)
@@ -170,10 +174,30 @@ def _engine_runs(llm: LLM, plan: BenchPlan, vocab: int) -> dict:
     generated = sum(len(o.token_ids) for o in outputs)
     out["throughput"] = {"requests": n, "generated_tokens": generated, "s": seconds,
                          "tok_per_s": generated / seconds, "preemptions": stats.preemptions}
-    batch, length = plan.prefill[0]
-    out["breakdown"] = {"prefill_batch": batch, "prefill_tokens": length,
-                        **breakdown(llm, _prompts(rng, batch, length, vocab), plan.decode_steps)}
+    out["breakdown"] = {}
+    if plan.prefill:  # the prefill phase of the first prefill shape, the decode phase of the first decode shape
+        batch, length = plan.prefill[0]
+        parts = breakdown(llm, _prompts(rng, batch, length, vocab), 0)
+        out["breakdown"].update(prefill_batch=batch, prefill_tokens=length, prefill_ms=parts["prefill_ms"])
+    if plan.decode:
+        batch, context = plan.decode[0]
+        parts = breakdown(llm, _prompts(rng, batch, context, vocab), plan.decode_steps)
+        out["breakdown"].update(decode_batch=batch, decode_context=context, decode_ms=parts["decode_ms"])
     return out
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes a decode step reads of the model's stored tensors: all of them but the embedding table
+    (a step reads one row of it per token) and the RoPE frequencies."""
+    skip = ("embed", "inv_freq", "rotary")
+    tensors = itertools.chain(model.named_parameters(), model.named_buffers())
+    return sum(t.numel() * t.element_size() for name, t in tensors if not any(k in name for k in skip))
+
+
+def _bandwidth(nbytes: int, seconds: float) -> dict:
+    """A decode step's bytes (weights + this batch's KV cache) and the rate it reads them at; the
+    copy bandwidth measured in the same run is the roofline (environment.copy_gbps)."""
+    return {"bytes_read": nbytes, "gbps": nbytes / seconds / 1e9 if seconds > 0 else None}
 
 
 class _StepTimer:
@@ -250,8 +274,10 @@ def _hf_runs(plan: BenchPlan, vocab: int) -> dict:
                     model.generate(ids, max_new_tokens=plan.decode_steps + 1, min_new_tokens=plan.decode_steps + 1,
                                    do_sample=False, cache_implementation="static", pad_token_id=0, streamer=timer)
                     steps += timer.decode_steps()
+            c = model.config
+            kv = batch * (context + plan.decode_steps // 2) * 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 2
             out["decode"].append({"batch": batch, "context": context, "ms_per_step": 1e3 * statistics.median(steps),
-                                  "peak_gb": peak.gb})
+                                  "peak_gb": peak.gb, **_bandwidth(weight_bytes(model) + kv, statistics.median(steps))})
     del model
     return out
 
@@ -338,13 +364,50 @@ def markdown(result: dict) -> str:
     for i, (batch, context) in enumerate(result["plan"]["decode"]):
         lines.append(f"| {batch} x {context} | " +
                      " | ".join(f"{systems[n]['decode'][i]['ms_per_step']:.3f}" for n in names) + " |")
+    copy = env.get("copy_gbps")
+    if copy and all(r.get("gbps") for n in names for r in systems[n]["decode"]):
+        lines += ["", f"## Decode read bandwidth (GB/s of weights + KV cache read per step; % of the "
+                  f"{copy:.0f} GB/s copy roofline)", "", "| batch x context | " + " | ".join(names) + " |",
+                  "|---" * (len(names) + 1) + "|"]
+        for i, (batch, context) in enumerate(result["plan"]["decode"]):
+            lines.append(f"| {batch} x {context} | " + " | ".join(
+                f"{systems[n]['decode'][i]['gbps']:.0f} ({100 * systems[n]['decode'][i]['gbps'] / copy:.0f}%)"
+                for n in names) + " |")
     if any(r.get("peak_gb") is not None for n in names for r in systems[n]["decode"]):
         lines += ["", "## Peak GPU memory during decode (GiB: weights, KV cache for this batch x context, "
                   "activations)", "", "| batch x context | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
         for i, (batch, context) in enumerate(result["plan"]["decode"]):
             lines.append(f"| {batch} x {context} | " + " | ".join(
                 f"{systems[n]['decode'][i]['peak_gb']:.2f}" for n in names) + " |")
+    engines = [n for n in names if "throughput" in systems[n]]
+    if engines:
+        lines += ["", "## Throughput (random prompt and output lengths, fixed seed)", "",
+                  "| system | requests | generated tokens | s | tok/s | preemptions |", "|---|---|---|---|---|---|"]
+        for n in engines:
+            t = systems[n]["throughput"]
+            lines.append(f"| {n} | {t['requests']} | {t['generated_tokens']} | {t['s']:.2f} | {t['tok_per_s']:.0f} "
+                         f"| {t['preemptions']} |")
+    lines += _breakdown_table(systems, engines)
     return "\n".join(lines) + "\n"
+
+
+def _breakdown_table(systems: dict, engines: list[str]) -> list[str]:
+    """ms per step by category, from the profiled eager run (synchronized per op, so the totals
+    exceed the timed runs': read the rows as shares)."""
+    lines = []
+    for phase, what in (("prefill", "prefill_batch prefill_tokens"), ("decode", "decode_batch decode_context")):
+        rows = [n for n in engines if f"{phase}_ms" in systems[n].get("breakdown", {})]
+        if not rows:
+            continue
+        b = systems[rows[0]]["breakdown"]
+        shape = " x ".join(str(b[k]) for k in what.split())
+        cats = ["gemm", "quantize", "hadamard", "kv_store", "attention", "other", "total"]
+        lines += ["", f"## {phase.capitalize()} time by category ({shape}; ms per step, eager, synchronized per op)",
+                  "", "| system | " + " | ".join(cats) + " |", "|---" * (len(cats) + 1) + "|"]
+        for n in rows:
+            part = systems[n]["breakdown"][f"{phase}_ms"]
+            lines.append(f"| {n} | " + " | ".join(f"{part.get(c, 0.0):.2f}" for c in cats) + " |")
+    return lines
 
 
 def plot(result: dict, path) -> bool:

@@ -14,8 +14,11 @@ rm -rf .smollm2 && mkdir -p .smollm2/site
 size=$(stat -c %s "$gguf_file")
 head -c $((size / 2)) "$gguf_file" > .smollm2/a
 tail -c +$((size / 2 + 1)) "$gguf_file" > .smollm2/b
+# The dist-info directories go too: transformers checks the installed gguf version through
+# importlib.metadata and refuses GGUF files without it.
 for pkg in gguf accelerate; do
-  cp -r "$(python3 -c "import $pkg, os; print(os.path.dirname($pkg.__file__))")" .smollm2/site/
+  pkg_dir=$(python3 -c "import $pkg, os; print(os.path.dirname($pkg.__file__))")
+  cp -r "$pkg_dir" "$(dirname "$pkg_dir")"/$pkg-*.dist-info .smollm2/site/
 done
 sha256sum "$gguf_file" | cut -d' ' -f1 > .smollm2/site/gguf.sha256
 du -sh .smollm2/*

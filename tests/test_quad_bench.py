@@ -20,8 +20,17 @@ def test_quad_bench_runs_every_system_and_writes_json_and_a_plot(tmp_path, capsy
             for phase in ("prefill_ms", "decode_ms"):  # the per-layer time breakdown
                 parts = runs["breakdown"][phase]
                 assert parts["gemm"] > 0 and parts["attention"] > 0 and parts["total"] >= parts["gemm"]
+        assert all(r["gbps"] > 0 and r["bytes_read"] > 0 for r in runs["decode"])
+    # The 4-bit engines read fewer bytes a step than the fp16 engine at the same batch and context.
+    quad, fp16 = result["systems"]["quad-w4a4"]["decode"][0], result["systems"]["fp16"]["decode"][0]
+    assert quad["bytes_read"] < fp16["bytes_read"]
     assert (tmp_path / "run.png").stat().st_size > 0
-    assert "| 1 x 16 |" in (tmp_path / "run.md").read_text()
+    table = (tmp_path / "run.md").read_text()
+    assert "| 1 x 16 |" in table
+    for section in ("## Throughput", "## Prefill time by category", "## Decode time by category"):
+        assert section in table
+    if result["environment"].get("copy_gbps"):
+        assert "## Decode read bandwidth" in table
 
 
 def test_unfused_system_runs_with_fusions_off_and_restores_the_setting(tmp_path, monkeypatch):
