@@ -230,6 +230,19 @@ def decode_splits(batch: int, kv_heads: int, max_context: int, block_size: int =
     return max(1, min(want, max_context // (2 * block_size), 32))
 
 
+def prebuild_decode(heads: int, kv_heads: int, head_dim: int, splits: list[int], block_size: int = BLOCK_SIZE,
+                    workers: int = 16) -> None:
+    """Compile the decode attention and combine kernels for every split count in parallel (TileLang
+    compiles through nvcc subprocesses, so threads overlap): one pair per decode batch size."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    # The arguments exactly as attention_decode_op passes them: lru_cache keys on the call's form.
+    jobs = [functools.partial(attention_decode, heads, kv_heads, head_dim, n, block_size, None) for n in sorted(set(splits))]
+    jobs += [functools.partial(attention_combine, heads, head_dim, n) for n in sorted(set(splits))]
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(lambda job: job(), jobs))
+
+
 def kv_store_op(k, v, slot_mapping, k_data, k_meta, v_data, v_meta, clip: float = 1.0) -> None:
     kv_heads, head_dim = k.shape[1], k.shape[2]
     kernel = kv_store(kv_heads, head_dim, k_data.shape[2], float(clip))

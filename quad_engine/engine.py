@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,6 +129,20 @@ class LLM:
         self.graphs: dict[int, tuple] = {}
         self.graph_pool = None
         self.step_hook = None    # called with each step's wall time in seconds (the bench)
+        if self.use_cuda_graph:
+            self.capture_graphs()
+
+    def capture_graphs(self, progress: bool = True) -> None:
+        """Capture the decode step of every batch bucket now, as vLLM does at start-up: kernel
+        builds and captures then never land inside a request's decode (they take seconds)."""
+        from tqdm import tqdm
+
+        if isinstance(self.cfg, QuadConfig):
+            self._prebuild_attention()
+        todo = [size for size in self.decode_buckets if size not in self.graphs]
+        for size in tqdm(todo, desc="capturing CUDA graphs", disable=not progress or not todo, file=sys.stderr,
+                         leave=False):
+            self.graphs[size] = self._capture(size)
 
     def _warm_up(self, tokens: int) -> None:
         """One full-recompute forward at the largest step size, so the cache is sized after the peak
@@ -154,6 +169,22 @@ class LLM:
                     linears[(w.qweight.shape[0], w.qweight.shape[1] * 2, rank, w.bias is not None)] = None
         sizes = sorted(set(self.decode_buckets) | {65, min(1024, max_tokens)})
         gemm.prebuild([(m, n, k, rank, bias, "float16") for n, k, rank, bias in linears for m in sizes])
+
+    def _prebuild_attention(self) -> None:
+        """Compile in parallel the decode attention variant of every bucket (its split count
+        depends on the batch size), instead of one at a time inside the captures."""
+        from quad_engine import ops
+        try:
+            from kernels_tl import kv_attention
+        except ImportError:
+            return
+        cache = self.model.layers[0].attn.kv_cache
+        if cache is None or not ops.use_kernels(cache[0]) or not ops._kv_kernels_support(cache):
+            return
+        cfg, block = self.cfg, cache[0].shape[2]
+        splits = [kv_attention.decode_splits(size, cfg.num_kv_heads, block * self._table_width)
+                  for size in self.decode_buckets]
+        kv_attention.prebuild_decode(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, splits, block)
 
     # ------------------------------------------------------------------ one step
 

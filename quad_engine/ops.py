@@ -8,7 +8,8 @@ model end to end against it); cases the kernels do not cover (per-group weight s
 Hadamard) fall back to the reference on their own.
 
 The float16 boundaries are part of the numerics, on both backends: the norm and the Hadamard
-quantizers read float16, the GEMMs and attention return float16, the KV cache quantizes float16.
+quantizers read float16, the GEMMs and attention return float16, RoPE + head Hadamard (as per-token
+matrices, in steps of up to 512 tokens) returns float16, the KV cache quantizes float16.
 Every activation quantizer turns a difference far below its step into whole-step flips with some
 probability, so a reference that rounded elsewhere would drift from the kernels by percents over
 a deep model; rounding at the same places keeps the two within float32 summation order.
@@ -28,6 +29,7 @@ from quad_engine.config import HadamardSpec
 
 
 PROFILE = False  # quad-bench sets it: each op below then adds its synchronized time to PROFILE_TIMES
+ANNOTATE = False  # scripts/gpu_profile_step.py sets it: each op below runs in a profiler range "quad::<category>"
 PROFILE_TIMES: dict[str, float] = {}   # "<phase>/<category>" -> seconds, phase set by the engine's step
 PROFILE_PHASE = "step"
 
@@ -51,6 +53,9 @@ def _profiled(category: str):
     def wrap(fn):
         @functools.wraps(fn)
         def inner(*args, **kwargs):
+            if ANNOTATE:
+                with torch.profiler.record_function(f"quad::{category}"):
+                    return fn(*args, **kwargs)
             if not PROFILE:
                 return fn(*args, **kwargs)
             device_sync()
@@ -146,8 +151,16 @@ def swiglu_hadamard_quant(gate_up: torch.Tensor, spec: HadamardSpec | None, bits
 
 @_profiled("hadamard")
 def rope_hadamard(x: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
-    """RoPE then the head Hadamard as one batched matmul: x [B, T, heads, hd] (any float dtype),
-    matrices [B or 1, T, hd, hd] (models.llama.rope_hadamard_matrices); float32 [B, T, heads, hd]."""
+    """RoPE then the head Hadamard as one batched matmul: x [B, T, heads, hd], matrices [B or 1, T,
+    hd, hd] (models.llama.rope_hadamard_matrices); [B, T, heads, hd] in the matrices' dtype.
+
+    float16 matrices (the quantized models): float16 in, float32 sums, float16 out, the form the KV
+    cache and attention read anyway; on a GPU one tensor-core matmul instead of a float32 one plus
+    the casts around it. float32 matrices (unquantized mode): float32 throughout."""
+    if matrices.dtype == torch.float16:
+        if x.is_cuda:
+            return torch.matmul(x.half(), matrices)
+        return torch.matmul(x.half().float(), matrices.float()).half()
     return torch.matmul(x.float(), matrices)
 
 

@@ -5,12 +5,16 @@ runs, how many, and their device time. Writes tables under OUT_DIR.
 """
 
 import argparse
+import bisect
+import json
 import random
+import tempfile
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from quad_engine import ops
 from quad_engine.engine import LLM
 from quad_engine.sampling import SamplingParams
 from quad_engine.synthetic import synthetic_model
@@ -20,11 +24,47 @@ ON_GPU = torch.cuda.is_available()
 
 
 def kernel_times(prof) -> dict[str, tuple[float, int]]:
-    """name -> (device µs, calls) of every op that ran on the GPU (CPU time of the aten ops on a
-    machine without one, so that the script can be tried there)."""
+    """"<op> | <kernel>" -> (device µs, calls) of every kernel, copy and memset that ran on the GPU
+    (CPU time of the aten ops on a machine without one, so that the script can be tried there)."""
     if not ON_GPU:
         return {e.key: (e.self_cpu_time_total, e.count) for e in prof.key_averages() if e.key.startswith("aten::")}
-    return {e.key: (e.device_time_total, e.count) for e in prof.key_averages() if e.device_time_total > 0}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(path))
+        events = json.loads(path.read_text())["traceEvents"]
+    return attribute(events)
+
+
+def attribute(events: list[dict]) -> dict[str, tuple[float, int]]:
+    """Each GPU event filed under the quad_engine.ops call that launched it: the launch (a runtime or
+    driver API call, linked to the kernel by its correlation id) falls inside that op's
+    "quad::<category>" range (ops.ANNOTATE). The torch profiler's own tables cannot do this for
+    the TileLang kernels, which all carry the name main_kernel and launch through the driver API;
+    they are told apart here by their grid and block. Replayed graphs have no launches: "graph"."""
+    ranges = sorted((e["ts"], e["ts"] + e.get("dur", 0), e["name"].removeprefix("quad::")) for e in events
+                    if e.get("cat") == "user_annotation" and e.get("name", "").startswith("quad::"))
+    starts = [r[0] for r in ranges]
+    launches = {e["args"]["correlation"]: e["ts"] for e in events
+                if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
+    rows: dict[str, tuple[float, int]] = {}
+    for e in events:
+        if e.get("cat") not in ("kernel", "gpu_memcpy", "gpu_memset"):
+            continue
+        args = e.get("args", {})
+        name = e["name"]
+        if name == "main_kernel":  # TileLang: the launch shape says which one
+            name = f"tilelang grid{tuple(args.get('grid', ()))} block{tuple(args.get('block', ()))}"
+        launch = launches.get(args.get("correlation"))
+        op = "graph" if launch is None else "-"
+        if launch is not None:
+            i = bisect.bisect_right(starts, launch) - 1
+            while i >= 0 and ranges[i][1] < launch:  # the innermost range still open at the launch
+                i -= 1
+            op = ranges[i][2] if i >= 0 else "-"
+        key = f"{op:<10} | {name}"
+        t, n = rows.get(key, (0.0, 0))
+        rows[key] = (t + e.get("dur", 0), n + 1)
+    return rows
 
 
 def table(times: dict[str, tuple[float, int]], steps: int, minus: dict | None = None) -> str:
@@ -36,8 +76,12 @@ def table(times: dict[str, tuple[float, int]], steps: int, minus: dict | None = 
     total, kernels = sum(t for _, t, _ in rows), sum(n for _, _, n in rows)
     lines = [f"{steps} step(s): {total / steps / 1e3:.3f} ms device time and {kernels / steps:.0f} GPU ops a step",
              f"{'ms/step':>9} {'calls/step':>10}  name"]
-    for k, t, n in rows[:60]:
-        lines.append(f"{t / steps / 1e3:9.3f} {n / steps:10.1f}  {k[:150]}")
+    by_op: dict[str, float] = {}
+    for k, t, _ in rows:
+        by_op[k.split(" | ")[0].strip()] = by_op.get(k.split(" | ")[0].strip(), 0.0) + t
+    lines.append("by op: " + ", ".join(f"{op} {t / steps / 1e3:.3f}" for op, t in sorted(by_op.items(), key=lambda x: -x[1])))
+    for k, t, n in rows[:80]:
+        lines.append(f"{t / steps / 1e3:9.3f} {n / steps:10.1f}  {k[:160]}")
     return "\n".join(lines)
 
 
@@ -76,6 +120,7 @@ def main() -> None:
     llm.generate([long_prompt], SamplingParams(max_tokens=2, **greedy))  # warm-up
     llm.generate([ctx_prompt], SamplingParams(max_tokens=args.steps, **greedy))
     sync()
+    ops.ANNOTATE = True  # every kernel filed under the op that launched it (see attribute)
     prefill = profiled(lambda: llm.generate([long_prompt], SamplingParams(max_tokens=1, **greedy)))
     (out / "profile_prefill.txt").write_text(table(prefill, 1))
     modes = (False, True) if ON_GPU else (False,)

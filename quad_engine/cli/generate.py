@@ -96,8 +96,8 @@ def main(argv=None) -> int:
                 if args.json:
                     print(json.dumps({"prompt": shown[i], "text": out.text, "prompt_tokens": len(out.prompt_token_ids),
                                       "generated_tokens": len(out.token_ids), "finish_reason": out.finish_reason}))
-                elif not args.stream:
-                    print(f"{shown[i]}{out.text}\n")
+                elif not args.stream:  # a completion continues its prompt; a chat reply goes below it
+                    print(f"{shown[i]}{chr(10) if args.chat else ''}{out.text}\n")
             prefill_rate = stats.prefill_tokens / stats.prefill_s if stats.prefill_s else 0.0
             decode_rate = stats.decode_tokens / stats.decode_s if stats.decode_s else 0.0
             generated = sum(len(o.token_ids) for o in outputs)

@@ -164,6 +164,8 @@ class QuadForCausalLM(nn.Module):
         rope_h = None
         if input_ids.numel() <= self.ROPE_MATRIX_MAX_TOKENS:
             rope_h = rope_hadamard_matrices(cos, sin, self.cfg.hadamard_head)
+            if self.cfg.quantized:  # float16 Q / K out, as the cache and attention read them (ops.rope_hadamard)
+                rope_h = rope_h.half()
         h = self.embed[input_ids].float()  # a fresh tensor (indexing copies): updated in place below
         pending = None
         for layer in self.layers:
