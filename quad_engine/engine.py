@@ -132,6 +132,7 @@ class LLM:
         if self.use_cuda_graph:
             self.capture_graphs()
 
+    @torch.inference_mode()  # as every step runs (_run): the graphs' static tensors are inference tensors
     def capture_graphs(self, progress: bool = True) -> None:
         """Capture the decode step of every batch bucket now, as vLLM does at start-up: kernel
         builds and captures then never land inside a request's decode (they take seconds)."""
