@@ -219,31 +219,21 @@ class _StepTimer:
 
 
 def breakdown(llm: LLM, prompts: list[list[int]], steps: int) -> dict:
-    """Per-step time by category (gemm, quantize, hadamard, attention, kv_store, other) for the
-    prefill of `prompts` and the following `steps` decode steps, from one eager run in which every
-    `quad_engine.ops` call and every step is timed between device synchronizations (ops.PROFILE).
-    "other" is the rest of the step: embedding, RoPE, residual adds, lm_head, launch gaps. The fp16
-    path's GEMMs are plain nn.Linear and count as "other". The synchronizations add a few
-    microseconds per op, which weighs on the decode figures: read them as shares."""
-    from quad_engine import ops
+    """ms per step by op (gemm, quantize, hadamard, attention, kv_store, other) for the prefill of
+    `prompts` and the following `steps` decode steps, from one eager run under the profiler
+    (quad_engine.profiling): the device time of every kernel, filed under the op that launched it;
+    "other" is what no op launched (embedding, lm_head, sampling, the fp16 path's nn.Linear GEMMs).
+    Eager so that kernels can be attributed (a replayed graph is one launch); a step's device time
+    is the same either way. Without a GPU, host time of the ops."""
+    from quad_engine import profiling
 
-    graphs, llm.use_cuda_graph, ops.PROFILE = llm.use_cuda_graph, False, True
-    ops.PROFILE_TIMES.clear()
+    graphs, llm.use_cuda_graph = llm.use_cuda_graph, False
     try:
-        llm.generate(prompts, SamplingParams(temperature=0, ignore_eos=True, max_tokens=steps + 1))
+        with profiling.annotated_trace() as events:
+            llm.generate(prompts, SamplingParams(temperature=0, ignore_eos=True, max_tokens=steps + 1))
     finally:
-        llm.use_cuda_graph, ops.PROFILE = graphs, False
-    times = dict(ops.PROFILE_TIMES)
-    ops.PROFILE_TIMES.clear()
-    out = {}
-    for phase in ("prefill", "decode"):
-        n = max(times.get(f"{phase}/steps", 0), 1)
-        row = {key.split("/", 1)[1]: 1e3 * t / n for key, t in times.items()
-               if key.startswith(phase + "/") and not key.endswith("/steps")}
-        row.setdefault("total", 0.0)
-        row["other"] = row["total"] - sum(v for k, v in row.items() if k != "total")
-        out[f"{phase}_ms"] = row
-    return out
+        llm.use_cuda_graph = graphs
+    return profiling.breakdown_by_op(events)
 
 
 def _hf_runs(plan: BenchPlan, vocab: int) -> dict:
@@ -294,7 +284,7 @@ def environment() -> dict:
     except (OSError, subprocess.SubprocessError):
         commit = None
     env = {"torch": torch.__version__, "python": platform.python_version(), "git_commit": commit or None,
-           "date": time.strftime("%Y-%m-%d"), "device": "cpu"}
+           "source_digest": source_digest(), "date": time.strftime("%Y-%m-%d"), "device": "cpu"}
     if torch.cuda.is_available():
         env["device"] = torch.cuda.get_device_name()
         copy = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")
@@ -306,6 +296,21 @@ def environment() -> dict:
         torch.cuda.synchronize()
         env["copy_gbps"] = 2 * copy.numel() * 10 / (time.perf_counter() - t0) / 1e9
     return env
+
+
+def source_digest() -> str:
+    """sha256 (first 16 hex digits) of the code that ran: every .py file of the engine, the kernels
+    and the converter, by path. A copy of the tree whose git metadata is stale or absent still
+    names its code: check out a commit and compare `python -c "from quad_engine.bench import
+    source_digest; print(source_digest())"`."""
+    import hashlib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for path in sorted(p for pkg in ("quad_engine", "kernels_tl", "converter") for p in (root / pkg).rglob("*.py")):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
 
 
 def run(plan: BenchPlan, progress=print) -> dict:
@@ -387,13 +392,12 @@ def markdown(result: dict) -> str:
             t = systems[n]["throughput"]
             lines.append(f"| {n} | {t['requests']} | {t['generated_tokens']} | {t['s']:.2f} | {t['tok_per_s']:.0f} "
                          f"| {t['preemptions']} |")
-    lines += _breakdown_table(systems, engines)
+    lines += _breakdown_table(systems, engines, on_gpu=env["device"] != "cpu")
     return "\n".join(lines) + "\n"
 
 
-def _breakdown_table(systems: dict, engines: list[str]) -> list[str]:
-    """ms per step by category, from the profiled eager run (synchronized per op, so the totals
-    exceed the timed runs': read the rows as shares)."""
+def _breakdown_table(systems: dict, engines: list[str], on_gpu: bool) -> list[str]:
+    """ms per step by op, from the profiled eager run (see breakdown)."""
     lines = []
     for phase, what in (("prefill", "prefill_batch prefill_tokens"), ("decode", "decode_batch decode_context")):
         rows = [n for n in engines if f"{phase}_ms" in systems[n].get("breakdown", {})]
@@ -402,11 +406,12 @@ def _breakdown_table(systems: dict, engines: list[str]) -> list[str]:
         b = systems[rows[0]]["breakdown"]
         shape = " x ".join(str(b[k]) for k in what.split())
         cats = ["gemm", "quantize", "hadamard", "kv_store", "attention", "other", "total"]
-        lines += ["", f"## {phase.capitalize()} time by category ({shape}; ms per step, eager, synchronized per op)",
+        what_time = "device time of the kernels each op launched" if on_gpu else "host time of each op"
+        lines += ["", f"## {phase.capitalize()} time by op ({shape}; ms per step: {what_time}, eager run)",
                   "", "| system | " + " | ".join(cats) + " |", "|---" * (len(cats) + 1) + "|"]
         for n in rows:
             part = systems[n]["breakdown"][f"{phase}_ms"]
-            lines.append(f"| {n} | " + " | ".join(f"{part.get(c, 0.0):.2f}" for c in cats) + " |")
+            lines.append(f"| {n} | " + " | ".join(f"{part.get(c, 0.0):.3f}" for c in cats) + " |")
     return lines
 
 

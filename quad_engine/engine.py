@@ -46,20 +46,13 @@ class GenerateStats:
 
 @contextlib.contextmanager
 def _step_range(is_prefill: bool):
-    """When the bench profiles: the step's synchronized wall time into ops.PROFILE_TIMES under
-    prefill/total or decode/total (and the number of steps under .../steps); the ops called
-    inside it file their time under the same phase."""
+    """When profiling (quad_engine.profiling): the step in a range "quad_step::<prefill|decode>"."""
     from quad_engine import ops
-    if not ops.PROFILE:
+    if not ops.ANNOTATE:
         yield
         return
-    ops.PROFILE_PHASE = "prefill" if is_prefill else "decode"
-    ops.device_sync()
-    start = time.perf_counter()
-    yield
-    ops.device_sync()
-    ops.profile_add(f"{ops.PROFILE_PHASE}/total", time.perf_counter() - start)
-    ops.profile_add(f"{ops.PROFILE_PHASE}/steps", 1)
+    with torch.profiler.record_function("quad_step::" + ("prefill" if is_prefill else "decode")):
+        yield
 
 
 def pick_device(device: str | None) -> torch.device:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import os
-import time
 
 import torch
 
@@ -28,42 +27,24 @@ from kernels_tl.hadamard import apply_hadamard
 from quad_engine.config import HadamardSpec
 
 
-PROFILE = False  # quad-bench sets it: each op below then adds its synchronized time to PROFILE_TIMES
-ANNOTATE = False  # scripts/gpu_profile_step.py sets it: each op below runs in a profiler range "quad::<category>"
-PROFILE_TIMES: dict[str, float] = {}   # "<phase>/<category>" -> seconds, phase set by the engine's step
-PROFILE_PHASE = "step"
+ANNOTATE = False  # quad_engine.profiling sets it: each op below then runs in a profiler range "quad::<category>"
 
 
 def device_sync() -> None:
-    """Wait for the GPU (when one is in use): the profile's timings bracket finished work."""
+    """Wait for the GPU (when one is in use)."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()
 
 
-def profile_add(category: str, seconds: float) -> None:
-    PROFILE_TIMES[category] = PROFILE_TIMES.get(category, 0.0) + seconds
-
-
 def _profiled(category: str):
-    """Time an op for the bench's per-layer breakdown (no cost unless PROFILE is set).
-
-    Synchronized wall time around each call: it counts every kernel whatever launched it (the
-    TileLang ones go through the driver API, which the torch profiler does not attribute to
-    ranges), at the price of a few microseconds of sync per op, which the decode figures carry."""
+    """File the op's kernels under `category` in a profile (quad_engine.profiling); no cost otherwise."""
     def wrap(fn):
         @functools.wraps(fn)
         def inner(*args, **kwargs):
             if ANNOTATE:
                 with torch.profiler.record_function(f"quad::{category}"):
                     return fn(*args, **kwargs)
-            if not PROFILE:
-                return fn(*args, **kwargs)
-            device_sync()
-            start = time.perf_counter()
-            out = fn(*args, **kwargs)
-            device_sync()
-            profile_add(f"{PROFILE_PHASE}/{category}", time.perf_counter() - start)
-            return out
+            return fn(*args, **kwargs)
         return inner
     return wrap
 

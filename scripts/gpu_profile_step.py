@@ -5,16 +5,12 @@ runs, how many, and their device time. Writes tables under OUT_DIR.
 """
 
 import argparse
-import bisect
-import json
 import random
-import tempfile
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
-from quad_engine import ops
+from quad_engine import profiling
 from quad_engine.engine import LLM
 from quad_engine.sampling import SamplingParams
 from quad_engine.synthetic import synthetic_model
@@ -23,47 +19,17 @@ from quad_engine.synthetic import synthetic_model
 ON_GPU = torch.cuda.is_available()
 
 
-def kernel_times(prof) -> dict[str, tuple[float, int]]:
+def kernel_times(events: list[dict]) -> dict[str, tuple[float, int]]:
     """"<op> | <kernel>" -> (device µs, calls) of every kernel, copy and memset that ran on the GPU
-    (CPU time of the aten ops on a machine without one, so that the script can be tried there)."""
+    (quad_engine.profiling.attribute); host µs of the ops on a machine without one, so that the
+    script can be tried there."""
     if not ON_GPU:
-        return {e.key: (e.self_cpu_time_total, e.count) for e in prof.key_averages() if e.key.startswith("aten::")}
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "trace.json"
-        prof.export_chrome_trace(str(path))
-        events = json.loads(path.read_text())["traceEvents"]
-    return attribute(events)
-
-
-def attribute(events: list[dict]) -> dict[str, tuple[float, int]]:
-    """Each GPU event filed under the quad_engine.ops call that launched it: the launch (a runtime or
-    driver API call, linked to the kernel by its correlation id) falls inside that op's
-    "quad::<category>" range (ops.ANNOTATE). The torch profiler's own tables cannot do this for
-    the TileLang kernels, which all carry the name main_kernel and launch through the driver API;
-    they are told apart here by their grid and block. Replayed graphs have no launches: "graph"."""
-    ranges = sorted((e["ts"], e["ts"] + e.get("dur", 0), e["name"].removeprefix("quad::")) for e in events
-                    if e.get("cat") == "user_annotation" and e.get("name", "").startswith("quad::"))
-    starts = [r[0] for r in ranges]
-    launches = {e["args"]["correlation"]: e["ts"] for e in events
-                if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
+        return {f"{op:<10} | host": (us, 1) for (_, op), us in profiling.cpu_op_times(events).items()}
     rows: dict[str, tuple[float, int]] = {}
-    for e in events:
-        if e.get("cat") not in ("kernel", "gpu_memcpy", "gpu_memset"):
-            continue
-        args = e.get("args", {})
-        name = e["name"]
-        if name == "main_kernel":  # TileLang: the launch shape says which one
-            name = f"tilelang grid{tuple(args.get('grid', ()))} block{tuple(args.get('block', ()))}"
-        launch = launches.get(args.get("correlation"))
-        op = "graph" if launch is None else "-"
-        if launch is not None:
-            i = bisect.bisect_right(starts, launch) - 1
-            while i >= 0 and ranges[i][1] < launch:  # the innermost range still open at the launch
-                i -= 1
-            op = ranges[i][2] if i >= 0 else "-"
+    for (_, op, name), (us, n) in profiling.attribute(events).items():
         key = f"{op:<10} | {name}"
-        t, n = rows.get(key, (0.0, 0))
-        rows[key] = (t + e.get("dur", 0), n + 1)
+        t, c = rows.get(key, (0.0, 0))
+        rows[key] = (t + us, c + n)
     return rows
 
 
@@ -91,10 +57,9 @@ def sync() -> None:
 
 
 def profiled(fn) -> dict:
-    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ON_GPU else [])) as prof:
+    with profiling.annotated_trace() as events:
         fn()
-        sync()
-    return kernel_times(prof)
+    return kernel_times(events)
 
 
 def main() -> None:
@@ -120,7 +85,6 @@ def main() -> None:
     llm.generate([long_prompt], SamplingParams(max_tokens=2, **greedy))  # warm-up
     llm.generate([ctx_prompt], SamplingParams(max_tokens=args.steps, **greedy))
     sync()
-    ops.ANNOTATE = True  # every kernel filed under the op that launched it (see attribute)
     prefill = profiled(lambda: llm.generate([long_prompt], SamplingParams(max_tokens=1, **greedy)))
     (out / "profile_prefill.txt").write_text(table(prefill, 1))
     modes = (False, True) if ON_GPU else (False,)

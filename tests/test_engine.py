@@ -187,5 +187,9 @@ def test_rope_and_head_hadamard_as_one_matrix_per_token_equal_the_two_steps(head
     cos, sin = rope_cos_sin(inv_freq, torch.tensor([[0, 1, 5, 100, 4095, 8191]]), 1.0)
     x = torch.randn(1, 6, 3, head_dim)
     want = ops.hadamard(apply_rope(x.transpose(1, 2), cos, sin), spec).transpose(1, 2)
-    got = ops.rope_hadamard(x, rope_hadamard_matrices(cos, sin, spec))
+    got = ops.rope_hadamard(x, rope_hadamard_matrices(cos, sin, spec, chunk=4))  # two chunks
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    # float16 matrices (the quantized models): float16 out, within float16 rounding of the two steps.
+    got16 = ops.rope_hadamard(x, rope_hadamard_matrices(cos, sin, spec, torch.float16))
+    assert got16.dtype == torch.float16
+    assert (got16.float() - want).abs().max() <= 4e-3 * want.abs().max()

@@ -24,10 +24,11 @@ def test_quad_bench_runs_every_system_and_writes_json_and_a_plot(tmp_path, capsy
     # The 4-bit engines read fewer bytes a step than the fp16 engine at the same batch and context.
     quad, fp16 = result["systems"]["quad-w4a4"]["decode"][0], result["systems"]["fp16"]["decode"][0]
     assert quad["bytes_read"] < fp16["bytes_read"]
+    assert len(result["environment"]["source_digest"]) == 16
     assert (tmp_path / "run.png").stat().st_size > 0
     table = (tmp_path / "run.md").read_text()
     assert "| 1 x 16 |" in table
-    for section in ("## Throughput", "## Prefill time by category", "## Decode time by category"):
+    for section in ("## Throughput", "## Prefill time by op", "## Decode time by op"):
         assert section in table
     if result["environment"].get("copy_gbps"):
         assert "## Decode read bandwidth" in table

@@ -36,12 +36,13 @@ def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, scale: float) 
     return emb.cos() * scale, emb.sin() * scale
 
 
-def rope_hadamard_matrices(cos: torch.Tensor, sin: torch.Tensor, spec) -> torch.Tensor:
+def rope_hadamard_matrices(cos: torch.Tensor, sin: torch.Tensor, spec, dtype: torch.dtype = torch.float32,
+                           chunk: int = 1024) -> torch.Tensor:
     """Per-token matrices M [B, T, hd, hd] with x @ M = hadamard(apply_rope(x)) for a row x of one
     head at that token: (x·cos + rotate_half(x)·sin) @ H = x @ (diag(cos) H + P diag(sin) H), P the
     rotate-half permutation. Built once per forward and shared by every layer, they turn RoPE and
     the head Hadamard of Q and K into one batched matmul per layer instead of a dozen elementwise
-    kernels (what a decode step's time goes to)."""
+    kernels. Computed in float32, `chunk` tokens at a time, and stored as `dtype`."""
     hd = cos.shape[-1]
     eye = torch.eye(hd, device=cos.device, dtype=torch.float32)
     h = eye if spec is None else apply_hadamard(eye, spec.factors, spec.block)
@@ -49,7 +50,11 @@ def rope_hadamard_matrices(cos: torch.Tensor, sin: torch.Tensor, spec) -> torch.
     # rotate_half(x)_j = -x_(j+half) for j < half, x_(j-half) above; cos and sin repeat with period
     # half, so P diag(sin) H = diag(sin) [H_(half:) ; -H_(:half)].
     rot_h = torch.cat((h[half:], -h[:half]), dim=0)
-    return cos.unsqueeze(-1) * h + sin.unsqueeze(-1) * rot_h
+    out = torch.empty(*cos.shape, hd, device=cos.device, dtype=dtype)
+    for start in range(0, cos.shape[-2], chunk):
+        c, s = cos[..., start:start + chunk, :], sin[..., start:start + chunk, :]
+        out[..., start:start + chunk, :, :] = c.unsqueeze(-1) * h + s.unsqueeze(-1) * rot_h
+    return out
 
 
 class Attention(nn.Module):
@@ -138,7 +143,10 @@ class DecoderLayer(nn.Module):
 class QuadForCausalLM(nn.Module):
     """Reference-backend model: forward(input_ids [B, T]) -> float32 logits [B, T, V]."""
 
-    ROPE_MATRIX_MAX_TOKENS = 512
+    # Steps up to this many tokens take RoPE + head Hadamard as per-token matrices (32 KB a token
+    # at head_dim 128 in float16, the quantized models: 256 MB at 8192 tokens; 64 KB in float32,
+    # the unquantized mode, which keeps a lower bound). Longer steps use the elementwise form.
+    ROPE_MATRIX_MAX_TOKENS = {torch.float16: 8192, torch.float32: 512}
 
     def __init__(self, cfg: QuadConfig, tensors: dict[str, torch.Tensor]):
         super().__init__()
@@ -158,14 +166,13 @@ class QuadForCausalLM(nn.Module):
         if positions is None:
             positions = torch.arange(input_ids.shape[-1], device=input_ids.device).unsqueeze(0)
         cos, sin = rope_cos_sin(self.inv_freq, positions, self.cfg.rope_attention_scaling)
-        # Small steps (decode, short prompts): RoPE + head Hadamard as per-token matrices, built once
-        # here ([tokens, hd, hd] float32, 64 KB a token at hd 128); long prefills keep the elementwise
-        # form, whose cost is spread over many tokens.
+        # RoPE + head Hadamard as per-token matrices, built once here for every layer. float16 for
+        # the quantized models: Q / K come out in float16, as the cache and attention read them
+        # (ops.rope_hadamard).
+        rope_dtype = torch.float16 if self.cfg.quantized else torch.float32
         rope_h = None
-        if input_ids.numel() <= self.ROPE_MATRIX_MAX_TOKENS:
-            rope_h = rope_hadamard_matrices(cos, sin, self.cfg.hadamard_head)
-            if self.cfg.quantized:  # float16 Q / K out, as the cache and attention read them (ops.rope_hadamard)
-                rope_h = rope_h.half()
+        if input_ids.numel() <= self.ROPE_MATRIX_MAX_TOKENS[rope_dtype]:
+            rope_h = rope_hadamard_matrices(cos, sin, self.cfg.hadamard_head, rope_dtype)
         h = self.embed[input_ids].float()  # a fresh tensor (indexing copies): updated in place below
         pending = None
         for layer in self.layers:

@@ -1,0 +1,132 @@
+"""Where a step's time goes, by op: every GPU kernel filed under the `quad_engine.ops` call that
+launched it, from one run under the torch profiler.
+
+With `ops.ANNOTATE` set, each op runs in a profiler range "quad::<category>" and each engine step in
+"quad_step::<prefill|decode>". A kernel's launch (a runtime or driver API call, linked to the kernel
+by its correlation id) falls inside those ranges. The profiler's own tables cannot do this for the
+TileLang kernels, which all carry the name main_kernel and launch through the driver API; here they
+are told apart by their grid and block. Kernels launched outside any op (embedding, lm_head,
+sampling) are filed under "-", and so is everything a replayed CUDA graph runs (one launch).
+
+Device times, not synchronized wall times: the per-op synchronization a wall-clock breakdown needs
+costs more than a decode step's kernels (tens of microseconds of host time per op).
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
+
+
+def _ranges(events: list[dict], prefix: str) -> list[tuple[float, float, str]]:
+    return sorted((e["ts"], e["ts"] + e.get("dur", 0), e["name"].removeprefix(prefix)) for e in events
+                  if e.get("cat") == "user_annotation" and e.get("name", "").startswith(prefix))
+
+
+def _innermost(ranges: list, starts: list, t: float) -> str | None:
+    """The label of the latest-starting range that is still open at time t."""
+    i = bisect.bisect_right(starts, t) - 1
+    while i >= 0 and ranges[i][1] < t:
+        i -= 1
+    return ranges[i][2] if i >= 0 else None
+
+
+def attribute(events: list[dict]) -> dict[tuple[str, str, str], tuple[float, int]]:
+    """(phase, op, kernel) -> (device µs, count) over a chrome trace's events."""
+    ops, steps = _ranges(events, "quad::"), _ranges(events, "quad_step::")
+    op_starts, step_starts = [r[0] for r in ops], [r[0] for r in steps]
+    launches = {e["args"]["correlation"]: e["ts"] for e in events
+                if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
+    rows: dict[tuple[str, str, str], tuple[float, int]] = {}
+    for e in events:
+        if e.get("cat") not in GPU_CATEGORIES:
+            continue
+        args = e.get("args", {})
+        name = e["name"]
+        if name == "main_kernel":  # TileLang: the launch shape says which one
+            name = f"tilelang grid{tuple(args.get('grid', ()))} block{tuple(args.get('block', ()))}"
+        launch = launches.get(args.get("correlation"))
+        phase = op = "-"
+        if launch is not None:
+            op = _innermost(ops, op_starts, launch) or "-"
+            phase = _innermost(steps, step_starts, launch) or "-"
+        key = (phase, op, name)
+        t, n = rows.get(key, (0.0, 0))
+        rows[key] = (t + e.get("dur", 0), n + 1)
+    return rows
+
+
+def cpu_op_times(events: list[dict]) -> dict[tuple[str, str], float]:
+    """(phase, op) -> µs of host time in the outermost op ranges: the breakdown where no GPU runs."""
+    ops, steps = _ranges(events, "quad::"), _ranges(events, "quad_step::")
+    step_starts = [r[0] for r in steps]
+    out: dict[tuple[str, str], float] = {}
+    open_until = -1.0
+    for start, end, op in ops:
+        if start < open_until:  # nested in the previous op (e.g. swiglu_hadamard_quant -> hadamard_quant)
+            continue
+        open_until = end
+        phase = _innermost(steps, step_starts, start) or "-"
+        out[(phase, op)] = out.get((phase, op), 0.0) + (end - start)
+    return out
+
+
+def step_counts(events: list[dict]) -> dict[str, tuple[int, float]]:
+    """phase -> (steps, µs of host time in them)."""
+    out: dict[str, tuple[int, float]] = {}
+    for start, end, phase in _ranges(events, "quad_step::"):
+        n, t = out.get(phase, (0, 0.0))
+        out[phase] = (n + 1, t + end - start)
+    return out
+
+
+@contextlib.contextmanager
+def annotated_trace():
+    """Profile the block with ops.ANNOTATE on; yields a list that holds the trace's events after it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from quad_engine import ops
+
+    events: list[dict] = []
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    ops.ANNOTATE = True
+    try:
+        with profile(activities=activities) as prof:
+            yield events
+            ops.device_sync()
+    finally:
+        ops.ANNOTATE = False
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(path))
+        events.extend(json.loads(path.read_text())["traceEvents"])
+
+
+def breakdown_by_op(events: list[dict]) -> dict[str, dict[str, float]]:
+    """"<phase>_ms" -> {op: ms per step, "total": ms per step} from an annotated trace: device
+    time of the kernels when the trace has any (a GPU run), else host time of the op ranges."""
+    counts = step_counts(events)
+    gpu = attribute(events)
+    out = {}
+    for phase, (steps, host_us) in counts.items():
+        row: dict[str, float] = {}
+        if any(e.get("cat") in GPU_CATEGORIES for e in events):
+            for (ph, op, _), (us, _) in gpu.items():
+                if ph == phase:
+                    row[op if op != "-" else "other"] = row.get(op if op != "-" else "other", 0.0) + us / 1e3 / steps
+            row["total"] = sum(row.values())
+        else:
+            for (ph, op), us in cpu_op_times(events).items():
+                if ph == phase:
+                    row[op] = us / 1e3 / steps
+            row["total"] = host_us / 1e3 / steps
+            row["other"] = row["total"] - sum(v for k, v in row.items() if k != "total")
+        out[f"{phase}_ms"] = row
+    return out

@@ -1,0 +1,48 @@
+"""quad_engine.profiling: kernels filed under the op and the step that launched them."""
+
+from quad_engine import profiling
+
+
+def _range(name, ts, dur):
+    return {"cat": "user_annotation", "name": name, "ts": ts, "dur": dur}
+
+
+def _launch(ts, correlation, api="cuda_runtime"):
+    return {"cat": api, "name": "launch", "ts": ts, "args": {"correlation": correlation}}
+
+
+def _kernel(name, dur, correlation=None, **args):
+    args = dict(args, **({"correlation": correlation} if correlation is not None else {}))
+    return {"cat": "kernel", "name": name, "ts": 1000, "dur": dur, "args": args}
+
+
+def test_kernels_are_filed_under_the_innermost_op_and_their_step():
+    events = [
+        _range("quad_step::prefill", 0, 100), _range("quad_step::decode", 200, 100),
+        _range("quad::quantize", 10, 30), _range("quad::hadamard", 15, 10),  # nested: innermost wins
+        _range("quad::gemm", 210, 20),
+        _launch(12, 1), _launch(20, 2, "cuda_driver"), _launch(35, 3), _launch(215, 4, "cuda_driver"),
+        _launch(250, 5), _launch(400, 6),
+        _kernel("elementwise", 3.0, 1), _kernel("main_kernel", 4.0, 2, grid=[8, 1, 1], block=[128, 1, 1]),
+        _kernel("elementwise", 5.0, 3), _kernel("main_kernel", 6.0, 4, grid=[1792, 1, 1], block=[128, 1, 1]),
+        _kernel("argmax", 1.0, 5), _kernel("outside", 2.0, 6), _kernel("replayed", 7.0),
+    ]
+    rows = profiling.attribute(events)
+    assert rows == {
+        ("prefill", "quantize", "elementwise"): (8.0, 2),
+        ("prefill", "hadamard", "tilelang grid(8, 1, 1) block(128, 1, 1)"): (4.0, 1),
+        ("decode", "gemm", "tilelang grid(1792, 1, 1) block(128, 1, 1)"): (6.0, 1),
+        ("decode", "-", "argmax"): (1.0, 1),
+        ("-", "-", "outside"): (2.0, 1),
+        ("-", "-", "replayed"): (7.0, 1),
+    }
+    parts = profiling.breakdown_by_op(events)
+    assert parts["prefill_ms"] == {"quantize": 0.008, "hadamard": 0.004, "total": 0.012}
+    assert parts["decode_ms"] == {"gemm": 0.006, "other": 0.001, "total": 0.007}
+
+
+def test_without_kernels_the_breakdown_is_host_time_of_the_outermost_ops():
+    events = [_range("quad_step::decode", 0, 100), _range("quad_step::decode", 200, 100),
+              _range("quad::quantize", 10, 30), _range("quad::hadamard", 15, 10), _range("quad::gemm", 210, 20)]
+    parts = profiling.breakdown_by_op(events)["decode_ms"]
+    assert parts == {"quantize": 0.015, "gemm": 0.01, "total": 0.1, "other": 0.1 - 0.025}
