@@ -204,6 +204,52 @@ def sweep_gemv(n: int, k: int) -> list[dict]:
     return rows
 
 
+HADAMARD_TUNINGS = [dict()] + [dict(threads=t, cols_per_thread=c, **r) for t in (128, 256, 512, 1024)
+                                for c in (1, 2, 4, 8) for r in (dict(), dict(max_radix=3))]
+
+
+def sweep_hadamard(n: int, gated: bool, ms=(1, 4, 16, 64, 2048)) -> list[dict]:
+    """Launch shapes of the Hadamard+quantize kernel at one width, per token count M: the decode
+    step runs it at M = 1 as a single thread block (10 µs a call for the down_proj input on an
+    H200), so its best shape at small M is not that at M = 2048. Each variant's codes are compared
+    with the default's (same inputs), and timed back to back in a CUDA graph for M <= 64 (as the
+    decode step runs), with do_bench above."""
+    from kernels_tl.hadamard import hadamard_factors
+    from kernels_tl.hadamard_quant import hadamard_quant
+
+    factors = tuple(hadamard_factors(n))
+    keys = [tuple(sorted(t.items())) for t in HADAMARD_TUNINGS]
+    built = build_all({key: (lambda t=t: hadamard_quant(n, factors, None, 8, 0.9, gated=gated, **t))
+                       for key, t in zip(keys, HADAMARD_TUNINGS)})
+    rows = []
+    for m in ms:
+        x = torch.randn(m, 2 * n if gated else n, device="cuda").half()
+        want_q, want_s = torch.empty(m, n, device="cuda", dtype=torch.int8), torch.empty(m, device="cuda")
+        built[keys[0]](x, want_q, want_s)
+        moved = x.numel() * 2 + m * n + m * 4
+        for key in keys:
+            kern, row = built[key], {"n": n, "gated": gated, "m": m, "tuning": dict(key)}
+            if isinstance(kern, Exception):
+                rows.append({**row, "error": str(kern).splitlines()[0][:200]})
+                continue
+            q, sc = torch.full_like(want_q, 0x55), torch.full_like(want_s, float("nan"))
+            try:
+                kern(x, q, sc)
+                t = bench_graph([lambda: kern(x, q, sc)]) if m <= 64 else bench(lambda: kern(x, q, sc))
+            except Exception as e:  # a variant that does not launch is reported, not fatal
+                rows.append({**row, "error": str(e).splitlines()[0][:200]})
+                continue
+            row.update(us=1e3 * t, gbps=moved / t / 1e6, codes_equal=(q == want_q).float().mean().item(),
+                       scale_max_rel=((sc - want_s).abs() / want_s.abs()).max().item())
+            rows.append(row)
+        best = min((r for r in rows if r["m"] == m and "us" in r), key=lambda r: r["us"], default=None)
+        default = next((r for r in rows if r["m"] == m and r["tuning"] == {} and "us" in r), None)
+        if best and default:
+            print(f"  sweep hadamard n={n} gated={gated} M={m}: default {default['us']:.1f} us, best {best['us']:.1f} us "
+                  f"{best['tuning']} (codes equal {best['codes_equal']:.4f})", flush=True)
+    return rows
+
+
 QUANT_SHAPES = {"llama-3-8b": (4096, 14336), "qwen2.5-7b": (3584, 18944), "smollm2": (576, 1536)}
 
 
@@ -212,6 +258,7 @@ def bench_quantize(model: str, m: int) -> list[dict]:
     bytes they must move, and each followed by its GEMM against cuBLAS bf16 on the same shape."""
     from kernels_tl import quantize as qk
     from kernels_tl.hadamard import hadamard_factors
+    from kernels_tl.hadamard_quant import hadamard_quant
 
     d, f = QUANT_SHAPES[model]
     rows = []
@@ -233,7 +280,7 @@ def bench_quantize(model: str, m: int) -> list[dict]:
     factors = hadamard_factors(f)
     x = torch.randn(m, f, device="cuda").half()
     a_q, a_s = torch.empty(m, f, device="cuda", dtype=torch.int8), torch.empty(m, device="cuda")
-    had = qk.hadamard_quant(f, tuple(factors), None, 4, 0.9)
+    had = hadamard_quant(f, tuple(factors), None, 4, 0.9)
     t = bench(lambda: had(x, a_q, a_s))
     moved = x.numel() * 2 + a_q.numel() + m * 4
     wq = ref.pack_int4(torch.randint(-8, 8, (d, f), device="cuda", dtype=torch.int8))
@@ -252,6 +299,8 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--quick", action="store_true", help="Llama-3-8B shapes only")
     ap.add_argument("--sweep", action="store_true", help="also time tile / split variants at Llama-3-8B shapes")
+    ap.add_argument("--sweep-hadamard", action="store_true",
+                    help="only the Hadamard+quantize launch-shape sweep (Llama-3-8B o_proj and gated down_proj inputs)")
     args = ap.parse_args()
     copy = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")
     copy_gbps = 2 * copy.numel() / bench(lambda: copy.clone()) / 1e6
@@ -259,6 +308,12 @@ def main() -> None:
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "tilelang": __import__("tilelang").__version__, "python": platform.python_version(),
               "date": time.strftime("%Y-%m-%d"), "copy_gbps": copy_gbps, "gemm": []}
+    if args.sweep or args.sweep_hadamard:
+        result["sweep_hadamard"] = sweep_hadamard(4096, False) + sweep_hadamard(14336, True)
+    if args.sweep_hadamard:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+        return
     if args.sweep:
         result["sweep_gemv"] = {f"{n}x{k}": sweep_gemv(n, k) for n, k in MODELS["llama-3-8b"].values()}
         result["sweep_prefill"] = {f"{n}x{k}": sweep_prefill(n, k, 4096) for n, k in MODELS["llama-3-8b"].values()}

@@ -112,7 +112,7 @@ def hadamard_quant(x: torch.Tensor, spec: HadamardSpec | None, bits: int, clip: 
         return _hadamard_f32(x, spec), None
     x = x.half()  # float16 in, as the kernel reads it
     if spec is not None and use_kernels(x):
-        from kernels_tl.quantize import hadamard_quant_op
+        from kernels_tl.hadamard_quant import hadamard_quant_op
         return hadamard_quant_op(x, tuple(spec.factors), spec.block, bits, clip)
     return ref.quantize_act(_hadamard_f32(x, spec), bits, clip)
 
@@ -122,7 +122,7 @@ def swiglu_hadamard_quant(gate_up: torch.Tensor, spec: HadamardSpec | None, bits
     """hadamard_quant(silu(gate) * up) of the MLP's gate_up [.., 2n] (gate first); the kernel
     computes the SwiGLU on load, in torch's float16 arithmetic."""
     if bits < 16 and spec is not None and use_kernels(gate_up) and fusions_enabled():
-        from kernels_tl.quantize import hadamard_quant_op
+        from kernels_tl.hadamard_quant import hadamard_quant_op
         return hadamard_quant_op(gate_up, tuple(spec.factors), spec.block, bits, clip, gated=True)
     if bits >= 16:  # unquantized mode: float32 throughout
         gate, up = gate_up.float().chunk(2, dim=-1)

@@ -50,7 +50,7 @@ def test_rmsnorm_quant_builds(rank, d, bits, tmp_path):
 @pytest.mark.parametrize("n,bits", [(14336, 4), (576, 8), (11008, 4)])
 def test_hadamard_quant_builds(n, bits, tmp_path):
     from kernels_tl.hadamard import block_hadamard_size, hadamard_factors
-    from kernels_tl.quantize import SM90, _layout, hadamard_quant
+    from kernels_tl.hadamard_quant import SM90, _layout, hadamard_quant
     factors, block = hadamard_factors(n), None
     if factors is None:  # 11008: block-diagonal fallback
         block = block_hadamard_size(n)
@@ -80,7 +80,7 @@ def test_rmsnorm_quant_float32_residual_variants_build(residual, tmp_path):
 
 def test_gated_hadamard_quant_builds(tmp_path):
     from kernels_tl.hadamard import hadamard_factors
-    from kernels_tl.quantize import SM90, hadamard_quant
+    from kernels_tl.hadamard_quant import SM90, hadamard_quant
     src = hadamard_quant(1536, hadamard_factors(1536), None, 8, 0.9, target=SM90, gated=True).get_kernel_source()
     assert_reference_rounding(src)
     assert "expf(" in src and "__expf" not in src       # silu with the precise exp, as torch's kernel

@@ -94,7 +94,7 @@ HADAMARD_SIZES = [4096, 14336, 18944, 576, 1536, 3584, 11008]
 
 
 def check_hadamard_quant(n: int, m: int, bits: int, **tuning):
-    from kernels_tl.quantize import hadamard_quant
+    from kernels_tl.hadamard_quant import hadamard_quant
     seed = SEED + 1000 * m + n + bits
     factors, block = hadamard_spec(n)
     x = activations(m, n, seed)
@@ -164,7 +164,7 @@ def test_hadamard_quant_tunings_match_reference(n, tuning, m):
 @pytest.mark.parametrize("n", [14336, 1536, 18944])
 def test_gated_hadamard_quant_matches_silu_times_up_then_reference(n, m):
     """The MLP variant: silu(gate) * up computed on load, as torch computes it in float16."""
-    from kernels_tl.quantize import hadamard_quant
+    from kernels_tl.hadamard_quant import hadamard_quant
     seed = SEED + 31 * m + n
     factors, block = hadamard_spec(n)
     gate_up = activations(m, 2 * n, seed)
@@ -180,7 +180,8 @@ def test_gated_hadamard_quant_matches_silu_times_up_then_reference(n, m):
 
 
 def test_dispatch_wrappers():
-    from kernels_tl.quantize import hadamard_quant_op, rmsnorm_quant_op
+    from kernels_tl.hadamard_quant import hadamard_quant_op
+    from kernels_tl.quantize import rmsnorm_quant_op
     h = activations(2, 64 + 576, SEED)
     x_out, x_q, x_scale = rmsnorm_quant_op(h.reshape(1, 2, -1), 64, 576, 1e-5, 4, CLIP)
     assert x_out.shape == (1, 2, 64) and x_q.shape == (1, 2, 576) and x_scale.shape == (1, 2, 1)
