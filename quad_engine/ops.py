@@ -9,7 +9,7 @@ Hadamard) fall back to the reference on their own.
 
 The float16 boundaries are part of the numerics, on both backends: the norm and the Hadamard
 quantizers read float16, the GEMMs and attention return float16, RoPE + head Hadamard (as per-token
-matrices, in steps of up to 512 tokens) returns float16, the KV cache quantizes float16.
+matrices, in steps of up to 8192 tokens) returns float16, the KV cache quantizes float16.
 Every activation quantizer turns a difference far below its step into whole-step flips with some
 probability, so a reference that rounded elsewhere would drift from the kernels by percents over
 a deep model; rounding at the same places keeps the two within float32 summation order.

@@ -120,7 +120,8 @@ def breakdown_by_op(events: list[dict]) -> dict[str, dict[str, float]]:
         if any(e.get("cat") in GPU_CATEGORIES for e in events):
             for (ph, op, _), (us, _) in gpu.items():
                 if ph == phase:
-                    row[op if op != "-" else "other"] = row.get(op if op != "-" else "other", 0.0) + us / 1e3 / steps
+                    name = "other" if op == "-" else op
+                    row[name] = row.get(name, 0.0) + us / 1e3 / steps
             row["total"] = sum(row.values())
         else:
             for (ph, op), us in cpu_op_times(events).items():

@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     import torch
 
-    from quad_engine import bench
+    from quad_engine import bench, bench_report
 
     if args.preset == "quad-reference":
         args.arch = "llama-2-13b"
@@ -77,9 +77,9 @@ def main(argv=None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = args.name or f"quad-bench_{args.arch}_{device}_{time.strftime('%Y-%m-%d')}"
     (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1, default=str))
-    table = bench.markdown(result)
+    table = bench_report.markdown(result)
     (out_dir / f"{stem}.md").write_text(table)
-    if not bench.plot(result, out_dir / f"{stem}.png"):
+    if not bench_report.plot(result, out_dir / f"{stem}.png"):
         print("quad-bench: matplotlib is not installed: no plot written", file=sys.stderr)
     print(table)
     return 0
