@@ -204,30 +204,39 @@ def sweep_gemv(n: int, k: int) -> list[dict]:
     return rows
 
 
-HADAMARD_TUNINGS = [dict()] + [dict(threads=t, cols_per_thread=c, **r) for t in (128, 256, 512, 1024)
-                                for c in (1, 2, 4, 8) for r in (dict(), dict(max_radix=3))]
+HADAMARD_TUNINGS = [dict()] + [dict(threads=t, cols_per_thread=c, max_radix=r) for t in (128, 256, 512, 1024)
+                                for c in (1, 2, 4, 8) for r in (3, 4)]
+# The cluster variant (kernels_tl.hadamard_quant_cluster), timed at the small token counts it is for.
+CLUSTER_TUNINGS = [dict(cluster=c, threads=t) for c in (4, 8) for t in (128, 256, 512)]
+CLUSTER_MAX_M = 64
 
 
-def sweep_hadamard(n: int, gated: bool, ms=(1, 4, 16, 64, 2048)) -> list[dict]:
+def sweep_hadamard(n: int, gated: bool, ms=(1, 4, 16, 32, 64, 2048)) -> list[dict]:
     """Launch shapes of the Hadamard+quantize kernel at one width, per token count M: the decode
     step runs it at M = 1 as a single thread block (10 µs a call for the down_proj input on an
     H200), so its best shape at small M is not that at M = 2048. Each variant's codes are compared
     with the default's (same inputs), and timed back to back in a CUDA graph for M <= 64 (as the
-    decode step runs), with do_bench above."""
+    decode step runs), with do_bench above. Up to CLUSTER_MAX_M tokens the cluster variant
+    (the row split over a thread-block cluster) is timed too."""
     from kernels_tl.hadamard import hadamard_factors
     from kernels_tl.hadamard_quant import hadamard_quant
+    from kernels_tl.hadamard_quant_cluster import hadamard_quant_cluster
 
     factors = tuple(hadamard_factors(n))
     keys = [tuple(sorted(t.items())) for t in HADAMARD_TUNINGS]
-    built = build_all({key: (lambda t=t: hadamard_quant(n, factors, None, 8, 0.9, gated=gated, **t))
-                       for key, t in zip(keys, HADAMARD_TUNINGS)})
+    thunks = {key: (lambda t=t: hadamard_quant(n, factors, None, 8, 0.9, gated=gated, **t))
+              for key, t in zip(keys, HADAMARD_TUNINGS)}
+    cluster_keys = [(("kernel", "cluster"),) + tuple(sorted(t.items())) for t in CLUSTER_TUNINGS]
+    thunks.update({key: (lambda t=t: hadamard_quant_cluster(n, factors, 8, 0.9, gated=gated, **t))
+                   for key, t in zip(cluster_keys, CLUSTER_TUNINGS)})
+    built = build_all(thunks)
     rows = []
     for m in ms:
         x = torch.randn(m, 2 * n if gated else n, device="cuda").half()
         want_q, want_s = torch.empty(m, n, device="cuda", dtype=torch.int8), torch.empty(m, device="cuda")
         built[keys[0]](x, want_q, want_s)
         moved = x.numel() * 2 + m * n + m * 4
-        for key in keys:
+        for key in keys + (cluster_keys if m <= CLUSTER_MAX_M else []):
             kern, row = built[key], {"n": n, "gated": gated, "m": m, "tuning": dict(key)}
             if isinstance(kern, Exception):
                 rows.append({**row, "error": str(kern).splitlines()[0][:200]})
@@ -309,7 +318,8 @@ def main() -> None:
               "tilelang": __import__("tilelang").__version__, "python": platform.python_version(),
               "date": time.strftime("%Y-%m-%d"), "copy_gbps": copy_gbps, "gemm": []}
     if args.sweep or args.sweep_hadamard:
-        result["sweep_hadamard"] = sweep_hadamard(4096, False) + sweep_hadamard(14336, True)
+        result["sweep_hadamard"] = (sweep_hadamard(4096, False) + sweep_hadamard(14336, True)
+                                    + sweep_hadamard(14336, False, ms=(1, 16, 2048)))
     if args.sweep_hadamard:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)

@@ -140,14 +140,17 @@ def _layout(n: int, factors: tuple, block, threads=None, cols_per_thread=None, m
     p = size // f                      # Sylvester factors multiply into one Sylvester matrix of order p
     nb = n // size
     # Columns per thread in the load phase: 8 (16-byte loads) without a dense factor; with one, the
-    # f inputs of each column (and their quad sums) sit in registers: 2 columns (4-byte loads) only
-    # while that stays small.
-    cpt = min(p, cols_per_thread or (8 if f == 1 else 2 if f <= 32 else 1))
+    # f inputs of each column (and their quad sums) sit in registers: one column.
+    cpt = min(p, cols_per_thread or (8 if f == 1 else 1))
     ncg = nb * p // cpt
-    threads = threads or min(256, max(64, 1 << (ncg - 1).bit_length()))
-    # Strided passes move 4·2^radix floats per thread: radix 4 (64 floats) where the dense factor
-    # already needs the registers, 3 without one (fewer registers, more resident blocks).
-    max_radix = max_radix or (4 if f > 1 else 3)
+    # Threads: up to 256; 128 without a dense factor while the last pass keeps one 32-float group
+    # a thread (more would spill); strided passes of 3 bits (32 floats a thread). Measured on an
+    # H200 at M = 2048 (bench/kernels.py --sweep-hadamard, 2026-11-30): 4096 wide 18.5 µs against
+    # 24.8 at 256 threads; the gated 14336-wide down_proj input 216 µs against 253 with 2 columns
+    # a thread and 4-bit passes.
+    cap = 128 if f == 1 and n <= 128 * 32 else 256
+    threads = threads or min(cap, max(64, 1 << (ncg - 1).bit_length()))
+    max_radix = max_radix or 3
     return _Layout(f, p, nb, cpt, threads, _butterfly_plan(p.bit_length() - 1, cpt.bit_length() - 1, max_radix))
 
 
@@ -367,7 +370,7 @@ def hadamard_quant(n: int, factors, block, bits: int, clip: float, target=None, 
     One block per token, the row in shared memory as float32 (≤ 76 KB for n = 18944). The dense
     factor f (Paley order, ≤ 148) runs first, on the exact fp16 inputs, as signed sums with the
     signs baked in at build time; the 2^k Sylvester factor is a butterfly over register groups of
-    up to 64 floats, one shared-memory round trip per pass (float4 accesses, swizzled, no bank
+    32 floats (max_radix 3), one shared-memory round trip per pass (float4 accesses, swizzled, no bank
     conflicts); the last pass stays in registers for absmax + quantize + 16-byte int8 stores.
     threads, cols_per_thread (a power of two ≤ 8), min_blocks (per SM, caps registers) and
     max_radix (bits per strided butterfly pass) override the defaults, for tuning.
@@ -375,6 +378,9 @@ def hadamard_quant(n: int, factors, block, bits: int, clip: float, target=None, 
     gated: X is the MLP's float16 gate_up [m, 2n] (gate first) and the transform runs on
     silu(gate) * up, computed on load as torch computes it in float16 (each op rounded to float16):
     the SwiGLU's two elementwise kernels and its [m, n] intermediate disappear.
+
+    For a few tokens `hadamard_quant_op` uses kernels_tl.hadamard_quant_cluster instead (the row
+    split over a thread-block cluster), where the factors allow.
     """
     return _hadamard_quant(int(n), tuple(int(f) for f in factors), None if block is None else int(block),
                            int(bits), float(clip), target, threads, cols_per_thread, min_blocks, max_radix,
@@ -383,15 +389,38 @@ def hadamard_quant(n: int, factors, block, bits: int, clip: float, target=None, 
 
 # ---------------------------------------------------------------- dispatch entry point
 
+# Up to this many tokens a row with a dense factor is split over a thread-block cluster
+# (kernels_tl.hadamard_quant_cluster): one block per token leaves all but M SMs idle while the
+# dense product keeps each busy. Measured on an H200 (bench/kernels.py --sweep-hadamard,
+# 2026-11-30), the gated 14336-wide down_proj input of Llama-3-8B: 5.8 µs at M = 1 and 4 (8-block
+# clusters) against 17.4 / 18.4 µs, 6.9 µs at M = 16 and 9.9 at M = 32 (4-block clusters) against
+# 18.3 / 18.7; at M = 64 one block per token is faster. Rows without a dense factor (4096 wide:
+# 2.5 µs at M = 1) gain nothing.
+CLUSTER_MAX_TOKENS = 32
+
+
+def _cluster_shape(m: int) -> tuple[int, int]:
+    """(blocks per cluster, threads per block) of the cluster variant at m tokens."""
+    return (8, 256) if m <= 4 else (4, 512) if m <= 16 else (4, 256)
+
+
 def hadamard_quant_op(x, factors, block, bits: int, clip: float, gated: bool = False):
     """(x_q int8 [.., n], x_scale float32 [.., 1]) of apply_hadamard(x) quantized per token; with
     gated, x is gate_up [.., 2n] and the transform runs on silu(gate) * up."""
     import torch
 
+    from kernels_tl.hadamard_quant_cluster import cluster_layout, hadamard_quant_cluster
+
     lead, n = x.shape[:-1], x.shape[-1] // (2 if gated else 1)
     x2 = x.reshape(-1, x.shape[-1]).to(torch.float16).contiguous()
     m = x2.shape[0]
-    kernel = hadamard_quant(n, factors, block, bits, clip, gated=gated)
+    factors = tuple(factors)
+    cluster, threads = _cluster_shape(m)
+    layout = cluster_layout(n, factors, block, cluster)
+    if m <= CLUSTER_MAX_TOKENS and layout is not None and layout[0] > 1:
+        kernel = hadamard_quant_cluster(n, factors, bits, clip, cluster=cluster, threads=threads, gated=gated)
+    else:
+        kernel = hadamard_quant(n, factors, block, bits, clip, gated=gated)
     x_q = torch.empty(m, n, dtype=torch.int8, device=x.device)
     x_scale = torch.empty(m, dtype=torch.float32, device=x.device)
     if m:

@@ -85,3 +85,28 @@ def test_gated_hadamard_quant_builds(tmp_path):
     assert_reference_rounding(src)
     assert "expf(" in src and "__expf" not in src       # silu with the precise exp, as torch's kernel
     assert ptxas_spills(src, tmp_path) == [0, 0]
+
+
+@pytest.mark.parametrize("n,gated", [(14336, True), (4096, False), (1536, True)])
+def test_cluster_hadamard_quant_builds(n, gated, tmp_path):
+    from kernels_tl.hadamard import hadamard_factors
+    from kernels_tl.hadamard_quant_cluster import SM90, hadamard_quant_cluster
+    kernel = hadamard_quant_cluster(n, hadamard_factors(n), 4, 0.9, target=SM90, gated=gated)
+    src = kernel.get_kernel_source()
+    assert_reference_rounding(src)
+    # The exchange: two cluster barriers, the peers' columns read and the block maxima pushed
+    # through distributed shared memory.
+    assert src.count("quad_cluster_sync();") == 2
+    assert "ld.shared::cluster.f32" in src and "st.shared::cluster.f32" in src
+    # One shared buffer (columns, products, reduction slots): nothing overlaid on what peers read.
+    assert src.count("extern __shared__") == 1 and "buf_dyn_shmem" not in src
+    assert ptxas_spills(src, tmp_path) == [0, 0]
+
+
+def test_cluster_layout_declines_rows_it_cannot_split():
+    from kernels_tl.hadamard import hadamard_factors
+    from kernels_tl.hadamard_quant_cluster import cluster_layout
+    assert cluster_layout(14336, (28, 512), None) == (28, 512)
+    assert cluster_layout(576, tuple(hadamard_factors(576)), None) is None      # 16 columns: 2 a rank
+    assert cluster_layout(18944, tuple(hadamard_factors(18944)), None) is None  # 148-point factor
+    assert cluster_layout(11008, (1, 256), 256) is None                        # block-diagonal fallback

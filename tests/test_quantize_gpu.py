@@ -193,3 +193,40 @@ def test_dispatch_wrappers():
     assert x_q.shape == (5, 1, 576) and x_scale.shape == (5, 1, 1)
     q_ref, s_ref = ref.quantize_act(apply_hadamard(x.float(), factors, block), 8, CLIP)
     assert_quantized_close(x_q.reshape(5, -1), x_scale.reshape(-1), q_ref, s_ref, "hadamard_quant_op")
+
+
+# The cluster variant (few tokens: the row split over a thread-block cluster). Llama-3-8B o / down,
+# SmolLM2 down, Qwen2.5-7B o; plain and gated (silu(gate) * up on load).
+CLUSTER_CASES = [(4096, False), (14336, False), (14336, True), (1536, True), (3584, False)]
+
+
+@pytest.mark.parametrize("m", [1, 3, 17])
+@pytest.mark.parametrize("cluster,threads", [(8, 256), (4, 128), (4, 512)])
+@pytest.mark.parametrize("n,gated", CLUSTER_CASES)
+def test_cluster_hadamard_quant_matches_reference(n, gated, cluster, threads, m):
+    from kernels_tl.hadamard_quant_cluster import cluster_layout, hadamard_quant_cluster
+    seed = SEED + 53 * m + n + cluster
+    factors, block = hadamard_spec(n)
+    assert cluster_layout(n, tuple(factors), block, cluster) is not None
+    x = activations(m, 2 * n if gated else n, seed)
+    kernel = hadamard_quant_cluster(n, factors, 4, CLIP, cluster=cluster, threads=threads, gated=gated)
+    x_q = torch.full((m, n), 0x55, device="cuda", dtype=torch.int8)
+    x_scale = torch.full((m,), float("nan"), device="cuda")
+    kernel(x, x_q, x_scale)
+    src = ref.swiglu_f16(x) if gated else x
+    q_ref, s_ref = ref.quantize_act(apply_hadamard(src.float(), factors, block), 4, CLIP)
+    what = f"cluster hadamard n={n} gated={gated} C={cluster} threads={threads} m={m} seed={seed}"
+    assert_quantized_close(x_q, x_scale, q_ref, s_ref, what)
+    if m > 1:
+        assert x_scale[0].item() == 1.0 and not x_q[0].any()
+
+
+def test_dispatch_takes_the_cluster_kernel_for_few_tokens():
+    """hadamard_quant_op at M = 2 (cluster) and M = CLUSTER_MAX_TOKENS + 1 (one block per token)."""
+    from kernels_tl.hadamard_quant import CLUSTER_MAX_TOKENS, hadamard_quant_op
+    factors, block = hadamard_spec(14336)
+    for m in (2, CLUSTER_MAX_TOKENS + 1):
+        gate_up = activations(m, 2 * 14336, SEED + m)
+        x_q, x_scale = hadamard_quant_op(gate_up, factors, block, 4, CLIP, gated=True)
+        q_ref, s_ref = ref.quantize_act(apply_hadamard(ref.swiglu_f16(gate_up).float(), factors, block), 4, CLIP)
+        assert_quantized_close(x_q, x_scale.reshape(-1), q_ref, s_ref, f"hadamard_quant_op gated m={m}")
