@@ -231,26 +231,32 @@ def _kv_kernels_support(cache: tuple) -> bool:
 
 
 @_profiled("kv_store")
-def kv_store(k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor, cache: tuple, clip: float) -> None:
-    """Quantize the new tokens' K and V [T, kv_heads, head_dim] into their cache slots."""
+def kv_store(k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor, cache: tuple, clip: float,
+             round_trip: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Quantize the new tokens' K and V [T, kv_heads, head_dim] into their cache slots. With
+    round_trip, return them as the cache now holds them (dequantized: float16 from the kernel,
+    which rounds there anyway; float32 on the reference path), for a prefill that attends to its
+    own tokens without reading the cache back."""
     k, v = k.half(), v.half()  # the cache quantizes float16 K / V
     if use_kernels(k) and _kv_kernels_support(cache):
         from kernels_tl.kv_attention import kv_store_op
-        kv_store_op(k, v, slot_mapping, *cache, clip=clip)
-    else:
-        ref.kv_store(k.float(), v.float(), slot_mapping, *cache, clip=clip)
+        return kv_store_op(k, v, slot_mapping, *cache, clip=clip, round_trip=round_trip)
+    ref.kv_store(k.float(), v.float(), slot_mapping, *cache, clip=clip)
+    if round_trip:
+        return ref.fake_quant_kv(k.float(), 4, clip), ref.fake_quant_kv(v.float(), 4, clip)
+    return None
 
 
 @_profiled("attention")
 def paged_attention(q: torch.Tensor, cache: tuple, block_tables: torch.Tensor, context_lens: torch.Tensor,
-                    query_lens: torch.Tensor, is_prefill: bool, k_new: torch.Tensor | None = None,
-                    v_new: torch.Tensor | None = None, kv_clip: float = 1.0,
+                    query_lens: torch.Tensor, is_prefill: bool,
+                    new_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
                     has_prefix: bool | None = None) -> torch.Tensor:
     """Causal attention of the packed new queries [T, heads, head_dim] over the paged cache (which
     already holds the new tokens). Decode on CUDA runs the split-KV kernel. A prefill whose
-    sequences have no cached prefix attends to its own new K / V (k_new, v_new [T, kv_heads,
-    head_dim]) through SDPA, with the cache's int4 round trip applied to them: the same values the
-    cache holds, without gathering them back. Anything else runs the reference."""
+    sequences have no cached prefix attends to its own new K / V through SDPA: new_kv [T,
+    kv_heads, head_dim] each, after the cache's int4 round trip (kv_store(round_trip=True)), the
+    same values the cache holds, without gathering them back. Anything else runs the reference."""
     q = q.half()
     if not is_prefill and use_kernels(q) and _kv_kernels_support(cache):
         from kernels_tl.kv_attention import attention_decode_op, decode_splits
@@ -258,10 +264,8 @@ def paged_attention(q: torch.Tensor, cache: tuple, block_tables: torch.Tensor, c
         # step of the same bucket then sum in the same order and give the same tokens.
         splits = decode_splits(q.shape[0], cache[0].shape[1], cache[0].shape[2] * block_tables.shape[1])
         return attention_decode_op(q.contiguous(), *cache, block_tables, context_lens, splits)
-    if is_prefill and k_new is not None and not _has_prefix(has_prefix, query_lens, context_lens):
-        k_new = ref.fake_quant_kv(k_new.half().float(), 4, kv_clip)
-        v_new = ref.fake_quant_kv(v_new.half().float(), 4, kv_clip)
-        return _attend_new_tokens(q, k_new, v_new, query_lens, causal_attention)
+    if is_prefill and new_kv is not None and not _has_prefix(has_prefix, query_lens, context_lens):
+        return _attend_new_tokens(q, *new_kv, query_lens, causal_attention)
     return ref.paged_attention(q.float(), *cache, block_tables.cpu(), context_lens.cpu(), query_lens.cpu()).half()
 
 

@@ -21,9 +21,10 @@ def random_cache(num_blocks, kv_heads, head_dim, block_size, g):
     return data, meta
 
 
+@pytest.mark.parametrize("round_trip", [False, True])
 @pytest.mark.parametrize("heads,kv_heads,head_dim", SHAPES)
 @pytest.mark.parametrize("tokens", [1, 3, 100, 2053])
-def test_kv_store_is_bit_exact(heads, kv_heads, head_dim, tokens):
+def test_kv_store_is_bit_exact(heads, kv_heads, head_dim, tokens, round_trip):
     from kernels_tl.kv_attention import BLOCK_SIZE, kv_store_op
     g = torch.Generator(device="cuda").manual_seed(tokens * 31 + head_dim)
     num_blocks = tokens // BLOCK_SIZE + 8
@@ -37,10 +38,15 @@ def test_kv_store_is_bit_exact(heads, kv_heads, head_dim, tokens):
               torch.full((num_blocks, kv_heads, BLOCK_SIZE, 2), float("nan"), dtype=torch.float16, device="cuda")] * 2
     caches = [c.clone() for c in caches]
     expected = [c.clone() for c in caches]
-    kv_store_op(k, v, slots, *caches)
+    out = kv_store_op(k, v, slots, *caches, round_trip=round_trip)
     ref.kv_store(k, v, slots, *expected)
     for got, want in zip(caches, expected):
         assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+    if round_trip:  # every token (padding slots too), as the cache holds it, rounded to float16
+        for got, x in zip(out, (k, v)):
+            assert torch.equal(got, ref.fake_quant_kv(x.float(), 4, 1.0).half())
+    else:
+        assert out is None
 
 
 @pytest.mark.parametrize("heads,kv_heads,head_dim", SHAPES)

@@ -94,6 +94,7 @@ def test_kv_kernels_build_for_sm90(heads, kv_heads, dim):
     pytest.importorskip("tilelang")
     from kernels_tl.kv_attention import SM90, attention_combine, attention_decode, kv_store
     assert "nearbyintf" in kv_store(kv_heads, dim, target=SM90).get_kernel_source()
+    assert "KO[" in kv_store(kv_heads, dim, target=SM90, round_trip=True).get_kernel_source()
     src = attention_decode(heads, kv_heads, dim, 4, target=SM90).get_kernel_source()
     assert "mma" in src and "exp2" in src
     assert attention_combine(heads, dim, 4, target=SM90).get_kernel_source()
@@ -112,9 +113,9 @@ def test_prefill_without_prefix_attends_to_its_own_tokens_like_the_cache():
     pos = torch.cat([torch.arange(6), torch.arange(3)])
     seq = torch.tensor([0] * 6 + [1] * 3)
     # The engine's numerics: the cache quantizes float16 K / V, attention reads float16 Q.
-    ref.kv_store(k.half().float(), v.half().float(), tables[seq, pos // BLOCK] * BLOCK + pos % BLOCK, kd, km, vd, vm)
     cache = (kd, km, vd, vm)
-    fast = ops.paged_attention(q, cache, tables, lens, lens, True, k, v)
+    new_kv = ops.kv_store(k, v, tables[seq, pos // BLOCK] * BLOCK + pos % BLOCK, cache, 1.0, round_trip=True)
+    fast = ops.paged_attention(q, cache, tables, lens, lens, True, new_kv)
     slow = ref.paged_attention(q.half().float(), kd, km, vd, vm, tables, lens, lens)
     assert fast.dtype == torch.float16
     assert torch.allclose(fast.float(), slow, atol=1e-3, rtol=0)

@@ -95,10 +95,12 @@ class Attention(nn.Module):
                 attn = F.scaled_dot_product_attention(q, k.float(), v.float(), is_causal=True, enable_gqa=True)
             attn = attn.transpose(1, 2).reshape(b, t, nq)
         else:  # engine step: the batch is packed into t tokens (b == 1)
-            k_new, v_new = k[0].transpose(0, 1), v[0].transpose(0, 1)
-            ops.kv_store(k_new, v_new, ctx.slot_mapping, self.kv_cache, cfg.kv_clip)
+            # A prefill with no cached prefix attends to its own K / V as the cache holds them,
+            # which the store hands back (no gather from the cache).
+            new_kv = ops.kv_store(k[0].transpose(0, 1), v[0].transpose(0, 1), ctx.slot_mapping, self.kv_cache,
+                                  cfg.kv_clip, round_trip=ctx.is_prefill and not ctx.has_prefix)
             attn = ops.paged_attention(q[0].transpose(0, 1), self.kv_cache, ctx.block_tables, ctx.context_lens,
-                                       ctx.query_lens, ctx.is_prefill, k_new, v_new, cfg.kv_clip, ctx.has_prefix)
+                                       ctx.query_lens, ctx.is_prefill, new_kv, ctx.has_prefix)
             attn = attn.reshape(b, t, nq)
         a_q, a_s = ops.hadamard_quant(attn, cfg.hadamard_o, bits["o"], cfg.act_clip)
         return self.o(a_q, a_s)
