@@ -69,3 +69,34 @@ def test_decode_attention_matches_reference(heads, kv_heads, head_dim, batch, ma
     expected = ref.paged_attention(q, kd, km, vd, vm, tables.cpu(), lens.cpu())
     rel = float((out.float() - expected).norm() / expected.norm())
     assert not torch.isnan(out).any() and rel <= 1e-2, rel
+
+
+# (query lens, cached prefix lens): prefixes not multiples of the block size, one without a prefix,
+# one longer than a 64-row tile, a single-token chunk.
+PREFILL_BATCHES = [([37, 100, 1, 64], [70, 0, 200, 64]), ([300], [1000]), ([5, 130], [0, 3])]
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim", SHAPES)
+@pytest.mark.parametrize("query_lens,prefix_lens", PREFILL_BATCHES)
+def test_prefill_attention_with_cached_prefix_matches_reference(heads, kv_heads, head_dim, query_lens, prefix_lens):
+    from kernels_tl.attention_prefill import attention_prefill, prefill_tiles, tokens_per_tile
+    from kernels_tl.kv_attention import BLOCK_SIZE
+    g = torch.Generator(device="cuda").manual_seed(sum(query_lens) * 7 + head_dim)
+    lens = [q + p for q, p in zip(query_lens, prefix_lens)]
+    width = max(-(-n // BLOCK_SIZE) for n in lens)
+    num_blocks = len(lens) * width + 5
+    tables = torch.randperm(num_blocks, generator=g, device="cuda")[: len(lens) * width].view(len(lens), width).int()
+    kd, km = random_cache(num_blocks, kv_heads, head_dim, BLOCK_SIZE, g)
+    vd, vm = random_cache(num_blocks, kv_heads, head_dim, BLOCK_SIZE, g)
+    total = sum(query_lens)
+    q = torch.randn(total, heads, head_dim, generator=g, device="cuda").half()
+    out = torch.full_like(q, float("nan"))
+    starts = torch.tensor([sum(query_lens[:i]) for i in range(len(lens))], dtype=torch.int32, device="cuda")
+    tiles = prefill_tiles(query_lens, tokens_per_tile(heads, kv_heads)).cuda()
+    attention_prefill(heads, kv_heads, head_dim)(
+        q, kd, km, vd, vm, tables, torch.tensor(lens, dtype=torch.int32, device="cuda"), starts,
+        torch.tensor(query_lens, dtype=torch.int32, device="cuda"), tiles, out)
+    expected = ref.paged_attention(q, kd, km, vd, vm, tables.cpu(), torch.tensor(lens), torch.tensor(query_lens))
+    assert not torch.isnan(out).any(), "rows left unwritten"
+    rel = float((out.float() - expected).norm() / expected.norm())
+    assert rel <= 1e-2, rel

@@ -131,3 +131,23 @@ def test_batched_fp16_decode_attention_equals_the_reference():
     fast = ops.paged_attention_fp16(q, (k_cache, v_cache), tables, lens, torch.ones(2, dtype=torch.long))
     slow = ref.paged_attention_fp16(q, k_cache, v_cache, tables, lens)
     assert torch.allclose(fast, slow, atol=1e-5)
+
+
+def test_prefill_tiles_cover_every_new_token_once():
+    from kernels_tl.attention_prefill import prefill_tiles, tokens_per_tile
+    assert tokens_per_tile(32, 8) == 16 and tokens_per_tile(9, 3) == 21 and tokens_per_tile(28, 4) == 9
+    lens = [37, 1, 0, 16]
+    tiles = prefill_tiles(torch.tensor(lens), 16)
+    assert tiles.dtype == torch.int32
+    assert tiles.tolist() == [[0, 0], [0, 16], [0, 32], [1, 0], [3, 0]]
+    covered = sorted((int(s), int(t0) + i) for s, t0 in tiles for i in range(16) if int(t0) + i < lens[int(s)])
+    assert covered == [(s, i) for s, n in enumerate(lens) for i in range(n)]
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
+@pytest.mark.parametrize("heads,kv_heads,dim", [(32, 8, 128), (9, 3, 64), (28, 4, 128)])
+def test_prefill_attention_builds_for_sm90(heads, kv_heads, dim):
+    pytest.importorskip("tilelang")
+    from kernels_tl.attention_prefill import SM90, attention_prefill
+    src = attention_prefill(heads, kv_heads, dim, target=SM90).get_kernel_source()
+    assert "mma" in src and "exp2" in src

@@ -1,0 +1,172 @@
+"""Causal prefill attention over the paged int4 KV cache (TileLang, Hopper): a packed batch of new
+tokens attending to their sequences' cached prefixes and to themselves.
+
+The engine stores a step's new K / V before attending, so every key a query needs is in the
+cache: one kernel serves a chunked prefill and a sequence resumed with a cached prefix alike. A
+prefill without any prefix attends to the K / V the store hands back (SDPA, see ops.paged_attention).
+
+Flash attention with the decode kernel's tiling turned on its side: one program per (tile of new
+tokens of one sequence, kv head); the program's 64 query rows are `64 // group` tokens times the
+kv head's GQA group (row r = token r // group, head r % group), so each K / V tile is read and
+dequantized once for the whole group. The program walks the sequence's cache blocks up to its last
+query's position, dequantizes each 64-token tile to float16 in shared memory ((q - zero)·scale,
+as the cache's reference), and keeps an online float32 softmax; the causal mask is aligned to the
+end of the context (query i of n new tokens sits at position context - n + i).
+
+Tiles come from `prefill_tiles` on the host (the query lengths are host data in the engine); the
+token count, batch, tiles, number of cache blocks and table width are dynamic.
+"""
+
+import functools
+import math
+
+import tilelang
+import tilelang.language as T
+
+from kernels_tl.kv_attention import _TARGETS, BLOCK_SIZE, SM90  # noqa: F401
+
+ROWS = 64  # query rows of a program (tokens x GQA group), the mma tile height
+
+
+def tokens_per_tile(heads: int, kv_heads: int, rows: int = ROWS) -> int:
+    group = heads // kv_heads
+    if group > rows:
+        raise NotImplementedError(f"GQA group {group} larger than the {rows}-row tile")
+    return rows // group
+
+
+def prefill_tiles(query_lens, tokens: int):
+    """int32 [tiles, 2] (sequence, first new token of the tile) covering every sequence's new
+    tokens in tiles of `tokens` (query_lens: host ints or a CPU tensor)."""
+    import torch
+
+    tiles = [(i, t0) for i, n in enumerate(int(n) for n in query_lens) for t0 in range(0, n, tokens)]
+    return torch.tensor(tiles, dtype=torch.int32).reshape(-1, 2)
+
+
+@T.macro
+def _dequant_tile(packed, meta, out, block_size: int, head_dim: int):
+    """out[j, d] = float16((nibble d of token j - zero_j) · scale_j), the cache's dequantization."""
+    for j, d in T.Parallel(block_size, head_dim):
+        nib = (packed[j, d // 2] >> T.Cast("uint8", (d % 2) * 4)) & T.uint8(15)
+        out[j, d] = T.Cast("float16", (T.Cast("float32", nib) - T.Cast("float32", meta[j, 1]))
+                           * T.Cast("float32", meta[j, 0]))
+
+
+@functools.lru_cache(maxsize=None)
+def attention_prefill(heads: int, kv_heads: int, head_dim: int, block_size: int = BLOCK_SIZE,
+                      sm_scale: float | None = None, threads: int = 128, target=None):
+    """Build (and cache) the kernel: kernel(q, k_data, k_meta, v_data, v_meta, block_tables,
+    context_lens, query_starts, query_lens, tiles, out). q / out float16 [T, heads, head_dim] (the
+    packed new tokens; out is written, not allocated), block_tables int32 [B, W], context_lens
+    int32 [B] (cached tokens after this step, the new ones included), query_starts / query_lens
+    int32 [B] (each sequence's new tokens are q[query_starts[i] : + query_lens[i]]), tiles int32
+    [tiles, 2] from `prefill_tiles`."""
+    group = heads // kv_heads
+    tokens = tokens_per_tile(heads, kv_heads)
+    used = tokens * group  # rows beyond are padding
+    half = head_dim // 2
+    scale_log2 = (sm_scale if sm_scale is not None else head_dim ** -0.5) * math.log2(math.e)
+
+    @tilelang.jit(target=_TARGETS[target])
+    def build():
+        t = T.dynamic("tokens")
+        nb = T.dynamic("num_blocks")
+        b = T.dynamic("batch")
+        width = T.dynamic("table_width")
+        nt = T.dynamic("tiles")
+
+        @T.prim_func
+        def main(Q: T.Tensor((t, heads, head_dim), "float16"),
+                 KD: T.Tensor((nb, kv_heads, block_size, half), "uint8"),
+                 KM: T.Tensor((nb, kv_heads, block_size, 2), "float16"),
+                 VD: T.Tensor((nb, kv_heads, block_size, half), "uint8"),
+                 VM: T.Tensor((nb, kv_heads, block_size, 2), "float16"),
+                 TABLES: T.Tensor((b, width), "int32"), LENS: T.Tensor((b,), "int32"),
+                 QSTART: T.Tensor((b,), "int32"), QLENS: T.Tensor((b,), "int32"),
+                 TILES: T.Tensor((nt, 2), "int32"),
+                 O: T.Tensor((t, heads, head_dim), "float16")):
+            with T.Kernel(nt, kv_heads, threads=threads) as (tile, kvh):
+                q_s = T.alloc_shared((ROWS, head_dim), "float16")
+                kp_s = T.alloc_shared((block_size, half), "uint8")
+                vp_s = T.alloc_shared((block_size, half), "uint8")
+                km_s = T.alloc_shared((block_size, 2), "float16")
+                vm_s = T.alloc_shared((block_size, 2), "float16")
+                k_s = T.alloc_shared((block_size, head_dim), "float16")
+                v_s = T.alloc_shared((block_size, head_dim), "float16")
+                s = T.alloc_fragment((ROWS, block_size), "float32")
+                p_s = T.alloc_shared((ROWS, block_size), "float16")  # probabilities, re-laid out for P·V
+                o = T.alloc_fragment((ROWS, head_dim), "float32")
+                m = T.alloc_fragment((ROWS,), "float32")
+                m_prev = T.alloc_fragment((ROWS,), "float32")
+                rescale = T.alloc_fragment((ROWS,), "float32")
+                l = T.alloc_fragment((ROWS,), "float32")
+                l_blk = T.alloc_fragment((ROWS,), "float32")
+
+                seq = TILES[tile, 0]
+                q0 = TILES[tile, 1]
+                qlen = QLENS[seq]
+                base = QSTART[seq]
+                past = LENS[seq] - qlen                      # tokens cached before this step
+                last = past + T.min(q0 + tokens, qlen) - 1   # position of the tile's last query
+                n_blocks = last // block_size + 1
+
+                for r, d in T.Parallel(ROWS, head_dim):
+                    q_s[r, d] = T.if_then_else(r < used and q0 + r // group < qlen,
+                                               Q[base + q0 + r // group, kvh * group + r % group, d], T.float16(0))
+                T.fill(o, 0)
+                T.fill(l, 0)
+                T.fill(m, -T.infinity("float32"))
+                for it in T.serial(n_blocks):
+                    phys = TABLES[seq, it]
+                    T.copy(KD[phys, kvh, :, :], kp_s)
+                    T.copy(KM[phys, kvh, :, :], km_s)
+                    T.copy(VD[phys, kvh, :, :], vp_s)
+                    T.copy(VM[phys, kvh, :, :], vm_s)
+                    _dequant_tile(kp_s, km_s, k_s, block_size, head_dim)
+                    _dequant_tile(vp_s, vm_s, v_s, block_size, head_dim)
+                    T.clear(s)
+                    T.gemm(q_s, k_s, s, transpose_B=True, policy=T.GemmWarpPolicy.FullCol)
+                    # Causal: key position <= the row's query position (every row keeps key 0, so
+                    # no row is all -inf).
+                    for r, j in T.Parallel(ROWS, block_size):
+                        s[r, j] = T.if_then_else(it * block_size + j <= past + q0 + r // group,
+                                                 s[r, j] * T.float32(scale_log2), -T.infinity("float32"))
+                    T.copy(m, m_prev)
+                    T.reduce_max(s, m, dim=1, clear=False)
+                    for r in T.Parallel(ROWS):
+                        rescale[r] = T.exp2(m_prev[r] - m[r])
+                    for r, j in T.Parallel(ROWS, block_size):
+                        s[r, j] = T.exp2(s[r, j] - m[r])
+                    T.reduce_sum(s, l_blk, dim=1)
+                    for r in T.Parallel(ROWS):
+                        l[r] = l[r] * rescale[r] + l_blk[r]
+                    for r, d in T.Parallel(ROWS, head_dim):
+                        o[r, d] = o[r, d] * rescale[r]
+                    T.copy(s, p_s)
+                    T.gemm(p_s, v_s, o, policy=T.GemmWarpPolicy.FullCol)
+                for r, d in T.Parallel(ROWS, head_dim):
+                    if r < used and q0 + r // group < qlen:
+                        O[base + q0 + r // group, kvh * group + r % group, d] = T.Cast("float16", o[r, d] / l[r])
+
+        return main
+
+    return build()
+
+
+def attention_prefill_op(q, k_data, k_meta, v_data, v_meta, block_tables, context_lens, query_lens,
+                         sm_scale: float | None = None):
+    """float16 [T, heads, head_dim] causal attention of the packed new tokens q [T, heads, head_dim]
+    over the paged cache (which already holds them); query_lens on the host."""
+    import torch
+
+    heads, head_dim, kv_heads = q.shape[1], q.shape[2], k_data.shape[1]
+    lens = [int(n) for n in query_lens]
+    tiles = prefill_tiles(lens, tokens_per_tile(heads, kv_heads)).to(q.device, non_blocking=True)
+    starts = torch.tensor([sum(lens[:i]) for i in range(len(lens))], dtype=torch.int32).to(q.device, non_blocking=True)
+    qlens = torch.tensor(lens, dtype=torch.int32).to(q.device, non_blocking=True)
+    out = torch.empty_like(q, dtype=torch.float16)
+    kernel = attention_prefill(heads, kv_heads, head_dim, k_data.shape[2], sm_scale)
+    kernel(q.half().contiguous(), k_data, k_meta, v_data, v_meta, block_tables.int(), context_lens.int(), starts, qlens,
+           tiles, out)
+    return out
