@@ -16,7 +16,7 @@ import time
 import torch
 from triton.testing import do_bench
 
-from kernels_tl import gemm
+from kernels_tl import gemm, gemm_dispatch
 from kernels_tl import reference as ref
 
 MODELS = {
@@ -107,7 +107,7 @@ def bench_gemm(m: int, n: int, k: int, rank: int, with_reference: bool) -> dict:
     xq, xs, wq, ws, xo, wo = operands(m, n, k, rank)
     wp = ref.pack_int4(wq)
     y = torch.empty(m, n, device="cuda", dtype=torch.float16)
-    t_ours = bench(lambda: gemm.w4ax_linear(xq, xs, wp, ws, xo, wo, out=y))
+    t_ours = bench(lambda: gemm_dispatch.w4ax_linear(xq, xs, wp, ws, xo, wo, out=y))
     xb, wb = torch.randn(m, k, device="cuda", dtype=torch.bfloat16), torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
     t_bf16 = bench(lambda: xb @ wb.T)
     row = {"m": m, "n": n, "k": k, "rank": rank, "ms": t_ours, "bf16_ms": t_bf16}
@@ -115,7 +115,7 @@ def bench_gemm(m: int, n: int, k: int, rank: int, with_reference: bool) -> dict:
         yb = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
         wps = [wp.clone() for _ in range(copies_beyond_l2(wp.numel()))]
         wbs = [wb.clone() for _ in range(copies_beyond_l2(wb.numel() * 2))]
-        row["graph_ms"] = bench_graph([lambda w=w: gemm.w4ax_linear(xq, xs, w, ws, xo, wo, out=y) for w in wps])
+        row["graph_ms"] = bench_graph([lambda w=w: gemm_dispatch.w4ax_linear(xq, xs, w, ws, xo, wo, out=y) for w in wps])
         row["graph_bf16_ms"] = bench_graph([lambda w=w: torch.matmul(xb, w.T, out=yb) for w in wbs])
         del wps, wbs
     if m > 16:  # torch._int_mm needs M > 16
@@ -281,7 +281,7 @@ def bench_quantize(model: str, m: int) -> list[dict]:
     wq = ref.pack_int4(torch.randint(-8, 8, (n_gu, d), device="cuda", dtype=torch.int8))
     ws, wo = torch.rand(n_gu, device="cuda").half(), torch.randn(n_gu, RANK, device="cuda").half()
     y = torch.empty(m, n_gu, device="cuda").half()
-    t_fused = bench(lambda: (norm(h, x_out, x_q, x_s), gemm.w4ax_linear(x_q, x_s, wq, ws, x_out, wo, out=y)))
+    t_fused = bench(lambda: (norm(h, x_out, x_q, x_s), gemm_dispatch.w4ax_linear(x_q, x_s, wq, ws, x_out, wo, out=y)))
     xb, wb = torch.randn(m, d, device="cuda").bfloat16(), torch.randn(n_gu, d, device="cuda").bfloat16()
     t_bf16 = bench(lambda: xb @ wb.T)
     rows.append({"model": model, "kernel": "rmsnorm_quant", "m": m, "width": RANK + d, "ms": t, "gbps": moved / t / 1e6,
@@ -294,7 +294,7 @@ def bench_quantize(model: str, m: int) -> list[dict]:
     moved = x.numel() * 2 + a_q.numel() + m * 4
     wq = ref.pack_int4(torch.randint(-8, 8, (d, f), device="cuda", dtype=torch.int8))
     ws, y = torch.rand(d, device="cuda").half(), torch.empty(m, d, device="cuda").half()
-    t_fused = bench(lambda: (had(x, a_q, a_s), gemm.w4ax_linear(a_q, a_s, wq, ws, out=y)))
+    t_fused = bench(lambda: (had(x, a_q, a_s), gemm_dispatch.w4ax_linear(a_q, a_s, wq, ws, out=y)))
     xb, wb = torch.randn(m, f, device="cuda").bfloat16(), torch.randn(d, f, device="cuda").bfloat16()
     t_bf16 = bench(lambda: xb @ wb.T)
     rows.append({"model": model, "kernel": "hadamard_quant", "m": m, "n": f, "factors": factors, "ms": t,
@@ -339,7 +339,7 @@ def main() -> None:
                 print(f"{model:11s} {row['kernel']:15s} M={m:5d}: {row['ms'] * 1e3:8.1f} us {row['gbps']:6.0f} GB/s "
                       f"({row['gbps'] / copy_gbps:4.0%} of copy); + GEMM {g['n']}x{g['k']}: {g['ms'] * 1e3:8.1f} us, "
                       f"bf16 {g['bf16_ms'] * 1e3:8.1f} us x{g['speedup_vs_bf16']:.2f}", flush=True)
-    gemm.prebuild([(m, n, k, RANK if name in ("qkv", "gate_up") else 0, False, "float16")
+    gemm_dispatch.prebuild([(m, n, k, RANK if name in ("qkv", "gate_up") else 0, False, "float16")
                    for model in models for name, (n, k) in MODELS[model].items() for m in MS])
     for model in models:
         for name, (n, k) in MODELS[model].items():

@@ -152,7 +152,7 @@ class LLM:
         builds a kernel on first use of a shape; one at a time that is minutes for a large model)."""
         from quad_engine import ops
         try:
-            from kernels_tl import gemm
+            from kernels_tl import gemm_dispatch
         except ImportError:
             return
         linears = {}
@@ -162,7 +162,7 @@ class LLM:
                     rank = 0 if w.w_out is None else w.w_out.shape[1]
                     linears[(w.qweight.shape[0], w.qweight.shape[1] * 2, rank, w.bias is not None)] = None
         sizes = sorted(set(self.decode_buckets) | {65, min(1024, max_tokens)})
-        gemm.prebuild([(m, n, k, rank, bias, "float16") for n, k, rank, bias in linears for m in sizes])
+        gemm_dispatch.prebuild([(m, n, k, rank, bias, "float16") for n, k, rank, bias in linears for m in sizes])
 
     def _prebuild_attention(self) -> None:
         """Compile in parallel the decode attention variant of every bucket (its split count

@@ -170,7 +170,7 @@ def quant_linear(x_q: torch.Tensor, x_scale: torch.Tensor | None, weight: "Quant
         if weight.bias is not None:
             y = y + weight.bias.float()
     elif use_kernels(x2) and _gemm_supports(weight):
-        from kernels_tl.gemm import w4ax_linear
+        from kernels_tl.gemm_dispatch import w4ax_linear
         y = w4ax_linear(x2.contiguous(), x_scale.reshape(-1).float(), weight.qweight, weight.scale.reshape(-1).half(),
                         None if xo is None else xo.half().contiguous(), weight.w_out, weight.bias)
     else:

@@ -29,7 +29,7 @@ def operands(m, n, k, rank, act_bits, seed):
 @pytest.mark.parametrize("m", MS)
 @pytest.mark.parametrize("n,k", SHAPES)
 def test_integer_part_is_bit_exact(m, n, k, act_bits):
-    from kernels_tl.gemm import w4ax_linear
+    from kernels_tl.gemm_dispatch import w4ax_linear
     xq, _, wq, _, _, _ = operands(m, n, k, 0, act_bits, seed=m * 7 + n)
     y = torch.full((m, n), float("nan"), device="cuda")
     ones_x, ones_w = torch.ones(m, device="cuda"), torch.ones(n, device="cuda", dtype=torch.float16)
@@ -43,7 +43,7 @@ def test_integer_part_is_bit_exact(m, n, k, act_bits):
 @pytest.mark.parametrize("m", MS)
 @pytest.mark.parametrize("n,k", SHAPES[:3] + SHAPES[6:])
 def test_full_output_matches_reference(m, n, k, act_bits, rank):
-    from kernels_tl.gemm import w4ax_linear
+    from kernels_tl.gemm_dispatch import w4ax_linear
     xq, xs, wq, ws, xo, wo = operands(m, n, k, rank, act_bits, seed=m + n + rank)
     bias = torch.randn(n, device="cuda").half()
     y = torch.full((m, n), float("nan"), device="cuda", dtype=torch.float16)
@@ -55,9 +55,9 @@ def test_full_output_matches_reference(m, n, k, act_bits, rank):
 
 def test_split_k_workspace_is_left_zero():
     """The split-K path's int32 workspace must be zero again after every call (CUDA graphs replay it)."""
-    from kernels_tl import gemm
+    from kernels_tl import gemm_dispatch
     xq, xs, wq, ws, _, _ = operands(9, 6144, 4096, 0, 4, seed=1)
-    y1 = gemm.w4ax_linear(xq, xs, ref.pack_int4(wq), ws)
-    y2 = gemm.w4ax_linear(xq, xs, ref.pack_int4(wq), ws)
+    y1 = gemm_dispatch.w4ax_linear(xq, xs, ref.pack_int4(wq), ws)
+    y2 = gemm_dispatch.w4ax_linear(xq, xs, ref.pack_int4(wq), ws)
     assert torch.equal(y1, y2)
-    assert not gemm._buffers[("acc", torch.int32, xq.device, 6144)].any()
+    assert not gemm_dispatch._buffers[("acc", torch.int32, xq.device, 6144)].any()

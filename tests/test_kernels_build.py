@@ -11,7 +11,8 @@ if shutil.which("nvcc") is None:
 
 @pytest.mark.parametrize("rank,bias", [(64, False), (0, False), (32, True)])
 def test_prefill_gemm_builds_with_int8_wgmma(rank, bias):
-    from kernels_tl.gemm import SM90, prefill_tiles, w4ax_gemm
+    from kernels_tl.gemm import SM90, w4ax_gemm
+    from kernels_tl.gemm_dispatch import prefill_tiles
     kernel = w4ax_gemm(640, 1536, rank, bias, "float16", target=SM90, **prefill_tiles(2048, 640, 1536, rank, bias))
     src = kernel.get_kernel_source()
     # The unpacked weight tile and the activation tile feed int8 wgmma from shared memory; the
@@ -24,7 +25,8 @@ def test_prefill_gemm_builds_with_int8_wgmma(rank, bias):
 
 @pytest.mark.parametrize("n,k,m", [(4160, 4096, 1), (6144, 4096, 16), (640, 1536, 64), (960, 576, 3)])
 def test_decode_gemm_builds_with_split_k(n, k, m):
-    from kernels_tl.gemm import SM90, decode_plan, w4ax_epilogue, w4ax_gemm_splitk
+    from kernels_tl.gemm import SM90, w4ax_epilogue, w4ax_gemm_splitk
+    from kernels_tl.gemm_dispatch import decode_plan
     plan = decode_plan(m, n, k)
     src = w4ax_gemm_splitk(n, k, **plan, target=SM90).get_kernel_source()
     assert "wgmma_ss<tl::DataType::kInt8, tl::DataType::kInt8, tl::DataType::kInt32, 64" in src

@@ -1,0 +1,106 @@
+"""Which W4A4 / W4A8 GEMM kernel runs a problem, and the call (`w4ax_linear`, the GEMM's entry point
+in the dispatch layer): the CUDA-core GEMV for M <= 4, the split-K tensor-core kernel + epilogue
+for M <= 64, the prefill kernel above that (the kernels themselves: `kernels_tl.gemm`). Tile choices are
+functions of the shape only, so one compiled kernel serves every M of a class, and `prebuild`
+compiles an engine's whole set in parallel before the first step.
+"""
+
+from kernels_tl.gemm import w4ax_epilogue, w4ax_gemm, w4ax_gemm_splitk, w4ax_gemv
+
+GEMV_TOKENS = (1, 2, 4)  # compiled token widths of the CUDA-core kernel; larger M goes to tensor cores
+DECODE_MAX_M = 64
+LONG_TILES = dict(block_m=384, block_n=128, block_k=128, num_stages=3, threads=384)
+LONG_TILES_OUTLIER = dict(block_m=256, block_n=128, block_k=128, num_stages=4, threads=256)
+MEDIUM_TILES = dict(block_m=128, block_n=128, block_k=128, num_stages=4, threads=256)
+
+
+def prefill_tiles(m: int, n: int, k: int, rank: int = 0, has_bias: bool = False) -> dict:
+    """384 x 128 tiles for long prompts: three consumer warpgroups of 128 tokens share each
+    unpacked weight tile, so the unpack is paid once per 384 tokens (H100, M = 4096: 1080-1100
+    int8-equivalent TOPS, against 1180-1240 for a plain int8 GEMM at the same tiles). With an
+    outlier product or a bias the epilogue does not fit the 128 registers a thread of a
+    4-warpgroup block gets (ptxas spills ~1 KB), so those take 256 x 128 with two consumer
+    warpgroups. 128 x 128 below 1024 tokens, where the grid would otherwise not fill the GPU.
+    K tiles shrink to divide k (SmolLM2's 576)."""
+    if m < 1024:
+        tiles = dict(MEDIUM_TILES)
+    else:
+        tiles = dict(LONG_TILES_OUTLIER if rank or has_bias else LONG_TILES)
+    while k % tiles["block_k"]:
+        tiles["block_k"] //= 2
+    return tiles
+
+
+def decode_plan(m: int, n: int, k: int, sms: int = 132) -> dict:
+    """Token tile, K tile and K split for the split-K kernel: split until the grid fills ~0.7 of
+    the SMs (more splits cost more than the idle SMs, measured at Llama-3-8B shapes)."""
+    block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
+    block_k = 512
+    while k % block_k:
+        block_k //= 2
+    tiles = n // 64 * -(-m // block_m)
+    split = 1
+    while tiles * split < 0.7 * sms and k % (block_k * split * 2) == 0 and k // (block_k * split * 2) >= 2:
+        split *= 2
+    return dict(block_m=block_m, block_k=block_k, split=split, num_stages=3 if block_k == 512 else 4)
+
+
+def kernels_for(m: int, n: int, k: int, rank: int, has_bias: bool, out_dtype: str) -> list:
+    """The compiled kernels `w4ax_linear` runs for one problem, in call order."""
+    if m <= GEMV_TOKENS[-1] and n % 16 == 0:
+        tokens = next(t for t in GEMV_TOKENS if t >= m)
+        return [w4ax_gemv(n, k, rank, has_bias, out_dtype, tokens)]
+    if m <= DECODE_MAX_M:
+        return [w4ax_gemm_splitk(n, k, **decode_plan(m, n, k)), w4ax_epilogue(n, rank, has_bias, out_dtype)]
+    return [w4ax_gemm(n, k, rank, has_bias, out_dtype, **prefill_tiles(m, n, k, rank, has_bias))]
+
+
+def prebuild(problems, workers: int = 16) -> None:
+    """Compile the kernels for many (m, n, k, rank, has_bias, out_dtype) problems in parallel
+    (TileLang compiles through nvcc subprocesses, so threads overlap)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(lambda p: kernels_for(*p), sorted(set(problems))))
+
+
+_buffers: dict = {}
+
+
+def _zeros(name: str, rows: int, cols: int, dtype, device):
+    """A zero [rows, cols] view of a cached per-device buffer (grown on demand, never reallocated
+    per call: allocate before CUDA-graph capture by calling once at the largest size)."""
+    import torch
+
+    key = (name, dtype, device, cols)
+    buf = _buffers.get(key)
+    if buf is None or buf.shape[0] < rows:
+        buf = torch.zeros(max(rows, 64), cols, dtype=dtype, device=device)
+        _buffers[key] = buf
+    return buf[:rows]
+
+
+def w4ax_linear(x_q, x_scale, w_q, w_scale, x_out=None, w_out=None, bias=None, out=None, out_dtype=None):
+    """Y = quant_linear(...) on the GPU (the dispatch layer's entry point): the CUDA-core GEMV for
+    M <= 4, the split-K tensor-core kernel + epilogue for M <= 64, the prefill kernel above that.
+    Writes `out` when given. x_scale float32 [M], w_scale float16 [n] (reshaped if [.., 1])."""
+    import torch
+
+    m = x_q.shape[0]
+    n, k = w_q.shape[0], w_q.shape[1] * 2
+    rank = 0 if w_out is None else w_out.shape[1]
+    out_dtype = out.dtype if out is not None else (out_dtype or torch.float16)
+    dev = x_q.device
+    if rank == 0:
+        x_out, w_out = _zeros("x_out", m, 16, torch.float16, dev), _zeros("w_out", n, 16, torch.float16, dev)
+    bias_t = _zeros("bias", n, 1, torch.float16, dev).view(n) if bias is None else bias
+    y = out if out is not None else torch.empty(m, n, dtype=out_dtype, device=dev)
+    xs, ws = x_scale.reshape(-1), w_scale.reshape(-1)
+    kernels = kernels_for(m, n, k, rank, bias is not None, str(out_dtype).removeprefix("torch."))
+    if len(kernels) == 2:
+        acc = _zeros("acc", m, n, torch.int32, dev)  # the epilogue leaves it zero again
+        kernels[0](x_q, w_q, acc)
+        kernels[1](acc, xs, ws, x_out, w_out, bias_t, y)
+    else:
+        kernels[0](x_q, xs, w_q, ws, x_out, w_out, bias_t, y)
+    return y
