@@ -1,5 +1,7 @@
-"""Decode attention benchmark: the paged int4 KV cache kernel against torch SDPA on a dense fp16
-cache (flash backend where it applies) and flash-attn where it imports, timed in the same run.
+"""Attention benchmark: the paged int4 KV cache kernels against torch SDPA on dense fp16 K / V
+(flash backend where it applies) and flash-attn where it imports, timed in the same run. Decode:
+one query token per sequence over its context. Prefill: one sequence's causal attention over its
+own tokens, read from the int4 cache (`attention_prefill`), against SDPA with is_causal.
 
     python bench/attention.py --out bench/results/attention.json [--quick]
 """
@@ -19,6 +21,7 @@ from kernels_tl import kv_attention as kv
 MODELS = {"llama-3-8b": (32, 8, 128), "qwen2.5-7b": (28, 4, 128), "smollm2": (9, 3, 64)}
 BATCHES = [1, 16, 64]
 CONTEXTS = [1024, 4096, 16384, 32768]
+PREFILL_TOKENS = [2048, 8192]
 
 
 def bench(fn) -> float:
@@ -58,6 +61,28 @@ def one(model: str, batch: int, ctx: int) -> dict:
     return row
 
 
+def one_prefill(model: str, tokens: int) -> dict:
+    from kernels_tl.attention_prefill import attention_prefill_op
+
+    heads, kv_heads, dim = MODELS[model]
+    width = tokens // kv.BLOCK_SIZE
+    kd = torch.randint(0, 256, (width, kv_heads, kv.BLOCK_SIZE, dim // 2), device="cuda", dtype=torch.uint8)
+    km = torch.rand(width, kv_heads, kv.BLOCK_SIZE, 2, device="cuda").half()
+    vd, vm = kd.clone(), km.clone()
+    tables = torch.randperm(width, device="cuda").view(1, width).int()
+    lens = torch.full((1,), tokens, device="cuda", dtype=torch.int32)
+    q = torch.randn(tokens, heads, dim, device="cuda").half()
+    t_ours = bench(lambda: attention_prefill_op(q, kd, km, vd, vm, tables, lens, [tokens]))
+    q16 = q.transpose(0, 1).unsqueeze(0)
+    k16 = torch.randn(1, kv_heads, tokens, dim, device="cuda").half()
+    v16 = torch.randn(1, kv_heads, tokens, dim, device="cuda").half()
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    t_sdpa = bench(lambda: sdpa(q16, k16, v16, is_causal=True, enable_gqa=True))
+    flops = 2 * 2 * heads * dim * tokens * tokens / 2  # QKᵀ and PV over the causal half
+    return {"model": model, "tokens": tokens, "ms": t_ours, "sdpa_fp16_ms": t_sdpa, "tflops": flops / t_ours / 1e9,
+            "speedup_vs_sdpa": t_sdpa / t_ours}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
@@ -67,7 +92,12 @@ def main() -> None:
     copy_gbps = 2 * copy.numel() / bench(lambda: copy.clone()) / 1e6
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "tilelang": __import__("tilelang").__version__, "python": platform.python_version(),
-              "date": time.strftime("%Y-%m-%d"), "copy_gbps": copy_gbps, "decode": []}
+              "date": time.strftime("%Y-%m-%d"), "copy_gbps": copy_gbps, "decode": [], "prefill": []}
+
+    def save():  # after every row: a run cut short by a time limit keeps what it measured
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
     for model in (["llama-3-8b"] if args.quick else list(MODELS)):
         for batch in BATCHES:
             for ctx in CONTEXTS:
@@ -79,8 +109,14 @@ def main() -> None:
                       f"{row['gbps']:6.0f} GB/s ({row['gbps'] / copy_gbps:4.0%} of copy)  SDPA fp16 "
                       f"{row['sdpa_fp16_ms'] * 1e3:8.1f} us  x{row['speedup_vs_sdpa']:.2f}", flush=True)
                 torch.cuda.empty_cache()
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+                save()
+        for tokens in PREFILL_TOKENS:
+            row = one_prefill(model, tokens)
+            result["prefill"].append(row)
+            print(f"{model:11s} prefill {tokens:5d} tokens: {row['ms'] * 1e3:8.1f} us {row['tflops']:6.0f} TFLOPS  "
+                  f"SDPA fp16 {row['sdpa_fp16_ms'] * 1e3:8.1f} us  x{row['speedup_vs_sdpa']:.2f}", flush=True)
+            torch.cuda.empty_cache()
+            save()
 
 
 if __name__ == "__main__":

@@ -317,12 +317,16 @@ def main() -> None:
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "tilelang": __import__("tilelang").__version__, "python": platform.python_version(),
               "date": time.strftime("%Y-%m-%d"), "copy_gbps": copy_gbps, "gemm": []}
-    if args.sweep or args.sweep_hadamard:
-        result["sweep_hadamard"] = (sweep_hadamard(4096, False) + sweep_hadamard(14336, True)
-                                    + sweep_hadamard(14336, False, ms=(1, 16, 2048)))
-    if args.sweep_hadamard:
+    def save():  # after every section: a run cut short by a time limit keeps what it measured
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
+
+    if args.sweep or args.sweep_hadamard:
+        result["sweep_hadamard"] = []
+        for n, gated, ms in ((4096, False, None), (14336, True, None), (14336, False, (1, 16, 2048))):
+            result["sweep_hadamard"] += sweep_hadamard(n, gated, **({"ms": ms} if ms else {}))
+            save()
+    if args.sweep_hadamard:
         return
     if args.sweep:
         result["sweep_gemv"] = {f"{n}x{k}": sweep_gemv(n, k) for n, k in MODELS["llama-3-8b"].values()}
@@ -339,8 +343,9 @@ def main() -> None:
                 print(f"{model:11s} {row['kernel']:15s} M={m:5d}: {row['ms'] * 1e3:8.1f} us {row['gbps']:6.0f} GB/s "
                       f"({row['gbps'] / copy_gbps:4.0%} of copy); + GEMM {g['n']}x{g['k']}: {g['ms'] * 1e3:8.1f} us, "
                       f"bf16 {g['bf16_ms'] * 1e3:8.1f} us x{g['speedup_vs_bf16']:.2f}", flush=True)
+    save()
     gemm_dispatch.prebuild([(m, n, k, RANK if name in ("qkv", "gate_up") else 0, False, "float16")
-                   for model in models for name, (n, k) in MODELS[model].items() for m in MS])
+                            for model in models for name, (n, k) in MODELS[model].items() for m in MS])
     for model in models:
         for name, (n, k) in MODELS[model].items():
             rank = RANK if name in ("qkv", "gate_up") else 0
@@ -354,8 +359,7 @@ def main() -> None:
                           f" | graph {row['graph_ms'] * 1e3:6.1f} us {row['graph_gbps'] / copy_gbps:4.0%} of copy,"
                           f" bf16 {row['graph_bf16_ms'] * 1e3:6.1f} us x{row['graph_speedup_vs_bf16']:.2f}"
                           if "graph_ms" in row else ""), flush=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+        save()
 
 
 if __name__ == "__main__":

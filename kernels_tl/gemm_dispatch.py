@@ -5,6 +5,8 @@ functions of the shape only, so one compiled kernel serves every M of a class, a
 compiles an engine's whole set in parallel before the first step.
 """
 
+import functools
+
 from kernels_tl.gemm import w4ax_epilogue, w4ax_gemm, w4ax_gemm_splitk, w4ax_gemv
 
 GEMV_TOKENS = (1, 2, 4)  # compiled token widths of the CUDA-core kernel; larger M goes to tensor cores
@@ -14,21 +16,43 @@ LONG_TILES_OUTLIER = dict(block_m=256, block_n=128, block_k=128, num_stages=4, t
 MEDIUM_TILES = dict(block_m=128, block_n=128, block_k=128, num_stages=4, threads=256)
 
 
-def prefill_tiles(m: int, n: int, k: int, rank: int = 0, has_bias: bool = False) -> dict:
-    """384 x 128 tiles for long prompts: three consumer warpgroups of 128 tokens share each
-    unpacked weight tile, so the unpack is paid once per 384 tokens (H100, M = 4096: 1080-1100
-    int8-equivalent TOPS, against 1180-1240 for a plain int8 GEMM at the same tiles). With an
-    outlier product or a bias the epilogue does not fit the 128 registers a thread of a
-    4-warpgroup block gets (ptxas spills ~1 KB), so those take 256 x 128 with two consumer
-    warpgroups. 128 x 128 below 1024 tokens, where the grid would otherwise not fill the GPU.
-    K tiles shrink to divide k (SmolLM2's 576)."""
-    if m < 1024:
-        tiles = dict(MEDIUM_TILES)
-    else:
-        tiles = dict(LONG_TILES_OUTLIER if rank or has_bias else LONG_TILES)
-    while k % tiles["block_k"]:
+# Time per token row of a tile relative to the 384-row tile: the unpack of a weight tile is ~9% of
+# a 384-row tile's time (1080-1100 int8-equivalent TOPS against 1180-1240 for a plain int8 GEMM at
+# the same tiles, H100), so over 256 rows it costs 1.5x as much a row.
+ROW_COST = {384: 1.0, 256: 1.05, 128: 1.2}
+
+
+def _fit_k(tiles: dict, k: int) -> dict:
+    tiles = dict(tiles)
+    while k % tiles["block_k"]:  # K tiles shrink to divide k (SmolLM2's 576)
         tiles["block_k"] //= 2
     return tiles
+
+
+def prefill_candidates(m: int, k: int, rank: int = 0, has_bias: bool = False) -> list[dict]:
+    """Tile configurations a prefill of m tokens may use: 128 x 128 below 1024 tokens (where the
+    grid would otherwise not fill the GPU); above, 384 x 128 (three consumer warpgroups of 128
+    tokens share each unpacked weight tile) and 256 x 128. With an outlier product or a bias only
+    256 x 128: that epilogue does not fit the 128 registers a thread of a 4-warpgroup block gets
+    (ptxas spills ~1 KB)."""
+    if m < 1024:
+        return [_fit_k(MEDIUM_TILES, k)]
+    return [_fit_k(LONG_TILES_OUTLIER, k)] + ([] if rank or has_bias else [_fit_k(LONG_TILES, k)])
+
+
+def prefill_tiles(m: int, n: int, k: int, rank: int = 0, has_bias: bool = False, sms: int = 132) -> dict:
+    """The candidate with the least estimated time: whole waves of tiles over the SMs, times the
+    tile's rows, times their relative cost (ROW_COST). Waves matter: the 4160-wide o_proj / down_proj
+    outputs of Llama-3-8B (4096 + r) are 33 column tiles, so 2048 tokens in 384-row tiles are 198
+    tiles, two waves of which the second is half empty (H100: 700-800 TOPS there against 960-1080
+    at 8192 tokens); 256-row tiles make 264, two full waves."""
+    def cost(t):
+        tiles = -(-m // t["block_m"]) * -(-n // t["block_n"])
+        return -(-tiles // sms) * t["block_m"] * ROW_COST[t["block_m"]]
+    # The model is coarse: keep the largest tile unless a smaller one is estimated 10% faster.
+    candidates = sorted(prefill_candidates(m, k, rank, has_bias), key=lambda t: -t["block_m"])
+    best = min(cost(t) for t in candidates)
+    return next(t for t in candidates if cost(t) <= best / 0.9)
 
 
 def decode_plan(m: int, n: int, k: int, sms: int = 132) -> dict:
@@ -57,11 +81,19 @@ def kernels_for(m: int, n: int, k: int, rank: int, has_bias: bool, out_dtype: st
 
 def prebuild(problems, workers: int = 16) -> None:
     """Compile the kernels for many (m, n, k, rank, has_bias, out_dtype) problems in parallel
-    (TileLang compiles through nvcc subprocesses, so threads overlap)."""
+    (TileLang compiles through nvcc subprocesses, so threads overlap); for a prefill size, every
+    tile configuration prefill_tiles may pick at some token count of its class."""
     from concurrent.futures import ThreadPoolExecutor
 
+    jobs = []
+    for m, n, k, rank, has_bias, out_dtype in sorted(set(problems)):
+        if m <= DECODE_MAX_M:
+            jobs.append(functools.partial(kernels_for, m, n, k, rank, has_bias, out_dtype))
+        else:
+            jobs += [functools.partial(w4ax_gemm, n, k, rank, has_bias, out_dtype, **t)
+                     for t in prefill_candidates(m, k, rank, has_bias)]
     with ThreadPoolExecutor(workers) as pool:
-        list(pool.map(lambda p: kernels_for(*p), sorted(set(problems))))
+        list(pool.map(lambda job: job(), jobs))
 
 
 _buffers: dict = {}

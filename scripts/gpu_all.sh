@@ -1,14 +1,26 @@
 #!/usr/bin/env bash
-# Every GPU test and kernel benchmark in one device call, logs under $1 (the device's $OUT):
-#   source .gpu/activate.sh && export PYTHONPATH=$PWD:$PYTHONPATH && bash scripts/gpu_all.sh $OUT
+# Every GPU test and kernel benchmark, logs under $1 (the device's $OUT), in parts that each fit
+# one device call (10 minutes):
+#   source .gpu/activate.sh && export PYTHONPATH=$PWD:$PWD/tests:$PYTHONPATH && bash scripts/gpu_all.sh $OUT PART
+# PART: gemm (GEMM tests, every shape and M), kernels (quantizer and KV-cache tests), engine
+# (engine tests: scripts/gpu_engine.sh check), bench-kernels, bench-attention. Each benchmark
+# writes its JSON after every section, so a part cut short keeps what it measured.
 set -u
-out=${1:?usage: scripts/gpu_all.sh OUT_DIR}
+out=${1:?usage: scripts/gpu_all.sh OUT_DIR PART}
+part=${2:?PART: gemm | kernels | engine | bench-kernels | bench-attention}
 mkdir -p "$out"
-quiet() { grep -v "INFO\|WARNING" ; }
-python3 scripts/gpu_gemm_check.py -q 2>&1 | quiet > "$out/gemm_tests.log"
-python3 -m pytest -q -m gpu tests/test_quantize_gpu.py tests/test_kv_attention_gpu.py tests/test_engine_gpu.py 2>&1 \
-  | quiet > "$out/gpu_tests.log"
-tail -n 3 "$out/gemm_tests.log" "$out/gpu_tests.log"
-python3 bench/kernels.py --out "$out/kernels.json" 2>&1 | quiet > "$out/kernels.log"
-python3 bench/attention.py --out "$out/attention.json" 2>&1 | quiet > "$out/attention.log"
-grep -c . "$out/kernels.log" "$out/attention.log"
+quiet() { grep -v "INFO\|WARNING\|AnnotateWarpGroup" ; }
+case "$part" in
+  gemm) timeout 560 python3 scripts/gpu_gemm_check.py -q 2>&1 | quiet > "$out/gemm_tests.log"
+        tail -n 3 "$out/gemm_tests.log" ;;
+  kernels) timeout 560 python3 -m pytest -q -m gpu tests/test_quantize_gpu.py tests/test_kv_attention_gpu.py 2>&1 \
+             | quiet > "$out/kernel_tests.log"
+           tail -n 3 "$out/kernel_tests.log" ;;
+  engine) bash scripts/gpu_engine.sh "$out" check ;;
+  bench-kernels) timeout 560 python3 bench/kernels.py --quick --out "$out/kernels.json" 2>&1 | quiet > "$out/kernels.log"
+                 tail -n 5 "$out/kernels.log" ;;
+  bench-attention) timeout 560 python3 bench/attention.py --quick --out "$out/attention.json" 2>&1 | quiet \
+                     > "$out/attention.log"
+                   tail -n 5 "$out/attention.log" ;;
+  *) echo "unknown part $part" >&2; exit 2 ;;
+esac

@@ -9,11 +9,12 @@ if shutil.which("nvcc") is None:
     pytest.skip("nvcc is not installed", allow_module_level=True)
 
 
-@pytest.mark.parametrize("rank,bias", [(64, False), (0, False), (32, True)])
-def test_prefill_gemm_builds_with_int8_wgmma(rank, bias):
+@pytest.mark.parametrize("rank,bias,block_m", [(64, False, 256), (0, False, 384), (0, False, 256), (32, True, 256)])
+def test_prefill_gemm_builds_with_int8_wgmma(rank, bias, block_m):
     from kernels_tl.gemm import SM90, w4ax_gemm
-    from kernels_tl.gemm_dispatch import prefill_tiles
-    kernel = w4ax_gemm(640, 1536, rank, bias, "float16", target=SM90, **prefill_tiles(2048, 640, 1536, rank, bias))
+    from kernels_tl.gemm_dispatch import prefill_candidates
+    tiles = next(t for t in prefill_candidates(2048, 1536, rank, bias) if t["block_m"] == block_m)
+    kernel = w4ax_gemm(640, 1536, rank, bias, "float16", target=SM90, **tiles)
     src = kernel.get_kernel_source()
     # The unpacked weight tile and the activation tile feed int8 wgmma from shared memory; the
     # outlier slice runs on fp16 wgmma; the weight is unpacked by the word (never per element).
