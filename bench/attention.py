@@ -42,13 +42,25 @@ def one(model: str, batch: int, ctx: int) -> dict:
     out = torch.empty_like(q)
     kv.attention_decode_op(q, kd, km, vd, vm, tables, lens, splits, out=out)
     t_ours = bench(lambda: kv.attention_decode_op(q, kd, km, vd, vm, tables, lens, splits, out=out))
+    # The pipelined variant (kv.attention_decode's num_stages), with its error against the default.
+    piped = {}
+    for stages in (2, 3):
+        try:
+            out2 = torch.full_like(out, float("nan"))
+            kv.attention_decode_op(q, kd, km, vd, vm, tables, lens, splits, out=out2, num_stages=stages)
+            piped[f"stages{stages}_ms"] = bench(
+                lambda s=stages: kv.attention_decode_op(q, kd, km, vd, vm, tables, lens, splits, out=out2, num_stages=s))
+            piped[f"stages{stages}_rel_err"] = float((out2.float() - out.float()).norm() / out.float().norm())
+        except Exception as e:  # a variant that does not build or run is reported, not fatal
+            piped[f"stages{stages}_error"] = str(e).splitlines()[0][:200]
     del kd, km, vd, vm
     k16 = torch.randn(batch, kv_heads, ctx, dim, device="cuda").half()
     v16 = torch.randn(batch, kv_heads, ctx, dim, device="cuda").half()
     q4 = q.unsqueeze(2)
     sdpa = torch.nn.functional.scaled_dot_product_attention
     t_sdpa = bench(lambda: sdpa(q4, k16, v16, enable_gqa=True))
-    row = {"model": model, "batch": batch, "context": ctx, "splits": splits, "ms": t_ours, "sdpa_fp16_ms": t_sdpa}
+    row = {"model": model, "batch": batch, "context": ctx, "splits": splits, "ms": t_ours, "sdpa_fp16_ms": t_sdpa,
+           **piped}
     try:
         from flash_attn import flash_attn_with_kvcache
         kf, vf, qf = k16.transpose(1, 2).contiguous(), v16.transpose(1, 2).contiguous(), q.unsqueeze(1)
@@ -107,7 +119,9 @@ def main() -> None:
                 result["decode"].append(row)
                 print(f"{model:11s} B={batch:3d} ctx={ctx:6d} splits={row['splits']:2d}: {row['ms'] * 1e3:8.1f} us "
                       f"{row['gbps']:6.0f} GB/s ({row['gbps'] / copy_gbps:4.0%} of copy)  SDPA fp16 "
-                      f"{row['sdpa_fp16_ms'] * 1e3:8.1f} us  x{row['speedup_vs_sdpa']:.2f}", flush=True)
+                      f"{row['sdpa_fp16_ms'] * 1e3:8.1f} us  x{row['speedup_vs_sdpa']:.2f}" + "".join(
+                          f" | {st} stages {row[f'stages{st}_ms'] * 1e3:.1f} us (err {row[f'stages{st}_rel_err']:.1e})"
+                          for st in (2, 3) if f"stages{st}_ms" in row), flush=True)
                 torch.cuda.empty_cache()
                 save()
         for tokens in PREFILL_TOKENS:

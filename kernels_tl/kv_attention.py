@@ -125,11 +125,18 @@ def kv_store(kv_heads: int, head_dim: int, block_size: int = BLOCK_SIZE, clip: f
 
 @functools.lru_cache(maxsize=None)
 def attention_decode(heads: int, kv_heads: int, head_dim: int, num_splits: int, block_size: int = BLOCK_SIZE,
-                     sm_scale: float | None = None, threads: int = 128, target=None):
+                     sm_scale: float | None = None, threads: int = 128, target=None, num_stages: int = 1):
     """Split-KV decode attention over the paged int4 cache: kernel(q, k_data, k_meta, v_data,
     v_meta, block_tables, context_lens, out_partial, lse) writes, for every split, the normalized
     partial output [B, heads, splits, head_dim] and its log2-sum-exp [B, heads, splits]
-    (-inf for an empty split); `attention_combine` merges them."""
+    (-inf for an empty split); `attention_combine` merges them.
+
+    num_stages > 1 (not yet run on a GPU): the split's cache blocks stream through TileLang's
+    software pipeline (copy engine + warp specialization: the next blocks' packed K / V in flight
+    while one is dequantized and multiplied), the per-token scale and zero read from global memory
+    in the dequantization (their [64, 2] tiles are too narrow for the copy engine, and plain stores
+    into a pipelined stage are not ordered against its barriers). The default loop has one block
+    (8.5 KB) in flight per program at a time."""
     group = heads // kv_heads
     rows = 16 * -(-group // 16)  # mma tile height
     half = head_dim // 2
@@ -140,6 +147,55 @@ def attention_decode(heads: int, kv_heads: int, head_dim: int, num_splits: int, 
         b = T.dynamic("batch")
         nb = T.dynamic("num_blocks")
         width = T.dynamic("table_width")
+
+        @T.macro
+        def one_block(it, seq, kvh, first, ctx, KD, KM, VD, VM, TABLES, q_s, kp_s, vp_s, km_s, vm_s, k_s, v_s, s,
+                      p_s, o, m, m_prev, rescale, l, l_blk):
+            """One cache block of the split: dequantize K / V, online softmax, P·V."""
+            phys = TABLES[seq, first + it]
+            if num_stages == 1:
+                T.copy(KD[phys, kvh, :, :], kp_s)
+                T.copy(KM[phys, kvh, :, :], km_s)
+                T.copy(VD[phys, kvh, :, :], vp_s)
+                T.copy(VM[phys, kvh, :, :], vm_s)
+                # int4 -> float16: (q - zero) * scale, per (token, head).
+                for j, d in T.Parallel(block_size, head_dim):
+                    nib = (kp_s[j, d // 2] >> T.Cast("uint8", (d % 2) * 4)) & T.uint8(15)
+                    k_s[j, d] = T.Cast("float16", (T.Cast("float32", nib) - T.Cast("float32", km_s[j, 1]))
+                                       * T.Cast("float32", km_s[j, 0]))
+                for j, d in T.Parallel(block_size, head_dim):
+                    nib = (vp_s[j, d // 2] >> T.Cast("uint8", (d % 2) * 4)) & T.uint8(15)
+                    v_s[j, d] = T.Cast("float16", (T.Cast("float32", nib) - T.Cast("float32", vm_s[j, 1]))
+                                       * T.Cast("float32", vm_s[j, 0]))
+            else:  # pipelined: scale and zero straight from global memory (see the docstring)
+                T.copy(KD[phys, kvh, :, :], kp_s)
+                T.copy(VD[phys, kvh, :, :], vp_s)
+                for j, d in T.Parallel(block_size, head_dim):
+                    nib = (kp_s[j, d // 2] >> T.Cast("uint8", (d % 2) * 4)) & T.uint8(15)
+                    k_s[j, d] = T.Cast("float16", (T.Cast("float32", nib) - T.Cast("float32", KM[phys, kvh, j, 1]))
+                                       * T.Cast("float32", KM[phys, kvh, j, 0]))
+                for j, d in T.Parallel(block_size, head_dim):
+                    nib = (vp_s[j, d // 2] >> T.Cast("uint8", (d % 2) * 4)) & T.uint8(15)
+                    v_s[j, d] = T.Cast("float16", (T.Cast("float32", nib) - T.Cast("float32", VM[phys, kvh, j, 1]))
+                                       * T.Cast("float32", VM[phys, kvh, j, 0]))
+            T.clear(s)
+            T.gemm(q_s, k_s, s, transpose_B=True, policy=T.GemmWarpPolicy.FullCol)
+            for i, j in T.Parallel(rows, block_size):
+                s[i, j] = T.if_then_else((first + it) * block_size + j < ctx, s[i, j] * T.float32(scale_log2),
+                                         -T.infinity("float32"))
+            T.copy(m, m_prev)
+            T.reduce_max(s, m, dim=1, clear=False)
+            for i in T.Parallel(rows):
+                rescale[i] = T.exp2(m_prev[i] - m[i])
+            for i, j in T.Parallel(rows, block_size):
+                s[i, j] = T.exp2(s[i, j] - m[i])
+            T.reduce_sum(s, l_blk, dim=1)
+            for i in T.Parallel(rows):
+                l[i] = l[i] * rescale[i] + l_blk[i]
+            for i, d in T.Parallel(rows, head_dim):
+                o[i, d] = o[i, d] * rescale[i]
+            T.copy(s, p_s)
+            T.gemm(p_s, v_s, o, policy=T.GemmWarpPolicy.FullCol)
 
         @T.prim_func
         def main(Q: T.Tensor((b, heads, head_dim), "float16"),
@@ -178,39 +234,12 @@ def attention_decode(heads: int, kv_heads: int, head_dim: int, num_splits: int, 
                 T.fill(o, 0)
                 T.fill(l, 0)
                 T.fill(m, -T.infinity("float32"))
-                for it in T.serial(count):
-                    phys = TABLES[seq, first + it]
-                    T.copy(KD[phys, kvh, :, :], kp_s)
-                    T.copy(KM[phys, kvh, :, :], km_s)
-                    T.copy(VD[phys, kvh, :, :], vp_s)
-                    T.copy(VM[phys, kvh, :, :], vm_s)
-                    # int4 -> float16: (q - zero) * scale, per (token, head).
-                    for j, d in T.Parallel(block_size, head_dim):
-                        nib = (kp_s[j, d // 2] >> T.Cast("uint8", (d % 2) * 4)) & T.uint8(15)
-                        k_s[j, d] = T.Cast("float16", (T.Cast("float32", nib) - T.Cast("float32", km_s[j, 1]))
-                                           * T.Cast("float32", km_s[j, 0]))
-                    for j, d in T.Parallel(block_size, head_dim):
-                        nib = (vp_s[j, d // 2] >> T.Cast("uint8", (d % 2) * 4)) & T.uint8(15)
-                        v_s[j, d] = T.Cast("float16", (T.Cast("float32", nib) - T.Cast("float32", vm_s[j, 1]))
-                                           * T.Cast("float32", vm_s[j, 0]))
-                    T.clear(s)
-                    T.gemm(q_s, k_s, s, transpose_B=True, policy=T.GemmWarpPolicy.FullCol)
-                    for i, j in T.Parallel(rows, block_size):
-                        s[i, j] = T.if_then_else((first + it) * block_size + j < ctx, s[i, j] * T.float32(scale_log2),
-                                                 -T.infinity("float32"))
-                    T.copy(m, m_prev)
-                    T.reduce_max(s, m, dim=1, clear=False)
-                    for i in T.Parallel(rows):
-                        rescale[i] = T.exp2(m_prev[i] - m[i])
-                    for i, j in T.Parallel(rows, block_size):
-                        s[i, j] = T.exp2(s[i, j] - m[i])
-                    T.reduce_sum(s, l_blk, dim=1)
-                    for i in T.Parallel(rows):
-                        l[i] = l[i] * rescale[i] + l_blk[i]
-                    for i, d in T.Parallel(rows, head_dim):
-                        o[i, d] = o[i, d] * rescale[i]
-                    T.copy(s, p_s)
-                    T.gemm(p_s, v_s, o, policy=T.GemmWarpPolicy.FullCol)
+                if num_stages == 1:
+                    for it in T.serial(count):
+                        one_block(it, seq, kvh, first, ctx, KD, KM, VD, VM, TABLES, q_s, kp_s, vp_s, km_s, vm_s, k_s, v_s, s, p_s, o, m, m_prev, rescale, l, l_blk)
+                else:
+                    for it in T.Pipelined(count, num_stages=num_stages):
+                        one_block(it, seq, kvh, first, ctx, KD, KM, VD, VM, TABLES, q_s, kp_s, vp_s, km_s, vm_s, k_s, v_s, s, p_s, o, m, m_prev, rescale, l, l_blk)
                 for i, d in T.Parallel(rows, head_dim):
                     if i < group:
                         OP[seq, kvh * group + i, split, d] = T.if_then_else(l[i] > 0, o[i, d] / l[i], T.float32(0))
@@ -271,7 +300,8 @@ def prebuild_decode(heads: int, kv_heads: int, head_dim: int, splits: list[int],
     from concurrent.futures import ThreadPoolExecutor
 
     # The arguments exactly as attention_decode_op passes them: lru_cache keys on the call's form.
-    jobs = [functools.partial(attention_decode, heads, kv_heads, head_dim, n, block_size, None) for n in sorted(set(splits))]
+    jobs = [functools.partial(attention_decode, heads, kv_heads, head_dim, n, block_size, None, 128, None, 1)
+            for n in sorted(set(splits))]
     jobs += [functools.partial(attention_combine, heads, head_dim, n) for n in sorted(set(splits))]
     with ThreadPoolExecutor(workers) as pool:
         list(pool.map(lambda job: job(), jobs))
@@ -294,7 +324,7 @@ def kv_store_op(k, v, slot_mapping, k_data, k_meta, v_data, v_meta, clip: float 
 
 
 def attention_decode_op(q, k_data, k_meta, v_data, v_meta, block_tables, context_lens, num_splits: int,
-                        sm_scale: float | None = None, out=None):
+                        sm_scale: float | None = None, out=None, num_stages: int = 1):
     """float16 [B, heads, head_dim] decode attention (q [B, heads, head_dim] float16)."""
     import torch
 
@@ -303,7 +333,7 @@ def attention_decode_op(q, k_data, k_meta, v_data, v_meta, block_tables, context
     partial = torch.empty(b, heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
     lse = torch.empty(b, heads, num_splits, dtype=torch.float32, device=q.device)
     out = torch.empty(b, heads, head_dim, dtype=torch.float16, device=q.device) if out is None else out
-    attention_decode(heads, kv_heads, head_dim, num_splits, k_data.shape[2], sm_scale)(
+    attention_decode(heads, kv_heads, head_dim, num_splits, k_data.shape[2], sm_scale, 128, None, num_stages)(
         q, k_data, k_meta, v_data, v_meta, block_tables, context_lens, partial, lse)
     attention_combine(heads, head_dim, num_splits)(partial, lse, out)
     return out

@@ -151,3 +151,14 @@ def test_prefill_attention_builds_for_sm90(heads, kv_heads, dim):
     from kernels_tl.attention_prefill import SM90, attention_prefill
     src = attention_prefill(heads, kv_heads, dim, target=SM90).get_kernel_source()
     assert "mma" in src and "exp2" in src
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
+def test_pipelined_decode_attention_builds_with_the_copy_engine():
+    """The num_stages > 1 variant: K / V tiles by TMA into a warp-specialized pipeline; the default
+    loop stays the plain one the engine runs."""
+    pytest.importorskip("tilelang")
+    from kernels_tl.kv_attention import SM90, attention_decode
+    piped = attention_decode(32, 8, 128, 4, target=SM90, num_stages=2).get_kernel_source()
+    assert "tma_load" in piped and "mma" in piped
+    assert "tma_load" not in attention_decode(32, 8, 128, 4, target=SM90).get_kernel_source()
