@@ -85,6 +85,14 @@ def one_prefill(model: str, tokens: int) -> dict:
     lens = torch.full((1,), tokens, device="cuda", dtype=torch.int32)
     q = torch.randn(tokens, heads, dim, device="cuda").half()
     t_ours = bench(lambda: attention_prefill_op(q, kd, km, vd, vm, tables, lens, [tokens]))
+    piped = {}
+    try:  # the pipelined variant, with its error against the default
+        ref_out = attention_prefill_op(q, kd, km, vd, vm, tables, lens, [tokens])
+        out2 = attention_prefill_op(q, kd, km, vd, vm, tables, lens, [tokens], num_stages=2)
+        piped["stages2_ms"] = bench(lambda: attention_prefill_op(q, kd, km, vd, vm, tables, lens, [tokens], num_stages=2))
+        piped["stages2_rel_err"] = float((out2.float() - ref_out.float()).norm() / ref_out.float().norm())
+    except Exception as e:  # reported, not fatal
+        piped["stages2_error"] = str(e).splitlines()[0][:200]
     q16 = q.transpose(0, 1).unsqueeze(0)
     k16 = torch.randn(1, kv_heads, tokens, dim, device="cuda").half()
     v16 = torch.randn(1, kv_heads, tokens, dim, device="cuda").half()
@@ -92,7 +100,7 @@ def one_prefill(model: str, tokens: int) -> dict:
     t_sdpa = bench(lambda: sdpa(q16, k16, v16, is_causal=True, enable_gqa=True))
     flops = 2 * 2 * heads * dim * tokens * tokens / 2  # QKᵀ and PV over the causal half
     return {"model": model, "tokens": tokens, "ms": t_ours, "sdpa_fp16_ms": t_sdpa, "tflops": flops / t_ours / 1e9,
-            "speedup_vs_sdpa": t_sdpa / t_ours}
+            "speedup_vs_sdpa": t_sdpa / t_ours, **piped}
 
 
 def main() -> None:
@@ -128,7 +136,9 @@ def main() -> None:
             row = one_prefill(model, tokens)
             result["prefill"].append(row)
             print(f"{model:11s} prefill {tokens:5d} tokens: {row['ms'] * 1e3:8.1f} us {row['tflops']:6.0f} TFLOPS  "
-                  f"SDPA fp16 {row['sdpa_fp16_ms'] * 1e3:8.1f} us  x{row['speedup_vs_sdpa']:.2f}", flush=True)
+                  f"SDPA fp16 {row['sdpa_fp16_ms'] * 1e3:8.1f} us  x{row['speedup_vs_sdpa']:.2f}" + (
+                      f" | 2 stages {row['stages2_ms'] * 1e3:.1f} us (err {row['stages2_rel_err']:.1e})"
+                      if "stages2_ms" in row else ""), flush=True)
             torch.cuda.empty_cache()
             save()
 

@@ -46,22 +46,36 @@ def prefill_tiles(query_lens, tokens: int):
 
 @T.macro
 def _dequant_tile(packed, meta, out, block_size: int, head_dim: int):
-    """out[j, d] = float16((nibble d of token j - zero_j) · scale_j), the cache's dequantization."""
+    """out[j, d] = float16((nibble d of token j - zero_j) · scale_j), the cache's dequantization;
+    meta: the tile's [block_size, 2] (scale, zero), in shared memory."""
     for j, d in T.Parallel(block_size, head_dim):
         nib = (packed[j, d // 2] >> T.Cast("uint8", (d % 2) * 4)) & T.uint8(15)
         out[j, d] = T.Cast("float16", (T.Cast("float32", nib) - T.Cast("float32", meta[j, 1]))
                            * T.Cast("float32", meta[j, 0]))
 
 
+@T.macro
+def _dequant_tile_global(packed, META, phys, kvh, out, block_size: int, head_dim: int):
+    """_dequant_tile with scale and zero read from the cache's meta in global memory."""
+    for j, d in T.Parallel(block_size, head_dim):
+        nib = (packed[j, d // 2] >> T.Cast("uint8", (d % 2) * 4)) & T.uint8(15)
+        out[j, d] = T.Cast("float16", (T.Cast("float32", nib) - T.Cast("float32", META[phys, kvh, j, 1]))
+                           * T.Cast("float32", META[phys, kvh, j, 0]))
+
+
 @functools.lru_cache(maxsize=None)
 def attention_prefill(heads: int, kv_heads: int, head_dim: int, block_size: int = BLOCK_SIZE,
-                      sm_scale: float | None = None, threads: int = 128, target=None):
+                      sm_scale: float | None = None, threads: int = 128, target=None, num_stages: int = 1):
     """Build (and cache) the kernel: kernel(q, k_data, k_meta, v_data, v_meta, block_tables,
     context_lens, query_starts, query_lens, tiles, out). q / out float16 [T, heads, head_dim] (the
     packed new tokens; out is written, not allocated), block_tables int32 [B, W], context_lens
     int32 [B] (cached tokens after this step, the new ones included), query_starts / query_lens
     int32 [B] (each sequence's new tokens are q[query_starts[i] : + query_lens[i]]), tiles int32
-    [tiles, 2] from `prefill_tiles`."""
+    [tiles, 2] from `prefill_tiles`.
+
+    num_stages > 1: the cache blocks stream through TileLang's software pipeline (K / V tiles by
+    the copy engine, warp-specialized), scale and zero read from global memory in the
+    dequantization, as attention_decode's pipelined variant."""
     group = heads // kv_heads
     tokens = tokens_per_tile(heads, kv_heads)
     used = tokens * group  # rows beyond are padding
@@ -75,6 +89,42 @@ def attention_prefill(heads: int, kv_heads: int, head_dim: int, block_size: int 
         b = T.dynamic("batch")
         width = T.dynamic("table_width")
         nt = T.dynamic("tiles")
+
+        @T.macro
+        def one_block(it, seq, kvh, past, q0, KD, KM, VD, VM, TABLES, q_s, kp_s, vp_s, km_s, vm_s, k_s, v_s, s,
+                      p_s, o, m, m_prev, rescale, l, l_blk):
+            """One cache block: dequantize K / V, causal mask, online softmax, P·V."""
+            phys = TABLES[seq, it]
+            T.copy(KD[phys, kvh, :, :], kp_s)
+            T.copy(VD[phys, kvh, :, :], vp_s)
+            if num_stages == 1:
+                T.copy(KM[phys, kvh, :, :], km_s)
+                T.copy(VM[phys, kvh, :, :], vm_s)
+                _dequant_tile(kp_s, km_s, k_s, block_size, head_dim)
+                _dequant_tile(vp_s, vm_s, v_s, block_size, head_dim)
+            else:
+                _dequant_tile_global(kp_s, KM, phys, kvh, k_s, block_size, head_dim)
+                _dequant_tile_global(vp_s, VM, phys, kvh, v_s, block_size, head_dim)
+            T.clear(s)
+            T.gemm(q_s, k_s, s, transpose_B=True, policy=T.GemmWarpPolicy.FullCol)
+            # Causal: key position <= the row's query position (every row keeps key 0, so
+            # no row is all -inf).
+            for r, j in T.Parallel(ROWS, block_size):
+                s[r, j] = T.if_then_else(it * block_size + j <= past + q0 + r // group,
+                                         s[r, j] * T.float32(scale_log2), -T.infinity("float32"))
+            T.copy(m, m_prev)
+            T.reduce_max(s, m, dim=1, clear=False)
+            for r in T.Parallel(ROWS):
+                rescale[r] = T.exp2(m_prev[r] - m[r])
+            for r, j in T.Parallel(ROWS, block_size):
+                s[r, j] = T.exp2(s[r, j] - m[r])
+            T.reduce_sum(s, l_blk, dim=1)
+            for r in T.Parallel(ROWS):
+                l[r] = l[r] * rescale[r] + l_blk[r]
+            for r, d in T.Parallel(ROWS, head_dim):
+                o[r, d] = o[r, d] * rescale[r]
+            T.copy(s, p_s)
+            T.gemm(p_s, v_s, o, policy=T.GemmWarpPolicy.FullCol)
 
         @T.prim_func
         def main(Q: T.Tensor((t, heads, head_dim), "float16"),
@@ -117,34 +167,12 @@ def attention_prefill(heads: int, kv_heads: int, head_dim: int, block_size: int 
                 T.fill(o, 0)
                 T.fill(l, 0)
                 T.fill(m, -T.infinity("float32"))
-                for it in T.serial(n_blocks):
-                    phys = TABLES[seq, it]
-                    T.copy(KD[phys, kvh, :, :], kp_s)
-                    T.copy(KM[phys, kvh, :, :], km_s)
-                    T.copy(VD[phys, kvh, :, :], vp_s)
-                    T.copy(VM[phys, kvh, :, :], vm_s)
-                    _dequant_tile(kp_s, km_s, k_s, block_size, head_dim)
-                    _dequant_tile(vp_s, vm_s, v_s, block_size, head_dim)
-                    T.clear(s)
-                    T.gemm(q_s, k_s, s, transpose_B=True, policy=T.GemmWarpPolicy.FullCol)
-                    # Causal: key position <= the row's query position (every row keeps key 0, so
-                    # no row is all -inf).
-                    for r, j in T.Parallel(ROWS, block_size):
-                        s[r, j] = T.if_then_else(it * block_size + j <= past + q0 + r // group,
-                                                 s[r, j] * T.float32(scale_log2), -T.infinity("float32"))
-                    T.copy(m, m_prev)
-                    T.reduce_max(s, m, dim=1, clear=False)
-                    for r in T.Parallel(ROWS):
-                        rescale[r] = T.exp2(m_prev[r] - m[r])
-                    for r, j in T.Parallel(ROWS, block_size):
-                        s[r, j] = T.exp2(s[r, j] - m[r])
-                    T.reduce_sum(s, l_blk, dim=1)
-                    for r in T.Parallel(ROWS):
-                        l[r] = l[r] * rescale[r] + l_blk[r]
-                    for r, d in T.Parallel(ROWS, head_dim):
-                        o[r, d] = o[r, d] * rescale[r]
-                    T.copy(s, p_s)
-                    T.gemm(p_s, v_s, o, policy=T.GemmWarpPolicy.FullCol)
+                if num_stages == 1:
+                    for it in T.serial(n_blocks):
+                        one_block(it, seq, kvh, past, q0, KD, KM, VD, VM, TABLES, q_s, kp_s, vp_s, km_s, vm_s, k_s, v_s, s, p_s, o, m, m_prev, rescale, l, l_blk)
+                else:
+                    for it in T.Pipelined(n_blocks, num_stages=num_stages):
+                        one_block(it, seq, kvh, past, q0, KD, KM, VD, VM, TABLES, q_s, kp_s, vp_s, km_s, vm_s, k_s, v_s, s, p_s, o, m, m_prev, rescale, l, l_blk)
                 for r, d in T.Parallel(ROWS, head_dim):
                     if r < used and q0 + r // group < qlen:
                         O[base + q0 + r // group, kvh * group + r % group, d] = T.Cast("float16", o[r, d] / l[r])
@@ -155,7 +183,7 @@ def attention_prefill(heads: int, kv_heads: int, head_dim: int, block_size: int 
 
 
 def attention_prefill_op(q, k_data, k_meta, v_data, v_meta, block_tables, context_lens, query_lens,
-                         sm_scale: float | None = None):
+                         sm_scale: float | None = None, num_stages: int = 1):
     """float16 [T, heads, head_dim] causal attention of the packed new tokens q [T, heads, head_dim]
     over the paged cache (which already holds them); query_lens on the host."""
     import torch
@@ -166,7 +194,7 @@ def attention_prefill_op(q, k_data, k_meta, v_data, v_meta, block_tables, contex
     starts = torch.tensor([sum(lens[:i]) for i in range(len(lens))], dtype=torch.int32).to(q.device, non_blocking=True)
     qlens = torch.tensor(lens, dtype=torch.int32).to(q.device, non_blocking=True)
     out = torch.empty_like(q, dtype=torch.float16)
-    kernel = attention_prefill(heads, kv_heads, head_dim, k_data.shape[2], sm_scale)
+    kernel = attention_prefill(heads, kv_heads, head_dim, k_data.shape[2], sm_scale, 128, None, num_stages)
     kernel(q.half().contiguous(), k_data, k_meta, v_data, v_meta, block_tables.int(), context_lens.int(), starts, qlens,
            tiles, out)
     return out

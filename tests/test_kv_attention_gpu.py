@@ -77,9 +77,11 @@ def test_decode_attention_matches_reference(heads, kv_heads, head_dim, batch, ma
 PREFILL_BATCHES = [([37, 100, 1, 64], [70, 0, 200, 64]), ([300], [1000]), ([5, 130], [0, 3])]
 
 
+@pytest.mark.parametrize("stages", [1, 2])
 @pytest.mark.parametrize("heads,kv_heads,head_dim", SHAPES)
 @pytest.mark.parametrize("query_lens,prefix_lens", PREFILL_BATCHES)
-def test_prefill_attention_with_cached_prefix_matches_reference(heads, kv_heads, head_dim, query_lens, prefix_lens):
+def test_prefill_attention_with_cached_prefix_matches_reference(heads, kv_heads, head_dim, query_lens, prefix_lens,
+                                                                 stages):
     from kernels_tl.attention_prefill import attention_prefill, prefill_tiles, tokens_per_tile
     from kernels_tl.kv_attention import BLOCK_SIZE
     g = torch.Generator(device="cuda").manual_seed(sum(query_lens) * 7 + head_dim)
@@ -94,7 +96,7 @@ def test_prefill_attention_with_cached_prefix_matches_reference(heads, kv_heads,
     out = torch.full_like(q, float("nan"))
     starts = torch.tensor([sum(query_lens[:i]) for i in range(len(lens))], dtype=torch.int32, device="cuda")
     tiles = prefill_tiles(query_lens, tokens_per_tile(heads, kv_heads)).cuda()
-    attention_prefill(heads, kv_heads, head_dim)(
+    attention_prefill(heads, kv_heads, head_dim, num_stages=stages)(
         q, kd, km, vd, vm, tables, torch.tensor(lens, dtype=torch.int32, device="cuda"), starts,
         torch.tensor(query_lens, dtype=torch.int32, device="cuda"), tiles, out)
     expected = ref.paged_attention(q, kd, km, vd, vm, tables.cpu(), torch.tensor(lens), torch.tensor(query_lens))

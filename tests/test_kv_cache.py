@@ -151,6 +151,7 @@ def test_prefill_attention_builds_for_sm90(heads, kv_heads, dim):
     from kernels_tl.attention_prefill import SM90, attention_prefill
     src = attention_prefill(heads, kv_heads, dim, target=SM90).get_kernel_source()
     assert "mma" in src and "exp2" in src
+    assert "tma_load" in attention_prefill(heads, kv_heads, dim, target=SM90, num_stages=2).get_kernel_source()
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
