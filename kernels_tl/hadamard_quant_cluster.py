@@ -2,9 +2,10 @@
 
 `hadamard_quant` (kernels_tl.hadamard_quant) gives each token row one thread block. At decode
 sizes that is one block on one SM doing the whole transform: the gated 14336-wide down_proj input
-of Llama-3-8B took 17 µs a call on an H200 at M = 1 (compute and latency bound, whatever the
-block shape), a fifth of the decode step. Here each token gets a cluster of C blocks (sm_90
-thread-block clusters) that split the row and exchange it once through distributed shared memory:
+of Llama-3-8B took 17 µs a call on an H200 at M = 1 (11 µs with the best block shape: compute
+and latency bound on one SM), a fifth of the decode step. Here each token gets a cluster of C
+blocks (sm_90 thread-block clusters) that split the row and exchange it once through distributed
+shared memory:
 
     row = [f, p] (element i·p + j), H = A_f ⊗ H_p, H_p = H_C ⊗ H_(p/C) (Sylvester)
     rank r of the cluster owns the columns j = r·(p/C) + c, all f rows of them:
@@ -62,7 +63,7 @@ def cluster_layout(n: int, factors: tuple, block, cluster: int = 8):
         return None
     f = odd[0] if odd else 1
     p = n // f
-    if p % cluster or p // cluster < 8 or f > 32 or f % 4 and f > 1:
+    if p % cluster or p // cluster < 8 or f > 32 or (f > 1 and f % 4):
         return None
     return f, p
 
