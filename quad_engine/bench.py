@@ -174,15 +174,15 @@ def _engine_runs(llm: LLM, plan: BenchPlan, vocab: int) -> dict:
     generated = sum(len(o.token_ids) for o in outputs)
     out["throughput"] = {"requests": n, "generated_tokens": generated, "s": seconds,
                          "tok_per_s": generated / seconds, "preemptions": stats.preemptions}
-    out["breakdown"] = {}
-    if plan.prefill:  # the prefill phase of the first prefill shape, the decode phase of the first decode shape
-        batch, length = plan.prefill[0]
+    # Where the time goes at every measured shape (a missed target needs its own breakdown): the
+    # prefill phase of each prefill shape, the decode phase of each decode shape.
+    out["breakdown"] = {"prefill": [], "decode": []}
+    for batch, length in plan.prefill:
         parts = breakdown(llm, _prompts(rng, batch, length, vocab), 0)
-        out["breakdown"].update(prefill_batch=batch, prefill_tokens=length, prefill_ms=parts["prefill_ms"])
-    if plan.decode:
-        batch, context = plan.decode[0]
+        out["breakdown"]["prefill"].append({"batch": batch, "tokens": length, "ms": parts["prefill_ms"]})
+    for batch, context in plan.decode:
         parts = breakdown(llm, _prompts(rng, batch, context, vocab), plan.decode_steps)
-        out["breakdown"].update(decode_batch=batch, decode_context=context, decode_ms=parts["decode_ms"])
+        out["breakdown"]["decode"].append({"batch": batch, "context": context, "ms": parts["decode_ms"]})
     return out
 
 

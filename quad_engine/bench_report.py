@@ -45,21 +45,21 @@ def markdown(result: dict) -> str:
 
 
 def _breakdown_table(systems: dict, engines: list[str], on_gpu: bool) -> list[str]:
-    """ms per step by op, from the profiled eager run (see breakdown)."""
+    """ms per step by op at every measured shape, from the profiled eager runs (see breakdown)."""
     lines = []
-    for phase, what in (("prefill", "prefill_batch prefill_tokens"), ("decode", "decode_batch decode_context")):
-        rows = [n for n in engines if f"{phase}_ms" in systems[n].get("breakdown", {})]
+    cats = ["gemm", "quantize", "hadamard", "kv_store", "attention", "other", "total"]
+    what_time = "device time of the kernels each op launched" if on_gpu else "host time of each op"
+    for phase, size in (("prefill", "tokens"), ("decode", "context")):
+        rows = [n for n in engines if systems[n].get("breakdown", {}).get(phase)]
         if not rows:
             continue
-        b = systems[rows[0]]["breakdown"]
-        shape = " x ".join(str(b[k]) for k in what.split())
-        cats = ["gemm", "quantize", "hadamard", "kv_store", "attention", "other", "total"]
-        what_time = "device time of the kernels each op launched" if on_gpu else "host time of each op"
-        lines += ["", f"## {phase.capitalize()} time by op ({shape}; ms per step: {what_time}, eager run)",
-                  "", "| system | " + " | ".join(cats) + " |", "|---" * (len(cats) + 1) + "|"]
-        for n in rows:
-            part = systems[n]["breakdown"][f"{phase}_ms"]
-            lines.append(f"| {n} | " + " | ".join(f"{part.get(c, 0.0):.3f}" for c in cats) + " |")
+        for i, entry in enumerate(systems[rows[0]]["breakdown"][phase]):
+            shape = f"{entry['batch']} x {entry[size]}"
+            lines += ["", f"## {phase.capitalize()} time by op ({shape}; ms per step: {what_time}, eager run)",
+                      "", "| system | " + " | ".join(cats) + " |", "|---" * (len(cats) + 1) + "|"]
+            for n in rows:
+                part = systems[n]["breakdown"][phase][i]["ms"]
+                lines.append(f"| {n} | " + " | ".join(f"{part.get(c, 0.0):.3f}" for c in cats) + " |")
     return lines
 
 

@@ -17,8 +17,11 @@ def test_quad_bench_runs_every_system_and_writes_json_and_a_plot(tmp_path, capsy
         assert all(r["ms"] > 0 for r in runs["prefill"]) and all(r["ms_per_step"] > 0 for r in runs["decode"])
         if name.startswith("quad"):
             assert runs["throughput"]["requests"] == 3 and "speedup_vs_fp16" in runs["decode"][0]
-            for phase in ("prefill_ms", "decode_ms"):  # the per-layer time breakdown
-                parts = runs["breakdown"][phase]
+            # The time breakdown at every measured shape.
+            assert [(b["batch"], b["tokens"]) for b in runs["breakdown"]["prefill"]] == [(1, 16), (2, 8)]
+            assert [(b["batch"], b["context"]) for b in runs["breakdown"]["decode"]] == [(1, 16), (2, 16)]
+            for entry in runs["breakdown"]["prefill"] + runs["breakdown"]["decode"]:
+                parts = entry["ms"]
                 assert parts["gemm"] > 0 and parts["attention"] > 0 and parts["total"] >= parts["gemm"]
         assert all(r["gbps"] > 0 and r["bytes_read"] > 0 for r in runs["decode"])
     # The 4-bit engines read fewer bytes a step than the fp16 engine at the same batch and context.
@@ -28,7 +31,8 @@ def test_quad_bench_runs_every_system_and_writes_json_and_a_plot(tmp_path, capsy
     assert (tmp_path / "run.png").stat().st_size > 0
     table = (tmp_path / "run.md").read_text()
     assert "| 1 x 16 |" in table
-    for section in ("## Throughput", "## Prefill time by op", "## Decode time by op"):
+    for section in ("## Throughput", "## Prefill time by op (1 x 16;", "## Prefill time by op (2 x 8;",
+                    "## Decode time by op (1 x 16;", "## Decode time by op (2 x 16;"):
         assert section in table
     if result["environment"].get("copy_gbps"):
         assert "## Decode read bandwidth" in table
