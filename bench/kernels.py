@@ -170,18 +170,34 @@ def sweep_prefill(n: int, k: int, m: int) -> list[dict]:
 
 
 def sweep_decode(n: int, k: int, m: int) -> list[dict]:
+    """Split-K variants of the decode kernel at one shape and token count (integer part alone: the
+    int32 workspace is not zeroed between calls, its sums only wrap): K splits 1-8, K tiles 256-1024,
+    pipeline depth 2-4, timed back to back in a CUDA graph over weight copies larger than L2 (as a
+    decode step runs), with the dispatch's own plan marked. GB/s on the packed weight."""
+    from kernels_tl.gemm_dispatch import decode_plan
+
     xq, xs, wq, ws, _, _ = operands(m, n, k, 0)
-    wp = ref.pack_int4(wq)
+    wps = [ref.pack_int4(wq)] + [ref.pack_int4(wq).clone() for _ in range(copies_beyond_l2(n * k // 2) - 1)]
     acc = torch.zeros(m, n, device="cuda", dtype=torch.int32)
+    block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
+    variants = [(s, bk, st) for s in (1, 2, 4, 8) for bk, st in ((256, 4), (512, 2), (512, 3), (512, 4), (1024, 2))
+                if k % (bk * s) == 0 and k // (bk * s) >= 2]
+    plan = decode_plan(m, n, k)
+    built = build_all({v: (lambda v=v: gemm.w4ax_gemm_splitk(n, k, v[0], block_m, 64, v[1], v[2])) for v in variants})
     rows = []
-    variants = [(s, bk, st) for s in (1, 2) for bk, st in ((512, 3), (1024, 2)) if k % (bk * s) == 0]
-    built = build_all({v: (lambda v=v: gemm.w4ax_gemm_splitk(n, k, v[0], 16 if m <= 16 else 64, 64, v[1], v[2]))
-                       for v in variants})
     for split, bk, stages in variants:
+        row = {"n": n, "k": k, "m": m, "split": split, "block_k": bk, "stages": stages,
+               "dispatch": (split, bk, stages) == (plan["split"], plan["block_k"], plan["num_stages"])}
         kern = built[(split, bk, stages)]
-        t = bench(lambda: kern(xq, wp, acc))
-        rows.append({"split": split, "block_k": bk, "stages": stages, "ms": t, "gbps": n * k / 2 / t / 1e6})
-        print(f"  sweep decode N={n} K={k} M={m} {rows[-1]}", flush=True)
+        try:
+            if isinstance(kern, Exception):
+                raise kern
+            t = bench_graph([lambda w=w: kern(xq, w, acc) for w in wps])
+            row.update(ms=t, gbps=n * k / 2 / t / 1e6)
+        except Exception as e:  # reported, not fatal
+            row["error"] = str(e).splitlines()[0][:200]
+        rows.append(row)
+        print(f"  sweep decode {row}", flush=True)
     return rows
 
 
@@ -310,6 +326,8 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="also time tile / split variants at Llama-3-8B shapes")
     ap.add_argument("--sweep-hadamard", action="store_true",
                     help="only the Hadamard+quantize launch-shape sweep (Llama-3-8B o_proj and gated down_proj inputs)")
+    ap.add_argument("--sweep-decode", action="store_true",
+                    help="only the split-K decode GEMM sweep (Llama-3-8B linears at 16 and 32 tokens)")
     args = ap.parse_args()
     copy = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")
     copy_gbps = 2 * copy.numel() / bench(lambda: copy.clone()) / 1e6
@@ -328,11 +346,18 @@ def main() -> None:
             save()
     if args.sweep_hadamard:
         return
+    if args.sweep_decode:
+        result["sweep_decode"] = []
+        for m in (32, 16):
+            for n, k in MODELS["llama-3-8b"].values():
+                result["sweep_decode"] += sweep_decode(n, k, m)
+                save()
+        return
     if args.sweep:
         result["sweep_gemv"] = {f"{n}x{k}": sweep_gemv(n, k) for n, k in MODELS["llama-3-8b"].values()}
         result["sweep_prefill"] = {f"{n}x{k}": sweep_prefill(n, k, 4096) for n, k in MODELS["llama-3-8b"].values()}
-        result["sweep_decode"] = {f"{n}x{k}@{m}": sweep_decode(n, k, m) for n, k in MODELS["llama-3-8b"].values()
-                                  for m in (16,)}
+        result["sweep_decode"] = [row for n, k in MODELS["llama-3-8b"].values() for m in (16, 32)
+                                  for row in sweep_decode(n, k, m)]
     models = ["llama-3-8b"] if args.quick else list(MODELS)
     result["quantize"] = []
     for model in models:

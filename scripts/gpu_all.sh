@@ -3,11 +3,12 @@
 # one device call (10 minutes):
 #   source .gpu/activate.sh && export PYTHONPATH=$PWD:$PWD/tests:$PYTHONPATH && bash scripts/gpu_all.sh $OUT PART
 # PART: gemm (GEMM tests, every shape and M), kernels (quantizer and KV-cache tests), engine
-# (engine tests: scripts/gpu_engine.sh check), bench-kernels, bench-attention. Each benchmark
+# (engine tests: scripts/gpu_engine.sh check), bench-kernels, bench-attention, sweep-decode (split-K
+# variants of the decode GEMM at 16 and 32 tokens), sweep-hadamard. Each benchmark
 # writes its JSON after every section, so a part cut short keeps what it measured.
 set -u
 out=${1:?usage: scripts/gpu_all.sh OUT_DIR PART}
-part=${2:?PART: gemm | kernels | engine | bench-kernels | bench-attention}
+part=${2:?PART: gemm | kernels | engine | bench-kernels | bench-attention | sweep-decode | sweep-hadamard}
 mkdir -p "$out"
 quiet() { grep -v "INFO\|WARNING\|AnnotateWarpGroup" ; }
 case "$part" in
@@ -22,5 +23,11 @@ case "$part" in
   bench-attention) timeout 560 python3 bench/attention.py --quick --out "$out/attention.json" 2>&1 | quiet \
                      > "$out/attention.log"
                    tail -n 5 "$out/attention.log" ;;
+  sweep-decode) timeout 560 python3 bench/kernels.py --sweep-decode --out "$out/sweep_decode.json" 2>&1 | quiet \
+                  > "$out/sweep_decode.log"
+                tail -n 5 "$out/sweep_decode.log" ;;
+  sweep-hadamard) timeout 560 python3 bench/kernels.py --sweep-hadamard --out "$out/sweep_hadamard.json" 2>&1 | quiet \
+                    > "$out/sweep_hadamard.log"
+                  grep "sweep hadamard" "$out/sweep_hadamard.log" | tail -n 20 ;;
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac
