@@ -409,26 +409,54 @@ def _cluster_shape(m: int) -> tuple[int, int]:
     return (8, 256) if m <= 4 else (4, 512) if m <= 16 else (4, 256)
 
 
+def kernel_choice(m: int, n: int, factors: tuple, block) -> tuple:
+    """Which kernel `hadamard_quant_op` runs at m tokens: ("cluster", blocks, threads), ("few",) or
+    ("default",). Token counts with the same choice share one compiled kernel."""
+    from kernels_tl.hadamard_quant_cluster import cluster_layout
+
+    cluster, threads = _cluster_shape(m)
+    layout = cluster_layout(n, tuple(factors), block, cluster)
+    dense = layout is not None and layout[0] > 1
+    if m <= CLUSTER_MAX_TOKENS and dense:
+        return ("cluster", cluster, threads)
+    if m <= FEW_TOKENS_MAX and dense and layout[1] >= FEW_TOKENS_SHAPE["threads"]:
+        return ("few",)
+    return ("default",)
+
+
+def build_choice(choice: tuple, n: int, factors: tuple, block, bits: int, clip: float, gated: bool):
+    """The compiled kernel of a kernel_choice (built on first use, then cached)."""
+    from kernels_tl.hadamard_quant_cluster import hadamard_quant_cluster
+
+    if choice[0] == "cluster":
+        return hadamard_quant_cluster(n, factors, bits, clip, cluster=choice[1], threads=choice[2], gated=gated)
+    if choice[0] == "few":
+        return hadamard_quant(n, factors, block, bits, clip, gated=gated, **FEW_TOKENS_SHAPE)
+    return hadamard_quant(n, factors, block, bits, clip, gated=gated)
+
+
+def prebuild(problems, token_counts, workers: int = 16) -> None:
+    """Compile, in parallel, every kernel hadamard_quant_op picks for the (n, factors, block, bits,
+    clip, gated) problems at the given token counts (TileLang compiles through nvcc subprocesses, so
+    threads overlap); an engine calls it before capturing its decode steps."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    jobs = {(kernel_choice(m, n, tuple(factors), block), n, tuple(factors), block, bits, float(clip), bool(gated))
+            for n, factors, block, bits, clip, gated in problems for m in token_counts}
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(lambda job: build_choice(*job), sorted(jobs, key=repr)))
+
+
 def hadamard_quant_op(x, factors, block, bits: int, clip: float, gated: bool = False):
     """(x_q int8 [.., n], x_scale float32 [.., 1]) of apply_hadamard(x) quantized per token; with
     gated, x is gate_up [.., 2n] and the transform runs on silu(gate) * up."""
     import torch
 
-    from kernels_tl.hadamard_quant_cluster import cluster_layout, hadamard_quant_cluster
-
     lead, n = x.shape[:-1], x.shape[-1] // (2 if gated else 1)
     x2 = x.reshape(-1, x.shape[-1]).to(torch.float16).contiguous()
     m = x2.shape[0]
     factors = tuple(factors)
-    cluster, threads = _cluster_shape(m)
-    layout = cluster_layout(n, factors, block, cluster)
-    dense = layout is not None and layout[0] > 1
-    if m <= CLUSTER_MAX_TOKENS and dense:
-        kernel = hadamard_quant_cluster(n, factors, bits, clip, cluster=cluster, threads=threads, gated=gated)
-    elif m <= FEW_TOKENS_MAX and dense and layout[1] >= FEW_TOKENS_SHAPE["threads"]:
-        kernel = hadamard_quant(n, factors, block, bits, clip, gated=gated, **FEW_TOKENS_SHAPE)
-    else:
-        kernel = hadamard_quant(n, factors, block, bits, clip, gated=gated)
+    kernel = build_choice(kernel_choice(m, n, factors, block), n, factors, block, bits, float(clip), gated)
     x_q = torch.empty(m, n, dtype=torch.int8, device=x.device)
     x_scale = torch.empty(m, dtype=torch.float32, device=x.device)
     if m:

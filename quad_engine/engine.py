@@ -133,6 +133,7 @@ class LLM:
 
         if isinstance(self.cfg, QuadConfig):
             self._prebuild_attention()
+            self._prebuild_quantizers()
         todo = [size for size in self.decode_buckets if size not in self.graphs]
         for size in tqdm(todo, desc="capturing CUDA graphs", disable=not progress or not todo, file=sys.stderr,
                          leave=False):
@@ -163,6 +164,12 @@ class LLM:
                     linears[(w.qweight.shape[0], w.qweight.shape[1] * 2, rank, w.bias is not None)] = None
         sizes = sorted(set(self.decode_buckets) | {65, min(1024, max_tokens)})
         gemm_dispatch.prebuild([(m, n, k, rank, bias, "float16") for n, k, rank, bias in linears for m in sizes])
+
+    def _prebuild_quantizers(self) -> None:
+        """Compile in parallel the quantizer kernels of every decode bucket and of a long prefill."""
+        from quad_engine import ops
+        if ops.use_kernels(torch.empty(0, device=self.device)):
+            ops.prebuild_quantizers(self.cfg, self.decode_buckets + [self.scheduler.max_num_batched_tokens])
 
     def _prebuild_attention(self) -> None:
         """Compile in parallel the decode attention variant of every bucket (its split count

@@ -130,6 +130,32 @@ def swiglu_hadamard_quant(gate_up: torch.Tensor, spec: HadamardSpec | None, bits
     return hadamard_quant.__wrapped__(ref.swiglu_f16(gate_up), spec, bits, clip)
 
 
+def prebuild_quantizers(cfg, token_counts, workers: int = 16) -> None:
+    """Compile, in parallel, the norm and Hadamard quantizer variants the kernels above will run for
+    this model at these token counts (the residual modes of the norm; the Hadamard kernel of each
+    token-count class), instead of one at a time inside the first steps and graph captures."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    try:
+        from kernels_tl import hadamard_quant as hq
+        from kernels_tl import quantize
+    except ImportError:
+        return
+    bits = cfg.act_bits
+    jobs = []
+    for site in ("qkv", "gate_up"):
+        if bits[site] < 16 and cfg.rank % 16 == 0:
+            jobs += [functools.partial(quantize.rmsnorm_quant, cfg.rank + cfg.hidden_size, cfg.rank, cfg.hidden_size,
+                                       bits[site], float(cfg.act_clip), float(cfg.rms_norm_eps), residual=mode)
+                     for mode in (("float16", "float32", "add") if fusions_enabled() else ("float16",))]
+    problems = [(spec.size, tuple(spec.factors), spec.block, bits[site], float(cfg.act_clip), gated)
+                for spec, site, gated in ((cfg.hadamard_o, "o", False), (cfg.hadamard_down, "down", fusions_enabled()))
+                if spec is not None and bits[site] < 16]
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(lambda job: job(), jobs))
+    hq.prebuild(sorted(set(problems), key=repr), token_counts, workers)
+
+
 @_profiled("hadamard")
 def rope_hadamard(x: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
     """RoPE then the head Hadamard as one batched matmul: x [B, T, heads, hd], matrices [B or 1, T,

@@ -1,0 +1,70 @@
+"""The dispatch layer's choice of kernel per shape and token count, and the prebuilds that compile every
+choice ahead of time (CPU: no kernel is built)."""
+
+import pytest
+
+pytest.importorskip("tilelang")
+
+
+def test_prefill_tiles_avoid_a_half_empty_last_wave():
+    from kernels_tl.gemm_dispatch import prefill_tiles
+    # Llama-3-8B o_proj / down_proj outputs: 4096 + 64 outlier channels = 33 column tiles. 2048
+    # tokens in 384-row tiles: 198 tiles on 132 SMs, a second wave half empty; 256-row: 264, two full.
+    assert prefill_tiles(2048, 4160, 4096)["block_m"] == 256
+    assert prefill_tiles(2048, 4160, 14336)["block_m"] == 256
+    # Enough waves that the tail is small: the 384-row tile (its unpack shared by more tokens).
+    assert prefill_tiles(32768, 4160, 14336)["block_m"] == 384
+    assert prefill_tiles(4096, 4160, 4096)["block_m"] == 384
+    # Outlier product or bias: 256-row tiles only; short prompts: 128.
+    assert prefill_tiles(32768, 6144, 4096, rank=64)["block_m"] == 256
+    assert prefill_tiles(8192, 4096, 4096, has_bias=True)["block_m"] == 256
+    assert prefill_tiles(500, 4160, 4096)["block_m"] == 128
+    # K tiles divide k (SmolLM2's 576).
+    assert 576 % prefill_tiles(2048, 640, 576)["block_k"] == 0
+
+
+def test_prebuild_covers_every_tile_the_dispatch_can_pick(monkeypatch):
+    from kernels_tl import gemm_dispatch
+    built = []
+    monkeypatch.setattr(gemm_dispatch, "w4ax_gemm", lambda n, k, rank, bias, dtype, **t: built.append((n, t["block_m"])))
+    gemm_dispatch.prebuild([(1024, 4160, 4096, 0, False, "float16"), (1024, 6144, 4096, 64, False, "float16")])
+    assert sorted(built) == [(4160, 256), (4160, 384), (6144, 256)]
+    for m in range(1024, 9000, 512):  # whatever a prefill of that class picks was built
+        assert (4160, gemm_dispatch.prefill_tiles(m, 4160, 4096)["block_m"]) in built
+
+
+def test_hadamard_prebuild_covers_every_kernel_the_op_can_pick(monkeypatch):
+    from kernels_tl import hadamard_quant as hq
+    built = set()
+    monkeypatch.setattr(hq, "build_choice", lambda choice, *args: built.add((choice, args[0], args[-1])))
+    buckets = [1, 2, 4, 8, 16, 32, 48, 64, 8192]
+    hq.prebuild([(14336, (28, 512), None, 8, 0.9, True), (4096, (4096,), None, 8, 0.9, False)], buckets)
+    for m in buckets:  # whatever the op picks at a bucket's token count was built
+        assert (hq.kernel_choice(m, 14336, (28, 512), None), 14336, True) in built
+        assert (hq.kernel_choice(m, 4096, (4096,), None), 4096, False) in built
+    # 14336 (a 28-point dense factor): 8- and 4-block clusters, one 512-thread block a token up to
+    # 64 tokens, the default shape above; 4096 (no dense factor): one kernel for every count.
+    assert {c for c, n, _ in built if n == 14336} == {("cluster", 8, 256), ("cluster", 4, 512), ("cluster", 4, 256),
+                                                      ("few",), ("default",)}
+    assert {c for c, n, _ in built if n == 4096} == {("default",)}
+
+
+def test_engine_quantizer_prebuild_uses_the_model_sites(monkeypatch):
+    from types import SimpleNamespace
+
+    from kernels_tl import hadamard_quant as hq
+    from kernels_tl import quantize
+    from quad_engine import ops
+    from quad_engine.config import HadamardSpec
+    norms, problems = [], []
+    monkeypatch.setattr(quantize, "rmsnorm_quant", lambda *a, **kw: norms.append((a, kw["residual"])))
+    monkeypatch.setattr(hq, "prebuild", lambda probs, counts, workers=16: problems.extend(probs))
+    cfg = SimpleNamespace(act_bits={"qkv": 4, "gate_up": 4, "o": 8, "down": 8}, rank=64, hidden_size=4096,
+                          act_clip=0.9, rms_norm_eps=1e-5,
+                          hadamard_o=HadamardSpec(size=4096, factors=[4096], block=None),
+                          hadamard_down=HadamardSpec(size=14336, factors=[28, 512], block=None))
+    ops.prebuild_quantizers(cfg, [1, 8])
+    assert {mode for _, mode in norms} == {"float16", "float32", "add"}
+    assert {a[:4] for a, _ in norms} == {(4160, 64, 4096, 4)}
+    assert sorted(problems, key=repr) == sorted([(4096, (4096,), None, 8, 0.9, False),
+                                                 (14336, (28, 512), None, 8, 0.9, True)], key=repr)
