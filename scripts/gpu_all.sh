@@ -2,21 +2,22 @@
 # Every GPU test and kernel benchmark, logs under $1 (the device's $OUT), in parts that each fit
 # one device call (10 minutes):
 #   source .gpu/activate.sh && export PYTHONPATH=$PWD:$PWD/tests:$PYTHONPATH && bash scripts/gpu_all.sh $OUT PART
-# PART: gemm (GEMM tests, every shape and M), kernels (quantizer and KV-cache tests), engine
+# PART: gemm (GEMM tests, every shape and M), quantize (quantizer tests), kv (KV-cache tests), engine
 # (engine tests: scripts/gpu_engine.sh check), bench-kernels, bench-attention, sweep-decode (split-K
 # variants of the decode GEMM at 16 and 32 tokens), sweep-hadamard. Each benchmark
 # writes its JSON after every section, so a part cut short keeps what it measured.
 set -u
 out=${1:?usage: scripts/gpu_all.sh OUT_DIR PART}
-part=${2:?PART: gemm | kernels | engine | bench-kernels | bench-attention | sweep-decode | sweep-hadamard}
+part=${2:?PART: gemm | quantize | kv | engine | bench-kernels | bench-attention | sweep-decode | sweep-hadamard}
 mkdir -p "$out"
 quiet() { grep -v "INFO\|WARNING\|AnnotateWarpGroup" ; }
 case "$part" in
   gemm) timeout 560 python3 scripts/gpu_gemm_check.py -q 2>&1 | quiet > "$out/gemm_tests.log"
         tail -n 3 "$out/gemm_tests.log" ;;
-  kernels) timeout 560 python3 -m pytest -q -m gpu tests/test_quantize_gpu.py tests/test_kv_attention_gpu.py 2>&1 \
-             | quiet > "$out/kernel_tests.log"
-           tail -n 3 "$out/kernel_tests.log" ;;
+  quantize) timeout 560 python3 -m pytest -q -m gpu tests/test_quantize_gpu.py 2>&1 | quiet > "$out/quantize_tests.log"
+            tail -n 3 "$out/quantize_tests.log" ;;
+  kv) timeout 560 python3 -m pytest -q -m gpu tests/test_kv_attention_gpu.py 2>&1 | quiet > "$out/kv_tests.log"
+      tail -n 3 "$out/kv_tests.log" ;;
   engine) bash scripts/gpu_engine.sh "$out" check ;;
   bench-kernels) timeout 560 python3 bench/kernels.py --quick --out "$out/kernels.json" 2>&1 | quiet > "$out/kernels.log"
                  tail -n 5 "$out/kernels.log" ;;
