@@ -51,9 +51,31 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _restart_peak(device) -> None:
+    """Start measuring peak GPU memory afresh (nothing on the CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_bytes(device) -> int:
+    if torch.device(device).type != "cuda":
+        return 0
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated()
+
+
+def _engine_gb(llm: LLM, peak: int, batch: int, tokens: int) -> float:
+    """GiB an engine needs for `batch` sequences of `tokens`: its measured peak with the KV cache
+    counted at the blocks those sequences occupy, not at the pool the bench allocates for its
+    largest shape (which would charge the fp16 engine four times what it charges QUAD)."""
+    per_block = kv_cache.bytes_per_block(llm.cfg, llm.block_size)
+    pool = llm.num_blocks * per_block
+    return (peak - pool + batch * -(-tokens // llm.block_size) * per_block) / 2 ** 30
+
+
 class _PeakMemory:
-    """Peak GPU memory allocated while the block runs (GiB; None on the CPU): weights, KV cache
-    and activations, as each system holds them for that batch and context."""
+    """Peak GPU memory allocated while the block runs (GiB; None on the CPU)."""
 
     def __init__(self, device):
         self.on_gpu = torch.device(device).type == "cuda"
@@ -146,21 +168,28 @@ def _engine_runs(llm: LLM, plan: BenchPlan, vocab: int) -> dict:
                 _sync(plan.device)
                 times.append(time.perf_counter() - t0)
         out["prefill"].append({"batch": batch, "tokens": length, "ms": 1e3 * statistics.median(times[1:]),
-                               "peak_gb": peak.gb})
+                               "peak_gb": _engine_gb(llm, peak.bytes, batch, length) if peak.gb is not None else None})
     weights = weight_bytes(llm.model)
     for batch, context in plan.decode:
         prompts = _prompts(rng, batch, context, vocab)
-        steps = []
-        with _PeakMemory(plan.device) as peak:
-            for _ in range(plan.repeats):
-                times = []
-                llm.step_hook = times.append
-                llm.generate(prompts, SamplingParams(max_tokens=plan.decode_steps + 1, **greedy))
-                llm.step_hook = None
-                steps += times[1:]  # decode steps only (the first step is the prefill)
+        steps, decode_peak = [], 0
+        for _ in range(plan.repeats):
+            times = []
+
+            def step_done(dt, times=times):
+                times.append(dt)
+                if len(times) == 1:  # the prefill has filled the cache: decode memory from here on
+                    _restart_peak(plan.device)
+
+            llm.step_hook = step_done
+            llm.generate(prompts, SamplingParams(max_tokens=plan.decode_steps + 1, **greedy))
+            llm.step_hook = None
+            decode_peak = max(decode_peak, _peak_bytes(plan.device))
+            steps += times[1:]  # decode steps only (the first step is the prefill)
+        peak_gb = _engine_gb(llm, decode_peak, batch, context + plan.decode_steps + 1) if decode_peak else None
         kv = batch * (context + plan.decode_steps // 2) * kv_cache.bytes_per_block(llm.cfg, 1)
         out["decode"].append({"batch": batch, "context": context, "ms_per_step": 1e3 * statistics.median(steps),
-                              "peak_gb": peak.gb, **_bandwidth(weights + kv, statistics.median(steps))})
+                              "peak_gb": peak_gb, **_bandwidth(weights + kv, statistics.median(steps))})
     n = plan.throughput_requests
     prompts = [[rng.randrange(vocab) for _ in range(rng.randint(16, 512))] for _ in range(n)]
     params = [SamplingParams(max_tokens=rng.randint(16, 256), **greedy) for _ in range(n)]
@@ -202,13 +231,17 @@ def _bandwidth(nbytes: int, seconds: float) -> dict:
 
 class _StepTimer:
     """A generate() streamer that stamps the time each token reaches the host. generate checks its
-    stopping criteria on the host every step, so consecutive stamps are one synchronized step."""
+    stopping criteria on the host every step, so consecutive stamps are one synchronized step.
+    after_prefill() runs once the first token is out."""
 
-    def __init__(self):
+    def __init__(self, after_prefill=None):
         self.stamps: list[float] = []
+        self.after_prefill = after_prefill
 
     def put(self, value) -> None:
         self.stamps.append(time.perf_counter())
+        if len(self.stamps) == 2 and self.after_prefill is not None:
+            self.after_prefill()
 
     def end(self) -> None:
         pass
@@ -257,17 +290,20 @@ def _hf_runs(plan: BenchPlan, vocab: int) -> dict:
                                    "peak_gb": peak.gb})
         for batch, context in plan.decode:
             ids = torch.tensor(_prompts(rng, batch, context, vocab), device=plan.device)
-            steps = []
-            with _PeakMemory(plan.device) as peak:
-                for _ in range(plan.repeats):
-                    timer = _StepTimer()
-                    model.generate(ids, max_new_tokens=plan.decode_steps + 1, min_new_tokens=plan.decode_steps + 1,
-                                   do_sample=False, cache_implementation="static", pad_token_id=0, streamer=timer)
-                    steps += timer.decode_steps()
+            steps, decode_peak = [], 0
+            for _ in range(plan.repeats):
+                # Decode memory: from the first generated token on (the static cache is allocated for
+                # exactly this batch and length).
+                timer = _StepTimer(after_prefill=lambda: _restart_peak(plan.device))
+                model.generate(ids, max_new_tokens=plan.decode_steps + 1, min_new_tokens=plan.decode_steps + 1,
+                               do_sample=False, cache_implementation="static", pad_token_id=0, streamer=timer)
+                decode_peak = max(decode_peak, _peak_bytes(plan.device))
+                steps += timer.decode_steps()
             c = model.config
             kv = batch * (context + plan.decode_steps // 2) * 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 2
             out["decode"].append({"batch": batch, "context": context, "ms_per_step": 1e3 * statistics.median(steps),
-                                  "peak_gb": peak.gb, **_bandwidth(weight_bytes(model) + kv, statistics.median(steps))})
+                                  "peak_gb": decode_peak / 2 ** 30 if decode_peak else None,
+                                  **_bandwidth(weight_bytes(model) + kv, statistics.median(steps))})
     del model
     return out
 

@@ -27,8 +27,10 @@ def markdown(result: dict) -> str:
                 f"{systems[n]['decode'][i]['gbps']:.0f} ({100 * systems[n]['decode'][i]['gbps'] / copy:.0f}%)"
                 for n in names) + " |")
     if any(r.get("peak_gb") is not None for n in names for r in systems[n]["decode"]):
-        lines += ["", "## Peak GPU memory during decode (GiB: weights, KV cache for this batch x context, "
-                  "activations)", "", "| batch x context | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        lines += ["", "## Peak GPU memory during decode (GiB: weights, KV cache for this batch x context, the "
+                  "decode steps' activations; measured after the prefill, the engines' KV pool counted at the "
+                  "blocks this batch occupies)", "", "| batch x context | " + " | ".join(names) + " |",
+                  "|---" * (len(names) + 1) + "|"]
         for i, (batch, context) in enumerate(result["plan"]["decode"]):
             lines.append(f"| {batch} x {context} | " + " | ".join(
                 f"{systems[n]['decode'][i]['peak_gb']:.2f}" for n in names) + " |")

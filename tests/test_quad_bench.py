@@ -51,3 +51,20 @@ def test_unfused_system_runs_with_fusions_off_and_restores_the_setting(tmp_path,
     assert seen and not any(seen)
     assert ops.fusions_enabled()
     assert list(json.loads((tmp_path / "run.json").read_text())["systems"]) == ["quad-w4a4a8-unfused"]
+
+
+def test_engine_memory_counts_the_kv_blocks_the_batch_occupies():
+    """Peak memory charges an engine the KV blocks of the measured batch x tokens, not the pool the
+    bench allocates for its largest shape."""
+    from types import SimpleNamespace
+
+    from quad_engine import kv_cache
+    from quad_engine.bench import _engine_gb
+    from quad_engine.synthetic import synthetic_config
+    cfg = synthetic_config("smollm2-135m")
+    per_block = kv_cache.bytes_per_block(cfg, 64)
+    llm = SimpleNamespace(cfg=cfg, block_size=64, num_blocks=100)
+    weights = 3 * 2 ** 30
+    peak = weights + 100 * per_block  # the whole pool allocated, nothing else
+    # 2 sequences of 65 tokens occupy 2 blocks each.
+    assert _engine_gb(llm, peak, 2, 65) == (weights + 4 * per_block) / 2 ** 30
