@@ -67,6 +67,25 @@ def fake_quant_act(x: torch.Tensor, bits: int, clip: float) -> torch.Tensor:
     return q.float() * s
 
 
+def quantize_rows_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 rows of a table (embedding, lm_head): q = round(w / s), s = max|row| / 127 (float32
+    [N]; 1 for an all-zero row)."""
+    scale = w.float().abs().amax(-1) / 127
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    return torch.round(w.float() / scale.unsqueeze(-1)).clamp(-127, 127).to(torch.int8), scale
+
+
+def head_w8a8(hidden: torch.Tensor, head_out: torch.Tensor, head_q: torch.Tensor, head_s: torch.Tensor) -> torch.Tensor:
+    """float32 logits of the widened hidden [.., r + d] through an lm_head kept as the layers' GEMMs
+    keep their weights: x_out · head_outᵀ over the r outlier channels (float16 weights) plus
+    (x_q · head_qᵀ) · sx · head_s over the d others, x quantized per token to int8 (clip 1).
+    The integer products are summed in float64, exactly."""
+    r = head_out.shape[-1]
+    q, sx = quantize_act(hidden[..., r:].float(), 8, 1.0)
+    ints = (q.double() @ head_q.double().T).float()
+    return hidden[..., :r].float() @ head_out.float().T + ints * sx * head_s
+
+
 # ---------------------------------------------------------------- weights
 
 def weight_scale(w: torch.Tensor, bits: int = 4, group_size: int = -1,

@@ -74,9 +74,10 @@ class LLM:
                  max_model_len: int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 8192,
                  num_blocks: int | None = None, kv_cache_gb: float | None = None,
                  gpu_memory_utilization: float = 0.9, block_size: int = kv_cache.BLOCK_SIZE, fp16: bool = False,
-                 model=None, tokenizer=None, cuda_graph: bool = True):
+                 model=None, tokenizer=None, cuda_graph: bool = True, int8_head: bool = False):
         """`model` (with `tokenizer`, or None for token-id prompts only) instead of a checkpoint:
-        e.g. quad_engine.synthetic models for the bench."""
+        e.g. quad_engine.synthetic models for the bench. int8_head: keep a QUAD model's embedding
+        and lm_head as int8 rows (QuadForCausalLM.use_int8_head)."""
         from transformers import AutoTokenizer
 
         self.device = pick_device(device)
@@ -89,6 +90,8 @@ class LLM:
             self.model = load_model(checkpoint, self.device)
             self.tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
         self.cfg = self.model.cfg
+        if int8_head and isinstance(self.cfg, QuadConfig):
+            self.model.use_int8_head()
         # Decode batch buckets (1, 2, 4, 8, 16, 32, 48, 64, ... up to max_num_seqs): CUDA graphs on a GPU.
         self.decode_buckets = sorted({min(b, max_num_seqs) for b in [1, 2, 4, 8] + list(range(16, max_num_seqs + 16, 16))})
         if self.device.type == "cuda" and isinstance(self.cfg, QuadConfig):

@@ -130,6 +130,26 @@ def swiglu_hadamard_quant(gate_up: torch.Tensor, spec: HadamardSpec | None, bits
     return hadamard_quant.__wrapped__(ref.swiglu_f16(gate_up), spec, bits, clip)
 
 
+@_profiled("gemm")
+def head_w8a8(hidden: torch.Tensor, head_out: torch.Tensor, head_q: torch.Tensor, head_s: torch.Tensor) -> torch.Tensor:
+    """float32 logits through the int8 lm_head (reference.head_w8a8). On CUDA the integer part
+    runs on int8 tensor cores (torch._int_mm, which takes more than 16 rows, a multiple of 8: padded)
+    and the outlier part as a float16 GEMM."""
+    if not hidden.is_cuda or os.environ.get("QUAD_BACKEND") == "reference":
+        return ref.head_w8a8(hidden, head_out, head_q, head_s)
+    r = head_out.shape[-1]
+    lead = hidden.shape[:-1]
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    q, sx = ref.quantize_act(flat[:, r:].float(), 8, 1.0)
+    m = q.shape[0]
+    rows = max(24, -(-m // 8) * 8)
+    if rows > m:
+        q = torch.cat([q, q.new_zeros(rows - m, q.shape[1])])
+    ints = torch._int_mm(q, head_q.T)[:m]
+    logits = ints.float() * sx * head_s + torch.nn.functional.linear(flat[:, :r].half(), head_out).float()
+    return logits.reshape(*lead, -1)
+
+
 def prebuild_quantizers(cfg, token_counts, workers: int = 16) -> None:
     """Compile, in parallel, the norm and Hadamard quantizer variants the kernels above will run for
     this model at these token counts (the residual modes of the norm; the Hadamard kernel of each

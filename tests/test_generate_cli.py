@@ -37,6 +37,12 @@ def test_generates_json_lines_and_reports_throughput(checkpoint, capsys):
     assert "tok/s prefill" in err[-1] and "tok/s decode" in err[-1]
 
 
+def test_int8_head_flag(checkpoint, capsys):
+    code, out, _ = run(capsys, checkpoint, "--prompt", "Once upon", "--max-new-tokens", "3", "--json", "--device", "cpu",
+                       "--kv-cache-gb", "0.01", "--int8-head")
+    assert code == 0 and 1 <= json.loads(out[0])["generated_tokens"] <= 3
+
+
 def test_missing_checkpoint(tmp_path, capsys):
     code, _, err = run(capsys, tmp_path / "nope", "--prompt", "hi")
     assert code != 0 and len(err) == 1 and "not found" in err[0]

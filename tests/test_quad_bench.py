@@ -68,3 +68,15 @@ def test_engine_memory_counts_the_kv_blocks_the_batch_occupies():
     peak = weights + 100 * per_block  # the whole pool allocated, nothing else
     # 2 sequences of 65 tokens occupy 2 blocks each.
     assert _engine_gb(llm, peak, 2, 65) == (weights + 4 * per_block) / 2 ** 30
+
+
+def test_head8_system_runs_the_int8_embedding_and_lm_head(tmp_path, monkeypatch):
+    from quad_engine import ops
+    calls = []
+    head = ops.head_w8a8
+    monkeypatch.setattr(ops, "head_w8a8", lambda *a: calls.append(1) or head(*a))
+    code = main(["--arch", "smollm2-135m", "--layers", "1", "--vocab", "512", "--device", "cpu",
+                 "--systems", "quad-w4a4a8-head8", "--prefill", "1x16", "--decode", "1x16", "--decode-steps", "2",
+                 "--throughput", "0", "--repeats", "1", "--out-dir", str(tmp_path), "--name", "run"])
+    assert code == 0 and calls
+    assert list(json.loads((tmp_path / "run.json").read_text())["systems"]) == ["quad-w4a4a8-head8"]
