@@ -363,14 +363,22 @@ def run(plan: BenchPlan, progress=print) -> dict:
         progress(f"{system}: building")
         if torch.device(plan.device).type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        if system == "hf":
-            runs = _hf_runs(plan, vocab)
-        else:
-            with _fusions(not system.endswith("-unfused")):
-                llm = _engine(plan, system, max_len, max_seqs)
-                progress(f"{system}: measuring")
-                runs = _engine_runs(llm, plan, vocab)
-                del llm
+        try:
+            if system == "hf":
+                runs = _hf_runs(plan, vocab)
+            else:
+                with _fusions(not system.endswith("-unfused")):
+                    llm = _engine(plan, system, max_len, max_seqs)
+                    progress(f"{system}: measuring")
+                    runs = _engine_runs(llm, plan, vocab)
+                    del llm
+        except Exception as e:  # one system that fails is reported; the others' measurements stand
+            message = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+            progress(f"{system}: failed ({message})")
+            result.setdefault("failed", {})[system] = message
+            llm = None
+            gc.collect()
+            continue
         if torch.device(plan.device).type == "cuda":
             runs["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
         result["systems"][system] = runs

@@ -43,6 +43,8 @@ def markdown(result: dict) -> str:
             lines.append(f"| {n} | {t['requests']} | {t['generated_tokens']} | {t['s']:.2f} | {t['tok_per_s']:.0f} "
                          f"| {t['preemptions']} |")
     lines += _breakdown_table(systems, engines, on_gpu=env["device"] != "cpu")
+    if result.get("failed"):
+        lines += ["", "## Systems that failed", ""] + [f"- {n}: {why}" for n, why in result["failed"].items()]
     return "\n".join(lines) + "\n"
 
 

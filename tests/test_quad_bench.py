@@ -80,3 +80,23 @@ def test_head8_system_runs_the_int8_embedding_and_lm_head(tmp_path, monkeypatch)
                  "--throughput", "0", "--repeats", "1", "--out-dir", str(tmp_path), "--name", "run"])
     assert code == 0 and calls
     assert list(json.loads((tmp_path / "run.json").read_text())["systems"]) == ["quad-w4a4a8-head8"]
+
+
+def test_a_failing_system_is_reported_and_the_others_still_measured(tmp_path, monkeypatch):
+    from quad_engine import bench
+    engine = bench._engine
+
+    def broken(plan, system, *args):
+        if system == "quad-w4a4":
+            raise RuntimeError("no kernel for this shape\nsecond line")
+        return engine(plan, system, *args)
+
+    monkeypatch.setattr(bench, "_engine", broken)
+    code = main(["--arch", "smollm2-135m", "--layers", "1", "--vocab", "512", "--device", "cpu",
+                 "--systems", "quad-w4a4,quad-w4a4a8", "--prefill", "1x16", "--decode", "1x16", "--decode-steps", "2",
+                 "--throughput", "0", "--repeats", "1", "--out-dir", str(tmp_path), "--name", "run"])
+    assert code == 1
+    result = json.loads((tmp_path / "run.json").read_text())
+    assert list(result["systems"]) == ["quad-w4a4a8"]
+    assert result["failed"] == {"quad-w4a4": "RuntimeError: no kernel for this shape"}
+    assert "## Systems that failed" in (tmp_path / "run.md").read_text()

@@ -83,6 +83,9 @@ def main(argv=None) -> int:
     if not bench_report.plot(result, out_dir / f"{stem}.png"):
         print("quad-bench: matplotlib is not installed: no plot written", file=sys.stderr)
     print(table)
+    if result.get("failed"):
+        print(f"quad-bench: {len(result['failed'])} system(s) failed: {', '.join(result['failed'])}", file=sys.stderr)
+        return 1
     return 0
 
 
