@@ -39,6 +39,15 @@ def _swizzle_vec(s, width: int):
     return chunk if width == 4 else chunk + ((s & 3) >> (width // 2)) * width
 
 
+@T.macro
+def _swiglu_f16(gate, up):
+    """torch's float16 F.silu(gate) * up, as float32: silu in float32 (expf, IEEE division) rounded
+    to float16, then the product rounded to float16."""
+    g = T.Cast("float32", gate)
+    sg = T.Cast("float16", g / (T.float32(1) + T.exp(T.float32(0) - g)))
+    return T.Cast("float32", T.Cast("float16", T.Cast("float32", sg) * T.Cast("float32", up)))
+
+
 def _signed_chain(terms):
     """Σ sign·value over (sign, value) pairs as one add/sub chain, starting from a positive term."""
     terms = sorted(terms, key=lambda term: term[0] < 0)
@@ -221,12 +230,9 @@ def _hadamard_quant(n: int, factors: tuple, block, bits: int, clip: float, targe
                         col0 = cg * cpt
                         gbase = col0 if nb == 1 or f == 1 else col0 + (col0 // p) * ((f - 1) * p)
                         for i in rows:
-                            if gated:  # torch's float16 F.silu(gate) * up, each rounded to float16
+                            if gated:
                                 for t in T.unroll(cpt):
-                                    g = T.Cast("float32", X[bx, gbase + i * p + t])
-                                    sg = T.Cast("float16", g / (T.float32(1) + T.exp(T.float32(0) - g)))
-                                    xin[i, t] = T.Cast("float32", T.Cast("float16", T.Cast("float32", sg) * T.Cast(
-                                        "float32", X[bx, n + gbase + i * p + t])))
+                                    xin[i, t] = _swiglu_f16(X[bx, gbase + i * p + t], X[bx, n + gbase + i * p + t])
                             else:
                                 for t in T.vectorized(cpt):
                                     xin[i, t] = T.Cast("float32", X[bx, gbase + i * p + t])
@@ -265,7 +271,7 @@ def _hadamard_quant(n: int, factors: tuple, block, bits: int, clip: float, targe
                 for g in T.unroll(per_thread):
                     gid = g * threads + tx
                     if ngroups % threads == 0 or gid < ngroups:
-                        _load_group(S, fa, g * group, gid, stride, radix)
+                        _move_group(S, fa, g * group, gid, stride, radix, False)
                         _register_butterfly(fa, fb, g * group, group, lo, radix)
                     else:
                         for u in T.unroll(group):
@@ -312,32 +318,25 @@ def _group_size(stride: int, radix: int) -> int:
 
 
 @T.macro
-def _load_group(S, dst, off, gid, stride: int, radix: int):
-    """dst[off + ...] = the group's elements (strided groups: local index u·4 + column)."""
+def _move_group(S, local, off, gid, stride: int, radix: int, to_shared: bool):
+    """Copy a butterfly group between the shared row S and local[off + ...] (strided groups: local
+    index u·4 + column): into local, or back into S with to_shared."""
     base = _group_base(gid, stride, radix)
     if stride == 0:
         group = 1 << radix
         for q in list(range(0, group, 4)):
             for e in T.vectorized(min(group, 4)):
-                dst[off + q + e] = S[_swizzle_vec(base + q, min(group, 4)) + e]
+                if to_shared:
+                    S[_swizzle_vec(base + q, min(group, 4)) + e] = local[off + q + e]
+                else:
+                    local[off + q + e] = S[_swizzle_vec(base + q, min(group, 4)) + e]
     else:
         for u in list(range(1 << radix)):
             for e in T.vectorized(4):
-                dst[off + u * 4 + e] = S[_swizzle_vec(base + (u << stride), 4) + e]
-
-
-@T.macro
-def _store_group(S, src, off, gid, stride: int, radix: int):
-    base = _group_base(gid, stride, radix)
-    if stride == 0:
-        group = 1 << radix
-        for q in list(range(0, group, 4)):
-            for e in T.vectorized(min(group, 4)):
-                S[_swizzle_vec(base + q, min(group, 4)) + e] = src[off + q + e]
-    else:
-        for u in list(range(1 << radix)):
-            for e in T.vectorized(4):
-                S[_swizzle_vec(base + (u << stride), 4) + e] = src[off + u * 4 + e]
+                if to_shared:
+                    S[_swizzle_vec(base + (u << stride), 4) + e] = local[off + u * 4 + e]
+                else:
+                    local[off + u * 4 + e] = S[_swizzle_vec(base + (u << stride), 4) + e]
 
 
 @T.macro
@@ -353,9 +352,9 @@ def _butterfly_pass(S, tx, threads: int, n: int, stride: int, radix: int, lo: in
     for kk in T.serial(-(-ngroups // threads)):
         gid = kk * threads + tx
         if ngroups % threads == 0 or gid < ngroups:
-            _load_group(S, a, 0, gid, stride, radix)
+            _move_group(S, a, 0, gid, stride, radix, False)
             _register_butterfly(a, b, 0, size, lo + shift, radix + shift)
-            _store_group(S, a if (radix - lo) % 2 == 0 else b, 0, gid, stride, radix)
+            _move_group(S, a if (radix - lo) % 2 == 0 else b, 0, gid, stride, radix, True)
 
 
 def hadamard_quant(n: int, factors, block, bits: int, clip: float, target=None, threads=None,

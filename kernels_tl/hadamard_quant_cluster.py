@@ -27,7 +27,7 @@ import math
 import tilelang
 import tilelang.language as T
 
-from kernels_tl.hadamard_quant import _is_pow2, _quad_combos, _quad_terms, _signed_chain
+from kernels_tl.hadamard_quant import _is_pow2, _quad_combos, _quad_terms, _signed_chain, _swiglu_f16
 from kernels_tl.quantize import _PASS_CONFIGS, _TARGETS, SM90, _block_allreduce, _qmax, _quantize, _token_scale  # noqa: F401
 
 # Distributed shared memory and the cluster barrier, as PTX (sm_90): mapa turns a shared-memory
@@ -132,12 +132,9 @@ def _hadamard_quant_cluster(n: int, factors: tuple, bits: int, clip: float, targ
                         e0 = v * vec
                         i = e0 // cw
                         g0 = i * p + rank * cw + e0 % cw
-                        if gated:  # torch's float16 F.silu(gate) * up, each op rounded to float16
+                        if gated:
                             for e in T.unroll(vec):
-                                g = T.Cast("float32", X[tok, g0 + e])
-                                sg = T.Cast("float16", g / (T.float32(1) + T.exp(T.float32(0) - g)))
-                                xh[e] = T.Cast("float32", T.Cast("float16", T.Cast("float32", sg) * T.Cast(
-                                    "float32", X[tok, n + g0 + e])))
+                                xh[e] = _swiglu_f16(X[tok, g0 + e], X[tok, n + g0 + e])
                         else:
                             for e in T.vectorized(vec):
                                 xh[e] = T.Cast("float32", X[tok, g0 + e])
