@@ -23,7 +23,7 @@ import math
 import tilelang
 import tilelang.language as T
 
-from kernels_tl.kv_attention import _TARGETS, BLOCK_SIZE, SM90  # noqa: F401
+from kernels_tl.kv_attention import _TARGETS, BLOCK_SIZE, SM90, _load_kv_block, _softmax_pv  # noqa: F401
 
 ROWS = 64  # query rows of a program (tokens x GQA group), the mma tile height
 
@@ -42,25 +42,6 @@ def prefill_tiles(query_lens, tokens: int):
 
     tiles = [(i, t0) for i, n in enumerate(int(n) for n in query_lens) for t0 in range(0, n, tokens)]
     return torch.tensor(tiles, dtype=torch.int32).reshape(-1, 2)
-
-
-@T.macro
-def _dequant_tile(packed, meta, out, block_size: int, head_dim: int):
-    """out[j, d] = float16((nibble d of token j - zero_j) · scale_j), the cache's dequantization;
-    meta: the tile's [block_size, 2] (scale, zero), in shared memory."""
-    for j, d in T.Parallel(block_size, head_dim):
-        nib = (packed[j, d // 2] >> T.Cast("uint8", (d % 2) * 4)) & T.uint8(15)
-        out[j, d] = T.Cast("float16", (T.Cast("float32", nib) - T.Cast("float32", meta[j, 1]))
-                           * T.Cast("float32", meta[j, 0]))
-
-
-@T.macro
-def _dequant_tile_global(packed, META, phys, kvh, out, block_size: int, head_dim: int):
-    """_dequant_tile with scale and zero read from the cache's meta in global memory."""
-    for j, d in T.Parallel(block_size, head_dim):
-        nib = (packed[j, d // 2] >> T.Cast("uint8", (d % 2) * 4)) & T.uint8(15)
-        out[j, d] = T.Cast("float16", (T.Cast("float32", nib) - T.Cast("float32", META[phys, kvh, j, 1]))
-                           * T.Cast("float32", META[phys, kvh, j, 0]))
 
 
 @functools.lru_cache(maxsize=None)
@@ -95,16 +76,8 @@ def attention_prefill(heads: int, kv_heads: int, head_dim: int, block_size: int 
                       p_s, o, m, m_prev, rescale, l, l_blk):
             """One cache block: dequantize K / V, causal mask, online softmax, P·V."""
             phys = TABLES[seq, it]
-            T.copy(KD[phys, kvh, :, :], kp_s)
-            T.copy(VD[phys, kvh, :, :], vp_s)
-            if num_stages == 1:
-                T.copy(KM[phys, kvh, :, :], km_s)
-                T.copy(VM[phys, kvh, :, :], vm_s)
-                _dequant_tile(kp_s, km_s, k_s, block_size, head_dim)
-                _dequant_tile(vp_s, vm_s, v_s, block_size, head_dim)
-            else:
-                _dequant_tile_global(kp_s, KM, phys, kvh, k_s, block_size, head_dim)
-                _dequant_tile_global(vp_s, VM, phys, kvh, v_s, block_size, head_dim)
+            _load_kv_block(KD, KM, VD, VM, phys, kvh, kp_s, km_s, vp_s, vm_s, k_s, v_s, block_size, head_dim,
+                           num_stages)
             T.clear(s)
             T.gemm(q_s, k_s, s, transpose_B=True, policy=T.GemmWarpPolicy.FullCol)
             # Causal: key position <= the row's query position (every row keeps key 0, so
@@ -112,19 +85,7 @@ def attention_prefill(heads: int, kv_heads: int, head_dim: int, block_size: int 
             for r, j in T.Parallel(ROWS, block_size):
                 s[r, j] = T.if_then_else(it * block_size + j <= past + q0 + r // group,
                                          s[r, j] * T.float32(scale_log2), -T.infinity("float32"))
-            T.copy(m, m_prev)
-            T.reduce_max(s, m, dim=1, clear=False)
-            for r in T.Parallel(ROWS):
-                rescale[r] = T.exp2(m_prev[r] - m[r])
-            for r, j in T.Parallel(ROWS, block_size):
-                s[r, j] = T.exp2(s[r, j] - m[r])
-            T.reduce_sum(s, l_blk, dim=1)
-            for r in T.Parallel(ROWS):
-                l[r] = l[r] * rescale[r] + l_blk[r]
-            for r, d in T.Parallel(ROWS, head_dim):
-                o[r, d] = o[r, d] * rescale[r]
-            T.copy(s, p_s)
-            T.gemm(p_s, v_s, o, policy=T.GemmWarpPolicy.FullCol)
+            _softmax_pv(s, m, m_prev, rescale, l, l_blk, o, p_s, v_s, ROWS, block_size, head_dim)
 
         @T.prim_func
         def main(Q: T.Tensor((t, heads, head_dim), "float16"),

@@ -123,6 +123,55 @@ def kv_store(kv_heads: int, head_dim: int, block_size: int = BLOCK_SIZE, clip: f
     return build()
 
 
+@T.macro
+def _dequant_tile(packed, scale, zero, out, block_size: int, head_dim: int):
+    """out[j, d] = float16((nibble d of token j - zero(j)) · scale(j)), the cache's dequantization;
+    scale and zero are functions of the token j (a shared tile's column or the global meta)."""
+    for j, d in T.Parallel(block_size, head_dim):
+        nib = (packed[j, d // 2] >> T.Cast("uint8", (d % 2) * 4)) & T.uint8(15)
+        out[j, d] = T.Cast("float16", (T.Cast("float32", nib) - T.Cast("float32", zero(j)))
+                           * T.Cast("float32", scale(j)))
+
+
+@T.macro
+def _load_kv_block(KD, KM, VD, VM, phys, kvh, kp_s, km_s, vp_s, vm_s, k_s, v_s, block_size: int, head_dim: int,
+                   num_stages: int):
+    """Cache block `phys` of kv head `kvh` into k_s / v_s as float16. Pipelined loops (num_stages >
+    1) read scale and zero from global memory: their [64, 2] tiles are too narrow for the copy
+    engine, and plain stores into a pipelined stage are not ordered against its barriers."""
+    if num_stages == 1:
+        T.copy(KD[phys, kvh, :, :], kp_s)
+        T.copy(KM[phys, kvh, :, :], km_s)
+        T.copy(VD[phys, kvh, :, :], vp_s)
+        T.copy(VM[phys, kvh, :, :], vm_s)
+        _dequant_tile(kp_s, lambda j: km_s[j, 0], lambda j: km_s[j, 1], k_s, block_size, head_dim)
+        _dequant_tile(vp_s, lambda j: vm_s[j, 0], lambda j: vm_s[j, 1], v_s, block_size, head_dim)
+    else:
+        T.copy(KD[phys, kvh, :, :], kp_s)
+        T.copy(VD[phys, kvh, :, :], vp_s)
+        _dequant_tile(kp_s, lambda j: KM[phys, kvh, j, 0], lambda j: KM[phys, kvh, j, 1], k_s, block_size, head_dim)
+        _dequant_tile(vp_s, lambda j: VM[phys, kvh, j, 0], lambda j: VM[phys, kvh, j, 1], v_s, block_size, head_dim)
+
+
+@T.macro
+def _softmax_pv(s, m, m_prev, rescale, l, l_blk, o, p_s, v_s, rows: int, block_size: int, head_dim: int):
+    """The online-softmax step after the masked, log2-scaled scores s of one block: new row maxima,
+    rescale of the running sum l and output o, then o += P·V."""
+    T.copy(m, m_prev)
+    T.reduce_max(s, m, dim=1, clear=False)
+    for i in T.Parallel(rows):
+        rescale[i] = T.exp2(m_prev[i] - m[i])
+    for i, j in T.Parallel(rows, block_size):
+        s[i, j] = T.exp2(s[i, j] - m[i])
+    T.reduce_sum(s, l_blk, dim=1)
+    for i in T.Parallel(rows):
+        l[i] = l[i] * rescale[i] + l_blk[i]
+    for i, d in T.Parallel(rows, head_dim):
+        o[i, d] = o[i, d] * rescale[i]
+    T.copy(s, p_s)
+    T.gemm(p_s, v_s, o, policy=T.GemmWarpPolicy.FullCol)
+
+
 @functools.lru_cache(maxsize=None)
 def attention_decode(heads: int, kv_heads: int, head_dim: int, num_splits: int, block_size: int = BLOCK_SIZE,
                      sm_scale: float | None = None, threads: int = 128, target=None, num_stages: int = 1):
@@ -133,10 +182,8 @@ def attention_decode(heads: int, kv_heads: int, head_dim: int, num_splits: int, 
 
     num_stages > 1 (not yet run on a GPU): the split's cache blocks stream through TileLang's
     software pipeline (copy engine + warp specialization: the next blocks' packed K / V in flight
-    while one is dequantized and multiplied), the per-token scale and zero read from global memory
-    in the dequantization (their [64, 2] tiles are too narrow for the copy engine, and plain stores
-    into a pipelined stage are not ordered against its barriers). The default loop has one block
-    (8.5 KB) in flight per program at a time."""
+    while one is dequantized and multiplied; scale and zero from global memory, see
+    _load_kv_block). The default loop has one block (8.5 KB) in flight per program at a time."""
     group = heads // kv_heads
     rows = 16 * -(-group // 16)  # mma tile height
     half = head_dim // 2
@@ -153,49 +200,14 @@ def attention_decode(heads: int, kv_heads: int, head_dim: int, num_splits: int, 
                       p_s, o, m, m_prev, rescale, l, l_blk):
             """One cache block of the split: dequantize K / V, online softmax, P·V."""
             phys = TABLES[seq, first + it]
-            if num_stages == 1:
-                T.copy(KD[phys, kvh, :, :], kp_s)
-                T.copy(KM[phys, kvh, :, :], km_s)
-                T.copy(VD[phys, kvh, :, :], vp_s)
-                T.copy(VM[phys, kvh, :, :], vm_s)
-                # int4 -> float16: (q - zero) * scale, per (token, head).
-                for j, d in T.Parallel(block_size, head_dim):
-                    nib = (kp_s[j, d // 2] >> T.Cast("uint8", (d % 2) * 4)) & T.uint8(15)
-                    k_s[j, d] = T.Cast("float16", (T.Cast("float32", nib) - T.Cast("float32", km_s[j, 1]))
-                                       * T.Cast("float32", km_s[j, 0]))
-                for j, d in T.Parallel(block_size, head_dim):
-                    nib = (vp_s[j, d // 2] >> T.Cast("uint8", (d % 2) * 4)) & T.uint8(15)
-                    v_s[j, d] = T.Cast("float16", (T.Cast("float32", nib) - T.Cast("float32", vm_s[j, 1]))
-                                       * T.Cast("float32", vm_s[j, 0]))
-            else:  # pipelined: scale and zero straight from global memory (see the docstring)
-                T.copy(KD[phys, kvh, :, :], kp_s)
-                T.copy(VD[phys, kvh, :, :], vp_s)
-                for j, d in T.Parallel(block_size, head_dim):
-                    nib = (kp_s[j, d // 2] >> T.Cast("uint8", (d % 2) * 4)) & T.uint8(15)
-                    k_s[j, d] = T.Cast("float16", (T.Cast("float32", nib) - T.Cast("float32", KM[phys, kvh, j, 1]))
-                                       * T.Cast("float32", KM[phys, kvh, j, 0]))
-                for j, d in T.Parallel(block_size, head_dim):
-                    nib = (vp_s[j, d // 2] >> T.Cast("uint8", (d % 2) * 4)) & T.uint8(15)
-                    v_s[j, d] = T.Cast("float16", (T.Cast("float32", nib) - T.Cast("float32", VM[phys, kvh, j, 1]))
-                                       * T.Cast("float32", VM[phys, kvh, j, 0]))
+            _load_kv_block(KD, KM, VD, VM, phys, kvh, kp_s, km_s, vp_s, vm_s, k_s, v_s, block_size, head_dim,
+                           num_stages)
             T.clear(s)
             T.gemm(q_s, k_s, s, transpose_B=True, policy=T.GemmWarpPolicy.FullCol)
             for i, j in T.Parallel(rows, block_size):
                 s[i, j] = T.if_then_else((first + it) * block_size + j < ctx, s[i, j] * T.float32(scale_log2),
                                          -T.infinity("float32"))
-            T.copy(m, m_prev)
-            T.reduce_max(s, m, dim=1, clear=False)
-            for i in T.Parallel(rows):
-                rescale[i] = T.exp2(m_prev[i] - m[i])
-            for i, j in T.Parallel(rows, block_size):
-                s[i, j] = T.exp2(s[i, j] - m[i])
-            T.reduce_sum(s, l_blk, dim=1)
-            for i in T.Parallel(rows):
-                l[i] = l[i] * rescale[i] + l_blk[i]
-            for i, d in T.Parallel(rows, head_dim):
-                o[i, d] = o[i, d] * rescale[i]
-            T.copy(s, p_s)
-            T.gemm(p_s, v_s, o, policy=T.GemmWarpPolicy.FullCol)
+            _softmax_pv(s, m, m_prev, rescale, l, l_blk, o, p_s, v_s, rows, block_size, head_dim)
 
         @T.prim_func
         def main(Q: T.Tensor((b, heads, head_dim), "float16"),
