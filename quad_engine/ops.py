@@ -112,7 +112,7 @@ def hadamard_quant(x: torch.Tensor, spec: HadamardSpec | None, bits: int, clip: 
         return _hadamard_f32(x, spec), None
     x = x.half()  # float16 in, as the kernel reads it
     if spec is not None and use_kernels(x):
-        from kernels_tl.hadamard_quant import hadamard_quant_op
+        from kernels_tl.hadamard_quant_dispatch import hadamard_quant_op
         return hadamard_quant_op(x, tuple(spec.factors), spec.block, bits, clip)
     return ref.quantize_act(_hadamard_f32(x, spec), bits, clip)
 
@@ -122,7 +122,7 @@ def swiglu_hadamard_quant(gate_up: torch.Tensor, spec: HadamardSpec | None, bits
     """hadamard_quant(silu(gate) * up) of the MLP's gate_up [.., 2n] (gate first); the kernel
     computes the SwiGLU on load, in torch's float16 arithmetic."""
     if bits < 16 and spec is not None and use_kernels(gate_up) and fusions_enabled():
-        from kernels_tl.hadamard_quant import hadamard_quant_op
+        from kernels_tl.hadamard_quant_dispatch import hadamard_quant_op
         return hadamard_quant_op(gate_up, tuple(spec.factors), spec.block, bits, clip, gated=True)
     if bits >= 16:  # unquantized mode: float32 throughout
         gate, up = gate_up.float().chunk(2, dim=-1)
@@ -157,8 +157,7 @@ def prebuild_quantizers(cfg, token_counts, workers: int = 16) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     try:
-        from kernels_tl import hadamard_quant as hq
-        from kernels_tl import quantize
+        from kernels_tl import hadamard_quant_dispatch, quantize
     except ImportError:
         return
     bits = cfg.act_bits
@@ -171,9 +170,9 @@ def prebuild_quantizers(cfg, token_counts, workers: int = 16) -> None:
     problems = [(spec.size, tuple(spec.factors), spec.block, bits[site], float(cfg.act_clip), gated)
                 for spec, site, gated in ((cfg.hadamard_o, "o", False), (cfg.hadamard_down, "down", fusions_enabled()))
                 if spec is not None and bits[site] < 16]
+    jobs += hadamard_quant_dispatch.prebuild_jobs(set(problems), token_counts)
     with ThreadPoolExecutor(workers) as pool:
         list(pool.map(lambda job: job(), jobs))
-    hq.prebuild(sorted(set(problems), key=repr), token_counts, workers)
 
 
 @_profiled("hadamard")

@@ -34,11 +34,13 @@ def test_prebuild_covers_every_tile_the_dispatch_can_pick(monkeypatch):
 
 
 def test_hadamard_prebuild_covers_every_kernel_the_op_can_pick(monkeypatch):
-    from kernels_tl import hadamard_quant as hq
+    from kernels_tl import hadamard_quant_dispatch as hq
     built = set()
     monkeypatch.setattr(hq, "build_choice", lambda choice, *args: built.add((choice, args[0], args[-1])))
     buckets = [1, 2, 4, 8, 16, 32, 48, 64, 8192]
-    hq.prebuild([(14336, (28, 512), None, 8, 0.9, True), (4096, (4096,), None, 8, 0.9, False)], buckets)
+    for job in hq.prebuild_jobs([(14336, (28, 512), None, 8, 0.9, True), (4096, (4096,), None, 8, 0.9, False)],
+                                buckets):
+        job()
     for m in buckets:  # whatever the op picks at a bucket's token count was built
         assert (hq.kernel_choice(m, 14336, (28, 512), None), 14336, True) in built
         assert (hq.kernel_choice(m, 4096, (4096,), None), 4096, False) in built
@@ -52,13 +54,12 @@ def test_hadamard_prebuild_covers_every_kernel_the_op_can_pick(monkeypatch):
 def test_engine_quantizer_prebuild_uses_the_model_sites(monkeypatch):
     from types import SimpleNamespace
 
-    from kernels_tl import hadamard_quant as hq
-    from kernels_tl import quantize
+    from kernels_tl import hadamard_quant_dispatch, quantize
     from quad_engine import ops
     from quad_engine.config import HadamardSpec
     norms, problems = [], []
     monkeypatch.setattr(quantize, "rmsnorm_quant", lambda *a, **kw: norms.append((a, kw["residual"])))
-    monkeypatch.setattr(hq, "prebuild", lambda probs, counts, workers=16: problems.extend(probs))
+    monkeypatch.setattr(hadamard_quant_dispatch, "prebuild_jobs", lambda probs, counts: problems.extend(probs) or [])
     cfg = SimpleNamespace(act_bits={"qkv": 4, "gate_up": 4, "o": 8, "down": 8}, rank=64, hidden_size=4096,
                           act_clip=0.9, rms_norm_eps=1e-5,
                           hadamard_o=HadamardSpec(size=4096, factors=[4096], block=None),

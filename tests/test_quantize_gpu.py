@@ -180,7 +180,7 @@ def test_gated_hadamard_quant_matches_silu_times_up_then_reference(n, m):
 
 
 def test_dispatch_wrappers():
-    from kernels_tl.hadamard_quant import hadamard_quant_op
+    from kernels_tl.hadamard_quant_dispatch import hadamard_quant_op
     from kernels_tl.quantize import rmsnorm_quant_op
     h = activations(2, 64 + 576, SEED)
     x_out, x_q, x_scale = rmsnorm_quant_op(h.reshape(1, 2, -1), 64, 576, 1e-5, 4, CLIP)
@@ -223,7 +223,7 @@ def test_cluster_hadamard_quant_matches_reference(n, gated, cluster, threads, m)
 
 def test_dispatch_takes_the_cluster_kernel_for_few_tokens():
     """hadamard_quant_op at M = 2 (cluster) and M = CLUSTER_MAX_TOKENS + 1 (one block per token)."""
-    from kernels_tl.hadamard_quant import CLUSTER_MAX_TOKENS, hadamard_quant_op
+    from kernels_tl.hadamard_quant_dispatch import CLUSTER_MAX_TOKENS, hadamard_quant_op
     factors, block = hadamard_spec(14336)
     for m in (2, CLUSTER_MAX_TOKENS + 1):
         gate_up = activations(m, 2 * 14336, SEED + m)
