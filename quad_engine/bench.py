@@ -76,22 +76,20 @@ def _engine_gb(llm: LLM, peak: int, batch: int, tokens: int) -> float:
 
 
 class _PeakMemory:
-    """Peak GPU memory allocated while the block runs (GiB; None on the CPU)."""
+    """Peak GPU memory allocated while the block runs: bytes and GiB (None on the CPU)."""
 
     def __init__(self, device):
-        self.on_gpu = torch.device(device).type == "cuda"
-        self.gb = None
+        self.device = device
+        self.bytes = self.gb = None
 
     def __enter__(self):
-        if self.on_gpu:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
+        _restart_peak(self.device)
         return self
 
     def __exit__(self, *exc):
-        if self.on_gpu:
-            torch.cuda.synchronize()
-            self.gb = torch.cuda.max_memory_allocated() / 2 ** 30
+        if torch.device(self.device).type == "cuda":
+            self.bytes = _peak_bytes(self.device)
+            self.gb = self.bytes / 2 ** 30
 
 
 def kv_blocks_for(plan: "BenchPlan", block_size: int) -> int:
@@ -169,7 +167,7 @@ def _engine_runs(llm: LLM, plan: BenchPlan, vocab: int) -> dict:
                 _sync(plan.device)
                 times.append(time.perf_counter() - t0)
         out["prefill"].append({"batch": batch, "tokens": length, "ms": 1e3 * statistics.median(times[1:]),
-                               "peak_gb": _engine_gb(llm, peak.bytes, batch, length) if peak.gb is not None else None})
+                               "peak_gb": None if peak.bytes is None else _engine_gb(llm, peak.bytes, batch, length)})
     weights = weight_bytes(llm.model)
     for batch, context in plan.decode:
         prompts = _prompts(rng, batch, context, vocab)
