@@ -135,7 +135,7 @@ def head_w8a8(hidden: torch.Tensor, head_out: torch.Tensor, head_q: torch.Tensor
     """float32 logits through the int8 lm_head (reference.head_w8a8). On CUDA the integer part
     runs on int8 tensor cores (torch._int_mm, which takes more than 16 rows, a multiple of 8: padded)
     and the outlier part as a float16 GEMM."""
-    if not hidden.is_cuda or os.environ.get("QUAD_BACKEND") == "reference":
+    if not use_kernels(hidden):
         return ref.head_w8a8(hidden, head_out, head_q, head_s)
     r = head_out.shape[-1]
     lead = hidden.shape[:-1]
