@@ -80,7 +80,7 @@ def _hadamard_quant_cluster(n: int, factors: tuple, bits: int, clip: float, targ
     cw = p // C                        # columns per rank
     E = f * cw                         # elements per rank
     warps = threads // 32
-    vec = 8 if cw % 8 == 0 else 4      # fp16 elements per global load
+    vec = 8                            # fp16 elements per global load (cw is a power of two >= 8)
     nvec = E // vec
     ept = -(-E // threads)             # outputs per thread in the exchange
     norm = 1.0 / math.sqrt(n)
