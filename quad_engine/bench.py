@@ -348,7 +348,9 @@ def source_digest() -> str:
     return h.hexdigest()[:16]
 
 
-def run(plan: BenchPlan, progress=print) -> dict:
+def run(plan: BenchPlan, progress=print, after_system=None) -> dict:
+    """Measure every system of the plan. after_system(result), when given, is called after each
+    system (measured or failed) so a caller can save what a run cut short has measured."""
     if plan.checkpoint:
         from quad_engine.config import QuadConfig
         vocab = QuadConfig.load(plan.checkpoint).vocab_size
@@ -376,6 +378,8 @@ def run(plan: BenchPlan, progress=print) -> dict:
             result.setdefault("failed", {})[system] = message
             llm = None
             gc.collect()
+            if after_system:
+                after_system(result)
             continue
         if torch.device(plan.device).type == "cuda":
             runs["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
@@ -383,6 +387,8 @@ def run(plan: BenchPlan, progress=print) -> dict:
         gc.collect()
         if torch.device(plan.device).type == "cuda":
             torch.cuda.empty_cache()
+        if after_system:
+            after_system(result)
     _add_ratios(result)
     return result
 

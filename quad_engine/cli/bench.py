@@ -72,11 +72,20 @@ def main(argv=None) -> int:
         plan.prefill = args.prefill
     if args.decode:
         plan.decode = args.decode
-    started = time.time()
-    result = bench.run(plan, progress=lambda msg: print(f"[{time.time() - started:7.1f} s] {msg}", file=sys.stderr))
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = args.name or f"quad-bench_{args.arch}_{device}_{time.strftime('%Y-%m-%d')}"
+    partial = out_dir / f"{stem}.partial.json"
+
+    def save_partial(result: dict) -> None:  # a run cut short keeps the systems it measured
+        tmp = partial.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, indent=1, default=str))
+        tmp.replace(partial)
+
+    started = time.time()
+    result = bench.run(plan, progress=lambda msg: print(f"[{time.time() - started:7.1f} s] {msg}", file=sys.stderr),
+                       after_system=save_partial)
+    partial.unlink(missing_ok=True)
     (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1, default=str))
     table = bench_report.markdown(result)
     (out_dir / f"{stem}.md").write_text(table)
