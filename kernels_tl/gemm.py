@@ -17,10 +17,12 @@ point):
 - prefill (M > 64): tokens are the wgmma M side, 128- or 256-token tiles; the r outlier channels
   run as a second, fp16 wgmma into the float accumulator in the same kernel.
 - decode (M <= 64): memory-bound, so the weight is the wgmma M side (64 rows) and the tokens the
-  N side (16-64 wide), and K is split across blocks until the grid covers the GPU twice. The
-  split partial sums are added as int32 (exact, order-independent) into a workspace;
-  `w4ax_epilogue` then applies the scales, the outlier product and the bias, and zeroes the
-  workspace for the next call.
+  N side (16-64 wide). Where the weight's 64-row tiles alone fill most of the GPU, one block
+  covers all of K and applies the epilogue itself (`w4ax_gemm_decode`: scales, the outlier product
+  as a float16 wgmma, bias). Otherwise K is split across blocks until the grid covers the GPU
+  (`w4ax_gemm_splitk`): the split partial sums are added as int32 (exact, order-independent)
+  into a workspace, and `w4ax_epilogue` applies the same epilogue and zeroes the workspace for
+  the next call.
 M is dynamic in all: one compiled kernel serves every token count of its class.
 """
 
@@ -184,12 +186,94 @@ def w4ax_gemm_splitk(n: int, k: int, split: int, block_m: int = 16, block_n: int
 
 
 @functools.lru_cache(maxsize=None)
-def w4ax_epilogue(n: int, rank: int, has_bias: bool = False, out_dtype: str = "float16", target=None):
-    """Y = ACC · sx · sw / 16 + X_out · W_outᵀ + bias for the split-K kernel's int32 sums, zeroing
-    ACC; called as kernel(acc, x_scale, w_scale, x_out, w_out, bias, y). One thread per output."""
+def w4ax_gemm_decode(n: int, k: int, rank: int, has_bias: bool = False, out_dtype: str = "float16",
+                     block_m: int = 16, block_k: int = 1024, num_stages: int = 2, target=None):
+    """The decode kernel where one block covers all of K (split 1): the split-K kernel's main loop
+    (64 weight rows as the wgmma M side, the tokens as N) with the epilogue in the same kernel (the
+    scales, the outlier product as a float16 wgmma on a [64, r] weight tile, the bias), so there is
+    no workspace round trip and no second launch. Called like the prefill kernel:
+    kernel(x_q, x_scale, w_q, w_scale, x_out, w_out, bias, y)."""
+    block_n = 64
+    assert k % block_k == 0 and n % block_n == 0 and rank % 16 == 0
     r = max(rank, 16)
-    block_n = 128 if n % 128 == 0 else 64
-    assert n % block_n == 0
+
+    @tilelang.jit(target=_TARGETS[target])
+    def build():
+        m = T.dynamic("m")
+
+        @T.prim_func
+        def main(
+            XQ: T.Tensor((m, k), "int8"),
+            XS: T.Tensor((m,), "float32"),
+            WQ: T.Tensor((n, k // 2), "uint8"),
+            WS: T.Tensor((n,), "float16"),
+            XO: T.Tensor((m, r), "float16"),
+            WO: T.Tensor((n, r), "float16"),
+            BIAS: T.Tensor((n,), "float16"),
+            Y: T.Tensor((m, n), out_dtype),
+        ):
+            with T.Kernel(n // block_n, T.ceildiv(m, block_m), threads=128) as (bx, by):
+                x_s = T.alloc_shared((block_m, block_k), "int8")
+                w_packed = T.alloc_shared((block_n, block_k // 2), "uint8")
+                w_s = T.alloc_shared((block_n, block_k), "int8")
+                acc = T.alloc_fragment((block_n, block_m), "int32")
+                out = T.alloc_fragment((block_n, block_m), "float32")
+                out_s = T.alloc_shared((block_n, block_m), "float32")
+                T.import_source(_UNPACK_SRC)
+                unpack = _unpack_tile(w_packed, w_s, block_n, block_k, 128)
+                T.clear(acc)
+                for kt in T.Pipelined(k // block_k, num_stages=num_stages):
+                    T.copy(XQ[by * block_m, kt * block_k], x_s)
+                    T.copy(WQ[bx * block_n, kt * (block_k // 2)], w_packed)
+                    unpack()
+                    T.gemm(w_s, x_s, acc, transpose_B=True)
+                    T.sync_threads()
+                _decode_epilogue(acc, out, out_s, XS, WS, XO, WO, BIAS, Y, m, bx, by, rank, r, has_bias, out_dtype,
+                                 block_n, block_m)
+
+        return main
+
+    return build()
+
+
+def _decode_epilogue(acc, out, out_s, XS, WS, XO, WO, BIAS, Y, m, bx, by, rank: int, r: int, has_bias: bool,
+                     out_dtype: str, block_n: int, block_m: int):
+    """out[i, j] (weight row i, token j of the tile) = acc · sx · sw / 16 + x_out · w_outᵀ + bias,
+    written to Y[token, row] through shared memory (so the global stores run along the rows)."""
+
+    @T.macro
+    def epilogue():
+        for i, j in T.Parallel(block_n, block_m):
+            row = by * block_m + j
+            out[i, j] = T.Cast("float32", acc[i, j]) * (T.if_then_else(row < m, XS[row], T.float32(0)) * T.Cast(
+                "float32", WS[bx * block_n + i]) * T.float32(1.0 / 16))
+        if rank > 0:
+            xo_s = T.alloc_shared((block_m, r), "float16")
+            wo_s = T.alloc_shared((block_n, r), "float16")
+            T.copy(XO[by * block_m, 0], xo_s)
+            T.copy(WO[bx * block_n, 0], wo_s)
+            T.gemm(wo_s, xo_s, out, transpose_B=True)
+        if has_bias:
+            for i, j in T.Parallel(block_n, block_m):
+                out[i, j] = out[i, j] + T.Cast("float32", BIAS[bx * block_n + i])
+        T.copy(out, out_s)
+        for j, i in T.Parallel(block_m, block_n):
+            if by * block_m + j < m:
+                Y[by * block_m + j, bx * block_n + i] = T.Cast(out_dtype, out_s[i, j])
+
+    return epilogue()
+
+
+@functools.lru_cache(maxsize=None)
+def w4ax_epilogue(n: int, rank: int, has_bias: bool = False, out_dtype: str = "float16", block_m: int = 16,
+                  target=None):
+    """Y = ACC · sx · sw / 16 + X_out · W_outᵀ + bias for the split-K kernel's int32 sums, zeroing
+    ACC; called as kernel(acc, x_scale, w_scale, x_out, w_out, bias, y). One block per 64 outputs x
+    block_m tokens, the decode kernel's epilogue: the outlier product on the tensor cores with each
+    [64, r] weight tile read once per token tile (not once per token)."""
+    block_n = 64
+    r = max(rank, 16)
+    assert n % block_n == 0 and rank % 16 == 0
 
     @tilelang.jit(target=_TARGETS[target])
     def build():
@@ -199,23 +283,20 @@ def w4ax_epilogue(n: int, rank: int, has_bias: bool = False, out_dtype: str = "f
         def main(ACC: T.Tensor((m, n), "int32"), XS: T.Tensor((m,), "float32"), WS: T.Tensor((n,), "float16"),
                  XO: T.Tensor((m, r), "float16"), WO: T.Tensor((n, r), "float16"), BIAS: T.Tensor((n,), "float16"),
                  Y: T.Tensor((m, n), out_dtype)):
-            with T.Kernel(n // block_n, m, threads=block_n) as (bx, row):
-                tx = T.get_thread_binding()
-                col = bx * block_n + tx
-                y = T.alloc_local((1,), "float32")
-                y[0] = T.Cast("float32", ACC[row, col]) * (XS[row] * T.Cast("float32", WS[col]) * T.float32(1.0 / 16))
-                ACC[row, col] = 0
-                if rank > 0:
-                    xo_s = T.alloc_shared((r,), "float16")
-                    w_row = T.alloc_local((r,), "float16")
-                    T.copy(XO[row, 0:r], xo_s)
-                    for c in T.vectorized(r):
-                        w_row[c] = WO[col, c]
-                    for c in T.serial(r):
-                        y[0] = y[0] + T.Cast("float32", xo_s[c]) * T.Cast("float32", w_row[c])
-                if has_bias:
-                    y[0] = y[0] + T.Cast("float32", BIAS[col])
-                Y[row, col] = T.Cast(out_dtype, y[0])
+            with T.Kernel(n // block_n, T.ceildiv(m, block_m), threads=128) as (bx, by):
+                acc_s = T.alloc_shared((block_m, block_n), "int32")
+                acc = T.alloc_fragment((block_n, block_m), "int32")
+                out = T.alloc_fragment((block_n, block_m), "float32")
+                out_s = T.alloc_shared((block_n, block_m), "float32")
+                T.copy(ACC[by * block_m, bx * block_n], acc_s)
+                for i, j in T.Parallel(block_n, block_m):
+                    acc[i, j] = acc_s[j, i]
+                T.sync_threads()  # every thread's tile read is done before any of it is zeroed
+                for j, i in T.Parallel(block_m, block_n):  # the workspace is zero again for the next call
+                    if by * block_m + j < m:
+                        ACC[by * block_m + j, bx * block_n + i] = 0
+                _decode_epilogue(acc, out, out_s, XS, WS, XO, WO, BIAS, Y, m, bx, by, rank, r, has_bias, out_dtype,
+                                 block_n, block_m)
 
         return main
 

@@ -10,7 +10,7 @@ pytestmark = pytest.mark.gpu
 # (n, k): Llama-3-8B qkv / o / gate_up / down, Qwen2.5-7B qkv / down, SmolLM2 qkv / down (widened by r).
 SHAPES = [(6144, 4096), (4160, 4096), (28672, 4096), (4160, 14336), (4608, 3584), (3648, 18944),
           (960, 576), (640, 1536)]
-MS = [1, 3, 9, 17, 100, 2053]  # GEMV, GEMV, split-K (16 and 32 wide), prefill
+MS = [1, 3, 9, 17, 40, 100, 2053]  # GEMV, GEMV, decode kernel (16, 32 and 64 wide: fused or split-K), prefill
 
 
 def operands(m, n, k, rank, act_bits, seed):
@@ -56,8 +56,9 @@ def test_full_output_matches_reference(m, n, k, act_bits, rank):
 def test_split_k_workspace_is_left_zero():
     """The split-K path's int32 workspace must be zero again after every call (CUDA graphs replay it)."""
     from kernels_tl import gemm_dispatch
-    xq, xs, wq, ws, _, _ = operands(9, 6144, 4096, 0, 4, seed=1)
+    assert gemm_dispatch.decode_plan(9, 4160, 4096)["split"] > 1
+    xq, xs, wq, ws, _, _ = operands(9, 4160, 4096, 0, 4, seed=1)
     y1 = gemm_dispatch.w4ax_linear(xq, xs, ref.pack_int4(wq), ws)
     y2 = gemm_dispatch.w4ax_linear(xq, xs, ref.pack_int4(wq), ws)
     assert torch.equal(y1, y2)
-    assert not gemm_dispatch._buffers[("acc", torch.int32, xq.device, 6144)].any()
+    assert not gemm_dispatch._buffers[("acc", torch.int32, xq.device, 4160)].any()

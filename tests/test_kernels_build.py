@@ -24,6 +24,24 @@ def test_prefill_gemm_builds_with_int8_wgmma(rank, bias, block_m):
     assert "quad_unpack_int4x32(" in src and "fence_proxy_async" in src
 
 
+@pytest.mark.parametrize("n,k,m,rank", [(6144, 4096, 32, 64), (28672, 4096, 16, 0), (4160, 4096, 64, 64)])
+def test_decode_gemm_with_fused_epilogue_builds(n, k, m, rank):
+    """Split-1 decode problems run one kernel: int8 wgmma for the integer part, float16 wgmma for
+    the outlier product, no workspace atomics."""
+    from kernels_tl.gemm import SM90, w4ax_gemm_decode
+    from kernels_tl.gemm_dispatch import decode_plan
+    plan = decode_plan(m, n, k)
+    if n == 4160:  # 65 weight tiles do not fill the GPU: this one is split, so not this kernel
+        assert plan["split"] > 1
+        return
+    assert plan["split"] == 1
+    src = w4ax_gemm_decode(n, k, rank, True, "float16", plan["block_m"], plan["block_k"], plan["num_stages"],
+                           target=SM90).get_kernel_source()
+    assert "wgmma_ss<tl::DataType::kInt8, tl::DataType::kInt8, tl::DataType::kInt32, 64" in src
+    assert ("kFloat16, tl::DataType::kFloat16, tl::DataType::kFloat32, 64" in src) == (rank > 0)
+    assert "AtomicAdd" not in src
+
+
 @pytest.mark.parametrize("n,k,m", [(4160, 4096, 1), (6144, 4096, 16), (640, 1536, 64), (960, 576, 3)])
 def test_decode_gemm_builds_with_split_k(n, k, m):
     from kernels_tl.gemm import SM90, w4ax_epilogue, w4ax_gemm_splitk
@@ -34,7 +52,8 @@ def test_decode_gemm_builds_with_split_k(n, k, m):
     assert "AtomicAdd" in src
     if k >= 4096:  # Llama-sized problems are split along K until the grid fills most SMs
         assert n // 64 * plan["split"] >= 0.7 * 132
-    assert w4ax_epilogue(n, 64, True, "float16", target=SM90).get_kernel_source()
+    epilogue = w4ax_epilogue(n, 64, True, "float16", plan["block_m"], target=SM90).get_kernel_source()
+    assert "kFloat16, tl::DataType::kFloat16, tl::DataType::kFloat32" in epilogue  # outlier product on tensor cores
 
 
 @pytest.mark.parametrize("tokens,rank", [(1, 0), (4, 64)])
