@@ -22,6 +22,7 @@ import tilelang.language as T
 SM90 = "sm90"
 _TARGETS = {"sm90": {"kind": "cuda", "arch": "sm_90a"}, None: "auto"}
 BLOCK_SIZE = 64  # tokens per cache block = the decode kernel's K / V tile
+DECODE_PREFETCH = False  # attention_decode's register-prefetch loop as the default (see its docstring)
 
 
 @functools.lru_cache(maxsize=None)
@@ -123,6 +124,32 @@ def kv_store(kv_heads: int, head_dim: int, block_size: int = BLOCK_SIZE, clip: f
     return build()
 
 
+_DEQUANT_SRC = r"""
+// 4 packed cache bytes (8 int4 codes, low nibble first) -> 8 float16 (q - zero) * scale, one 16-byte
+// store. Each byte becomes the half2 (0x6400 | lo, 0x6400 | hi) = (1024 + lo, 1024 + hi); subtracting
+// 1024 is exact, and (q - zero) * scale rounded once to float16 is the reference's dequantization
+// (its float32 product of a 5-bit difference and a float16 scale is exact before that rounding).
+#include <cuda_fp16.h>
+__device__ __forceinline__ void quad_kv_dequant8(const void* src, const void* meta, void* dst) {
+  const unsigned int w = *reinterpret_cast<const unsigned int*>(src);
+  const half2 sz = *reinterpret_cast<const half2*>(meta);
+  const half2 scale = __low2half2(sz);
+  const half2 zero = __high2half2(sz);
+  const half2 bias = __float2half2_rn(1024.0f);
+  uint4 out;
+  unsigned int* o = reinterpret_cast<unsigned int*>(&out);
+  #pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const unsigned int t = w >> (8 * i);
+    unsigned int x = (t & 0xFu) | ((t & 0xF0u) << 12) | 0x64006400u;
+    const half2 h = __hmul2(__hsub2(__hsub2(*reinterpret_cast<half2*>(&x), bias), zero), scale);
+    o[i] = *reinterpret_cast<const unsigned int*>(&h);
+  }
+  *reinterpret_cast<uint4*>(dst) = out;
+}
+"""
+
+
 @T.macro
 def _dequant_tile(packed, scale, zero, out, block_size: int, head_dim: int):
     """out[j, d] = float16((nibble d of token j - zero(j)) · scale(j)), the cache's dequantization;
@@ -174,7 +201,8 @@ def _softmax_pv(s, m, m_prev, rescale, l, l_blk, o, p_s, v_s, rows: int, block_s
 
 @functools.lru_cache(maxsize=None)
 def attention_decode(heads: int, kv_heads: int, head_dim: int, num_splits: int, block_size: int = BLOCK_SIZE,
-                     sm_scale: float | None = None, threads: int = 128, target=None, num_stages: int = 1):
+                     sm_scale: float | None = None, threads: int = 128, target=None, num_stages: int = 1,
+                     prefetch: bool = False):
     """Split-KV decode attention over the paged int4 cache: kernel(q, k_data, k_meta, v_data,
     v_meta, block_tables, context_lens, out_partial, lse) writes, for every split, the normalized
     partial output [B, heads, splits, head_dim] and its log2-sum-exp [B, heads, splits]
@@ -183,17 +211,64 @@ def attention_decode(heads: int, kv_heads: int, head_dim: int, num_splits: int, 
     num_stages > 1 (not yet run on a GPU): the split's cache blocks stream through TileLang's
     software pipeline (copy engine + warp specialization: the next blocks' packed K / V in flight
     while one is dequantized and multiplied; scale and zero from global memory, see
-    _load_kv_block). The default loop has one block (8.5 KB) in flight per program at a time."""
+    _load_kv_block). The default loop has one block (8.5 KB) in flight per program at a time.
+
+    prefetch (one stage only): each thread loads its share of the next block's packed K / V and
+    their scale / zero into registers while the current block is multiplied, and dequantizes from
+    registers straight into the float16 tiles (quad_kv_dequant8: a few integer ops and three half2
+    ops per two values, against a shift, a convert and float32 math per value through shared
+    memory). Same result as the default loop up to float16 rounding order (none for integer zeros)."""
     group = heads // kv_heads
     rows = 16 * -(-group // 16)  # mma tile height
     half = head_dim // 2
     scale_log2 = (sm_scale if sm_scale is not None else head_dim ** -0.5) * math.log2(math.e)
+    # prefetch: threads_per_row threads share a cache row, each owning `per_thread` packed bytes.
+    threads_per_row = threads // block_size
+    per_thread = half // max(threads_per_row, 1)
+    assert not prefetch or (num_stages == 1 and threads % block_size == 0 and per_thread % 4 == 0)
 
     @tilelang.jit(target=_TARGETS[target])
     def build():
         b = T.dynamic("batch")
         nb = T.dynamic("num_blocks")
         width = T.dynamic("table_width")
+
+        @T.macro
+        def fetch(phys, kvh, KD, KM, VD, VM, k_reg, v_reg, k_meta, v_meta):
+            """This thread's bytes of cache block `phys` (and its row's scale / zero) into registers."""
+            tx = T.get_thread_binding()
+            j, part = tx // threads_per_row, tx % threads_per_row
+            for c in T.vectorized(per_thread):
+                k_reg[c] = KD[phys, kvh, j, part * per_thread + c]
+            for c in T.vectorized(per_thread):
+                v_reg[c] = VD[phys, kvh, j, part * per_thread + c]
+            for c in T.vectorized(2):
+                k_meta[c] = KM[phys, kvh, j, c]
+            for c in T.vectorized(2):
+                v_meta[c] = VM[phys, kvh, j, c]
+
+        @T.macro
+        def dequant_regs(k_reg, v_reg, k_meta, v_meta, k_s, v_s):
+            tx = T.get_thread_binding()
+            j, part = tx // threads_per_row, tx % threads_per_row
+            for c in T.unroll(per_thread // 4):
+                col = (part * per_thread + 4 * c) * 2
+                T.call_extern("handle", "quad_kv_dequant8", T.address_of(k_reg[4 * c]), T.address_of(k_meta[0]),
+                              T.address_of(k_s[j, col]))
+                T.call_extern("handle", "quad_kv_dequant8", T.address_of(v_reg[4 * c]), T.address_of(v_meta[0]),
+                              T.address_of(v_s[j, col]))
+            # Plain stores the tensor cores read next: into the async proxy, then every thread's.
+            T.fence_proxy_async()
+            T.sync_threads()
+
+        @T.macro
+        def scores_and_update(it, first, ctx, q_s, k_s, v_s, s, p_s, o, m, m_prev, rescale, l, l_blk):
+            T.clear(s)
+            T.gemm(q_s, k_s, s, transpose_B=True, policy=T.GemmWarpPolicy.FullCol)
+            for i, j in T.Parallel(rows, block_size):
+                s[i, j] = T.if_then_else((first + it) * block_size + j < ctx, s[i, j] * T.float32(scale_log2),
+                                         -T.infinity("float32"))
+            _softmax_pv(s, m, m_prev, rescale, l, l_blk, o, p_s, v_s, rows, block_size, head_dim)
 
         @T.macro
         def one_block(it, seq, kvh, first, ctx, KD, KM, VD, VM, TABLES, q_s, kp_s, vp_s, km_s, vm_s, k_s, v_s, s,
@@ -246,7 +321,21 @@ def attention_decode(heads: int, kv_heads: int, head_dim: int, num_splits: int, 
                 T.fill(o, 0)
                 T.fill(l, 0)
                 T.fill(m, -T.infinity("float32"))
-                if num_stages == 1:
+                if prefetch:
+                    T.import_source(_DEQUANT_SRC)
+                    k_reg = T.alloc_local((per_thread,), "uint8")
+                    v_reg = T.alloc_local((per_thread,), "uint8")
+                    k_meta = T.alloc_local((2,), "float16")
+                    v_meta = T.alloc_local((2,), "float16")
+                    if count > 0:
+                        fetch(TABLES[seq, first], kvh, KD, KM, VD, VM, k_reg, v_reg, k_meta, v_meta)
+                    for it in T.serial(count):
+                        dequant_regs(k_reg, v_reg, k_meta, v_meta, k_s, v_s)
+                        if it + 1 < count:  # in flight while this block is multiplied
+                            fetch(TABLES[seq, first + it + 1], kvh, KD, KM, VD, VM, k_reg, v_reg, k_meta, v_meta)
+                        scores_and_update(it, first, ctx, q_s, k_s, v_s, s, p_s, o, m, m_prev, rescale, l, l_blk)
+                        T.sync_threads()  # k_s / v_s are rewritten at the top of the next block
+                elif num_stages == 1:
                     for it in T.serial(count):
                         one_block(it, seq, kvh, first, ctx, KD, KM, VD, VM, TABLES, q_s, kp_s, vp_s, km_s, vm_s, k_s, v_s, s, p_s, o, m, m_prev, rescale, l, l_blk)
                 else:
@@ -312,8 +401,8 @@ def prebuild_decode(heads: int, kv_heads: int, head_dim: int, splits: list[int],
     from concurrent.futures import ThreadPoolExecutor
 
     # The arguments exactly as attention_decode_op passes them: lru_cache keys on the call's form.
-    jobs = [functools.partial(attention_decode, heads, kv_heads, head_dim, n, block_size, None, 128, None, 1)
-            for n in sorted(set(splits))]
+    jobs = [functools.partial(attention_decode, heads, kv_heads, head_dim, n, block_size, None, 128, None, 1,
+                              DECODE_PREFETCH) for n in sorted(set(splits))]
     jobs += [functools.partial(attention_combine, heads, head_dim, n) for n in sorted(set(splits))]
     with ThreadPoolExecutor(workers) as pool:
         list(pool.map(lambda job: job(), jobs))
@@ -336,8 +425,9 @@ def kv_store_op(k, v, slot_mapping, k_data, k_meta, v_data, v_meta, clip: float 
 
 
 def attention_decode_op(q, k_data, k_meta, v_data, v_meta, block_tables, context_lens, num_splits: int,
-                        sm_scale: float | None = None, out=None, num_stages: int = 1):
-    """float16 [B, heads, head_dim] decode attention (q [B, heads, head_dim] float16)."""
+                        sm_scale: float | None = None, out=None, num_stages: int = 1, prefetch: bool | None = None):
+    """float16 [B, heads, head_dim] decode attention (q [B, heads, head_dim] float16). prefetch:
+    attention_decode's register-prefetch loop (default DECODE_PREFETCH; one stage only)."""
     import torch
 
     b, heads, head_dim = q.shape
@@ -345,7 +435,9 @@ def attention_decode_op(q, k_data, k_meta, v_data, v_meta, block_tables, context
     partial = torch.empty(b, heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
     lse = torch.empty(b, heads, num_splits, dtype=torch.float32, device=q.device)
     out = torch.empty(b, heads, head_dim, dtype=torch.float16, device=q.device) if out is None else out
-    attention_decode(heads, kv_heads, head_dim, num_splits, k_data.shape[2], sm_scale, 128, None, num_stages)(
+    prefetch = DECODE_PREFETCH if prefetch is None else prefetch
+    attention_decode(heads, kv_heads, head_dim, num_splits, k_data.shape[2], sm_scale, 128, None, num_stages,
+                     prefetch and num_stages == 1)(
         q, k_data, k_meta, v_data, v_meta, block_tables, context_lens, partial, lse)
     attention_combine(heads, head_dim, num_splits)(partial, lse, out)
     return out

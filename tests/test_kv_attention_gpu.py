@@ -49,11 +49,11 @@ def test_kv_store_is_bit_exact(heads, kv_heads, head_dim, tokens, round_trip):
         assert out is None
 
 
-@pytest.mark.parametrize("stages", [1, 2])
+@pytest.mark.parametrize("stages,prefetch", [(1, False), (2, False), (1, True)])
 @pytest.mark.parametrize("heads,kv_heads,head_dim", SHAPES)
 @pytest.mark.parametrize("batch,max_ctx", [(1, 1), (1, 4097), (5, 1000), (16, 300)])
 @pytest.mark.parametrize("splits", [1, 4])
-def test_decode_attention_matches_reference(heads, kv_heads, head_dim, batch, max_ctx, splits, stages):
+def test_decode_attention_matches_reference(heads, kv_heads, head_dim, batch, max_ctx, splits, stages, prefetch):
     from kernels_tl.kv_attention import BLOCK_SIZE, attention_decode_op
     g = torch.Generator(device="cuda").manual_seed(batch * 1000 + max_ctx + splits)
     lens = torch.randint(1, max_ctx + 1, (batch,), generator=g, device="cuda").int()
@@ -66,7 +66,7 @@ def test_decode_attention_matches_reference(heads, kv_heads, head_dim, batch, ma
     vd, vm = random_cache(num_blocks, kv_heads, head_dim, BLOCK_SIZE, g)
     q = torch.randn(batch, heads, head_dim, generator=g, device="cuda").half()
     out = torch.full((batch, heads, head_dim), float("nan"), device="cuda", dtype=torch.float16)
-    attention_decode_op(q, kd, km, vd, vm, tables, lens, splits, out=out, num_stages=stages)
+    attention_decode_op(q, kd, km, vd, vm, tables, lens, splits, out=out, num_stages=stages, prefetch=prefetch)
     expected = ref.paged_attention(q, kd, km, vd, vm, tables.cpu(), lens.cpu())
     rel = float((out.float() - expected).norm() / expected.norm())
     assert not torch.isnan(out).any() and rel <= 1e-2, rel

@@ -163,3 +163,15 @@ def test_pipelined_decode_attention_builds_with_the_copy_engine():
     piped = attention_decode(32, 8, 128, 4, target=SM90, num_stages=2).get_kernel_source()
     assert "tma_load" in piped and "mma" in piped
     assert "tma_load" not in attention_decode(32, 8, 128, 4, target=SM90).get_kernel_source()
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
+@pytest.mark.parametrize("heads,kv_heads,dim", [(32, 8, 128), (9, 3, 64)])
+def test_prefetch_decode_attention_builds(heads, kv_heads, dim):
+    """The register-prefetch variant: packed K / V loaded by each thread (16-byte loads), dequantized
+    from registers into the float16 tiles, no packed tiles in shared memory."""
+    pytest.importorskip("tilelang")
+    from kernels_tl.kv_attention import SM90, attention_decode
+    src = attention_decode(heads, kv_heads, dim, 4, target=SM90, prefetch=True).get_kernel_source()
+    assert "quad_kv_dequant8(" in src and "mma" in src
+    assert "kp_s" not in src and "vp_s" not in src
