@@ -2,18 +2,22 @@
 # Every GPU test and kernel benchmark, logs under $1 (the device's $OUT), in parts that each fit
 # one device call (10 minutes):
 #   source .gpu/activate.sh && export PYTHONPATH=$PWD:$PWD/tests:$PYTHONPATH && bash scripts/gpu_all.sh $OUT PART
-# PART: gemm (GEMM tests, every shape and M), quantize (quantizer tests), kv (KV-cache tests), engine
+# PART: gemm (GEMM tests, every shape and M), gemm-decode (the same at the decode kernels' token
+# counts 9 / 17 / 40 only), quantize (quantizer tests), kv (KV-cache tests), engine
 # (engine tests: scripts/gpu_engine.sh check), bench-kernels, bench-attention, sweep-decode (split-K
 # variants of the decode GEMM at 16 and 32 tokens), sweep-hadamard. Each benchmark
 # writes its JSON after every section, so a part cut short keeps what it measured.
 set -u
 out=${1:?usage: scripts/gpu_all.sh OUT_DIR PART}
-part=${2:?PART: gemm | quantize | kv | engine | bench-kernels | bench-attention | sweep-decode | sweep-hadamard}
+part=${2:?PART: gemm | gemm-decode | quantize | kv | engine | bench-kernels | bench-attention | sweep-decode | sweep-hadamard}
 mkdir -p "$out"
 quiet() { grep -v "INFO\|WARNING\|AnnotateWarpGroup" ; }
 case "$part" in
   gemm) timeout 560 python3 scripts/gpu_gemm_check.py -q 2>&1 | quiet > "$out/gemm_tests.log"
         tail -n 3 "$out/gemm_tests.log" ;;
+  gemm-decode) QUAD_GEMM_TEST_MS=9,17,40 timeout 560 python3 scripts/gpu_gemm_check.py -q 2>&1 | quiet \
+                 > "$out/gemm_decode_tests.log"
+               tail -n 3 "$out/gemm_decode_tests.log" ;;
   quantize) timeout 560 python3 -m pytest -q -m gpu tests/test_quantize_gpu.py 2>&1 | quiet > "$out/quantize_tests.log"
             tail -n 3 "$out/quantize_tests.log" ;;
   kv) timeout 560 python3 -m pytest -q -m gpu tests/test_kv_attention_gpu.py 2>&1 | quiet > "$out/kv_tests.log"

@@ -1,5 +1,7 @@
 """W4A4 / W4A8 GEMM kernel (int8-stored activations, packed int4 weights) against reference.quant_linear on the GPU: fresh inputs, poisoned outputs."""
 
+import os
+
 import pytest
 import torch
 
@@ -11,6 +13,8 @@ pytestmark = pytest.mark.gpu
 SHAPES = [(6144, 4096), (4160, 4096), (28672, 4096), (4160, 14336), (4608, 3584), (3648, 18944),
           (960, 576), (640, 1536)]
 MS = [1, 3, 9, 17, 40, 100, 2053]  # GEMV, GEMV, decode kernel (16, 32 and 64 wide: fused or split-K), prefill
+if os.environ.get("QUAD_GEMM_TEST_MS"):  # a subset, e.g. "9,17,40" for the decode kernels alone
+    MS = [int(m) for m in os.environ["QUAD_GEMM_TEST_MS"].split(",")]
 
 
 def operands(m, n, k, rank, act_bits, seed):
