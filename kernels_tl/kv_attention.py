@@ -14,6 +14,7 @@ log-sum-exp. Batch, number of blocks and block-table width are dynamic (no recom
 
 import functools
 import math
+import os
 
 import tilelang
 import tilelang.language as T
@@ -22,7 +23,9 @@ import tilelang.language as T
 SM90 = "sm90"
 _TARGETS = {"sm90": {"kind": "cuda", "arch": "sm_90a"}, None: "auto"}
 BLOCK_SIZE = 64  # tokens per cache block = the decode kernel's K / V tile
-DECODE_PREFETCH = False  # attention_decode's register-prefetch loop as the default (see its docstring)
+# attention_decode's register-prefetch loop as the default (see its docstring); QUAD_DECODE_PREFETCH=1
+# turns it on for a whole run (the engine and its bench) before it becomes the default.
+DECODE_PREFETCH = os.environ.get("QUAD_DECODE_PREFETCH", "0") == "1"
 
 
 @functools.lru_cache(maxsize=None)

@@ -319,7 +319,9 @@ def environment() -> dict:
     except (OSError, subprocess.SubprocessError):
         commit = None
     env = {"torch": torch.__version__, "python": platform.python_version(), "git_commit": commit or None,
-           "source_digest": source_digest(), "date": time.strftime("%Y-%m-%d"), "device": "cpu"}
+           "source_digest": source_digest(), "date": time.strftime("%Y-%m-%d"), "device": "cpu",
+           # kernel-variant switches in effect (a result must say which code paths it measured)
+           "switches": {k: v for k, v in sorted(os.environ.items()) if k.startswith("QUAD_")}}
     if torch.cuda.is_available():
         env["device"] = torch.cuda.get_device_name()
         copy = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")
