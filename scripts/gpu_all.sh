@@ -3,13 +3,14 @@
 # one device call (10 minutes):
 #   source .gpu/activate.sh && export PYTHONPATH=$PWD:$PWD/tests:$PYTHONPATH && bash scripts/gpu_all.sh $OUT PART
 # PART: gemm (GEMM tests, every shape and M), gemm-decode (the same at the decode kernels' token
-# counts 9 / 17 / 40 only), quantize (quantizer tests), kv (KV-cache tests), engine
+# counts 9 / 17 / 40 only), decode (gemm-decode, the decode-attention tests and the int8 lm_head
+# tests at once: every kernel a decode step runs), quantize (quantizer tests), kv (KV-cache tests), engine
 # (engine tests: scripts/gpu_engine.sh check), bench-kernels, bench-attention, sweep-decode (split-K
 # variants of the decode GEMM at 16 and 32 tokens), sweep-hadamard. Each benchmark
 # writes its JSON after every section, so a part cut short keeps what it measured.
 set -u
 out=${1:?usage: scripts/gpu_all.sh OUT_DIR PART}
-part=${2:?PART: gemm | gemm-decode | quantize | kv | engine | bench-kernels | bench-attention | sweep-decode | sweep-hadamard}
+part=${2:?PART: gemm | gemm-decode | decode | quantize | kv | engine | bench-kernels | bench-attention | sweep-decode | sweep-hadamard}
 mkdir -p "$out"
 quiet() { grep -v "INFO\|WARNING\|AnnotateWarpGroup" ; }
 case "$part" in
@@ -18,6 +19,13 @@ case "$part" in
   gemm-decode) QUAD_GEMM_TEST_MS=9,17,40 timeout 560 python3 scripts/gpu_gemm_check.py -q 2>&1 | quiet \
                  > "$out/gemm_decode_tests.log"
                tail -n 3 "$out/gemm_decode_tests.log" ;;
+  decode) bash "$0" "$out" gemm-decode > "$out/gemm_decode.txt" 2>&1 & gemm_pid=$!
+          timeout 400 python3 -m pytest -q -m gpu tests/test_kv_attention_gpu.py -k decode 2>&1 | quiet \
+            > "$out/kv_decode_tests.log" & kv_pid=$!
+          timeout 400 python3 -m pytest -q -m gpu tests/test_head_gpu.py 2>&1 | quiet > "$out/head_tests.log" & head_pid=$!
+          wait $gemm_pid $kv_pid $head_pid
+          for log in gemm_decode_tests kv_decode_tests head_tests; do echo "$log: $(tail -n 1 "$out/$log.log")"; done
+          grep -h "^FAILED" "$out/gemm_decode_tests.log" "$out/kv_decode_tests.log" "$out/head_tests.log" | head -n 20 ;;
   quantize) timeout 560 python3 -m pytest -q -m gpu tests/test_quantize_gpu.py 2>&1 | quiet > "$out/quantize_tests.log"
             tail -n 3 "$out/quantize_tests.log" ;;
   kv) timeout 560 python3 -m pytest -q -m gpu tests/test_kv_attention_gpu.py 2>&1 | quiet > "$out/kv_tests.log"

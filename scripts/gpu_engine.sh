@@ -3,6 +3,7 @@
 # call (10 minutes):
 #   source .gpu/activate.sh && export PYTHONPATH=$PWD:$PYTHONPATH && bash scripts/gpu_engine.sh $OUT check
 #   source .gpu/activate.sh && export PYTHONPATH=$PWD:$PYTHONPATH && bash scripts/gpu_engine.sh $OUT bench
+# (bench-short: the same systems at prefill 1 x 2048 and decode b1 / b32 only)
 # check: the engine GPU tests and a kernel-level profile of a Llama-3-8B-shaped prefill and decode
 # step (about 4 minutes); bench: quad-bench on Llama-3-8B shapes, QUAD W4A4A8 (float16 and int8
 # embedding / lm_head) against the engine's fp16 path and transformers, a short plan with a time
@@ -17,6 +18,11 @@ if [ "$part" = check ]; then
   timeout 260 python3 -m pytest -q -s -m gpu tests/test_engine_gpu.py 2>&1 | quiet > "$out/engine_gpu.log"
   grep -E "logits vs|passed|failed" "$out/engine_gpu.log"
   timeout 200 python3 scripts/gpu_profile_step.py "$out" 2>&1 | quiet | tail -n 3
+elif [ "$part" = bench-short ]; then
+  # Prefill 1 x 2048 and decode b1 / b32 only (about 3 minutes); QUAD_* switches pass through.
+  timeout 400 python3 -m quad_engine.cli.bench --arch llama-3-8b --prefill 1x2048 --decode 1x1024,32x1024 \
+    --systems quad-w4a4a8,quad-w4a4a8-head8,fp16,hf --throughput 16 --repeats 3 --decode-steps 16 \
+    --out-dir "$out" --name "quad-bench_llama-3-8b_$(date +%F)" 2>&1 | quiet | tail -n 30
 else
   timeout 560 python3 -m quad_engine.cli.bench --arch llama-3-8b --prefill 1x2048,16x2048 --decode 1x1024,32x1024 \
     --systems quad-w4a4a8,quad-w4a4a8-head8,fp16,hf --throughput 16 --repeats 3 --decode-steps 16 \
