@@ -2,6 +2,7 @@
 runs, how many, and their device time. Writes tables under OUT_DIR.
 
     python3 scripts/gpu_profile_step.py OUT_DIR [--arch llama-3-8b] [--prefill 2048] [--context 1024]
+        [--batch 1] [--int8-head]
 """
 
 import argparse
@@ -71,30 +72,32 @@ def main() -> None:
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--layers", type=int, default=None, help="decoder layers (default: the architecture's)")
+    p.add_argument("--batch", type=int, default=1, help="sequences decoded together (default 1)")
+    p.add_argument("--int8-head", action="store_true", help="int8 embedding and W8A8 lm_head (LLM(int8_head=True))")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = "cuda" if ON_GPU else "cpu"
     model = synthetic_model(args.arch, device=device, mode=args.mode, num_layers=args.layers)
     llm = LLM(model=model, device=device, max_model_len=max(args.prefill, args.context) + args.steps + 8,
-              kv_cache_gb=8 if ON_GPU else 0.25)
+              kv_cache_gb=8 if ON_GPU else 0.25, max_num_seqs=max(args.batch, 1), int8_head=args.int8_head)
     rng = random.Random(0)
     greedy = dict(temperature=0, ignore_eos=True)
     long_prompt = [rng.randrange(1000) for _ in range(args.prefill)]
-    ctx_prompt = [rng.randrange(1000) for _ in range(args.context)]
+    ctx_prompts = [[rng.randrange(1000) for _ in range(args.context)] for _ in range(args.batch)]
     llm.generate([long_prompt], SamplingParams(max_tokens=2, **greedy))  # warm-up
-    llm.generate([ctx_prompt], SamplingParams(max_tokens=args.steps, **greedy))
+    llm.generate(ctx_prompts, SamplingParams(max_tokens=args.steps, **greedy))
     sync()
     prefill = profiled(lambda: llm.generate([long_prompt], SamplingParams(max_tokens=1, **greedy)))
     (out / "profile_prefill.txt").write_text(table(prefill, 1))
     modes = (False, True) if ON_GPU else (False,)
     for graphs in modes:
         llm.use_cuda_graph = graphs
-        llm.generate([ctx_prompt], SamplingParams(max_tokens=3, **greedy))  # warm-up / capture
-        ctx_prefill = profiled(lambda: llm.generate([ctx_prompt], SamplingParams(max_tokens=1, **greedy)))
+        llm.generate(ctx_prompts, SamplingParams(max_tokens=3, **greedy))  # warm-up / capture
+        ctx_prefill = profiled(lambda: llm.generate(ctx_prompts, SamplingParams(max_tokens=1, **greedy)))
         times = []
         llm.step_hook = times.append
-        both = profiled(lambda: llm.generate([ctx_prompt], SamplingParams(max_tokens=args.steps + 1, **greedy)))
+        both = profiled(lambda: llm.generate(ctx_prompts, SamplingParams(max_tokens=args.steps + 1, **greedy)))
         llm.step_hook = None
         name = "graph" if graphs else "eager"
         decode_ms = [round(1e3 * t, 3) for t in sorted(times[1:])]
