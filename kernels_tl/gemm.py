@@ -187,15 +187,22 @@ def w4ax_gemm_splitk(n: int, k: int, split: int, block_m: int = 16, block_n: int
 
 @functools.lru_cache(maxsize=None)
 def w4ax_gemm_decode(n: int, k: int, rank: int, has_bias: bool = False, out_dtype: str = "float16",
-                     block_m: int = 16, block_k: int = 1024, num_stages: int = 2, target=None):
+                     block_m: int = 16, block_k: int = 1024, num_stages: int = 2, weight_bits: int = 4,
+                     target=None):
     """The decode kernel where one block covers all of K (split 1): the split-K kernel's main loop
     (64 weight rows as the wgmma M side, the tokens as N) with the epilogue in the same kernel (the
     scales, the outlier product as a float16 wgmma on a [64, r] weight tile, the bias), so there is
     no workspace round trip and no second launch. Called like the prefill kernel:
-    kernel(x_q, x_scale, w_q, w_scale, x_out, w_out, bias, y)."""
+    kernel(x_q, x_scale, w_q, w_scale, x_out, w_out, bias, y).
+
+    weight_bits 8: int8 weight rows [n, k] with float32 row scales, copied straight to the tensor
+    cores (the int8 lm_head, `ops.head_w8a8`)."""
     block_n = 64
-    assert k % block_k == 0 and n % block_n == 0 and rank % 16 == 0
+    assert k % block_k == 0 and n % block_n == 0 and rank % 16 == 0 and weight_bits in (4, 8)
     r = max(rank, 16)
+    packed = weight_bits == 4
+    w_cols, w_dtype = (k // 2, "uint8") if packed else (k, "int8")
+    scale_dtype = "float16" if packed else "float32"
 
     @tilelang.jit(target=_TARGETS[target])
     def build():
@@ -205,8 +212,8 @@ def w4ax_gemm_decode(n: int, k: int, rank: int, has_bias: bool = False, out_dtyp
         def main(
             XQ: T.Tensor((m, k), "int8"),
             XS: T.Tensor((m,), "float32"),
-            WQ: T.Tensor((n, k // 2), "uint8"),
-            WS: T.Tensor((n,), "float16"),
+            WQ: T.Tensor((n, w_cols), w_dtype),
+            WS: T.Tensor((n,), scale_dtype),
             XO: T.Tensor((m, r), "float16"),
             WO: T.Tensor((n, r), "float16"),
             BIAS: T.Tensor((n,), "float16"),
@@ -214,22 +221,28 @@ def w4ax_gemm_decode(n: int, k: int, rank: int, has_bias: bool = False, out_dtyp
         ):
             with T.Kernel(n // block_n, T.ceildiv(m, block_m), threads=128) as (bx, by):
                 x_s = T.alloc_shared((block_m, block_k), "int8")
-                w_packed = T.alloc_shared((block_n, block_k // 2), "uint8")
                 w_s = T.alloc_shared((block_n, block_k), "int8")
                 acc = T.alloc_fragment((block_n, block_m), "int32")
                 out = T.alloc_fragment((block_n, block_m), "float32")
                 out_s = T.alloc_shared((block_n, block_m), "float32")
-                T.import_source(_UNPACK_SRC)
-                unpack = _unpack_tile(w_packed, w_s, block_n, block_k, 128)
                 T.clear(acc)
-                for kt in T.Pipelined(k // block_k, num_stages=num_stages):
-                    T.copy(XQ[by * block_m, kt * block_k], x_s)
-                    T.copy(WQ[bx * block_n, kt * (block_k // 2)], w_packed)
-                    unpack()
-                    T.gemm(w_s, x_s, acc, transpose_B=True)
-                    T.sync_threads()
+                if packed:
+                    w_packed = T.alloc_shared((block_n, block_k // 2), "uint8")
+                    T.import_source(_UNPACK_SRC)
+                    unpack = _unpack_tile(w_packed, w_s, block_n, block_k, 128)
+                    for kt in T.Pipelined(k // block_k, num_stages=num_stages):
+                        T.copy(XQ[by * block_m, kt * block_k], x_s)
+                        T.copy(WQ[bx * block_n, kt * (block_k // 2)], w_packed)
+                        unpack()
+                        T.gemm(w_s, x_s, acc, transpose_B=True)
+                        T.sync_threads()
+                else:
+                    for kt in T.Pipelined(k // block_k, num_stages=num_stages):
+                        T.copy(XQ[by * block_m, kt * block_k], x_s)
+                        T.copy(WQ[bx * block_n, kt * block_k], w_s)
+                        T.gemm(w_s, x_s, acc, transpose_B=True)
                 _decode_epilogue(acc, out, out_s, XS, WS, XO, WO, BIAS, Y, m, bx, by, rank, r, has_bias, out_dtype,
-                                 block_n, block_m)
+                                 block_n, block_m, 1.0 / 16 if packed else 1.0)
 
         return main
 
@@ -237,8 +250,9 @@ def w4ax_gemm_decode(n: int, k: int, rank: int, has_bias: bool = False, out_dtyp
 
 
 def _decode_epilogue(acc, out, out_s, XS, WS, XO, WO, BIAS, Y, m, bx, by, rank: int, r: int, has_bias: bool,
-                     out_dtype: str, block_n: int, block_m: int):
-    """out[i, j] (weight row i, token j of the tile) = acc · sx · sw / 16 + x_out · w_outᵀ + bias,
+                     out_dtype: str, block_n: int, block_m: int, int_factor: float = 1.0 / 16):
+    """out[i, j] (weight row i, token j of the tile) = acc · sx · sw · int_factor (1/16: the int4
+    weights' 16·q) + x_out · w_outᵀ + bias,
     written to Y[token, row] through shared memory (so the global stores run along the rows)."""
 
     @T.macro
@@ -246,7 +260,7 @@ def _decode_epilogue(acc, out, out_s, XS, WS, XO, WO, BIAS, Y, m, bx, by, rank: 
         for i, j in T.Parallel(block_n, block_m):
             row = by * block_m + j
             out[i, j] = T.Cast("float32", acc[i, j]) * (T.if_then_else(row < m, XS[row], T.float32(0)) * T.Cast(
-                "float32", WS[bx * block_n + i]) * T.float32(1.0 / 16))
+                "float32", WS[bx * block_n + i]) * T.float32(int_factor))
         if rank > 0:
             xo_s = T.alloc_shared((block_m, r), "float16")
             wo_s = T.alloc_shared((block_n, r), "float16")

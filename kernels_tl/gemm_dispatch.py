@@ -88,6 +88,43 @@ def kernels_for(m: int, n: int, k: int, rank: int, has_bias: bool, out_dtype: st
     return [w4ax_gemm(n, k, rank, has_bias, out_dtype, **prefill_tiles(m, n, k, rank, has_bias))]
 
 
+def w8a8_decode_supports(n: int, k: int, rank: int) -> bool:
+    """Whether the decode GEMM takes an int8-weight [n, k] problem with `rank` outlier columns."""
+    return n % 64 == 0 and k % 64 == 0 and rank % 16 == 0
+
+
+def w8a8_decode_kernel(m: int, n: int, k: int, rank: int):
+    """The int8-weight decode GEMM for M = m (float32 out; the int8 lm_head): one block covers K."""
+    plan = decode_plan(m, n, k)
+    return w4ax_gemm_decode(n, k, rank, False, "float32", plan["block_m"], plan["block_k"], plan["num_stages"], 8)
+
+
+def w8a8_decode_linear(x_q, x_scale, w_q, w_scale, x_out=None, w_out=None, out=None):
+    """float32 [M, n] = (x_q · w_qᵀ) · sx · sw + x_out · w_outᵀ for int8 weight rows w_q [n, k] with
+    float32 scales (reference.head_w8a8's integer and outlier parts), M <= DECODE_MAX_M."""
+    import torch
+
+    m, k = x_q.shape
+    n = w_q.shape[0]
+    rank = 0 if w_out is None else w_out.shape[1]
+    dev = x_q.device
+    if rank == 0:
+        x_out, w_out = _zeros("x_out", m, 16, torch.float16, dev), _zeros("w_out", n, 16, torch.float16, dev)
+    bias = _zeros("bias", n, 1, torch.float16, dev).view(n)
+    y = out if out is not None else torch.empty(m, n, dtype=torch.float32, device=dev)
+    w8a8_decode_kernel(m, n, k, rank)(x_q, x_scale.reshape(-1).float(), w_q, w_scale.reshape(-1).float(),
+                                      x_out.contiguous(), w_out.contiguous(), bias, y)
+    return y
+
+
+def prebuild_w8a8(problems, workers: int = 16) -> None:
+    """Compile w8a8_decode_kernel for many (m, n, k, rank) in parallel."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(lambda p: w8a8_decode_kernel(*p), sorted(set(problems))))
+
+
 def prebuild(problems, workers: int = 16) -> None:
     """Compile the kernels for many (m, n, k, rank, has_bias, out_dtype) problems in parallel
     (TileLang compiles through nvcc subprocesses, so threads overlap); for a prefill size, every

@@ -167,6 +167,8 @@ class LLM:
                     linears[(w.qweight.shape[0], w.qweight.shape[1] * 2, rank, w.bias is not None)] = None
         sizes = sorted(set(self.decode_buckets) | {65, min(1024, max_tokens)})
         gemm_dispatch.prebuild([(m, n, k, rank, bias, "float16") for n, k, rank, bias in linears for m in sizes])
+        if getattr(self.model, "head_int8", False):
+            ops.prebuild_head(self.model, self.decode_buckets)
 
     def _prebuild_quantizers(self) -> None:
         """Compile in parallel the quantizer kernels of every decode bucket and of a long prefill."""

@@ -132,22 +132,50 @@ def swiglu_hadamard_quant(gate_up: torch.Tensor, spec: HadamardSpec | None, bits
 
 @_profiled("gemm")
 def head_w8a8(hidden: torch.Tensor, head_out: torch.Tensor, head_q: torch.Tensor, head_s: torch.Tensor) -> torch.Tensor:
-    """float32 logits through the int8 lm_head (reference.head_w8a8). On CUDA the integer part
-    runs on int8 tensor cores (torch._int_mm, which takes more than 16 rows, a multiple of 8: padded)
-    and the outlier part as a float16 GEMM."""
+    """float32 logits through the int8 lm_head (reference.head_w8a8). On CUDA, by token count:
+    up to 4 the CUDA-core GEMV (kernels_tl.head_gemv: one pass over the table), up to 64 the decode
+    GEMM on int8 weight rows (gemm_dispatch.w8a8_decode_linear: int8 wgmma, the outlier product
+    fused), above that torch._int_mm (more than 16 rows, a multiple of 8: padded) and a float16 GEMM
+    for the outlier part. Decode steps thus never leave the project's kernels (CUDA graphs)."""
     if not use_kernels(hidden):
         return ref.head_w8a8(hidden, head_out, head_q, head_s)
     r = head_out.shape[-1]
     lead = hidden.shape[:-1]
     flat = hidden.reshape(-1, hidden.shape[-1])
+    m = flat.shape[0]
+    if 0 < m <= 4:  # kernels_tl.head_gemv.GEMV_TOKENS[-1]
+        from kernels_tl.head_gemv import head_w8a8_op
+        return head_w8a8_op(flat, head_out, head_q, head_s).reshape(*lead, -1)
     q, sx = ref.quantize_act(flat[:, r:].float(), 8, 1.0)
-    m = q.shape[0]
+    from kernels_tl import gemm_dispatch
+    if m <= gemm_dispatch.DECODE_MAX_M and gemm_dispatch.w8a8_decode_supports(head_q.shape[0], head_q.shape[1], r):
+        return gemm_dispatch.w8a8_decode_linear(q, sx, head_q, head_s, flat[:, :r].half(), head_out).reshape(*lead, -1)
     rows = max(24, -(-m // 8) * 8)
     if rows > m:
         q = torch.cat([q, q.new_zeros(rows - m, q.shape[1])])
     ints = torch._int_mm(q, head_q.T)[:m]
     logits = ints.float() * sx * head_s + torch.nn.functional.linear(flat[:, :r].half(), head_out).float()
     return logits.reshape(*lead, -1)
+
+
+def prebuild_head(model, token_counts, workers: int = 16) -> None:
+    """Compile the int8 lm_head's decode kernels (GEMV and int8-weight decode GEMM) for these token
+    counts in parallel, before the graph captures need them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    try:
+        from kernels_tl import gemm_dispatch, head_gemv
+    except ImportError:
+        return
+    n, d = model.head_q.shape
+    r = model.head_out.shape[-1]
+    jobs = [functools.partial(head_gemv.head_gemv, n, d, r, t) for t in head_gemv.GEMV_TOKENS
+            if any(m <= t for m in token_counts)]
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(lambda job: job(), jobs))
+    if gemm_dispatch.w8a8_decode_supports(n, d, r):
+        gemm_dispatch.prebuild_w8a8([(m, n, d, r) for m in token_counts
+                                     if head_gemv.GEMV_TOKENS[-1] < m <= gemm_dispatch.DECODE_MAX_M], workers)
 
 
 def prebuild_quantizers(cfg, token_counts, workers: int = 16) -> None:

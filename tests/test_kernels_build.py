@@ -61,3 +61,17 @@ def test_gemv_builds_on_dp4a_without_spills(tokens, rank):
     from kernels_tl.gemm import SM90, w4ax_gemv
     src = w4ax_gemv(4160, 4096, rank, True, "float16", tokens, target=SM90).get_kernel_source()
     assert "__dp4a(" in src and "warp_reduce_sum" in src
+
+
+@pytest.mark.parametrize("m", [5, 64])
+def test_int8_weight_decode_gemm_builds(m):
+    """The int8 lm_head's decode GEMM (weight_bits 8): int8 weight tiles straight to wgmma, no unpack."""
+    from kernels_tl.gemm import SM90, w4ax_gemm_decode
+    from kernels_tl.gemm_dispatch import decode_plan, w8a8_decode_supports
+    n, k, r = 128256, 4096, 64
+    assert w8a8_decode_supports(n, k, r)
+    plan = decode_plan(m, n, k)
+    src = w4ax_gemm_decode(n, k, r, False, "float32", plan["block_m"], plan["block_k"], plan["num_stages"], 8,
+                           target=SM90).get_kernel_source()
+    assert "wgmma_ss<tl::DataType::kInt8, tl::DataType::kInt8, tl::DataType::kInt32, 64" in src
+    assert "quad_unpack" not in src and "kFloat16, tl::DataType::kFloat16, tl::DataType::kFloat32" in src
