@@ -175,16 +175,19 @@ def _engine_runs(llm: LLM, plan: BenchPlan, vocab: int) -> dict:
         for _ in range(plan.repeats):
             times = []
 
-            def step_done(dt, times=times):
-                times.append(dt)
-                if len(times) == 1:  # the prefill has filled the cache: decode memory from here on
+            def step_done(dt, is_prefill, times=times):
+                # A long batch prefills in several steps (max_num_batched_tokens): decode time and
+                # memory count from the step after the last of them, when the cache is full.
+                if is_prefill:
                     _restart_peak(plan.device)
+                else:
+                    times.append(dt)
 
             llm.step_hook = step_done
             llm.generate(prompts, SamplingParams(max_tokens=plan.decode_steps + 1, **greedy))
             llm.step_hook = None
             decode_peak = max(decode_peak, _peak_bytes(plan.device))
-            steps += times[1:]  # decode steps only (the first step is the prefill)
+            steps += times
         peak_gb = _engine_gb(llm, decode_peak, batch, context + plan.decode_steps + 1) if decode_peak else None
         kv = batch * (context + plan.decode_steps // 2) * kv_cache.bytes_per_block(llm.cfg, 1)
         out["decode"].append({"batch": batch, "context": context, "ms_per_step": 1e3 * statistics.median(steps),

@@ -124,7 +124,7 @@ class LLM:
         self.use_cuda_graph = cuda_graph and self.device.type == "cuda"
         self.graphs: dict[int, tuple] = {}
         self.graph_pool = None
-        self.step_hook = None    # called with each step's wall time in seconds (the bench)
+        self.step_hook = None    # called as hook(seconds, is_prefill) after every step (the bench)
         if self.use_cuda_graph:
             self.capture_graphs()
 
@@ -327,7 +327,7 @@ class LLM:
             self.scheduler.postprocess(batch, tokens)
             dt = time.perf_counter() - t0  # the step ends with the tokens on the host: synchronized
             if self.step_hook is not None:
-                self.step_hook(dt)
+                self.step_hook(dt, is_prefill)
             if is_prefill:
                 stats.prefill_s += dt
             else:

@@ -193,3 +193,15 @@ def test_rope_and_head_hadamard_as_one_matrix_per_token_equal_the_two_steps(head
     got16 = ops.rope_hadamard(x, rope_hadamard_matrices(cos, sin, spec, torch.float16))
     assert got16.dtype == torch.float16
     assert (got16.float() - want).abs().max() <= 4e-3 * want.abs().max()
+
+
+def test_step_hook_marks_every_prefill_step_of_a_chunked_batch(checkpoint):
+    """A batch longer than max_num_batched_tokens prefills in several steps; the bench counts decode
+    time and memory only after the last of them, so the hook must say which steps prefilled."""
+    llm = LLM(checkpoint, device="cpu", num_blocks=64, block_size=4, max_model_len=64, max_num_batched_tokens=24)
+    steps = []
+    llm.step_hook = lambda dt, is_prefill: steps.append(is_prefill)
+    llm.generate([[1 + i] * 20 for i in range(3)], SamplingParams(temperature=0, ignore_eos=True, max_tokens=5))
+    first_decode = steps.index(False)
+    assert first_decode == 3 and not any(steps[first_decode:])  # one prompt a step, then decode only
+    assert len(steps) - first_decode == 4  # max_tokens 5: the prefill gives the first token
