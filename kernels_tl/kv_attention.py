@@ -23,9 +23,19 @@ import tilelang.language as T
 SM90 = "sm90"
 _TARGETS = {"sm90": {"kind": "cuda", "arch": "sm_90a"}, None: "auto"}
 BLOCK_SIZE = 64  # tokens per cache block = the decode kernel's K / V tile
-# attention_decode's register-prefetch loop as the default (see its docstring); QUAD_DECODE_PREFETCH=1
-# turns it on for a whole run (the engine and its bench) before it becomes the default.
-DECODE_PREFETCH = os.environ.get("QUAD_DECODE_PREFETCH", "0") == "1"
+# attention_decode's register-prefetch loop: faster while the grid has few programs a SM (latency
+# bound), slower once it has many (bench/results/attention_h200_2026-11-30b.json: 1.2-1.35x at
+# batch 1 and at batch 16 x 3 splits, 384 programs; 0.88-0.92x at batch 64, 512 programs). So it
+# runs up to PREFETCH_MAX_PROGRAMS_PER_SM; QUAD_DECODE_PREFETCH=1 / 0 forces it on / off.
+PREFETCH_MAX_PROGRAMS_PER_SM = 3
+DECODE_PREFETCH = {"1": True, "0": False}.get(os.environ.get("QUAD_DECODE_PREFETCH", ""))
+
+
+def use_prefetch(batch: int, kv_heads: int, num_splits: int, sms: int = 132) -> bool:
+    """Whether decode attention runs the register-prefetch loop for this grid."""
+    if DECODE_PREFETCH is not None:
+        return DECODE_PREFETCH
+    return batch * kv_heads * num_splits <= PREFETCH_MAX_PROGRAMS_PER_SM * sms
 
 
 @functools.lru_cache(maxsize=None)
@@ -399,13 +409,14 @@ def decode_splits(batch: int, kv_heads: int, max_context: int, block_size: int =
 
 def prebuild_decode(heads: int, kv_heads: int, head_dim: int, splits: list[int], block_size: int = BLOCK_SIZE,
                     workers: int = 16) -> None:
-    """Compile the decode attention and combine kernels for every split count in parallel (TileLang
-    compiles through nvcc subprocesses, so threads overlap): one pair per decode batch size."""
+    """Compile the decode attention (both loops: use_prefetch picks per batch) and combine kernels
+    for every split count in parallel (TileLang compiles through nvcc subprocesses, so threads
+    overlap)."""
     from concurrent.futures import ThreadPoolExecutor
 
     # The arguments exactly as attention_decode_op passes them: lru_cache keys on the call's form.
     jobs = [functools.partial(attention_decode, heads, kv_heads, head_dim, n, block_size, None, 128, None, 1,
-                              DECODE_PREFETCH) for n in sorted(set(splits))]
+                              prefetch) for n in sorted(set(splits)) for prefetch in (False, True)]
     jobs += [functools.partial(attention_combine, heads, head_dim, n) for n in sorted(set(splits))]
     with ThreadPoolExecutor(workers) as pool:
         list(pool.map(lambda job: job(), jobs))
@@ -430,7 +441,7 @@ def kv_store_op(k, v, slot_mapping, k_data, k_meta, v_data, v_meta, clip: float 
 def attention_decode_op(q, k_data, k_meta, v_data, v_meta, block_tables, context_lens, num_splits: int,
                         sm_scale: float | None = None, out=None, num_stages: int = 1, prefetch: bool | None = None):
     """float16 [B, heads, head_dim] decode attention (q [B, heads, head_dim] float16). prefetch:
-    attention_decode's register-prefetch loop (default DECODE_PREFETCH; one stage only)."""
+    attention_decode's register-prefetch loop (default: use_prefetch; one stage only)."""
     import torch
 
     b, heads, head_dim = q.shape
@@ -438,7 +449,7 @@ def attention_decode_op(q, k_data, k_meta, v_data, v_meta, block_tables, context
     partial = torch.empty(b, heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
     lse = torch.empty(b, heads, num_splits, dtype=torch.float32, device=q.device)
     out = torch.empty(b, heads, head_dim, dtype=torch.float16, device=q.device) if out is None else out
-    prefetch = DECODE_PREFETCH if prefetch is None else prefetch
+    prefetch = use_prefetch(b, kv_heads, num_splits) if prefetch is None else prefetch
     attention_decode(heads, kv_heads, head_dim, num_splits, k_data.shape[2], sm_scale, 128, None, num_stages,
                      prefetch and num_stages == 1)(
         q, k_data, k_meta, v_data, v_meta, block_tables, context_lens, partial, lse)

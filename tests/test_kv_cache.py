@@ -175,3 +175,18 @@ def test_prefetch_decode_attention_builds(heads, kv_heads, dim):
     src = attention_decode(heads, kv_heads, dim, 4, target=SM90, prefetch=True).get_kernel_source()
     assert "quad_kv_dequant8(" in src and "mma" in src
     assert "kp_s" not in src and "vp_s" not in src
+
+
+def test_decode_attention_prefetches_only_on_sparse_grids(monkeypatch):
+    """The register-prefetch loop wins while the grid has few programs per SM and loses with many
+    (bench/results/attention_h200_2026-11-30b.json): the engine's batch sizes fall on either side."""
+    pytest.importorskip("tilelang")
+    from kernels_tl import kv_attention
+    monkeypatch.setattr(kv_attention, "DECODE_PREFETCH", None)
+    splits = kv_attention.decode_splits
+    assert kv_attention.use_prefetch(1, 8, splits(1, 8, 4096))           # 8 x 32 = 256 programs
+    assert kv_attention.use_prefetch(16, 8, splits(16, 8, 4096))         # 16 x 8 x 3 = 384
+    assert not kv_attention.use_prefetch(32, 8, splits(32, 8, 4096))     # 32 x 8 x 2 = 512
+    assert not kv_attention.use_prefetch(64, 8, splits(64, 8, 4096))     # 64 x 8 = 512
+    monkeypatch.setattr(kv_attention, "DECODE_PREFETCH", False)
+    assert not kv_attention.use_prefetch(1, 8, 32)
