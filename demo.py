@@ -67,6 +67,7 @@ def main() -> int:
                                                 dtype=torch.float32 if args.device == "cpu" else torch.float16)
     fp16 = fp16.to(args.device).eval()
     quad = load_model(out, device=args.device)
+    quad.use_int8_head()  # int8 embedding / lm_head rows, as the engine runs it by default
     fp16_fn = lambda ids: fp16(ids).logits  # noqa: E731
     print(f"perplexity on {windows.numel()} tokens of {DEMO_EVAL_TEXT.name}:")
     print(f"  FP16                 {perplexity(fp16_fn, windows, device=args.device):.2f}")

@@ -26,8 +26,9 @@ from quad_engine.synthetic import ARCHITECTURES, synthetic_model
 
 SYSTEMS = ("quad-w4a4", "quad-w4a4a8", "fp16", "hf")
 # Also accepted: quad-<mode>-unfused, the same model with QUAD_FUSE=0 (what the fused kernels save);
-# quad-<mode>-head8, with the embedding and lm_head as int8 rows (LLM(int8_head=True)).
-EXTRA_SYSTEMS = ("quad-w4a4-unfused", "quad-w4a4a8-unfused", "quad-w4a4-head8", "quad-w4a4a8-head8")
+# quad-<mode>-head16, with the embedding and lm_head kept float16 (LLM(int8_head=False); the quad
+# systems keep them as int8 rows, the engine's default).
+EXTRA_SYSTEMS = ("quad-w4a4-unfused", "quad-w4a4a8-unfused", "quad-w4a4-head16", "quad-w4a4a8-head16")
 
 
 @dataclass
@@ -141,10 +142,10 @@ def _engine(plan: BenchPlan, system: str, max_len: int, max_seqs: int) -> LLM:
         return LLM(model=FP16ForCausalLM(_hf_model(plan, dtype)), **common)
     if system == "quad":
         return LLM(plan.checkpoint, **common)
-    mode = system.removeprefix("quad-").removesuffix("-unfused").removesuffix("-head8")
+    mode = system.removeprefix("quad-").removesuffix("-unfused").removesuffix("-head16")
     model = synthetic_model(plan.arch, device=plan.device, seed=plan.seed, num_layers=plan.layers, mode=mode,
                             **plan.overrides)
-    return LLM(model=model, int8_head=system.endswith("-head8"), **common)
+    return LLM(model=model, int8_head=not system.endswith("-head16"), **common)
 
 
 def _prompts(rng: random.Random, batch: int, length: int, vocab: int) -> list[list[int]]:

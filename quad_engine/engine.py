@@ -74,10 +74,11 @@ class LLM:
                  max_model_len: int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 8192,
                  num_blocks: int | None = None, kv_cache_gb: float | None = None,
                  gpu_memory_utilization: float = 0.9, block_size: int = kv_cache.BLOCK_SIZE, fp16: bool = False,
-                 model=None, tokenizer=None, cuda_graph: bool = True, int8_head: bool = False):
+                 model=None, tokenizer=None, cuda_graph: bool = True, int8_head: bool = True):
         """`model` (with `tokenizer`, or None for token-id prompts only) instead of a checkpoint:
-        e.g. quad_engine.synthetic models for the bench. int8_head: keep a QUAD model's embedding
-        and lm_head as int8 rows (QuadForCausalLM.use_int8_head)."""
+        e.g. quad_engine.synthetic models for the bench. int8_head (default): keep a QUAD model's
+        embedding and lm_head as int8 rows (QuadForCausalLM.use_int8_head: half their memory, no
+        measurable perplexity cost, docs/results.md); False keeps the checkpoint's float16 tables."""
         from transformers import AutoTokenizer
 
         self.device = pick_device(device)

@@ -5,8 +5,8 @@
 #   source .gpu/activate.sh && export PYTHONPATH=$PWD:$PYTHONPATH && bash scripts/gpu_engine.sh $OUT bench
 # (bench-short: the same systems at prefill 1 x 2048 and decode b1 / b32 only)
 # check: the engine GPU tests and a kernel-level profile of a Llama-3-8B-shaped prefill and decode
-# step (about 4 minutes); bench: quad-bench on Llama-3-8B shapes, QUAD W4A4A8 (float16 and int8
-# embedding / lm_head) against the engine's fp16 path and transformers, a short plan with a time
+# step (about 4 minutes); bench: quad-bench on Llama-3-8B shapes, QUAD W4A4A8 (int8 embedding /
+# lm_head, the default, and float16) against the engine's fp16 path and transformers, a short plan with a time
 # breakdown at every shape (3.5 minutes on an H200 for three systems before the per-shape
 # breakdowns; a system that fails is reported and the others still measured).
 set -u
@@ -21,10 +21,10 @@ if [ "$part" = check ]; then
 elif [ "$part" = bench-short ]; then
   # Prefill 1 x 2048 and decode b1 / b32 only (about 3 minutes); QUAD_* switches pass through.
   timeout 400 python3 -m quad_engine.cli.bench --arch llama-3-8b --prefill 1x2048 --decode 1x1024,32x1024 \
-    --systems quad-w4a4a8,quad-w4a4a8-head8,fp16,hf --throughput 16 --repeats 3 --decode-steps 16 \
+    --systems quad-w4a4a8,quad-w4a4a8-head16,fp16,hf --throughput 16 --repeats 3 --decode-steps 16 \
     --out-dir "$out" --name "quad-bench_llama-3-8b_$(date +%F)" 2>&1 | quiet | tail -n 30
 else
   timeout 560 python3 -m quad_engine.cli.bench --arch llama-3-8b --prefill 1x2048,16x2048 --decode 1x1024,32x1024 \
-    --systems quad-w4a4a8,quad-w4a4a8-head8,fp16,hf --throughput 16 --repeats 3 --decode-steps 16 \
+    --systems quad-w4a4a8,quad-w4a4a8-head16,fp16,hf --throughput 16 --repeats 3 --decode-steps 16 \
     --out-dir "$out" --name "quad-bench_llama-3-8b_$(date +%F)" 2>&1 | quiet | tail -n 30
 fi

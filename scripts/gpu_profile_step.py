@@ -2,7 +2,7 @@
 runs, how many, and their device time. Writes tables under OUT_DIR.
 
     python3 scripts/gpu_profile_step.py OUT_DIR [--arch llama-3-8b] [--prefill 2048] [--context 1024]
-        [--batch 1] [--int8-head]
+        [--batch 1] [--no-int8-head]
 """
 
 import argparse
@@ -73,7 +73,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--layers", type=int, default=None, help="decoder layers (default: the architecture's)")
     p.add_argument("--batch", type=int, default=1, help="sequences decoded together (default 1)")
-    p.add_argument("--int8-head", action="store_true", help="int8 embedding and W8A8 lm_head (LLM(int8_head=True))")
+    p.add_argument("--int8-head", action=argparse.BooleanOptionalAction, default=True,
+                   help="int8 embedding and W8A8 lm_head, the engine's default (--no-int8-head: float16)")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

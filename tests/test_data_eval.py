@@ -82,9 +82,15 @@ def test_cli_on_an_fp16_source_and_a_checkpoint(tmp_path, capsys):
     assert 1 < fp["ppl"] < 2 * VOCAB and fp["seqlen"] == 32
     ckpt = convert(str(src), tmp_path / "ckpt", ConvertOptions(rank=0, mode="w16a16", kv_bits=16, dtype="float32"),
                    calib_tokens=torch.randint(0, 256, (2, 32)), progress=False)
+    # The rotations alone (float16 tables) leave the model's function unchanged...
+    assert eval_main(["ppl", str(ckpt), "--text", str(text), "--seqlen", "32", "--json", str(out_json),
+                      "--device", "cpu", "--no-int8-head"]) == 0
+    assert math.isclose(json.loads(out_json.read_text())["ppl"], fp["ppl"], rel_tol=1e-4)
+    # ...and the default int8 embedding / lm_head rows change it only slightly.
     assert eval_main(["ppl", str(ckpt), "--text", str(text), "--seqlen", "32", "--json", str(out_json),
                       "--device", "cpu"]) == 0
-    assert math.isclose(json.loads(out_json.read_text())["ppl"], fp["ppl"], rel_tol=1e-4)
+    int8 = json.loads(out_json.read_text())["ppl"]
+    assert int8 != fp["ppl"] and math.isclose(int8, fp["ppl"], rel_tol=1e-2)
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):

@@ -37,10 +37,17 @@ def test_generates_json_lines_and_reports_throughput(checkpoint, capsys):
     assert "tok/s prefill" in err[-1] and "tok/s decode" in err[-1]
 
 
-def test_int8_head_flag(checkpoint, capsys):
+@pytest.mark.parametrize("flag,int8", [(None, True), ("--int8-head", True), ("--no-int8-head", False)])
+def test_int8_head_flag(checkpoint, capsys, monkeypatch, flag, int8):
+    """int8 embedding / lm_head by default; --no-int8-head keeps the float16 tables."""
+    from quad_engine import ops
+    calls = []
+    head = ops.head_w8a8
+    monkeypatch.setattr(ops, "head_w8a8", lambda *a: calls.append(1) or head(*a))
     code, out, _ = run(capsys, checkpoint, "--prompt", "Once upon", "--max-new-tokens", "3", "--json", "--device", "cpu",
-                       "--kv-cache-gb", "0.01", "--int8-head")
+                       "--kv-cache-gb", "0.01", *([flag] if flag else []))
     assert code == 0 and 1 <= json.loads(out[0])["generated_tokens"] <= 3
+    assert bool(calls) == int8
 
 
 def test_missing_checkpoint(tmp_path, capsys):

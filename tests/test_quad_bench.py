@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from quad_engine.cli.bench import main
 
 
@@ -70,16 +72,17 @@ def test_engine_memory_counts_the_kv_blocks_the_batch_occupies():
     assert _engine_gb(llm, peak, 2, 65) == (weights + 4 * per_block) / 2 ** 30
 
 
-def test_head8_system_runs_the_int8_embedding_and_lm_head(tmp_path, monkeypatch):
+@pytest.mark.parametrize("system,int8", [("quad-w4a4a8", True), ("quad-w4a4a8-head16", False)])
+def test_quad_systems_run_the_int8_head_and_head16_the_float16_one(tmp_path, monkeypatch, system, int8):
     from quad_engine import ops
     calls = []
     head = ops.head_w8a8
     monkeypatch.setattr(ops, "head_w8a8", lambda *a: calls.append(1) or head(*a))
     code = main(["--arch", "smollm2-135m", "--layers", "1", "--vocab", "512", "--device", "cpu",
-                 "--systems", "quad-w4a4a8-head8", "--prefill", "1x16", "--decode", "1x16", "--decode-steps", "2",
+                 "--systems", system, "--prefill", "1x16", "--decode", "1x16", "--decode-steps", "2",
                  "--throughput", "0", "--repeats", "1", "--out-dir", str(tmp_path), "--name", "run"])
-    assert code == 0 and calls
-    assert list(json.loads((tmp_path / "run.json").read_text())["systems"]) == ["quad-w4a4a8-head8"]
+    assert code == 0 and bool(calls) == int8
+    assert list(json.loads((tmp_path / "run.json").read_text())["systems"]) == [system]
 
 
 def test_a_failing_system_is_reported_and_the_others_still_measured(tmp_path, monkeypatch):

@@ -33,8 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--systems", default="quad-w4a4,quad-w4a4a8,fp16,hf",
                    help="comma-separated: quad-w4a4, quad-w4a4a8, fp16, hf (default all); quad with --checkpoint; "
                         "quad-w4a4-unfused / quad-w4a4a8-unfused run the fused kernel variants' unfused "
-                        "counterparts (QUAD_FUSE=0); quad-w4a4-head8 / quad-w4a4a8-head8 keep the embedding "
-                        "and lm_head as int8 rows")
+                        "counterparts (QUAD_FUSE=0); quad-w4a4-head16 / quad-w4a4a8-head16 keep the embedding "
+                        "and lm_head float16 (the quad systems: int8 rows, the engine's default)")
     p.add_argument("--prefill", type=shapes, default=None, help="batch x prompt tokens list (default "
                    "1x512,1x2048,4x2048,16x2048,1x8192)")
     p.add_argument("--decode", type=shapes, default=None, help="batch x context list (default "

@@ -30,17 +30,25 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default 1)")
     ppl.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     ppl.add_argument("--json", metavar="OUT", help="also write the result as JSON to OUT")
+    ppl.add_argument("--int8-head", action=argparse.BooleanOptionalAction, default=True,
+                     help="a checkpoint's embedding and lm_head as int8 rows, as the engine runs it by default "
+                          "(--no-int8-head: the checkpoint's float16 tables)")
     return p
 
 
-def load_for_eval(model: str, device: str):
-    """(logits function, tokenizer, description) for a checkpoint or an FP16 source."""
+def load_for_eval(model: str, device: str, int8_head: bool = True):
+    """(logits function, tokenizer, description) for a checkpoint (with the engine's int8
+    embedding / lm_head unless int8_head is False) or an FP16 source."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(model)
     if (path / CONFIG_NAME).is_file():
         from quad_engine.checkpoint import load_model
-        return load_model(path, device=device), AutoTokenizer.from_pretrained(str(path)), f"quad:{path.name}"
+        quad = load_model(path, device=device)
+        if int8_head:
+            quad.use_int8_head()
+        what = f"quad:{path.name}" + ("" if int8_head else " (float16 head)")
+        return quad, AutoTokenizer.from_pretrained(str(path)), what
     dtype = torch.float32 if device == "cpu" else torch.float16
     if path.suffix == ".gguf" and path.is_file():
         kw = dict(gguf_file=path.name)
@@ -61,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     from quad_engine.eval.perplexity import perplexity
     started = time.time()
     try:
-        model_fn, tokenizer, what = load_for_eval(args.model, device)
+        model_fn, tokenizer, what = load_for_eval(args.model, device, args.int8_head)
         source = args.text or args.dataset
         windows = eval_windows(tokenizer, load_text(source, split="test"), args.seqlen, args.max_tokens)
     except (FileNotFoundError, OSError, DataError, ConfigError, ValueError) as e:

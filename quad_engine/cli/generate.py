@@ -34,8 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences decoded together (default 64)")
     p.add_argument("--kv-cache-gb", type=float, default=None, help="KV cache size; default: see "
                    "--gpu-memory-utilization on a GPU, room for --max-num-seqs full sequences on the CPU")
-    p.add_argument("--int8-head", action="store_true", help="keep the embedding and lm_head as int8 rows (half "
-                   "their memory, no measurable perplexity cost on SmolLM2; QUAD checkpoints only)")
+    p.add_argument("--int8-head", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep the embedding and lm_head as int8 rows (half their memory, no measurable "
+                   "perplexity cost on SmolLM2; QUAD checkpoints only; default on, --no-int8-head keeps "
+                   "them float16)"),
     p.add_argument("--no-cuda-graph", action="store_true", help="run decode steps eagerly instead of replaying "
                    "one captured CUDA graph per batch bucket")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
