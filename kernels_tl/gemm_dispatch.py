@@ -118,11 +118,16 @@ def w8a8_decode_linear(x_q, x_scale, w_q, w_scale, x_out=None, w_out=None, out=N
 
 
 def prebuild_w8a8(problems, workers: int = 16) -> None:
-    """Compile w8a8_decode_kernel for many (m, n, k, rank) in parallel."""
+    """Compile w8a8_decode_kernel for many (m, n, k, rank) in parallel, each distinct kernel once
+    (token counts of one class share it)."""
     from concurrent.futures import ThreadPoolExecutor
 
+    distinct = {}
+    for m, n, k, rank in problems:
+        plan = decode_plan(m, n, k)
+        distinct.setdefault((n, k, rank, plan["block_m"], plan["block_k"], plan["num_stages"]), (m, n, k, rank))
     with ThreadPoolExecutor(workers) as pool:
-        list(pool.map(lambda p: w8a8_decode_kernel(*p), sorted(set(problems))))
+        list(pool.map(lambda p: w8a8_decode_kernel(*p), distinct.values()))
 
 
 def prebuild(problems, workers: int = 16) -> None:
