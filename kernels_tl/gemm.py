@@ -22,7 +22,7 @@ point):
   as a float16 wgmma, bias). Otherwise K is split across blocks until the grid covers the GPU
   (`w4ax_gemm_splitk`): the split partial sums are added as int32 (exact, order-independent)
   into a workspace, and `w4ax_epilogue` applies the same epilogue and zeroes the workspace for
-  the next call.
+  the next call. `w4ax_gemm_decode` also takes int8 weight rows (weight_bits 8: the int8 lm_head).
 M is dynamic in all: one compiled kernel serves every token count of its class.
 """
 
