@@ -22,7 +22,7 @@ from quad_engine.checkpoint import load_model
 from quad_engine.config import QuadConfig
 from quad_engine.context import StepContext, set_context
 from quad_engine.sampling import Sampler, SamplingParams, find_stop
-from quad_engine.scheduler import Scheduler, Sequence
+from quad_engine.scheduler import Scheduler, Sequence, Status
 
 
 @dataclass
@@ -196,11 +196,19 @@ class LLM:
     # ------------------------------------------------------------------ one step
 
     @torch.inference_mode()
-    def _run(self, seqs: list[Sequence], is_prefill: bool) -> torch.Tensor:
+    def _run(self, seqs: list[Sequence], is_prefill: bool) -> list[int | None]:
+        """The step's next token of every sequence; None for a prefill chunk that is not its
+        sequence's last (nothing is sampled for it, so a seeded request's draws do not depend on
+        how its prompt was chunked)."""
         logits = self._prefill_logits(seqs) if is_prefill else self._decode_logits(seqs)
         if self.logits_hook is not None:
             self.logits_hook(seqs, logits)
-        return self.sampler.sample(logits, [seq.params for seq in seqs], [seq.generator for seq in seqs])
+        done = [i for i, seq in enumerate(seqs) if seq.status == Status.RUNNING]
+        if len(done) < len(seqs):
+            tokens = iter(self.sampler.sample(logits[done], [seqs[i].params for i in done],
+                                              [seqs[i].generator for i in done]).tolist() if done else [])
+            return [next(tokens) if seq.status == Status.RUNNING else None for seq in seqs]
+        return self.sampler.sample(logits, [seq.params for seq in seqs], [seq.generator for seq in seqs]).tolist()
 
     def _forward(self, ctx: StepContext, ids: torch.Tensor, positions: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
         set_context(ctx)
@@ -212,19 +220,21 @@ class LLM:
 
     def _prefill_logits(self, seqs: list[Sequence]) -> torch.Tensor:
         ids, positions, slots, query_lens = [], [], [], []
+        ends = []
         for seq in seqs:
-            start = seq.num_cached_tokens
-            ids += seq.token_ids[start:]
-            positions += range(start, seq.num_tokens)
-            slots += self.block_manager.slot_mapping(seq.seq_id, start, seq.num_tokens)
-            query_lens.append(seq.num_tokens - start)
+            start, end = seq.num_cached_tokens, seq.num_cached_tokens + seq.num_scheduled_tokens
+            ids += seq.token_ids[start:end]
+            positions += range(start, end)
+            slots += self.block_manager.slot_mapping(seq.seq_id, start, end)
+            query_lens.append(end - start)
+            ends.append(end)
         tables = [self.block_manager.block_table(seq.seq_id) for seq in seqs]
         width, dev = max(len(t) for t in tables), self.device
         ctx = StepContext(
             is_prefill=True,
             slot_mapping=torch.tensor(slots, dtype=torch.int32, device=dev),
             block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=dev),
-            context_lens=torch.tensor([seq.num_tokens for seq in seqs], dtype=torch.int32, device=dev),
+            context_lens=torch.tensor(ends, dtype=torch.int32, device=dev),
             query_lens=torch.tensor(query_lens, dtype=torch.long),
             has_prefix=any(seq.num_cached_tokens > 0 for seq in seqs))
         last = (torch.cumsum(ctx.query_lens, 0) - 1).to(dev)
@@ -324,7 +334,7 @@ class LLM:
             batch, is_prefill = self.scheduler.schedule()
             t0 = time.perf_counter()
             with _step_range(is_prefill):
-                tokens = self._run(batch, is_prefill).tolist()
+                tokens = self._run(batch, is_prefill)
             self.scheduler.postprocess(batch, tokens)
             dt = time.perf_counter() - t0  # the step ends with the tokens on the host: synchronized
             if self.step_hook is not None:

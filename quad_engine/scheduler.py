@@ -1,9 +1,12 @@
 """Continuous batching: sequences, and the scheduler that picks each step's batch.
 
 A step is either a prefill of newly admitted sequences or one decode token for every running
-sequence. When a running sequence needs a block and none is free, the most recently admitted
-sequence is preempted: its blocks are freed and it goes back to the front of the queue, to be
-recomputed (prompt + tokens generated so far) as a prefill when memory allows.
+sequence. A sequence longer than the step's token budget prefills alone, in budget-sized chunks
+over consecutive steps (each chunk attends to the ones before it in the cache), so a long prompt's
+activations stay bounded; it joins the running sequences with its last chunk. When a running
+sequence needs a block and none is free, the most recently admitted sequence is preempted: its
+blocks are freed and it goes back to the front of the queue, to be recomputed (prompt + tokens
+generated so far) as a prefill when memory allows.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ class Sequence:
         self.params = params
         self.status = Status.WAITING
         self.num_cached_tokens = 0   # tokens whose K/V are in the cache
+        self.num_scheduled_tokens = 0  # tokens the current prefill step computes (after the cached ones)
         self.finish_reason: str | None = None
         self.generator = None        # per-request torch.Generator when seeded
 
@@ -71,21 +75,29 @@ class Scheduler:
 
     def schedule(self) -> tuple[list[Sequence], bool]:
         """(batch, is_prefill). Prefill first: admit waiting sequences in order while the token
-        budget, the sequence limit and free blocks allow (a sequence longer than the token budget
-        runs alone). Otherwise one decode token for every running sequence."""
+        budget, the sequence limit and free blocks allow; a sequence longer than the whole budget
+        runs alone, one budget-sized chunk a step (it stays at the head of the queue, blocks held,
+        until its last chunk). Otherwise one decode token for every running sequence."""
         batch, tokens = [], 0
         while self.waiting and len(self.running) + len(batch) < self.max_num_seqs:
             seq = self.waiting[0]
             n = seq.num_tokens  # a resumed sequence recomputes its generated tokens too
-            if (batch and tokens + n > self.max_num_batched_tokens) or not self.blocks.can_allocate(n):
+            todo = n - seq.num_cached_tokens
+            if batch and tokens + todo > self.max_num_batched_tokens:
                 break
-            self.waiting.popleft()
-            self.blocks.allocate(seq.seq_id, n)
-            seq.status, seq.num_cached_tokens = Status.RUNNING, 0
+            if seq.num_cached_tokens == 0:  # its first step: blocks for the whole sequence
+                if not self.blocks.can_allocate(n):
+                    break
+                self.blocks.allocate(seq.seq_id, n)
+            seq.num_scheduled_tokens = min(todo, self.max_num_batched_tokens)
             batch.append(seq)
-            tokens += n
+            tokens += seq.num_scheduled_tokens
+            if seq.num_scheduled_tokens < todo:
+                break  # a chunk of a long sequence: alone in its step
+            self.waiting.popleft()
+            seq.status = Status.RUNNING
         if batch:
-            self.running += batch
+            self.running += [seq for seq in batch if seq.status == Status.RUNNING]
             return batch, True
         if not self.running and self.waiting:
             # Every block is free and the head still does not fit: waiting would never end.
@@ -111,10 +123,14 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
-    def postprocess(self, seqs: list[Sequence], token_ids: list[int]) -> None:
+    def postprocess(self, seqs: list[Sequence], token_ids: list[int | None]) -> None:
         """Append each sequence's new token; finish those that hit EOS, a stop token, max_tokens or
-        the context length."""
+        the context length. A prefill chunk that is not a sequence's last (token None) only
+        advances what the cache holds."""
         for seq, token in zip(seqs, token_ids):
+            if seq.status == Status.WAITING:
+                seq.num_cached_tokens += seq.num_scheduled_tokens
+                continue
             seq.output_token_ids.append(token)
             seq.num_cached_tokens = seq.num_tokens - 1
             p = seq.params
@@ -131,4 +147,6 @@ class Scheduler:
             self.blocks.free(seq.seq_id)
         else:
             self.waiting.remove(seq)
+            if seq.num_cached_tokens > 0:  # part-way through a chunked prefill: it holds blocks
+                self.blocks.free(seq.seq_id)
         seq.status, seq.finish_reason = Status.FINISHED, reason

@@ -206,3 +206,25 @@ def test_step_hook_marks_every_prefill_step_of_a_chunked_batch(checkpoint):
     first_decode = steps.index(False)
     assert first_decode == 3 and not any(steps[first_decode:])  # one prompt a step, then decode only
     assert len(steps) - first_decode == 4  # max_tokens 5: the prefill gives the first token
+
+
+def test_a_prompt_longer_than_the_token_budget_prefills_in_chunks(checkpoint):
+    """Chunks attend to the ones before them through the paged int4 cache: the greedy tokens equal
+    an unchunked engine's and a full recompute's, seeded sampling draws the same tokens, and every
+    block comes back."""
+    prompts = [list(range(30, 59)), [5, 17, 99]]  # 29 tokens: chunks of 8; and a short one
+    whole = LLM(checkpoint, device="cpu", num_blocks=64, block_size=4, max_model_len=64)
+    chunked = LLM(checkpoint, device="cpu", num_blocks=64, block_size=4, max_model_len=64, max_num_batched_tokens=8)
+    steps = []
+    chunked.step_hook = lambda dt, is_prefill: steps.append(is_prefill)
+    want, _ = whole.generate(prompts, GREEDY)
+    got, stats = chunked.generate(prompts, GREEDY)
+    assert steps[:4] == [True] * 4 and stats.prefill_tokens == 32
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    model = load_model(checkpoint)
+    model.use_int8_head()
+    assert got[0].token_ids == reference_greedy(model, prompts[0], 12)
+    seeded = SamplingParams(temperature=0.8, top_p=0.9, max_tokens=6, seed=7, ignore_eos=True)
+    assert ([o.token_ids for o in chunked.generate(prompts, seeded)[0]]
+            == [o.token_ids for o in whole.generate(prompts, seeded)[0]])
+    assert chunked.block_manager.num_free_blocks == 64

@@ -42,17 +42,25 @@ class FakeEngine:
         if not is_prefill:  # a decode step advances every running sequence
             assert batch == self.scheduler.running
         self.steps.append(([seq.seq_id for seq in batch], is_prefill))
-        self.fed.append(sum(seq.num_tokens - seq.num_cached_tokens for seq in batch))
+        self.fed.append(sum(seq.num_scheduled_tokens if is_prefill else 1 for seq in batch))
         tokens = []
         for seq in batch:
-            # The contract with the model runner: a prefill computes from num_cached_tokens, a decode
-            # feeds only the last token, and the table has room for every position fed.
-            start = seq.num_cached_tokens if is_prefill else seq.num_tokens - 1
-            assert seq.status == Status.RUNNING
-            assert start == (0 if is_prefill else seq.num_tokens - 1) and seq.num_cached_tokens == start
-            for slot, token in zip(self.blocks.slot_mapping(seq.seq_id, start, seq.num_tokens),
-                                   seq.token_ids[start:]):
+            # The contract with the model runner: a prefill computes num_scheduled_tokens from
+            # num_cached_tokens (0 unless it continues a long prompt's chunks), a decode feeds only
+            # the last token, and the table has room for every position fed.
+            if is_prefill:
+                start, end = seq.num_cached_tokens, seq.num_cached_tokens + seq.num_scheduled_tokens
+                assert start == 0 or seq.num_tokens > self.scheduler.max_num_batched_tokens
+            else:
+                start, end = seq.num_tokens - 1, seq.num_tokens
+                assert seq.num_cached_tokens == start
+            for slot, token in zip(self.blocks.slot_mapping(seq.seq_id, start, end), seq.token_ids[start:end]):
                 self.cache[slot] = token
+            if end < seq.num_tokens:  # a chunk that is not the prompt's last: nothing to sample
+                assert is_prefill and seq.status == Status.WAITING and len(batch) == 1
+                tokens.append(None)
+                continue
+            assert seq.status == Status.RUNNING
             seen = [self.cache[s] for s in self.blocks.slot_mapping(seq.seq_id, 0, seq.num_tokens)]
             tokens.append(self.model(seen))
         self.scheduler.postprocess(batch, tokens)
@@ -222,10 +230,10 @@ def test_prefill_respects_the_token_budget_and_the_sequence_limit():
     assert engine.steps[-1] == ([0, 1, 2, 3], False)    # 4 running: no more admitted
     engine.run()
     prefills = [ids for ids, prefill in engine.steps if prefill]
-    assert [i for ids in prefills for i in ids] == list(range(7))  # first come, first served
-    assert [6] in prefills                              # over the budget: admitted alone
+    assert [i for ids in prefills for i in ids] == list(range(6)) + [6, 6]  # first come, first served
+    assert prefills[-2:] == [[6], [6]]                  # over the budget: alone, in two chunks (25 + 5)
     for (ids, prefill), fed in zip(engine.steps, engine.fed):
-        assert not prefill or len(ids) == 1 or fed <= 25
+        assert not prefill or fed <= 25
     assert all(s.output_token_ids == expected_outputs(s.prompt_token_ids, 5) for s in seqs)
 
 
@@ -249,8 +257,38 @@ def test_random_workloads_hold_every_limit_and_leak_nothing():
             n = min(seq.params.max_tokens, max_model_len - len(seq.prompt_token_ids))
             assert seq.output_token_ids == expected_outputs(seq.prompt_token_ids, n)
         for (ids, prefill), fed in zip(engine.steps, engine.fed):
-            assert not prefill or len(ids) == 1 or fed <= budget
+            assert not prefill or fed <= budget  # long prompts run in chunks of the budget
         assert any(prefill for _, prefill in engine.steps[1:])  # admissions happen along the way
         assert sched.blocks.num_free_blocks == num_blocks and not any(sched.blocks.allocator.refcount)
         preemptions += sched.num_preemptions
     assert preemptions > 0
+
+
+def test_a_long_prompt_prefills_in_chunks_holding_its_blocks():
+    """A prompt longer than the budget: budget-sized chunks, alone, each from where the last one
+    stopped, with its blocks taken once; then it decodes with the others. Finishing it part-way
+    through returns its blocks."""
+    sched = make(num_blocks=64, block_size=4, max_num_batched_tokens=8)
+    long_seq = Sequence(0, list(range(1, 21)), SamplingParams(max_tokens=3))  # 20 tokens: 8 + 8 + 4
+    short = Sequence(1, [5, 6, 7], SamplingParams(max_tokens=3))
+    sched.add(long_seq)
+    sched.add(short)
+    engine = FakeEngine(sched)
+    for _ in range(2):
+        engine.step()
+    assert engine.steps == [([0], True), ([0], True)] and engine.fed == [8, 8]
+    assert long_seq.num_cached_tokens == 16 and long_seq.status == Status.WAITING and not long_seq.output_token_ids
+    assert sched.blocks.num_free_blocks == 64 - 5     # all 20 tokens' blocks, taken at the first chunk
+    engine.step()
+    assert engine.steps[-1] == ([0, 1], True) and engine.fed[-1] == 7  # its last 4 tokens, and the short one
+    engine.run()
+    assert long_seq.output_token_ids == expected_outputs(long_seq.prompt_token_ids, 3)
+    assert short.output_token_ids == expected_outputs(short.prompt_token_ids, 3)
+    assert sched.blocks.num_free_blocks == 64
+
+    sched = make(num_blocks=64, block_size=4, max_num_batched_tokens=8)
+    seq = Sequence(0, list(range(1, 21)), SamplingParams(max_tokens=3))
+    sched.add(seq)
+    FakeEngine(sched).step()
+    sched.finish(seq, "stop")
+    assert sched.blocks.num_free_blocks == 64 and not sched.has_unfinished()
