@@ -81,3 +81,14 @@ def test_empty_prompt(checkpoint, capsys):
 def test_invalid_sampling_value(checkpoint, capsys, flag, value, field):
     code, _, err = run(capsys, checkpoint, "--prompt", "hi", flag, value)
     assert code == 2 and len(err) == 1 and field in err[0]
+
+
+def test_max_num_batched_tokens_chunks_a_long_prompt_without_changing_the_text(checkpoint, capsys):
+    prompt = "Once upon a time there was a small town by the sea, and every morning"
+    outputs = []
+    for extra in ([], ["--max-num-batched-tokens", "4"]):
+        code, out, _ = run(capsys, checkpoint, "--prompt", prompt, "--max-new-tokens", "6", "--json", "--device", "cpu",
+                           "--kv-cache-gb", "0.01", *extra)
+        assert code == 0
+        outputs.append(json.loads(out[0]))
+    assert outputs[0]["prompt_tokens"] > 4 and outputs[0]["text"] == outputs[1]["text"]

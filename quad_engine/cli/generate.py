@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences decoded together (default 64)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192,
+                   help="prompt tokens a prefill step computes (default 8192); a longer prompt prefills in "
+                        "chunks of this size, which bounds a step's activation memory")
     p.add_argument("--kv-cache-gb", type=float, default=None, help="KV cache size; default: see "
                    "--gpu-memory-utilization on a GPU, room for --max-num-seqs full sequences on the CPU")
     p.add_argument("--int8-head", action=argparse.BooleanOptionalAction, default=True,
@@ -82,7 +85,8 @@ def main(argv=None) -> int:
 
     try:
         llm = LLM(args.checkpoint, device=args.device, max_model_len=args.max_model_len,
-                  max_num_seqs=args.max_num_seqs, kv_cache_gb=args.kv_cache_gb,
+                  max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                  kv_cache_gb=args.kv_cache_gb,
                   gpu_memory_utilization=args.gpu_memory_utilization, fp16=args.fp16,
                   cuda_graph=not args.no_cuda_graph, int8_head=args.int8_head)
         shown = list(prompts)  # what the user typed, also with --chat
