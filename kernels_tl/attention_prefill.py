@@ -23,7 +23,8 @@ import math
 import tilelang
 import tilelang.language as T
 
-from kernels_tl.kv_attention import _TARGETS, BLOCK_SIZE, SM90, _load_kv_block, _softmax_pv  # noqa: F401
+from kernels_tl.kv_attention import (_TARGETS, BLOCK_SIZE, SM90, _attention_buffers,  # noqa: F401
+                                     _load_kv_block, _softmax_pv)
 
 ROWS = 64  # query rows of a program (tokens x GQA group), the mma tile height
 
@@ -98,21 +99,8 @@ def attention_prefill(heads: int, kv_heads: int, head_dim: int, block_size: int 
                  TILES: T.Tensor((nt, 2), "int32"),
                  O: T.Tensor((t, heads, head_dim), "float16")):
             with T.Kernel(nt, kv_heads, threads=threads) as (tile, kvh):
-                q_s = T.alloc_shared((ROWS, head_dim), "float16")
-                kp_s = T.alloc_shared((block_size, half), "uint8")
-                vp_s = T.alloc_shared((block_size, half), "uint8")
-                km_s = T.alloc_shared((block_size, 2), "float16")
-                vm_s = T.alloc_shared((block_size, 2), "float16")
-                k_s = T.alloc_shared((block_size, head_dim), "float16")
-                v_s = T.alloc_shared((block_size, head_dim), "float16")
-                s = T.alloc_fragment((ROWS, block_size), "float32")
-                p_s = T.alloc_shared((ROWS, block_size), "float16")  # probabilities, re-laid out for P·V
-                o = T.alloc_fragment((ROWS, head_dim), "float32")
-                m = T.alloc_fragment((ROWS,), "float32")
-                m_prev = T.alloc_fragment((ROWS,), "float32")
-                rescale = T.alloc_fragment((ROWS,), "float32")
-                l = T.alloc_fragment((ROWS,), "float32")
-                l_blk = T.alloc_fragment((ROWS,), "float32")
+                (q_s, kp_s, vp_s, km_s, vm_s, k_s, v_s, s, p_s, o, m, m_prev, rescale, l,
+                 l_blk) = _attention_buffers(ROWS, block_size, head_dim)
 
                 seq = TILES[tile, 0]
                 q0 = TILES[tile, 1]

@@ -1,8 +1,9 @@
 """Which W4A4 / W4A8 GEMM kernel runs a problem, and the call (`w4ax_linear`, the GEMM's entry point
 in the dispatch layer): the CUDA-core GEMV for M <= 4, for M <= 64 the tensor-core decode kernel
-(epilogue fused where one block covers K, else split-K + epilogue kernel), the prefill kernel above that (the kernels themselves: `kernels_tl.gemm`). Tile choices are
-functions of the shape only, so one compiled kernel serves every M of a class, and `prebuild`
-compiles an engine's whole set in parallel before the first step.
+(epilogue fused where one block covers K, else split-K + epilogue kernel), the prefill kernel above
+that (the kernels themselves: `kernels_tl.gemm`). Tile choices are functions of the shape only, so
+one compiled kernel serves every M of a class, and `prebuild` compiles an engine's whole set in
+parallel before the first step.
 """
 
 import functools

@@ -193,6 +193,21 @@ def _load_kv_block(KD, KM, VD, VM, phys, kvh, kp_s, km_s, vp_s, vm_s, k_s, v_s, 
         _dequant_tile(vp_s, lambda j: VM[phys, kvh, j, 0], lambda j: VM[phys, kvh, j, 1], v_s, block_size, head_dim)
 
 
+def _attention_buffers(rows: int, block_size: int, head_dim: int):
+    """The buffers of one attention program, decode and prefill alike: the query rows, one cache
+    block packed (codes, scale / zero) and dequantized, the scores and probabilities, the output
+    and the online-softmax state (row maxima, rescale factors, running and block sums)."""
+    half = head_dim // 2
+    return (T.alloc_shared((rows, head_dim), "float16"),
+            T.alloc_shared((block_size, half), "uint8"), T.alloc_shared((block_size, half), "uint8"),
+            T.alloc_shared((block_size, 2), "float16"), T.alloc_shared((block_size, 2), "float16"),
+            T.alloc_shared((block_size, head_dim), "float16"), T.alloc_shared((block_size, head_dim), "float16"),
+            T.alloc_fragment((rows, block_size), "float32"),
+            T.alloc_shared((rows, block_size), "float16"),  # probabilities, re-laid out for P·V
+            T.alloc_fragment((rows, head_dim), "float32"),
+            *(T.alloc_fragment((rows,), "float32") for _ in range(5)))
+
+
 @T.macro
 def _softmax_pv(s, m, m_prev, rescale, l, l_blk, o, p_s, v_s, rows: int, block_size: int, head_dim: int):
     """The online-softmax step after the masked, log2-scaled scores s of one block: new row maxima,
@@ -276,6 +291,8 @@ def attention_decode(heads: int, kv_heads: int, head_dim: int, num_splits: int, 
 
         @T.macro
         def scores_and_update(it, first, ctx, q_s, k_s, v_s, s, p_s, o, m, m_prev, rescale, l, l_blk):
+            """Block `it` of the split once K / V are in k_s / v_s: masked, log2-scaled scores, then
+            the online-softmax step and P·V."""
             T.clear(s)
             T.gemm(q_s, k_s, s, transpose_B=True, policy=T.GemmWarpPolicy.FullCol)
             for i, j in T.Parallel(rows, block_size):
@@ -290,12 +307,7 @@ def attention_decode(heads: int, kv_heads: int, head_dim: int, num_splits: int, 
             phys = TABLES[seq, first + it]
             _load_kv_block(KD, KM, VD, VM, phys, kvh, kp_s, km_s, vp_s, vm_s, k_s, v_s, block_size, head_dim,
                            num_stages)
-            T.clear(s)
-            T.gemm(q_s, k_s, s, transpose_B=True, policy=T.GemmWarpPolicy.FullCol)
-            for i, j in T.Parallel(rows, block_size):
-                s[i, j] = T.if_then_else((first + it) * block_size + j < ctx, s[i, j] * T.float32(scale_log2),
-                                         -T.infinity("float32"))
-            _softmax_pv(s, m, m_prev, rescale, l, l_blk, o, p_s, v_s, rows, block_size, head_dim)
+            scores_and_update(it, first, ctx, q_s, k_s, v_s, s, p_s, o, m, m_prev, rescale, l, l_blk)
 
         @T.prim_func
         def main(Q: T.Tensor((b, heads, head_dim), "float16"),
@@ -307,21 +319,8 @@ def attention_decode(heads: int, kv_heads: int, head_dim: int, num_splits: int, 
                  OP: T.Tensor((b, heads, num_splits, head_dim), "float32"),
                  LSE: T.Tensor((b, heads, num_splits), "float32")):
             with T.Kernel(b, kv_heads, num_splits, threads=threads) as (seq, kvh, split):
-                q_s = T.alloc_shared((rows, head_dim), "float16")
-                kp_s = T.alloc_shared((block_size, half), "uint8")
-                vp_s = T.alloc_shared((block_size, half), "uint8")
-                km_s = T.alloc_shared((block_size, 2), "float16")
-                vm_s = T.alloc_shared((block_size, 2), "float16")
-                k_s = T.alloc_shared((block_size, head_dim), "float16")
-                v_s = T.alloc_shared((block_size, head_dim), "float16")
-                s = T.alloc_fragment((rows, block_size), "float32")
-                p_s = T.alloc_shared((rows, block_size), "float16")  # probabilities, re-laid out for P·V
-                o = T.alloc_fragment((rows, head_dim), "float32")
-                m = T.alloc_fragment((rows,), "float32")
-                m_prev = T.alloc_fragment((rows,), "float32")
-                rescale = T.alloc_fragment((rows,), "float32")
-                l = T.alloc_fragment((rows,), "float32")
-                l_blk = T.alloc_fragment((rows,), "float32")
+                (q_s, kp_s, vp_s, km_s, vm_s, k_s, v_s, s, p_s, o, m, m_prev, rescale, l,
+                 l_blk) = _attention_buffers(rows, block_size, head_dim)
 
                 ctx = LENS[seq]
                 n_blocks = T.ceildiv(ctx, block_size)
