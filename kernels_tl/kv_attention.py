@@ -406,17 +406,18 @@ def decode_splits(batch: int, kv_heads: int, max_context: int, block_size: int =
     return max(1, min(want, max_context // (2 * block_size), 32))
 
 
-def prebuild_decode(heads: int, kv_heads: int, head_dim: int, splits: list[int], block_size: int = BLOCK_SIZE,
-                    workers: int = 16) -> None:
-    """Compile the decode attention (both loops: use_prefetch picks per batch) and combine kernels
-    for every split count in parallel (TileLang compiles through nvcc subprocesses, so threads
+def prebuild_decode(heads: int, kv_heads: int, head_dim: int, grids: list[tuple[int, int]],
+                    block_size: int = BLOCK_SIZE, workers: int = 16) -> None:
+    """Compile, for every (batch, splits) decode grid, the attention loop use_prefetch picks there
+    and the combine kernel, in parallel (TileLang compiles through nvcc subprocesses, so threads
     overlap)."""
     from concurrent.futures import ThreadPoolExecutor
 
     # The arguments exactly as attention_decode_op passes them: lru_cache keys on the call's form.
+    variants = sorted({(n, use_prefetch(batch, kv_heads, n)) for batch, n in grids})
     jobs = [functools.partial(attention_decode, heads, kv_heads, head_dim, n, block_size, None, 128, None, 1,
-                              prefetch) for n in sorted(set(splits)) for prefetch in (False, True)]
-    jobs += [functools.partial(attention_combine, heads, head_dim, n) for n in sorted(set(splits))]
+                              prefetch) for n, prefetch in variants]
+    jobs += [functools.partial(attention_combine, heads, head_dim, n) for n in sorted({n for _, n in grids})]
     with ThreadPoolExecutor(workers) as pool:
         list(pool.map(lambda job: job(), jobs))
 

@@ -189,9 +189,9 @@ class LLM:
         if cache is None or not ops.use_kernels(cache[0]) or not ops._kv_kernels_support(cache):
             return
         cfg, block = self.cfg, cache[0].shape[2]
-        splits = [kv_attention.decode_splits(size, cfg.num_kv_heads, block * self._table_width)
-                  for size in self.decode_buckets]
-        kv_attention.prebuild_decode(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, splits, block)
+        grids = [(size, kv_attention.decode_splits(size, cfg.num_kv_heads, block * self._table_width))
+                 for size in self.decode_buckets]
+        kv_attention.prebuild_decode(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, grids, block)
 
     # ------------------------------------------------------------------ one step
 
