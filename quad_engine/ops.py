@@ -312,7 +312,7 @@ def kv_store(k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor, cache
     own tokens without reading the cache back."""
     k, v = k.half(), v.half()  # the cache quantizes float16 K / V
     if use_kernels(k) and _kv_kernels_support(cache):
-        from kernels_tl.kv_attention import kv_store_op
+        from kernels_tl.kv_store import kv_store_op
         return kv_store_op(k, v, slot_mapping, *cache, clip=clip, round_trip=round_trip)
     ref.kv_store(k.float(), v.float(), slot_mapping, *cache, clip=clip)
     if round_trip:

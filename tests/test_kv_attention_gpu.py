@@ -25,7 +25,7 @@ def random_cache(num_blocks, kv_heads, head_dim, block_size, g):
 @pytest.mark.parametrize("heads,kv_heads,head_dim", SHAPES)
 @pytest.mark.parametrize("tokens", [1, 3, 100, 2053])
 def test_kv_store_is_bit_exact(heads, kv_heads, head_dim, tokens, round_trip):
-    from kernels_tl.kv_attention import BLOCK_SIZE, kv_store_op
+    from kernels_tl.kv_store import BLOCK_SIZE, kv_store_op
     g = torch.Generator(device="cuda").manual_seed(tokens * 31 + head_dim)
     num_blocks = tokens // BLOCK_SIZE + 8
     k = torch.randn(tokens, kv_heads, head_dim, generator=g, device="cuda").half()

@@ -92,7 +92,8 @@ def test_kv_bytes_per_token_are_at_least_3_5x_smaller_than_fp16():
 @pytest.mark.parametrize("heads,kv_heads,dim", [(32, 8, 128), (9, 3, 64), (28, 4, 128)])
 def test_kv_kernels_build_for_sm90(heads, kv_heads, dim):
     pytest.importorskip("tilelang")
-    from kernels_tl.kv_attention import SM90, attention_combine, attention_decode, kv_store
+    from kernels_tl.kv_attention import SM90, attention_combine, attention_decode
+    from kernels_tl.kv_store import kv_store
     assert "nearbyintf" in kv_store(kv_heads, dim, target=SM90).get_kernel_source()
     assert "KO[" in kv_store(kv_heads, dim, target=SM90, round_trip=True).get_kernel_source()
     src = attention_decode(heads, kv_heads, dim, 4, target=SM90).get_kernel_source()
