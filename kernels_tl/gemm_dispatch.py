@@ -6,8 +6,6 @@ one compiled kernel serves every M of a class, and `prebuild` compiles an engine
 parallel before the first step.
 """
 
-import functools
-
 from kernels_tl.gemm import w4ax_epilogue, w4ax_gemm, w4ax_gemm_decode, w4ax_gemm_splitk, w4ax_gemv
 
 GEMV_TOKENS = (1, 2, 4)  # compiled token widths of the CUDA-core kernel; larger M goes to tensor cores
@@ -75,18 +73,43 @@ def decode_plan(m: int, n: int, k: int, sms: int = 132) -> dict:
     return dict(block_m=block_m, block_k=block_k, split=split, num_stages=stages)
 
 
-def kernels_for(m: int, n: int, k: int, rank: int, has_bias: bool, out_dtype: str) -> list:
-    """The compiled kernels `w4ax_linear` runs for one problem, in call order."""
+def _spec(builder, *args, **kwargs) -> tuple:
+    """A kernel as (builder, args, kwargs): built by calling the builder in exactly this form (its
+    lru_cache keys on the call's form, so the prebuild and the call must match)."""
+    return builder, args, tuple(sorted(kwargs.items()))
+
+
+def _build(spec):
+    builder, args, kwargs = spec
+    return builder(*args, **dict(kwargs))
+
+
+def kernel_specs(m: int, n: int, k: int, rank: int, has_bias: bool, out_dtype: str) -> list[tuple]:
+    """The kernels `w4ax_linear` runs for one problem, in call order, as _spec tuples."""
     if m <= GEMV_TOKENS[-1] and n % 16 == 0:
-        tokens = next(t for t in GEMV_TOKENS if t >= m)
-        return [w4ax_gemv(n, k, rank, has_bias, out_dtype, tokens)]
+        return [_spec(w4ax_gemv, n, k, rank, has_bias, out_dtype, next(t for t in GEMV_TOKENS if t >= m))]
     if m <= DECODE_MAX_M:
         plan = decode_plan(m, n, k)
         if plan["split"] == 1:  # one block covers K: the epilogue runs in the same kernel
-            return [w4ax_gemm_decode(n, k, rank, has_bias, out_dtype, plan["block_m"], plan["block_k"],
-                                     plan["num_stages"])]
-        return [w4ax_gemm_splitk(n, k, **plan), w4ax_epilogue(n, rank, has_bias, out_dtype, plan["block_m"])]
-    return [w4ax_gemm(n, k, rank, has_bias, out_dtype, **prefill_tiles(m, n, k, rank, has_bias))]
+            return [_spec(w4ax_gemm_decode, n, k, rank, has_bias, out_dtype, plan["block_m"], plan["block_k"],
+                          plan["num_stages"])]
+        return [_spec(w4ax_gemm_splitk, n, k, **plan),
+                _spec(w4ax_epilogue, n, rank, has_bias, out_dtype, plan["block_m"])]
+    return [_spec(w4ax_gemm, n, k, rank, has_bias, out_dtype, **prefill_tiles(m, n, k, rank, has_bias))]
+
+
+def kernels_for(m: int, n: int, k: int, rank: int, has_bias: bool, out_dtype: str) -> list:
+    """The compiled kernels `w4ax_linear` runs for one problem, in call order."""
+    return [_build(spec) for spec in kernel_specs(m, n, k, rank, has_bias, out_dtype)]
+
+
+def _build_all(specs, workers: int = 16) -> None:
+    """Build every distinct kernel of `specs` once, in parallel (TileLang compiles through nvcc
+    subprocesses, so threads overlap; token counts of one class share their kernels)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(_build, dict.fromkeys(specs)))
 
 
 def w8a8_decode_supports(n: int, k: int, rank: int) -> bool:
@@ -94,10 +117,11 @@ def w8a8_decode_supports(n: int, k: int, rank: int) -> bool:
     return n % 64 == 0 and k % 64 == 0 and rank % 16 == 0
 
 
-def w8a8_decode_kernel(m: int, n: int, k: int, rank: int):
+def _w8a8_spec(m: int, n: int, k: int, rank: int) -> tuple:
     """The int8-weight decode GEMM for M = m (float32 out; the int8 lm_head): one block covers K."""
     plan = decode_plan(m, n, k)
-    return w4ax_gemm_decode(n, k, rank, False, "float32", plan["block_m"], plan["block_k"], plan["num_stages"], 8)
+    return _spec(w4ax_gemm_decode, n, k, rank, False, "float32", plan["block_m"], plan["block_k"],
+                 plan["num_stages"], 8)
 
 
 def w8a8_decode_linear(x_q, x_scale, w_q, w_scale, x_out=None, w_out=None, out=None):
@@ -113,39 +137,27 @@ def w8a8_decode_linear(x_q, x_scale, w_q, w_scale, x_out=None, w_out=None, out=N
         x_out, w_out = _zeros("x_out", m, 16, torch.float16, dev), _zeros("w_out", n, 16, torch.float16, dev)
     bias = _zeros("bias", n, 1, torch.float16, dev).view(n)
     y = out if out is not None else torch.empty(m, n, dtype=torch.float32, device=dev)
-    w8a8_decode_kernel(m, n, k, rank)(x_q, x_scale.reshape(-1).float(), w_q, w_scale.reshape(-1).float(),
+    _build(_w8a8_spec(m, n, k, rank))(x_q, x_scale.reshape(-1).float(), w_q, w_scale.reshape(-1).float(),
                                       x_out.contiguous(), w_out.contiguous(), bias, y)
     return y
 
 
 def prebuild_w8a8(problems, workers: int = 16) -> None:
-    """Compile w8a8_decode_kernel for many (m, n, k, rank) in parallel, each distinct kernel once
-    (token counts of one class share it)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    distinct = {}
-    for m, n, k, rank in problems:
-        plan = decode_plan(m, n, k)
-        distinct.setdefault((n, k, rank, plan["block_m"], plan["block_k"], plan["num_stages"]), (m, n, k, rank))
-    with ThreadPoolExecutor(workers) as pool:
-        list(pool.map(lambda p: w8a8_decode_kernel(*p), distinct.values()))
+    """Compile the int8-weight decode GEMM for many (m, n, k, rank) in parallel."""
+    _build_all([_w8a8_spec(*p) for p in problems], workers)
 
 
 def prebuild(problems, workers: int = 16) -> None:
-    """Compile the kernels for many (m, n, k, rank, has_bias, out_dtype) problems in parallel
-    (TileLang compiles through nvcc subprocesses, so threads overlap); for a prefill size, every
-    tile configuration prefill_tiles may pick at some token count of its class."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    jobs = []
+    """Compile the kernels for many (m, n, k, rank, has_bias, out_dtype) problems in parallel; for a
+    prefill size, every tile configuration prefill_tiles may pick at some token count of its class."""
+    specs = []
     for m, n, k, rank, has_bias, out_dtype in sorted(set(problems)):
         if m <= DECODE_MAX_M:
-            jobs.append(functools.partial(kernels_for, m, n, k, rank, has_bias, out_dtype))
+            specs += kernel_specs(m, n, k, rank, has_bias, out_dtype)
         else:
-            jobs += [functools.partial(w4ax_gemm, n, k, rank, has_bias, out_dtype, **t)
-                     for t in prefill_candidates(m, k, rank, has_bias)]
-    with ThreadPoolExecutor(workers) as pool:
-        list(pool.map(lambda job: job(), jobs))
+            specs += [_spec(w4ax_gemm, n, k, rank, has_bias, out_dtype, **t)
+                      for t in prefill_candidates(m, k, rank, has_bias)]
+    _build_all(specs, workers)
 
 
 _buffers: dict = {}

@@ -204,11 +204,13 @@ class LLM:
         if self.logits_hook is not None:
             self.logits_hook(seqs, logits)
         done = [i for i, seq in enumerate(seqs) if seq.status == Status.RUNNING]
-        if len(done) < len(seqs):
-            tokens = iter(self.sampler.sample(logits[done], [seqs[i].params for i in done],
-                                              [seqs[i].generator for i in done]).tolist() if done else [])
-            return [next(tokens) if seq.status == Status.RUNNING else None for seq in seqs]
-        return self.sampler.sample(logits, [seq.params for seq in seqs], [seq.generator for seq in seqs]).tolist()
+        if not done:
+            return [None] * len(seqs)
+        if len(done) < len(seqs):  # decode steps never get here: no row gather on the hot path
+            logits = logits[done]
+        tokens = iter(self.sampler.sample(logits, [seqs[i].params for i in done],
+                                          [seqs[i].generator for i in done]).tolist())
+        return [next(tokens) if seq.status == Status.RUNNING else None for seq in seqs]
 
     def _forward(self, ctx: StepContext, ids: torch.Tensor, positions: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
         set_context(ctx)

@@ -143,11 +143,10 @@ def head_w8a8(hidden: torch.Tensor, head_out: torch.Tensor, head_q: torch.Tensor
     lead = hidden.shape[:-1]
     flat = hidden.reshape(-1, hidden.shape[-1])
     m = flat.shape[0]
-    if 0 < m <= 4:  # kernels_tl.head_gemv.GEMV_TOKENS[-1]
-        from kernels_tl.head_gemv import head_w8a8_op
-        return head_w8a8_op(flat, head_out, head_q, head_s).reshape(*lead, -1)
+    from kernels_tl import gemm_dispatch, head_gemv
+    if 0 < m <= head_gemv.GEMV_TOKENS[-1]:
+        return head_gemv.head_w8a8_op(flat, head_out, head_q, head_s).reshape(*lead, -1)
     q, sx = ref.quantize_act(flat[:, r:].float(), 8, 1.0)
-    from kernels_tl import gemm_dispatch
     if m <= gemm_dispatch.DECODE_MAX_M and gemm_dispatch.w8a8_decode_supports(head_q.shape[0], head_q.shape[1], r):
         return gemm_dispatch.w8a8_decode_linear(q, sx, head_q, head_s, flat[:, :r].half(), head_out).reshape(*lead, -1)
     rows = max(24, -(-m // 8) * 8)
@@ -161,18 +160,14 @@ def head_w8a8(hidden: torch.Tensor, head_out: torch.Tensor, head_q: torch.Tensor
 def prebuild_head(model, token_counts, workers: int = 16) -> None:
     """Compile the int8 lm_head's decode kernels (GEMV and int8-weight decode GEMM) for these token
     counts in parallel, before the graph captures need them."""
-    from concurrent.futures import ThreadPoolExecutor
-
     try:
         from kernels_tl import gemm_dispatch, head_gemv
     except ImportError:
         return
     n, d = model.head_q.shape
     r = model.head_out.shape[-1]
-    jobs = [functools.partial(head_gemv.head_gemv, n, d, r, t) for t in head_gemv.GEMV_TOKENS
-            if any(m <= t for m in token_counts)]
-    with ThreadPoolExecutor(workers) as pool:
-        list(pool.map(lambda job: job(), jobs))
+    widths = {next(t for t in head_gemv.GEMV_TOKENS if t >= m) for m in token_counts if m <= head_gemv.GEMV_TOKENS[-1]}
+    head_gemv.prebuild([(n, d, r)], sorted(widths), workers)
     if gemm_dispatch.w8a8_decode_supports(n, d, r):
         gemm_dispatch.prebuild_w8a8([(m, n, d, r) for m in token_counts
                                      if head_gemv.GEMV_TOKENS[-1] < m <= gemm_dispatch.DECODE_MAX_M], workers)
