@@ -31,6 +31,8 @@ import functools
 import tilelang
 import tilelang.language as T
 
+from kernels_tl.pdl import wait_for_producers
+
 # Explicit target so kernels also build (codegen + nvcc) on a machine without a GPU.
 SM90 = "sm90"
 _TARGETS = {"sm90": {"kind": "cuda", "arch": "sm_90a"}, None: "auto"}
@@ -163,6 +165,7 @@ def w4ax_gemm_splitk(n: int, k: int, split: int, block_m: int = 16, block_n: int
         @T.prim_func
         def main(XQ: T.Tensor((m, k), "int8"), WQ: T.Tensor((n, k // 2), "uint8"), ACC: T.Tensor((m, n), "int32")):
             with T.Kernel(T.ceildiv(n, block_n), T.ceildiv(m, block_m), split, threads=128) as (bx, by, bz):
+                wait_for_producers("gemm")
                 x_s = T.alloc_shared((block_m, block_k), "int8")
                 w_packed = T.alloc_shared((block_n, block_k // 2), "uint8")
                 w_s = T.alloc_shared((block_n, block_k), "int8")
@@ -220,6 +223,7 @@ def w4ax_gemm_decode(n: int, k: int, rank: int, has_bias: bool = False, out_dtyp
             Y: T.Tensor((m, n), out_dtype),
         ):
             with T.Kernel(n // block_n, T.ceildiv(m, block_m), threads=128) as (bx, by):
+                wait_for_producers("gemm")
                 x_s = T.alloc_shared((block_m, block_k), "int8")
                 w_s = T.alloc_shared((block_n, block_k), "int8")
                 acc = T.alloc_fragment((block_n, block_m), "int32")
@@ -298,6 +302,7 @@ def w4ax_epilogue(n: int, rank: int, has_bias: bool = False, out_dtype: str = "f
                  XO: T.Tensor((m, r), "float16"), WO: T.Tensor((n, r), "float16"), BIAS: T.Tensor((n,), "float16"),
                  Y: T.Tensor((m, n), out_dtype)):
             with T.Kernel(n // block_n, T.ceildiv(m, block_m), threads=128) as (bx, by):
+                wait_for_producers("gemm")
                 acc_s = T.alloc_shared((block_m, block_n), "int32")
                 acc = T.alloc_fragment((block_n, block_m), "int32")
                 out = T.alloc_fragment((block_n, block_m), "float32")
@@ -368,6 +373,7 @@ def w4ax_gemv(n: int, k: int, rank: int, has_bias: bool = False, out_dtype: str 
             Y: T.Tensor((m, n), out_dtype),
         ):
             with T.Kernel(n // rows_per_block, threads=warps * 32) as bx:
+                wait_for_producers("gemv")
                 tx = T.get_thread_binding()
                 lane = tx % 32
                 row0 = bx * rows_per_block + (tx // 32) * rows_per_warp

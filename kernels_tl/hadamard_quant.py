@@ -17,6 +17,7 @@ from typing import NamedTuple
 import tilelang
 import tilelang.language as T
 
+from kernels_tl.pdl import wait_for_producers
 from kernels_tl.quantize import _PASS_CONFIGS, _TARGETS, SM90, _block_allreduce, _qmax, _quantize, _token_scale  # noqa: F401
 
 
@@ -211,6 +212,7 @@ def _hadamard_quant(n: int, factors: tuple, block, bits: int, clip: float, targe
             with T.Kernel(m, threads=threads) as bx:
                 if min_blocks > 1:
                     T.annotate_min_blocks_per_sm(min_blocks)
+                wait_for_producers("hadamard_quant")
                 tx = T.get_thread_binding()
                 # The row in fp32 (swizzled, see _swizzle), then the block reduction's slots: one buffer,
                 # so that nothing else is placed over the row while other warps may still read it.

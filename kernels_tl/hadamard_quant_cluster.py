@@ -28,6 +28,7 @@ import tilelang
 import tilelang.language as T
 
 from kernels_tl.hadamard_quant import _is_pow2, _quad_combos, _quad_terms, _signed_chain, _swiglu_f16
+from kernels_tl.pdl import wait_for_producers
 from kernels_tl.quantize import _PASS_CONFIGS, _TARGETS, SM90, _block_allreduce, _qmax, _quantize, _token_scale  # noqa: F401
 
 # Distributed shared memory and the cluster barrier, as PTX (sm_90): mapa turns a shared-memory
@@ -114,6 +115,7 @@ def _hadamard_quant_cluster(n: int, factors: tuple, bits: int, clip: float, targ
         ):
             with T.Kernel(m * C, threads=threads, cluster_dims=(C, 1, 1)) as bx:
                 T.import_source(_CLUSTER_SRC)
+                wait_for_producers("hadamard_quant")
                 tx = T.get_thread_binding()
                 tok = bx // C
                 rank = bx % C

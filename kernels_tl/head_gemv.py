@@ -31,6 +31,8 @@ import functools
 import tilelang
 import tilelang.language as T
 
+from kernels_tl.pdl import wait_for_producers
+
 # Explicit target so kernels also build (codegen + nvcc) on a machine without a GPU.
 SM90 = "sm90"
 _TARGETS = {"sm90": {"kind": "cuda", "arch": "sm_90a"}, None: "auto"}
@@ -91,6 +93,7 @@ def head_gemv(n: int, k: int, rank: int, tokens: int = 1, rows_per_warp: int = 4
             Y: T.Tensor((m, n), "float32"),
         ):
             with T.Kernel(T.ceildiv(n, rows_per_block), threads=warps * 32) as bx:
+                wait_for_producers("head")
                 tx = T.get_thread_binding()
                 lane = tx % 32
                 row0 = bx * rows_per_block + (tx // 32) * rows_per_warp

@@ -19,6 +19,8 @@ import os
 import tilelang
 import tilelang.language as T
 
+from kernels_tl.pdl import wait_for_producers
+
 # Explicit target so kernels also build (codegen + nvcc) on a machine without a GPU.
 SM90 = "sm90"
 _TARGETS = {"sm90": {"kind": "cuda", "arch": "sm_90a"}, None: "auto"}
@@ -222,6 +224,7 @@ def attention_decode(heads: int, kv_heads: int, head_dim: int, num_splits: int, 
             with T.Kernel(b, kv_heads, num_splits, threads=threads) as (seq, kvh, split):
                 (q_s, kp_s, vp_s, km_s, vm_s, k_s, v_s, s, p_s, o, m, m_prev, rescale, l,
                  l_blk) = _attention_buffers(rows, block_size, head_dim)
+                wait_for_producers("attention")
 
                 ctx = LENS[seq]
                 n_blocks = T.ceildiv(ctx, block_size)
@@ -279,6 +282,7 @@ def attention_combine(heads: int, head_dim: int, num_splits: int, target=None):
         def main(OP: T.Tensor((b, heads, num_splits, head_dim), "float32"),
                  LSE: T.Tensor((b, heads, num_splits), "float32"), OUT: T.Tensor((b, heads, head_dim), "float16")):
             with T.Kernel(b, heads, threads=head_dim) as (seq, h):
+                wait_for_producers("attention")
                 d = T.get_thread_binding()
                 top = T.alloc_local((1,), "float32")
                 total = T.alloc_local((1,), "float32")

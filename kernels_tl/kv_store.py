@@ -8,6 +8,7 @@ import tilelang
 import tilelang.language as T
 
 from kernels_tl.kv_attention import _TARGETS, BLOCK_SIZE, SM90  # noqa: F401
+from kernels_tl.pdl import wait_for_producers
 
 
 @functools.lru_cache(maxsize=None)
@@ -92,6 +93,7 @@ def kv_store(kv_heads: int, head_dim: int, block_size: int = BLOCK_SIZE, clip: f
                      KO: T.Tensor((t, kv_heads, head_dim), "float16"),
                      VO: T.Tensor((t, kv_heads, head_dim), "float16")):
                 with T.Kernel(t, 2 * kv_heads, threads=32) as (tok, row):
+                    wait_for_producers("kv_store")
                     body(K, V, SLOTS, KD, KM, VD, VM, KO, VO, tok, row)
         else:
             @T.prim_func
@@ -102,6 +104,7 @@ def kv_store(kv_heads: int, head_dim: int, block_size: int = BLOCK_SIZE, clip: f
                      VD: T.Tensor((nb, kv_heads, block_size, half), "uint8"),
                      VM: T.Tensor((nb, kv_heads, block_size, 2), "float16")):
                 with T.Kernel(t, 2 * kv_heads, threads=32) as (tok, row):
+                    wait_for_producers("kv_store")
                     body(K, V, SLOTS, KD, KM, VD, VM, K, V, tok, row)  # K, V: never written without round_trip
 
         return main

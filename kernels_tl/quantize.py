@@ -20,6 +20,8 @@ import functools
 import tilelang
 import tilelang.language as T
 
+from kernels_tl.pdl import wait_for_producers
+
 # Explicit target so kernels also build (codegen + nvcc) on a machine without a GPU.
 SM90 = "sm90"
 _TARGETS = {"sm90": {"kind": "cuda", "arch": "sm_90a"}, None: "auto"}
@@ -174,6 +176,7 @@ def rmsnorm_quant(width: int, rank: int, d: int, bits: int, clip: float, eps: fl
                 XS: T.Tensor((m,), "float32"),
             ):
                 with T.Kernel(m, threads=threads) as bx:
+                    wait_for_producers("norm")
                     body(H, D, XO, XQ, XS, bx)
         else:
             @T.prim_func
@@ -184,6 +187,7 @@ def rmsnorm_quant(width: int, rank: int, d: int, bits: int, clip: float, eps: fl
                 XS: T.Tensor((m,), "float32"),
             ):
                 with T.Kernel(m, threads=threads) as bx:
+                    wait_for_producers("norm")
                     body(H, H, XO, XQ, XS, bx)  # D is never read without the add
 
         return main

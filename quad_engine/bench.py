@@ -135,7 +135,7 @@ def _engine(plan: BenchPlan, system: str, max_len: int, max_seqs: int) -> LLM:
     from quad_engine.kv_cache import BLOCK_SIZE
     blocks = max(kv_blocks_for(plan, BLOCK_SIZE), -(-max_len // BLOCK_SIZE))
     common = dict(device=plan.device, max_model_len=max_len, max_num_seqs=max_seqs, num_blocks=blocks,
-                  max_num_batched_tokens=max(8192, max(b * t for b, t in plan.prefill)))
+                  max_num_batched_tokens=max([8192] + [b * t for b, t in plan.prefill]))
     if system == "fp16":
         from quad_engine.models.fp16 import FP16ForCausalLM
         dtype = torch.float16 if torch.device(plan.device).type == "cuda" else torch.float32

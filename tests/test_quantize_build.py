@@ -71,9 +71,11 @@ def test_rmsnorm_quant_float32_residual_variants_build(residual, tmp_path):
     from kernels_tl.quantize import SM90, rmsnorm_quant
     src = rmsnorm_quant(64 + 4096, 64, 4096, 4, 0.9, 1e-5, target=SM90, residual=residual).get_kernel_source()
     assert_reference_rounding(src)
-    assert "float* __restrict__ H" in src               # the float32 residual
+    # (kernels built for programmatic dependent launch lose __restrict__: TileLang drops it so that
+    # no read-only-cache load can be hoisted above the wait for the previous kernel)
+    assert re.search(r"float\* (__restrict__ )?H\b", src)  # the float32 residual
     assert ("*(float4*)(H +" in src) and (src.count("*(float4*)(H +") == (2 if residual == "add" else 1))
-    assert ("const half_t* __restrict__ D" in src) == (residual == "add")
+    assert bool(re.search(r"const half_t\* (__restrict__ )?D\b", src)) == (residual == "add")
     assert src.count("__syncthreads()") == 2
     assert ptxas_spills(src, tmp_path) == [0, 0]
 

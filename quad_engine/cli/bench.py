@@ -36,9 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "counterparts (QUAD_FUSE=0); quad-w4a4-head16 / quad-w4a4a8-head16 keep the embedding "
                         "and lm_head float16 (the quad systems: int8 rows, the engine's default)")
     p.add_argument("--prefill", type=shapes, default=None, help="batch x prompt tokens list (default "
-                   "1x512,1x2048,4x2048,16x2048,1x8192)")
+                   "1x512,1x2048,4x2048,16x2048,1x8192; '' for none)")
     p.add_argument("--decode", type=shapes, default=None, help="batch x context list (default "
-                   "1x1024,8x1024,32x1024,128x1024,1x4096,32x4096)")
+                   "1x1024,8x1024,32x1024,128x1024,1x4096,32x4096; '' for none)")
     p.add_argument("--decode-steps", type=int, default=32)
     p.add_argument("--throughput", type=int, default=64, help="requests in the throughput run (default 64)")
     p.add_argument("--repeats", type=int, default=3)
@@ -68,9 +68,9 @@ def main(argv=None) -> int:
                            decode_steps=args.decode_steps, throughput_requests=args.throughput, repeats=args.repeats,
                            checkpoint=args.checkpoint,
                            overrides={"vocab_size": args.vocab} if args.vocab else {})
-    if args.prefill:
+    if args.prefill is not None:  # an empty list measures no prefill
         plan.prefill = args.prefill
-    if args.decode:
+    if args.decode is not None:
         plan.decode = args.decode
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
