@@ -31,11 +31,12 @@ import functools
 import tilelang
 import tilelang.language as T
 
-from kernels_tl.pdl import wait_for_producers
+from kernels_tl.pdl import prefetch_weights, wait_for_producers
 
 # Explicit target so kernels also build (codegen + nvcc) on a machine without a GPU.
 SM90 = "sm90"
 _TARGETS = {"sm90": {"kind": "cuda", "arch": "sm_90a"}, None: "auto"}
+PREFETCH_GEMV_WEIGHTS = prefetch_weights("gemv")
 
 _UNPACK_SRC = r"""
 // 16 packed bytes = 32 int4 in the checkpoint's 8-interleaved order -> 32 int8 holding 16*q, in K
@@ -343,19 +344,31 @@ __device__ __forceinline__ int quad_dot_int4x32(const void* w_ptr, const void* x
 
 @functools.lru_cache(maxsize=None)
 def w4ax_gemv(n: int, k: int, rank: int, has_bias: bool = False, out_dtype: str = "float16", tokens: int = 1,
-              rows_per_warp: int = 4, warps: int = 4, unroll: int = 2, target=None):
+              rows_per_warp: int = 4, warps: int = 4, unroll: int = 2, prefetch: bool = PREFETCH_GEMV_WEIGHTS,
+              target=None):
     """The small-batch kernel (M <= `tokens`): a GEMV on the CUDA cores, no tensor cores, no shared
     memory, everything in one pass. Each warp owns `rows_per_warp` weight rows; each lane streams
     16-byte packed chunks of them (`unroll` chunks per row in flight before the first use) and
     reuses every activation chunk it loads across its rows. Unpacked words go straight into dp4a;
     lanes are reduced with warp shuffles, and lane 0 adds the fp16 outlier product, the scales and
     the bias. Called like the prefill kernel: kernel(x_q, x_scale, w_q, w_scale, x_out, w_out, bias, y).
+    prefetch: request the first step's weights before waiting for the previous kernel (kernels_tl.pdl).
     """
     r = max(rank, 16)
     rows_per_block = rows_per_warp * warps
     chunks = k // 32  # 16-byte packed chunks per weight row
     steps = -(-chunks // (32 * unroll))
     assert k % 32 == 0 and n % rows_per_block == 0 and r % 32 == 0 or rank == 0
+
+    @T.macro
+    def load_weights(WQ, w_loc, row0, lane, step):
+        """This lane's packed weight chunks of one step into w_loc (zeros past the row's end)."""
+        for u in T.unroll(unroll):
+            chunk = (step * unroll + u) * 32 + lane
+            for rw in T.unroll(rows_per_warp):
+                for v in T.vectorized(16):
+                    w_loc[(rw * unroll + u) * 16 + v] = T.if_then_else(
+                        chunk < chunks, WQ[row0 + rw, chunk * 16 + v], T.uint8(0))
 
     @tilelang.jit(target=_TARGETS[target])
     def build():
@@ -373,7 +386,6 @@ def w4ax_gemv(n: int, k: int, rank: int, has_bias: bool = False, out_dtype: str 
             Y: T.Tensor((m, n), out_dtype),
         ):
             with T.Kernel(n // rows_per_block, threads=warps * 32) as bx:
-                wait_for_producers("gemv")
                 tx = T.get_thread_binding()
                 lane = tx % 32
                 row0 = bx * rows_per_block + (tx // 32) * rows_per_warp
@@ -383,6 +395,13 @@ def w4ax_gemv(n: int, k: int, rank: int, has_bias: bool = False, out_dtype: str 
                 scale = T.alloc_local((tokens * rows_per_warp,), "float32")
                 extra = T.alloc_local((tokens * rows_per_warp,), "float32")
                 T.import_source(_DOT_SRC)
+
+                # The first step's weight chunks (a K of 4096 takes two steps) are requested before
+                # the wait for the previous kernel: weights are never written, and with programmatic
+                # dependent launch these loads overlap that kernel's tail.
+                if prefetch:
+                    load_weights(WQ, w_loc, row0, lane, 0)
+                wait_for_producers("gemv")
                 # The epilogue's operands (scales, bias, this lane's share of the outlier product)
                 # are loaded before the main loop, so their latency hides under the weight stream.
                 for t in T.unroll(tokens):
@@ -398,12 +417,10 @@ def w4ax_gemv(n: int, k: int, rank: int, has_bias: bool = False, out_dtype: str 
                                 "float32", WO[row0 + rw, lane * (rank // 32) + c])
                 for step in T.unroll(steps):
                     # All loads of a step first (independent, in flight together), then the math.
+                    if step > 0 or not prefetch:
+                        load_weights(WQ, w_loc, row0, lane, step)
                     for u in T.unroll(unroll):
                         chunk = (step * unroll + u) * 32 + lane
-                        for rw in T.unroll(rows_per_warp):
-                            for v in T.vectorized(16):
-                                w_loc[(rw * unroll + u) * 16 + v] = T.if_then_else(
-                                    chunk < chunks, WQ[row0 + rw, chunk * 16 + v], T.uint8(0))
                         for t in T.unroll(tokens):
                             for v in T.vectorized(32):
                                 x_loc[(t * unroll + u) * 32 + v] = T.if_then_else(

@@ -60,7 +60,11 @@ def test_decode_step_kernels_wait_for_their_producer_first(name):
     # buffer set-up and index arithmetic.
     params = re.findall(r"\b(\w+)\b(?=[,)])", src[src.index("(", src.index("__launch_bounds__")):src.index("{",
                                                      src.index("__launch_bounds__"))])
-    touched = [p for p in params if re.search(rf"\b{p}\s*\[", before) or re.search(rf"\b{p}\s*\+", before)]
+    # The GEMV may request its first weight chunks first (weights are never written in a step).
+    early = {"WQ"} if name == "w4ax_gemv" and pdl.prefetch_weights("gemv") else set()
+    touched = [p for p in params if p not in early and (re.search(rf"\b{p}\s*\[", before)
+                                                        or re.search(rf"\b{p}\s*\+", before))]
+    assert early <= {p for p in params if re.search(rf"\b{p}\s*\+", before)}
     assert not touched, f"{name} reads or writes {touched} before waiting for the previous kernel"
     assert body.index(SYNC) < body.index(TRIGGER)
 
