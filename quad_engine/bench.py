@@ -257,7 +257,8 @@ class _StepTimer:
 def breakdown(llm: LLM, prompts: list[list[int]], steps: int) -> dict:
     """ms per step by op (gemm, quantize, hadamard, attention, kv_store, other) for the prefill of
     `prompts` and the following `steps` decode steps, from one eager run under the profiler
-    (quad_engine.profiling): the device time of every kernel, filed under the op that launched it;
+    (quad_engine.profiling): the device time of every kernel (past the end of the kernels before
+    it, see profiling.exclusive_durations), filed under the op that launched it;
     "other" is what no op launched (embedding, lm_head, sampling, the fp16 path's nn.Linear GEMMs).
     Eager so that kernels can be attributed (a replayed graph is one launch); a step's device time
     is the same either way. Without a GPU, host time of the ops."""

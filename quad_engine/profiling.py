@@ -9,7 +9,11 @@ are told apart by their grid and block. Kernels launched outside any op (embeddi
 sampling) are filed under "-", and so is everything a replayed CUDA graph runs (one launch).
 
 Device times, not synchronized wall times: the per-op synchronization a wall-clock breakdown needs
-costs more than a decode step's kernels (tens of microseconds of host time per op).
+costs more than a decode step's kernels (tens of microseconds of host time per op). Each GPU event
+is charged only for the time it extends the device's busy time past everything that started
+before it: with programmatic dependent launch (kernels_tl.pdl) a kernel's blocks start while the
+previous kernel runs and wait for it, and that wait is the previous kernel's time, not its own.
+Without overlap this is each event's duration; summed, it is the busy time of the trace.
 """
 
 from __future__ import annotations
@@ -38,14 +42,28 @@ def _innermost(ranges: list, starts: list, t: float) -> str | None:
     return ranges[i][2] if i >= 0 else None
 
 
+def exclusive_durations(events: list[dict]) -> dict[int, float]:
+    """index in events -> µs the GPU event adds to the busy time of the events that started before it
+    (its duration less its overlap with them)."""
+    gpu = sorted((e["ts"], i) for i, e in enumerate(events) if e.get("cat") in GPU_CATEGORIES)
+    out, busy_until = {}, float("-inf")
+    for ts, i in gpu:
+        end = ts + events[i].get("dur", 0)
+        out[i] = max(0.0, end - max(ts, busy_until))
+        busy_until = max(busy_until, end)
+    return out
+
+
 def attribute(events: list[dict]) -> dict[tuple[str, str, str], tuple[float, int]]:
-    """(phase, op, kernel) -> (device µs, count) over a chrome trace's events."""
+    """(phase, op, kernel) -> (device µs, count) over a chrome trace's events: exclusive device time
+    (see exclusive_durations)."""
     ops, steps = _ranges(events, "quad::"), _ranges(events, "quad_step::")
     op_starts, step_starts = [r[0] for r in ops], [r[0] for r in steps]
     launches = {e["args"]["correlation"]: e["ts"] for e in events
                 if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
+    exclusive = exclusive_durations(events)
     rows: dict[tuple[str, str, str], tuple[float, int]] = {}
-    for e in events:
+    for index, e in enumerate(events):
         if e.get("cat") not in GPU_CATEGORIES:
             continue
         args = e.get("args", {})
@@ -59,7 +77,7 @@ def attribute(events: list[dict]) -> dict[tuple[str, str, str], tuple[float, int
             phase = _innermost(steps, step_starts, launch) or "-"
         key = (phase, op, name)
         t, n = rows.get(key, (0.0, 0))
-        rows[key] = (t + e.get("dur", 0), n + 1)
+        rows[key] = (t + exclusive[index], n + 1)
     return rows
 
 

@@ -4,7 +4,8 @@
 #   source .gpu/activate.sh && export PYTHONPATH=$PWD:$PYTHONPATH && bash scripts/gpu_engine.sh $OUT check
 #   source .gpu/activate.sh && export PYTHONPATH=$PWD:$PYTHONPATH && bash scripts/gpu_engine.sh $OUT bench
 # (bench-short: the same systems at prefill 1 x 2048 and decode b1 / b32 only; pdl-ab: QUAD W4A4A8
-# alone with and without programmatic dependent launch)
+# alone with and without programmatic dependent launch; quad-reference: the QUAD reference speed
+# script's Llama-2-13B prefill configuration)
 # check: the engine GPU tests and a kernel-level profile of a Llama-3-8B-shaped prefill and decode
 # step (about 4 minutes); bench: quad-bench on Llama-3-8B shapes, QUAD W4A4A8 (int8 embedding /
 # lm_head, the default, and float16) against the engine's fp16 path and transformers, a short plan with a time
@@ -37,6 +38,12 @@ elif [ "$part" = pdl-ab ]; then
       --decode 1x1024,32x1024 --systems quad-w4a4a8 --throughput 0 --repeats 3 --decode-steps 16 \
       --out-dir "$out" --name "pdl_${variant//[:+]/_}" 2>&1 | quiet | grep -A4 "^| system\|^| batch x context" | head -n 14
   done
+elif [ "$part" = quad-reference ]; then
+  # The QUAD reference speed script's configuration: Llama-2-13B shapes, prefill 1-16 x 2048, QUAD
+  # W4A4 and W4A4A8 against the engine's fp16 path and transformers (no decode, no throughput run).
+  timeout 560 python3 -m quad_engine.cli.bench --preset quad-reference --decode "" \
+    --systems quad-w4a4,quad-w4a4a8,fp16,hf --throughput 0 --repeats 3 \
+    --out-dir "$out" --name "quad-bench_llama-2-13b_$(date +%F)" 2>&1 | quiet | tail -n 30
 elif [ "$part" = bench-short ]; then
   # Prefill 1 x 2048 and decode b1 / b32 only (about 3 minutes); QUAD_* switches pass through.
   timeout 400 python3 -m quad_engine.cli.bench --arch llama-3-8b --prefill 1x2048 --decode 1x1024,32x1024 \

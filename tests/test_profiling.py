@@ -11,9 +11,19 @@ def _launch(ts, correlation, api="cuda_runtime"):
     return {"cat": api, "name": "launch", "ts": ts, "args": {"correlation": correlation}}
 
 
-def _kernel(name, dur, correlation=None, **args):
+def _kernel(name, dur, correlation=None, ts=None, **args):
     args = dict(args, **({"correlation": correlation} if correlation is not None else {}))
-    return {"cat": "kernel", "name": name, "ts": 1000, "dur": dur, "args": args}
+    return {"cat": "kernel", "name": name, "ts": ts, "dur": dur, "args": args}
+
+
+def _back_to_back(events, start=1000.0, gap=0.5):
+    """Give the kernels without a start one after another, as a stream runs them."""
+    t = start
+    for e in events:
+        if e["cat"] == "kernel" and e["ts"] is None:
+            e["ts"] = t
+            t += e["dur"] + gap
+    return events
 
 
 def test_kernels_are_filed_under_the_innermost_op_and_their_step():
@@ -27,6 +37,7 @@ def test_kernels_are_filed_under_the_innermost_op_and_their_step():
         _kernel("elementwise", 5.0, 3), _kernel("main_kernel", 6.0, 4, grid=[1792, 1, 1], block=[128, 1, 1]),
         _kernel("argmax", 1.0, 5), _kernel("outside", 2.0, 6), _kernel("replayed", 7.0),
     ]
+    _back_to_back(events)
     rows = profiling.attribute(events)
     assert rows == {
         ("prefill", "quantize", "elementwise"): (8.0, 2),
@@ -46,3 +57,19 @@ def test_without_kernels_the_breakdown_is_host_time_of_the_outermost_ops():
               _range("quad::quantize", 10, 30), _range("quad::hadamard", 15, 10), _range("quad::gemm", 210, 20)]
     parts = profiling.breakdown_by_op(events)["decode_ms"]
     assert parts == {"quantize": 0.015, "gemm": 0.01, "total": 0.1, "other": 0.1 - 0.025}
+
+
+def test_a_kernel_launched_early_is_charged_only_past_the_previous_kernels_end():
+    """Programmatic dependent launch: the attention kernel's blocks start 4 µs before the KV store
+    ends and wait for it; those 4 µs are the store's. A kernel inside the busy time costs nothing."""
+    events = [_range("quad_step::decode", 0, 100), _range("quad::kv_store", 10, 2), _range("quad::attention", 12, 2),
+              _range("quad::gemm", 14, 2), _launch(11, 1), _launch(13, 2), _launch(15, 3), _launch(17, 4),
+              _kernel("store", 10.0, 1, ts=1000.0), _kernel("attention", 20.0, 2, ts=1006.0),
+              _kernel("gemm", 5.0, 3, ts=1030.0), _kernel("inside", 1.0, 4, ts=1031.0)]
+    rows = profiling.attribute(events)
+    assert rows[("decode", "kv_store", "store")] == (10.0, 1)
+    assert rows[("decode", "attention", "attention")] == (16.0, 1)
+    assert rows[("decode", "gemm", "gemm")] == (5.0, 1)
+    assert rows[("decode", "-", "inside")] == (0.0, 1)
+    total = profiling.breakdown_by_op(events)["decode_ms"]["total"]
+    assert abs(total - 0.031) < 1e-12  # the busy time, not the 36 µs summed
