@@ -16,7 +16,7 @@ import time
 import torch
 from triton.testing import do_bench
 
-from kernels_tl import gemm, gemm_dispatch
+from kernels_tl import gemm, gemm_dispatch, gemv
 from kernels_tl import reference as ref
 
 MODELS = {
@@ -204,7 +204,7 @@ def sweep_decode(n: int, k: int, m: int) -> list[dict]:
 def sweep_gemv(n: int, k: int) -> list[dict]:
     rows = []
     variants = [(t, r, w, u) for t in (1, 4, 8) for r, w, u in ((4, 4, 2), (2, 4, 4), (2, 8, 2), (8, 4, 1))]
-    kernels = build_all({v: (lambda v=v: gemm.w4ax_gemv(n, k, 64, False, "float16", *v)) for v in variants})
+    kernels = build_all({v: (lambda v=v: gemv.w4ax_gemv(n, k, 64, False, "float16", *v)) for v in variants})
     for tokens in (1, 4, 8):
         xq, xs, wq, ws, xo, wo = operands(tokens, n, k, 64)
         wp, y = ref.pack_int4(wq), torch.empty(tokens, n, device="cuda", dtype=torch.float16)

@@ -6,7 +6,8 @@ one compiled kernel serves every M of a class, and `prebuild` compiles an engine
 parallel before the first step.
 """
 
-from kernels_tl.gemm import w4ax_epilogue, w4ax_gemm, w4ax_gemm_decode, w4ax_gemm_splitk, w4ax_gemv
+from kernels_tl.gemm import w4ax_epilogue, w4ax_gemm, w4ax_gemm_decode, w4ax_gemm_splitk
+from kernels_tl.gemv import w4ax_gemv
 
 GEMV_TOKENS = (1, 2, 4)  # compiled token widths of the CUDA-core kernel; larger M goes to tensor cores
 DECODE_MAX_M = 64

@@ -12,7 +12,7 @@ Why a kernel: at decode the head is a matrix-vector product over a 0.5 GB table 
 padding copy, the int8 GEMM, the fp16 outlier GEMM, the scaling), which measured slow under CUDA
 graphs at batch 1. This kernel is one launch that streams the table once.
 
-Shape of the kernel, as `gemm.w4ax_gemv` (the W4 GEMV) but on unpacked int8 weights: each warp owns
+Shape of the kernel, as `gemv.w4ax_gemv` (the W4 GEMV) but on unpacked int8 weights: each warp owns
 `rows_per_warp` table rows, each lane streams 16-byte chunks (16 int8 of a row, `unroll` chunks
 per row in flight before the first use) and reuses every 16-byte activation chunk it loads across
 its rows; a chunk is four dp4a against the matching 16 int8 of the activation. Lanes are reduced

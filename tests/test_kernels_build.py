@@ -58,7 +58,7 @@ def test_decode_gemm_builds_with_split_k(n, k, m):
 
 @pytest.mark.parametrize("tokens,rank", [(1, 0), (4, 64)])
 def test_gemv_builds_on_dp4a_without_spills(tokens, rank):
-    from kernels_tl.gemm import SM90, w4ax_gemv
+    from kernels_tl.gemv import SM90, w4ax_gemv
     src = w4ax_gemv(4160, 4096, rank, True, "float16", tokens, target=SM90).get_kernel_source()
     assert "__dp4a(" in src and "warp_reduce_sum" in src
 
