@@ -29,8 +29,19 @@ BLOCK_SIZE = 64  # tokens per cache block = the decode kernel's K / V tile
 # bound), slower once it has many (bench/results/attention_h200_2026-11-30b.json: 1.2-1.35x at
 # batch 1 and at batch 16 x 3 splits, 384 programs; 0.88-0.92x at batch 64, 512 programs). So it
 # runs up to PREFETCH_MAX_PROGRAMS_PER_SM; QUAD_DECODE_PREFETCH=1 / 0 forces it on / off.
+# Why 3: nvcc gives the prefetch loop 160 registers a thread (ptxas -v, Llama-3-8B shapes), so only
+# 3 of its 128-thread programs fit a SM's register file; the plain loop takes 96 registers and 48.6
+# KB of shared memory: 4 a SM. Capped at 5 blocks a SM (__launch_bounds__(128, 5)) the prefetch loop
+# builds with 96 registers and no spills and needs 39 KB of shared memory (its packed tiles stay in
+# registers): 5 programs a SM. QUAD_DECODE_MIN_BLOCKS=5 builds it that way (not yet measured on a
+# GPU; bench/attention.py times the variants side by side).
 PREFETCH_MAX_PROGRAMS_PER_SM = 3
 DECODE_PREFETCH = {"1": True, "0": False}.get(os.environ.get("QUAD_DECODE_PREFETCH", ""))
+PREFETCH_MIN_BLOCKS = int(os.environ.get("QUAD_DECODE_MIN_BLOCKS", "1"))
+
+
+def _min_blocks(prefetch: bool) -> int:
+    return PREFETCH_MIN_BLOCKS if prefetch else 1
 
 
 def use_prefetch(batch: int, kv_heads: int, num_splits: int, sms: int = 132) -> bool:
@@ -133,7 +144,7 @@ def _softmax_pv(s, m, m_prev, rescale, l, l_blk, o, p_s, v_s, rows: int, block_s
 @functools.lru_cache(maxsize=None)
 def attention_decode(heads: int, kv_heads: int, head_dim: int, num_splits: int, block_size: int = BLOCK_SIZE,
                      sm_scale: float | None = None, threads: int = 128, target=None, num_stages: int = 1,
-                     prefetch: bool = False):
+                     prefetch: bool = False, min_blocks: int = 1):
     """Split-KV decode attention over the paged int4 cache: kernel(q, k_data, k_meta, v_data,
     v_meta, block_tables, context_lens, out_partial, lse) writes, for every split, the normalized
     partial output [B, heads, splits, head_dim] and its log2-sum-exp [B, heads, splits]
@@ -148,7 +159,10 @@ def attention_decode(heads: int, kv_heads: int, head_dim: int, num_splits: int, 
     their scale / zero into registers while the current block is multiplied, and dequantizes from
     registers straight into the float16 tiles (quad_kv_dequant8: a few integer ops and three half2
     ops per two values, against a shift, a convert and float32 math per value through shared
-    memory). Same result as the default loop up to float16 rounding order (none for integer zeros)."""
+    memory). Same result as the default loop up to float16 rounding order (none for integer zeros).
+
+    min_blocks: blocks per SM the register allocation must allow (__launch_bounds__), see
+    PREFETCH_MIN_BLOCKS."""
     group = heads // kv_heads
     rows = 16 * -(-group // 16)  # mma tile height
     half = head_dim // 2
@@ -222,6 +236,8 @@ def attention_decode(heads: int, kv_heads: int, head_dim: int, num_splits: int, 
                  OP: T.Tensor((b, heads, num_splits, head_dim), "float32"),
                  LSE: T.Tensor((b, heads, num_splits), "float32")):
             with T.Kernel(b, kv_heads, num_splits, threads=threads) as (seq, kvh, split):
+                if min_blocks > 1:
+                    T.annotate_min_blocks_per_sm(min_blocks)
                 (q_s, kp_s, vp_s, km_s, vm_s, k_s, v_s, s, p_s, o, m, m_prev, rescale, l,
                  l_blk) = _attention_buffers(rows, block_size, head_dim)
                 wait_for_producers("attention")
@@ -321,16 +337,18 @@ def prebuild_decode(heads: int, kv_heads: int, head_dim: int, grids: list[tuple[
     # The arguments exactly as attention_decode_op passes them: lru_cache keys on the call's form.
     variants = sorted({(n, use_prefetch(batch, kv_heads, n)) for batch, n in grids})
     jobs = [functools.partial(attention_decode, heads, kv_heads, head_dim, n, block_size, None, 128, None, 1,
-                              prefetch) for n, prefetch in variants]
+                              prefetch, _min_blocks(prefetch)) for n, prefetch in variants]
     jobs += [functools.partial(attention_combine, heads, head_dim, n) for n in sorted({n for _, n in grids})]
     with ThreadPoolExecutor(workers) as pool:
         list(pool.map(lambda job: job(), jobs))
 
 
 def attention_decode_op(q, k_data, k_meta, v_data, v_meta, block_tables, context_lens, num_splits: int,
-                        sm_scale: float | None = None, out=None, num_stages: int = 1, prefetch: bool | None = None):
+                        sm_scale: float | None = None, out=None, num_stages: int = 1, prefetch: bool | None = None,
+                        min_blocks: int | None = None):
     """float16 [B, heads, head_dim] decode attention (q [B, heads, head_dim] float16). prefetch:
-    attention_decode's register-prefetch loop (default: use_prefetch; one stage only)."""
+    attention_decode's register-prefetch loop (default: use_prefetch; one stage only); min_blocks:
+    its register cap (default PREFETCH_MIN_BLOCKS for the prefetch loop, none for the others)."""
     import torch
 
     b, heads, head_dim = q.shape
@@ -338,9 +356,10 @@ def attention_decode_op(q, k_data, k_meta, v_data, v_meta, block_tables, context
     partial = torch.empty(b, heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
     lse = torch.empty(b, heads, num_splits, dtype=torch.float32, device=q.device)
     out = torch.empty(b, heads, head_dim, dtype=torch.float16, device=q.device) if out is None else out
-    prefetch = use_prefetch(b, kv_heads, num_splits) if prefetch is None else prefetch
+    prefetch = (use_prefetch(b, kv_heads, num_splits) if prefetch is None else prefetch) and num_stages == 1
+    min_blocks = _min_blocks(prefetch) if min_blocks is None else min_blocks
     attention_decode(heads, kv_heads, head_dim, num_splits, k_data.shape[2], sm_scale, 128, None, num_stages,
-                     prefetch and num_stages == 1)(
+                     prefetch, min_blocks)(
         q, k_data, k_meta, v_data, v_meta, block_tables, context_lens, partial, lse)
     attention_combine(heads, head_dim, num_splits)(partial, lse, out)
     return out

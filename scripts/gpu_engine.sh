@@ -4,8 +4,8 @@
 #   source .gpu/activate.sh && export PYTHONPATH=$PWD:$PYTHONPATH && bash scripts/gpu_engine.sh $OUT check
 #   source .gpu/activate.sh && export PYTHONPATH=$PWD:$PYTHONPATH && bash scripts/gpu_engine.sh $OUT bench
 # (bench-short: the same systems at prefill 1 x 2048 and decode b1 / b32 only; pdl-ab: QUAD W4A4A8
-# alone with and without programmatic dependent launch; quad-reference: the QUAD reference speed
-# script's Llama-2-13B prefill configuration)
+# alone with and without programmatic dependent launch; ab: the same for any QUAD_* switches;
+# quad-reference: the QUAD reference speed script's Llama-2-13B prefill configuration)
 # check: the engine GPU tests and a kernel-level profile of a Llama-3-8B-shaped prefill and decode
 # step (about 4 minutes); bench: quad-bench on Llama-3-8B shapes, QUAD W4A4A8 (int8 embedding /
 # lm_head, the default, and float16) against the engine's fp16 path and transformers, a short plan with a time
@@ -37,6 +37,17 @@ elif [ "$part" = pdl-ab ]; then
     env "${env[@]}" timeout 200 python3 -m quad_engine.cli.bench --arch llama-3-8b "${prefill[@]}" \
       --decode 1x1024,32x1024 --systems quad-w4a4a8 --throughput 0 --repeats 3 --decode-steps 16 \
       --out-dir "$out" --name "pdl_${variant//[:+]/_}" 2>&1 | quiet | grep -A4 "^| system\|^| batch x context" | head -n 14
+  done
+elif [ "$part" = ab ]; then
+  # QUAD W4A4A8 alone, decode b1 / b32 x 1024, once per AB_VARIANTS entry: "base" (the defaults) or
+  # comma-separated VAR=VALUE switches, e.g. AB_VARIANTS="base QUAD_DECODE_PREFETCH=1,QUAD_DECODE_MIN_BLOCKS=5";
+  # one process each (about 80 s a variant, 30 s once the kernels are in TileLang's cache).
+  for variant in ${AB_VARIANTS:-base}; do
+    env=(); [ "$variant" != base ] && IFS=, read -r -a env <<< "$variant"
+    echo "== $variant"
+    env "${env[@]}" timeout 200 python3 -m quad_engine.cli.bench --arch llama-3-8b --prefill "" \
+      --decode 1x1024,32x1024 --systems quad-w4a4a8 --throughput 0 --repeats 3 --decode-steps 16 \
+      --out-dir "$out" --name "ab_${variant//[=,]/_}" 2>&1 | quiet | grep -A4 "^| batch x context" | head -n 5
   done
 elif [ "$part" = quad-reference ]; then
   # The QUAD reference speed script's configuration: Llama-2-13B shapes, prefill 1-16 x 2048, QUAD

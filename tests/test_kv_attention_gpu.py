@@ -49,11 +49,13 @@ def test_kv_store_is_bit_exact(heads, kv_heads, head_dim, tokens, round_trip):
         assert out is None
 
 
-@pytest.mark.parametrize("stages,prefetch", [(1, False), (2, False), (1, True)])
+# (1, True, 5): the prefetch loop with its registers capped for 5 blocks a SM (PREFETCH_MIN_BLOCKS)
+@pytest.mark.parametrize("stages,prefetch,min_blocks", [(1, False, None), (2, False, None), (1, True, None), (1, True, 5)])
 @pytest.mark.parametrize("heads,kv_heads,head_dim", SHAPES)
 @pytest.mark.parametrize("batch,max_ctx", [(1, 1), (1, 4097), (5, 1000), (16, 300)])
 @pytest.mark.parametrize("splits", [1, 4])
-def test_decode_attention_matches_reference(heads, kv_heads, head_dim, batch, max_ctx, splits, stages, prefetch):
+def test_decode_attention_matches_reference(heads, kv_heads, head_dim, batch, max_ctx, splits, stages, prefetch,
+                                            min_blocks):
     from kernels_tl.kv_attention import BLOCK_SIZE, attention_decode_op
     g = torch.Generator(device="cuda").manual_seed(batch * 1000 + max_ctx + splits)
     lens = torch.randint(1, max_ctx + 1, (batch,), generator=g, device="cuda").int()
@@ -66,7 +68,8 @@ def test_decode_attention_matches_reference(heads, kv_heads, head_dim, batch, ma
     vd, vm = random_cache(num_blocks, kv_heads, head_dim, BLOCK_SIZE, g)
     q = torch.randn(batch, heads, head_dim, generator=g, device="cuda").half()
     out = torch.full((batch, heads, head_dim), float("nan"), device="cuda", dtype=torch.float16)
-    attention_decode_op(q, kd, km, vd, vm, tables, lens, splits, out=out, num_stages=stages, prefetch=prefetch)
+    attention_decode_op(q, kd, km, vd, vm, tables, lens, splits, out=out, num_stages=stages, prefetch=prefetch,
+                        min_blocks=min_blocks)
     expected = ref.paged_attention(q, kd, km, vd, vm, tables.cpu(), lens.cpu())
     rel = float((out.float() - expected).norm() / expected.norm())
     assert not torch.isnan(out).any() and rel <= 1e-2, rel
