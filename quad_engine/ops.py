@@ -315,6 +315,34 @@ def kv_store(k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor, cache
     return None
 
 
+def fused_rope_store_enabled() -> bool:
+    """QUAD_FUSED_ROPE=1 runs RoPE, the head Hadamard and the int4 KV store as one kernel
+    (kernels_tl.rope_kv_store) in engine steps; off by default until its GPU tests have run."""
+    return os.environ.get("QUAD_FUSED_ROPE", "0") == "1"
+
+
+def fused_rope_store_supports(cfg, qkv: torch.Tensor, cache: tuple | None) -> bool:
+    """Whether an engine step's attention can take the fused RoPE + Hadamard + store kernel: the
+    kernels in use, a quantized model with the int4 cache, head_dim 64 or 128, and a head Hadamard
+    that is one Sylvester matrix of order head_dim (or none)."""
+    spec = cfg.hadamard_head
+    sylvester = spec is None or (list(spec.factors) == [cfg.head_dim] and spec.block in (None, cfg.head_dim))
+    return (fused_rope_store_enabled() and cfg.quantized and cache is not None and cfg.head_dim in (64, 128)
+            and sylvester and use_kernels(qkv) and _kv_kernels_support(cache))
+
+
+@_profiled("kv_store")
+def rope_kv_store(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slot_mapping: torch.Tensor, cache: tuple,
+                  cfg, round_trip: bool) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """(q [T, heads, head_dim] rotated, the round trip's (k, v) or None) for the qkv GEMM's output
+    [T, (heads + 2·kv_heads)·head_dim]: Q and K get RoPE and the head Hadamard, K and V go into
+    their cache slots (see kv_store for round_trip)."""
+    from kernels_tl.rope_kv_store import rope_kv_store_op
+    out = rope_kv_store_op(qkv, cos, sin, slot_mapping, *cache, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                           clip=cfg.kv_clip, hadamard=cfg.hadamard_head is not None, round_trip=round_trip)
+    return (out[0], (out[1], out[2])) if round_trip else (out, None)
+
+
 @_profiled("attention")
 def paged_attention(q: torch.Tensor, cache: tuple, block_tables: torch.Tensor, context_lens: torch.Tensor,
                     query_lens: torch.Tensor, is_prefill: bool,

@@ -130,3 +130,32 @@ def test_kernel_builds_for_sm90(heads, kv_heads, head_dim, round_trip, tmp_path)
     assert "__shared__" not in body and "__syncthreads" not in body
     assert ("KO[" in body and "VO[" in body) == round_trip
     assert ptxas_spills(src, tmp_path) == [0, 0]
+
+
+def test_engine_takes_the_fused_kernel_only_where_it_applies(monkeypatch):
+    """ops.fused_rope_store_supports: behind QUAD_FUSED_ROPE=1, with the kernels in use, the int4
+    cache and a head Hadamard the kernel computes (one Sylvester matrix of order head_dim, or none)."""
+    from types import SimpleNamespace
+
+    from quad_engine import ops
+    from quad_engine.config import HadamardSpec
+
+    def cfg(head_dim, spec):
+        return SimpleNamespace(quantized=True, head_dim=head_dim, hadamard_head=spec)
+
+    def cache(head_dim):
+        return (torch.zeros(2, 1, 64, head_dim // 2, dtype=torch.uint8),)
+
+    x = torch.zeros(1)
+    sylvester = HadamardSpec(size=128, factors=[128])
+    monkeypatch.setattr(ops, "use_kernels", lambda t: True)
+    monkeypatch.delenv("QUAD_FUSED_ROPE", raising=False)
+    assert not ops.fused_rope_store_supports(cfg(128, sylvester), x, cache(128))      # off by default
+    monkeypatch.setenv("QUAD_FUSED_ROPE", "1")
+    assert ops.fused_rope_store_supports(cfg(128, sylvester), x, cache(128))
+    assert ops.fused_rope_store_supports(cfg(64, None), x, cache(64))
+    assert not ops.fused_rope_store_supports(cfg(128, HadamardSpec(size=128, factors=[2, 64])), x, cache(128))
+    assert not ops.fused_rope_store_supports(cfg(96, HadamardSpec(size=96, factors=[12, 8])), x, cache(96))
+    assert not ops.fused_rope_store_supports(cfg(128, sylvester), x, None)
+    monkeypatch.setattr(ops, "use_kernels", lambda t: False)                           # CPU / reference backend
+    assert not ops.fused_rope_store_supports(cfg(128, sylvester), x, cache(128))

@@ -74,6 +74,15 @@ class Attention(nn.Module):
                                             bits["qkv"], cfg.act_clip, residual=pending)
         qkv = self.qkv(x_q, x_s, x_out)
         nq, nkv, hd = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.head_dim
+        ctx = get_context()
+        if ctx is not None and ops.fused_rope_store_supports(cfg, qkv, self.kv_cache):
+            # Engine step, one kernel from the GEMM's output: RoPE and the head Hadamard of Q and K,
+            # K and V into the int4 cache (QUAD_FUSED_ROPE=1).
+            q, new_kv = ops.rope_kv_store(qkv[0], cos, sin, ctx.slot_mapping, self.kv_cache, cfg,
+                                          round_trip=ctx.is_prefill and not ctx.has_prefix)
+            attn = ops.paged_attention(q, self.kv_cache, ctx.block_tables, ctx.context_lens, ctx.query_lens,
+                                       ctx.is_prefill, new_kv, ctx.has_prefix)
+            return self.o(*ops.hadamard_quant(attn.reshape(b, t, nq), cfg.hadamard_o, bits["o"], cfg.act_clip))
         v = qkv[..., nq + nkv:].view(b, t, cfg.num_kv_heads, hd).transpose(1, 2)
         # The head_dim Hadamard after RoPE spreads K's outliers so its int4 cache quantizes well;
         # Q gets the same one so QKᵀ is unchanged. V's was fused into v_proj offline.
@@ -85,7 +94,6 @@ class Attention(nn.Module):
             k = qkv[..., nq:nq + nkv].view(b, t, cfg.num_kv_heads, hd).transpose(1, 2)
             q = ops.hadamard(apply_rope(q, cos, sin), cfg.hadamard_head)
             k = ops.hadamard(apply_rope(k, cos, sin), cfg.hadamard_head)
-        ctx = get_context()
         if ctx is None:  # full recompute: the cache's int4 round trip is simulated
             if cfg.quantized:  # the engine's numerics: float16 K / V into the cache, float16 attention
                 k = ref.fake_quant_kv(k.half().float(), cfg.kv_bits, cfg.kv_clip)
@@ -174,7 +182,9 @@ class QuadForCausalLM(nn.Module):
         # (ops.rope_hadamard).
         rope_dtype = torch.float16 if self.cfg.quantized else torch.float32
         rope_h = None
-        if input_ids.numel() <= self.ROPE_MATRIX_MAX_TOKENS[rope_dtype]:
+        fused = get_context() is not None and ops.fused_rope_store_supports(self.cfg, input_ids,
+                                                                            self.layers[0].attn.kv_cache)
+        if not fused and input_ids.numel() <= self.ROPE_MATRIX_MAX_TOKENS[rope_dtype]:
             rope_h = rope_hadamard_matrices(cos, sin, self.cfg.hadamard_head, rope_dtype)
         if self.head_int8:
             h = self.embed[input_ids].float() * self.embed_scale[input_ids].unsqueeze(-1)
