@@ -11,6 +11,55 @@ from kernels_tl.kv_attention import _TARGETS, BLOCK_SIZE, SM90  # noqa: F401
 from kernels_tl.pdl import wait_for_producers
 
 
+def quantize_store_row(per_lane: int, block_size: int, clip: float, round_trip: bool):
+    """The store's quantization of one (token, K or V, head) row held by a warp, as a macro shared by
+    `kv_store` and `rope_kv_store`: x [per_lane] float32 (this lane's consecutive values), stat [4]
+    scratch (lo, hi, scale, zero); min / max by warp shuffles, the float16 scale, codes packed two
+    a byte into (blk, off) of KD / VD with scale and zero into KM / VM when slot >= 0, and with
+    round_trip the dequantized values into KO / VO."""
+
+    @T.macro
+    def store_row(x, stat, slot, blk, off, is_k, h, tok, lane, KD, KM, VD, VM, KO, VO):
+        stat[0] = x[0]
+        stat[1] = x[0]
+        for i in T.unroll(1, per_lane):
+            stat[0] = T.min(stat[0], x[i])
+            stat[1] = T.max(stat[1], x[i])
+        stat[0] = T.min(T.warp_reduce_min(stat[0]), T.float32(0)) * T.float32(clip)
+        stat[1] = T.max(T.warp_reduce_max(stat[1]), T.float32(0)) * T.float32(clip)
+        # The stored scale is float16: quantize with exactly that value.
+        stat[2] = T.Cast("float32", T.Cast("float16", (stat[1] - stat[0]) / T.float32(15)))
+        stat[2] = T.if_then_else(stat[2] == T.float32(0), T.float32(1), stat[2])
+        stat[3] = T.clamp(T.round(-stat[0] / stat[2]), T.float32(0), T.float32(15))
+        for j in T.unroll(per_lane // 2):
+            q0 = T.clamp(T.round(x[2 * j] / stat[2]) + stat[3], T.float32(0), T.float32(15))
+            q1 = T.clamp(T.round(x[2 * j + 1] / stat[2]) + stat[3], T.float32(0), T.float32(15))
+            byte = T.Cast("uint8", q0) | (T.Cast("uint8", q1) << T.uint8(4))
+            if round_trip:
+                col = lane * per_lane + 2 * j
+                d0 = T.Cast("float16", (q0 - stat[3]) * stat[2])
+                d1 = T.Cast("float16", (q1 - stat[3]) * stat[2])
+                if is_k:
+                    KO[tok, h, col] = d0
+                    KO[tok, h, col + 1] = d1
+                else:
+                    VO[tok, h, col] = d0
+                    VO[tok, h, col + 1] = d1
+            if slot >= 0:
+                if is_k:
+                    KD[blk, h, off, lane * (per_lane // 2) + j] = byte
+                else:
+                    VD[blk, h, off, lane * (per_lane // 2) + j] = byte
+        if lane < 2 and slot >= 0:
+            value = T.Cast("float16", T.if_then_else(lane == 0, stat[2], stat[3]))
+            if is_k:
+                KM[blk, h, off, lane] = value
+            else:
+                VM[blk, h, off, lane] = value
+
+    return store_row
+
+
 @functools.lru_cache(maxsize=None)
 def kv_store(kv_heads: int, head_dim: int, block_size: int = BLOCK_SIZE, clip: float = 1.0, target=None,
              round_trip: bool = False):
@@ -32,6 +81,8 @@ def kv_store(kv_heads: int, head_dim: int, block_size: int = BLOCK_SIZE, clip: f
         t = T.dynamic("tokens")
         nb = T.dynamic("num_blocks")
 
+        store_row = quantize_store_row(per_lane, block_size, clip, round_trip)
+
         @T.macro
         def body(K, V, SLOTS, KD, KM, VD, VM, KO, VO, tok, row):
             lane = T.get_thread_binding()
@@ -45,42 +96,7 @@ def kv_store(kv_heads: int, head_dim: int, block_size: int = BLOCK_SIZE, clip: f
                 for i in T.unroll(per_lane):
                     x[i] = T.Cast("float32", T.if_then_else(is_k, K[tok, h, lane * per_lane + i],
                                                             V[tok, h, lane * per_lane + i]))
-                stat[0] = x[0]
-                stat[1] = x[0]
-                for i in T.unroll(1, per_lane):
-                    stat[0] = T.min(stat[0], x[i])
-                    stat[1] = T.max(stat[1], x[i])
-                stat[0] = T.min(T.warp_reduce_min(stat[0]), T.float32(0)) * T.float32(clip)
-                stat[1] = T.max(T.warp_reduce_max(stat[1]), T.float32(0)) * T.float32(clip)
-                # The stored scale is float16: quantize with exactly that value.
-                stat[2] = T.Cast("float32", T.Cast("float16", (stat[1] - stat[0]) / T.float32(15)))
-                stat[2] = T.if_then_else(stat[2] == T.float32(0), T.float32(1), stat[2])
-                stat[3] = T.clamp(T.round(-stat[0] / stat[2]), T.float32(0), T.float32(15))
-                for j in T.unroll(per_lane // 2):
-                    q0 = T.clamp(T.round(x[2 * j] / stat[2]) + stat[3], T.float32(0), T.float32(15))
-                    q1 = T.clamp(T.round(x[2 * j + 1] / stat[2]) + stat[3], T.float32(0), T.float32(15))
-                    byte = T.Cast("uint8", q0) | (T.Cast("uint8", q1) << T.uint8(4))
-                    if round_trip:
-                        col = lane * per_lane + 2 * j
-                        d0 = T.Cast("float16", (q0 - stat[3]) * stat[2])
-                        d1 = T.Cast("float16", (q1 - stat[3]) * stat[2])
-                        if is_k:
-                            KO[tok, h, col] = d0
-                            KO[tok, h, col + 1] = d1
-                        else:
-                            VO[tok, h, col] = d0
-                            VO[tok, h, col + 1] = d1
-                    if slot >= 0:
-                        if is_k:
-                            KD[blk, h, off, lane * (per_lane // 2) + j] = byte
-                        else:
-                            VD[blk, h, off, lane * (per_lane // 2) + j] = byte
-                if lane < 2 and slot >= 0:
-                    value = T.Cast("float16", T.if_then_else(lane == 0, stat[2], stat[3]))
-                    if is_k:
-                        KM[blk, h, off, lane] = value
-                    else:
-                        VM[blk, h, off, lane] = value
+                store_row(x, stat, slot, blk, off, is_k, h, tok, lane, KD, KM, VD, VM, KO, VO)
 
         if round_trip:
             @T.prim_func

@@ -49,6 +49,7 @@ from kernels_tl import reference as ref
 from kernels_tl.hadamard import apply_hadamard, hadamard_factors
 from kernels_tl.hadamard_quant import _register_butterfly
 from kernels_tl.kv_attention import _TARGETS, BLOCK_SIZE, SM90  # noqa: F401
+from kernels_tl.kv_store import quantize_store_row
 from kernels_tl.pdl import wait_for_producers
 
 # Warps (rows) per block. A block of one warp, as kv_store uses, caps an SM at 32 resident warps
@@ -80,6 +81,8 @@ def rope_kv_store(heads: int, kv_heads: int, head_dim: int, block_size: int = BL
     reg_bits = per_lane.bit_length() - 1       # Hadamard stages inside a lane's registers
     norm = 1.0 / math.sqrt(head_dim)
     blocks_y = -(-rows // ROWS_PER_BLOCK)
+
+    store_row = quantize_store_row(per_lane, block_size, clip, round_trip)
 
     @tilelang.jit(target=_TARGETS[target])
     def build():
@@ -140,45 +143,9 @@ def rope_kv_store(heads: int, kv_heads: int, head_dim: int, block_size: int = BL
                     else:  # the cache quantizes the float16 K
                         for i in T.unroll(per_lane):
                             x[i] = T.Cast("float32", xh[i])
-                if not is_q:
-                    # kv_store's quantization (kernels_tl/kv_store.py), unchanged.
-                    blk, off = slot // block_size, slot % block_size
-                    stat[0] = x[0]
-                    stat[1] = x[0]
-                    for i in T.unroll(1, per_lane):
-                        stat[0] = T.min(stat[0], x[i])
-                        stat[1] = T.max(stat[1], x[i])
-                    stat[0] = T.min(T.warp_reduce_min(stat[0]), T.float32(0)) * T.float32(clip)
-                    stat[1] = T.max(T.warp_reduce_max(stat[1]), T.float32(0)) * T.float32(clip)
-                    # The stored scale is float16: quantize with exactly that value.
-                    stat[2] = T.Cast("float32", T.Cast("float16", (stat[1] - stat[0]) / T.float32(15)))
-                    stat[2] = T.if_then_else(stat[2] == T.float32(0), T.float32(1), stat[2])
-                    stat[3] = T.clamp(T.round(-stat[0] / stat[2]), T.float32(0), T.float32(15))
-                    for j in T.unroll(per_lane // 2):
-                        q0 = T.clamp(T.round(x[2 * j] / stat[2]) + stat[3], T.float32(0), T.float32(15))
-                        q1 = T.clamp(T.round(x[2 * j + 1] / stat[2]) + stat[3], T.float32(0), T.float32(15))
-                        byte = T.Cast("uint8", q0) | (T.Cast("uint8", q1) << T.uint8(4))
-                        if round_trip:
-                            col = lane * per_lane + 2 * j
-                            d0 = T.Cast("float16", (q0 - stat[3]) * stat[2])
-                            d1 = T.Cast("float16", (q1 - stat[3]) * stat[2])
-                            if is_k:
-                                KO[tok, h, col] = d0
-                                KO[tok, h, col + 1] = d1
-                            else:
-                                VO[tok, h, col] = d0
-                                VO[tok, h, col + 1] = d1
-                        if slot >= 0:
-                            if is_k:
-                                KD[blk, h, off, lane * (per_lane // 2) + j] = byte
-                            else:
-                                VD[blk, h, off, lane * (per_lane // 2) + j] = byte
-                    if lane < 2 and slot >= 0:
-                        value = T.Cast("float16", T.if_then_else(lane == 0, stat[2], stat[3]))
-                        if is_k:
-                            KM[blk, h, off, lane] = value
-                        else:
-                            VM[blk, h, off, lane] = value
+                if not is_q:  # kv_store's quantization and store, the same macro
+                    store_row(x, stat, slot, slot // block_size, slot % block_size, is_k, h, tok, lane,
+                              KD, KM, VD, VM, KO, VO)
 
         @T.macro
         def launch(QKV, COS, SIN, SLOTS, KD, KM, VD, VM, QO, KO, VO):
