@@ -180,13 +180,13 @@ class LLM:
     def _prebuild_attention(self) -> None:
         """Compile in parallel the decode attention variant of every bucket (its split count
         depends on the batch size), instead of one at a time inside the captures."""
-        from quad_engine import ops
+        from quad_engine import kv_ops, ops
         try:
             from kernels_tl import kv_attention
         except ImportError:
             return
         cache = self.model.layers[0].attn.kv_cache
-        if cache is None or not ops.use_kernels(cache[0]) or not ops._kv_kernels_support(cache):
+        if cache is None or not ops.use_kernels(cache[0]) or not kv_ops._kv_kernels_support(cache):
             return
         cfg, block = self.cfg, cache[0].shape[2]
         grids = [(size, kv_attention.decode_splits(size, cfg.num_kv_heads, block * self._table_width))

@@ -41,7 +41,7 @@ def allocate(cfg: QuadConfig, num_blocks: int, device, block_size: int = BLOCK_S
     shape = (cfg.num_layers, 2, num_blocks, cfg.num_kv_heads, block_size)
     if not isinstance(cfg, QuadConfig):  # the unquantized baseline (models/fp16.py)
         # One spare block past the managed ones: padding rows of a graphed batch write there
-        # (ops.kv_store_fp16), so the store needs no boolean indexing.
+        # (kv_ops.kv_store_fp16), so the store needs no boolean indexing.
         shape = (cfg.num_layers, 2, num_blocks + 1, cfg.num_kv_heads, block_size)
         pool = torch.zeros(*shape, cfg.head_dim, dtype=cfg.dtype, device=device)
         return [(pool[i, 0], pool[i, 1]) for i in range(cfg.num_layers)]

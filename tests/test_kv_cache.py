@@ -103,9 +103,9 @@ def test_kv_kernels_build_for_sm90(heads, kv_heads, dim):
 
 
 def test_prefill_without_prefix_attends_to_its_own_tokens_like_the_cache():
-    """ops.paged_attention's shortcut (SDPA over the new K / V with the int4 round trip) equals the
+    """kv_ops.paged_attention's shortcut (SDPA over the new K / V with the int4 round trip) equals the
     reference reading the same tokens back from the paged cache."""
-    from quad_engine import ops
+    from quad_engine import kv_ops
     torch.manual_seed(3)
     heads, kv_heads, dim, lens = 4, 2, 8, torch.tensor([6, 3])
     k, v, q = torch.randn(9, kv_heads, dim), torch.randn(9, kv_heads, dim), torch.randn(9, heads, dim)
@@ -116,21 +116,21 @@ def test_prefill_without_prefix_attends_to_its_own_tokens_like_the_cache():
     seq = torch.tensor([0] * 6 + [1] * 3)
     # The engine's numerics: the cache quantizes float16 K / V, attention reads float16 Q.
     cache = (kd, km, vd, vm)
-    new_kv = ops.kv_store(k, v, tables[seq, pos // BLOCK] * BLOCK + pos % BLOCK, cache, 1.0, round_trip=True)
-    fast = ops.paged_attention(q, cache, tables, lens, lens, True, new_kv)
+    new_kv = kv_ops.kv_store(k, v, tables[seq, pos // BLOCK] * BLOCK + pos % BLOCK, cache, 1.0, round_trip=True)
+    fast = kv_ops.paged_attention(q, cache, tables, lens, lens, True, new_kv)
     slow = ref.paged_attention(q.half().float(), kd, km, vd, vm, tables, lens, lens)
     assert fast.dtype == torch.float16
     assert torch.allclose(fast.float(), slow, atol=1e-3, rtol=0)
 
 
 def test_batched_fp16_decode_attention_equals_the_reference():
-    from quad_engine import ops
+    from quad_engine import kv_ops
     torch.manual_seed(4)
     heads, kv_heads, dim = 4, 2, 8
     k_cache, v_cache = torch.randn(8, kv_heads, BLOCK, dim), torch.randn(8, kv_heads, BLOCK, dim)
     tables, lens = torch.tensor([[6, 1, 3], [0, 4, 0]]), torch.tensor([9, 5])
     q = torch.randn(2, heads, dim)
-    fast = ops.paged_attention_fp16(q, (k_cache, v_cache), tables, lens, torch.ones(2, dtype=torch.long))
+    fast = kv_ops.paged_attention_fp16(q, (k_cache, v_cache), tables, lens, torch.ones(2, dtype=torch.long))
     slow = ref.paged_attention_fp16(q, k_cache, v_cache, tables, lens)
     assert torch.allclose(fast, slow, atol=1e-5)
 

@@ -36,7 +36,7 @@ def _inputs(heads, kv_heads, head_dim, tokens, seed):
 
 def _engine_composition(qkv, cos, sin, slots, cache, heads, kv_heads, head_dim, hadamard):
     """What the engine computes today (models.llama.Attention.forward's elementwise path, then
-    ops.kv_store's reference path): apply_rope, the head Hadamard, float16 K / V into the cache."""
+    kv_ops.kv_store's reference path): apply_rope, the head Hadamard, float16 K / V into the cache."""
     from quad_engine.config import HadamardSpec
     from quad_engine.models.llama import apply_rope
     spec = HadamardSpec(size=head_dim, factors=hadamard_factors(head_dim)) if hadamard else None
@@ -133,11 +133,11 @@ def test_kernel_builds_for_sm90(heads, kv_heads, head_dim, round_trip, tmp_path)
 
 
 def test_engine_takes_the_fused_kernel_only_where_it_applies(monkeypatch):
-    """ops.fused_rope_store_supports: behind QUAD_FUSED_ROPE=1, with the kernels in use, the int4
+    """kv_ops.fused_rope_store_supports: behind QUAD_FUSED_ROPE=1, with the kernels in use, the int4
     cache and a head Hadamard the kernel computes (one Sylvester matrix of order head_dim, or none)."""
     from types import SimpleNamespace
 
-    from quad_engine import ops
+    from quad_engine import kv_ops
     from quad_engine.config import HadamardSpec
 
     def cfg(head_dim, spec):
@@ -148,14 +148,14 @@ def test_engine_takes_the_fused_kernel_only_where_it_applies(monkeypatch):
 
     x = torch.zeros(1)
     sylvester = HadamardSpec(size=128, factors=[128])
-    monkeypatch.setattr(ops, "use_kernels", lambda t: True)
+    monkeypatch.setattr(kv_ops, "use_kernels", lambda t: True)
     monkeypatch.delenv("QUAD_FUSED_ROPE", raising=False)
-    assert not ops.fused_rope_store_supports(cfg(128, sylvester), x, cache(128))      # off by default
+    assert not kv_ops.fused_rope_store_supports(cfg(128, sylvester), x, cache(128))      # off by default
     monkeypatch.setenv("QUAD_FUSED_ROPE", "1")
-    assert ops.fused_rope_store_supports(cfg(128, sylvester), x, cache(128))
-    assert ops.fused_rope_store_supports(cfg(64, None), x, cache(64))
-    assert not ops.fused_rope_store_supports(cfg(128, HadamardSpec(size=128, factors=[2, 64])), x, cache(128))
-    assert not ops.fused_rope_store_supports(cfg(96, HadamardSpec(size=96, factors=[12, 8])), x, cache(96))
-    assert not ops.fused_rope_store_supports(cfg(128, sylvester), x, None)
-    monkeypatch.setattr(ops, "use_kernels", lambda t: False)                           # CPU / reference backend
-    assert not ops.fused_rope_store_supports(cfg(128, sylvester), x, cache(128))
+    assert kv_ops.fused_rope_store_supports(cfg(128, sylvester), x, cache(128))
+    assert kv_ops.fused_rope_store_supports(cfg(64, None), x, cache(64))
+    assert not kv_ops.fused_rope_store_supports(cfg(128, HadamardSpec(size=128, factors=[2, 64])), x, cache(128))
+    assert not kv_ops.fused_rope_store_supports(cfg(96, HadamardSpec(size=96, factors=[12, 8])), x, cache(96))
+    assert not kv_ops.fused_rope_store_supports(cfg(128, sylvester), x, None)
+    monkeypatch.setattr(kv_ops, "use_kernels", lambda t: False)                           # CPU / reference backend
+    assert not kv_ops.fused_rope_store_supports(cfg(128, sylvester), x, cache(128))

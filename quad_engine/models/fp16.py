@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quad_engine import ops
+from quad_engine import kv_ops
 from quad_engine.context import get_context
 from quad_engine.models.llama import apply_rope, rope_cos_sin
 
@@ -54,9 +54,9 @@ class FP16Attention(nn.Module):
             attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
             k_new, v_new = k[0].transpose(0, 1), v[0].transpose(0, 1)
-            ops.kv_store_fp16(k_new, v_new, ctx.slot_mapping, self.kv_cache)
+            kv_ops.kv_store_fp16(k_new, v_new, ctx.slot_mapping, self.kv_cache)
             new = (k_new, v_new) if ctx.is_prefill else (None, None)
-            attn = ops.paged_attention_fp16(q[0].transpose(0, 1), self.kv_cache, ctx.block_tables,
+            attn = kv_ops.paged_attention_fp16(q[0].transpose(0, 1), self.kv_cache, ctx.block_tables,
                                             ctx.context_lens, ctx.query_lens, *new,
                                             has_prefix=ctx.has_prefix).transpose(0, 1).unsqueeze(0)
         return self.o(attn.transpose(1, 2).reshape(b, t, -1).to(x.dtype))

@@ -17,7 +17,7 @@ from torch import nn
 
 from kernels_tl import reference as ref
 from kernels_tl.hadamard import apply_hadamard
-from quad_engine import ops
+from quad_engine import kv_ops, ops
 from quad_engine.config import QuadConfig
 from quad_engine.context import get_context
 
@@ -75,12 +75,12 @@ class Attention(nn.Module):
         qkv = self.qkv(x_q, x_s, x_out)
         nq, nkv, hd = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.head_dim
         ctx = get_context()
-        if ctx is not None and ops.fused_rope_store_supports(cfg, qkv, self.kv_cache):
+        if ctx is not None and kv_ops.fused_rope_store_supports(cfg, qkv, self.kv_cache):
             # Engine step, one kernel from the GEMM's output: RoPE and the head Hadamard of Q and K,
             # K and V into the int4 cache (QUAD_FUSED_ROPE=1).
-            q, new_kv = ops.rope_kv_store(qkv[0], cos, sin, ctx.slot_mapping, self.kv_cache, cfg,
+            q, new_kv = kv_ops.rope_kv_store(qkv[0], cos, sin, ctx.slot_mapping, self.kv_cache, cfg,
                                           round_trip=ctx.is_prefill and not ctx.has_prefix)
-            attn = ops.paged_attention(q, self.kv_cache, ctx.block_tables, ctx.context_lens, ctx.query_lens,
+            attn = kv_ops.paged_attention(q, self.kv_cache, ctx.block_tables, ctx.context_lens, ctx.query_lens,
                                        ctx.is_prefill, new_kv, ctx.has_prefix)
             return self.o(*ops.hadamard_quant(attn.reshape(b, t, nq), cfg.hadamard_o, bits["o"], cfg.act_clip))
         v = qkv[..., nq + nkv:].view(b, t, cfg.num_kv_heads, hd).transpose(1, 2)
@@ -98,16 +98,16 @@ class Attention(nn.Module):
             if cfg.quantized:  # the engine's numerics: float16 K / V into the cache, float16 attention
                 k = ref.fake_quant_kv(k.half().float(), cfg.kv_bits, cfg.kv_clip)
                 v = ref.fake_quant_kv(v.half().float(), cfg.kv_bits, cfg.kv_clip)
-                attn = ops.causal_attention(q, k, v)
+                attn = kv_ops.causal_attention(q, k, v)
             else:  # the float32 invariance check of the rotations
                 attn = F.scaled_dot_product_attention(q, k.float(), v.float(), is_causal=True, enable_gqa=True)
             attn = attn.transpose(1, 2).reshape(b, t, nq)
         else:  # engine step: the batch is packed into t tokens (b == 1)
             # A prefill with no cached prefix attends to its own K / V as the cache holds them,
             # which the store hands back (no gather from the cache).
-            new_kv = ops.kv_store(k[0].transpose(0, 1), v[0].transpose(0, 1), ctx.slot_mapping, self.kv_cache,
+            new_kv = kv_ops.kv_store(k[0].transpose(0, 1), v[0].transpose(0, 1), ctx.slot_mapping, self.kv_cache,
                                   cfg.kv_clip, round_trip=ctx.is_prefill and not ctx.has_prefix)
-            attn = ops.paged_attention(q[0].transpose(0, 1), self.kv_cache, ctx.block_tables, ctx.context_lens,
+            attn = kv_ops.paged_attention(q[0].transpose(0, 1), self.kv_cache, ctx.block_tables, ctx.context_lens,
                                        ctx.query_lens, ctx.is_prefill, new_kv, ctx.has_prefix)
             attn = attn.reshape(b, t, nq)
         a_q, a_s = ops.hadamard_quant(attn, cfg.hadamard_o, bits["o"], cfg.act_clip)
@@ -182,7 +182,7 @@ class QuadForCausalLM(nn.Module):
         # (ops.rope_hadamard).
         rope_dtype = torch.float16 if self.cfg.quantized else torch.float32
         rope_h = None
-        fused = get_context() is not None and ops.fused_rope_store_supports(self.cfg, input_ids,
+        fused = get_context() is not None and kv_ops.fused_rope_store_supports(self.cfg, input_ids,
                                                                             self.layers[0].attn.kv_cache)
         if not fused and input_ids.numel() <= self.ROPE_MATRIX_MAX_TOKENS[rope_dtype]:
             rope_h = rope_hadamard_matrices(cos, sin, self.cfg.hadamard_head, rope_dtype)
