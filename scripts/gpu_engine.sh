@@ -3,9 +3,9 @@
 # call (10 minutes):
 #   source .gpu/activate.sh && export PYTHONPATH=$PWD:$PYTHONPATH && bash scripts/gpu_engine.sh $OUT check
 #   source .gpu/activate.sh && export PYTHONPATH=$PWD:$PYTHONPATH && bash scripts/gpu_engine.sh $OUT bench
-# (bench-short: the same systems at prefill 1 x 2048 and decode b1 / b32 only; pdl-ab: QUAD W4A4A8
-# alone with and without programmatic dependent launch; ab: the same for any QUAD_* switches;
-# quad-reference: the QUAD reference speed script's Llama-2-13B prefill configuration)
+# (bench-short: the same systems at prefill 1 x 2048 and decode b1 / b32 only; ab: QUAD W4A4A8
+# alone once per set of QUAD_* switches, e.g. AB_VARIANTS="QUAD_PDL=1 QUAD_PDL=0"; quad-reference:
+# the QUAD reference speed script's Llama-2-13B prefill configuration)
 # check: the engine GPU tests and a kernel-level profile of a Llama-3-8B-shaped prefill and decode
 # step (about 4 minutes); bench: quad-bench on Llama-3-8B shapes, QUAD W4A4A8 (int8 embedding /
 # lm_head, the default, and float16) against the engine's fp16 path and transformers, a short plan with a time
@@ -20,24 +20,6 @@ if [ "$part" = check ]; then
   timeout 260 python3 -m pytest -q -s -m gpu tests/test_engine_gpu.py 2>&1 | quiet > "$out/engine_gpu.log"
   grep -E "logits vs|passed|failed" "$out/engine_gpu.log"
   timeout 200 python3 scripts/gpu_profile_step.py "$out" 2>&1 | quiet | tail -n 3
-elif [ "$part" = pdl-ab ]; then
-  # QUAD W4A4A8 alone, decode b1 / b32 (and prefill 1 x 2048 with PDL_PREFILL=1), built with the
-  # programmatic-dependent-launch switches of each PDL_VARIANTS entry (kernels_tl/pdl.py: a
-  # variant is "all", "none", or skip:FAMILIES / late:FAMILIES with FAMILIES joined by +), one
-  # process each (about 80 s a variant).
-  for variant in ${PDL_VARIANTS:-all none}; do
-    env=(QUAD_PDL=1)
-    case "$variant" in
-      none) env=(QUAD_PDL=0) ;;
-      skip:*) env+=(QUAD_PDL_SKIP=$(echo "${variant#skip:}" | tr + ,)) ;;
-      late:*) env+=(QUAD_PDL_LATE=$(echo "${variant#late:}" | tr + ,)) ;;
-    esac
-    prefill=(--prefill ""); [ "${PDL_PREFILL:-0}" = 1 ] && prefill=(--prefill 1x2048)
-    echo "== $variant: ${env[*]}"
-    env "${env[@]}" timeout 200 python3 -m quad_engine.cli.bench --arch llama-3-8b "${prefill[@]}" \
-      --decode 1x1024,32x1024 --systems quad-w4a4a8 --throughput 0 --repeats 3 --decode-steps 16 \
-      --out-dir "$out" --name "pdl_${variant//[:+]/_}" 2>&1 | quiet | grep -A4 "^| system\|^| batch x context" | head -n 14
-  done
 elif [ "$part" = ab ]; then
   # QUAD W4A4A8 alone, decode b1 / b32 x 1024, once per AB_VARIANTS entry: "base" (the defaults) or
   # comma-separated VAR=VALUE switches, e.g. AB_VARIANTS="base QUAD_DECODE_PREFETCH=1,QUAD_DECODE_MIN_BLOCKS=5";
