@@ -25,30 +25,35 @@ from kernels_tl.pdl import wait_for_producers
 SM90 = "sm90"
 _TARGETS = {"sm90": {"kind": "cuda", "arch": "sm_90a"}, None: "auto"}
 BLOCK_SIZE = 64  # tokens per cache block = the decode kernel's K / V tile
-# attention_decode's register-prefetch loop: faster while the grid has few programs a SM (latency
-# bound), slower once it has many (bench/results/attention_h200_2026-11-30b.json: 1.2-1.35x at
-# batch 1 and at batch 16 x 3 splits, 384 programs; 0.88-0.92x at batch 64, 512 programs). So it
-# runs up to PREFETCH_MAX_PROGRAMS_PER_SM; QUAD_DECODE_PREFETCH=1 / 0 forces it on / off.
-# Why 3: nvcc gives the prefetch loop 160 registers a thread (ptxas -v, Llama-3-8B shapes), so only
-# 3 of its 128-thread programs fit a SM's register file; the plain loop takes 96 registers and 48.6
-# KB of shared memory: 4 a SM. Capped at 5 blocks a SM (__launch_bounds__(128, 5)) the prefetch loop
-# builds with 96 registers and no spills and needs 39 KB of shared memory (its packed tiles stay in
-# registers): 5 programs a SM. QUAD_DECODE_MIN_BLOCKS=5 builds it that way (not yet measured on a
-# GPU; bench/attention.py times the variants side by side).
-PREFETCH_MAX_PROGRAMS_PER_SM = 3
+# attention_decode's loop. The register-prefetch loop (next block's packed K / V in registers while
+# the current one is multiplied) takes 160 registers a thread uncapped (ptxas -v, Llama-3-8B shapes):
+# 3 programs of 128 threads a SM, which loses to the plain loop (96 registers, 48.6 KB of shared
+# memory: 4 a SM) on dense grids. Capped by __launch_bounds__(128, min_blocks) it builds without
+# spills at 4 (126 registers) and 5 blocks a SM (96 registers, 39 KB of shared memory: its packed
+# tiles stay in registers), and then wins everywhere (bench/results/attention_h200_2026-11-30c.json,
+# Llama-3-8B shapes, all variants in one run, vs plain): the 4-cap on grids of up to 3 programs a SM
+# (batch 1: 1.26-1.35x, one noisy row aside; batch 16 x 3 splits, 384 programs: 1.25-1.27x), the
+# 5-cap above (batch 64, 512 programs: 1.25-1.31x, 2-4% ahead of the 4-cap).
+# QUAD_DECODE_PREFETCH=1 / 0 forces the loop, QUAD_DECODE_MIN_BLOCKS the cap.
+MIN_BLOCKS_SPARSE, MIN_BLOCKS_DENSE = 4, 5
+DENSE_PROGRAMS_PER_SM = 3
 DECODE_PREFETCH = {"1": True, "0": False}.get(os.environ.get("QUAD_DECODE_PREFETCH", ""))
-PREFETCH_MIN_BLOCKS = int(os.environ.get("QUAD_DECODE_MIN_BLOCKS", "1"))
+DECODE_MIN_BLOCKS = int(os.environ["QUAD_DECODE_MIN_BLOCKS"]) if os.environ.get("QUAD_DECODE_MIN_BLOCKS") else None
 
 
-def _min_blocks(prefetch: bool) -> int:
-    return PREFETCH_MIN_BLOCKS if prefetch else 1
+def decode_loop(batch: int, kv_heads: int, num_splits: int, sms: int = 132) -> tuple[bool, int]:
+    """(prefetch, min_blocks): the loop decode attention runs for this grid and its register cap
+    (blocks a SM; 1 is none)."""
+    prefetch = True if DECODE_PREFETCH is None else DECODE_PREFETCH
+    return prefetch, prefetch_min_blocks(batch, kv_heads, num_splits, sms) if prefetch else 1
 
 
-def use_prefetch(batch: int, kv_heads: int, num_splits: int, sms: int = 132) -> bool:
-    """Whether decode attention runs the register-prefetch loop for this grid."""
-    if DECODE_PREFETCH is not None:
-        return DECODE_PREFETCH
-    return batch * kv_heads * num_splits <= PREFETCH_MAX_PROGRAMS_PER_SM * sms
+def prefetch_min_blocks(batch: int, kv_heads: int, num_splits: int, sms: int = 132) -> int:
+    """The prefetch loop's register cap for this grid."""
+    if DECODE_MIN_BLOCKS is not None:
+        return DECODE_MIN_BLOCKS
+    dense = batch * kv_heads * num_splits > DENSE_PROGRAMS_PER_SM * sms
+    return MIN_BLOCKS_DENSE if dense else MIN_BLOCKS_SPARSE
 
 
 _DEQUANT_SRC = r"""
@@ -162,7 +167,7 @@ def attention_decode(heads: int, kv_heads: int, head_dim: int, num_splits: int, 
     memory). Same result as the default loop up to float16 rounding order (none for integer zeros).
 
     min_blocks: blocks per SM the register allocation must allow (__launch_bounds__), see
-    PREFETCH_MIN_BLOCKS."""
+    decode_loop."""
     group = heads // kv_heads
     rows = 16 * -(-group // 16)  # mma tile height
     half = head_dim // 2
@@ -329,15 +334,15 @@ def decode_splits(batch: int, kv_heads: int, max_context: int, block_size: int =
 
 def prebuild_decode(heads: int, kv_heads: int, head_dim: int, grids: list[tuple[int, int]],
                     block_size: int = BLOCK_SIZE, workers: int = 16) -> None:
-    """Compile, for every (batch, splits) decode grid, the attention loop use_prefetch picks there
+    """Compile, for every (batch, splits) decode grid, the attention loop decode_loop picks there
     and the combine kernel, in parallel (TileLang compiles through nvcc subprocesses, so threads
     overlap)."""
     from concurrent.futures import ThreadPoolExecutor
 
     # The arguments exactly as attention_decode_op passes them: lru_cache keys on the call's form.
-    variants = sorted({(n, use_prefetch(batch, kv_heads, n)) for batch, n in grids})
+    variants = sorted({(n, *decode_loop(batch, kv_heads, n)) for batch, n in grids})
     jobs = [functools.partial(attention_decode, heads, kv_heads, head_dim, n, block_size, None, 128, None, 1,
-                              prefetch, _min_blocks(prefetch)) for n, prefetch in variants]
+                              prefetch, min_blocks) for n, prefetch, min_blocks in variants]
     jobs += [functools.partial(attention_combine, heads, head_dim, n) for n in sorted({n for _, n in grids})]
     with ThreadPoolExecutor(workers) as pool:
         list(pool.map(lambda job: job(), jobs))
@@ -347,8 +352,8 @@ def attention_decode_op(q, k_data, k_meta, v_data, v_meta, block_tables, context
                         sm_scale: float | None = None, out=None, num_stages: int = 1, prefetch: bool | None = None,
                         min_blocks: int | None = None):
     """float16 [B, heads, head_dim] decode attention (q [B, heads, head_dim] float16). prefetch:
-    attention_decode's register-prefetch loop (default: use_prefetch; one stage only); min_blocks:
-    its register cap (default PREFETCH_MIN_BLOCKS for the prefetch loop, none for the others)."""
+    attention_decode's register-prefetch loop (default: decode_loop's choice; one stage only);
+    min_blocks: its register cap (default decode_loop's for the prefetch loop, none for the others)."""
     import torch
 
     b, heads, head_dim = q.shape
@@ -356,8 +361,9 @@ def attention_decode_op(q, k_data, k_meta, v_data, v_meta, block_tables, context
     partial = torch.empty(b, heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
     lse = torch.empty(b, heads, num_splits, dtype=torch.float32, device=q.device)
     out = torch.empty(b, heads, head_dim, dtype=torch.float16, device=q.device) if out is None else out
-    prefetch = (use_prefetch(b, kv_heads, num_splits) if prefetch is None else prefetch) and num_stages == 1
-    min_blocks = _min_blocks(prefetch) if min_blocks is None else min_blocks
+    prefetch = (decode_loop(b, kv_heads, num_splits)[0] if prefetch is None else prefetch) and num_stages == 1
+    if min_blocks is None:
+        min_blocks = prefetch_min_blocks(b, kv_heads, num_splits) if prefetch else 1
     attention_decode(heads, kv_heads, head_dim, num_splits, k_data.shape[2], sm_scale, 128, None, num_stages,
                      prefetch, min_blocks)(
         q, k_data, k_meta, v_data, v_meta, block_tables, context_lens, partial, lse)

@@ -37,9 +37,10 @@ def kv_store(k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor, cache
 
 
 def fused_rope_store_enabled() -> bool:
-    """QUAD_FUSED_ROPE=1 runs RoPE, the head Hadamard and the int4 KV store as one kernel
-    (kernels_tl.rope_kv_store) in engine steps; off by default until its GPU tests have run."""
-    return os.environ.get("QUAD_FUSED_ROPE", "0") == "1"
+    """Engine steps run RoPE, the head Hadamard and the int4 KV store as one kernel
+    (kernels_tl.rope_kv_store); QUAD_FUSED_ROPE=0 goes back to the per-token RoPE-Hadamard matrices
+    and the separate store."""
+    return os.environ.get("QUAD_FUSED_ROPE", "1") != "0"
 
 
 def fused_rope_store_supports(cfg, qkv: torch.Tensor, cache: tuple | None) -> bool:

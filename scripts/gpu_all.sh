@@ -5,7 +5,7 @@
 # PART: gemm (GEMM tests, every shape and M), gemm-decode (the same at the decode kernels' token
 # counts 9 / 17 / 40 only), decode (gemm-decode, the decode-attention tests and the int8 lm_head
 # tests at once: every kernel a decode step runs), quantize (quantizer tests), kv (KV-cache tests),
-# rope (the fused RoPE + Hadamard + KV store: its tests, then the engine's with it switched on), engine
+# rope (the fused RoPE + Hadamard + KV store: its tests, then the engine's logits with it and without), engine
 # (engine tests: scripts/gpu_engine.sh check), bench-kernels, bench-attention, sweep-decode (split-K
 # variants of the decode GEMM at 16 and 32 tokens), sweep-hadamard. Each benchmark
 # writes its JSON after every section, so a part cut short keeps what it measured.
@@ -33,10 +33,12 @@ case "$part" in
       tail -n 3 "$out/kv_tests.log" ;;
   rope) timeout 200 python3 -m pytest -q -m gpu tests/test_rope_kv_store_gpu.py 2>&1 | quiet > "$out/rope_tests.log"
         tail -n 3 "$out/rope_tests.log"
-        # The engine with the fused RoPE + Hadamard + KV store kernel (off by default).
-        QUAD_FUSED_ROPE=1 timeout 300 python3 -m pytest -q -s -m gpu tests/test_engine_gpu.py 2>&1 | quiet \
-          > "$out/engine_fused_rope.log"
-        grep -E "logits vs|passed|failed" "$out/engine_fused_rope.log" ;;
+        # The engine's logits against the reference with the fused kernel (the default) and without.
+        for fused in 1 0; do
+          QUAD_FUSED_ROPE=$fused timeout 200 python3 -m pytest -q -s -m gpu tests/test_engine_gpu.py -k "logits or chunked" \
+            2>&1 | quiet > "$out/engine_fused_rope_$fused.log"
+          echo "QUAD_FUSED_ROPE=$fused:"; grep -E "logits vs|passed|failed" "$out/engine_fused_rope_$fused.log"
+        done ;;
   engine) bash scripts/gpu_engine.sh "$out" check ;;
   bench-kernels) timeout 560 python3 bench/kernels.py --quick --out "$out/kernels.json" 2>&1 | quiet > "$out/kernels.log"
                  tail -n 5 "$out/kernels.log" ;;

@@ -49,7 +49,8 @@ def test_kv_store_is_bit_exact(heads, kv_heads, head_dim, tokens, round_trip):
         assert out is None
 
 
-# (1, True, 5): the prefetch loop with its registers capped for 5 blocks a SM (PREFETCH_MIN_BLOCKS)
+# (1, True, None): the prefetch loop with decode_loop's register cap (4 blocks a SM on these sparse
+# grids); (1, True, 5): capped for 5, as on dense ones
 @pytest.mark.parametrize("stages,prefetch,min_blocks", [(1, False, None), (2, False, None), (1, True, None), (1, True, 5)])
 @pytest.mark.parametrize("heads,kv_heads,head_dim", SHAPES)
 @pytest.mark.parametrize("batch,max_ctx", [(1, 1), (1, 4097), (5, 1000), (16, 300)])

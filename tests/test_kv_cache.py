@@ -205,16 +205,20 @@ def test_prefetch_decode_attention_fits_five_programs_a_sm_when_capped(tmp_path)
     assert max(offsets) + 4096 <= 228 * 1024 // 5 - 1024  # 1 KB a block is reserved by the hardware
 
 
-def test_decode_attention_prefetches_only_on_sparse_grids(monkeypatch):
-    """The register-prefetch loop wins while the grid has few programs per SM and loses with many
-    (bench/results/attention_h200_2026-11-30b.json): the engine's batch sizes fall on either side."""
+def test_decode_attention_caps_the_prefetch_loop_by_grid_density(monkeypatch):
+    """The register-prefetch loop capped at 4 blocks a SM wins on grids of up to 3 programs per SM,
+    at 5 above (bench/results/attention_h200_2026-11-30c.json): the engine's batch sizes fall on
+    either side. The switches override both choices."""
     pytest.importorskip("tilelang")
     from kernels_tl import kv_attention
     monkeypatch.setattr(kv_attention, "DECODE_PREFETCH", None)
+    monkeypatch.setattr(kv_attention, "DECODE_MIN_BLOCKS", None)
     splits = kv_attention.decode_splits
-    assert kv_attention.use_prefetch(1, 8, splits(1, 8, 4096))           # 8 x 32 = 256 programs
-    assert kv_attention.use_prefetch(16, 8, splits(16, 8, 4096))         # 16 x 8 x 3 = 384
-    assert not kv_attention.use_prefetch(32, 8, splits(32, 8, 4096))     # 32 x 8 x 2 = 512
-    assert not kv_attention.use_prefetch(64, 8, splits(64, 8, 4096))     # 64 x 8 = 512
+    assert kv_attention.decode_loop(1, 8, splits(1, 8, 4096)) == (True, 4)     # 8 x 32 = 256 programs
+    assert kv_attention.decode_loop(16, 8, splits(16, 8, 4096)) == (True, 4)   # 16 x 8 x 3 = 384
+    assert kv_attention.decode_loop(32, 8, splits(32, 8, 4096)) == (True, 5)   # 32 x 8 x 2 = 512
+    assert kv_attention.decode_loop(64, 8, splits(64, 8, 4096)) == (True, 5)   # 64 x 8 = 512
+    monkeypatch.setattr(kv_attention, "DECODE_MIN_BLOCKS", 1)
+    assert kv_attention.decode_loop(64, 8, 1) == (True, 1)
     monkeypatch.setattr(kv_attention, "DECODE_PREFETCH", False)
-    assert not kv_attention.use_prefetch(1, 8, 32)
+    assert kv_attention.decode_loop(1, 8, 32) == (False, 1)

@@ -133,7 +133,7 @@ def test_kernel_builds_for_sm90(heads, kv_heads, head_dim, round_trip, tmp_path)
 
 
 def test_engine_takes_the_fused_kernel_only_where_it_applies(monkeypatch):
-    """kv_ops.fused_rope_store_supports: behind QUAD_FUSED_ROPE=1, with the kernels in use, the int4
+    """kv_ops.fused_rope_store_supports: unless QUAD_FUSED_ROPE=0, with the kernels in use, the int4
     cache and a head Hadamard the kernel computes (one Sylvester matrix of order head_dim, or none)."""
     from types import SimpleNamespace
 
@@ -149,10 +149,10 @@ def test_engine_takes_the_fused_kernel_only_where_it_applies(monkeypatch):
     x = torch.zeros(1)
     sylvester = HadamardSpec(size=128, factors=[128])
     monkeypatch.setattr(kv_ops, "use_kernels", lambda t: True)
+    monkeypatch.setenv("QUAD_FUSED_ROPE", "0")
+    assert not kv_ops.fused_rope_store_supports(cfg(128, sylvester), x, cache(128))      # switched off
     monkeypatch.delenv("QUAD_FUSED_ROPE", raising=False)
-    assert not kv_ops.fused_rope_store_supports(cfg(128, sylvester), x, cache(128))      # off by default
-    monkeypatch.setenv("QUAD_FUSED_ROPE", "1")
-    assert kv_ops.fused_rope_store_supports(cfg(128, sylvester), x, cache(128))
+    assert kv_ops.fused_rope_store_supports(cfg(128, sylvester), x, cache(128))         # on by default
     assert kv_ops.fused_rope_store_supports(cfg(64, None), x, cache(64))
     assert not kv_ops.fused_rope_store_supports(cfg(128, HadamardSpec(size=128, factors=[2, 64])), x, cache(128))
     assert not kv_ops.fused_rope_store_supports(cfg(96, HadamardSpec(size=96, factors=[12, 8])), x, cache(96))

@@ -82,8 +82,9 @@ def _check(heads, kv_heads, head_dim, tokens, round_trip, hadamard=True, clip=1.
     k16 = _kernel_rotation(kernel, qkv, cos, sin, heads, kv_heads, head_dim, BLOCK_SIZE, round_trip)
     assert not k16.isnan().any()
     k_want = want[:, heads:]
-    rel = float((k16.float() - k_want).norm() / k_want.norm())
-    assert rel <= 1e-3, rel
+    # (A single token's K is the all-zero row: an absolute floor keeps 0 / 0 out of the bound.)
+    err = float((k16.float() - k_want).norm())
+    assert err <= 1e-3 * float(k_want.norm()) + 1e-6, err
     if not hadamard:
         assert torch.equal(k16, k_want.half())
     v16 = x[:, heads + kv_heads:]

@@ -77,7 +77,7 @@ class Attention(nn.Module):
         ctx = get_context()
         if ctx is not None and kv_ops.fused_rope_store_supports(cfg, qkv, self.kv_cache):
             # Engine step, one kernel from the GEMM's output: RoPE and the head Hadamard of Q and K,
-            # K and V into the int4 cache (QUAD_FUSED_ROPE=1).
+            # K and V into the int4 cache.
             q, new_kv = kv_ops.rope_kv_store(qkv[0], cos, sin, ctx.slot_mapping, self.kv_cache, cfg,
                                           round_trip=ctx.is_prefill and not ctx.has_prefix)
             attn = kv_ops.paged_attention(q, self.kv_cache, ctx.block_tables, ctx.context_lens, ctx.query_lens,
