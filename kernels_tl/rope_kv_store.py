@@ -8,11 +8,12 @@ and writes
 - with round_trip, K and V as the cache now holds them, dequantized to float16 (every token),
   for a prefill that attends to its own tokens (as `kv_store`'s round_trip).
 
-Why: the engine's step otherwise runs RoPE + the head Hadamard of Q and K as one cuBLAS batched
-matmul with per-token [hd, hd] matrices (`ops.rope_hadamard`, `rope_hadamard_matrices`), which
-writes a [T, heads + kv_heads, hd] intermediate that `kv_store` then reads back. Fusing saves that
-launch and the intermediate's round trip through memory, per layer; it reads per-token cos / sin
-rows (2·hd floats) instead of an hd x hd matrix per token (which no longer needs building).
+Why: the engine's step ran RoPE + the head Hadamard of Q and K as one cuBLAS batched matmul with
+per-token float16 [hd, hd] matrices, which wrote a [T, heads + kv_heads, hd] intermediate that
+`kv_store` then read back. Fusing saves that launch and the intermediate's round trip through
+memory, per layer; it reads per-token cos / sin rows (2·hd floats) instead of an hd x hd matrix
+per token. Its numerics (the exact rotation rounded once) are now the reference's too
+(`models.llama.Attention.forward`'s elementwise path).
 
 Numerics (`rope_kv_store_reference` is the specification):
 - y = x·cos + rotate_half(x)·sin in float32 from the float16 inputs, rotate_half(x) = cat(-x2, x1)

@@ -38,8 +38,8 @@ def kv_store(k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor, cache
 
 def fused_rope_store_enabled() -> bool:
     """Engine steps run RoPE, the head Hadamard and the int4 KV store as one kernel
-    (kernels_tl.rope_kv_store); QUAD_FUSED_ROPE=0 goes back to the per-token RoPE-Hadamard matrices
-    and the separate store."""
+    (kernels_tl.rope_kv_store); QUAD_FUSED_ROPE=0 runs the same rotation elementwise in torch and
+    the separate store (the reference's composition)."""
     return os.environ.get("QUAD_FUSED_ROPE", "1") != "0"
 
 

@@ -8,8 +8,8 @@ model end to end against it); cases the kernels do not cover (per-group weight s
 Hadamard) fall back to the reference on their own.
 
 The float16 boundaries are part of the numerics, on both backends: the norm and the Hadamard
-quantizers read float16, the GEMMs and attention return float16, RoPE + head Hadamard (as per-token
-matrices, in steps of up to 8192 tokens) returns float16, the KV cache quantizes float16 (its ops,
+quantizers read float16, the GEMMs and attention return float16, RoPE + head Hadamard (float32,
+rounded once) returns float16, the KV cache quantizes float16 (its ops,
 the store and attention over the paged cache: `quad_engine.kv_ops`).
 Every activation quantizer turns a difference far below its step into whole-step flips with some
 probability, so a reference that rounded elsewhere would drift from the kernels by percents over
@@ -201,16 +201,8 @@ def prebuild_quantizers(cfg, token_counts, workers: int = 16) -> None:
 
 @_profiled("hadamard")
 def rope_hadamard(x: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
-    """RoPE then the head Hadamard as one batched matmul: x [B, T, heads, hd], matrices [B or 1, T,
-    hd, hd] (models.llama.rope_hadamard_matrices); [B, T, heads, hd] in the matrices' dtype.
-
-    float16 matrices (the quantized models): float16 in, float32 sums, float16 out, the form the KV
-    cache and attention read anyway; on a GPU one tensor-core matmul instead of a float32 one plus
-    the casts around it. float32 matrices (unquantized mode): float32 throughout."""
-    if matrices.dtype == torch.float16:
-        if x.is_cuda:
-            return torch.matmul(x.half(), matrices)
-        return torch.matmul(x.half().float(), matrices.float()).half()
+    """RoPE then the head Hadamard as one batched float32 matmul (the unquantized mode): x [B, T,
+    heads, hd], matrices [B or 1, T, hd, hd] (models.llama.rope_hadamard_matrices)."""
     return torch.matmul(x.float(), matrices)
 
 

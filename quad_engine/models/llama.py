@@ -36,13 +36,12 @@ def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, scale: float) 
     return emb.cos() * scale, emb.sin() * scale
 
 
-def rope_hadamard_matrices(cos: torch.Tensor, sin: torch.Tensor, spec, dtype: torch.dtype = torch.float32,
-                           chunk: int = 1024) -> torch.Tensor:
+def rope_hadamard_matrices(cos: torch.Tensor, sin: torch.Tensor, spec, chunk: int = 1024) -> torch.Tensor:
     """Per-token matrices M [B, T, hd, hd] with x @ M = hadamard(apply_rope(x)) for a row x of one
     head at that token: (x·cos + rotate_half(x)·sin) @ H = x @ (diag(cos) H + P diag(sin) H), P the
     rotate-half permutation. Built once per forward and shared by every layer, they turn RoPE and
     the head Hadamard of Q and K into one batched matmul per layer instead of a dozen elementwise
-    kernels. Computed in float32, `chunk` tokens at a time, and stored as `dtype`."""
+    kernels (the unquantized mode's float32 path). Computed `chunk` tokens at a time."""
     hd = cos.shape[-1]
     eye = torch.eye(hd, device=cos.device, dtype=torch.float32)
     h = eye if spec is None else apply_hadamard(eye, spec.factors, spec.block)
@@ -50,7 +49,7 @@ def rope_hadamard_matrices(cos: torch.Tensor, sin: torch.Tensor, spec, dtype: to
     # rotate_half(x)_j = -x_(j+half) for j < half, x_(j-half) above; cos and sin repeat with period
     # half, so P diag(sin) H = diag(sin) [H_(half:) ; -H_(:half)].
     rot_h = torch.cat((h[half:], -h[:half]), dim=0)
-    out = torch.empty(*cos.shape, hd, device=cos.device, dtype=dtype)
+    out = torch.empty(*cos.shape, hd, device=cos.device, dtype=torch.float32)
     for start in range(0, cos.shape[-2], chunk):
         c, s = cos[..., start:start + chunk, :], sin[..., start:start + chunk, :]
         out[..., start:start + chunk, :, :] = c.unsqueeze(-1) * h + s.unsqueeze(-1) * rot_h
@@ -94,6 +93,8 @@ class Attention(nn.Module):
             k = qkv[..., nq:nq + nkv].view(b, t, cfg.num_kv_heads, hd).transpose(1, 2)
             q = ops.hadamard(apply_rope(q, cos, sin), cfg.hadamard_head)
             k = ops.hadamard(apply_rope(k, cos, sin), cfg.hadamard_head)
+            if cfg.quantized:  # the exact rotation rounded once to float16, as the fused kernel does
+                q, k = q.half(), k.half()
         if ctx is None:  # full recompute: the cache's int4 round trip is simulated
             if cfg.quantized:  # the engine's numerics: float16 K / V into the cache, float16 attention
                 k = ref.fake_quant_kv(k.half().float(), cfg.kv_bits, cfg.kv_clip)
@@ -153,10 +154,9 @@ class DecoderLayer(nn.Module):
 class QuadForCausalLM(nn.Module):
     """Reference-backend model: forward(input_ids [B, T]) -> float32 logits [B, T, V]."""
 
-    # Steps up to this many tokens take RoPE + head Hadamard as per-token matrices (32 KB a token
-    # at head_dim 128 in float16, the quantized models: 256 MB at 8192 tokens; 64 KB in float32,
-    # the unquantized mode, which keeps a lower bound). Longer steps use the elementwise form.
-    ROPE_MATRIX_MAX_TOKENS = {torch.float16: 8192, torch.float32: 512}
+    # Unquantized mode: steps up to this many tokens take RoPE + head Hadamard as per-token float32
+    # matrices (64 KB a token at head_dim 128); longer steps use the elementwise form.
+    ROPE_MATRIX_MAX_TOKENS = 512
 
     def __init__(self, cfg: QuadConfig, tensors: dict[str, torch.Tensor]):
         super().__init__()
@@ -177,15 +177,13 @@ class QuadForCausalLM(nn.Module):
         if positions is None:
             positions = torch.arange(input_ids.shape[-1], device=input_ids.device).unsqueeze(0)
         cos, sin = rope_cos_sin(self.inv_freq, positions, self.cfg.rope_attention_scaling)
-        # RoPE + head Hadamard as per-token matrices, built once here for every layer. float16 for
-        # the quantized models: Q / K come out in float16, as the cache and attention read them
-        # (ops.rope_hadamard).
-        rope_dtype = torch.float16 if self.cfg.quantized else torch.float32
+        # The quantized models' Q / K: RoPE and the head Hadamard in float32, rounded once to
+        # float16 (on a GPU engine step, the fused kernel kernels_tl.rope_kv_store; elsewhere
+        # elementwise, Attention.forward). The unquantized mode takes them as per-token matrices,
+        # built once here for every layer (ops.rope_hadamard).
         rope_h = None
-        fused = get_context() is not None and kv_ops.fused_rope_store_supports(self.cfg, input_ids,
-                                                                            self.layers[0].attn.kv_cache)
-        if not fused and input_ids.numel() <= self.ROPE_MATRIX_MAX_TOKENS[rope_dtype]:
-            rope_h = rope_hadamard_matrices(cos, sin, self.cfg.hadamard_head, rope_dtype)
+        if not self.cfg.quantized and input_ids.numel() <= self.ROPE_MATRIX_MAX_TOKENS:
+            rope_h = rope_hadamard_matrices(cos, sin, self.cfg.hadamard_head)
         if self.head_int8:
             h = self.embed[input_ids].float() * self.embed_scale[input_ids].unsqueeze(-1)
         else:
