@@ -21,7 +21,7 @@ from quad_engine.block_manager import BlockManager
 from quad_engine.checkpoint import load_model
 from quad_engine.config import QuadConfig
 from quad_engine.context import StepContext, set_context
-from quad_engine.sampling import Sampler, SamplingParams, find_stop
+from quad_engine.sampling import Sampler, SamplingParams, argmax_rows, fastest_argmax_chunk, find_stop
 from quad_engine.scheduler import Scheduler, Sequence, Status
 
 
@@ -200,16 +200,16 @@ class LLM:
         """The step's next token of every sequence; None for a prefill chunk that is not its
         sequence's last (nothing is sampled for it, so a seeded request's draws do not depend on
         how its prompt was chunked)."""
-        logits = self._prefill_logits(seqs) if is_prefill else self._decode_logits(seqs)
+        logits, greedy = (self._prefill_logits(seqs), None) if is_prefill else self._decode_logits(seqs)
         if self.logits_hook is not None:
             self.logits_hook(seqs, logits)
         done = [i for i, seq in enumerate(seqs) if seq.status == Status.RUNNING]
         if not done:
             return [None] * len(seqs)
         if len(done) < len(seqs):  # decode steps never get here: no row gather on the hot path
-            logits = logits[done]
+            logits, greedy = logits[done], None if greedy is None else greedy[done]
         tokens = iter(self.sampler.sample(logits, [seqs[i].params for i in done],
-                                          [seqs[i].generator for i in done]).tolist())
+                                          [seqs[i].generator for i in done], greedy).tolist())
         return [next(tokens) if seq.status == Status.RUNNING else None for seq in seqs]
 
     def _forward(self, ctx: StepContext, ids: torch.Tensor, positions: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
@@ -271,28 +271,30 @@ class LLM:
         ids, positions, slots, lens = (packed[i * size:(i + 1) * size] for i in range(4))
         return ids, positions, slots, lens, packed[4 * size:].view(size, -1)
 
-    def _decode_logits(self, seqs: list[Sequence]) -> torch.Tensor:
+    def _decode_logits(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(logits, their argmax or None): a graphed step computes the argmax inside its graph."""
         size = self._bucket(len(seqs)) or len(seqs)
         if self.use_cuda_graph and size in self.decode_buckets:
-            return self._graph_replay(size, seqs)[: len(seqs)]
+            logits, greedy = self._graph_replay(size, seqs)
+            return logits[: len(seqs)], greedy[: len(seqs)]
         # Tables as wide as a captured graph's: the attention kernel picks its context split from
         # the width, so eager and graphed steps then sum in the same order.
         packed = self._decode_inputs(seqs, size, self._table_width).to(self.device, non_blocking=True)
         ids, positions, slots, lens, tables = self._views(packed, size)
         ctx = StepContext(False, slots, tables, lens, torch.ones(size, dtype=torch.long))
-        return self._forward(ctx, ids, positions, torch.arange(len(seqs), device=self.device))
+        return self._forward(ctx, ids, positions, torch.arange(len(seqs), device=self.device)), None
 
-    def _graph_replay(self, size: int, seqs: list[Sequence]) -> torch.Tensor:
+    def _graph_replay(self, size: int, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
         """Copy the step's inputs into the bucket's static buffer and replay its graph (captured on
         first use; all buckets share one memory pool). The host buffer is pinned and the copy
         asynchronous: the previous step's tokens were read back before, so nothing still uses it."""
         entry = self.graphs.get(size)
         if entry is None:
             entry = self.graphs[size] = self._capture(size)
-        packed, rows, graph, logits = entry
+        packed, rows, graph, logits, greedy = entry
         packed.copy_(self._decode_inputs(seqs, size, self._table_width), non_blocking=True)
         graph.replay()
-        return logits
+        return logits, greedy
 
     def _capture(self, size: int):
         # Every tensor the graph reads must outlive it (a local would be freed and its memory
@@ -302,13 +304,18 @@ class LLM:
         rows = torch.arange(size, device=self.device)
         ids, positions, slots, lens, tables = self._views(packed, size)
         ctx = StepContext(False, slots, tables, lens, torch.ones(size, dtype=torch.long))
-        self._forward(ctx, ids, positions, rows)  # warm-up: lazy buffers, kernel builds
+        logits = self._forward(ctx, ids, positions, rows)  # warm-up: lazy buffers, kernel builds
+        # The greedy tokens inside the graph (device time only, in the form fastest here): torch's
+        # argmax of one 128k-wide row alone took 41 µs, ~2% of a batch-1 step.
+        chunk = fastest_argmax_chunk(size, logits.shape[-1], self.device)
+        argmax_rows(logits, chunk)
         torch.cuda.synchronize(self.device)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.graph_pool):
             logits = self._forward(ctx, ids, positions, rows)
+            greedy = argmax_rows(logits, chunk)
         self.graph_pool = graph.pool()
-        return packed, rows, graph, logits
+        return packed, rows, graph, logits, greedy
 
     def _decode(self, token_ids: list[int]) -> str:
         return "" if self.tokenizer is None else self.tokenizer.decode(token_ids, skip_special_tokens=True)

@@ -155,3 +155,40 @@ def test_find_stop_returns_where_the_earliest_stop_string_starts():
     assert find_stop("hello", []) is None
     assert find_stop("hello", [""]) is None  # an empty stop string never matches
     assert find_stop("stop", ["stop"]) == 0
+
+
+@pytest.mark.parametrize("vocab", [128256, 151936, 49152, 1000])
+def test_chunked_argmax_returns_the_first_maximum(vocab):
+    """Every form argmax_rows may take gives argmax's indices exactly: ties (few distinct values)
+    resolve to the first maximum, a NaN wins as in argmax, maxima at either end of a row and on
+    both sides of a chunk boundary are found."""
+    from quad_engine.sampling import argmax_chunks, argmax_rows
+    chunks = argmax_chunks(vocab)
+    assert chunks and all(vocab % d == 0 and vocab // d > 1 for d in chunks)
+    g = torch.Generator().manual_seed(vocab)
+    logits = torch.randint(0, 4, (6, vocab), generator=g).float()       # many tied maxima a row
+    logits[1] = torch.randn(vocab, generator=g)
+    logits[2, vocab // 3] = float("nan")
+    logits[2, vocab // 2] = float("nan")
+    logits[3, -1] = 10.0
+    logits[4, 0] = 10.0
+    for d in chunks:
+        row = logits[5].clone()
+        logits[5, d - 1] = logits[5, d] = 10.0                            # a tie across a chunk boundary
+        got = argmax_rows(logits, d)
+        assert torch.equal(got, logits.argmax(-1)), (d, got, logits.argmax(-1))
+        assert got[3] == vocab - 1 and got[4] == 0 and got[5] == d - 1
+        logits[5] = row
+    assert torch.equal(argmax_rows(logits, None), logits.argmax(-1))
+
+
+def test_precomputed_greedy_tokens_are_used_for_greedy_rows():
+    """A decode step's graph hands the sampler its argmax: all-greedy batches return it, and mixed
+    batches take it for their temperature-0 rows."""
+    logits = torch.randn(3, 50)
+    marker = torch.tensor([7, 8, 9])                                       # not the argmax: shows it was used
+    assert torch.equal(Sampler().sample(logits, [SamplingParams(temperature=0)] * 3, greedy=marker), marker)
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=1.0, seed=1), SamplingParams(temperature=0)]
+    gens = [None, torch.Generator().manual_seed(1), None]
+    tokens = Sampler().sample(logits, params, gens, greedy=marker)
+    assert tokens[0] == 7 and tokens[2] == 9
