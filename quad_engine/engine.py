@@ -98,6 +98,7 @@ class LLM:
         if self.device.type == "cuda" and isinstance(self.cfg, QuadConfig):
             self._prebuild_gemms(max_num_batched_tokens)
         self.max_model_len = max_model_len or self.cfg.max_position_embeddings
+        self.model.precompute_rope(self.max_model_len)
         self.block_size = block_size
         self._table_width = -(-self.max_model_len // block_size)  # decode block tables: room for any sequence
         if num_blocks is None:

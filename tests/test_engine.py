@@ -224,3 +224,16 @@ def test_a_prompt_longer_than_the_token_budget_prefills_in_chunks(checkpoint):
     assert ([o.token_ids for o in chunked.generate(prompts, seeded)[0]]
             == [o.token_ids for o in whole.generate(prompts, seeded)[0]])
     assert chunked.block_manager.num_free_blocks == 64
+
+
+def test_rope_table_rows_equal_the_computed_cos_sin():
+    """The engine's precomputed cos / sin (gathered by position) are bit for bit what rope_cos_sin
+    computes for those positions: the engine's steps and a full recompute rotate identically."""
+    from quad_engine.models.llama import rope_cos_sin, rope_table
+    inv_freq = 1.0 / 500000 ** (torch.arange(0, 128, 2).float() / 128)
+    table = rope_table(inv_freq, 8192, 1.25)
+    positions = torch.tensor([[0, 1, 7, 1000, 4095, 8191]])
+    cos, sin = rope_cos_sin(inv_freq, positions, 1.25)
+    got_cos, got_sin = table[:, positions]
+    assert torch.equal(got_cos, cos) and torch.equal(got_sin, sin)
+    assert got_cos.is_contiguous() and got_cos.shape == (1, 6, 128)

@@ -17,7 +17,7 @@ from torch import nn
 
 from quad_engine import kv_ops
 from quad_engine.context import get_context
-from quad_engine.models.llama import apply_rope, rope_cos_sin
+from quad_engine.models.llama import apply_rope, rope_cos_sin, rope_table
 
 
 @dataclass
@@ -85,14 +85,22 @@ class FP16ForCausalLM(nn.Module):
                               float(rotary.attention_scaling), next(hf_model.parameters()).dtype)
         self.embed, self.norm, self.lm_head = hf_model.model.embed_tokens, hf_model.model.norm, hf_model.lm_head
         self.register_buffer("inv_freq", rotary.inv_freq.float().clone(), persistent=False)
+        self.rope_rows: torch.Tensor | None = None  # see precompute_rope
         self.layers = nn.ModuleList(FP16Layer(self.cfg, layer) for layer in hf_model.model.layers)
+
+    def precompute_rope(self, max_len: int) -> None:
+        """Engine steps (positions below max_len) then gather cos / sin, already in the model's dtype."""
+        self.rope_rows = rope_table(self.inv_freq, max_len, self.cfg.rope_attention_scaling, self.cfg.dtype)
 
     def hidden(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         if positions is None:
             positions = torch.arange(input_ids.shape[-1], device=input_ids.device).unsqueeze(0)
-        cos, sin = rope_cos_sin(self.inv_freq, positions, self.cfg.rope_attention_scaling)
         h = self.embed(input_ids)
-        cos, sin = cos.to(h.dtype), sin.to(h.dtype)
+        if self.rope_rows is not None and get_context() is not None:
+            cos, sin = self.rope_rows[:, positions]
+        else:
+            cos, sin = rope_cos_sin(self.inv_freq, positions, self.cfg.rope_attention_scaling)
+            cos, sin = cos.to(h.dtype), sin.to(h.dtype)
         for layer in self.layers:
             h = layer(h, cos, sin)
         return self.norm(h)
