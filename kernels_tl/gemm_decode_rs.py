@@ -9,8 +9,8 @@ bandwidth (bench/results/decode_sweep_h200_2026-11-30.json): one 1024-wide K til
 Here the weight tile goes from shared memory straight into registers, each thread unpacks the bytes
 of its own part of the wgmma A operand (the 64 weight rows are wgmma's M side), and wgmma reads A
 from registers and the token tile from shared memory. No int8 tile in shared memory, no fence,
-no barrier between unpack and multiply; a stage is 16 KB at a 256-wide K tile, so several blocks
-fit a SM and keep more loads in flight.
+no barrier between unpack and multiply; a stage is 16 KB at a 256-wide K tile and 32 tokens, so
+several blocks fit a SM and keep more loads in flight.
 
 Same numerics as `kernels_tl.gemm`: the unpacked int8 holds 16·q (the checkpoint's nibble shifted
 into the high half of the byte: two's complement, so the sign comes for free), the int32 sums are
