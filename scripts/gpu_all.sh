@@ -39,7 +39,7 @@ case "$part" in
         tail -n 3 "$out/rope_tests.log"
         # The engine's logits against the reference with the fused kernel (the default) and without.
         for fused in 1 0; do
-          QUAD_FUSED_ROPE=$fused timeout 200 python3 -m pytest -q -s -m gpu tests/test_engine_gpu.py -k "logits or chunked" \
+          QUAD_FUSED_ROPE=$fused timeout 200 python3 -m pytest -q -s -m gpu tests/test_engine_gpu.py -k "logits or chunked or graphs" \
             2>&1 | quiet > "$out/engine_fused_rope_$fused.log"
           echo "QUAD_FUSED_ROPE=$fused:"; grep -E "logits vs|passed|failed" "$out/engine_fused_rope_$fused.log"
         done ;;
