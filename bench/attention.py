@@ -3,7 +3,7 @@
 one query token per sequence over its context. Prefill: one sequence's causal attention over its
 own tokens, read from the int4 cache (`attention_prefill`), against SDPA with is_causal.
 
-    python bench/attention.py --out bench/results/attention.json [--quick]
+    python bench/attention.py --out bench/results/attention.json [--quick | --sweep-splits]
 """
 
 from __future__ import annotations
@@ -80,6 +80,40 @@ def one(model: str, batch: int, ctx: int) -> dict:
     return row
 
 
+def sweep_splits(model: str, batch: int, ctx: int, capacity: int = 8192) -> list[dict]:
+    """Decode attention at every context split count, as the engine runs it: block tables as wide as
+    a `capacity`-token sequence (a CUDA graph's split count comes from the table's capacity, so
+    splits past the context have no blocks and exit), lengths `ctx`. Each split count's output
+    against decode_splits' own, and the time of attention plus combine."""
+    heads, kv_heads, dim = MODELS[model]
+    width = capacity // kv.BLOCK_SIZE
+    num_blocks = batch * width
+    kd = torch.randint(0, 256, (num_blocks, kv_heads, kv.BLOCK_SIZE, dim // 2), device="cuda", dtype=torch.uint8)
+    km = torch.rand(num_blocks, kv_heads, kv.BLOCK_SIZE, 2, device="cuda").half()
+    vd, vm = kd.clone(), km.clone()
+    tables = torch.randperm(num_blocks, device="cuda").view(batch, width).int()
+    lens = torch.full((batch,), ctx, device="cuda", dtype=torch.int32)
+    q = torch.randn(batch, heads, dim, device="cuda").half()
+    default = kv.decode_splits(batch, kv_heads, capacity)
+    want = kv.attention_decode_op(q, kd, km, vd, vm, tables, lens, default)
+    rows = []
+    for splits in (1, 2, 4, 8, 16, 32):
+        if capacity // (splits * kv.BLOCK_SIZE) < 1:
+            continue
+        row = {"model": model, "batch": batch, "context": ctx, "capacity": capacity, "splits": splits,
+               "default": splits == default}
+        try:
+            out = torch.full_like(want, float("nan"))
+            kv.attention_decode_op(q, kd, km, vd, vm, tables, lens, splits, out=out)
+            row["rel_err"] = float((out.float() - want.float()).norm() / want.float().norm())
+            row["ms"] = bench(lambda s=splits: kv.attention_decode_op(q, kd, km, vd, vm, tables, lens, s, out=out))
+        except Exception as e:  # reported, not fatal
+            row["error"] = str(e).splitlines()[0][:200]
+        rows.append(row)
+        print(f"  splits {row}", flush=True)
+    return rows
+
+
 def one_prefill(model: str, tokens: int) -> dict:
     from kernels_tl.attention_prefill import attention_prefill_op
 
@@ -114,6 +148,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--quick", action="store_true", help="Llama-3-8B shapes only")
+    ap.add_argument("--sweep-splits", action="store_true",
+                    help="only the decode split-count sweep (Llama-3-8B, batch 1 / 16 / 32, contexts 1k / 4k, "
+                         "engine-like table widths)")
     args = ap.parse_args()
     copy = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")
     copy_gbps = 2 * copy.numel() / bench(lambda: copy.clone()) / 1e6
@@ -124,6 +161,15 @@ def main() -> None:
     def save():  # after every row: a run cut short by a time limit keeps what it measured
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
+
+    if args.sweep_splits:
+        result["splits"] = []
+        # Capacity 2112: quad-bench's decode plan (max_model_len 2049, 33 blocks); 8192: a longer one.
+        for batch in (1, 16, 32):
+            for ctx, capacity in ((1024, 2112), (1024, 8192), (4096, 8192)):
+                result["splits"] += sweep_splits("llama-3-8b", batch, ctx, capacity)
+                save()
+        return
 
     for model in (["llama-3-8b"] if args.quick else list(MODELS)):
         for batch in BATCHES:

@@ -7,12 +7,13 @@
 # QUAD_DECODE_RS=1), decode (gemm-decode, the decode-attention tests and the int8 lm_head
 # tests at once: every kernel a decode step runs), quantize (quantizer tests), kv (KV-cache tests),
 # rope (the fused RoPE + Hadamard + KV store: its tests, then the engine's logits with it and without), engine
-# (engine tests: scripts/gpu_engine.sh check), bench-kernels, bench-attention, sweep-decode (split-K
+# (engine tests: scripts/gpu_engine.sh check), bench-kernels, bench-attention, sweep-splits (decode
+# attention at every split count, engine-like table widths), sweep-decode (split-K
 # variants of the decode GEMM at 16 and 32 tokens), sweep-hadamard. Each benchmark
 # writes its JSON after every section, so a part cut short keeps what it measured.
 set -u
 out=${1:?usage: scripts/gpu_all.sh OUT_DIR PART}
-part=${2:?PART: gemm | gemm-decode | gemm-decode-rs | decode | quantize | kv | rope | engine | bench-kernels | bench-attention | sweep-decode | sweep-hadamard}
+part=${2:?PART: gemm | gemm-decode | gemm-decode-rs | decode | quantize | kv | rope | engine | bench-kernels | bench-attention | sweep-splits | sweep-decode | sweep-hadamard}
 mkdir -p "$out"
 quiet() { grep -v "INFO\|WARNING\|AnnotateWarpGroup" ; }
 case "$part" in
@@ -49,6 +50,9 @@ case "$part" in
   bench-attention) timeout 560 python3 bench/attention.py --quick --out "$out/attention.json" 2>&1 | quiet \
                      > "$out/attention.log"
                    tail -n 5 "$out/attention.log" ;;
+  sweep-splits) timeout 560 python3 bench/attention.py --sweep-splits --out "$out/sweep_splits.json" 2>&1 | quiet \
+                  > "$out/sweep_splits.log"
+                tail -n 5 "$out/sweep_splits.log" ;;
   sweep-decode) timeout 560 python3 bench/kernels.py --sweep-decode --out "$out/sweep_decode.json" 2>&1 | quiet \
                   > "$out/sweep_decode.log"
                 tail -n 5 "$out/sweep_decode.log" ;;
