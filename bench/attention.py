@@ -82,9 +82,10 @@ def one(model: str, batch: int, ctx: int) -> dict:
 
 def sweep_splits(model: str, batch: int, ctx: int, capacity: int = 8192) -> list[dict]:
     """Decode attention at every context split count, as the engine runs it: block tables as wide as
-    a `capacity`-token sequence (a CUDA graph's split count comes from the table's capacity, so
-    splits past the context have no blocks and exit), lengths `ctx`. Each split count's output
-    against decode_splits' own, and the time of attention plus combine."""
+    a `capacity`-token sequence (a CUDA graph's split count comes from the table's capacity; the
+    kernel divides each sequence's own blocks among the splits, so a context of fewer blocks than
+    splits leaves some empty), lengths `ctx`. Each split count's output against decode_splits'
+    own, and the time of attention plus combine."""
     heads, kv_heads, dim = MODELS[model]
     width = capacity // kv.BLOCK_SIZE
     num_blocks = batch * width
