@@ -32,16 +32,22 @@ def bench(fn) -> float:
     return do_bench(fn, warmup=10, rep=50)
 
 
-def one(model: str, batch: int, ctx: int) -> dict:
+def decode_inputs(model: str, batch: int, ctx: int, width: int):
+    """(q, kd, km, vd, vm, tables, lens): random int4 caches of `width` blocks a sequence, block
+    tables over a shuffled pool, every sequence `ctx` tokens long."""
     heads, kv_heads, dim = MODELS[model]
-    width = ctx // kv.BLOCK_SIZE
     num_blocks = batch * width
     kd = torch.randint(0, 256, (num_blocks, kv_heads, kv.BLOCK_SIZE, dim // 2), device="cuda", dtype=torch.uint8)
     km = torch.rand(num_blocks, kv_heads, kv.BLOCK_SIZE, 2, device="cuda").half()
-    vd, vm = kd.clone(), km.clone()
     tables = torch.randperm(num_blocks, device="cuda").view(batch, width).int()
     lens = torch.full((batch,), ctx, device="cuda", dtype=torch.int32)
     q = torch.randn(batch, heads, dim, device="cuda").half()
+    return q, kd, km, kd.clone(), km.clone(), tables, lens
+
+
+def one(model: str, batch: int, ctx: int) -> dict:
+    heads, kv_heads, dim = MODELS[model]
+    q, kd, km, vd, vm, tables, lens = decode_inputs(model, batch, ctx, ctx // kv.BLOCK_SIZE)
     splits = kv.decode_splits(batch, kv_heads, ctx)
     out = torch.empty_like(q)
     kv.attention_decode_op(q, kd, km, vd, vm, tables, lens, splits, out=out)
@@ -86,15 +92,8 @@ def sweep_splits(model: str, batch: int, ctx: int, capacity: int = 8192) -> list
     kernel divides each sequence's own blocks among the splits, so a context of fewer blocks than
     splits leaves some empty), lengths `ctx`. Each split count's output against decode_splits'
     own, and the time of attention plus combine."""
-    heads, kv_heads, dim = MODELS[model]
-    width = capacity // kv.BLOCK_SIZE
-    num_blocks = batch * width
-    kd = torch.randint(0, 256, (num_blocks, kv_heads, kv.BLOCK_SIZE, dim // 2), device="cuda", dtype=torch.uint8)
-    km = torch.rand(num_blocks, kv_heads, kv.BLOCK_SIZE, 2, device="cuda").half()
-    vd, vm = kd.clone(), km.clone()
-    tables = torch.randperm(num_blocks, device="cuda").view(batch, width).int()
-    lens = torch.full((batch,), ctx, device="cuda", dtype=torch.int32)
-    q = torch.randn(batch, heads, dim, device="cuda").half()
+    kv_heads = MODELS[model][1]
+    q, kd, km, vd, vm, tables, lens = decode_inputs(model, batch, ctx, capacity // kv.BLOCK_SIZE)
     default = kv.decode_splits(batch, kv_heads, capacity)
     want = kv.attention_decode_op(q, kd, km, vd, vm, tables, lens, default)
     rows = []

@@ -65,6 +65,27 @@ def _unpack_to_fragment(w_packed, w_local, w_frag, rows: int, block_k: int):
     return unpack
 
 
+def _main_loop(XQ, WQ, acc, block_m: int, block_n: int, block_k: int, num_stages: int, k_tiles: int):
+    """acc[weight row, token] = Σ 16·qw·qx over `k_tiles` K tiles from the block's first (bz-th
+    range of k_tiles tiles, bz = 0 without split), the weights unpacked in registers."""
+
+    @T.macro
+    def main_loop(bx, by, bz):
+        x_s = T.alloc_shared((block_m, block_k), "int8")
+        w_packed = T.alloc_shared((block_n, block_k // 2), "uint8")
+        w_local = T.alloc_fragment((block_n, block_k // 2), "uint8")
+        w_frag = T.alloc_fragment((block_n, block_k), "int8")
+        unpack = _unpack_to_fragment(w_packed, w_local, w_frag, block_n, block_k)
+        T.clear(acc)
+        for kt in T.Pipelined(k_tiles, num_stages=num_stages):
+            T.copy(XQ[by * block_m, (bz * k_tiles + kt) * block_k], x_s)
+            T.copy(WQ[bx * block_n, (bz * k_tiles + kt) * (block_k // 2)], w_packed)
+            unpack()
+            T.gemm(w_frag, x_s, acc, transpose_B=True)
+
+    return main_loop
+
+
 @functools.lru_cache(maxsize=None)
 def w4ax_gemm_decode_rs(n: int, k: int, rank: int, has_bias: bool = False, out_dtype: str = "float16",
                         block_m: int = 16, block_k: int = 256, num_stages: int = 4, min_blocks: int = 1,
@@ -94,20 +115,10 @@ def w4ax_gemm_decode_rs(n: int, k: int, rank: int, has_bias: bool = False, out_d
             with T.Kernel(n // block_n, T.ceildiv(m, block_m), threads=128) as (bx, by):
                 _occupancy(min_blocks)
                 wait_for_producers("gemm")
-                x_s = T.alloc_shared((block_m, block_k), "int8")
-                w_packed = T.alloc_shared((block_n, block_k // 2), "uint8")
-                w_local = T.alloc_fragment((block_n, block_k // 2), "uint8")
-                w_frag = T.alloc_fragment((block_n, block_k), "int8")
                 acc = T.alloc_fragment((block_n, block_m), "int32")
                 out = T.alloc_fragment((block_n, block_m), "float32")
                 out_s = T.alloc_shared((block_n, block_m), "float32")
-                unpack = _unpack_to_fragment(w_packed, w_local, w_frag, block_n, block_k)
-                T.clear(acc)
-                for kt in T.Pipelined(k // block_k, num_stages=num_stages):
-                    T.copy(XQ[by * block_m, kt * block_k], x_s)
-                    T.copy(WQ[bx * block_n, kt * (block_k // 2)], w_packed)
-                    unpack()
-                    T.gemm(w_frag, x_s, acc, transpose_B=True)
+                _main_loop(XQ, WQ, acc, block_m, block_n, block_k, num_stages, k // block_k)(bx, by, 0)
                 _decode_epilogue(acc, out, out_s, XS, WS, XO, WO, BIAS, Y, m, bx, by, rank, r, has_bias, out_dtype,
                                  block_n, block_m)
 
@@ -135,18 +146,8 @@ def w4ax_gemm_splitk_rs(n: int, k: int, split: int, block_m: int = 16, block_k: 
             with T.Kernel(T.ceildiv(n, block_n), T.ceildiv(m, block_m), split, threads=128) as (bx, by, bz):
                 _occupancy(min_blocks)
                 wait_for_producers("gemm")
-                x_s = T.alloc_shared((block_m, block_k), "int8")
-                w_packed = T.alloc_shared((block_n, block_k // 2), "uint8")
-                w_local = T.alloc_fragment((block_n, block_k // 2), "uint8")
-                w_frag = T.alloc_fragment((block_n, block_k), "int8")
                 acc = T.alloc_fragment((block_n, block_m), "int32")
-                unpack = _unpack_to_fragment(w_packed, w_local, w_frag, block_n, block_k)
-                T.clear(acc)
-                for kt in T.Pipelined(k_tiles, num_stages=num_stages):
-                    T.copy(XQ[by * block_m, (bz * k_tiles + kt) * block_k], x_s)
-                    T.copy(WQ[bx * block_n, (bz * k_tiles + kt) * (block_k // 2)], w_packed)
-                    unpack()
-                    T.gemm(w_frag, x_s, acc, transpose_B=True)
+                _main_loop(XQ, WQ, acc, block_m, block_n, block_k, num_stages, k_tiles)(bx, by, bz)
                 for i, j in T.Parallel(block_n, block_m):
                     if by * block_m + j < m:
                         T.atomic_add(ACC[by * block_m + j, bx * block_n + i], acc[i, j])

@@ -308,8 +308,7 @@ class LLM:
         logits = self._forward(ctx, ids, positions, rows)  # warm-up: lazy buffers, kernel builds
         # The greedy tokens inside the graph (device time only, in the form fastest here): torch's
         # argmax of one 128k-wide row alone took 41 µs, ~2% of a batch-1 step.
-        chunk = fastest_argmax_chunk(size, logits.shape[-1], self.device)
-        argmax_rows(logits, chunk)
+        chunk = fastest_argmax_chunk(size, logits.shape[-1], self.device)  # has run each form once
         torch.cuda.synchronize(self.device)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.graph_pool):
