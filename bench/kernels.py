@@ -173,10 +173,8 @@ def sweep_decode(n: int, k: int, m: int) -> list[dict]:
     """Split-K variants of the decode kernel at one shape and token count (integer part alone: the
     int32 workspace is not zeroed between calls, its sums only wrap): K splits 1-8, K tiles 256-1024,
     pipeline depth 2-4, timed back to back in a CUDA graph over weight copies larger than L2 (as a
-    decode step runs), with the dispatch's own plan marked. GB/s on the packed weight. Then the
-    register-unpack kernels (kernels_tl.gemm_decode_rs, "rs": split, K tile, stages, blocks a SM),
-    each checked against the first variant's int32 sums."""
-    from kernels_tl import gemm_decode_rs
+    decode step runs), with the dispatch's own plan marked. GB/s on the packed weight; each
+    variant's int32 sums checked against the first variant's."""
     from kernels_tl.gemm_dispatch import decode_plan
 
     xq, xs, wq, ws, _, _ = operands(m, n, k, 0)
@@ -185,22 +183,16 @@ def sweep_decode(n: int, k: int, m: int) -> list[dict]:
     block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
     variants = [(s, bk, st) for s in (1, 2, 4, 8) for bk, st in ((256, 4), (512, 2), (512, 3), (512, 4), (1024, 2))
                 if k % (bk * s) == 0 and k // (bk * s) >= 2]
-    rs_variants = [("rs", s, bk, st, mb) for s in (1, 2, 4) for bk, st in ((128, 4), (256, 3), (256, 4))
-                   for mb in (1, 3) if k % (bk * s) == 0 and k // (bk * s) >= 2]
     plan = decode_plan(m, n, k)
     builders = {v: (lambda v=v: gemm.w4ax_gemm_splitk(n, k, v[0], block_m, 64, v[1], v[2])) for v in variants}
-    builders.update({v: (lambda v=v: gemm_decode_rs.w4ax_gemm_splitk_rs(n, k, v[1], block_m, v[2], v[3], v[4]))
-                     for v in rs_variants})
     built = build_all(builders)
     # The integer sums of one call on a zeroed workspace, the first variant's as the reference.
     want = None
     rows = []
-    for variant in variants + rs_variants:
-        rs = variant[0] == "rs"
-        split, bk, stages = variant[1:4] if rs else variant
-        row = {"n": n, "k": k, "m": m, "kernel": "rs" if rs else "smem", "split": split, "block_k": bk,
-               "stages": stages, **({"min_blocks": variant[4]} if rs else {}),
-               "dispatch": not rs and (split, bk, stages) == (plan["split"], plan["block_k"], plan["num_stages"])}
+    for variant in variants:
+        split, bk, stages = variant
+        row = {"n": n, "k": k, "m": m, "split": split, "block_k": bk, "stages": stages,
+               "dispatch": variant == (plan["split"], plan["block_k"], plan["num_stages"])}
         kern = built[variant]
         try:
             if isinstance(kern, Exception):

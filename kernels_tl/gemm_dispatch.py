@@ -6,18 +6,11 @@ one compiled kernel serves every M of a class, and `prebuild` compiles an engine
 parallel before the first step.
 """
 
-import os
-
 from kernels_tl.gemm import w4ax_epilogue, w4ax_gemm, w4ax_gemm_decode, w4ax_gemm_splitk
-from kernels_tl.gemm_decode_rs import w4ax_gemm_decode_rs, w4ax_gemm_splitk_rs
 from kernels_tl.gemv import w4ax_gemv
 
 GEMV_TOKENS = (1, 2, 4)  # compiled token widths of the CUDA-core kernel; larger M goes to tensor cores
 DECODE_MAX_M = 64
-# QUAD_DECODE_RS=1: the decode kernels with the weights unpacked in registers (gemm_decode_rs),
-# 256-wide K tiles in 4 stages, 3 blocks a SM; off until measured on a GPU.
-DECODE_REGISTER_UNPACK = os.environ.get("QUAD_DECODE_RS", "0") == "1"
-RS_TILES = dict(block_k=256, num_stages=4, min_blocks=3)
 LONG_TILES = dict(block_m=384, block_n=128, block_k=128, num_stages=3, threads=384)
 LONG_TILES_OUTLIER = dict(block_m=256, block_n=128, block_k=128, num_stages=4, threads=256)
 MEDIUM_TILES = dict(block_m=128, block_n=128, block_k=128, num_stages=4, threads=256)
@@ -62,21 +55,17 @@ def prefill_tiles(m: int, n: int, k: int, rank: int = 0, has_bias: bool = False,
     return next(t for t in candidates if cost(t) <= best / 0.9)
 
 
-def decode_plan(m: int, n: int, k: int, sms: int = 132, register_unpack: bool = False) -> dict:
+def decode_plan(m: int, n: int, k: int, sms: int = 132) -> dict:
     """Token tile, K tile and K split for the split-K kernel: split until the grid fills ~0.7 of
-    the SMs (more splits cost more than the idle SMs, measured at Llama-3-8B shapes).
-    register_unpack: the plan of the gemm_decode_rs kernels (RS_TILES, the same split rule)."""
+    the SMs (more splits cost more than the idle SMs, measured at Llama-3-8B shapes)."""
     block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
-    block_k = RS_TILES["block_k"] if register_unpack else 512
+    block_k = 512
     while k % block_k:
         block_k //= 2
     tiles = n // 64 * -(-m // block_m)
     split = 1
     while tiles * split < 0.7 * sms and k % (block_k * split * 2) == 0 and k // (block_k * split * 2) >= 2:
         split *= 2
-    if register_unpack:
-        return dict(block_m=block_m, block_k=block_k, split=split, num_stages=RS_TILES["num_stages"],
-                    min_blocks=RS_TILES["min_blocks"])
     stages = 3 if block_k == 512 else 4
     # 1024-wide K tiles in two stages where shared memory holds them (up to 32 tokens): 2-14% faster
     # than 512 x 3 at every Llama-3-8B decode shape in bench/results/decode_sweep_h200_2026-11-30.json.
@@ -101,13 +90,11 @@ def kernel_specs(m: int, n: int, k: int, rank: int, has_bias: bool, out_dtype: s
     if m <= GEMV_TOKENS[-1] and n % 16 == 0:
         return [_spec(w4ax_gemv, n, k, rank, has_bias, out_dtype, next(t for t in GEMV_TOKENS if t >= m))]
     if m <= DECODE_MAX_M:
-        rs = DECODE_REGISTER_UNPACK
-        plan = decode_plan(m, n, k, register_unpack=rs)
-        fused, split_k = (w4ax_gemm_decode_rs, w4ax_gemm_splitk_rs) if rs else (w4ax_gemm_decode, w4ax_gemm_splitk)
+        plan = decode_plan(m, n, k)
         if plan["split"] == 1:  # one block covers K: the epilogue runs in the same kernel
-            return [_spec(fused, n, k, rank, has_bias, out_dtype, plan["block_m"], plan["block_k"], plan["num_stages"],
-                          *((plan["min_blocks"],) if rs else ()))]
-        return [_spec(split_k, n, k, **plan),
+            return [_spec(w4ax_gemm_decode, n, k, rank, has_bias, out_dtype, plan["block_m"], plan["block_k"],
+                          plan["num_stages"])]
+        return [_spec(w4ax_gemm_splitk, n, k, **plan),
                 _spec(w4ax_epilogue, n, rank, has_bias, out_dtype, plan["block_m"])]
     return [_spec(w4ax_gemm, n, k, rank, has_bias, out_dtype, **prefill_tiles(m, n, k, rank, has_bias))]
 
