@@ -2,9 +2,10 @@
 
     logits[t, n] = float32(Σ_k q[t, k]·head_q[n, k]) · sx[t] · head_s[n]  +  Σ_c x_out[t, c]·head_out[n, c]
 
-float32 out, where (q, sx) = reference.quantize_act(hidden[:, r:], 8, clip 1) (per-token int8),
-head_q int8 [vocab, d] and head_s float32 [vocab] are reference.quantize_rows_int8's rows and
-scales, head_out float16 [vocab, r] the outlier columns and x_out = hidden[:, :r] (float32).
+float32 out, where x_out float16 [M, r], q int8 [M, d] and sx are the final norm's split (one
+rmsnorm_quant pass at 8 bits, clip 1: `ops.head_logits_int8`), head_q int8 [vocab, d] and head_s
+float32 [vocab] reference.quantize_rows_int8's rows and scales, head_out float16 [vocab, r] the
+outlier columns.
 
 Why a kernel: at decode the head is a matrix-vector product over a 0.5 GB table (Llama-3-8B:
 128256 x 4096 int8), bound by reading the table once. The torch._int_mm path (still used above
@@ -20,8 +21,6 @@ with warp shuffles (int32: exact); lane 0 applies the scales in the reference's 
 round-to-nearest multiplies (no FMA contraction), so the integer part equals the reference bit for
 bit, and adds the outlier product (each lane's share of the r channels, computed before the weight
 stream so its latency hides under it). Only the outlier sum's order differs from the reference.
-The activation quantization stays the reference's torch ops (`head_w8a8_op`): a handful of tiny
-launches on [M, d], bit-identical to reference.quantize_act by construction.
 
 M is dynamic: one compiled kernel serves every M up to its `tokens` (1, 2 or 4).
 """
@@ -57,11 +56,11 @@ __device__ __forceinline__ int quad_dot_int8x16(const void* w_ptr, const void* x
 def head_gemv(n: int, k: int, rank: int, tokens: int = 1, rows_per_warp: int = 4, warps: int = 4,
               unroll: int = 2, target=None):
     """The head GEMV for a [n, k] int8 table with `rank` outlier columns, M <= `tokens`, called as
-    kernel(hidden, x_q, x_scale, head_q, head_s, head_out, y):
+    kernel(x_out, x_q, x_scale, head_q, head_s, head_out, y):
 
-    hidden float32 [M, rank + k] (only its first `rank` channels, x_out, are read; the other k
-    arrive quantized as x_q int8 [M, k] with x_scale float32 [M]), head_q int8 [n, k], head_s
-    float32 [n], head_out float16 [n, rank] ([1, 1], unread, when rank == 0), y float32 [M, n],
+    x_out float16 [M, rank] (the outlier channels; [1, 1], unread, when rank == 0), x_q int8 [M, k],
+    x_scale float32 [M], head_q int8 [n, k], head_s float32 [n], head_out float16 [n, rank] ([1, 1],
+    unread, when rank == 0), y float32 [M, n],
     written, not allocated (callers own it: CUDA graphs, tests that poison it). A grid of
     ceil(n / (rows_per_warp · warps)) blocks of `warps` warps; when the rows per block do not divide
     n, the last block's surplus rows read the table's last row and write nothing.
@@ -84,7 +83,7 @@ def head_gemv(n: int, k: int, rank: int, tokens: int = 1, rows_per_warp: int = 4
 
         @T.prim_func
         def main(
-            H: T.Tensor((m, rank + k), "float32"),
+            XO: T.Tensor((m, rank) if rank else (1, 1), "float16"),
             XQ: T.Tensor((m, k), "int8"),
             XS: T.Tensor((m,), "float32"),
             WQ: T.Tensor((n, k), "int8"),
@@ -112,7 +111,7 @@ def head_gemv(n: int, k: int, rank: int, tokens: int = 1, rows_per_warp: int = 4
                         for c in T.unroll(outlier_steps):
                             ch = c * 32 + lane
                             extra[i] = extra[i] + T.if_then_else(
-                                t < m and ch < rank, H[t, ch], T.float32(0)) * T.Cast(
+                                t < m and ch < rank, T.Cast("float32", XO[t, ch]), T.float32(0)) * T.Cast(
                                 "float32", T.if_then_else(ch < rank, WO[wrow(row0, rw), ch], T.float16(0)))
                 for step in T.unroll(steps):
                     # All loads of a step first (independent, in flight together), then the math.
@@ -167,27 +166,24 @@ def prebuild(heads, token_counts=GEMV_TOKENS, workers: int = 16) -> None:
 _dummies: dict = {}
 
 
-def head_w8a8_op(hidden, head_out, head_q, head_s, out=None):
-    """reference.head_w8a8 of hidden [M, r + d] (M <= 4) on the GPU: the activation quantized by the
-    reference's own torch ops, then the GEMV. float32 [M, vocab]; writes `out` when given."""
+def head_w8a8_op(x_out, x_q, x_scale, head_out, head_q, head_s, out=None):
+    """reference.head_w8a8 on the GPU for M <= 4 tokens (x_out [M, r], x_q int8 [M, d], x_scale [M]
+    or [M, 1]): float32 [M, vocab]; writes `out` when given."""
     import torch
 
-    from kernels_tl import reference as ref
-
-    m = hidden.shape[0]
-    n, k = head_q.shape
+    m, k = x_q.shape
+    n = head_q.shape[0]
     rank = head_out.shape[-1]
-    assert hidden.dim() == 2 and hidden.shape[1] == rank + k and 0 < m <= GEMV_TOKENS[-1], hidden.shape
-    h = hidden.float().contiguous()
-    x_q, x_scale = ref.quantize_act(h[:, rank:], 8, 1.0)
+    assert head_q.shape[1] == k and x_out.shape == (m, rank) and 0 < m <= GEMV_TOKENS[-1], (x_out.shape, x_q.shape)
     tokens = next(t for t in GEMV_TOKENS if t >= m)
     if rank:
-        w_out = head_out.half().contiguous()
-    else:  # not read: a tensor of the declared [1, 1] (kept, so no allocation inside a graph capture)
-        w_out = _dummies.get(hidden.device)
+        x_out, w_out = x_out.half().contiguous(), head_out.half().contiguous()
+    else:  # not read: tensors of the declared [1, 1] (kept, so no allocation inside a graph capture)
+        w_out = _dummies.get(x_q.device)
         if w_out is None:
-            w_out = _dummies[hidden.device] = torch.zeros(1, 1, dtype=torch.float16, device=hidden.device)
-    y = out if out is not None else torch.empty(m, n, dtype=torch.float32, device=hidden.device)
-    head_gemv(n, k, rank, tokens)(h, x_q.contiguous(), x_scale.reshape(m), head_q.contiguous(),
+            w_out = _dummies[x_q.device] = torch.zeros(1, 1, dtype=torch.float16, device=x_q.device)
+        x_out = w_out
+    y = out if out is not None else torch.empty(m, n, dtype=torch.float32, device=x_q.device)
+    head_gemv(n, k, rank, tokens)(x_out, x_q.contiguous(), x_scale.reshape(m).float(), head_q.contiguous(),
                                   head_s.float().contiguous(), w_out, y)
     return y

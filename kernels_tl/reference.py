@@ -75,15 +75,15 @@ def quantize_rows_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(w.float() / scale.unsqueeze(-1)).clamp(-127, 127).to(torch.int8), scale
 
 
-def head_w8a8(hidden: torch.Tensor, head_out: torch.Tensor, head_q: torch.Tensor, head_s: torch.Tensor) -> torch.Tensor:
-    """float32 logits of the widened hidden [.., r + d] through an lm_head kept as the layers' GEMMs
-    keep their weights: x_out · head_outᵀ over the r outlier channels (float16 weights) plus
-    (x_q · head_qᵀ) · sx · head_s over the d others, x quantized per token to int8 (clip 1).
-    The integer products are summed in float64, exactly."""
-    r = head_out.shape[-1]
-    q, sx = quantize_act(hidden[..., r:].float(), 8, 1.0)
-    ints = (q.double() @ head_q.double().T).float()
-    return hidden[..., :r].float() @ head_out.float().T + ints * sx * head_s
+def head_w8a8(x_out: torch.Tensor, x_q: torch.Tensor, x_scale: torch.Tensor, head_out: torch.Tensor,
+              head_q: torch.Tensor, head_s: torch.Tensor) -> torch.Tensor:
+    """float32 logits through an lm_head kept as the layers' GEMMs keep their weights, from the final
+    norm's split (rmsnorm_split_quant at 8 bits, clip 1; x_out [.., r] float16, x_q int8 [.., d],
+    x_scale [.., 1]): x_out · head_outᵀ over the r outlier channels (float16 weights) plus
+    (x_q · head_qᵀ) · sx · head_s over the d others. The integer products are summed in float64,
+    exactly."""
+    ints = (x_q.double() @ head_q.double().T).float()
+    return x_out.float() @ head_out.float().T + ints * x_scale * head_s
 
 
 # ---------------------------------------------------------------- weights

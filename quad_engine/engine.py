@@ -176,7 +176,8 @@ class LLM:
         """Compile in parallel the quantizer kernels of every decode bucket and of a long prefill."""
         from quad_engine import ops
         if ops.use_kernels(torch.empty(0, device=self.device)):
-            ops.prebuild_quantizers(self.cfg, self.decode_buckets + [self.scheduler.max_num_batched_tokens])
+            ops.prebuild_quantizers(self.cfg, self.decode_buckets + [self.scheduler.max_num_batched_tokens],
+                                    int8_head=getattr(self.model, "head_int8", False))
 
     def _prebuild_attention(self) -> None:
         """Compile in parallel the decode attention variant of every bucket (its split count
@@ -213,13 +214,18 @@ class LLM:
                                           [seqs[i].generator for i in done], greedy).tolist())
         return [next(tokens) if seq.status == Status.RUNNING else None for seq in seqs]
 
-    def _forward(self, ctx: StepContext, ids: torch.Tensor, positions: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    def _forward(self, ctx: StepContext, ids: torch.Tensor, positions: torch.Tensor,
+                 last: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of the step's rows `last` (None: every row, as decode steps take them: no gather)."""
         set_context(ctx)
         try:
-            hidden = self.model.hidden(ids.unsqueeze(0), positions.unsqueeze(0))[0]
+            h, pending = self.model.residual(ids.unsqueeze(0), positions.unsqueeze(0))
         finally:
             set_context(None)
-        return self.model.logits(hidden[last])
+        h, pending = h[0], None if pending is None else pending[0]
+        if last is not None:
+            h, pending = h[last], None if pending is None else pending[last]
+        return self.model.head_logits(h, pending)
 
     def _prefill_logits(self, seqs: list[Sequence]) -> torch.Tensor:
         ids, positions, slots, query_lens = [], [], [], []
@@ -283,7 +289,7 @@ class LLM:
         packed = self._decode_inputs(seqs, size, self._table_width).to(self.device, non_blocking=True)
         ids, positions, slots, lens, tables = self._views(packed, size)
         ctx = StepContext(False, slots, tables, lens, torch.ones(size, dtype=torch.long))
-        return self._forward(ctx, ids, positions, torch.arange(len(seqs), device=self.device)), None
+        return self._forward(ctx, ids, positions)[: len(seqs)], None
 
     def _graph_replay(self, size: int, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
         """Copy the step's inputs into the bucket's static buffer and replay its graph (captured on
@@ -292,30 +298,29 @@ class LLM:
         entry = self.graphs.get(size)
         if entry is None:
             entry = self.graphs[size] = self._capture(size)
-        packed, rows, graph, logits, greedy = entry
+        packed, graph, logits, greedy = entry
         packed.copy_(self._decode_inputs(seqs, size, self._table_width), non_blocking=True)
         graph.replay()
         return logits, greedy
 
     def _capture(self, size: int):
         # Every tensor the graph reads must outlive it (a local would be freed and its memory
-        # reused under the replay): the packed inputs (all padding rows to start with) and the
-        # row index are kept with the graph.
+        # reused under the replay): the packed inputs (all padding rows to start with) are kept
+        # with the graph.
         packed = self._decode_inputs([], size, self._table_width).to(self.device)
-        rows = torch.arange(size, device=self.device)
         ids, positions, slots, lens, tables = self._views(packed, size)
         ctx = StepContext(False, slots, tables, lens, torch.ones(size, dtype=torch.long))
-        logits = self._forward(ctx, ids, positions, rows)  # warm-up: lazy buffers, kernel builds
+        logits = self._forward(ctx, ids, positions)  # warm-up: lazy buffers, kernel builds
         # The greedy tokens inside the graph (device time only, in the form fastest here): torch's
         # argmax of one 128k-wide row alone took 41 µs, ~2% of a batch-1 step.
         chunk = fastest_argmax_chunk(size, logits.shape[-1], self.device)  # has run each form once
         torch.cuda.synchronize(self.device)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.graph_pool):
-            logits = self._forward(ctx, ids, positions, rows)
+            logits = self._forward(ctx, ids, positions)
             greedy = argmax_rows(logits, chunk)
         self.graph_pool = graph.pool()
-        return packed, rows, graph, logits, greedy
+        return packed, graph, logits, greedy
 
     def _decode(self, token_ids: list[int]) -> str:
         return "" if self.tokenizer is None else self.tokenizer.decode(token_ids, skip_special_tokens=True)

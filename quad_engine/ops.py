@@ -131,30 +131,45 @@ def swiglu_hadamard_quant(gate_up: torch.Tensor, spec: HadamardSpec | None, bits
     return hadamard_quant.__wrapped__(ref.swiglu_f16(gate_up), spec, bits, clip)
 
 
+# The int8 lm_head's activation quantizer: per token, int8, no clipping.
+HEAD_BITS, HEAD_CLIP = 8, 1.0
+
+
+def head_logits_int8(h: torch.Tensor, pending: torch.Tensor | None, cfg, head_out: torch.Tensor,
+                     head_q: torch.Tensor, head_s: torch.Tensor) -> torch.Tensor:
+    """float32 logits through the int8 lm_head from the last residual h (float32 [.., r + d]) and the
+    last layer's output not yet added (pending): the final norm and the head's int8 quantization
+    are one rmsnorm_quant pass (h += pending in place), then head_w8a8."""
+    x_out, x_q, x_s = rmsnorm_quant(h, cfg.rank, cfg.hidden_size, cfg.rms_norm_eps, HEAD_BITS, HEAD_CLIP,
+                                    residual=pending)
+    return head_w8a8(x_out, x_q, x_s, head_out, head_q, head_s)
+
+
 @_profiled("gemm")
-def head_w8a8(hidden: torch.Tensor, head_out: torch.Tensor, head_q: torch.Tensor, head_s: torch.Tensor) -> torch.Tensor:
-    """float32 logits through the int8 lm_head (reference.head_w8a8). On CUDA, by token count:
-    up to 4 the CUDA-core GEMV (kernels_tl.head_gemv: one pass over the table), up to 64 the decode
-    GEMM on int8 weight rows (gemm_dispatch.w8a8_decode_linear: int8 wgmma, the outlier product
-    fused), above that torch._int_mm (more than 16 rows, a multiple of 8: padded) and a float16 GEMM
-    for the outlier part. Decode steps thus never leave the project's kernels (CUDA graphs)."""
-    if not use_kernels(hidden):
-        return ref.head_w8a8(hidden, head_out, head_q, head_s)
+def head_w8a8(x_out: torch.Tensor, x_q: torch.Tensor, x_scale: torch.Tensor, head_out: torch.Tensor,
+              head_q: torch.Tensor, head_s: torch.Tensor) -> torch.Tensor:
+    """float32 logits through the int8 lm_head (reference.head_w8a8) from the final norm's split.
+    On CUDA, by token count: up to 4 the CUDA-core GEMV (kernels_tl.head_gemv: one pass over the
+    table), up to 64 the decode GEMM on int8 weight rows (gemm_dispatch.w8a8_decode_linear: int8
+    wgmma, the outlier product fused), above that torch._int_mm (more than 16 rows, a multiple of 8:
+    padded) and a float16 GEMM for the outlier part. Decode steps thus never leave the project's
+    kernels (CUDA graphs)."""
+    if not use_kernels(x_q):
+        return ref.head_w8a8(x_out, x_q, x_scale, head_out, head_q, head_s)
     r = head_out.shape[-1]
-    lead = hidden.shape[:-1]
-    flat = hidden.reshape(-1, hidden.shape[-1])
-    m = flat.shape[0]
+    lead = x_q.shape[:-1]
+    x_out, q, sx = x_out.reshape(-1, r).half(), x_q.reshape(-1, x_q.shape[-1]), x_scale.reshape(-1, 1)
+    m = q.shape[0]
     from kernels_tl import gemm_dispatch, head_gemv
     if 0 < m <= head_gemv.GEMV_TOKENS[-1]:
-        return head_gemv.head_w8a8_op(flat, head_out, head_q, head_s).reshape(*lead, -1)
-    q, sx = ref.quantize_act(flat[:, r:].float(), 8, 1.0)
+        return head_gemv.head_w8a8_op(x_out, q, sx, head_out, head_q, head_s).reshape(*lead, -1)
     if m <= gemm_dispatch.DECODE_MAX_M and gemm_dispatch.w8a8_decode_supports(head_q.shape[0], head_q.shape[1], r):
-        return gemm_dispatch.w8a8_decode_linear(q, sx, head_q, head_s, flat[:, :r].half(), head_out).reshape(*lead, -1)
+        return gemm_dispatch.w8a8_decode_linear(q, sx, head_q, head_s, x_out, head_out).reshape(*lead, -1)
     rows = max(24, -(-m // 8) * 8)
     if rows > m:
         q = torch.cat([q, q.new_zeros(rows - m, q.shape[1])])
     ints = torch._int_mm(q, head_q.T)[:m]
-    logits = ints.float() * sx * head_s + torch.nn.functional.linear(flat[:, :r].half(), head_out).float()
+    logits = ints.float() * sx * head_s + torch.nn.functional.linear(x_out, head_out).float()
     return logits.reshape(*lead, -1)
 
 
@@ -174,10 +189,11 @@ def prebuild_head(model, token_counts, workers: int = 16) -> None:
                                      if head_gemv.GEMV_TOKENS[-1] < m <= gemm_dispatch.DECODE_MAX_M], workers)
 
 
-def prebuild_quantizers(cfg, token_counts, workers: int = 16) -> None:
+def prebuild_quantizers(cfg, token_counts, int8_head: bool = False, workers: int = 16) -> None:
     """Compile, in parallel, the norm and Hadamard quantizer variants the kernels above will run for
     this model at these token counts (the residual modes of the norm; the Hadamard kernel of each
-    token-count class), instead of one at a time inside the first steps and graph captures."""
+    token-count class; with int8_head the final norm's, head_logits_int8), instead of one at a time
+    inside the first steps and graph captures."""
     from concurrent.futures import ThreadPoolExecutor
 
     try:
@@ -191,6 +207,10 @@ def prebuild_quantizers(cfg, token_counts, workers: int = 16) -> None:
             jobs += [functools.partial(quantize.rmsnorm_quant, cfg.rank + cfg.hidden_size, cfg.rank, cfg.hidden_size,
                                        bits[site], float(cfg.act_clip), float(cfg.rms_norm_eps), residual=mode)
                      for mode in (("float16", "float32", "add") if fusions_enabled() else ("float16",))]
+    if int8_head and cfg.rank % 16 == 0:
+        jobs.append(functools.partial(quantize.rmsnorm_quant, cfg.rank + cfg.hidden_size, cfg.rank, cfg.hidden_size,
+                                      HEAD_BITS, float(HEAD_CLIP), float(cfg.rms_norm_eps),
+                                      residual="add" if fusions_enabled() else "float16"))
     problems = [(spec.size, tuple(spec.factors), spec.block, bits[site], float(cfg.act_clip), gated)
                 for spec, site, gated in ((cfg.hadamard_o, "o", False), (cfg.hadamard_down, "down", fusions_enabled()))
                 if spec is not None and bits[site] < 16]

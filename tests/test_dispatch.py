@@ -69,3 +69,6 @@ def test_engine_quantizer_prebuild_uses_the_model_sites(monkeypatch):
     assert {a[:4] for a, _ in norms} == {(4160, 64, 4096, 4)}
     assert sorted(problems, key=repr) == sorted([(4096, (4096,), None, 8, 0.9, False),
                                                  (14336, (28, 512), None, 8, 0.9, True)], key=repr)
+    norms.clear()
+    ops.prebuild_quantizers(cfg, [1, 8], int8_head=True)  # and the final norm of the int8 head
+    assert ((4160, 64, 4096, ops.HEAD_BITS, ops.HEAD_CLIP, 1e-5), "add") in norms

@@ -1,6 +1,7 @@
 """The int8 lm_head's decode kernels (kernels_tl.head_gemv, through ops.head_w8a8 for M <= 4; the
-int8-weight decode GEMM for 5-64 tokens) against reference.head_w8a8 on the GPU: fresh inputs,
-poisoned (NaN) outputs.
+int8-weight decode GEMM for 5-64 tokens) against reference.head_w8a8 on the GPU, and the final
+norm + head (ops.head_logits_int8) against the reference backend: fresh inputs, poisoned (NaN)
+outputs.
 
 The integer part is exact and its scales are applied in the reference's order with IEEE products,
 so only the outlier sum's float32 order differs: the logits are required within 1e-5 of max|ref|
@@ -30,9 +31,15 @@ def built():
                                  if gemm_dispatch.w8a8_decode_supports(n, d, r)])
 
 
+def split(hidden, r):
+    """The final norm's split of a normalized hidden: (x_out float16, x_q int8, x_scale), as
+    ops.head_logits_int8 hands it to the head."""
+    return (hidden[..., :r].half(), *ref.quantize_act(hidden[..., r:], 8, 1.0))
+
+
 def operands(m, n, d, r, seed, zero_outlier_weights=False):
-    """A widened hidden (float32, outlier channels larger) and an int8 head quantized from a random
-    float table, as QuadForCausalLM.use_int8_head builds it."""
+    """The head's input split from a widened hidden (float32, outlier channels larger) and an int8
+    head quantized from a random float table, as QuadForCausalLM.use_int8_head builds it."""
     g = torch.Generator(device="cuda").manual_seed(seed)
     hidden = torch.randn(m, r + d, generator=g, device="cuda")
     hidden[:, :r] *= 8
@@ -40,7 +47,7 @@ def operands(m, n, d, r, seed, zero_outlier_weights=False):
     head_out = (torch.randn(n, r, generator=g, device="cuda") * 0.02).half()
     if zero_outlier_weights:
         head_out.zero_()
-    return hidden, head_out, head_q, head_s
+    return split(hidden, r), head_out, head_q, head_s
 
 
 def poisoned(m, n):
@@ -51,11 +58,11 @@ def poisoned(m, n):
 @pytest.mark.parametrize("n,d,r", SHAPES)
 def test_matches_reference(m, n, d, r):
     from kernels_tl.head_gemv import head_w8a8_op
-    hidden, head_out, head_q, head_s = operands(m, n, d, r, seed=m * 31 + n + r)
+    x, head_out, head_q, head_s = operands(m, n, d, r, seed=m * 31 + n + r)
     assert head_s.dtype == torch.float32 and head_q.dtype == torch.int8
     y = poisoned(m, n)
-    head_w8a8_op(hidden, head_out, head_q, head_s, out=y)
-    expected = ref.head_w8a8(hidden, head_out, head_q, head_s)
+    head_w8a8_op(*x, head_out, head_q, head_s, out=y)
+    expected = ref.head_w8a8(*x, head_out, head_q, head_s)
     assert not torch.isnan(y).any()
     err = float((y - expected).abs().max())
     assert err <= TOL * float(expected.abs().max()), (err, float(expected.abs().max()))
@@ -67,10 +74,10 @@ def test_zero_outlier_weights_give_the_reference_bit_for_bit(m, n, d, r):
     """With head_out = 0 the outlier path still runs but adds zeros: the logits are the reference's
     float32(ints) * sx * head_s exactly (same integer sum, same products in the same order)."""
     from kernels_tl.head_gemv import head_w8a8_op
-    hidden, head_out, head_q, head_s = operands(m, n, d, r, seed=m + 5, zero_outlier_weights=True)
+    x, head_out, head_q, head_s = operands(m, n, d, r, seed=m + 5, zero_outlier_weights=True)
     y = poisoned(m, n)
-    head_w8a8_op(hidden, head_out, head_q, head_s, out=y)
-    assert torch.equal(y, ref.head_w8a8(hidden, head_out, head_q, head_s))
+    head_w8a8_op(*x, head_out, head_q, head_s, out=y)
+    assert torch.equal(y, ref.head_w8a8(*x, head_out, head_q, head_s))
 
 
 @pytest.mark.parametrize("m", MS)
@@ -84,11 +91,11 @@ def test_integer_part_is_exact(m, n, d, r):
     xq = torch.randint(-128, 128, (m, d), generator=g, device="cuda", dtype=torch.int8)
     wq = torch.randint(-127, 128, (n, d), generator=g, device="cuda", dtype=torch.int8)
     xq[0], wq[-1] = -128, -127
-    hidden = torch.zeros(m, r + d, device="cuda")
+    x_out = torch.zeros(m, r, device="cuda").half() if r else torch.zeros(1, 1, device="cuda").half()
     w_out = torch.randn(n, r, generator=g, device="cuda").half() if r else torch.zeros(1, 1, device="cuda").half()
     y = poisoned(m, n)
     tokens = next(t for t in GEMV_TOKENS if t >= m)
-    head_gemv(n, d, r, tokens)(hidden, xq, torch.ones(m, device="cuda"), wq, torch.ones(n, device="cuda"), w_out, y)
+    head_gemv(n, d, r, tokens)(x_out, xq, torch.ones(m, device="cuda"), wq, torch.ones(n, device="cuda"), w_out, y)
     ints = xq.double() @ wq.double().T  # exact: every partial sum is far below 2^53
     assert torch.equal(y, ints.float())
     assert y[0, -1] == 128 * 127 * d
@@ -96,7 +103,7 @@ def test_integer_part_is_exact(m, n, d, r):
 
 @pytest.mark.parametrize("lead", [(1,), (2,), (3,), (4,), (1, 3)])
 def test_ops_head_runs_the_gemv_on_cuda(lead, monkeypatch):
-    """ops.head_w8a8 on a CUDA hidden: M <= 4 goes to the GEMV (leading dims kept), and matches the
+    """ops.head_w8a8 on CUDA inputs: M <= 4 goes to the GEMV (leading dims kept), and matches the
     reference as above."""
     from kernels_tl import head_gemv
     from quad_engine import ops
@@ -108,10 +115,10 @@ def test_ops_head_runs_the_gemv_on_cuda(lead, monkeypatch):
     m = 1
     for size in lead:
         m *= size
-    hidden, head_out, head_q, head_s = operands(m, n, d, r, seed=sum(lead))
-    hidden = hidden.reshape(*lead, r + d)
-    logits = ops.head_w8a8(hidden, head_out, head_q, head_s)
-    expected = ref.head_w8a8(hidden, head_out, head_q, head_s)
+    x, head_out, head_q, head_s = operands(m, n, d, r, seed=sum(lead))
+    x = [t.reshape(*lead, -1) for t in x]
+    logits = ops.head_w8a8(*x, head_out, head_q, head_s)
+    expected = ref.head_w8a8(*x, head_out, head_q, head_s)
     assert calls and logits.shape == expected.shape == (*lead, n) and logits.dtype == torch.float32
     assert float((logits - expected).abs().max()) <= TOL * float(expected.abs().max())
 
@@ -120,13 +127,13 @@ def test_ops_head_runs_the_gemv_on_cuda(lead, monkeypatch):
 @pytest.mark.parametrize("n,d,r", SHAPES[:2] + SHAPES[4:])
 def test_ops_head_above_four_tokens(m, n, d, r):
     """5-64 tokens: the decode GEMM on int8 weight rows (int8 wgmma, float16 outlier product fused);
-    above 64: torch._int_mm. Both round x_out to float16 for the outlier product: a looser bound.
-    The integer part alone (x_out = 0, unit scales) is exact."""
+    above 64: torch._int_mm and a float16 GEMM for the outlier product (float16 accumulation order:
+    a looser bound). The integer part alone (x_out = 0, unit scales) is exact."""
     from kernels_tl import gemm_dispatch
     from quad_engine import ops
-    hidden, head_out, head_q, head_s = operands(m, n, d, r, seed=9 + m)
-    logits = ops.head_w8a8(hidden, head_out, head_q, head_s)
-    expected = ref.head_w8a8(hidden, head_out, head_q, head_s)
+    x, head_out, head_q, head_s = operands(m, n, d, r, seed=9 + m)
+    logits = ops.head_w8a8(*x, head_out, head_q, head_s)
+    expected = ref.head_w8a8(*x, head_out, head_q, head_s)
     assert logits.shape == expected.shape and not torch.isnan(logits).any()
     assert float((logits - expected).abs().max()) <= 1e-2 * float(expected.abs().max())
     if m <= gemm_dispatch.DECODE_MAX_M and gemm_dispatch.w8a8_decode_supports(n, d, r):
@@ -138,20 +145,45 @@ def test_ops_head_above_four_tokens(m, n, d, r):
 
 
 def test_gemv_replays_in_a_cuda_graph():
-    """Decode runs the head inside a captured graph: a replay on new hidden values gives the new logits."""
+    """Decode runs the head inside a captured graph: a replay on new inputs gives the new logits."""
     from quad_engine import ops
     n, d, r = SHAPES[0]
-    hidden, head_out, head_q, head_s = operands(1, n, d, r, seed=3)
-    static = hidden.clone()
-    ops.head_w8a8(static, head_out, head_q, head_s)  # warm-up: the build and lazy buffers
+    x, head_out, head_q, head_s = operands(1, n, d, r, seed=3)
+    static = [t.clone() for t in x]
+    ops.head_w8a8(*static, head_out, head_q, head_s)  # warm-up: the build and lazy buffers
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        logits = ops.head_w8a8(static, head_out, head_q, head_s)
+        logits = ops.head_w8a8(*static, head_out, head_q, head_s)
     g = torch.Generator(device="cuda").manual_seed(4)
     for _ in range(2):
-        fresh = torch.randn(1, r + d, generator=g, device="cuda")
-        static.copy_(fresh)
+        fresh = split(torch.randn(1, r + d, generator=g, device="cuda"), r)
+        for buf, value in zip(static, fresh):
+            buf.copy_(value)
         graph.replay()
-        expected = ref.head_w8a8(fresh, head_out, head_q, head_s)
+        expected = ref.head_w8a8(*fresh, head_out, head_q, head_s)
         assert float((logits - expected).abs().max()) <= TOL * float(expected.abs().max())
+
+
+@pytest.mark.parametrize("m", [1, 4, 17, 100])
+def test_final_norm_and_head_follow_the_reference(m, monkeypatch):
+    """ops.head_logits_int8 (the final norm, the pending residual add and the head's int8
+    quantization in one rmsnorm_quant pass, then the head) against the reference backend on the same
+    inputs: the norm kernel may round a rare int8 code the other way (its float32 order), so the
+    logits are compared in relative L2; the residual is updated in place the same way."""
+    from types import SimpleNamespace
+
+    from quad_engine import ops
+    n, d, r = SHAPES[1]
+    cfg = SimpleNamespace(rank=r, hidden_size=d, rms_norm_eps=1e-5)
+    g = torch.Generator(device="cuda").manual_seed(m)
+    h = torch.randn(m, r + d, generator=g, device="cuda") * 3
+    pending = torch.randn(m, r + d, generator=g, device="cuda").half()
+    _, head_out, head_q, head_s = operands(1, n, d, r, seed=m + 77)
+    h_kernel, h_ref = h.clone(), h.clone()
+    logits = ops.head_logits_int8(h_kernel, pending, cfg, head_out, head_q, head_s)
+    monkeypatch.setenv("QUAD_BACKEND", "reference")
+    expected = ops.head_logits_int8(h_ref, pending, cfg, head_out, head_q, head_s)
+    assert torch.equal(h_kernel, h_ref) and torch.equal(h_ref, h + pending.float())
+    assert logits.shape == expected.shape == (m, n) and not torch.isnan(logits).any()
+    assert float((logits - expected).norm() / expected.norm()) < 1e-3

@@ -25,8 +25,8 @@ def test_w8a8_head_integer_part_is_exact():
     head_q = torch.full((v, d), 127, dtype=torch.int8)
     head_s = torch.ones(v)
     head_out = torch.zeros(v, r, dtype=torch.float16)
-    logits = ref.head_w8a8(hidden, head_out, head_q, head_s)
     q, sx = ref.quantize_act(hidden[:, r:], 8, 1.0)
+    logits = ref.head_w8a8(hidden[:, :r].half(), q, sx, head_out, head_q, head_s)
     exact = (q.long() @ head_q.long().T).double() * sx.double()
     assert torch.allclose(logits.double(), exact, rtol=1e-6)
 
@@ -39,10 +39,10 @@ def test_int8_tables_follow_the_float16_tables():
     model = synthetic_model("smollm2-135m", num_layers=1, vocab_size=512, mode="w4a4a8").eval()
     ids = torch.randint(0, 512, (1, 12))
     with torch.no_grad():
-        hidden = model.hidden(ids)
-        want_logits, want_rows = model.logits(hidden), model.embed[ids].float()
+        h, pending = model.residual(ids)
+        want_logits, want_rows = model.head_logits(h.clone(), pending), model.embed[ids].float()
         model.use_int8_head()
-        got_logits = model.logits(hidden)
+        got_logits = model.head_logits(h.clone(), pending)
         got_rows = model.embed[ids].float() * model.embed_scale[ids].unsqueeze(-1)
     assert model.lm_head is None and model.embed.dtype == torch.int8 and model.head_q.dtype == torch.int8
     rel = float((got_logits - want_logits).norm() / want_logits.norm())
@@ -58,3 +58,22 @@ def test_engine_generates_with_the_int8_head(tmp_path):
     assert llm.model.head_int8
     outputs, _ = llm.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
     assert len(outputs[0].token_ids) == 4
+
+
+def test_int8_head_takes_the_final_norm_split():
+    """The int8 head's logits are reference.head_w8a8 of the final norm's split: float16(h + pending)
+    normalized, the outlier channels as float16, the rest int8 per token (clip 1); and the residual
+    is left as h + pending, as the float16 head leaves it."""
+    torch.manual_seed(2)
+    model = synthetic_model("smollm2-135m", num_layers=1, vocab_size=512, mode="w4a4a8").eval()
+    model.use_int8_head()
+    cfg, ids = model.cfg, torch.randint(0, 512, (2, 7))
+    with torch.no_grad():
+        h, pending = model.residual(ids)
+        assert pending is not None and pending.dtype == torch.float16
+        got = model.head_logits(h_after := h.clone(), pending)
+    h_sum = h + pending.float()
+    x_out, x_q, x_s = ref.rmsnorm_split_quant(h_sum.half().float(), cfg.rank, cfg.hidden_size, cfg.rms_norm_eps, 8, 1.0)
+    want = ref.head_w8a8(x_out.half(), x_q, x_s, model.head_out, model.head_q, model.head_scale)
+    assert torch.equal(h_after, h_sum)
+    assert torch.equal(got, want)

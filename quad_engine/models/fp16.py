@@ -93,6 +93,10 @@ class FP16ForCausalLM(nn.Module):
         self.rope_rows = rope_table(self.inv_freq, max_len, self.cfg.rope_attention_scaling, self.cfg.dtype)
 
     def hidden(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        return self.norm(self.residual(input_ids, positions)[0])
+
+    def residual(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
+        """(h, None): the residual stream after the last layer (QuadForCausalLM.residual's form)."""
         if positions is None:
             positions = torch.arange(input_ids.shape[-1], device=input_ids.device).unsqueeze(0)
         h = self.embed(input_ids)
@@ -103,7 +107,10 @@ class FP16ForCausalLM(nn.Module):
             cos, sin = cos.to(h.dtype), sin.to(h.dtype)
         for layer in self.layers:
             h = layer(h, cos, sin)
-        return self.norm(h)
+        return h, None
+
+    def head_logits(self, h: torch.Tensor, pending: None = None) -> torch.Tensor:
+        return self.logits(self.norm(h))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

@@ -182,11 +182,21 @@ class QuadForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, V], recomputing every position (no cache)."""
-        return self.logits(self.hidden(input_ids, positions))
+        return self.head_logits(*self.residual(input_ids, positions))
 
     def hidden(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """Final normalized hidden states. With an engine StepContext set, input_ids / positions are
-        one packed step [1, T] and attention goes through the paged KV cache."""
+        """Final normalized hidden states (float32, r + d wide)."""
+        h, pending = self.residual(input_ids, positions)
+        if pending is not None:
+            h += pending
+        return ref.rmsnorm_widened(h, self.cfg.hidden_size, self.cfg.rms_norm_eps)
+
+    def residual(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(h, pending): the float32 residual stream after the last layer but for that layer's MLP
+        output (pending, float16), which the final norm adds (head_logits). With an engine
+        StepContext set, input_ids / positions are one packed step [1, T] and attention goes
+        through the paged KV cache."""
         if positions is None:
             positions = torch.arange(input_ids.shape[-1], device=input_ids.device).unsqueeze(0)
         if self.rope_rows is not None and get_context() is not None:
@@ -207,16 +217,26 @@ class QuadForCausalLM(nn.Module):
         pending = None
         for layer in self.layers:
             pending = layer(h, pending, cos, sin, rope_h)
+        return h, pending
+
+    def head_logits(self, h: torch.Tensor, pending: torch.Tensor | None) -> torch.Tensor:
+        """float32 logits [.., V] of residual rows (residual's output, h updated in place). With
+        the int8 head the final norm, the pending add and the head's int8 quantization are one
+        rmsnorm_quant pass (its float16 boundaries: the norm reads float16(h), x_out leaves as
+        float16), so a decode step's tail is two kernels instead of a dozen small ones."""
+        if self.head_int8:
+            return ops.head_logits_int8(h, pending, self.cfg, self.head_out, self.head_q, self.head_scale)
         if pending is not None:
             h += pending
-        return ref.rmsnorm_widened(h, self.cfg.hidden_size, self.cfg.rms_norm_eps)
+        return self.logits(ref.rmsnorm_widened(h, self.cfg.hidden_size, self.cfg.rms_norm_eps))
 
     @torch.no_grad()
     def use_int8_head(self) -> None:
         """Keep the embedding and lm_head tables as int8 rows with per-row scales instead of float16
         (Llama-3-8B: 2.1 GB -> 1.05 GB, 0.5 GB less to read every decode step), the lm_head run as
-        the layers' GEMMs are (ops.head_w8a8: its r outlier input channels against float16 weights).
-        No measurable perplexity cost on SmolLM2 (scripts/smollm2_head_int8.py: 28.86 -> 28.81)."""
+        the layers' GEMMs are (ops.head_logits_int8: its r outlier input channels against float16
+        weights). No measurable perplexity cost on SmolLM2 (scripts/smollm2_head_int8.py: 28.86 ->
+        28.81)."""
         if self.head_int8:
             return
         r = self.cfg.rank
@@ -231,10 +251,12 @@ class QuadForCausalLM(nn.Module):
         self.head_int8 = True
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """float32 logits [.., V]. On a GPU a float16 tensor-core GEMM: a float32 copy of a 128k-row
-        head would cost more than the rest of a decode step (and gigabytes inside a CUDA graph)."""
+        """float32 logits [.., V] of normalized hidden states through the float16 head (the int8
+        head takes the residual: head_logits). On a GPU a float16 tensor-core GEMM: a float32 copy
+        of a 128k-row head would cost more than the rest of a decode step (and gigabytes inside a
+        CUDA graph)."""
         if self.head_int8:
-            return ops.head_w8a8(hidden, self.head_out, self.head_q, self.head_scale)
+            raise RuntimeError("the int8 head reads the residual: call head_logits")
         if hidden.is_cuda:
             return F.linear(hidden.to(self.lm_head.dtype), self.lm_head).float()
         return hidden @ self.lm_head.float().T
