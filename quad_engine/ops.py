@@ -158,8 +158,9 @@ def head_w8a8(x_out: torch.Tensor, x_q: torch.Tensor, x_scale: torch.Tensor, hea
         return ref.head_w8a8(x_out, x_q, x_scale, head_out, head_q, head_s)
     r = head_out.shape[-1]
     lead = x_q.shape[:-1]
-    x_out, q, sx = x_out.reshape(-1, r).half(), x_q.reshape(-1, x_q.shape[-1]), x_scale.reshape(-1, 1)
+    q = x_q.reshape(-1, x_q.shape[-1])
     m = q.shape[0]
+    x_out, sx = x_out.reshape(m, r).half(), x_scale.reshape(m, 1)
     from kernels_tl import gemm_dispatch, head_gemv
     if 0 < m <= head_gemv.GEMV_TOKENS[-1]:
         return head_gemv.head_w8a8_op(x_out, q, sx, head_out, head_q, head_s).reshape(*lead, -1)
