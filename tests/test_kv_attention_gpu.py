@@ -76,6 +76,35 @@ def test_decode_attention_matches_reference(heads, kv_heads, head_dim, batch, ma
     assert not torch.isnan(out).any() and rel <= 1e-2, rel
 
 
+@pytest.mark.parametrize("heads,kv_heads,head_dim", SHAPES)
+@pytest.mark.parametrize("batch,max_ctx", [(1, 1), (1, 4097), (5, 1000), (16, 300), (64, 200)])
+@pytest.mark.parametrize("splits", [1, 3, 16])
+def test_fused_split_merge_equals_the_combine_kernel(heads, kv_heads, head_dim, batch, max_ctx, splits):
+    """fused_combine (the last program of each group merges the splits) gives the combine kernel's
+    output bit for bit (the same float32 arithmetic in the same order), on every call of a row
+    (the arrival counts are left at zero for the next call, as a graph replay or the next layer
+    finds them), and matches the reference."""
+    from kernels_tl import kv_attention
+    from kernels_tl.kv_attention import BLOCK_SIZE, attention_decode_op
+    g = torch.Generator(device="cuda").manual_seed(batch * 7 + max_ctx + splits + head_dim)
+    lens = torch.randint(1, max_ctx + 1, (batch,), generator=g, device="cuda").int()
+    lens[0] = max_ctx
+    width = -(-max_ctx // BLOCK_SIZE)
+    num_blocks = batch * width + 3
+    tables = torch.randperm(num_blocks, generator=g, device="cuda")[: batch * width].view(batch, width).int()
+    kd, km = random_cache(num_blocks, kv_heads, head_dim, BLOCK_SIZE, g)
+    vd, vm = random_cache(num_blocks, kv_heads, head_dim, BLOCK_SIZE, g)
+    q = torch.randn(batch, heads, head_dim, generator=g, device="cuda").half()
+    want = attention_decode_op(q, kd, km, vd, vm, tables, lens, splits, fused_combine=False)
+    for _ in range(3):
+        out = torch.full((batch, heads, head_dim), float("nan"), device="cuda", dtype=torch.float16)
+        attention_decode_op(q, kd, km, vd, vm, tables, lens, splits, out=out, fused_combine=True)
+        assert torch.equal(out, want)
+    assert not kv_attention._split_counters(batch, kv_heads, q.device).any(), "arrival counts left set"
+    expected = ref.paged_attention(q, kd, km, vd, vm, tables.cpu(), lens.cpu())
+    assert float((out.float() - expected).norm() / expected.norm()) <= 1e-2
+
+
 # (query lens, cached prefix lens): prefixes not multiples of the block size, one without a prefix,
 # one longer than a 64-row tile, a single-token chunk.
 PREFILL_BATCHES = [([37, 100, 1, 64], [70, 0, 200, 64]), ([300], [1000]), ([5, 130], [0, 3])]
