@@ -155,7 +155,7 @@ def _layout(n: int, factors: tuple, block, threads=None, cols_per_thread=None, m
     ncg = nb * p // cpt
     # Threads: up to 256; 128 without a dense factor while the last pass keeps one 32-float group
     # a thread (more would spill); strided passes of 3 bits (32 floats a thread). Measured on an
-    # H200 at M = 2048 (bench/kernels.py --sweep-hadamard, 2026-11-30): 4096 wide 18.5 µs against
+    # H200 at M = 2048 (bench/sweeps.py --hadamard, 2026-11-30): 4096 wide 18.5 µs against
     # 24.8 at 256 threads; the gated 14336-wide down_proj input 216 µs against 253 with 2 columns
     # a thread and 4-bit passes.
     cap = 128 if f == 1 and n <= 128 * 32 else 256

@@ -12,7 +12,7 @@ from kernels_tl.hadamard_quant_cluster import cluster_layout, hadamard_quant_clu
 
 # Up to this many tokens a row with a dense factor is split over a thread-block cluster
 # (kernels_tl.hadamard_quant_cluster): one block per token leaves all but M SMs idle while the
-# dense product keeps each busy. Measured on an H200 (bench/kernels.py --sweep-hadamard,
+# dense product keeps each busy. Measured on an H200 (bench/sweeps.py --hadamard,
 # 2026-11-30), the gated 14336-wide down_proj input of Llama-3-8B: 5.8 µs at M = 1 and 4 (8-block
 # clusters) against 17.4 / 18.4 µs, 6.9 µs at M = 16 and 9.9 at M = 32 (4-block clusters) against
 # 18.3 / 18.7; at M = 64 one block per token is faster. Rows without a dense factor (4096 wide:

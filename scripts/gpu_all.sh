@@ -57,10 +57,10 @@ case "$part" in
   sweep-splits) timeout 560 python3 bench/attention.py --sweep-splits --out "$out/sweep_splits.json" 2>&1 | quiet \
                   > "$out/sweep_splits.log"
                 tail -n 5 "$out/sweep_splits.log" ;;
-  sweep-decode) timeout 560 python3 bench/kernels.py --sweep-decode --out "$out/sweep_decode.json" 2>&1 | quiet \
+  sweep-decode) timeout 560 python3 bench/sweeps.py --decode --out "$out/sweep_decode.json" 2>&1 | quiet \
                   > "$out/sweep_decode.log"
                 tail -n 5 "$out/sweep_decode.log" ;;
-  sweep-hadamard) timeout 560 python3 bench/kernels.py --sweep-hadamard --out "$out/sweep_hadamard.json" 2>&1 | quiet \
+  sweep-hadamard) timeout 560 python3 bench/sweeps.py --hadamard --out "$out/sweep_hadamard.json" 2>&1 | quiet \
                     > "$out/sweep_hadamard.log"
                   grep "sweep hadamard" "$out/sweep_hadamard.log" | tail -n 20 ;;
   *) echo "unknown part $part" >&2; exit 2 ;;

@@ -210,8 +210,8 @@ class QuadForCausalLM(nn.Module):
         rope_h = None
         if not self.cfg.quantized and input_ids.numel() <= self.ROPE_MATRIX_MAX_TOKENS:
             rope_h = rope_hadamard_matrices(cos, sin, self.cfg.hadamard_head)
-        if self.head_int8:
-            h = self.embed[input_ids].float() * self.embed_scale[input_ids].unsqueeze(-1)
+        if self.head_int8:  # int8 rows times their scales (type promotion: one kernel, no float copy)
+            h = self.embed[input_ids] * self.embed_scale[input_ids].unsqueeze(-1)
         else:
             h = self.embed[input_ids].float()  # a fresh tensor (indexing copies): updated in place below
         pending = None

@@ -1,0 +1,257 @@
+"""Kernel variant sweeps at Llama-3-8B shapes, each variant checked against the first (or the
+default) on the same inputs and timed in the same run: prefill GEMM tiles against a plain int8
+TileLang GEMM at the same tiles, split-K decode GEMMs (in CUDA graphs over weight copies larger
+than L2), the dp4a GEMV's shapes, and the Hadamard+quantize kernel's launch shapes per token count.
+The timing helpers and shapes are bench/kernels.py's. Writes JSON after every section, so a run cut
+short by a time limit keeps what it measured.
+
+    python bench/sweeps.py --out sweep.json (--hadamard | --decode | --gemv | --prefill | --all)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kernels import MODELS, bench, bench_graph, build_all, copies_beyond_l2, operands  # noqa: E402
+
+from kernels_tl import gemm, gemv  # noqa: E402
+from kernels_tl import reference as ref  # noqa: E402
+
+
+def int8_ceiling(n: int, k: int, block_m: int, block_n: int, block_k: int, num_stages: int, threads: int):
+    """A plain int8 x int8 TileLang GEMM at the prefill kernel's tiles (no unpack, no epilogue
+    scales): the ceiling the W4 kernel is compared against."""
+    import tilelang
+    import tilelang.language as T
+
+    @tilelang.jit
+    def build():
+        m = T.dynamic("m")
+
+        @T.prim_func
+        def main(X: T.Tensor((m, k), "int8"), W: T.Tensor((n, k), "int8"), Y: T.Tensor((m, n), "int32")):
+            with T.Kernel(T.ceildiv(n, block_n), T.ceildiv(m, block_m), threads=threads) as (bx, by):
+                x_s = T.alloc_shared((block_m, block_k), "int8")
+                w_s = T.alloc_shared((block_n, block_k), "int8")
+                acc = T.alloc_fragment((block_m, block_n), "int32")
+                T.clear(acc)
+                for kt in T.Pipelined(k // block_k, num_stages=num_stages):
+                    T.copy(X[by * block_m, kt * block_k], x_s)
+                    T.copy(W[bx * block_n, kt * block_k], w_s)
+                    T.gemm(x_s, w_s, acc, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
+                T.copy(acc, Y[by * block_m, bx * block_n])
+
+        return main
+
+    return build()
+
+
+def sweep_prefill(n: int, k: int, m: int) -> list[dict]:
+    """Tile variants of the prefill kernel at one shape (integer GEMM alone, rank 0)."""
+    xq, xs, wq, ws, _, _ = operands(m, n, k, 0)
+    wp, y = ref.pack_int4(wq), torch.empty(m, n, device="cuda", dtype=torch.float16)
+    xo, wo, bias = (torch.zeros(m, 16, device="cuda").half(), torch.zeros(n, 16, device="cuda").half(),
+                    torch.zeros(n, device="cuda").half())
+    rows = []
+    x8, w8, y32 = xq, wq, torch.empty(m, n, device="cuda", dtype=torch.int32)
+    variants = [v for v in [(256, 128, 128, 4, 256), (384, 128, 128, 3, 384), (256, 128, 128, 4, 512),
+                            (256, 128, 128, 5, 256), (256, 64, 128, 4, 256)] if n % v[1] == 0 and k % v[2] == 0]
+    thunks = {("ceil", v): (lambda v=v: int8_ceiling(n, k, *v)) for v in variants}
+    thunks.update({("w4", v): (lambda v=v: gemm.w4ax_gemm(n, k, 0, False, "float16", *v)) for v in variants})
+    built = build_all(thunks)
+    for bm, bn, bk, stages, threads in variants:
+        try:
+            ceil = built[("ceil", (bm, bn, bk, stages, threads))]
+            if isinstance(ceil, Exception):
+                raise ceil
+            t = bench(lambda: ceil(x8, w8, y32))
+            rows.append({"tiles": [bm, bn, bk, stages, threads], "int8_ceiling_ms": t, "tops": 2 * m * n * k / t / 1e9})
+        except Exception as e:
+            rows.append({"tiles": [bm, bn, bk, stages, threads], "int8_ceiling_error": str(e).splitlines()[0][:200]})
+        print(f"  sweep prefill N={n} K={k} M={m} {rows[-1]}", flush=True)
+        try:
+            kern = built[("w4", (bm, bn, bk, stages, threads))]
+            if isinstance(kern, Exception):
+                raise kern
+            kern(xq, xs, wp, ws, xo, wo, bias, y)
+            t = bench(lambda: kern(xq, xs, wp, ws, xo, wo, bias, y))
+            rows.append({"tiles": [bm, bn, bk, stages, threads], "ms": t, "tops": 2 * m * n * k / t / 1e9})
+        except Exception as e:  # a variant that does not build or launch is reported, not fatal
+            rows.append({"tiles": [bm, bn, bk, stages, threads], "error": str(e).splitlines()[0][:200]})
+        print(f"  sweep prefill N={n} K={k} M={m} {rows[-1]}", flush=True)
+    return rows
+
+
+def sweep_decode(n: int, k: int, m: int) -> list[dict]:
+    """Split-K variants of the decode kernel at one shape and token count (integer part alone: the
+    int32 workspace is not zeroed between calls, its sums only wrap): K splits 1-8, K tiles 256-1024,
+    pipeline depth 2-4, timed back to back in a CUDA graph over weight copies larger than L2 (as a
+    decode step runs), with the dispatch's own plan marked. GB/s on the packed weight; each
+    variant's int32 sums checked against the first variant's."""
+    from kernels_tl.gemm_dispatch import decode_plan
+
+    xq, xs, wq, ws, _, _ = operands(m, n, k, 0)
+    wps = [ref.pack_int4(wq)] + [ref.pack_int4(wq).clone() for _ in range(copies_beyond_l2(n * k // 2) - 1)]
+    acc = torch.zeros(m, n, device="cuda", dtype=torch.int32)
+    block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
+    variants = [(s, bk, st) for s in (1, 2, 4, 8) for bk, st in ((256, 4), (512, 2), (512, 3), (512, 4), (1024, 2))
+                if k % (bk * s) == 0 and k // (bk * s) >= 2]
+    plan = decode_plan(m, n, k)
+    builders = {v: (lambda v=v: gemm.w4ax_gemm_splitk(n, k, v[0], block_m, 64, v[1], v[2])) for v in variants}
+    built = build_all(builders)
+    # The integer sums of one call on a zeroed workspace, the first variant's as the reference.
+    want = None
+    rows = []
+    for variant in variants:
+        split, bk, stages = variant
+        row = {"n": n, "k": k, "m": m, "split": split, "block_k": bk, "stages": stages,
+               "dispatch": variant == (plan["split"], plan["block_k"], plan["num_stages"])}
+        kern = built[variant]
+        try:
+            if isinstance(kern, Exception):
+                raise kern
+            acc.zero_()
+            kern(xq, wps[0], acc)
+            if want is None:
+                want = acc.clone()
+            row["exact"] = bool(torch.equal(acc, want))
+            t = bench_graph([lambda w=w: kern(xq, w, acc) for w in wps])
+            row.update(ms=t, gbps=n * k / 2 / t / 1e6)
+        except Exception as e:  # reported, not fatal
+            row["error"] = str(e).splitlines()[0][:200]
+        rows.append(row)
+        print(f"  sweep decode {row}", flush=True)
+    return rows
+
+
+def sweep_gemv(n: int, k: int) -> list[dict]:
+    rows = []
+    variants = [(t, r, w, u) for t in (1, 4, 8) for r, w, u in ((4, 4, 2), (2, 4, 4), (2, 8, 2), (8, 4, 1))]
+    kernels = build_all({v: (lambda v=v: gemv.w4ax_gemv(n, k, 64, False, "float16", *v)) for v in variants})
+    for tokens in (1, 4, 8):
+        xq, xs, wq, ws, xo, wo = operands(tokens, n, k, 64)
+        wp, y = ref.pack_int4(wq), torch.empty(tokens, n, device="cuda", dtype=torch.float16)
+        bias = torch.zeros(n, device="cuda").half()
+        for rows_per_warp, warps, unroll in ((4, 4, 2), (2, 4, 4), (2, 8, 2), (8, 4, 1)):
+            kern = kernels[(tokens, rows_per_warp, warps, unroll)]
+            if isinstance(kern, Exception):
+                continue
+            t = bench(lambda: kern(xq, xs, wp, ws, xo, wo, bias, y))
+            rows.append({"tokens": tokens, "rows_per_warp": rows_per_warp, "warps": warps, "unroll": unroll, "ms": t,
+                         "gbps": (n * k / 2 + n * 64 * 2) / t / 1e6})
+            print(f"  sweep gemv N={n} K={k} {rows[-1]}", flush=True)
+    return rows
+
+
+HADAMARD_TUNINGS = [dict()] + [dict(threads=t, cols_per_thread=c, max_radix=r) for t in (128, 256, 512, 1024)
+                                for c in (1, 2, 4, 8) for r in (3, 4)]
+# The cluster variant (kernels_tl.hadamard_quant_cluster), timed at the small token counts it is for.
+CLUSTER_TUNINGS = [dict(cluster=c, threads=t) for c in (4, 8) for t in (128, 256, 512)]
+CLUSTER_MAX_M = 64
+
+
+def sweep_hadamard(n: int, gated: bool, ms=(1, 4, 16, 32, 64, 2048)) -> list[dict]:
+    """Launch shapes of the Hadamard+quantize kernel at one width, per token count M: the decode
+    step runs it at M = 1 as a single thread block (10 µs a call for the down_proj input on an
+    H200), so its best shape at small M is not that at M = 2048. Each variant's codes are compared
+    with the default's (same inputs), and timed back to back in a CUDA graph for M <= 64 (as the
+    decode step runs), with do_bench above. Up to CLUSTER_MAX_M tokens the cluster variant
+    (the row split over a thread-block cluster) is timed too."""
+    from kernels_tl.hadamard import hadamard_factors
+    from kernels_tl.hadamard_quant import hadamard_quant
+    from kernels_tl.hadamard_quant_cluster import hadamard_quant_cluster
+
+    factors = tuple(hadamard_factors(n))
+    keys = [tuple(sorted(t.items())) for t in HADAMARD_TUNINGS]
+    thunks = {key: (lambda t=t: hadamard_quant(n, factors, None, 8, 0.9, gated=gated, **t))
+              for key, t in zip(keys, HADAMARD_TUNINGS)}
+    cluster_keys = [(("kernel", "cluster"),) + tuple(sorted(t.items())) for t in CLUSTER_TUNINGS]
+    thunks.update({key: (lambda t=t: hadamard_quant_cluster(n, factors, 8, 0.9, gated=gated, **t))
+                   for key, t in zip(cluster_keys, CLUSTER_TUNINGS)})
+    built = build_all(thunks)
+    rows = []
+    for m in ms:
+        x = torch.randn(m, 2 * n if gated else n, device="cuda").half()
+        want_q, want_s = torch.empty(m, n, device="cuda", dtype=torch.int8), torch.empty(m, device="cuda")
+        built[keys[0]](x, want_q, want_s)
+        moved = x.numel() * 2 + m * n + m * 4
+        for key in keys + (cluster_keys if m <= CLUSTER_MAX_M else []):
+            kern, row = built[key], {"n": n, "gated": gated, "m": m, "tuning": dict(key)}
+            if isinstance(kern, Exception):
+                rows.append({**row, "error": str(kern).splitlines()[0][:200]})
+                continue
+            q, sc = torch.full_like(want_q, 0x55), torch.full_like(want_s, float("nan"))
+            try:
+                kern(x, q, sc)
+                t = bench_graph([lambda: kern(x, q, sc)]) if m <= 64 else bench(lambda: kern(x, q, sc))
+            except Exception as e:  # a variant that does not launch is reported, not fatal
+                rows.append({**row, "error": str(e).splitlines()[0][:200]})
+                continue
+            row.update(us=1e3 * t, gbps=moved / t / 1e6, codes_equal=(q == want_q).float().mean().item(),
+                       scale_max_rel=((sc - want_s).abs() / want_s.abs()).max().item())
+            rows.append(row)
+        best = min((r for r in rows if r["m"] == m and "us" in r), key=lambda r: r["us"], default=None)
+        default = next((r for r in rows if r["m"] == m and r["tuning"] == {} and "us" in r), None)
+        if best and default:
+            print(f"  sweep hadamard n={n} gated={gated} M={m}: default {default['us']:.1f} us, best {best['us']:.1f} us "
+                  f"{best['tuning']} (codes equal {best['codes_equal']:.4f})", flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True)
+    for name, what in (("hadamard", "Hadamard+quantize launch shapes (o_proj and gated down_proj inputs)"),
+                       ("decode", "split-K decode GEMM variants (the four linears at 16 and 32 tokens)"),
+                       ("gemv", "dp4a GEMV shapes (the four linears at 1, 4 and 8 tokens)"),
+                       ("prefill", "prefill GEMM tiles against the int8 ceiling (4096 tokens)"),
+                       ("all", "every sweep above")):
+        ap.add_argument(f"--{name}", action="store_true", help=what)
+    args = ap.parse_args()
+    if not (args.hadamard or args.decode or args.gemv or args.prefill or args.all):
+        ap.error("choose a sweep: --hadamard, --decode, --gemv, --prefill or --all")
+    copy = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")
+    copy_gbps = 2 * copy.numel() / bench(lambda: copy.clone()) / 1e6
+    print(f"device copy: {copy_gbps:.0f} GB/s", flush=True)
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "tilelang": __import__("tilelang").__version__, "python": platform.python_version(),
+              "date": time.strftime("%Y-%m-%d"), "copy_gbps": copy_gbps}
+
+    def save():
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+    linears = MODELS["llama-3-8b"].values()
+    if args.hadamard or args.all:
+        result["sweep_hadamard"] = []
+        for n, gated, ms in ((4096, False, None), (14336, True, None), (14336, False, (1, 16, 2048))):
+            result["sweep_hadamard"] += sweep_hadamard(n, gated, **({"ms": ms} if ms else {}))
+            save()
+    if args.decode or args.all:
+        result["sweep_decode"] = []
+        for m in (32, 16):
+            for n, k in linears:
+                result["sweep_decode"] += sweep_decode(n, k, m)
+                save()
+    if args.gemv or args.all:
+        result["sweep_gemv"] = {}
+        for n, k in linears:
+            result["sweep_gemv"][f"{n}x{k}"] = sweep_gemv(n, k)
+            save()
+    if args.prefill or args.all:
+        result["sweep_prefill"] = {}
+        for n, k in linears:
+            result["sweep_prefill"][f"{n}x{k}"] = sweep_prefill(n, k, 4096)
+            save()
+
+
+if __name__ == "__main__":
+    main()
