@@ -79,38 +79,16 @@ def _block_allreduce(value, red, off: int, tx, warps: int, is_sum: bool):
 
 # ---------------------------------------------------------------- RMSNorm + split + quantize
 
-@functools.lru_cache(maxsize=None)
-def rmsnorm_quant(width: int, rank: int, d: int, bits: int, clip: float, eps: float, target=None,
-                  threads=None, residual: str = "float16"):
-    """Build (and cache) the fused norm for one residual width (= rank + d).
-
-    residual "float16": call it as kernel(H, XO, XQ, XS): H float16 [m, rank + d] is read.
-    residual "float32": the same with H float32, rounded to float16 on load (the numerics' norm
-    input), so the model's float32 residual needs no separate cast kernel.
-    residual "add": kernel(H, D, XO, XQ, XS): H float32 [m, rank + d] += D float16 in place (the
-    residual add of the branch before it), then the norm of float16(H) as above: one pass over
-    the row instead of an add kernel, a cast kernel and the norm.
-    XO float16 [m, max(rank, 16)] (columns >= rank untouched), XQ int8 [m, d] and XS float32 [m]
-    are written, not allocated.
-
-    One block per token: each thread loads 16-byte vectors of 8 halves (interleaved over threads, so
-    a warp reads 512 contiguous bytes), keeps them in registers, and one block reduction gives both
-    the sum of squares (over all rank + d channels) and max|x| (over the d quantized ones): the
-    normalized amax is amax·rsqrt(...) exactly, since rounding x·inv is monotonic in |x|.
-    """
-    assert width == rank + d and rank % 16 == 0 and d % 8 == 0, (width, rank, d)
-    assert residual in ("float16", "float32", "add"), residual
+def rmsnorm_body(width: int, rank: int, d: int, bits: int, clip: float, eps: float, threads: int, add: bool):
+    """rmsnorm_quant's work on one token row, as a macro body(H, D, XO, XQ, XS, row) for a block of
+    `threads` threads (with add, H[row] += D[row] first): the norm kernel's body, and the epilogue of
+    the GEMV that produces D (kernels_tl.gemv, norm=...)."""
     _qmax(bits)
     vec = 8
     nvec = width // vec
-    # Enough blocks per SM to keep ~128 KB of loads in flight: at most 5 vectors per thread.
-    threads = threads or next((t for t in (128, 256, 512) if nvec <= 5 * t), 1024)
     per_thread = -(-nvec // threads)
     ragged = nvec % threads != 0
     warps = threads // 32
-    r = max(rank, 16)  # a zero-width outlier output still needs a legal tensor; it is not written
-    in_dtype = "float16" if residual == "float16" else "float32"
-    add = residual == "add"
 
     @T.macro
     def body(H, D, XO, XQ, XS, bx):
@@ -161,6 +139,37 @@ def rmsnorm_quant(width: int, rank: int, d: int, bits: int, clip: float, eps: fl
                     qv[e] = _quantize(T.Cast("float32", xh[v, e]) * inv, scale, rcp, bits)
                 for e in T.vectorized(vec):
                     XQ[bx, col - rank + e] = qv[e]
+
+    return body
+
+
+@functools.lru_cache(maxsize=None)
+def rmsnorm_quant(width: int, rank: int, d: int, bits: int, clip: float, eps: float, target=None,
+                  threads=None, residual: str = "float16"):
+    """Build (and cache) the fused norm for one residual width (= rank + d).
+
+    residual "float16": call it as kernel(H, XO, XQ, XS): H float16 [m, rank + d] is read.
+    residual "float32": the same with H float32, rounded to float16 on load (the numerics' norm
+    input), so the model's float32 residual needs no separate cast kernel.
+    residual "add": kernel(H, D, XO, XQ, XS): H float32 [m, rank + d] += D float16 in place (the
+    residual add of the branch before it), then the norm of float16(H) as above: one pass over
+    the row instead of an add kernel, a cast kernel and the norm.
+    XO float16 [m, max(rank, 16)] (columns >= rank untouched), XQ int8 [m, d] and XS float32 [m]
+    are written, not allocated.
+
+    One block per token: each thread loads 16-byte vectors of 8 halves (interleaved over threads, so
+    a warp reads 512 contiguous bytes), keeps them in registers, and one block reduction gives both
+    the sum of squares (over all rank + d channels) and max|x| (over the d quantized ones): the
+    normalized amax is amax·rsqrt(...) exactly, since rounding x·inv is monotonic in |x|.
+    """
+    assert width == rank + d and rank % 16 == 0 and d % 8 == 0, (width, rank, d)
+    assert residual in ("float16", "float32", "add"), residual
+    # Enough blocks per SM to keep ~128 KB of loads in flight: at most 5 vectors per thread.
+    threads = threads or next((t for t in (128, 256, 512) if (width // 8) <= 5 * t), 1024)
+    r = max(rank, 16)  # a zero-width outlier output still needs a legal tensor; it is not written
+    in_dtype = "float16" if residual == "float16" else "float32"
+    add = residual == "add"
+    body = rmsnorm_body(width, rank, d, bits, clip, eps, threads, add)
 
     @tilelang.jit(target=_TARGETS[target], pass_configs=_PASS_CONFIGS)
     def build():

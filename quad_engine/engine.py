@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from quad_engine import kv_cache
+from quad_engine import kv_cache, ops
 from quad_engine.block_manager import BlockManager
 from quad_engine.checkpoint import load_model
 from quad_engine.config import QuadConfig
@@ -47,7 +47,6 @@ class GenerateStats:
 @contextlib.contextmanager
 def _step_range(is_prefill: bool):
     """When profiling (quad_engine.profiling): the step in a range "quad_step::<prefill|decode>"."""
-    from quad_engine import ops
     if not ops.ANNOTATE:
         yield
         return
@@ -156,7 +155,6 @@ class LLM:
     def _prebuild_gemms(self, max_tokens: int) -> None:
         """Compile, in parallel, every GEMM variant the decode buckets and prefills will use (TileLang
         builds a kernel on first use of a shape; one at a time that is minutes for a large model)."""
-        from quad_engine import ops
         try:
             from kernels_tl import gemm_dispatch
         except ImportError:
@@ -171,10 +169,10 @@ class LLM:
         gemm_dispatch.prebuild([(m, n, k, rank, bias, "float16") for n, k, rank, bias in linears for m in sizes])
         if getattr(self.model, "head_int8", False):
             ops.prebuild_head(self.model, self.decode_buckets)
+        ops.prebuild_linear_norms(self.model, self.decode_buckets)
 
     def _prebuild_quantizers(self) -> None:
         """Compile in parallel the quantizer kernels of every decode bucket and of a long prefill."""
-        from quad_engine import ops
         if ops.use_kernels(torch.empty(0, device=self.device)):
             ops.prebuild_quantizers(self.cfg, self.decode_buckets + [self.scheduler.max_num_batched_tokens],
                                     int8_head=getattr(self.model, "head_int8", False))
@@ -222,9 +220,12 @@ class LLM:
             h, pending = self.model.residual(ids.unsqueeze(0), positions.unsqueeze(0))
         finally:
             set_context(None)
-        h, pending = h[0], None if pending is None else pending[0]
-        if last is not None:
-            h, pending = h[last], None if pending is None else pending[last]
+        if last is not None:  # the step's last rows only (a prefill)
+            h, pending = h[0][last], None if pending is None else ops.materialize(pending)[0][last]
+        elif isinstance(pending, ops.DeferredLinear):  # a decode step's last linear, left to the head's norm
+            h, pending = h[0], pending._replace(x_q=pending.x_q[0], x_scale=pending.x_scale[0])
+        else:
+            h, pending = h[0], None if pending is None else pending[0]
         return self.model.head_logits(h, pending)
 
     def _prefill_logits(self, seqs: list[Sequence]) -> torch.Tensor:
