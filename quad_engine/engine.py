@@ -220,12 +220,9 @@ class LLM:
             h, pending = self.model.residual(ids.unsqueeze(0), positions.unsqueeze(0))
         finally:
             set_context(None)
+        h, pending = h[0], ops.index_rows(pending, 0)
         if last is not None:  # the step's last rows only (a prefill)
-            h, pending = h[0][last], None if pending is None else ops.materialize(pending)[0][last]
-        elif isinstance(pending, ops.DeferredLinear):  # a decode step's last linear, left to the head's norm
-            h, pending = h[0], pending._replace(x_q=pending.x_q[0], x_scale=pending.x_scale[0])
-        else:
-            h, pending = h[0], None if pending is None else pending[0]
+            h, pending = h[last], ops.index_rows(pending, last)
         return self.model.head_logits(h, pending)
 
     def _prefill_logits(self, seqs: list[Sequence]) -> torch.Tensor:

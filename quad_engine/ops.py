@@ -109,6 +109,14 @@ def materialize(pending):
     return pending.weights(pending.x_q, pending.x_scale) if isinstance(pending, DeferredLinear) else pending
 
 
+def index_rows(pending, index):
+    """pending[index] over its leading (token) dims: of a tensor, or of a DeferredLinear's inputs
+    (the linear then runs on those rows alone). None stays None."""
+    if isinstance(pending, DeferredLinear):
+        return pending._replace(x_q=pending.x_q[index], x_scale=pending.x_scale[index])
+    return None if pending is None else pending[index]
+
+
 @_profiled("gemm")
 def _linear_norm(h: torch.Tensor, pending: DeferredLinear, rank: int, hidden: int, eps: float, bits: int,
                  clip: float):
