@@ -39,3 +39,12 @@ def test_sweeps_needs_a_choice(bench_modules, monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_info:
         bench_modules["sweeps"].main()
     assert exit_info.value.code == 2 and "choose a sweep" in capsys.readouterr().err
+
+
+def test_ncu_target_script_imports():
+    """scripts/gpu_ncu_targets.py (launched under Nsight Compute on the GPU) finds every kernel entry
+    point it names."""
+    spec = importlib.util.spec_from_file_location("gpu_ncu_targets", BENCH.parent / "scripts" / "gpu_ncu_targets.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert callable(module.main)

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Nsight Compute on the kernels behind the missed targets (scripts/gpu_ncu_targets.py), report under
+# $1 (the device's $OUT):
+#   source .gpu/activate.sh && export PYTHONPATH=$PWD:$PYTHONPATH && bash scripts/gpu_ncu.sh $OUT
+# Clocks are left alone (--clock-control none). ncu reads the counters only on some machine
+# runtimes: where it cannot, the log says so and nothing else is lost.
+set -u
+out=${1:?usage: scripts/gpu_ncu.sh OUT_DIR}
+mkdir -p "$out"
+python3 scripts/gpu_ncu_targets.py > "$out/ncu_build.log" 2>&1 || { tail -n 20 "$out/ncu_build.log"; exit 1; }
+timeout 500 ncu --clock-control none --kernel-name regex:main_kernel \
+  --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+  --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis --section SchedulerStats \
+  -o "$out/targets" -f python3 scripts/gpu_ncu_targets.py > "$out/ncu.log" 2>&1
+tail -n 5 "$out/ncu.log"
+if [ -f "$out/targets.ncu-rep" ]; then
+  ncu --import "$out/targets.ncu-rep" --page details > "$out/ncu_details.txt" 2>&1
+  grep -E "main_kernel|Duration|Memory Throughput|DRAM Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per|Stall|Issue Slot|No Eligible" \
+    "$out/ncu_details.txt" | head -n 120
+fi
