@@ -94,6 +94,13 @@ class BlockManager:
     def block_table(self, seq_id: int) -> list[int]:
         return self.tables[seq_id]
 
+    def slot(self, seq_id: int, pos: int) -> int:
+        """Cache slot of token position pos (a decode step's one new token)."""
+        table, bs = self.tables[seq_id], self.block_size
+        if pos >= len(table) * bs:
+            raise IndexError(f"sequence {seq_id} has blocks for {len(table) * bs} tokens, not {pos + 1}")
+        return table[pos // bs] * bs + pos % bs
+
     def slot_mapping(self, seq_id: int, start: int, end: int) -> list[int]:
         """Cache slot of each token position in [start, end)."""
         table, bs = self.tables[seq_id], self.block_size

@@ -100,6 +100,7 @@ class LLM:
         self.model.precompute_rope(self.max_model_len)
         self.block_size = block_size
         self._table_width = -(-self.max_model_len // block_size)  # decode block tables: room for any sequence
+        self._input_buffers: dict[tuple[int, int], torch.Tensor] = {}  # see _decode_inputs
         if num_blocks is None:
             if kv_cache_gb is not None:
                 budget = int(kv_cache_gb * 2 ** 30)
@@ -256,19 +257,30 @@ class LLM:
 
     def _decode_inputs(self, seqs: list[Sequence], size: int, width: int) -> torch.Tensor:
         """The step's inputs as one int32 host tensor (one copy to the device): ids, positions,
-        slots and context lengths [size] each, then the block tables [size, width] (see _views)."""
-        tables = [self.block_manager.block_table(seq.seq_id) for seq in seqs]
-        pad = size - len(seqs)
-        flat = [seq.token_ids[-1] for seq in seqs] + [0] * pad
-        flat += [seq.num_tokens - 1 for seq in seqs] + [0] * pad
-        flat += [self.block_manager.slot_mapping(seq.seq_id, seq.num_tokens - 1, seq.num_tokens)[0]
-                 for seq in seqs] + [-1] * pad
-        flat += [seq.num_tokens for seq in seqs] + [1] * pad
-        for table in tables:
-            flat += table + [0] * (width - len(table))
-        flat += [0] * (width * pad)
-        packed = torch.tensor(flat, dtype=torch.int32)
-        return packed.pin_memory() if self.device.type == "cuda" else packed
+        slots and context lengths [size] each, then the block tables [size, width] (see _views).
+        Padding rows: token 0 at position 0, slot -1 (nothing stored), length 1, an all-zero table.
+
+        Filled in place into a buffer kept per shape (pinned on a GPU), a few microseconds a
+        sequence: the GPU waits for this every step. Reusing it is safe because a step reads its
+        tokens back before the next step fills it, so no copy from it is still in flight."""
+        key = (size, width)
+        buf = self._input_buffers.get(key)
+        if buf is None:
+            buf = torch.empty(4 * size + size * width, dtype=torch.int32)
+            buf = self._input_buffers[key] = buf.pin_memory() if self.device.type == "cuda" else buf
+        arr = buf.numpy()
+        head, tables = arr[:4 * size].reshape(4, size), arr[4 * size:].reshape(size, width)
+        n = len(seqs)
+        lens = [seq.num_tokens for seq in seqs]
+        slot = self.block_manager.slot
+        head[:, :n] = ([seq.last_token_id for seq in seqs], [t - 1 for t in lens],
+                       [slot(seq.seq_id, t - 1) for seq, t in zip(seqs, lens)], lens)
+        head[:, n:] = ((0,), (0,), (-1,), (1,))
+        tables.fill(0)
+        for row, seq in zip(tables, seqs):
+            table = self.block_manager.block_table(seq.seq_id)
+            row[:len(table)] = table
+        return buf
 
     @staticmethod
     def _views(packed: torch.Tensor, size: int) -> tuple[torch.Tensor, ...]:

@@ -45,6 +45,11 @@ class Sequence:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property
+    def last_token_id(self) -> int:
+        """The token a decode step feeds (token_ids[-1] without building token_ids)."""
+        return self.output_token_ids[-1] if self.output_token_ids else self.prompt_token_ids[-1]
+
+    @property
     def is_finished(self) -> bool:
         return self.status == Status.FINISHED
 

@@ -237,3 +237,29 @@ def test_rope_table_rows_equal_the_computed_cos_sin():
     got_cos, got_sin = table[:, positions]
     assert torch.equal(got_cos, cos) and torch.equal(got_sin, sin)
     assert got_cos.is_contiguous() and got_cos.shape == (1, 6, 128)
+
+
+def test_decode_inputs_pack_each_row_and_pad_the_bucket():
+    """A decode step's packed inputs (filled in place into a reused buffer): the last token, its
+    position and cache slot, the context length and the block table of each sequence, then padding
+    rows that store nothing (slot -1); a smaller batch in the same buffer leaves nothing behind."""
+    from quad_engine.synthetic import synthetic_model
+    llm = LLM(model=synthetic_model("smollm2-135m", num_layers=1, vocab_size=512, mode="w4a4a8"), device="cpu",
+              num_blocks=64, max_model_len=300)
+    bm, bs, width = llm.block_manager, llm.block_manager.block_size, llm._table_width
+    seqs = [Sequence(i, list(range(1, n + 1)), SamplingParams()) for i, n in enumerate((70, 3, 130))]
+    bm.allocate(99, 2 * bs)  # other blocks taken first: the tables are not 0, 1, 2, ...
+    for seq in seqs:
+        bm.allocate(seq.seq_id, seq.num_tokens)
+    seqs[1].output_token_ids.append(7)  # a sequence that has generated: its last token is the output
+    bm.append_slot(1, seqs[1].num_tokens)
+    for n in (3, 1):
+        ids, positions, slots, lens, tables = llm._views(llm._decode_inputs(seqs[:n], 4, width), 4)
+        for i, seq in enumerate(seqs[:n]):
+            t = seq.num_tokens
+            table = bm.block_table(seq.seq_id)
+            assert ids[i] == seq.token_ids[-1] and positions[i] == t - 1 and lens[i] == t
+            assert slots[i] == table[(t - 1) // bs] * bs + (t - 1) % bs
+            assert tables[i, :len(table)].tolist() == table and not tables[i, len(table):].any()
+        assert (ids[n:] == 0).all() and (positions[n:] == 0).all() and (slots[n:] == -1).all()
+        assert (lens[n:] == 1).all() and not tables[n:].any()
