@@ -76,10 +76,28 @@ def test_decode_attention_matches_reference(heads, kv_heads, head_dim, batch, ma
     assert not torch.isnan(out).any() and rel <= 1e-2, rel
 
 
+FUSED_BATCHES = [(1, 1), (1, 4097), (5, 1000), (16, 300), (64, 200)]
+FUSED_SPLITS = [1, 3, 16]
+
+
+@pytest.fixture(scope="module")
+def fused_variants():
+    """Every decode variant the fused-merge test runs, fused and not, compiled in parallel first."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kernels_tl import kv_attention as kv
+    jobs = {(h, kvh, hd, n, *kv.decode_loop(b, kvh, n), fused) for h, kvh, hd in SHAPES for b, _ in FUSED_BATCHES
+            for n in FUSED_SPLITS for fused in (False, True)}
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda j: kv.attention_decode(*j[:4], kv.BLOCK_SIZE, None, 128, None, 1, *j[4:]), jobs))
+        list(pool.map(lambda j: kv.attention_combine(*j), {(h, hd, n) for h, _, hd in SHAPES for n in FUSED_SPLITS}))
+
+
 @pytest.mark.parametrize("heads,kv_heads,head_dim", SHAPES)
-@pytest.mark.parametrize("batch,max_ctx", [(1, 1), (1, 4097), (5, 1000), (16, 300), (64, 200)])
-@pytest.mark.parametrize("splits", [1, 3, 16])
-def test_fused_split_merge_equals_the_combine_kernel(heads, kv_heads, head_dim, batch, max_ctx, splits):
+@pytest.mark.parametrize("batch,max_ctx", FUSED_BATCHES)
+@pytest.mark.parametrize("splits", FUSED_SPLITS)
+def test_fused_split_merge_equals_the_combine_kernel(heads, kv_heads, head_dim, batch, max_ctx, splits,
+                                                     fused_variants):
     """fused_combine (the last program of each group merges the splits) gives the combine kernel's
     output bit for bit (the same float32 arithmetic in the same order), on every call of a row
     (the arrival counts are left at zero for the next call, as a graph replay or the next layer
