@@ -127,13 +127,18 @@ def one_prefill(model: str, tokens: int) -> dict:
     q = torch.randn(tokens, heads, dim, device="cuda").half()
     t_ours = bench(lambda: attention_prefill_op(q, kd, km, vd, vm, tables, lens, [tokens]))
     piped = {}
-    try:  # the pipelined variant, with its error against the default
-        ref_out = attention_prefill_op(q, kd, km, vd, vm, tables, lens, [tokens])
-        out2 = attention_prefill_op(q, kd, km, vd, vm, tables, lens, [tokens], num_stages=2)
-        piped["stages2_ms"] = bench(lambda: attention_prefill_op(q, kd, km, vd, vm, tables, lens, [tokens], num_stages=2))
-        piped["stages2_rel_err"] = float((out2.float() - ref_out.float()).norm() / ref_out.float().norm())
-    except Exception as e:  # reported, not fatal
-        piped["stages2_error"] = str(e).splitlines()[0][:200]
+    ref_out = attention_prefill_op(q, kd, km, vd, vm, tables, lens, [tokens])
+    # The other loops, each with its error against the default: pipelined, register prefetch,
+    # 128-row programs (256 threads) without and with it.
+    variants = {"stages2": dict(num_stages=2), "prefetch": dict(prefetch=True), "rows128": dict(rows=128),
+                "rows128_prefetch": dict(rows=128, prefetch=True)}
+    for name, kw in variants.items():
+        try:
+            out2 = attention_prefill_op(q, kd, km, vd, vm, tables, lens, [tokens], **kw)
+            piped[f"{name}_ms"] = bench(lambda kw=kw: attention_prefill_op(q, kd, km, vd, vm, tables, lens, [tokens], **kw))
+            piped[f"{name}_rel_err"] = float((out2.float() - ref_out.float()).norm() / ref_out.float().norm())
+        except Exception as e:  # reported, not fatal
+            piped[f"{name}_error"] = str(e).splitlines()[0][:200]
     q16 = q.transpose(0, 1).unsqueeze(0)
     k16 = torch.randn(1, kv_heads, tokens, dim, device="cuda").half()
     v16 = torch.randn(1, kv_heads, tokens, dim, device="cuda").half()

@@ -23,8 +23,8 @@ import math
 import tilelang
 import tilelang.language as T
 
-from kernels_tl.kv_attention import (_TARGETS, BLOCK_SIZE, SM90, _attention_buffers,  # noqa: F401
-                                     _load_kv_block, _softmax_pv)
+from kernels_tl.kv_attention import (_DEQUANT_SRC, _TARGETS, BLOCK_SIZE, SM90,  # noqa: F401
+                                     _attention_buffers, _load_kv_block, _prefetch_macros, _softmax_pv)
 
 ROWS = 64  # query rows of a program (tokens x GQA group), the mma tile height
 
@@ -47,7 +47,8 @@ def prefill_tiles(query_lens, tokens: int):
 
 @functools.lru_cache(maxsize=None)
 def attention_prefill(heads: int, kv_heads: int, head_dim: int, block_size: int = BLOCK_SIZE,
-                      sm_scale: float | None = None, threads: int = 128, target=None, num_stages: int = 1):
+                      sm_scale: float | None = None, threads: int = 128, target=None, num_stages: int = 1,
+                      rows: int = ROWS, prefetch: bool = False):
     """Build (and cache) the kernel: kernel(q, k_data, k_meta, v_data, v_meta, block_tables,
     context_lens, query_starts, query_lens, tiles, out). q / out float16 [T, heads, head_dim] (the
     packed new tokens; out is written, not allocated), block_tables int32 [B, W], context_lens
@@ -57,10 +58,19 @@ def attention_prefill(heads: int, kv_heads: int, head_dim: int, block_size: int 
 
     num_stages > 1: the cache blocks stream through TileLang's software pipeline (K / V tiles by
     the copy engine, warp-specialized), scale and zero read from global memory in the
-    dequantization, as attention_decode's pipelined variant."""
+    dequantization, as attention_decode's pipelined variant.
+
+    rows (not yet measured on a GPU): query rows a program takes (64 or 128: with 128, each K / V
+    tile is dequantized once for twice the queries; give it 256 threads, or the float32 output
+    tile alone takes 128 registers a thread). prefetch (one stage; not yet measured on a GPU):
+    attention_decode's register-prefetch loop, the next block's packed K / V in registers while
+    the current one is multiplied, dequantized from registers (quad_kv_dequant8) instead of by
+    one float32 expression per element from shared memory."""
     group = heads // kv_heads
-    tokens = tokens_per_tile(heads, kv_heads)
+    tokens = tokens_per_tile(heads, kv_heads, rows)
     used = tokens * group  # rows beyond are padding
+    fetch, dequant_regs, per_thread = _prefetch_macros(threads, block_size, head_dim)
+    assert not prefetch or (num_stages == 1 and threads % block_size == 0 and per_thread % 4 == 0)
     half = head_dim // 2
     scale_log2 = (sm_scale if sm_scale is not None else head_dim ** -0.5) * math.log2(math.e)
 
@@ -73,20 +83,25 @@ def attention_prefill(heads: int, kv_heads: int, head_dim: int, block_size: int 
         nt = T.dynamic("tiles")
 
         @T.macro
+        def scores_and_update(it, past, q0, q_s, k_s, v_s, s, p_s, o, m, m_prev, rescale, l, l_blk):
+            """Block `it` once K / V are in k_s / v_s: causal mask, online softmax, P·V."""
+            T.clear(s)
+            T.gemm(q_s, k_s, s, transpose_B=True, policy=T.GemmWarpPolicy.FullCol)
+            # Causal: key position <= the row's query position (every row keeps key 0, so
+            # no row is all -inf).
+            for r, j in T.Parallel(rows, block_size):
+                s[r, j] = T.if_then_else(it * block_size + j <= past + q0 + r // group,
+                                         s[r, j] * T.float32(scale_log2), -T.infinity("float32"))
+            _softmax_pv(s, m, m_prev, rescale, l, l_blk, o, p_s, v_s, rows, block_size, head_dim)
+
+        @T.macro
         def one_block(it, seq, kvh, past, q0, KD, KM, VD, VM, TABLES, q_s, kp_s, vp_s, km_s, vm_s, k_s, v_s, s,
                       p_s, o, m, m_prev, rescale, l, l_blk):
             """One cache block: dequantize K / V, causal mask, online softmax, P·V."""
             phys = TABLES[seq, it]
             _load_kv_block(KD, KM, VD, VM, phys, kvh, kp_s, km_s, vp_s, vm_s, k_s, v_s, block_size, head_dim,
                            num_stages)
-            T.clear(s)
-            T.gemm(q_s, k_s, s, transpose_B=True, policy=T.GemmWarpPolicy.FullCol)
-            # Causal: key position <= the row's query position (every row keeps key 0, so
-            # no row is all -inf).
-            for r, j in T.Parallel(ROWS, block_size):
-                s[r, j] = T.if_then_else(it * block_size + j <= past + q0 + r // group,
-                                         s[r, j] * T.float32(scale_log2), -T.infinity("float32"))
-            _softmax_pv(s, m, m_prev, rescale, l, l_blk, o, p_s, v_s, ROWS, block_size, head_dim)
+            scores_and_update(it, past, q0, q_s, k_s, v_s, s, p_s, o, m, m_prev, rescale, l, l_blk)
 
         @T.prim_func
         def main(Q: T.Tensor((t, heads, head_dim), "float16"),
@@ -100,7 +115,7 @@ def attention_prefill(heads: int, kv_heads: int, head_dim: int, block_size: int 
                  O: T.Tensor((t, heads, head_dim), "float16")):
             with T.Kernel(nt, kv_heads, threads=threads) as (tile, kvh):
                 (q_s, kp_s, vp_s, km_s, vm_s, k_s, v_s, s, p_s, o, m, m_prev, rescale, l,
-                 l_blk) = _attention_buffers(ROWS, block_size, head_dim)
+                 l_blk) = _attention_buffers(rows, block_size, head_dim)
 
                 seq = TILES[tile, 0]
                 q0 = TILES[tile, 1]
@@ -110,19 +125,32 @@ def attention_prefill(heads: int, kv_heads: int, head_dim: int, block_size: int 
                 last = past + T.min(q0 + tokens, qlen) - 1   # position of the tile's last query
                 n_blocks = last // block_size + 1
 
-                for r, d in T.Parallel(ROWS, head_dim):
+                for r, d in T.Parallel(rows, head_dim):
                     q_s[r, d] = T.if_then_else(r < used and q0 + r // group < qlen,
                                                Q[base + q0 + r // group, kvh * group + r % group, d], T.float16(0))
                 T.fill(o, 0)
                 T.fill(l, 0)
                 T.fill(m, -T.infinity("float32"))
-                if num_stages == 1:
+                if prefetch:
+                    T.import_source(_DEQUANT_SRC)
+                    k_reg = T.alloc_local((per_thread,), "uint8")
+                    v_reg = T.alloc_local((per_thread,), "uint8")
+                    k_meta = T.alloc_local((2,), "float16")
+                    v_meta = T.alloc_local((2,), "float16")
+                    fetch(TABLES[seq, 0], kvh, KD, KM, VD, VM, k_reg, v_reg, k_meta, v_meta)  # n_blocks >= 1
+                    for it in T.serial(n_blocks):
+                        dequant_regs(k_reg, v_reg, k_meta, v_meta, k_s, v_s)
+                        if it + 1 < n_blocks:  # in flight while this block is multiplied
+                            fetch(TABLES[seq, it + 1], kvh, KD, KM, VD, VM, k_reg, v_reg, k_meta, v_meta)
+                        scores_and_update(it, past, q0, q_s, k_s, v_s, s, p_s, o, m, m_prev, rescale, l, l_blk)
+                        T.sync_threads()  # k_s / v_s are rewritten at the top of the next block
+                elif num_stages == 1:
                     for it in T.serial(n_blocks):
                         one_block(it, seq, kvh, past, q0, KD, KM, VD, VM, TABLES, q_s, kp_s, vp_s, km_s, vm_s, k_s, v_s, s, p_s, o, m, m_prev, rescale, l, l_blk)
                 else:
                     for it in T.Pipelined(n_blocks, num_stages=num_stages):
                         one_block(it, seq, kvh, past, q0, KD, KM, VD, VM, TABLES, q_s, kp_s, vp_s, km_s, vm_s, k_s, v_s, s, p_s, o, m, m_prev, rescale, l, l_blk)
-                for r, d in T.Parallel(ROWS, head_dim):
+                for r, d in T.Parallel(rows, head_dim):
                     if r < used and q0 + r // group < qlen:
                         O[base + q0 + r // group, kvh * group + r % group, d] = T.Cast("float16", o[r, d] / l[r])
 
@@ -132,18 +160,22 @@ def attention_prefill(heads: int, kv_heads: int, head_dim: int, block_size: int 
 
 
 def attention_prefill_op(q, k_data, k_meta, v_data, v_meta, block_tables, context_lens, query_lens,
-                         sm_scale: float | None = None, num_stages: int = 1):
+                         sm_scale: float | None = None, num_stages: int = 1, rows: int = ROWS, prefetch: bool = False,
+                         threads: int | None = None):
     """float16 [T, heads, head_dim] causal attention of the packed new tokens q [T, heads, head_dim]
-    over the paged cache (which already holds them); query_lens on the host."""
+    over the paged cache (which already holds them); query_lens on the host. rows / prefetch /
+    threads: attention_prefill's variants (threads default: 128, 256 for 128 rows)."""
     import torch
 
     heads, head_dim, kv_heads = q.shape[1], q.shape[2], k_data.shape[1]
     lens = [int(n) for n in query_lens]
-    tiles = prefill_tiles(lens, tokens_per_tile(heads, kv_heads)).to(q.device, non_blocking=True)
+    tiles = prefill_tiles(lens, tokens_per_tile(heads, kv_heads, rows)).to(q.device, non_blocking=True)
     starts = torch.tensor([sum(lens[:i]) for i in range(len(lens))], dtype=torch.int32).to(q.device, non_blocking=True)
     qlens = torch.tensor(lens, dtype=torch.int32).to(q.device, non_blocking=True)
     out = torch.empty_like(q, dtype=torch.float16)
-    kernel = attention_prefill(heads, kv_heads, head_dim, k_data.shape[2], sm_scale, 128, None, num_stages)
+    threads = threads or (256 if rows > 64 else 128)
+    kernel = attention_prefill(heads, kv_heads, head_dim, k_data.shape[2], sm_scale, threads, None, num_stages, rows,
+                               prefetch)
     kernel(q.half().contiguous(), k_data, k_meta, v_data, v_meta, block_tables.int(), context_lens.int(), starts, qlens,
            tiles, out)
     return out

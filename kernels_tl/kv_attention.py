@@ -151,6 +151,46 @@ def _softmax_pv(s, m, m_prev, rescale, l, l_blk, o, p_s, v_s, rows: int, block_s
     T.gemm(p_s, v_s, o, policy=T.GemmWarpPolicy.FullCol)
 
 
+def _prefetch_macros(threads: int, block_size: int, head_dim: int):
+    """The register-prefetch loop's two steps for a block of `threads` threads: fetch(phys, kvh, ...)
+    loads this thread's bytes of cache block `phys` (and its row's scale / zero) into registers;
+    dequant_regs(...) writes them dequantized into the float16 tiles (quad_kv_dequant8, whose
+    source the kernel imports). Returns (fetch, dequant_regs, bytes per thread)."""
+    half = head_dim // 2
+    threads_per_row = threads // block_size
+    per_thread = half // max(threads_per_row, 1)
+
+    @T.macro
+    def fetch(phys, kvh, KD, KM, VD, VM, k_reg, v_reg, k_meta, v_meta):
+        """This thread's bytes of cache block `phys` (and its row's scale / zero) into registers."""
+        tx = T.get_thread_binding()
+        j, part = tx // threads_per_row, tx % threads_per_row
+        for c in T.vectorized(per_thread):
+            k_reg[c] = KD[phys, kvh, j, part * per_thread + c]
+        for c in T.vectorized(per_thread):
+            v_reg[c] = VD[phys, kvh, j, part * per_thread + c]
+        for c in T.vectorized(2):
+            k_meta[c] = KM[phys, kvh, j, c]
+        for c in T.vectorized(2):
+            v_meta[c] = VM[phys, kvh, j, c]
+
+    @T.macro
+    def dequant_regs(k_reg, v_reg, k_meta, v_meta, k_s, v_s):
+        tx = T.get_thread_binding()
+        j, part = tx // threads_per_row, tx % threads_per_row
+        for c in T.unroll(per_thread // 4):
+            col = (part * per_thread + 4 * c) * 2
+            T.call_extern("handle", "quad_kv_dequant8", T.address_of(k_reg[4 * c]), T.address_of(k_meta[0]),
+                          T.address_of(k_s[j, col]))
+            T.call_extern("handle", "quad_kv_dequant8", T.address_of(v_reg[4 * c]), T.address_of(v_meta[0]),
+                          T.address_of(v_s[j, col]))
+        # Plain stores the tensor cores read next: into the async proxy, then every thread's.
+        T.fence_proxy_async()
+        T.sync_threads()
+
+    return fetch, dequant_regs, per_thread
+
+
 @functools.lru_cache(maxsize=None)
 def attention_decode(heads: int, kv_heads: int, head_dim: int, num_splits: int, block_size: int = BLOCK_SIZE,
                      sm_scale: float | None = None, threads: int = 128, target=None, num_stages: int = 1,
@@ -185,9 +225,8 @@ def attention_decode(heads: int, kv_heads: int, head_dim: int, num_splits: int, 
     rows = 16 * -(-group // 16)  # mma tile height
     half = head_dim // 2
     scale_log2 = (sm_scale if sm_scale is not None else head_dim ** -0.5) * math.log2(math.e)
-    # prefetch: threads_per_row threads share a cache row, each owning `per_thread` packed bytes.
-    threads_per_row = threads // block_size
-    per_thread = half // max(threads_per_row, 1)
+    # prefetch: threads // block_size threads share a cache row, each owning `per_thread` packed bytes.
+    fetch, dequant_regs, per_thread = _prefetch_macros(threads, block_size, head_dim)
     assert not prefetch or (num_stages == 1 and threads % block_size == 0 and per_thread % 4 == 0)
 
     @tilelang.jit(target=_TARGETS[target])
@@ -195,34 +234,6 @@ def attention_decode(heads: int, kv_heads: int, head_dim: int, num_splits: int, 
         b = T.dynamic("batch")
         nb = T.dynamic("num_blocks")
         width = T.dynamic("table_width")
-
-        @T.macro
-        def fetch(phys, kvh, KD, KM, VD, VM, k_reg, v_reg, k_meta, v_meta):
-            """This thread's bytes of cache block `phys` (and its row's scale / zero) into registers."""
-            tx = T.get_thread_binding()
-            j, part = tx // threads_per_row, tx % threads_per_row
-            for c in T.vectorized(per_thread):
-                k_reg[c] = KD[phys, kvh, j, part * per_thread + c]
-            for c in T.vectorized(per_thread):
-                v_reg[c] = VD[phys, kvh, j, part * per_thread + c]
-            for c in T.vectorized(2):
-                k_meta[c] = KM[phys, kvh, j, c]
-            for c in T.vectorized(2):
-                v_meta[c] = VM[phys, kvh, j, c]
-
-        @T.macro
-        def dequant_regs(k_reg, v_reg, k_meta, v_meta, k_s, v_s):
-            tx = T.get_thread_binding()
-            j, part = tx // threads_per_row, tx % threads_per_row
-            for c in T.unroll(per_thread // 4):
-                col = (part * per_thread + 4 * c) * 2
-                T.call_extern("handle", "quad_kv_dequant8", T.address_of(k_reg[4 * c]), T.address_of(k_meta[0]),
-                              T.address_of(k_s[j, col]))
-                T.call_extern("handle", "quad_kv_dequant8", T.address_of(v_reg[4 * c]), T.address_of(v_meta[0]),
-                              T.address_of(v_s[j, col]))
-            # Plain stores the tensor cores read next: into the async proxy, then every thread's.
-            T.fence_proxy_async()
-            T.sync_threads()
 
         @T.macro
         def scores_and_update(it, first, ctx, q_s, k_s, v_s, s, p_s, o, m, m_prev, rescale, l, l_blk):

@@ -128,11 +128,17 @@ def test_fused_split_merge_equals_the_combine_kernel(heads, kv_heads, head_dim, 
 PREFILL_BATCHES = [([37, 100, 1, 64], [70, 0, 200, 64]), ([300], [1000]), ([5, 130], [0, 3])]
 
 
-@pytest.mark.parametrize("stages", [1, 2])
+# (num_stages, rows, threads, prefetch): the default, the pipelined loop, the register-prefetch
+# loop, 128-row programs without and with it.
+PREFILL_VARIANTS = [(1, 64, 128, False), (2, 64, 128, False), (1, 64, 128, True), (1, 128, 256, False),
+                    (1, 128, 256, True)]
+
+
+@pytest.mark.parametrize("stages,rows,threads,prefetch", PREFILL_VARIANTS)
 @pytest.mark.parametrize("heads,kv_heads,head_dim", SHAPES)
 @pytest.mark.parametrize("query_lens,prefix_lens", PREFILL_BATCHES)
 def test_prefill_attention_with_cached_prefix_matches_reference(heads, kv_heads, head_dim, query_lens, prefix_lens,
-                                                                 stages):
+                                                                 stages, rows, threads, prefetch):
     from kernels_tl.attention_prefill import attention_prefill, prefill_tiles, tokens_per_tile
     from kernels_tl.kv_attention import BLOCK_SIZE
     g = torch.Generator(device="cuda").manual_seed(sum(query_lens) * 7 + head_dim)
@@ -146,8 +152,8 @@ def test_prefill_attention_with_cached_prefix_matches_reference(heads, kv_heads,
     q = torch.randn(total, heads, head_dim, generator=g, device="cuda").half()
     out = torch.full_like(q, float("nan"))
     starts = torch.tensor([sum(query_lens[:i]) for i in range(len(lens))], dtype=torch.int32, device="cuda")
-    tiles = prefill_tiles(query_lens, tokens_per_tile(heads, kv_heads)).cuda()
-    attention_prefill(heads, kv_heads, head_dim, num_stages=stages)(
+    tiles = prefill_tiles(query_lens, tokens_per_tile(heads, kv_heads, rows)).cuda()
+    attention_prefill(heads, kv_heads, head_dim, num_stages=stages, rows=rows, threads=threads, prefetch=prefetch)(
         q, kd, km, vd, vm, tables, torch.tensor(lens, dtype=torch.int32, device="cuda"), starts,
         torch.tensor(query_lens, dtype=torch.int32, device="cuda"), tiles, out)
     expected = ref.paged_attention(q, kd, km, vd, vm, tables.cpu(), torch.tensor(lens), torch.tensor(query_lens))

@@ -236,3 +236,18 @@ def test_decode_attention_with_the_split_merge_builds(splits, tmp_path):
     log = ptxas_log(src, tmp_path)
     assert int(re.search(r"Used (\d+) registers", log).group(1)) <= 65536 // (4 * 128)
     assert re.search(r"\b0 bytes spill stores, 0 bytes spill loads", log)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
+@pytest.mark.parametrize("rows,threads,prefetch", [(64, 128, True), (128, 256, False), (128, 256, True)])
+def test_prefill_attention_variants_build_without_spills(rows, threads, prefetch, tmp_path):
+    """The prefill kernel's register-prefetch loop (the decode kernel's dequantization from
+    registers) and its 128-row programs (each K / V tile dequantized for twice the queries) build
+    for sm_90a without spills (Llama-3-8B shapes)."""
+    pytest.importorskip("tilelang")
+    from test_quantize_build import ptxas_log
+
+    from kernels_tl.attention_prefill import SM90, attention_prefill
+    src = attention_prefill(32, 8, 128, target=SM90, rows=rows, threads=threads, prefetch=prefetch).get_kernel_source()
+    assert ("quad_kv_dequant8(" in src) == prefetch and ("kp_s" in src) != prefetch
+    assert re.search(r"\b0 bytes spill stores, 0 bytes spill loads", ptxas_log(src, tmp_path))
