@@ -23,8 +23,8 @@ import math
 import tilelang
 import tilelang.language as T
 
-from kernels_tl.kv_attention import (_DEQUANT_SRC, _TARGETS, BLOCK_SIZE, SM90,  # noqa: F401
-                                     _attention_buffers, _load_kv_block, _prefetch_macros, _softmax_pv)
+from kernels_tl.attention_tiles import attention_buffers, load_kv_block, prefetch_macros, softmax_pv
+from kernels_tl.kv_attention import _TARGETS, BLOCK_SIZE, SM90  # noqa: F401
 
 ROWS = 64  # query rows of a program (tokens x GQA group), the mma tile height
 
@@ -69,7 +69,7 @@ def attention_prefill(heads: int, kv_heads: int, head_dim: int, block_size: int 
     group = heads // kv_heads
     tokens = tokens_per_tile(heads, kv_heads, rows)
     used = tokens * group  # rows beyond are padding
-    fetch, dequant_regs, per_thread = _prefetch_macros(threads, block_size, head_dim)
+    per_thread, prefetch_loop = prefetch_macros(threads, block_size, head_dim)
     assert not prefetch or (num_stages == 1 and threads % block_size == 0 and per_thread % 4 == 0)
     half = head_dim // 2
     scale_log2 = (sm_scale if sm_scale is not None else head_dim ** -0.5) * math.log2(math.e)
@@ -92,14 +92,14 @@ def attention_prefill(heads: int, kv_heads: int, head_dim: int, block_size: int 
             for r, j in T.Parallel(rows, block_size):
                 s[r, j] = T.if_then_else(it * block_size + j <= past + q0 + r // group,
                                          s[r, j] * T.float32(scale_log2), -T.infinity("float32"))
-            _softmax_pv(s, m, m_prev, rescale, l, l_blk, o, p_s, v_s, rows, block_size, head_dim)
+            softmax_pv(s, m, m_prev, rescale, l, l_blk, o, p_s, v_s, rows, block_size, head_dim)
 
         @T.macro
         def one_block(it, seq, kvh, past, q0, KD, KM, VD, VM, TABLES, q_s, kp_s, vp_s, km_s, vm_s, k_s, v_s, s,
                       p_s, o, m, m_prev, rescale, l, l_blk):
             """One cache block: dequantize K / V, causal mask, online softmax, P·V."""
             phys = TABLES[seq, it]
-            _load_kv_block(KD, KM, VD, VM, phys, kvh, kp_s, km_s, vp_s, vm_s, k_s, v_s, block_size, head_dim,
+            load_kv_block(KD, KM, VD, VM, phys, kvh, kp_s, km_s, vp_s, vm_s, k_s, v_s, block_size, head_dim,
                            num_stages)
             scores_and_update(it, past, q0, q_s, k_s, v_s, s, p_s, o, m, m_prev, rescale, l, l_blk)
 
@@ -115,7 +115,7 @@ def attention_prefill(heads: int, kv_heads: int, head_dim: int, block_size: int 
                  O: T.Tensor((t, heads, head_dim), "float16")):
             with T.Kernel(nt, kv_heads, threads=threads) as (tile, kvh):
                 (q_s, kp_s, vp_s, km_s, vm_s, k_s, v_s, s, p_s, o, m, m_prev, rescale, l,
-                 l_blk) = _attention_buffers(rows, block_size, head_dim)
+                 l_blk) = attention_buffers(rows, block_size, head_dim)
 
                 seq = TILES[tile, 0]
                 q0 = TILES[tile, 1]
@@ -132,18 +132,9 @@ def attention_prefill(heads: int, kv_heads: int, head_dim: int, block_size: int 
                 T.fill(l, 0)
                 T.fill(m, -T.infinity("float32"))
                 if prefetch:
-                    T.import_source(_DEQUANT_SRC)
-                    k_reg = T.alloc_local((per_thread,), "uint8")
-                    v_reg = T.alloc_local((per_thread,), "uint8")
-                    k_meta = T.alloc_local((2,), "float16")
-                    v_meta = T.alloc_local((2,), "float16")
-                    fetch(TABLES[seq, 0], kvh, KD, KM, VD, VM, k_reg, v_reg, k_meta, v_meta)  # n_blocks >= 1
-                    for it in T.serial(n_blocks):
-                        dequant_regs(k_reg, v_reg, k_meta, v_meta, k_s, v_s)
-                        if it + 1 < n_blocks:  # in flight while this block is multiplied
-                            fetch(TABLES[seq, it + 1], kvh, KD, KM, VD, VM, k_reg, v_reg, k_meta, v_meta)
-                        scores_and_update(it, past, q0, q_s, k_s, v_s, s, p_s, o, m, m_prev, rescale, l, l_blk)
-                        T.sync_threads()  # k_s / v_s are rewritten at the top of the next block
+                    prefetch_loop(n_blocks, lambda it: TABLES[seq, it], kvh, KD, KM, VD, VM, k_s, v_s,
+                                  lambda it: scores_and_update(it, past, q0, q_s, k_s, v_s, s, p_s, o, m, m_prev,
+                                                               rescale, l, l_blk))
                 elif num_stages == 1:
                     for it in T.serial(n_blocks):
                         one_block(it, seq, kvh, past, q0, KD, KM, VD, VM, TABLES, q_s, kp_s, vp_s, km_s, vm_s, k_s, v_s, s, p_s, o, m, m_prev, rescale, l, l_blk)
