@@ -6,6 +6,7 @@ one compiled kernel serves every M of a class, and `prebuild` compiles an engine
 parallel before the first step.
 """
 
+from kernels_tl.buffers import zeros
 from kernels_tl.gemm import w4ax_epilogue, w4ax_gemm, w4ax_gemm_decode, w4ax_gemm_splitk
 from kernels_tl.gemv import w4ax_gemv
 
@@ -135,8 +136,8 @@ def w8a8_decode_linear(x_q, x_scale, w_q, w_scale, x_out=None, w_out=None, out=N
     rank = 0 if w_out is None else w_out.shape[1]
     dev = x_q.device
     if rank == 0:
-        x_out, w_out = _zeros("x_out", m, 16, torch.float16, dev), _zeros("w_out", n, 16, torch.float16, dev)
-    bias = _zeros("bias", n, 1, torch.float16, dev).view(n)
+        x_out, w_out = _no_outliers(m, n, dev)
+    bias = _bias_or_zeros(None, n, dev)
     y = out if out is not None else torch.empty(m, n, dtype=torch.float32, device=dev)
     _build(_w8a8_spec(m, n, k, rank))(x_q, x_scale.reshape(-1).float(), w_q, w_scale.reshape(-1).float(),
                                       x_out.contiguous(), w_out.contiguous(), bias, y)
@@ -165,13 +166,13 @@ def w4ax_linear_norm(x_q, x_scale, w_q, w_scale, bias, h, norm: tuple):
     n, k = w_q.shape[0], w_q.shape[1] * 2
     norm_rank, norm_d = norm[0], norm[1]
     dev = x_q.device
-    x_out, w_out = _zeros("x_out", m, 16, torch.float16, dev), _zeros("w_out", n, 16, torch.float16, dev)
-    bias_t = _zeros("bias", n, 1, torch.float16, dev).view(n) if bias is None else bias
+    x_out, w_out = _no_outliers(m, n, dev)
+    bias_t = _bias_or_zeros(bias, n, dev)
     y = torch.empty(m, n, dtype=torch.float16, device=dev)
     no = torch.empty(m, max(norm_rank, 16), dtype=torch.float16, device=dev)
     nq = torch.empty(m, norm_d, dtype=torch.int8, device=dev)
     ns = torch.empty(m, dtype=torch.float32, device=dev)
-    count = _zeros("gemv_norm_count", 1, 1, torch.int32, dev).view(1)  # the kernel leaves it zero
+    count = zeros("gemv_norm_count", 1, 1, torch.int32, dev).view(1)  # the kernel leaves it zero
     _build(_gemv_norm_spec(m, n, k, bias is not None, tuple(norm)))(
         x_q, x_scale.reshape(-1), w_q, w_scale.reshape(-1), x_out, w_out, bias_t, y, h, no, nq, ns, count)
     return y, no[:, :norm_rank], nq, ns.view(m, 1)
@@ -200,20 +201,15 @@ def prebuild(problems, workers: int = 16) -> None:
     _build_all(specs, workers)
 
 
-_buffers: dict = {}
-
-
-def _zeros(name: str, rows: int, cols: int, dtype, device):
-    """A zero [rows, cols] view of a cached per-device buffer (grown on demand, never reallocated
-    per call: allocate before CUDA-graph capture by calling once at the largest size)."""
+def _no_outliers(m: int, n: int, dev) -> tuple:
+    """Zero stand-ins (x_out [m, 16], w_out [n, 16]) for the outlier operands of a problem without them."""
     import torch
+    return zeros("x_out", m, 16, torch.float16, dev), zeros("w_out", n, 16, torch.float16, dev)
 
-    key = (name, dtype, device, cols)
-    buf = _buffers.get(key)
-    if buf is None or buf.shape[0] < rows:
-        buf = torch.zeros(max(rows, 64), cols, dtype=dtype, device=device)
-        _buffers[key] = buf
-    return buf[:rows]
+
+def _bias_or_zeros(bias, n: int, dev):
+    import torch
+    return zeros("bias", n, 1, torch.float16, dev).view(n) if bias is None else bias
 
 
 def w4ax_linear(x_q, x_scale, w_q, w_scale, x_out=None, w_out=None, bias=None, out=None, out_dtype=None):
@@ -228,13 +224,13 @@ def w4ax_linear(x_q, x_scale, w_q, w_scale, x_out=None, w_out=None, bias=None, o
     out_dtype = out.dtype if out is not None else (out_dtype or torch.float16)
     dev = x_q.device
     if rank == 0:
-        x_out, w_out = _zeros("x_out", m, 16, torch.float16, dev), _zeros("w_out", n, 16, torch.float16, dev)
-    bias_t = _zeros("bias", n, 1, torch.float16, dev).view(n) if bias is None else bias
+        x_out, w_out = _no_outliers(m, n, dev)
+    bias_t = _bias_or_zeros(bias, n, dev)
     y = out if out is not None else torch.empty(m, n, dtype=out_dtype, device=dev)
     xs, ws = x_scale.reshape(-1), w_scale.reshape(-1)
     kernels = kernels_for(m, n, k, rank, bias is not None, str(out_dtype).removeprefix("torch."))
     if len(kernels) == 2:
-        acc = _zeros("acc", m, n, torch.int32, dev)  # the epilogue leaves it zero again
+        acc = zeros("acc", m, n, torch.int32, dev)  # the epilogue leaves it zero again
         kernels[0](x_q, w_q, acc)
         kernels[1](acc, xs, ws, x_out, w_out, bias_t, y)
     else:

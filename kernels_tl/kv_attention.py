@@ -22,6 +22,7 @@ import tilelang
 import tilelang.language as T
 
 from kernels_tl.attention_tiles import attention_buffers, load_kv_block, prefetch_macros, softmax_pv
+from kernels_tl.buffers import zeros
 from kernels_tl.pdl import wait_for_producers
 
 # Explicit target so kernels also build (codegen + nvcc) on a machine without a GPU.
@@ -300,21 +301,6 @@ def prebuild_decode(heads: int, kv_heads: int, head_dim: int, grids: list[tuple[
         list(pool.map(lambda job: job(), jobs))
 
 
-_counters: list = []  # every split-count buffer ever handed out (a captured graph may still use one)
-
-
-def _split_counters(rows: int, cols: int, device):
-    """A zeroed int32 [rows, cols] view for fused_combine's arrival counts (the kernel leaves it
-    zeroed). Buffers are kept, never freed or reallocated per call, so a CUDA graph can hold one."""
-    import torch
-
-    for buf in reversed(_counters):
-        if buf.device == device and buf.shape[1] == cols and buf.shape[0] >= rows:
-            return buf[:rows]
-    _counters.append(torch.zeros(max(rows, 256), cols, dtype=torch.int32, device=device))
-    return _counters[-1][:rows]
-
-
 def attention_decode_op(q, k_data, k_meta, v_data, v_meta, block_tables, context_lens, num_splits: int,
                         sm_scale: float | None = None, out=None, num_stages: int = 1, prefetch: bool | None = None,
                         min_blocks: int | None = None, fused_combine: bool | None = None):
@@ -337,7 +323,7 @@ def attention_decode_op(q, k_data, k_meta, v_data, v_meta, block_tables, context
                               num_stages, prefetch, min_blocks, fused)
     if fused:
         kernel(q, k_data, k_meta, v_data, v_meta, block_tables, context_lens, partial, lse, out,
-               _split_counters(b, kv_heads, q.device))
+               zeros("split_counts", b, kv_heads, torch.int32, q.device))  # the kernel leaves them zero
     else:
         kernel(q, k_data, k_meta, v_data, v_meta, block_tables, context_lens, partial, lse)
         attention_combine(heads, head_dim, num_splits)(partial, lse, out)

@@ -59,10 +59,10 @@ def test_full_output_matches_reference(m, n, k, act_bits, rank):
 
 def test_split_k_workspace_is_left_zero():
     """The split-K path's int32 workspace must be zero again after every call (CUDA graphs replay it)."""
-    from kernels_tl import gemm_dispatch
+    from kernels_tl import buffers, gemm_dispatch
     assert gemm_dispatch.decode_plan(9, 4160, 4096)["split"] > 1
     xq, xs, wq, ws, _, _ = operands(9, 4160, 4096, 0, 4, seed=1)
     y1 = gemm_dispatch.w4ax_linear(xq, xs, ref.pack_int4(wq), ws)
     y2 = gemm_dispatch.w4ax_linear(xq, xs, ref.pack_int4(wq), ws)
     assert torch.equal(y1, y2)
-    assert not gemm_dispatch._buffers[("acc", torch.int32, xq.device, 4160)].any()
+    assert not buffers._buffers[("acc", torch.int32, xq.device, 4160)].any()

@@ -45,7 +45,7 @@ def operands(m, n, k, seed):
 @pytest.mark.parametrize("m", [1, 2, 3, 4])
 @pytest.mark.parametrize("n,k,rank", SHAPES)
 def test_linear_norm_equals_the_two_kernels(n, k, rank, m, bits, clip):
-    from kernels_tl import gemm_dispatch
+    from kernels_tl import buffers, gemm_dispatch
     from kernels_tl.quantize import rmsnorm_quant_op
     xq, xs, wq, ws, h = operands(m, n, k, seed=n + k + m * 13 + bits)
     d = n - rank
@@ -57,7 +57,7 @@ def test_linear_norm_equals_the_two_kernels(n, k, rank, m, bits, clip):
         y, x_out, x_q, x_s = gemm_dispatch.w4ax_linear_norm(xq, xs, wq, ws, None, h_one, (rank, d, bits, clip, 1e-5))
         assert torch.equal(y, y_two) and torch.equal(h_one, h_two)
         assert torch.equal(x_out, want[0]) and torch.equal(x_q, want[1]) and torch.equal(x_s.view(-1), want[2].view(-1))
-    assert not gemm_dispatch._zeros("gemv_norm_count", 1, 1, torch.int32, h.device).any()
+    assert not buffers.zeros("gemv_norm_count", 1, 1, torch.int32, h.device).any()
 
 
 def test_linear_norm_replays_in_a_cuda_graph():
