@@ -49,6 +49,23 @@ def test_kv_store_is_bit_exact(heads, kv_heads, head_dim, tokens, round_trip):
         assert out is None
 
 
+def decode_problem(heads, kv_heads, head_dim, batch, max_ctx, seed):
+    """(q, k_data, k_meta, v_data, v_meta, block_tables, context_lens) of a ragged decode batch: random
+    lengths up to max_ctx (the first at max_ctx), every sequence on a random set of physical blocks
+    (non-contiguous tables), random caches."""
+    from kernels_tl.kv_attention import BLOCK_SIZE
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    lens = torch.randint(1, max_ctx + 1, (batch,), generator=g, device="cuda").int()
+    lens[0] = max_ctx
+    width = -(-max_ctx // BLOCK_SIZE)
+    num_blocks = batch * width + 3
+    tables = torch.randperm(num_blocks, generator=g, device="cuda")[: batch * width].view(batch, width).int()
+    kd, km = random_cache(num_blocks, kv_heads, head_dim, BLOCK_SIZE, g)
+    vd, vm = random_cache(num_blocks, kv_heads, head_dim, BLOCK_SIZE, g)
+    q = torch.randn(batch, heads, head_dim, generator=g, device="cuda").half()
+    return q, kd, km, vd, vm, tables, lens
+
+
 # (1, True, None): the prefetch loop with decode_loop's register cap (4 blocks a SM on these sparse
 # grids); (1, True, 5): capped for 5, as on dense ones
 @pytest.mark.parametrize("stages,prefetch,min_blocks", [(1, False, None), (2, False, None), (1, True, None), (1, True, 5)])
@@ -57,17 +74,9 @@ def test_kv_store_is_bit_exact(heads, kv_heads, head_dim, tokens, round_trip):
 @pytest.mark.parametrize("splits", [1, 4])
 def test_decode_attention_matches_reference(heads, kv_heads, head_dim, batch, max_ctx, splits, stages, prefetch,
                                             min_blocks):
-    from kernels_tl.kv_attention import BLOCK_SIZE, attention_decode_op
-    g = torch.Generator(device="cuda").manual_seed(batch * 1000 + max_ctx + splits)
-    lens = torch.randint(1, max_ctx + 1, (batch,), generator=g, device="cuda").int()
-    lens[0] = max_ctx
-    width = -(-max_ctx // BLOCK_SIZE)
-    num_blocks = batch * width + 3
-    # Non-contiguous tables: every sequence gets a random set of physical blocks.
-    tables = torch.randperm(num_blocks, generator=g, device="cuda")[: batch * width].view(batch, width).int()
-    kd, km = random_cache(num_blocks, kv_heads, head_dim, BLOCK_SIZE, g)
-    vd, vm = random_cache(num_blocks, kv_heads, head_dim, BLOCK_SIZE, g)
-    q = torch.randn(batch, heads, head_dim, generator=g, device="cuda").half()
+    from kernels_tl.kv_attention import attention_decode_op
+    q, kd, km, vd, vm, tables, lens = decode_problem(heads, kv_heads, head_dim, batch, max_ctx,
+                                                     seed=batch * 1000 + max_ctx + splits)
     out = torch.full((batch, heads, head_dim), float("nan"), device="cuda", dtype=torch.float16)
     attention_decode_op(q, kd, km, vd, vm, tables, lens, splits, out=out, num_stages=stages, prefetch=prefetch,
                         min_blocks=min_blocks)
@@ -102,23 +111,16 @@ def test_fused_split_merge_equals_the_combine_kernel(heads, kv_heads, head_dim, 
     output bit for bit (the same float32 arithmetic in the same order), on every call of a row
     (the arrival counts are left at zero for the next call, as a graph replay or the next layer
     finds them), and matches the reference."""
-    from kernels_tl import kv_attention
-    from kernels_tl.kv_attention import BLOCK_SIZE, attention_decode_op
-    g = torch.Generator(device="cuda").manual_seed(batch * 7 + max_ctx + splits + head_dim)
-    lens = torch.randint(1, max_ctx + 1, (batch,), generator=g, device="cuda").int()
-    lens[0] = max_ctx
-    width = -(-max_ctx // BLOCK_SIZE)
-    num_blocks = batch * width + 3
-    tables = torch.randperm(num_blocks, generator=g, device="cuda")[: batch * width].view(batch, width).int()
-    kd, km = random_cache(num_blocks, kv_heads, head_dim, BLOCK_SIZE, g)
-    vd, vm = random_cache(num_blocks, kv_heads, head_dim, BLOCK_SIZE, g)
-    q = torch.randn(batch, heads, head_dim, generator=g, device="cuda").half()
+    from kernels_tl import buffers
+    from kernels_tl.kv_attention import attention_decode_op
+    q, kd, km, vd, vm, tables, lens = decode_problem(heads, kv_heads, head_dim, batch, max_ctx,
+                                                     seed=batch * 7 + max_ctx + splits + head_dim)
     want = attention_decode_op(q, kd, km, vd, vm, tables, lens, splits, fused_combine=False)
     for _ in range(3):
         out = torch.full((batch, heads, head_dim), float("nan"), device="cuda", dtype=torch.float16)
         attention_decode_op(q, kd, km, vd, vm, tables, lens, splits, out=out, fused_combine=True)
         assert torch.equal(out, want)
-    assert not kv_attention._split_counters(batch, kv_heads, q.device).any(), "arrival counts left set"
+    assert not buffers.zeros("split_counts", batch, kv_heads, torch.int32, q.device).any(), "arrival counts left set"
     expected = ref.paged_attention(q, kd, km, vd, vm, tables.cpu(), lens.cpu())
     assert float((out.float() - expected).norm() / expected.norm()) <= 1e-2
 
