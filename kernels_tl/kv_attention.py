@@ -46,6 +46,11 @@ DECODE_MIN_BLOCKS = int(os.environ["QUAD_DECODE_MIN_BLOCKS"]) if os.environ.get(
 # The split merge inside the attention kernel (see attention_decode's fused_combine); off until
 # measured against the separate combine kernel on a GPU.
 DECODE_FUSED_COMBINE = os.environ.get("QUAD_DECODE_FUSED_COMBINE", "0") == "1"
+# Fewest cache blocks a decode split covers (QUAD_DECODE_SPLIT_BLOCKS overrides). One: at batch 1
+# and a short context a program's chain of dependent block loads is what a layer waits for, and
+# more, shorter splits shorten it (engine A/B, Llama-3-8B shapes, H200, 2026-12-01: b1 x 1024
+# 2.059 / 2.053 ms a step with two blocks, 2.000 / 1.927 with one; b32 unchanged, 5.21-5.23).
+DECODE_SPLIT_BLOCKS = int(os.environ.get("QUAD_DECODE_SPLIT_BLOCKS", "1"))
 
 
 def decode_loop(batch: int, kv_heads: int, num_splits: int, sms: int = 132) -> tuple[bool, int]:
@@ -276,11 +281,13 @@ def attention_combine(heads: int, head_dim: int, num_splits: int, target=None):
     return build()
 
 
-def decode_splits(batch: int, kv_heads: int, max_context: int, block_size: int = BLOCK_SIZE, sms: int = 132) -> int:
+def decode_splits(batch: int, kv_heads: int, max_context: int, block_size: int = BLOCK_SIZE, sms: int = 132,
+                  min_blocks: int | None = None) -> int:
     """Context splits so that batch x kv_heads x splits programs fill the GPU about twice, with at
-    least two cache blocks per split."""
+    least min_blocks cache blocks per split (default DECODE_SPLIT_BLOCKS)."""
     want = -(-2 * sms // (batch * kv_heads))
-    return max(1, min(want, max_context // (2 * block_size), 32))
+    per_split = (min_blocks or DECODE_SPLIT_BLOCKS) * block_size
+    return max(1, min(want, max_context // per_split, 32))
 
 
 def prebuild_decode(heads: int, kv_heads: int, head_dim: int, grids: list[tuple[int, int]],
