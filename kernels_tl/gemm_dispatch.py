@@ -144,45 +144,6 @@ def w8a8_decode_linear(x_q, x_scale, w_q, w_scale, x_out=None, w_out=None, out=N
     return y
 
 
-def gemv_norm_supports(m: int, n: int, k: int, norm_rank: int, norm_d: int) -> bool:
-    """Whether w4ax_linear_norm takes this problem: the GEMV's token counts, an output as wide as the
-    residual the norm reads, a norm the rmsnorm_quant kernel builds."""
-    return (0 < m <= GEMV_TOKENS[-1] and n % 16 == 0 and k % 32 == 0 and n == norm_rank + norm_d
-            and norm_rank % 16 == 0 and norm_d % 8 == 0)
-
-
-def _gemv_norm_spec(m: int, n: int, k: int, has_bias: bool, norm: tuple) -> tuple:
-    return _spec(w4ax_gemv, n, k, 0, has_bias, "float16", next(t for t in GEMV_TOKENS if t >= m), norm=norm)
-
-
-def w4ax_linear_norm(x_q, x_scale, w_q, w_scale, bias, h, norm: tuple):
-    """A linear that writes the residual stream, and the norm that reads it next, in one GEMV kernel
-    (kernels_tl.gemv, norm=...; M <= 4, no outlier input channels): y = the linear's float16 output,
-    h [M, n] float32 += y in place, and rmsnorm_quant of h. norm = (rank, d, bits, clip, eps).
-    Returns (y, x_out [M, rank] float16, x_q int8 [M, d], x_scale [M, 1])."""
-    import torch
-
-    m = x_q.shape[0]
-    n, k = w_q.shape[0], w_q.shape[1] * 2
-    norm_rank, norm_d = norm[0], norm[1]
-    dev = x_q.device
-    x_out, w_out = _no_outliers(m, n, dev)
-    bias_t = _bias_or_zeros(bias, n, dev)
-    y = torch.empty(m, n, dtype=torch.float16, device=dev)
-    no = torch.empty(m, max(norm_rank, 16), dtype=torch.float16, device=dev)
-    nq = torch.empty(m, norm_d, dtype=torch.int8, device=dev)
-    ns = torch.empty(m, dtype=torch.float32, device=dev)
-    count = zeros("gemv_norm_count", 1, 1, torch.int32, dev).view(1)  # the kernel leaves it zero
-    _build(_gemv_norm_spec(m, n, k, bias is not None, tuple(norm)))(
-        x_q, x_scale.reshape(-1), w_q, w_scale.reshape(-1), x_out, w_out, bias_t, y, h, no, nq, ns, count)
-    return y, no[:, :norm_rank], nq, ns.view(m, 1)
-
-
-def prebuild_gemv_norm(problems, workers: int = 16) -> None:
-    """Compile w4ax_linear_norm's kernels for many (m, n, k, has_bias, norm) in parallel."""
-    _build_all([_gemv_norm_spec(*p) for p in problems], workers)
-
-
 def prebuild_w8a8(problems, workers: int = 16) -> None:
     """Compile the int8-weight decode GEMM for many (m, n, k, rank) in parallel."""
     _build_all([_w8a8_spec(*p) for p in problems], workers)

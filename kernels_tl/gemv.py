@@ -8,9 +8,8 @@ dp4a (the unpack is two logic ops per 4 values, as in the tensor-core kernels: t
 packing, docs/checkpoint-format.md), against int8 activation chunks reused across a warp's rows.
 M is dynamic: one compiled kernel serves every token count up to its `tokens`.
 
-With `norm`, the GEMV of a linear that writes the residual stream (o_proj, down_proj) also runs the
-norm that reads it next: the last block to finish adds Y into the residual and runs rmsnorm_quant's
-body on every token row (QUAD_GEMV_NORM=1; one kernel boundary less per norm at batch 1-4).
+(Running the next norm in the last block to finish, after an atomic count, measured no faster
+than the separate norm kernel: docs/results.md, 2026-12-01.)
 """
 
 import functools
@@ -20,7 +19,6 @@ import tilelang.language as T
 
 from kernels_tl.gemm import _TARGETS, SM90  # noqa: F401
 from kernels_tl.pdl import prefetch_weights, wait_for_producers
-from kernels_tl.quantize import rmsnorm_body
 
 PREFETCH_GEMV_WEIGHTS = prefetch_weights("gemv")
 
@@ -46,7 +44,7 @@ __device__ __forceinline__ int quad_dot_int4x32(const void* w_ptr, const void* x
 @functools.lru_cache(maxsize=None)
 def w4ax_gemv(n: int, k: int, rank: int, has_bias: bool = False, out_dtype: str = "float16", tokens: int = 1,
               rows_per_warp: int = 4, warps: int = 4, unroll: int = 2, prefetch: bool = PREFETCH_GEMV_WEIGHTS,
-              target=None, norm: tuple | None = None):
+              target=None):
     """The small-batch kernel (M <= `tokens`): a GEMV on the CUDA cores, no tensor cores, no shared
     memory, everything in one pass. Each warp owns `rows_per_warp` weight rows; each lane streams
     16-byte packed chunks of them (`unroll` chunks per row in flight before the first use) and
@@ -54,14 +52,6 @@ def w4ax_gemv(n: int, k: int, rank: int, has_bias: bool = False, out_dtype: str 
     lanes are reduced with warp shuffles, and lane 0 adds the fp16 outlier product, the scales and
     the bias. Called like the prefill kernel: kernel(x_q, x_scale, w_q, w_scale, x_out, w_out, bias, y).
     prefetch: request the first step's weights before waiting for the previous kernel (kernels_tl.pdl).
-
-    norm = (rank, d, bits, clip, eps) of the rmsnorm_quant that reads this output next (n = rank + d):
-    called as kernel(..., y, h, x_out, x_q, x_scale, count), it also computes rmsnorm_quant(h,
-    residual=y) in residual="add" mode (h float32 [M, n] += y in place; x_out float16 [M, max(rank,
-    16)], x_q int8 [M, d], x_scale float32 [M] written). Every block writes its rows of y, publishes
-    them (__threadfence) and counts itself in count (int32 [1], zero before the call); the last one
-    runs the norm's body on each token row (y re-read from global memory: no block reads it before)
-    and sets count back to zero. Same numerics as the two kernels.
     """
     r = max(rank, 16)
     rows_per_block = rows_per_warp * warps
@@ -69,10 +59,6 @@ def w4ax_gemv(n: int, k: int, rank: int, has_bias: bool = False, out_dtype: str 
     steps = -(-chunks // (32 * unroll))
     assert k % 32 == 0 and n % rows_per_block == 0 and r % 32 == 0 or rank == 0
     blocks = n // rows_per_block
-    if norm is not None:
-        norm_rank, norm_d, norm_bits, norm_clip, norm_eps = norm
-        assert n == norm_rank + norm_d, (n, norm)
-        norm_body = rmsnorm_body(n, norm_rank, norm_d, norm_bits, norm_clip, norm_eps, warps * 32, True)
 
     @T.macro
     def load_weights(WQ, w_loc, row0, lane, step):
@@ -146,55 +132,19 @@ def w4ax_gemv(n: int, k: int, rank: int, has_bias: bool = False, out_dtype: str 
                     if lane == 0 and t < m:
                         Y[t, row0 + rw] = T.Cast(out_dtype, y)
 
-        # Only the variant's own signature is defined (TileLang builds a prim_func where it is defined).
-        if norm is None:
-            @T.prim_func
-            def main(
-                XQ: T.Tensor((m, k), "int8"),
-                XS: T.Tensor((m,), "float32"),
-                WQ: T.Tensor((n, k // 2), "uint8"),
-                WS: T.Tensor((n,), "float16"),
-                XO: T.Tensor((m, r), "float16"),
-                WO: T.Tensor((n, r), "float16"),
-                BIAS: T.Tensor((n,), "float16"),
-                Y: T.Tensor((m, n), out_dtype),
-            ):
-                with T.Kernel(blocks, threads=warps * 32) as bx:
-                    gemv(XQ, XS, WQ, WS, XO, WO, BIAS, Y, bx)
-        else:
-            @T.prim_func
-            def main(
-                XQ: T.Tensor((m, k), "int8"),
-                XS: T.Tensor((m,), "float32"),
-                WQ: T.Tensor((n, k // 2), "uint8"),
-                WS: T.Tensor((n,), "float16"),
-                XO: T.Tensor((m, r), "float16"),
-                WO: T.Tensor((n, r), "float16"),
-                BIAS: T.Tensor((n,), "float16"),
-                Y: T.Tensor((m, n), out_dtype),
-                H: T.Tensor((m, n), "float32"),
-                NO: T.Tensor((m, max(norm_rank, 16)), "float16"),
-                NQ: T.Tensor((m, norm_d), "int8"),
-                NS: T.Tensor((m,), "float32"),
-                COUNT: T.Tensor((1,), "int32"),
-            ):
-                with T.Kernel(blocks, threads=warps * 32) as bx:
-                    gemv(XQ, XS, WQ, WS, XO, WO, BIAS, Y, bx)
-                    tx = T.get_thread_binding()
-                    arrived = T.alloc_shared((1,), "int32")
-                    # This block's rows of Y visible device-wide before it is counted.
-                    T.call_extern("handle", "__threadfence")
-                    T.sync_threads()
-                    if tx == 0:
-                        arrived[0] = T.call_extern("int32", "atomicAdd", T.address_of(COUNT[0]), 1)
-                    T.sync_threads()
-                    if arrived[0] == blocks - 1:
-                        T.call_extern("handle", "__threadfence")
-                        for t in T.serial(m):
-                            norm_body(H, Y, NO, NQ, NS, t)
-                            T.sync_threads()  # the body's reduction slots are reused by the next row
-                        if tx == 0:
-                            COUNT[0] = 0
+        @T.prim_func
+        def main(
+            XQ: T.Tensor((m, k), "int8"),
+            XS: T.Tensor((m,), "float32"),
+            WQ: T.Tensor((n, k // 2), "uint8"),
+            WS: T.Tensor((n,), "float16"),
+            XO: T.Tensor((m, r), "float16"),
+            WO: T.Tensor((n, r), "float16"),
+            BIAS: T.Tensor((n,), "float16"),
+            Y: T.Tensor((m, n), out_dtype),
+        ):
+            with T.Kernel(blocks, threads=warps * 32) as bx:
+                gemv(XQ, XS, WQ, WS, XO, WO, BIAS, Y, bx)
 
         return main
 

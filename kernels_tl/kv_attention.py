@@ -10,8 +10,8 @@ the program's query rows are the GQA group of that kv head (padded to the 16-row
 V are read once per group. Each K / V tile is dequantized in shared memory to float16 and fed to
 the tensor cores; softmax is online in float32. A combine kernel merges the splits with their
 log-sum-exp. Batch, number of blocks and block-table width are dynamic (no recompile per step).
-With `fused_combine` the last program of each (sequence, kv head) to finish merges the splits
-itself (an atomic count per group; QUAD_DECODE_FUSED_COMBINE=1): one kernel a layer instead of two.
+(Merging the splits in the last program of each group instead, after an atomic count, measured
+slower than the second kernel: docs/results.md, 2026-12-01.)
 """
 
 import functools
@@ -22,7 +22,6 @@ import tilelang
 import tilelang.language as T
 
 from kernels_tl.attention_tiles import attention_buffers, load_kv_block, prefetch_macros, softmax_pv
-from kernels_tl.buffers import zeros
 from kernels_tl.pdl import wait_for_producers
 
 # Explicit target so kernels also build (codegen + nvcc) on a machine without a GPU.
@@ -43,9 +42,6 @@ MIN_BLOCKS_SPARSE, MIN_BLOCKS_DENSE = 4, 5
 DENSE_PROGRAMS_PER_SM = 3
 DECODE_PREFETCH = {"1": True, "0": False}.get(os.environ.get("QUAD_DECODE_PREFETCH", ""))
 DECODE_MIN_BLOCKS = int(os.environ["QUAD_DECODE_MIN_BLOCKS"]) if os.environ.get("QUAD_DECODE_MIN_BLOCKS") else None
-# The split merge inside the attention kernel (see attention_decode's fused_combine); off until
-# measured against the separate combine kernel on a GPU.
-DECODE_FUSED_COMBINE = os.environ.get("QUAD_DECODE_FUSED_COMBINE", "0") == "1"
 # Fewest cache blocks a decode split covers (QUAD_DECODE_SPLIT_BLOCKS overrides). One: at batch 1
 # and a short context a program's chain of dependent block loads is what a layer waits for, and
 # more, shorter splits shorten it (engine A/B, Llama-3-8B shapes, H200, 2026-12-01: b1 x 1024
@@ -71,7 +67,7 @@ def prefetch_min_blocks(batch: int, kv_heads: int, num_splits: int, sms: int = 1
 @functools.lru_cache(maxsize=None)
 def attention_decode(heads: int, kv_heads: int, head_dim: int, num_splits: int, block_size: int = BLOCK_SIZE,
                      sm_scale: float | None = None, threads: int = 128, target=None, num_stages: int = 1,
-                     prefetch: bool = False, min_blocks: int = 1, fused_combine: bool = False):
+                     prefetch: bool = False, min_blocks: int = 1):
     """Split-KV decode attention over the paged int4 cache: kernel(q, k_data, k_meta, v_data,
     v_meta, block_tables, context_lens, out_partial, lse) writes, for every split, the normalized
     partial output [B, heads, splits, head_dim] and its log2-sum-exp [B, heads, splits]
@@ -89,15 +85,7 @@ def attention_decode(heads: int, kv_heads: int, head_dim: int, num_splits: int, 
     memory). Same result as the default loop up to float16 rounding order (none for integer zeros).
 
     min_blocks: blocks per SM the register allocation must allow (__launch_bounds__), see
-    decode_loop.
-
-    fused_combine: called as kernel(..., out_partial, lse, out, counts) and writes the float16
-    output [B, heads, head_dim] itself. With one split each program writes its normalized output
-    directly (the partials are not written). With several, each program publishes its partials
-    (__threadfence), then counts itself in counts[seq, kv head] (int32, zero before the call; the
-    last program sets it back to zero, so graph replays and later layers reuse it); the program
-    that counts last merges the group's splits exactly as attention_combine does, reading the
-    partials past L1 (__ldcg). No program waits for another, so any schedule completes."""
+    decode_loop."""
     group = heads // kv_heads
     rows = 16 * -(-group // 16)  # mma tile height
     half = head_dim // 2
@@ -133,44 +121,8 @@ def attention_decode(heads: int, kv_heads: int, head_dim: int, num_splits: int, 
             scores_and_update(it, first, ctx, q_s, k_s, v_s, s, p_s, o, m, m_prev, rescale, l, l_blk)
 
         @T.macro
-        def merge_splits(OP, LSE, OUT, COUNT, seq, kvh):
-            """attention_combine for this program's group, run by the last of its splits to finish."""
-            tx = T.get_thread_binding()
-            arrived = T.alloc_shared((1,), "int32")
-            # Every thread's partials visible device-wide before this program is counted.
-            T.call_extern("handle", "__threadfence")
-            T.sync_threads()
-            if tx == 0:
-                arrived[0] = T.call_extern("int32", "atomicAdd", T.address_of(COUNT[seq, kvh]), 1)
-            T.sync_threads()
-            if arrived[0] == num_splits - 1:
-                T.call_extern("handle", "__threadfence")
-                top = T.alloc_local((1,), "float32")
-                total = T.alloc_local((1,), "float32")
-                acc = T.alloc_local((1,), "float32")
-                for e in T.serial(-(-(group * head_dim) // threads)):
-                    idx = e * threads + tx
-                    if idx < group * head_dim:
-                        h = kvh * group + idx // head_dim
-                        d = idx % head_dim
-                        top[0] = -T.infinity("float32")
-                        for sp in T.serial(num_splits):
-                            top[0] = T.max(top[0], T.call_extern("float32", "__ldcg", T.address_of(LSE[seq, h, sp])))
-                        total[0] = 0
-                        acc[0] = 0
-                        for sp in T.serial(num_splits):
-                            lse_sp = T.call_extern("float32", "__ldcg", T.address_of(LSE[seq, h, sp]))
-                            w = T.if_then_else(lse_sp == -T.infinity("float32"), T.float32(0), T.exp2(lse_sp - top[0]))
-                            total[0] = total[0] + w
-                            acc[0] = acc[0] + w * T.call_extern("float32", "__ldcg", T.address_of(OP[seq, h, sp, d]))
-                        OUT[seq, h, d] = T.Cast("float16", acc[0] / total[0])
-                if tx == 0:
-                    COUNT[seq, kvh] = 0
-
-        @T.macro
-        def program(Q, KD, KM, VD, VM, TABLES, LENS, OP, LSE, OUT, COUNT, seq, kvh, split):
-            """One (sequence, kv head, split) program: its partial output and log2-sum-exp, or with
-            fused_combine the merged output (see the docstring)."""
+        def program(Q, KD, KM, VD, VM, TABLES, LENS, OP, LSE, seq, kvh, split):
+            """One (sequence, kv head, split) program: its partial output and log2-sum-exp."""
             if min_blocks > 1:
                 T.annotate_min_blocks_per_sm(min_blocks)
             (q_s, kp_s, vp_s, km_s, vm_s, k_s, v_s, s, p_s, o, m, m_prev, rescale, l,
@@ -198,49 +150,25 @@ def attention_decode(heads: int, kv_heads: int, head_dim: int, num_splits: int, 
             else:
                 for it in T.Pipelined(count, num_stages=num_stages):
                     one_block(it, seq, kvh, first, ctx, KD, KM, VD, VM, TABLES, q_s, kp_s, vp_s, km_s, vm_s, k_s, v_s, s, p_s, o, m, m_prev, rescale, l, l_blk)
-            if fused_combine and num_splits == 1:  # the program's output is the output
-                for i, d in T.Parallel(rows, head_dim):
-                    if i < group:
-                        OUT[seq, kvh * group + i, d] = T.Cast(
-                            "float16", T.if_then_else(l[i] > 0, o[i, d] / l[i], T.float32(0)))
-            else:
-                for i, d in T.Parallel(rows, head_dim):
-                    if i < group:
-                        OP[seq, kvh * group + i, split, d] = T.if_then_else(l[i] > 0, o[i, d] / l[i], T.float32(0))
-                for i in T.Parallel(rows):
-                    if i < group:
-                        LSE[seq, kvh * group + i, split] = T.if_then_else(
-                            l[i] > 0, T.log2(l[i]) + m[i], -T.infinity("float32"))
-                if fused_combine:
-                    merge_splits(OP, LSE, OUT, COUNT, seq, kvh)
+            for i, d in T.Parallel(rows, head_dim):
+                if i < group:
+                    OP[seq, kvh * group + i, split, d] = T.if_then_else(l[i] > 0, o[i, d] / l[i], T.float32(0))
+            for i in T.Parallel(rows):
+                if i < group:
+                    LSE[seq, kvh * group + i, split] = T.if_then_else(
+                        l[i] > 0, T.log2(l[i]) + m[i], -T.infinity("float32"))
 
-        # Only the variant's own signature is defined (TileLang builds a prim_func where it is defined).
-        if fused_combine:
-            @T.prim_func
-            def main(Q: T.Tensor((b, heads, head_dim), "float16"),
-                     KD: T.Tensor((nb, kv_heads, block_size, half), "uint8"),
-                     KM: T.Tensor((nb, kv_heads, block_size, 2), "float16"),
-                     VD: T.Tensor((nb, kv_heads, block_size, half), "uint8"),
-                     VM: T.Tensor((nb, kv_heads, block_size, 2), "float16"),
-                     TABLES: T.Tensor((b, width), "int32"), LENS: T.Tensor((b,), "int32"),
-                     OP: T.Tensor((b, heads, num_splits, head_dim), "float32"),
-                     LSE: T.Tensor((b, heads, num_splits), "float32"),
-                     OUT: T.Tensor((b, heads, head_dim), "float16"),
-                     COUNT: T.Tensor((b, kv_heads), "int32")):
-                with T.Kernel(b, kv_heads, num_splits, threads=threads) as (seq, kvh, split):
-                    program(Q, KD, KM, VD, VM, TABLES, LENS, OP, LSE, OUT, COUNT, seq, kvh, split)
-        else:
-            @T.prim_func
-            def main(Q: T.Tensor((b, heads, head_dim), "float16"),
-                     KD: T.Tensor((nb, kv_heads, block_size, half), "uint8"),
-                     KM: T.Tensor((nb, kv_heads, block_size, 2), "float16"),
-                     VD: T.Tensor((nb, kv_heads, block_size, half), "uint8"),
-                     VM: T.Tensor((nb, kv_heads, block_size, 2), "float16"),
-                     TABLES: T.Tensor((b, width), "int32"), LENS: T.Tensor((b,), "int32"),
-                     OP: T.Tensor((b, heads, num_splits, head_dim), "float32"),
-                     LSE: T.Tensor((b, heads, num_splits), "float32")):
-                with T.Kernel(b, kv_heads, num_splits, threads=threads) as (seq, kvh, split):
-                    program(Q, KD, KM, VD, VM, TABLES, LENS, OP, LSE, None, None, seq, kvh, split)
+        @T.prim_func
+        def main(Q: T.Tensor((b, heads, head_dim), "float16"),
+                 KD: T.Tensor((nb, kv_heads, block_size, half), "uint8"),
+                 KM: T.Tensor((nb, kv_heads, block_size, 2), "float16"),
+                 VD: T.Tensor((nb, kv_heads, block_size, half), "uint8"),
+                 VM: T.Tensor((nb, kv_heads, block_size, 2), "float16"),
+                 TABLES: T.Tensor((b, width), "int32"), LENS: T.Tensor((b,), "int32"),
+                 OP: T.Tensor((b, heads, num_splits, head_dim), "float32"),
+                 LSE: T.Tensor((b, heads, num_splits), "float32")):
+            with T.Kernel(b, kv_heads, num_splits, threads=threads) as (seq, kvh, split):
+                program(Q, KD, KM, VD, VM, TABLES, LENS, OP, LSE, seq, kvh, split)
 
         return main
 
@@ -298,23 +226,20 @@ def prebuild_decode(heads: int, kv_heads: int, head_dim: int, grids: list[tuple[
     from concurrent.futures import ThreadPoolExecutor
 
     # The arguments exactly as attention_decode_op passes them: lru_cache keys on the call's form.
-    fused = DECODE_FUSED_COMBINE
     variants = sorted({(n, *decode_loop(batch, kv_heads, n)) for batch, n in grids})
     jobs = [functools.partial(attention_decode, heads, kv_heads, head_dim, n, block_size, None, 128, None, 1,
-                              prefetch, min_blocks, fused) for n, prefetch, min_blocks in variants]
-    if not fused:
-        jobs += [functools.partial(attention_combine, heads, head_dim, n) for n in sorted({n for _, n in grids})]
+                              prefetch, min_blocks) for n, prefetch, min_blocks in variants]
+    jobs += [functools.partial(attention_combine, heads, head_dim, n) for n in sorted({n for _, n in grids})]
     with ThreadPoolExecutor(workers) as pool:
         list(pool.map(lambda job: job(), jobs))
 
 
 def attention_decode_op(q, k_data, k_meta, v_data, v_meta, block_tables, context_lens, num_splits: int,
                         sm_scale: float | None = None, out=None, num_stages: int = 1, prefetch: bool | None = None,
-                        min_blocks: int | None = None, fused_combine: bool | None = None):
+                        min_blocks: int | None = None):
     """float16 [B, heads, head_dim] decode attention (q [B, heads, head_dim] float16). prefetch:
     attention_decode's register-prefetch loop (default: decode_loop's choice; one stage only);
-    min_blocks: its register cap (default decode_loop's for the prefetch loop, none for the others);
-    fused_combine: merge the splits inside the attention kernel (default DECODE_FUSED_COMBINE)."""
+    min_blocks: its register cap (default decode_loop's for the prefetch loop, none for the others)."""
     import torch
 
     b, heads, head_dim = q.shape
@@ -325,13 +250,8 @@ def attention_decode_op(q, k_data, k_meta, v_data, v_meta, block_tables, context
     prefetch = (decode_loop(b, kv_heads, num_splits)[0] if prefetch is None else prefetch) and num_stages == 1
     if min_blocks is None:
         min_blocks = prefetch_min_blocks(b, kv_heads, num_splits) if prefetch else 1
-    fused = DECODE_FUSED_COMBINE if fused_combine is None else fused_combine
     kernel = attention_decode(heads, kv_heads, head_dim, num_splits, k_data.shape[2], sm_scale, 128, None,
-                              num_stages, prefetch, min_blocks, fused)
-    if fused:
-        kernel(q, k_data, k_meta, v_data, v_meta, block_tables, context_lens, partial, lse, out,
-               zeros("split_counts", b, kv_heads, torch.int32, q.device))  # the kernel leaves them zero
-    else:
-        kernel(q, k_data, k_meta, v_data, v_meta, block_tables, context_lens, partial, lse)
-        attention_combine(heads, head_dim, num_splits)(partial, lse, out)
+                              num_stages, prefetch, min_blocks)
+    kernel(q, k_data, k_meta, v_data, v_meta, block_tables, context_lens, partial, lse)
+    attention_combine(heads, head_dim, num_splits)(partial, lse, out)
     return out

@@ -81,8 +81,7 @@ def _block_allreduce(value, red, off: int, tx, warps: int, is_sum: bool):
 
 def rmsnorm_body(width: int, rank: int, d: int, bits: int, clip: float, eps: float, threads: int, add: bool):
     """rmsnorm_quant's work on one token row, as a macro body(H, D, XO, XQ, XS, row) for a block of
-    `threads` threads (with add, H[row] += D[row] first): the norm kernel's body, and the epilogue of
-    the GEMV that produces D (kernels_tl.gemv, norm=...)."""
+    `threads` threads (with add, H[row] += D[row] first)."""
     _qmax(bits)
     vec = 8
     nvec = width // vec

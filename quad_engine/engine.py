@@ -171,7 +171,6 @@ class LLM:
         gemm_dispatch.prebuild([(m, n, k, rank, bias, "float16") for n, k, rank, bias in linears for m in sizes])
         if getattr(self.model, "head_int8", False):
             ops.prebuild_head(self.model, self.decode_buckets)
-        ops.prebuild_linear_norms(self.model, self.decode_buckets)
 
     def _prebuild_quantizers(self) -> None:
         """Compile in parallel the quantizer kernels of every decode bucket and of a long prefill."""
@@ -222,9 +221,9 @@ class LLM:
             h, pending = self.model.residual(ids.unsqueeze(0), positions.unsqueeze(0))
         finally:
             set_context(None)
-        h, pending = h[0], ops.index_rows(pending, 0)
+        h, pending = h[0], None if pending is None else pending[0]
         if last is not None:  # the step's last rows only (a prefill)
-            h, pending = h[last], ops.index_rows(pending, last)
+            h, pending = h[last], None if pending is None else pending[last]
         return self.model.head_logits(h, pending)
 
     def _prefill_logits(self, seqs: list[Sequence]) -> torch.Tensor:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import NamedTuple
 
 import torch
 
@@ -81,78 +80,15 @@ def fusions_enabled() -> bool:
     return os.environ.get("QUAD_FUSE", "1") != "0"
 
 
-# QUAD_GEMV_NORM=1: at 1-4 tokens, the o_proj / down_proj GEMV also runs the norm that reads its
-# output (kernels_tl.gemv, norm=...); off until measured on a GPU.
-GEMV_NORM = os.environ.get("QUAD_GEMV_NORM", "0") == "1"
-
-
-class DeferredLinear(NamedTuple):
-    """A branch's last linear (o_proj, down_proj), not yet run: the next norm adds its output to the
-    residual, and where it can, runs it inside the linear's GEMV (gemm_dispatch.w4ax_linear_norm)."""
-    weights: "QuantWeights"
-    x_q: torch.Tensor
-    x_scale: torch.Tensor
-
-
-def branch_output(weights: "QuantWeights", x_q: torch.Tensor, x_scale: torch.Tensor | None):
-    """The output of a linear that writes the residual stream: a tensor, or (QUAD_GEMV_NORM=1, a GPU
-    step of 1-4 tokens) a DeferredLinear for the next norm to run with it."""
-    if GEMV_NORM and x_scale is not None and use_kernels(x_q) and weights.w_out is None and fusions_enabled():
-        from kernels_tl.gemm_dispatch import GEMV_TOKENS
-        if x_q[..., 0].numel() <= GEMV_TOKENS[-1] and _gemm_supports(weights):
-            return DeferredLinear(weights, x_q, x_scale)
-    return weights(x_q, x_scale)
-
-
-def materialize(pending):
-    """A branch output as a tensor (None stays None)."""
-    return pending.weights(pending.x_q, pending.x_scale) if isinstance(pending, DeferredLinear) else pending
-
-
-def index_rows(pending, index):
-    """pending[index] over its leading (token) dims: of a tensor, or of a DeferredLinear's inputs
-    (the linear then runs on those rows alone). None stays None."""
-    if isinstance(pending, DeferredLinear):
-        return pending._replace(x_q=pending.x_q[index], x_scale=pending.x_scale[index])
-    return None if pending is None else pending[index]
-
-
-@_profiled("gemm")
-def _linear_norm(h: torch.Tensor, pending: DeferredLinear, rank: int, hidden: int, eps: float, bits: int,
-                 clip: float):
-    """rmsnorm_quant(h, residual=pending) with the pending linear and the norm in one GEMV kernel, or
-    None where that kernel does not apply."""
-    if not (use_kernels(h) and fusions_enabled()):
-        return None
-    from kernels_tl import gemm_dispatch
-    w = pending.weights
-    n, k = w.qweight.shape[0], w.qweight.shape[1] * 2
-    m = pending.x_q[..., 0].numel()
-    if not (bits < 16 and h.dtype == torch.float32 and h.is_contiguous()
-            and gemm_dispatch.gemv_norm_supports(m, n, k, rank, hidden)):
-        return None
-    lead = h.shape[:-1]
-    _, x_out, x_q, x_s = gemm_dispatch.w4ax_linear_norm(
-        pending.x_q.reshape(m, k).contiguous(), pending.x_scale.reshape(-1).float(), w.qweight,
-        w.scale.reshape(-1).half(), w.bias, h.view(m, n), (rank, hidden, bits, float(clip), float(eps)))
-    return x_out.reshape(*lead, rank), x_q.reshape(*lead, hidden), x_s.reshape(*lead, 1)
-
-
 @_profiled("quantize")
 def rmsnorm_quant(h: torch.Tensor, rank: int, hidden: int, eps: float, bits: int, clip: float,
                   residual=None):
     """Weightless RMSNorm of the widened residual, split into (x_out, x_q, x_scale).
 
-    With `residual` (the previous branch's output, not yet added: a tensor or a DeferredLinear),
-    h += residual in place first: the kernel does both in one pass over the row (with a
-    DeferredLinear where it can, the linear's GEMV does all of it). With bits >= 16 (unquantized
-    mode) x_q is the float activation and x_scale is None.
+    With `residual` (the previous branch's output, not yet added), h += residual in place first:
+    the kernel does both in one pass over the row. With bits >= 16 (unquantized mode) x_q is the
+    float activation and x_scale is None.
     """
-    if isinstance(residual, DeferredLinear):
-        fused = _linear_norm(h, residual, rank, hidden, eps, bits, clip)
-        if fused is not None:
-            return fused
-        residual = materialize(residual)
     kernels = bits < 16 and use_kernels(h) and rank % 16 == 0
     if kernels and fusions_enabled() and (residual is None or (h.dtype == torch.float32 and h.is_contiguous())):
         from kernels_tl.quantize import rmsnorm_quant_op
@@ -282,30 +218,6 @@ def prebuild_quantizers(cfg, token_counts, int8_head: bool = False, workers: int
     jobs += hadamard_quant_dispatch.prebuild_jobs(set(problems), token_counts)
     with ThreadPoolExecutor(workers) as pool:
         list(pool.map(lambda job: job(), jobs))
-
-
-def prebuild_linear_norms(model, token_counts, workers: int = 16) -> None:
-    """With QUAD_GEMV_NORM=1, compile in parallel the GEMV + norm kernels the model's o_proj and
-    down_proj run at these token counts (o_proj with the gate_up norm, down_proj with the next
-    layer's qkv norm or, last, the int8 head's)."""
-    if not (GEMV_NORM and fusions_enabled()):
-        return
-    from kernels_tl import gemm_dispatch
-    cfg, bits = model.cfg, model.cfg.act_bits
-    norm = {site: (cfg.rank, cfg.hidden_size, bits[site], float(cfg.act_clip), float(cfg.rms_norm_eps))
-            for site in ("qkv", "gate_up")}
-    norm["head"] = (cfg.rank, cfg.hidden_size, HEAD_BITS, float(HEAD_CLIP), float(cfg.rms_norm_eps))
-    last = len(model.layers) - 1
-    problems = set()
-    for i, layer in enumerate(model.layers):
-        after_down = "qkv" if i < last else ("head" if getattr(model, "head_int8", False) else None)
-        for w, site in ((layer.attn.o, "gate_up"), (layer.mlp.down, after_down)):
-            if site is None or w.qweight is None or w.w_out is not None or not _gemm_supports(w) or norm[site][2] >= 16:
-                continue
-            n, k = w.qweight.shape[0], w.qweight.shape[1] * 2
-            problems |= {(m, n, k, w.bias is not None, norm[site]) for m in token_counts
-                         if gemm_dispatch.gemv_norm_supports(m, n, k, cfg.rank, cfg.hidden_size)}
-    gemm_dispatch.prebuild_gemv_norm(sorted(problems), workers)
 
 
 @_profiled("hadamard")

@@ -5,17 +5,14 @@
 # PART: gemm (GEMM tests, every shape and M), gemm-decode (the same at the decode kernels' token
 # counts 9 / 17 / 40 only), decode (gemm-decode, the decode-attention tests and the int8 lm_head
 # tests at once: every kernel a decode step runs), quantize (quantizer tests), kv (KV-cache tests),
-# rope (the fused RoPE + Hadamard + KV store: its tests, then the engine's logits with it and without),
-# fusions (the switched-off fusions: decode attention merging its splits in-kernel and the o_proj /
-# down_proj GEMV running the next norm, their tests, then the engine's logits and CUDA graphs with
-# QUAD_DECODE_FUSED_COMBINE=1 QUAD_GEMV_NORM=1), engine
+# rope (the fused RoPE + Hadamard + KV store: its tests, then the engine's logits with it and without), engine
 # (engine tests: scripts/gpu_engine.sh check), bench-kernels, bench-attention, sweep-splits (decode
 # attention at every split count, engine-like table widths), sweep-decode (split-K
 # variants of the decode GEMM at 16 and 32 tokens), sweep-hadamard. Each benchmark
 # writes its JSON after every section, so a part cut short keeps what it measured.
 set -u
 out=${1:?usage: scripts/gpu_all.sh OUT_DIR PART}
-part=${2:?PART: gemm | gemm-decode | decode | quantize | kv | rope | fusions | engine | bench-kernels | bench-attention | sweep-splits | sweep-decode | sweep-hadamard}
+part=${2:?PART: gemm | gemm-decode | decode | quantize | kv | rope | engine | bench-kernels | bench-attention | sweep-splits | sweep-decode | sweep-hadamard}
 mkdir -p "$out"
 quiet() { grep -v "INFO\|WARNING\|AnnotateWarpGroup" ; }
 case "$part" in
@@ -43,12 +40,6 @@ case "$part" in
             2>&1 | quiet > "$out/engine_fused_rope_$fused.log"
           echo "QUAD_FUSED_ROPE=$fused:"; grep -E "logits vs|passed|failed" "$out/engine_fused_rope_$fused.log"
         done ;;
-  fusions) timeout 250 python3 -m pytest -q -m gpu tests/test_kv_attention_gpu.py -k fused_split_merge \
-             tests/test_gemv_norm_gpu.py 2>&1 | quiet > "$out/fusion_tests.log"
-           tail -n 3 "$out/fusion_tests.log"; grep -h "^FAILED" "$out/fusion_tests.log" | head -n 10
-           QUAD_DECODE_FUSED_COMBINE=1 QUAD_GEMV_NORM=1 timeout 300 python3 -m pytest -q -s -m gpu \
-             tests/test_engine_gpu.py -k "logits or chunked or graphs" 2>&1 | quiet > "$out/engine_fusions.log"
-           grep -E "logits vs|passed|failed" "$out/engine_fusions.log" ;;
   engine) bash scripts/gpu_engine.sh "$out" check ;;
   bench-kernels) timeout 560 python3 bench/kernels.py --quick --out "$out/kernels.json" 2>&1 | quiet > "$out/kernels.log"
                  tail -n 5 "$out/kernels.log" ;;

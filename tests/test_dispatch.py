@@ -72,28 +72,3 @@ def test_engine_quantizer_prebuild_uses_the_model_sites(monkeypatch):
     norms.clear()
     ops.prebuild_quantizers(cfg, [1, 8], int8_head=True)  # and the final norm of the int8 head
     assert ((4160, 64, 4096, ops.HEAD_BITS, ops.HEAD_CLIP, 1e-5), "add") in norms
-
-
-def test_prebuild_of_the_gemv_norm_kernels(monkeypatch):
-    """QUAD_GEMV_NORM=1: o_proj's GEMV with the gate_up norm, down_proj's with the next layer's qkv
-    norm and, in the last layer, the int8 head's; at the GEMV's token counts only, in the call form
-    w4ax_linear_norm builds (lru_cache keys on it)."""
-    pytest.importorskip("tilelang")
-    from kernels_tl import gemm_dispatch
-    from quad_engine import ops
-    from quad_engine.synthetic import synthetic_model
-    built = []
-    monkeypatch.setattr(gemm_dispatch, "prebuild_gemv_norm", lambda problems, workers=16: built.extend(problems))
-    model = synthetic_model("smollm2-135m", num_layers=2, vocab_size=512, mode="w4a4a8")
-    model.use_int8_head()
-    ops.prebuild_linear_norms(model, [1, 2, 8])
-    assert not built  # off by default
-    monkeypatch.setattr(ops, "GEMV_NORM", True)
-    ops.prebuild_linear_norms(model, [1, 2, 8])
-    cfg = model.cfg
-    norm = lambda bits, clip: (cfg.rank, cfg.hidden_size, bits, float(clip), float(cfg.rms_norm_eps))  # noqa: E731
-    n = cfg.rank + cfg.hidden_size
-    o = [(m, n, cfg.num_heads * cfg.head_dim, False, norm(cfg.act_bits["gate_up"], cfg.act_clip)) for m in (1, 2)]
-    down = [(m, n, cfg.intermediate_size, False, norm(cfg.act_bits["qkv"], cfg.act_clip)) for m in (1, 2)]
-    head = [(m, n, cfg.intermediate_size, False, norm(ops.HEAD_BITS, ops.HEAD_CLIP)) for m in (1, 2)]
-    assert sorted(built) == sorted(o + down + head)

@@ -63,20 +63,6 @@ def test_gemv_builds_on_dp4a_without_spills(tokens, rank):
     assert "__dp4a(" in src and "warp_reduce_sum" in src
 
 
-@pytest.mark.parametrize("tokens,k,bits", [(1, 4096, 4), (4, 14336, 8)])
-def test_gemv_with_the_next_norm_builds_without_spills(tokens, k, bits, tmp_path):
-    """QUAD_GEMV_NORM's kernel (Llama-3-8B o_proj / down_proj writing the 64 + 4096 residual): the
-    GEMV, then each block publishes its rows and counts itself; the last one runs rmsnorm_quant's
-    body (residual add, block reductions, IEEE-exact quantization) and resets the count."""
-    from test_quantize_build import assert_reference_rounding, ptxas_spills
-
-    from kernels_tl.gemv import SM90, w4ax_gemv
-    src = w4ax_gemv(4160, k, 0, False, "float16", tokens, target=SM90, norm=(64, 4096, bits, 0.9, 1e-5)).get_kernel_source()
-    assert "__dp4a(" in src and "atomicAdd(" in src and "__threadfence()" in src and "rsqrtf(" in src
-    assert_reference_rounding(src)
-    assert not any(ptxas_spills(src, tmp_path))
-
-
 @pytest.mark.parametrize("m", [5, 64])
 def test_int8_weight_decode_gemm_builds(m):
     """The int8 lm_head's decode GEMM (weight_bits 8): int8 weight tiles straight to wgmma, no unpack."""

@@ -218,27 +218,6 @@ def test_decode_attention_caps_the_prefetch_loop_by_grid_density(monkeypatch):
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
-@pytest.mark.parametrize("splits", [1, 4])
-def test_decode_attention_with_the_split_merge_builds(splits, tmp_path):
-    """fused_combine: with several splits each program publishes its partials (__threadfence),
-    counts itself in (atomicAdd) and the last one merges past L1 (__ldcg) and resets the count;
-    with one split nothing is counted and the output is written directly. Builds for sm_90a within
-    the 4-blocks-a-SM register cap, without spills."""
-    pytest.importorskip("tilelang")
-    from test_quantize_build import ptxas_log
-
-    from kernels_tl.kv_attention import SM90, attention_decode
-    src = attention_decode(32, 8, 128, splits, target=SM90, prefetch=True, min_blocks=4,
-                           fused_combine=True).get_kernel_source()
-    merged = splits > 1
-    assert all((name in src) == merged for name in ("atomicAdd(", "__threadfence()", "__ldcg("))
-    assert ("OP[" in src or "(OP +" in src) == merged  # one split: no partials written
-    log = ptxas_log(src, tmp_path)
-    assert int(re.search(r"Used (\d+) registers", log).group(1)) <= 65536 // (4 * 128)
-    assert re.search(r"\b0 bytes spill stores, 0 bytes spill loads", log)
-
-
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
 @pytest.mark.parametrize("rows,threads,prefetch", [(64, 128, True), (128, 256, False), (128, 256, True)])
 def test_prefill_attention_variants_build_without_spills(rows, threads, prefetch, tmp_path):
     """The prefill kernel's register-prefetch loop (the decode kernel's dequantization from

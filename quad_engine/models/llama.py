@@ -89,8 +89,7 @@ class Attention(nn.Module):
                                           round_trip=ctx.is_prefill and not ctx.has_prefix)
             attn = kv_ops.paged_attention(q, self.kv_cache, ctx.block_tables, ctx.context_lens, ctx.query_lens,
                                        ctx.is_prefill, new_kv, ctx.has_prefix)
-            return ops.branch_output(self.o, *ops.hadamard_quant(attn.reshape(b, t, nq), cfg.hadamard_o, bits["o"],
-                                                                 cfg.act_clip))
+            return self.o(*ops.hadamard_quant(attn.reshape(b, t, nq), cfg.hadamard_o, bits["o"], cfg.act_clip))
         v = qkv[..., nq + nkv:].view(b, t, cfg.num_kv_heads, hd).transpose(1, 2)
         # The head_dim Hadamard after RoPE spreads K's outliers so its int4 cache quantizes well;
         # Q gets the same one so QKᵀ is unchanged. V's was fused into v_proj offline.
@@ -121,7 +120,7 @@ class Attention(nn.Module):
                                        ctx.query_lens, ctx.is_prefill, new_kv, ctx.has_prefix)
             attn = attn.reshape(b, t, nq)
         a_q, a_s = ops.hadamard_quant(attn, cfg.hadamard_o, bits["o"], cfg.act_clip)
-        return ops.branch_output(self.o, a_q, a_s)
+        return self.o(a_q, a_s)
 
 
 class MLP(nn.Module):
@@ -138,7 +137,7 @@ class MLP(nn.Module):
                                             bits["gate_up"], cfg.act_clip, residual=pending)
         gate_up = self.gate_up(x_q, x_s, x_out)
         a_q, a_s = ops.swiglu_hadamard_quant(gate_up, cfg.hadamard_down, bits["down"], cfg.act_clip)
-        return ops.branch_output(self.down, a_q, a_s)
+        return self.down(a_q, a_s)
 
 
 class DecoderLayer(nn.Module):
@@ -150,15 +149,14 @@ class DecoderLayer(nn.Module):
     def forward(self, h: torch.Tensor, pending: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
                 rope_h: torch.Tensor | None = None) -> torch.Tensor:
         """Advance the float32 residual h in place; returns this layer's MLP output, which the next
-        norm adds (each residual add rides in the following norm kernel's pass over the row; see
-        ops.branch_output for an output the norm computes itself)."""
+        norm adds (each residual add rides in the following norm kernel's pass over the row)."""
         attn = self.attn(h, pending, cos, sin, rope_h)
         return self.mlp(h, attn)
 
     def step(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """The layer as a function of its input residual (a new tensor; h is left as it was)."""
         h = h.float().clone()
-        return h + ops.materialize(self(h, None, cos, sin))
+        return h + self(h, None, cos, sin)
 
 
 class QuadForCausalLM(nn.Module):
@@ -190,13 +188,13 @@ class QuadForCausalLM(nn.Module):
         """Final normalized hidden states (float32, r + d wide)."""
         h, pending = self.residual(input_ids, positions)
         if pending is not None:
-            h += ops.materialize(pending)
+            h += pending
         return ref.rmsnorm_widened(h, self.cfg.hidden_size, self.cfg.rms_norm_eps)
 
     def residual(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(h, pending): the float32 residual stream after the last layer but for that layer's MLP
-        output (pending: float16, or an ops.DeferredLinear), which the final norm adds (head_logits). With an engine
+        output (pending, float16), which the final norm adds (head_logits). With an engine
         StepContext set, input_ids / positions are one packed step [1, T] and attention goes
         through the paged KV cache."""
         if positions is None:
@@ -229,7 +227,7 @@ class QuadForCausalLM(nn.Module):
         if self.head_int8:
             return ops.head_logits_int8(h, pending, self.cfg, self.head_out, self.head_q, self.head_scale)
         if pending is not None:
-            h += ops.materialize(pending)
+            h += pending
         return self.logits(ref.rmsnorm_widened(h, self.cfg.hidden_size, self.cfg.rms_norm_eps))
 
     @torch.no_grad()
