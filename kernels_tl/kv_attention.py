@@ -47,6 +47,8 @@ DECODE_MIN_BLOCKS = int(os.environ["QUAD_DECODE_MIN_BLOCKS"]) if os.environ.get(
 # more, shorter splits shorten it (engine A/B, Llama-3-8B shapes, H200, 2026-12-01: b1 x 1024
 # 2.059 / 2.053 ms a step with two blocks, 2.000 / 1.927 with one; b32 unchanged, 5.21-5.23).
 DECODE_SPLIT_BLOCKS = int(os.environ.get("QUAD_DECODE_SPLIT_BLOCKS", "1"))
+# Programs per SM the split count aims for (QUAD_DECODE_FILL overrides, for A/B runs).
+DECODE_FILL = int(os.environ.get("QUAD_DECODE_FILL", "2"))
 
 
 def decode_loop(batch: int, kv_heads: int, num_splits: int, sms: int = 132) -> tuple[bool, int]:
@@ -211,9 +213,9 @@ def attention_combine(heads: int, head_dim: int, num_splits: int, target=None):
 
 def decode_splits(batch: int, kv_heads: int, max_context: int, block_size: int = BLOCK_SIZE, sms: int = 132,
                   min_blocks: int | None = None) -> int:
-    """Context splits so that batch x kv_heads x splits programs fill the GPU about twice, with at
-    least min_blocks cache blocks per split (default DECODE_SPLIT_BLOCKS)."""
-    want = -(-2 * sms // (batch * kv_heads))
+    """Context splits so that batch x kv_heads x splits programs fill the GPU about DECODE_FILL
+    times, with at least min_blocks cache blocks per split (default DECODE_SPLIT_BLOCKS)."""
+    want = -(-DECODE_FILL * sms // (batch * kv_heads))
     per_split = (min_blocks or DECODE_SPLIT_BLOCKS) * block_size
     return max(1, min(want, max_context // per_split, 32))
 
