@@ -93,27 +93,33 @@ def sweep_prefill(n: int, k: int, m: int) -> list[dict]:
 def sweep_decode(n: int, k: int, m: int) -> list[dict]:
     """Split-K variants of the decode kernel at one shape and token count (integer part alone: the
     int32 workspace is not zeroed between calls, its sums only wrap): K splits 1-8, K tiles 256-1024,
-    pipeline depth 2-4, timed back to back in a CUDA graph over weight copies larger than L2 (as a
+    pipeline depth 2-4, built for 1-3 blocks a SM, timed back to back in a CUDA graph over weight copies larger than L2 (as a
     decode step runs), with the dispatch's own plan marked. GB/s on the packed weight; each
     variant's int32 sums checked against the first variant's."""
-    from kernels_tl.gemm_dispatch import decode_plan
+    from kernels_tl.gemm_dispatch import SMEM_PER_SM, decode_plan, decode_smem
 
     xq, xs, wq, ws, _, _ = operands(m, n, k, 0)
     wps = [ref.pack_int4(wq)] + [ref.pack_int4(wq).clone() for _ in range(copies_beyond_l2(n * k // 2) - 1)]
     acc = torch.zeros(m, n, device="cuda", dtype=torch.int32)
     block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
-    variants = [(s, bk, st) for s in (1, 2, 4, 8) for bk, st in ((256, 4), (512, 2), (512, 3), (512, 4), (1024, 2))
-                if k % (bk * s) == 0 and k // (bk * s) >= 2]
+    # (split, K tile, stages, blocks a SM): the warp-specialized kernel (1 block a SM) at every tile,
+    # and the kernel built for 2 / 3 blocks a SM at the tiles whose shared memory allows it.
+    variants = [(s, bk, st, mb) for mb in (1, 2, 3) for s in (1, 2, 4, 8)
+                for bk, st in ((256, 2), (256, 3), (256, 4), (512, 2), (512, 3), (512, 4), (1024, 2))
+                if k % (bk * s) == 0 and k // (bk * s) >= 2
+                and (mb == 1 and (bk, st) != (256, 2) and (bk, st) != (256, 3)
+                     or mb > 1 and decode_smem(block_m, bk, st) <= SMEM_PER_SM // mb - 1024)]
     plan = decode_plan(m, n, k)
-    builders = {v: (lambda v=v: gemm.w4ax_gemm_splitk(n, k, v[0], block_m, 64, v[1], v[2])) for v in variants}
+    builders = {v: (lambda v=v: gemm.w4ax_gemm_splitk(n, k, v[0], block_m, 64, v[1], v[2], min_blocks=v[3]))
+                for v in variants}
     built = build_all(builders)
     # The integer sums of one call on a zeroed workspace, the first variant's as the reference.
     want = None
     rows = []
     for variant in variants:
-        split, bk, stages = variant
-        row = {"n": n, "k": k, "m": m, "split": split, "block_k": bk, "stages": stages,
-               "dispatch": variant == (plan["split"], plan["block_k"], plan["num_stages"])}
+        split, bk, stages, blocks = variant
+        row = {"n": n, "k": k, "m": m, "split": split, "block_k": bk, "stages": stages, "blocks_per_sm": blocks,
+               "dispatch": variant == (plan["split"], plan["block_k"], plan["num_stages"], plan.get("min_blocks", 1))}
         kern = built[variant]
         try:
             if isinstance(kern, Exception):

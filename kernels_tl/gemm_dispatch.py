@@ -6,6 +6,8 @@ one compiled kernel serves every M of a class, and `prebuild` compiles an engine
 parallel before the first step.
 """
 
+import os
+
 from kernels_tl.buffers import zeros
 from kernels_tl.gemm import w4ax_epilogue, w4ax_gemm, w4ax_gemm_decode, w4ax_gemm_splitk
 from kernels_tl.gemv import w4ax_gemv
@@ -15,6 +17,10 @@ DECODE_MAX_M = 64
 LONG_TILES = dict(block_m=384, block_n=128, block_k=128, num_stages=3, threads=384)
 LONG_TILES_OUTLIER = dict(block_m=256, block_n=128, block_k=128, num_stages=4, threads=256)
 MEDIUM_TILES = dict(block_m=128, block_n=128, block_k=128, num_stages=4, threads=256)
+# Blocks a SM the tensor-core decode kernels are built for (QUAD_DECODE_GEMM_BLOCKS; 1: TileLang's
+# warp-specialized pipeline, the measured default; 2 or 3: see gemm._decode_pass_configs).
+DECODE_GEMM_BLOCKS = int(os.environ.get("QUAD_DECODE_GEMM_BLOCKS", "1"))
+SMEM_PER_SM = 227 * 1024
 
 
 # Time per token row of a tile relative to the 384-row tile: the unpack of a weight tile is ~9% of
@@ -56,10 +62,29 @@ def prefill_tiles(m: int, n: int, k: int, rank: int = 0, has_bias: bool = False,
     return next(t for t in candidates if cost(t) <= best / 0.9)
 
 
-def decode_plan(m: int, n: int, k: int, sms: int = 132) -> dict:
+def decode_smem(block_m: int, block_k: int, stages: int) -> int:
+    """Shared memory of a decode block: the pipelined activation and packed weight tiles, the
+    unpacked weight tile and the epilogue's float32 tile (64 weight rows)."""
+    return stages * (block_m * block_k + 64 * block_k // 2) + 64 * block_k + 64 * block_m * 4
+
+
+def decode_plan(m: int, n: int, k: int, sms: int = 132, min_blocks: int | None = None) -> dict:
     """Token tile, K tile and K split for the split-K kernel: split until the grid fills ~0.7 of
-    the SMs (more splits cost more than the idle SMs, measured at Llama-3-8B shapes)."""
+    the SMs (more splits cost more than the idle SMs, measured at Llama-3-8B shapes). min_blocks
+    (default DECODE_GEMM_BLOCKS) > 1: the deepest K tile and pipeline whose shared memory lets that
+    many blocks share a SM, and the plan says min_blocks."""
+    min_blocks = min_blocks or DECODE_GEMM_BLOCKS
     block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
+    if min_blocks > 1:
+        fits = [(bk, st) for bk, st in ((1024, 2), (512, 3), (512, 2), (256, 3), (256, 2))
+                if k % bk == 0 and decode_smem(block_m, bk, st) <= SMEM_PER_SM // min_blocks - 1024]
+        if fits:
+            block_k, stages = fits[0]
+            tiles = n // 64 * -(-m // block_m)
+            split = 1
+            while tiles * split < 0.7 * sms and k % (block_k * split * 2) == 0 and k // (block_k * split * 2) >= 2:
+                split *= 2
+            return dict(block_m=block_m, block_k=block_k, split=split, num_stages=stages, min_blocks=min_blocks)
     block_k = 512
     while k % block_k:
         block_k //= 2
@@ -93,8 +118,9 @@ def kernel_specs(m: int, n: int, k: int, rank: int, has_bias: bool, out_dtype: s
     if m <= DECODE_MAX_M:
         plan = decode_plan(m, n, k)
         if plan["split"] == 1:  # one block covers K: the epilogue runs in the same kernel
+            extra = {"min_blocks": plan["min_blocks"]} if "min_blocks" in plan else {}
             return [_spec(w4ax_gemm_decode, n, k, rank, has_bias, out_dtype, plan["block_m"], plan["block_k"],
-                          plan["num_stages"])]
+                          plan["num_stages"], **extra)]
         return [_spec(w4ax_gemm_splitk, n, k, **plan),
                 _spec(w4ax_epilogue, n, rank, has_bias, out_dtype, plan["block_m"])]
     return [_spec(w4ax_gemm, n, k, rank, has_bias, out_dtype, **prefill_tiles(m, n, k, rank, has_bias))]
@@ -121,7 +147,7 @@ def w8a8_decode_supports(n: int, k: int, rank: int) -> bool:
 
 def _w8a8_spec(m: int, n: int, k: int, rank: int) -> tuple:
     """The int8-weight decode GEMM for M = m (float32 out; the int8 lm_head): one block covers K."""
-    plan = decode_plan(m, n, k)
+    plan = decode_plan(m, n, k, min_blocks=1)  # int8 weight tiles: the kernel's other shared-memory plan
     return _spec(w4ax_gemm_decode, n, k, rank, False, "float32", plan["block_m"], plan["block_k"],
                  plan["num_stages"], 8)
 

@@ -56,6 +56,38 @@ def test_decode_gemm_builds_with_split_k(n, k, m):
     assert "kFloat16, tl::DataType::kFloat16, tl::DataType::kFloat32" in epilogue  # outlier product on tensor cores
 
 
+@pytest.mark.parametrize("min_blocks", [2, 3])
+@pytest.mark.parametrize("n,k,m,rank", [(28672, 4096, 32, 0), (4160, 4096, 32, 64), (6144, 4096, 16, 64)])
+def test_decode_gemm_builds_for_several_blocks_a_sm(n, k, m, rank, min_blocks, tmp_path):
+    """QUAD_DECODE_GEMM_BLOCKS=2 / 3: the decode kernels without warp specialization (no setmaxnreg:
+    a cp.async pipeline issued by all threads), __launch_bounds__(128, min_blocks) capping registers
+    without spills, and tiles whose shared memory fits min_blocks blocks a SM."""
+    import re
+
+    from test_quantize_build import ptxas_log
+
+    from kernels_tl.gemm import SM90, w4ax_epilogue, w4ax_gemm_decode, w4ax_gemm_splitk
+    from kernels_tl.gemm_dispatch import SMEM_PER_SM, decode_plan, decode_smem
+    plan = decode_plan(m, n, k, min_blocks=min_blocks)
+    assert plan["min_blocks"] == min_blocks
+    assert decode_smem(plan["block_m"], plan["block_k"], plan["num_stages"]) * min_blocks <= SMEM_PER_SM
+    if plan["split"] == 1:
+        src = w4ax_gemm_decode(n, k, rank, False, "float16", plan["block_m"], plan["block_k"], plan["num_stages"],
+                               target=SM90, min_blocks=min_blocks).get_kernel_source()
+    else:
+        src = w4ax_gemm_splitk(n, k, **plan, target=SM90).get_kernel_source()
+        assert "AtomicAdd" in src
+        w4ax_epilogue(n, rank, False, "float16", plan["block_m"], target=SM90)
+    assert f"__launch_bounds__(128, {min_blocks})" in src
+    assert "setmaxnreg" not in src and "warpgroup_reg_alloc" not in src and "cp_async" in src
+    assert "wgmma_ss<tl::DataType::kInt8, tl::DataType::kInt8, tl::DataType::kInt32, 64" in src
+    log = ptxas_log(src, tmp_path)
+    assert int(re.search(r"Used (\d+) registers", log).group(1)) <= 65536 // (128 * min_blocks)
+    assert re.search(r"\b0 bytes spill stores, 0 bytes spill loads", log)
+    used = re.search(r"(\d+) bytes smem", log)
+    assert used is None or int(used.group(1)) * min_blocks <= SMEM_PER_SM  # static part; the tiles are dynamic
+
+
 @pytest.mark.parametrize("tokens,rank", [(1, 0), (4, 64)])
 def test_gemv_builds_on_dp4a_without_spills(tokens, rank):
     from kernels_tl.gemv import SM90, w4ax_gemv
