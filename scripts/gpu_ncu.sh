@@ -7,14 +7,16 @@
 set -u
 out=${1:?usage: scripts/gpu_ncu.sh OUT_DIR}
 mkdir -p "$out"
-python3 scripts/gpu_ncu_targets.py > "$out/ncu_build.log" 2>&1 || { tail -n 20 "$out/ncu_build.log"; exit 1; }
+# The report itself stays on the machine (/tmp): a device call returns only a few files, and the
+# details page below holds what is read from it.
+python3 scripts/gpu_ncu_targets.py > /tmp/ncu_build.log 2>&1 || { tail -n 20 /tmp/ncu_build.log; exit 1; }
 timeout 500 ncu --clock-control none --kernel-name regex:main_kernel \
   --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
   --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis --section SchedulerStats \
-  -o "$out/targets" -f python3 scripts/gpu_ncu_targets.py > "$out/ncu.log" 2>&1
+  -o /tmp/ncu_targets -f python3 scripts/gpu_ncu_targets.py > "$out/ncu.log" 2>&1
 tail -n 5 "$out/ncu.log"
-if [ -f "$out/targets.ncu-rep" ]; then
-  ncu --import "$out/targets.ncu-rep" --page details > "$out/ncu_details.txt" 2>&1
+if [ -f /tmp/ncu_targets.ncu-rep ]; then
+  ncu --import /tmp/ncu_targets.ncu-rep --page details > "$out/ncu_details.txt" 2>&1
   grep -E "main_kernel|Duration|Memory Throughput|DRAM Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per|Stall|Issue Slot|No Eligible" \
     "$out/ncu_details.txt" | head -n 120
 fi
