@@ -192,7 +192,8 @@ def _engine_runs(llm: LLM, plan: BenchPlan, vocab: int) -> dict:
         peak_gb = _engine_gb(llm, decode_peak, batch, context + plan.decode_steps + 1) if decode_peak else None
         kv = batch * (context + plan.decode_steps // 2) * kv_cache.bytes_per_block(llm.cfg, 1)
         out["decode"].append({"batch": batch, "context": context, "ms_per_step": 1e3 * statistics.median(steps),
-                              "peak_gb": peak_gb, **_bandwidth(weights + kv, statistics.median(steps))})
+                              "ms_per_step_iqr": _iqr_ms(steps), "peak_gb": peak_gb,
+                              **_bandwidth(weights + kv, statistics.median(steps))})
     n = plan.throughput_requests
     prompts = [[rng.randrange(vocab) for _ in range(rng.randint(16, 512))] for _ in range(n)]
     params = [SamplingParams(max_tokens=rng.randint(16, 256), **greedy) for _ in range(n)]
@@ -224,6 +225,15 @@ def weight_bytes(model: torch.nn.Module) -> int:
     skip = ("embed", "inv_freq", "rotary")
     tensors = itertools.chain(model.named_parameters(), model.named_buffers())
     return sum(t.numel() * t.element_size() for name, t in tensors if not any(k in name for k in skip))
+
+
+def _iqr_ms(seconds: list[float]) -> list[float] | None:
+    """[first, third] quartile of per-step times in ms: the spread a median hides (A/B rows closer
+    than it are not decisive)."""
+    if len(seconds) < 2:
+        return None
+    q1, _, q3 = statistics.quantiles(seconds, n=4, method="inclusive")
+    return [1e3 * q1, 1e3 * q3]
 
 
 def _bandwidth(nbytes: int, seconds: float) -> dict:
@@ -306,6 +316,7 @@ def _hf_runs(plan: BenchPlan, vocab: int) -> dict:
             c = model.config
             kv = batch * (context + plan.decode_steps // 2) * 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 2
             out["decode"].append({"batch": batch, "context": context, "ms_per_step": 1e3 * statistics.median(steps),
+                                  "ms_per_step_iqr": _iqr_ms(steps),
                                   "peak_gb": decode_peak / 2 ** 30 if decode_peak else None,
                                   **_bandwidth(weight_bytes(model) + kv, statistics.median(steps))})
     del model

@@ -17,6 +17,8 @@ def test_quad_bench_runs_every_system_and_writes_json_and_a_plot(tmp_path, capsy
     for name, runs in result["systems"].items():
         assert [(r["batch"], r["tokens"]) for r in runs["prefill"]] == [(1, 16), (2, 8)]
         assert all(r["ms"] > 0 for r in runs["prefill"]) and all(r["ms_per_step"] > 0 for r in runs["decode"])
+        # decode steps 2 x 1 repeat: the quartiles of two step times bracket their median
+        assert all(r["ms_per_step_iqr"][0] <= r["ms_per_step"] <= r["ms_per_step_iqr"][1] for r in runs["decode"])
         if name.startswith("quad"):
             assert runs["throughput"]["requests"] == 3 and "speedup_vs_fp16" in runs["decode"][0]
             # The time breakdown at every measured shape.
