@@ -49,6 +49,9 @@ DECODE_MIN_BLOCKS = int(os.environ["QUAD_DECODE_MIN_BLOCKS"]) if os.environ.get(
 DECODE_SPLIT_BLOCKS = int(os.environ.get("QUAD_DECODE_SPLIT_BLOCKS", "1"))
 # Programs per SM the split count aims for (QUAD_DECODE_FILL overrides, for A/B runs).
 DECODE_FILL = int(os.environ.get("QUAD_DECODE_FILL", "2"))
+# Threads of a decode program (QUAD_DECODE_THREADS=256: twice the warps to hide each block's load
+# and dequantization latency, each thread half the bytes; not yet measured on a GPU).
+DECODE_THREADS = int(os.environ.get("QUAD_DECODE_THREADS", "128"))
 
 
 def decode_loop(batch: int, kv_heads: int, num_splits: int, sms: int = 132) -> tuple[bool, int]:
@@ -63,7 +66,8 @@ def prefetch_min_blocks(batch: int, kv_heads: int, num_splits: int, sms: int = 1
     if DECODE_MIN_BLOCKS is not None:
         return DECODE_MIN_BLOCKS
     dense = batch * kv_heads * num_splits > DENSE_PROGRAMS_PER_SM * sms
-    return MIN_BLOCKS_DENSE if dense else MIN_BLOCKS_SPARSE
+    # The caps were measured for 128-thread programs: the same registers a SM for wider ones.
+    return max(1, (MIN_BLOCKS_DENSE if dense else MIN_BLOCKS_SPARSE) * 128 // DECODE_THREADS)
 
 
 @functools.lru_cache(maxsize=None)
@@ -229,8 +233,8 @@ def prebuild_decode(heads: int, kv_heads: int, head_dim: int, grids: list[tuple[
 
     # The arguments exactly as attention_decode_op passes them: lru_cache keys on the call's form.
     variants = sorted({(n, *decode_loop(batch, kv_heads, n)) for batch, n in grids})
-    jobs = [functools.partial(attention_decode, heads, kv_heads, head_dim, n, block_size, None, 128, None, 1,
-                              prefetch, min_blocks) for n, prefetch, min_blocks in variants]
+    jobs = [functools.partial(attention_decode, heads, kv_heads, head_dim, n, block_size, None, DECODE_THREADS, None,
+                              1, prefetch, min_blocks) for n, prefetch, min_blocks in variants]
     jobs += [functools.partial(attention_combine, heads, head_dim, n) for n in sorted({n for _, n in grids})]
     with ThreadPoolExecutor(workers) as pool:
         list(pool.map(lambda job: job(), jobs))
@@ -252,7 +256,7 @@ def attention_decode_op(q, k_data, k_meta, v_data, v_meta, block_tables, context
     prefetch = (decode_loop(b, kv_heads, num_splits)[0] if prefetch is None else prefetch) and num_stages == 1
     if min_blocks is None:
         min_blocks = prefetch_min_blocks(b, kv_heads, num_splits) if prefetch else 1
-    kernel = attention_decode(heads, kv_heads, head_dim, num_splits, k_data.shape[2], sm_scale, 128, None,
+    kernel = attention_decode(heads, kv_heads, head_dim, num_splits, k_data.shape[2], sm_scale, DECODE_THREADS, None,
                               num_stages, prefetch, min_blocks)
     kernel(q, k_data, k_meta, v_data, v_meta, block_tables, context_lens, partial, lse)
     attention_combine(heads, head_dim, num_splits)(partial, lse, out)

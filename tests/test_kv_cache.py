@@ -198,6 +198,26 @@ def test_prefetch_decode_attention_fits_five_programs_a_sm_when_capped(tmp_path)
     assert max(offsets) + 4096 <= 228 * 1024 // 5 - 1024  # 1 KB a block is reserved by the hardware
 
 
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(32, 8, 128), (9, 3, 64)])
+def test_wide_decode_programs_build_within_their_register_cap(heads, kv_heads, head_dim, tmp_path, monkeypatch):
+    """QUAD_DECODE_THREADS=256: each thread prefetches half a row's bytes, and the loop's register cap
+    scales to keep the registers a SM (4 blocks of 128 -> 2 of 256) without spills."""
+    pytest.importorskip("tilelang")
+    from test_quantize_build import ptxas_log
+
+    from kernels_tl import kv_attention
+    monkeypatch.setattr(kv_attention, "DECODE_THREADS", 256)
+    monkeypatch.setattr(kv_attention, "DECODE_MIN_BLOCKS", None)
+    assert kv_attention.prefetch_min_blocks(1, kv_heads, 16) == 2
+    src = kv_attention.attention_decode(heads, kv_heads, head_dim, 16, threads=256, target=kv_attention.SM90,
+                                        prefetch=True, min_blocks=2).get_kernel_source()
+    assert "__launch_bounds__(256, 2)" in src
+    log = ptxas_log(src, tmp_path)
+    assert int(re.search(r"Used (\d+) registers", log).group(1)) <= 65536 // (2 * 256)
+    assert re.search(r"\b0 bytes spill stores, 0 bytes spill loads", log)
+
+
 def test_decode_attention_caps_the_prefetch_loop_by_grid_density(monkeypatch):
     """The register-prefetch loop capped at 4 blocks a SM wins on grids of up to 3 programs per SM,
     at 5 above (bench/results/attention_h200_2026-11-30c.json): the engine's batch sizes fall on
