@@ -12,11 +12,15 @@ def markdown(result: dict) -> str:
              "| batch x tokens | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for i, (batch, tokens) in enumerate(result["plan"]["prefill"]):
         lines.append(f"| {batch} x {tokens} | " + " | ".join(f"{systems[n]['prefill'][i]['ms']:.2f}" for n in names) + " |")
-    lines += ["", "## Decode latency (ms / step)", "", "| batch x context | " + " | ".join(names) + " |",
-              "|---" * (len(names) + 1) + "|"]
+    lines += ["", "## Decode latency (ms / step: median, and the interquartile range of the steps)", "",
+              "| batch x context | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+
+    def decode_cell(run: dict) -> str:
+        iqr = run.get("ms_per_step_iqr")
+        return f"{run['ms_per_step']:.3f}" + (f" ({iqr[0]:.3f}-{iqr[1]:.3f})" if iqr else "")
+
     for i, (batch, context) in enumerate(result["plan"]["decode"]):
-        lines.append(f"| {batch} x {context} | " +
-                     " | ".join(f"{systems[n]['decode'][i]['ms_per_step']:.3f}" for n in names) + " |")
+        lines.append(f"| {batch} x {context} | " + " | ".join(decode_cell(systems[n]["decode"][i]) for n in names) + " |")
     copy = env.get("copy_gbps")
     if copy and all(r.get("gbps") for n in names for r in systems[n]["decode"]):
         lines += ["", f"## Decode read bandwidth (GB/s of weights + KV cache read per step; % of the "
