@@ -68,30 +68,33 @@ def decode_smem(block_m: int, block_k: int, stages: int) -> int:
     return stages * (block_m * block_k + 64 * block_k // 2) + 64 * block_k + 64 * block_m * 4
 
 
+def _k_split(tiles: int, k: int, block_k: int, sms: int) -> int:
+    """K splits (a power of two, at least two K tiles each) until the grid fills ~0.7 of the SMs."""
+    split = 1
+    while tiles * split < 0.7 * sms and k % (block_k * split * 2) == 0 and k // (block_k * split * 2) >= 2:
+        split *= 2
+    return split
+
+
 def decode_plan(m: int, n: int, k: int, sms: int = 132, min_blocks: int | None = None) -> dict:
     """Token tile, K tile and K split for the split-K kernel: split until the grid fills ~0.7 of
     the SMs (more splits cost more than the idle SMs, measured at Llama-3-8B shapes). min_blocks
     (default DECODE_GEMM_BLOCKS) > 1: the deepest K tile and pipeline whose shared memory lets that
-    many blocks share a SM, and the plan says min_blocks."""
+    many blocks share a SM, and the plan says min_blocks (where none fits, the default plan)."""
     min_blocks = min_blocks or DECODE_GEMM_BLOCKS
     block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
+    tiles = n // 64 * -(-m // block_m)
     if min_blocks > 1:
         fits = [(bk, st) for bk, st in ((1024, 2), (512, 3), (512, 2), (256, 3), (256, 2))
                 if k % bk == 0 and decode_smem(block_m, bk, st) <= SMEM_PER_SM // min_blocks - 1024]
         if fits:
             block_k, stages = fits[0]
-            tiles = n // 64 * -(-m // block_m)
-            split = 1
-            while tiles * split < 0.7 * sms and k % (block_k * split * 2) == 0 and k // (block_k * split * 2) >= 2:
-                split *= 2
-            return dict(block_m=block_m, block_k=block_k, split=split, num_stages=stages, min_blocks=min_blocks)
+            return dict(block_m=block_m, block_k=block_k, split=_k_split(tiles, k, block_k, sms), num_stages=stages,
+                        min_blocks=min_blocks)
     block_k = 512
     while k % block_k:
         block_k //= 2
-    tiles = n // 64 * -(-m // block_m)
-    split = 1
-    while tiles * split < 0.7 * sms and k % (block_k * split * 2) == 0 and k // (block_k * split * 2) >= 2:
-        split *= 2
+    split = _k_split(tiles, k, block_k, sms)
     stages = 3 if block_k == 512 else 4
     # 1024-wide K tiles in two stages where shared memory holds them (up to 32 tokens): 2-14% faster
     # than 512 x 3 at every Llama-3-8B decode shape in bench/results/decode_sweep_h200_2026-11-30.json.

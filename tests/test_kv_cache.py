@@ -218,6 +218,20 @@ def test_wide_decode_programs_build_within_their_register_cap(heads, kv_heads, h
     assert re.search(r"\b0 bytes spill stores, 0 bytes spill loads", log)
 
 
+def test_decode_splits_fill_the_gpu_down_to_one_cache_block_each(monkeypatch):
+    """Batch 1 at a 1152-token table: one 64-token block a split (18), capped at 32 splits for long
+    tables; dense batches get the grid's share (2 at batch 32 x 8 kv heads); QUAD_DECODE_SPLIT_BLOCKS
+    raises the floor (two blocks: 9)."""
+    pytest.importorskip("tilelang")
+    from kernels_tl import kv_attention
+    monkeypatch.setattr(kv_attention, "DECODE_SPLIT_BLOCKS", 1)
+    monkeypatch.setattr(kv_attention, "DECODE_FILL", 2)
+    assert kv_attention.decode_splits(1, 8, 1152) == 18
+    assert kv_attention.decode_splits(1, 8, 8192) == 32
+    assert kv_attention.decode_splits(32, 8, 1152) == 2
+    assert kv_attention.decode_splits(1, 8, 1152, min_blocks=2) == 9
+
+
 def test_decode_attention_caps_the_prefetch_loop_by_grid_density(monkeypatch):
     """The register-prefetch loop capped at 4 blocks a SM wins on grids of up to 3 programs per SM,
     at 5 above (bench/results/attention_h200_2026-11-30c.json): the engine's batch sizes fall on
