@@ -139,6 +139,14 @@ def one_prefill(model: str, tokens: int) -> dict:
             piped[f"{name}_rel_err"] = float((out2.float() - ref_out.float()).norm() / ref_out.float().norm())
         except Exception as e:  # reported, not fatal
             piped[f"{name}_error"] = str(e).splitlines()[0][:200]
+    # Flash attention over the gathered, dequantized cache (QUAD_PREFILL_ATTENTION=sdpa).
+    try:
+        from kernels_tl.attention_prefill import attention_prefill_sdpa_op
+        out2 = attention_prefill_sdpa_op(q, kd, km, vd, vm, tables, lens, [tokens])
+        piped["sdpa_dequant_ms"] = bench(lambda: attention_prefill_sdpa_op(q, kd, km, vd, vm, tables, lens, [tokens]))
+        piped["sdpa_dequant_rel_err"] = float((out2.float() - ref_out.float()).norm() / ref_out.float().norm())
+    except Exception as e:  # reported, not fatal
+        piped["sdpa_dequant_error"] = str(e).splitlines()[0][:200]
     q16 = q.transpose(0, 1).unsqueeze(0)
     k16 = torch.randn(1, kv_heads, tokens, dim, device="cuda").half()
     v16 = torch.randn(1, kv_heads, tokens, dim, device="cuda").half()

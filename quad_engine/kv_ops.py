@@ -75,7 +75,8 @@ def paged_attention(q: torch.Tensor, cache: tuple, block_tables: torch.Tensor, c
     sequences have no cached prefix attends to its own new K / V through SDPA: new_kv [T,
     kv_heads, head_dim] each, after the cache's int4 round trip (kv_store(round_trip=True)), the
     same values the cache holds, without gathering them back. A prefill with a cached prefix (a
-    chunk of a long prompt) runs the paged prefill kernel on CUDA. Anything else runs the reference."""
+    chunk of a long prompt) runs the paged prefill kernel on CUDA (or flash attention over the
+    dequantized cache: prefix_attention_sdpa). Anything else runs the reference."""
     q = q.half()
     if not is_prefill and use_kernels(q) and _kv_kernels_support(cache):
         from kernels_tl.kv_attention import attention_decode_op, decode_splits
@@ -86,9 +87,19 @@ def paged_attention(q: torch.Tensor, cache: tuple, block_tables: torch.Tensor, c
     if is_prefill and new_kv is not None and not _has_prefix(has_prefix, query_lens, context_lens):
         return _attend_new_tokens(q, *new_kv, query_lens, causal_attention)
     if is_prefill and use_kernels(q) and _kv_kernels_support(cache):
+        if prefix_attention_sdpa():
+            from kernels_tl.attention_prefill import attention_prefill_sdpa_op
+            return attention_prefill_sdpa_op(q, *cache, block_tables, context_lens, query_lens.tolist())
         from kernels_tl.attention_prefill import attention_prefill_op
         return attention_prefill_op(q.contiguous(), *cache, block_tables, context_lens, query_lens.tolist())
     return ref.paged_attention(q.float(), *cache, block_tables.cpu(), context_lens.cpu(), query_lens.cpu()).half()
+
+
+def prefix_attention_sdpa() -> bool:
+    """QUAD_PREFILL_ATTENTION=sdpa: a prefill with a cached prefix gathers and dequantizes each
+    sequence's cache to float16 and runs flash attention on it (attention_prefill_sdpa_op) instead
+    of the paged int4 prefill kernel (default until measured on a GPU)."""
+    return os.environ.get("QUAD_PREFILL_ATTENTION", "kernel") == "sdpa"
 
 
 def _has_prefix(known: bool | None, query_lens: torch.Tensor, context_lens: torch.Tensor) -> bool:

@@ -4,7 +4,8 @@
 #   source .gpu/activate.sh && export PYTHONPATH=$PWD:$PWD/tests:$PYTHONPATH && bash scripts/gpu_all.sh $OUT PART
 # PART: gemm (GEMM tests, every shape and M), gemm-decode (the same at the decode kernels' token
 # counts 9 / 17 / 40 only), gemm-decode-blocks (gemm-decode with the decode kernels built for 2 and 3
-# blocks a SM), kv-wide (the decode-attention tests with 256-thread programs), decode (gemm-decode, the decode-attention tests and the int8 lm_head
+# blocks a SM), kv-wide (the decode-attention tests with 256-thread programs), prefill-sdpa (flash
+# attention over the dequantized cache: its tests, then the engine's chunked prefill with it), decode (gemm-decode, the decode-attention tests and the int8 lm_head
 # tests at once: every kernel a decode step runs), quantize (quantizer tests), kv (KV-cache tests),
 # rope (the fused RoPE + Hadamard + KV store: its tests, then the engine's logits with it and without), engine
 # (engine tests: scripts/gpu_engine.sh check), bench-kernels, bench-attention, sweep-splits (decode
@@ -13,7 +14,7 @@
 # writes its JSON after every section, so a part cut short keeps what it measured.
 set -u
 out=${1:?usage: scripts/gpu_all.sh OUT_DIR PART}
-part=${2:?PART: gemm | gemm-decode | gemm-decode-blocks | kv-wide | decode | quantize | kv | rope | engine | bench-kernels | bench-attention | sweep-splits | sweep-decode | sweep-hadamard}
+part=${2:?PART: gemm | gemm-decode | gemm-decode-blocks | kv-wide | prefill-sdpa | decode | quantize | kv | rope | engine | bench-kernels | bench-attention | sweep-splits | sweep-decode | sweep-hadamard}
 mkdir -p "$out"
 quiet() { grep -v "INFO\|WARNING\|AnnotateWarpGroup" ; }
 case "$part" in
@@ -32,6 +33,13 @@ case "$part" in
   kv-wide) QUAD_DECODE_THREADS=256 timeout 400 python3 -m pytest -q -m gpu tests/test_kv_attention_gpu.py -k decode \
              2>&1 | quiet > "$out/kv_wide_tests.log"
            tail -n 3 "$out/kv_wide_tests.log" ;;
+  prefill-sdpa)  # flash attention over the dequantized cache for prefills with a cached prefix
+    timeout 300 python3 -m pytest -q -m gpu tests/test_kv_attention_gpu.py -k flash_over 2>&1 | quiet \
+      > "$out/prefill_sdpa_tests.log"
+    tail -n 1 "$out/prefill_sdpa_tests.log"; grep -h "^FAILED" "$out/prefill_sdpa_tests.log" | head -n 5
+    QUAD_PREFILL_ATTENTION=sdpa timeout 240 python3 -m pytest -q -s -m gpu tests/test_engine_gpu.py -k chunked 2>&1 \
+      | quiet > "$out/prefill_sdpa_engine.log"
+    grep -E "chunked prefill|passed|failed" "$out/prefill_sdpa_engine.log" ;;
   decode) bash "$0" "$out" gemm-decode > "$out/gemm_decode.txt" 2>&1 & gemm_pid=$!
           timeout 400 python3 -m pytest -q -m gpu tests/test_kv_attention_gpu.py -k decode 2>&1 | quiet \
             > "$out/kv_decode_tests.log" & kv_pid=$!

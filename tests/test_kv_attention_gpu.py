@@ -122,3 +122,33 @@ def test_prefill_attention_with_cached_prefix_matches_reference(heads, kv_heads,
     assert not torch.isnan(out).any(), "rows left unwritten"
     rel = float((out.float() - expected).norm() / expected.norm())
     assert rel <= 1e-2, rel
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim", SHAPES)
+@pytest.mark.parametrize("query_lens,prefix_lens", PREFILL_BATCHES)
+def test_prefill_attention_through_flash_over_the_dequantized_cache(heads, kv_heads, head_dim, query_lens,
+                                                                     prefix_lens):
+    """QUAD_PREFILL_ATTENTION=sdpa: each sequence's cache gathered and dequantized by the kernel
+    (bit-exact against the reference's dequantization rounded to float16), then SDPA with the causal
+    mask aligned to the bottom right, within 1e-2 of the reference."""
+    from kernels_tl.attention_prefill import attention_prefill_sdpa_op
+    from kernels_tl.kv_attention import BLOCK_SIZE
+    from kernels_tl.kv_dequant import gather_dequant
+    g = torch.Generator(device="cuda").manual_seed(sum(query_lens) * 11 + head_dim)
+    lens = [q + p for q, p in zip(query_lens, prefix_lens)]
+    width = max(-(-n // BLOCK_SIZE) for n in lens)
+    num_blocks = len(lens) * width + 5
+    tables = torch.randperm(num_blocks, generator=g, device="cuda")[: len(lens) * width].view(len(lens), width).int()
+    kd, km = random_cache(num_blocks, kv_heads, head_dim, BLOCK_SIZE, g)
+    vd, vm = random_cache(num_blocks, kv_heads, head_dim, BLOCK_SIZE, g)
+    for i, n in enumerate(lens):
+        got = gather_dequant(kd, km, tables[i], n)
+        want = ref.gather_kv(kd, km, tables[i], n).half().transpose(0, 1)
+        assert torch.equal(got, want)
+    q = torch.randn(sum(query_lens), heads, head_dim, generator=g, device="cuda").half()
+    out = attention_prefill_sdpa_op(q, kd, km, vd, vm, tables, torch.tensor(lens, dtype=torch.int32, device="cuda"),
+                                    query_lens)
+    expected = ref.paged_attention(q, kd, km, vd, vm, tables.cpu(), torch.tensor(lens), torch.tensor(query_lens))
+    rel = float((out.float() - expected.to(out.device)).norm() / expected.norm())
+    assert out.shape == q.shape and rel <= 1e-2, rel
+
