@@ -49,6 +49,8 @@ DECODE_MIN_BLOCKS = int(os.environ["QUAD_DECODE_MIN_BLOCKS"]) if os.environ.get(
 DECODE_SPLIT_BLOCKS = int(os.environ.get("QUAD_DECODE_SPLIT_BLOCKS", "1"))
 # Programs per SM the split count aims for (QUAD_DECODE_FILL overrides, for A/B runs).
 DECODE_FILL = int(os.environ.get("QUAD_DECODE_FILL", "2"))
+# Decode attention on the CUDA cores (kernels_tl.decode_cc; QUAD_DECODE_CUDA_CORES=1, not yet measured).
+DECODE_CUDA_CORES = os.environ.get("QUAD_DECODE_CUDA_CORES", "0") == "1"
 # Threads of a decode program (QUAD_DECODE_THREADS=256: twice the warps to hide each block's load
 # and dequantization latency, each thread half the bytes; not yet measured on a GPU).
 DECODE_THREADS = int(os.environ.get("QUAD_DECODE_THREADS", "128"))
@@ -233,11 +235,24 @@ def prebuild_decode(heads: int, kv_heads: int, head_dim: int, grids: list[tuple[
 
     # The arguments exactly as attention_decode_op passes them: lru_cache keys on the call's form.
     variants = sorted({(n, *decode_loop(batch, kv_heads, n)) for batch, n in grids})
-    jobs = [functools.partial(attention_decode, heads, kv_heads, head_dim, n, block_size, None, DECODE_THREADS, None,
+    if _cuda_core_kernel(heads, kv_heads, head_dim, block_size):
+        from kernels_tl.decode_cc import attention_decode_cc
+        variants, jobs = [], [functools.partial(attention_decode_cc, heads, kv_heads, head_dim, n, block_size, None)
+                              for n in sorted({n for _, n in grids})]
+    else:
+        jobs = []
+    jobs += [functools.partial(attention_decode, heads, kv_heads, head_dim, n, block_size, None, DECODE_THREADS, None,
                               1, prefetch, min_blocks) for n, prefetch, min_blocks in variants]
     jobs += [functools.partial(attention_combine, heads, head_dim, n) for n in sorted({n for _, n in grids})]
     with ThreadPoolExecutor(workers) as pool:
         list(pool.map(lambda job: job(), jobs))
+
+
+def _cuda_core_kernel(heads: int, kv_heads: int, head_dim: int, block_size: int) -> bool:
+    if not DECODE_CUDA_CORES:
+        return False
+    from kernels_tl.decode_cc import supports
+    return supports(heads, kv_heads, head_dim, block_size)
 
 
 def attention_decode_op(q, k_data, k_meta, v_data, v_meta, block_tables, context_lens, num_splits: int,
@@ -256,8 +271,12 @@ def attention_decode_op(q, k_data, k_meta, v_data, v_meta, block_tables, context
     prefetch = (decode_loop(b, kv_heads, num_splits)[0] if prefetch is None else prefetch) and num_stages == 1
     if min_blocks is None:
         min_blocks = prefetch_min_blocks(b, kv_heads, num_splits) if prefetch else 1
-    kernel = attention_decode(heads, kv_heads, head_dim, num_splits, k_data.shape[2], sm_scale, DECODE_THREADS, None,
-                              num_stages, prefetch, min_blocks)
+    if _cuda_core_kernel(heads, kv_heads, head_dim, k_data.shape[2]):
+        from kernels_tl.decode_cc import attention_decode_cc
+        kernel = attention_decode_cc(heads, kv_heads, head_dim, num_splits, k_data.shape[2], sm_scale)
+    else:
+        kernel = attention_decode(heads, kv_heads, head_dim, num_splits, k_data.shape[2], sm_scale, DECODE_THREADS,
+                                  None, num_stages, prefetch, min_blocks)
     kernel(q, k_data, k_meta, v_data, v_meta, block_tables, context_lens, partial, lse)
     attention_combine(heads, head_dim, num_splits)(partial, lse, out)
     return out

@@ -4,7 +4,8 @@
 #   source .gpu/activate.sh && export PYTHONPATH=$PWD:$PWD/tests:$PYTHONPATH && bash scripts/gpu_all.sh $OUT PART
 # PART: gemm (GEMM tests, every shape and M), gemm-decode (the same at the decode kernels' token
 # counts 9 / 17 / 40 only), gemm-decode-blocks (gemm-decode with the decode kernels built for 2 and 3
-# blocks a SM), kv-wide (the decode-attention tests with 256-thread programs), prefill-sdpa (flash
+# blocks a SM), kv-wide (the decode-attention tests with 256-thread programs), kv-cc (decode attention
+# on the CUDA cores: its tests, the engine's logits and graphs with it), prefill-sdpa (flash
 # attention over the dequantized cache: its tests, then the engine's chunked prefill with it), decode (gemm-decode, the decode-attention tests and the int8 lm_head
 # tests at once: every kernel a decode step runs), quantize (quantizer tests), kv (KV-cache tests),
 # rope (the fused RoPE + Hadamard + KV store: its tests, then the engine's logits with it and without), engine
@@ -14,7 +15,7 @@
 # writes its JSON after every section, so a part cut short keeps what it measured.
 set -u
 out=${1:?usage: scripts/gpu_all.sh OUT_DIR PART}
-part=${2:?PART: gemm | gemm-decode | gemm-decode-blocks | kv-wide | prefill-sdpa | decode | quantize | kv | rope | engine | bench-kernels | bench-attention | sweep-splits | sweep-decode | sweep-hadamard}
+part=${2:?PART: gemm | gemm-decode | gemm-decode-blocks | kv-wide | kv-cc | prefill-sdpa | decode | quantize | kv | rope | engine | bench-kernels | bench-attention | sweep-splits | sweep-decode | sweep-hadamard}
 mkdir -p "$out"
 quiet() { grep -v "INFO\|WARNING\|AnnotateWarpGroup" ; }
 case "$part" in
@@ -33,6 +34,12 @@ case "$part" in
   kv-wide) QUAD_DECODE_THREADS=256 timeout 400 python3 -m pytest -q -m gpu tests/test_kv_attention_gpu.py -k decode \
              2>&1 | quiet > "$out/kv_wide_tests.log"
            tail -n 3 "$out/kv_wide_tests.log" ;;
+  kv-cc)  # decode attention on the CUDA cores: its tests, then the engine's logits and graphs with it
+    timeout 300 python3 -m pytest -q -m gpu tests/test_kv_attention_gpu.py -k cuda_core 2>&1 | quiet > "$out/kv_cc_tests.log"
+    tail -n 1 "$out/kv_cc_tests.log"; grep -h "^FAILED" "$out/kv_cc_tests.log" | head -n 5
+    QUAD_DECODE_CUDA_CORES=1 timeout 250 python3 -m pytest -q -s -m gpu tests/test_engine_gpu.py -k "logits or graphs" 2>&1 \
+      | quiet > "$out/kv_cc_engine.log"
+    grep -E "logits vs|passed|failed" "$out/kv_cc_engine.log" ;;
   prefill-sdpa)  # flash attention over the dequantized cache for prefills with a cached prefix
     timeout 300 python3 -m pytest -q -m gpu tests/test_kv_attention_gpu.py -k flash_over 2>&1 | quiet \
       > "$out/prefill_sdpa_tests.log"

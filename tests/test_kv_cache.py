@@ -302,3 +302,21 @@ def test_kv_gather_dequant_builds(kv_heads, head_dim):
     from kernels_tl.kv_dequant import SM90, kv_gather_dequant
     src = kv_gather_dequant(kv_heads, head_dim, 64, target=SM90).get_kernel_source()
     assert "BLOCKS[" in src and "__fdividef" not in src and "num_blocks) && (0 <= blk" not in src
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(32, 8, 128), (9, 3, 64)])
+def test_cuda_core_decode_attention_builds_without_spills(heads, kv_heads, head_dim, tmp_path):
+    """QUAD_DECODE_CUDA_CORES=1: decode attention with no tensor cores and no barrier inside the
+    block loop (warp-level shuffles only), within 128 registers (4 programs a SM), no spills."""
+    pytest.importorskip("tilelang")
+    from test_quantize_build import ptxas_log
+
+    from kernels_tl.decode_cc import SM90, attention_decode_cc
+    src = attention_decode_cc(heads, kv_heads, head_dim, 4, target=SM90).get_kernel_source()
+    assert "__shfl_xor_sync" in src and "mma_sync" not in src and "wgmma" not in src
+    # From the block loop to the warps' merge: only the barrier after the loop (before red is written).
+    assert src.split("for (int it = 0;")[1].split("quad_cc_publish")[0].count("__syncthreads") == 1
+    log = ptxas_log(src, tmp_path)
+    assert int(re.search(r"Used (\d+) registers", log).group(1)) <= 128
+    assert re.search(r"\b0 bytes spill stores, 0 bytes spill loads", log)
