@@ -66,6 +66,24 @@ def one(model: str, batch: int, ctx: int) -> dict:
             piped[f"{name}_rel_err"] = float((out2.float() - out.float()).norm() / out.float().norm())
         except Exception as e:  # a variant that does not build or run is reported, not fatal
             piped[f"{name}_error"] = str(e).splitlines()[0][:200]
+    # The CUDA-core kernel (kernels_tl.decode_cc, QUAD_DECODE_CUDA_CORES=1) with the same combine.
+    try:
+        from kernels_tl.decode_cc import attention_decode_cc
+        cc = attention_decode_cc(heads, kv_heads, dim, splits)
+        combine = kv.attention_combine(heads, dim, splits)
+        partial = torch.empty(batch, heads, splits, dim, device="cuda")
+        lse = torch.empty(batch, heads, splits, device="cuda")
+        out2 = torch.full_like(out, float("nan"))
+
+        def run_cc():
+            cc(q, kd, km, vd, vm, tables, lens, partial, lse)
+            combine(partial, lse, out2)
+
+        run_cc()
+        piped["cuda_cores_ms"] = bench(run_cc)
+        piped["cuda_cores_rel_err"] = float((out2.float() - out.float()).norm() / out.float().norm())
+    except Exception as e:  # reported, not fatal
+        piped["cuda_cores_error"] = str(e).splitlines()[0][:200]
     del kd, km, vd, vm
     k16 = torch.randn(batch, kv_heads, ctx, dim, device="cuda").half()
     v16 = torch.randn(batch, kv_heads, ctx, dim, device="cuda").half()
