@@ -160,8 +160,12 @@ def sweep_gemv(n: int, k: int) -> list[dict]:
 HADAMARD_TUNINGS = [dict()] + [dict(threads=t, cols_per_thread=c, max_radix=r) for t in (128, 256, 512, 1024)
                                 for c in (1, 2, 4, 8) for r in (3, 4)]
 # The cluster variant (kernels_tl.hadamard_quant_cluster), timed at the small token counts it is for.
-CLUSTER_TUNINGS = [dict(cluster=c, threads=t) for c in (4, 8) for t in (128, 256, 512)]
+CLUSTER_TUNINGS = [dict(cluster=c, threads=t) for c in (2, 4, 8) for t in (128, 256, 512)]
 CLUSTER_MAX_M = 64
+# At thousands of tokens only the shapes that keep 3 blocks a SM (72 registers at 256 threads): the
+# one-block kernel holds 3 rows a SM there (57 KB of float32 row each), a 2-block cluster half a row
+# a block (Nsight Compute at 2048 tokens: 15% of DRAM bandwidth, 35% occupancy).
+CLUSTER_LARGE_M = [dict(cluster=c, threads=256) for c in (2, 4)]
 
 
 def sweep_hadamard(n: int, gated: bool, ms=(1, 4, 16, 32, 64, 2048)) -> list[dict]:
@@ -189,7 +193,8 @@ def sweep_hadamard(n: int, gated: bool, ms=(1, 4, 16, 32, 64, 2048)) -> list[dic
         want_q, want_s = torch.empty(m, n, device="cuda", dtype=torch.int8), torch.empty(m, device="cuda")
         built[keys[0]](x, want_q, want_s)
         moved = x.numel() * 2 + m * n + m * 4
-        for key in keys + (cluster_keys if m <= CLUSTER_MAX_M else []):
+        large = [(("kernel", "cluster"),) + tuple(sorted(t.items())) for t in CLUSTER_LARGE_M]
+        for key in keys + (cluster_keys if m <= CLUSTER_MAX_M else [k for k in large if k in built]):
             kern, row = built[key], {"n": n, "gated": gated, "m": m, "tuning": dict(key)}
             if isinstance(kern, Exception):
                 rows.append({**row, "error": str(kern).splitlines()[0][:200]})
