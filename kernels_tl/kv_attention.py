@@ -234,16 +234,15 @@ def prebuild_decode(heads: int, kv_heads: int, head_dim: int, grids: list[tuple[
     from concurrent.futures import ThreadPoolExecutor
 
     # The arguments exactly as attention_decode_op passes them: lru_cache keys on the call's form.
-    variants = sorted({(n, *decode_loop(batch, kv_heads, n)) for batch, n in grids})
+    splits = sorted({n for _, n in grids})
     if _cuda_core_kernel(heads, kv_heads, head_dim, block_size):
         from kernels_tl.decode_cc import attention_decode_cc
-        variants, jobs = [], [functools.partial(attention_decode_cc, heads, kv_heads, head_dim, n, block_size, None)
-                              for n in sorted({n for _, n in grids})]
+        jobs = [functools.partial(attention_decode_cc, heads, kv_heads, head_dim, n, block_size, None) for n in splits]
     else:
-        jobs = []
-    jobs += [functools.partial(attention_decode, heads, kv_heads, head_dim, n, block_size, None, DECODE_THREADS, None,
-                              1, prefetch, min_blocks) for n, prefetch, min_blocks in variants]
-    jobs += [functools.partial(attention_combine, heads, head_dim, n) for n in sorted({n for _, n in grids})]
+        variants = sorted({(n, *decode_loop(batch, kv_heads, n)) for batch, n in grids})
+        jobs = [functools.partial(attention_decode, heads, kv_heads, head_dim, n, block_size, None, DECODE_THREADS,
+                                  None, 1, prefetch, min_blocks) for n, prefetch, min_blocks in variants]
+    jobs += [functools.partial(attention_combine, heads, head_dim, n) for n in splits]
     with ThreadPoolExecutor(workers) as pool:
         list(pool.map(lambda job: job(), jobs))
 
@@ -268,13 +267,13 @@ def attention_decode_op(q, k_data, k_meta, v_data, v_meta, block_tables, context
     partial = torch.empty(b, heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
     lse = torch.empty(b, heads, num_splits, dtype=torch.float32, device=q.device)
     out = torch.empty(b, heads, head_dim, dtype=torch.float16, device=q.device) if out is None else out
-    prefetch = (decode_loop(b, kv_heads, num_splits)[0] if prefetch is None else prefetch) and num_stages == 1
-    if min_blocks is None:
-        min_blocks = prefetch_min_blocks(b, kv_heads, num_splits) if prefetch else 1
     if _cuda_core_kernel(heads, kv_heads, head_dim, k_data.shape[2]):
         from kernels_tl.decode_cc import attention_decode_cc
         kernel = attention_decode_cc(heads, kv_heads, head_dim, num_splits, k_data.shape[2], sm_scale)
     else:
+        prefetch = (decode_loop(b, kv_heads, num_splits)[0] if prefetch is None else prefetch) and num_stages == 1
+        if min_blocks is None:
+            min_blocks = prefetch_min_blocks(b, kv_heads, num_splits) if prefetch else 1
         kernel = attention_decode(heads, kv_heads, head_dim, num_splits, k_data.shape[2], sm_scale, DECODE_THREADS,
                                   None, num_stages, prefetch, min_blocks)
     kernel(q, k_data, k_meta, v_data, v_meta, block_tables, context_lens, partial, lse)

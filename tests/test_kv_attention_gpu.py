@@ -105,6 +105,22 @@ def test_cuda_core_decode_attention_matches_reference(heads, kv_heads, head_dim,
     assert not torch.isnan(out).any() and rel <= 1e-2, rel
 
 
+def prefill_problem(heads, kv_heads, head_dim, query_lens, prefix_lens, seed):
+    """(q, k_data, k_meta, v_data, v_meta, block_tables, context lens) of a packed prefill batch:
+    query_lens new tokens after prefix_lens cached ones per sequence, every sequence on a random set
+    of physical blocks (non-contiguous tables), random caches."""
+    from kernels_tl.kv_attention import BLOCK_SIZE
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    lens = [q + p for q, p in zip(query_lens, prefix_lens)]
+    width = max(-(-n // BLOCK_SIZE) for n in lens)
+    num_blocks = len(lens) * width + 5
+    tables = torch.randperm(num_blocks, generator=g, device="cuda")[: len(lens) * width].view(len(lens), width).int()
+    kd, km = random_cache(num_blocks, kv_heads, head_dim, BLOCK_SIZE, g)
+    vd, vm = random_cache(num_blocks, kv_heads, head_dim, BLOCK_SIZE, g)
+    q = torch.randn(sum(query_lens), heads, head_dim, generator=g, device="cuda").half()
+    return q, kd, km, vd, vm, tables, lens
+
+
 # (query lens, cached prefix lens): prefixes not multiples of the block size, one without a prefix,
 # one longer than a 64-row tile, a single-token chunk.
 PREFILL_BATCHES = [([37, 100, 1, 64], [70, 0, 200, 64]), ([300], [1000]), ([5, 130], [0, 3])]
@@ -122,16 +138,8 @@ PREFILL_VARIANTS = [(1, 64, 128, False), (2, 64, 128, False), (1, 64, 128, True)
 def test_prefill_attention_with_cached_prefix_matches_reference(heads, kv_heads, head_dim, query_lens, prefix_lens,
                                                                  stages, rows, threads, prefetch):
     from kernels_tl.attention_prefill import attention_prefill, prefill_tiles, tokens_per_tile
-    from kernels_tl.kv_attention import BLOCK_SIZE
-    g = torch.Generator(device="cuda").manual_seed(sum(query_lens) * 7 + head_dim)
-    lens = [q + p for q, p in zip(query_lens, prefix_lens)]
-    width = max(-(-n // BLOCK_SIZE) for n in lens)
-    num_blocks = len(lens) * width + 5
-    tables = torch.randperm(num_blocks, generator=g, device="cuda")[: len(lens) * width].view(len(lens), width).int()
-    kd, km = random_cache(num_blocks, kv_heads, head_dim, BLOCK_SIZE, g)
-    vd, vm = random_cache(num_blocks, kv_heads, head_dim, BLOCK_SIZE, g)
-    total = sum(query_lens)
-    q = torch.randn(total, heads, head_dim, generator=g, device="cuda").half()
+    q, kd, km, vd, vm, tables, lens = prefill_problem(heads, kv_heads, head_dim, query_lens, prefix_lens,
+                                                      seed=sum(query_lens) * 7 + head_dim)
     out = torch.full_like(q, float("nan"))
     starts = torch.tensor([sum(query_lens[:i]) for i in range(len(lens))], dtype=torch.int32, device="cuda")
     tiles = prefill_tiles(query_lens, tokens_per_tile(heads, kv_heads, rows)).cuda()
@@ -152,20 +160,13 @@ def test_prefill_attention_through_flash_over_the_dequantized_cache(heads, kv_he
     (bit-exact against the reference's dequantization rounded to float16), then SDPA with the causal
     mask aligned to the bottom right, within 1e-2 of the reference."""
     from kernels_tl.attention_prefill import attention_prefill_sdpa_op
-    from kernels_tl.kv_attention import BLOCK_SIZE
     from kernels_tl.kv_dequant import gather_dequant
-    g = torch.Generator(device="cuda").manual_seed(sum(query_lens) * 11 + head_dim)
-    lens = [q + p for q, p in zip(query_lens, prefix_lens)]
-    width = max(-(-n // BLOCK_SIZE) for n in lens)
-    num_blocks = len(lens) * width + 5
-    tables = torch.randperm(num_blocks, generator=g, device="cuda")[: len(lens) * width].view(len(lens), width).int()
-    kd, km = random_cache(num_blocks, kv_heads, head_dim, BLOCK_SIZE, g)
-    vd, vm = random_cache(num_blocks, kv_heads, head_dim, BLOCK_SIZE, g)
+    q, kd, km, vd, vm, tables, lens = prefill_problem(heads, kv_heads, head_dim, query_lens, prefix_lens,
+                                                      seed=sum(query_lens) * 11 + head_dim)
     for i, n in enumerate(lens):
         got = gather_dequant(kd, km, tables[i], n)
         want = ref.gather_kv(kd, km, tables[i], n).half().transpose(0, 1)
         assert torch.equal(got, want)
-    q = torch.randn(sum(query_lens), heads, head_dim, generator=g, device="cuda").half()
     out = attention_prefill_sdpa_op(q, kd, km, vd, vm, tables, torch.tensor(lens, dtype=torch.int32, device="cuda"),
                                     query_lens)
     expected = ref.paged_attention(q, kd, km, vd, vm, tables.cpu(), torch.tensor(lens), torch.tensor(query_lens))
