@@ -20,10 +20,9 @@ import math
 import tilelang
 import tilelang.language as T
 
+from kernels_tl.kv_attention import _TARGETS, SM90  # noqa: F401
 from kernels_tl.pdl import wait_for_producers
 
-SM90 = "sm90"
-_TARGETS = {"sm90": {"kind": "cuda", "arch": "sm_90a"}, None: "auto"}
 WARPS = 4
 TOKENS_PER_WARP = 16
 # Programs a SM the registers must allow (128 registers a thread; uncapped, group 4 x head_dim 128

@@ -13,10 +13,9 @@ import functools
 import tilelang
 import tilelang.language as T
 
+from kernels_tl.kv_attention import _TARGETS, SM90  # noqa: F401
 from kernels_tl.pdl import wait_for_producers
 
-SM90 = "sm90"
-_TARGETS = {"sm90": {"kind": "cuda", "arch": "sm_90a"}, None: "auto"}
 
 
 @functools.lru_cache(maxsize=None)
