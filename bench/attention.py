@@ -1,9 +1,10 @@
 """Attention benchmark: the paged int4 KV cache kernels against torch SDPA on dense fp16 K / V
 (flash backend where it applies) and flash-attn where it imports, timed in the same run. Decode:
 one query token per sequence over its context. Prefill: one sequence's causal attention over its
-own tokens, read from the int4 cache (`attention_prefill`), against SDPA with is_causal.
+own tokens, read from the int4 cache (the cache dequantized once then flash attention, and the
+paged prefill kernel `attention_prefill`), against SDPA with is_causal.
 
-    python bench/attention.py --out bench/results/attention.json [--quick | --sweep-splits]
+    python bench/attention.py --out bench/results/attention.json [--quick] [--prefill-only | --sweep-splits]
 """
 
 from __future__ import annotations
@@ -66,24 +67,6 @@ def one(model: str, batch: int, ctx: int) -> dict:
             piped[f"{name}_rel_err"] = float((out2.float() - out.float()).norm() / out.float().norm())
         except Exception as e:  # a variant that does not build or run is reported, not fatal
             piped[f"{name}_error"] = str(e).splitlines()[0][:200]
-    # The CUDA-core kernel (kernels_tl.decode_cc, QUAD_DECODE_CUDA_CORES=1) with the same combine.
-    try:
-        from kernels_tl.decode_cc import attention_decode_cc
-        cc = attention_decode_cc(heads, kv_heads, dim, splits)
-        combine = kv.attention_combine(heads, dim, splits)
-        partial = torch.empty(batch, heads, splits, dim, device="cuda")
-        lse = torch.empty(batch, heads, splits, device="cuda")
-        out2 = torch.full_like(out, float("nan"))
-
-        def run_cc():
-            cc(q, kd, km, vd, vm, tables, lens, partial, lse)
-            combine(partial, lse, out2)
-
-        run_cc()
-        piped["cuda_cores_ms"] = bench(run_cc)
-        piped["cuda_cores_rel_err"] = float((out2.float() - out.float()).norm() / out.float().norm())
-    except Exception as e:  # reported, not fatal
-        piped["cuda_cores_error"] = str(e).splitlines()[0][:200]
     del kd, km, vd, vm
     k16 = torch.randn(batch, kv_heads, ctx, dim, device="cuda").half()
     v16 = torch.randn(batch, kv_heads, ctx, dim, device="cuda").half()
@@ -133,7 +116,10 @@ def sweep_splits(model: str, batch: int, ctx: int, capacity: int = 8192) -> list
 
 
 def one_prefill(model: str, tokens: int) -> dict:
-    from kernels_tl.attention_prefill import attention_prefill_op
+    """One sequence's causal prefill read back from the int4 cache: the engine's path (the cache
+    gathered and dequantized once, then flash attention: attention_prefill_sdpa_op, `ms`) and the
+    paged int4 prefill kernel with its loop variants, each with its error against the engine's path."""
+    from kernels_tl.attention_prefill import attention_prefill_op, attention_prefill_sdpa_op
 
     heads, kv_heads, dim = MODELS[model]
     width = tokens // kv.BLOCK_SIZE
@@ -143,13 +129,13 @@ def one_prefill(model: str, tokens: int) -> dict:
     tables = torch.randperm(width, device="cuda").view(1, width).int()
     lens = torch.full((1,), tokens, device="cuda", dtype=torch.int32)
     q = torch.randn(tokens, heads, dim, device="cuda").half()
-    t_ours = bench(lambda: attention_prefill_op(q, kd, km, vd, vm, tables, lens, [tokens]))
+    ref_out = attention_prefill_sdpa_op(q, kd, km, vd, vm, tables, [tokens], [tokens])
+    t_ours = bench(lambda: attention_prefill_sdpa_op(q, kd, km, vd, vm, tables, [tokens], [tokens]))
     piped = {}
-    ref_out = attention_prefill_op(q, kd, km, vd, vm, tables, lens, [tokens])
-    # The other loops, each with its error against the default: pipelined, register prefetch,
-    # 128-row programs (256 threads) without and with it.
-    variants = {"stages2": dict(num_stages=2), "prefetch": dict(prefetch=True), "rows128": dict(rows=128),
-                "rows128_prefetch": dict(rows=128, prefetch=True)}
+    # The paged kernel: its default loop, pipelined, register prefetch, 128-row programs (256
+    # threads) without and with it.
+    variants = {"kernel": {}, "kernel_stages2": dict(num_stages=2), "kernel_prefetch": dict(prefetch=True),
+                "kernel_rows128": dict(rows=128), "kernel_rows128_prefetch": dict(rows=128, prefetch=True)}
     for name, kw in variants.items():
         try:
             out2 = attention_prefill_op(q, kd, km, vd, vm, tables, lens, [tokens], **kw)
@@ -157,28 +143,21 @@ def one_prefill(model: str, tokens: int) -> dict:
             piped[f"{name}_rel_err"] = float((out2.float() - ref_out.float()).norm() / ref_out.float().norm())
         except Exception as e:  # reported, not fatal
             piped[f"{name}_error"] = str(e).splitlines()[0][:200]
-    # Flash attention over the gathered, dequantized cache (QUAD_PREFILL_ATTENTION=sdpa).
-    try:
-        from kernels_tl.attention_prefill import attention_prefill_sdpa_op
-        out2 = attention_prefill_sdpa_op(q, kd, km, vd, vm, tables, lens, [tokens])
-        piped["sdpa_dequant_ms"] = bench(lambda: attention_prefill_sdpa_op(q, kd, km, vd, vm, tables, lens, [tokens]))
-        piped["sdpa_dequant_rel_err"] = float((out2.float() - ref_out.float()).norm() / ref_out.float().norm())
-    except Exception as e:  # reported, not fatal
-        piped["sdpa_dequant_error"] = str(e).splitlines()[0][:200]
     q16 = q.transpose(0, 1).unsqueeze(0)
     k16 = torch.randn(1, kv_heads, tokens, dim, device="cuda").half()
     v16 = torch.randn(1, kv_heads, tokens, dim, device="cuda").half()
     sdpa = torch.nn.functional.scaled_dot_product_attention
     t_sdpa = bench(lambda: sdpa(q16, k16, v16, is_causal=True, enable_gqa=True))
     flops = 2 * 2 * heads * dim * tokens * tokens / 2  # QKᵀ and PV over the causal half
-    return {"model": model, "tokens": tokens, "ms": t_ours, "sdpa_fp16_ms": t_sdpa, "tflops": flops / t_ours / 1e9,
-            "speedup_vs_sdpa": t_sdpa / t_ours, **piped}
+    return {"model": model, "tokens": tokens, "path": "gather + dequantize + SDPA", "ms": t_ours,
+            "sdpa_fp16_ms": t_sdpa, "tflops": flops / t_ours / 1e9, "speedup_vs_sdpa": t_sdpa / t_ours, **piped}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--quick", action="store_true", help="Llama-3-8B shapes only")
+    ap.add_argument("--prefill-only", action="store_true", help="skip the decode rows")
     ap.add_argument("--sweep-splits", action="store_true",
                     help="only the decode split-count sweep (Llama-3-8B, batch 1 / 16 / 32, contexts 1k / 4k, "
                          "engine-like table widths)")
@@ -203,7 +182,7 @@ def main() -> None:
         return
 
     for model in (["llama-3-8b"] if args.quick else list(MODELS)):
-        for batch in BATCHES:
+        for batch in ([] if args.prefill_only else BATCHES):
             for ctx in CONTEXTS:
                 if batch * ctx > 64 * 32768:
                     continue
@@ -223,9 +202,9 @@ def main() -> None:
             row = one_prefill(model, tokens)
             result["prefill"].append(row)
             print(f"{model:11s} prefill {tokens:5d} tokens: {row['ms'] * 1e3:8.1f} us {row['tflops']:6.0f} TFLOPS  "
-                  f"SDPA fp16 {row['sdpa_fp16_ms'] * 1e3:8.1f} us  x{row['speedup_vs_sdpa']:.2f}" + (
-                      f" | 2 stages {row['stages2_ms'] * 1e3:.1f} us (err {row['stages2_rel_err']:.1e})"
-                      if "stages2_ms" in row else ""), flush=True)
+                  f"SDPA fp16 {row['sdpa_fp16_ms'] * 1e3:8.1f} us  x{row['speedup_vs_sdpa']:.2f}" + "".join(
+                      f" | {k[:-3]} {v * 1e3:.1f} us (err {row[k[:-3] + '_rel_err']:.1e})"
+                      for k, v in row.items() if k.startswith("kernel") and k.endswith("_ms")), flush=True)
             torch.cuda.empty_cache()
             save()
 

@@ -178,22 +178,27 @@ def attention_prefill_sdpa_op(q, k_data, k_meta, v_data, v_meta, block_tables, c
     prefix and the new tokens, which the cache already holds) gathered and dequantized to float16
     (kernels_tl.kv_dequant), then SDPA with the causal mask aligned to the bottom right (a chunk's
     query i sees the prefix and the chunk up to i), GQA in the attention kernel. The int4 cache is
-    read once per sequence instead of once per 64-query tile. float32 on the CPU."""
+    read once per sequence instead of once per 64-query tile. float32 on the CPU.
+
+    context_lens and query_lens are host lengths (lists or CPU tensors): the gathers are sized by
+    them, and reading them from the GPU would stall the stream in every layer."""
     import torch
     from torch.nn.attention.bias import causal_lower_right
 
     from kernels_tl.kv_dequant import gather_dequant
 
     dtype = torch.float16 if q.is_cuda else torch.float32
-    lens, ctx = [int(n) for n in query_lens], [int(c) for c in context_lens.tolist()]
+    lens, ctx = [int(n) for n in query_lens], [int(c) for c in context_lens]
     out, start = [], 0
     for i, n in enumerate(lens):
         k, v = (gather_dequant(data, meta, block_tables[i], ctx[i]).to(dtype).unsqueeze(0)
                 for data, meta in ((k_data, k_meta), (v_data, v_meta)))
+        # [1, heads, n, head_dim] over q's [n, heads, head_dim] memory: the layout flash attention
+        # works in, so neither q nor the output is copied.
         qi = q[start:start + n].transpose(0, 1).unsqueeze(0).to(dtype)
         mask = causal_lower_right(n, ctx[i]) if n != ctx[i] else None
         o = torch.nn.functional.scaled_dot_product_attention(qi, k, v, attn_mask=mask, is_causal=mask is None,
                                                              scale=sm_scale, enable_gqa=True)
         out.append(o[0].transpose(0, 1))
         start += n
-    return torch.cat(out).half()
+    return (out[0] if len(out) == 1 else torch.cat(out)).half()

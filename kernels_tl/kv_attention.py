@@ -49,11 +49,6 @@ DECODE_MIN_BLOCKS = int(os.environ["QUAD_DECODE_MIN_BLOCKS"]) if os.environ.get(
 DECODE_SPLIT_BLOCKS = int(os.environ.get("QUAD_DECODE_SPLIT_BLOCKS", "1"))
 # Programs per SM the split count aims for (QUAD_DECODE_FILL overrides, for A/B runs).
 DECODE_FILL = int(os.environ.get("QUAD_DECODE_FILL", "2"))
-# Decode attention on the CUDA cores (kernels_tl.decode_cc; QUAD_DECODE_CUDA_CORES=1, not yet measured).
-DECODE_CUDA_CORES = os.environ.get("QUAD_DECODE_CUDA_CORES", "0") == "1"
-# Threads of a decode program (QUAD_DECODE_THREADS=256: twice the warps to hide each block's load
-# and dequantization latency, each thread half the bytes; not yet measured on a GPU).
-DECODE_THREADS = int(os.environ.get("QUAD_DECODE_THREADS", "128"))
 
 
 def decode_loop(batch: int, kv_heads: int, num_splits: int, sms: int = 132) -> tuple[bool, int]:
@@ -68,8 +63,7 @@ def prefetch_min_blocks(batch: int, kv_heads: int, num_splits: int, sms: int = 1
     if DECODE_MIN_BLOCKS is not None:
         return DECODE_MIN_BLOCKS
     dense = batch * kv_heads * num_splits > DENSE_PROGRAMS_PER_SM * sms
-    # The caps were measured for 128-thread programs: the same registers a SM for wider ones.
-    return max(1, (MIN_BLOCKS_DENSE if dense else MIN_BLOCKS_SPARSE) * 128 // DECODE_THREADS)
+    return MIN_BLOCKS_DENSE if dense else MIN_BLOCKS_SPARSE
 
 
 @functools.lru_cache(maxsize=None)
@@ -235,23 +229,12 @@ def prebuild_decode(heads: int, kv_heads: int, head_dim: int, grids: list[tuple[
 
     # The arguments exactly as attention_decode_op passes them: lru_cache keys on the call's form.
     splits = sorted({n for _, n in grids})
-    if _cuda_core_kernel(heads, kv_heads, head_dim, block_size):
-        from kernels_tl.decode_cc import attention_decode_cc
-        jobs = [functools.partial(attention_decode_cc, heads, kv_heads, head_dim, n, block_size, None) for n in splits]
-    else:
-        variants = sorted({(n, *decode_loop(batch, kv_heads, n)) for batch, n in grids})
-        jobs = [functools.partial(attention_decode, heads, kv_heads, head_dim, n, block_size, None, DECODE_THREADS,
-                                  None, 1, prefetch, min_blocks) for n, prefetch, min_blocks in variants]
+    variants = sorted({(n, *decode_loop(batch, kv_heads, n)) for batch, n in grids})
+    jobs = [functools.partial(attention_decode, heads, kv_heads, head_dim, n, block_size, None, 128, None, 1, prefetch,
+                              min_blocks) for n, prefetch, min_blocks in variants]
     jobs += [functools.partial(attention_combine, heads, head_dim, n) for n in splits]
     with ThreadPoolExecutor(workers) as pool:
         list(pool.map(lambda job: job(), jobs))
-
-
-def _cuda_core_kernel(heads: int, kv_heads: int, head_dim: int, block_size: int) -> bool:
-    if not DECODE_CUDA_CORES:
-        return False
-    from kernels_tl.decode_cc import supports
-    return supports(heads, kv_heads, head_dim, block_size)
 
 
 def attention_decode_op(q, k_data, k_meta, v_data, v_meta, block_tables, context_lens, num_splits: int,
@@ -267,15 +250,11 @@ def attention_decode_op(q, k_data, k_meta, v_data, v_meta, block_tables, context
     partial = torch.empty(b, heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
     lse = torch.empty(b, heads, num_splits, dtype=torch.float32, device=q.device)
     out = torch.empty(b, heads, head_dim, dtype=torch.float16, device=q.device) if out is None else out
-    if _cuda_core_kernel(heads, kv_heads, head_dim, k_data.shape[2]):
-        from kernels_tl.decode_cc import attention_decode_cc
-        kernel = attention_decode_cc(heads, kv_heads, head_dim, num_splits, k_data.shape[2], sm_scale)
-    else:
-        prefetch = (decode_loop(b, kv_heads, num_splits)[0] if prefetch is None else prefetch) and num_stages == 1
-        if min_blocks is None:
-            min_blocks = prefetch_min_blocks(b, kv_heads, num_splits) if prefetch else 1
-        kernel = attention_decode(heads, kv_heads, head_dim, num_splits, k_data.shape[2], sm_scale, DECODE_THREADS,
-                                  None, num_stages, prefetch, min_blocks)
+    prefetch = (decode_loop(b, kv_heads, num_splits)[0] if prefetch is None else prefetch) and num_stages == 1
+    if min_blocks is None:
+        min_blocks = prefetch_min_blocks(b, kv_heads, num_splits) if prefetch else 1
+    kernel = attention_decode(heads, kv_heads, head_dim, num_splits, k_data.shape[2], sm_scale, 128, None, num_stages,
+                              prefetch, min_blocks)
     kernel(q, k_data, k_meta, v_data, v_meta, block_tables, context_lens, partial, lse)
     attention_combine(heads, head_dim, num_splits)(partial, lse, out)
     return out

@@ -39,14 +39,13 @@ def kv_gather_dequant(kv_heads: int, head_dim: int, block_size: int = 64, thread
             with T.Kernel(n, kv_heads, threads=threads) as (i, h):
                 wait_for_producers("attention")
                 blk = BLOCKS[i]
-                for t, j in T.Parallel(block_size, half):
-                    byte = DATA[blk, h, t, j]
+                # One output element a lane, its nibble picked by the parity of d: the stores
+                # vectorize (a half2 a lane) where two writes a byte stayed scalar.
+                for t, d in T.Parallel(block_size, head_dim):
+                    nibble = (DATA[blk, h, t, d // 2] >> T.Cast("uint8", (d % 2) * 4)) & T.uint8(15)
                     scale = T.Cast("float32", META[blk, h, t, 0])
                     zero = T.Cast("float32", META[blk, h, t, 1])
-                    OUT[h, i * block_size + t, 2 * j] = T.Cast(
-                        "float16", (T.Cast("float32", byte & T.uint8(15)) - zero) * scale)
-                    OUT[h, i * block_size + t, 2 * j + 1] = T.Cast(
-                        "float16", (T.Cast("float32", byte >> T.uint8(4)) - zero) * scale)
+                    OUT[h, i * block_size + t, d] = T.Cast("float16", (T.Cast("float32", nibble) - zero) * scale)
 
         return main
 

@@ -19,6 +19,7 @@ class StepContext:
     context_lens: torch.Tensor    # int32 [B]: tokens in the cache after this step, per sequence
     query_lens: torch.Tensor      # int64 [B] (CPU): new tokens per sequence (1 each when decoding)
     has_prefix: bool = False      # some sequence already has tokens in the cache (chunked / resumed prefill)
+    host_context_lens: list[int] | None = None  # context_lens on the host (prefills): sizes the prefix gathers
 
 
 _context: StepContext | None = None

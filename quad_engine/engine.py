@@ -250,7 +250,8 @@ class LLM:
             block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=dev),
             context_lens=torch.tensor(ends, dtype=torch.int32, device=dev),
             query_lens=torch.tensor(query_lens, dtype=torch.long),
-            has_prefix=any(seq.num_cached_tokens > 0 for seq in seqs))
+            has_prefix=any(seq.num_cached_tokens > 0 for seq in seqs),
+            host_context_lens=ends)
         last = (torch.cumsum(ctx.query_lens, 0) - 1).to(dev)
         return self._forward(ctx, ids, positions, last)
 

@@ -69,14 +69,15 @@ def rope_kv_store(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slot_
 def paged_attention(q: torch.Tensor, cache: tuple, block_tables: torch.Tensor, context_lens: torch.Tensor,
                     query_lens: torch.Tensor, is_prefill: bool,
                     new_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
-                    has_prefix: bool | None = None) -> torch.Tensor:
+                    has_prefix: bool | None = None, host_context_lens: list[int] | None = None) -> torch.Tensor:
     """Causal attention of the packed new queries [T, heads, head_dim] over the paged cache (which
     already holds the new tokens). Decode on CUDA runs the split-KV kernel. A prefill whose
     sequences have no cached prefix attends to its own new K / V through SDPA: new_kv [T,
     kv_heads, head_dim] each, after the cache's int4 round trip (kv_store(round_trip=True)), the
     same values the cache holds, without gathering them back. A prefill with a cached prefix (a
-    chunk of a long prompt) runs the paged prefill kernel on CUDA (or flash attention over the
-    dequantized cache: prefix_attention_sdpa). Anything else runs the reference."""
+    chunk of a long prompt) runs flash attention over its dequantized cache on CUDA, sized by
+    host_context_lens (context_lens on the host), or the paged prefill kernel
+    (prefix_attention_sdpa). Anything else runs the reference."""
     q = q.half()
     if not is_prefill and use_kernels(q) and _kv_kernels_support(cache):
         from kernels_tl.kv_attention import attention_decode_op, decode_splits
@@ -89,17 +90,19 @@ def paged_attention(q: torch.Tensor, cache: tuple, block_tables: torch.Tensor, c
     if is_prefill and use_kernels(q) and _kv_kernels_support(cache):
         if prefix_attention_sdpa():
             from kernels_tl.attention_prefill import attention_prefill_sdpa_op
-            return attention_prefill_sdpa_op(q, *cache, block_tables, context_lens, query_lens.tolist())
+            host = host_context_lens if host_context_lens is not None else context_lens.tolist()
+            return attention_prefill_sdpa_op(q, *cache, block_tables, host, query_lens.tolist())
         from kernels_tl.attention_prefill import attention_prefill_op
         return attention_prefill_op(q.contiguous(), *cache, block_tables, context_lens, query_lens.tolist())
     return ref.paged_attention(q.float(), *cache, block_tables.cpu(), context_lens.cpu(), query_lens.cpu()).half()
 
 
 def prefix_attention_sdpa() -> bool:
-    """QUAD_PREFILL_ATTENTION=sdpa: a prefill with a cached prefix gathers and dequantizes each
-    sequence's cache to float16 and runs flash attention on it (attention_prefill_sdpa_op) instead
-    of the paged int4 prefill kernel (default until measured on a GPU)."""
-    return os.environ.get("QUAD_PREFILL_ATTENTION", "kernel") == "sdpa"
+    """A prefill with a cached prefix gathers and dequantizes each sequence's cache to float16 and
+    runs flash attention on it (attention_prefill_sdpa_op): 3x faster than the paged int4 prefill
+    kernel at 8k tokens, which dequantizes the prefix again for every 64-query tile
+    (bench/results/attention_*). QUAD_PREFILL_ATTENTION=kernel runs that kernel instead."""
+    return os.environ.get("QUAD_PREFILL_ATTENTION", "sdpa") != "kernel"
 
 
 def _has_prefix(known: bool | None, query_lens: torch.Tensor, context_lens: torch.Tensor) -> bool:

@@ -4,18 +4,20 @@
 #   source .gpu/activate.sh && export PYTHONPATH=$PWD:$PWD/tests:$PYTHONPATH && bash scripts/gpu_all.sh $OUT PART
 # PART: gemm (GEMM tests, every shape and M), gemm-decode (the same at the decode kernels' token
 # counts 9 / 17 / 40 only), gemm-decode-blocks (gemm-decode with the decode kernels built for 2 and 3
-# blocks a SM), kv-wide (the decode-attention tests with 256-thread programs), kv-cc (decode attention
-# on the CUDA cores: its tests, the engine's logits and graphs with it), prefill-sdpa (flash
-# attention over the dequantized cache: its tests, then the engine's chunked prefill with it), decode (gemm-decode, the decode-attention tests and the int8 lm_head
-# tests at once: every kernel a decode step runs), quantize (quantizer tests), kv (KV-cache tests),
-# rope (the fused RoPE + Hadamard + KV store: its tests, then the engine's logits with it and without), engine
-# (engine tests: scripts/gpu_engine.sh check), bench-kernels, bench-attention, sweep-splits (decode
-# attention at every split count, engine-like table widths), sweep-decode (split-K
-# variants of the decode GEMM at 16 and 32 tokens), sweep-hadamard. Each benchmark
-# writes its JSON after every section, so a part cut short keeps what it measured.
+# blocks a SM), prefill-sdpa (flash attention over the cache dequantized once, the default for
+# prefills with a cached prefix: its tests, the engine's chunked prefill with it and with the paged
+# kernel, then the prefill rows of bench/attention.py), decode (gemm-decode, the decode-attention
+# tests and the int8 lm_head tests at once: every kernel a decode step runs), quantize (quantizer
+# tests), quantize-clusters (the cluster Hadamard quantizers only, with the 2-block clusters long
+# prefills take), kv (KV-cache tests), rope (the fused RoPE + Hadamard + KV store: its tests, then
+# the engine's logits with it and without), engine (engine tests: scripts/gpu_engine.sh check),
+# bench-kernels, bench-attention, sweep-splits (decode attention at every split count, engine-like
+# table widths), sweep-decode (split-K variants of the decode GEMM at 16 and 32 tokens),
+# sweep-hadamard. Each benchmark writes its JSON after every section, so a part cut short keeps
+# what it measured.
 set -u
 out=${1:?usage: scripts/gpu_all.sh OUT_DIR PART}
-part=${2:?PART: gemm | gemm-decode | gemm-decode-blocks | kv-wide | kv-cc | prefill-sdpa | decode | quantize | kv | rope | engine | bench-kernels | bench-attention | sweep-splits | sweep-decode | sweep-hadamard}
+part=${2:?PART: gemm | gemm-decode | gemm-decode-blocks | prefill-sdpa | decode | quantize | quantize-clusters | kv | rope | engine | bench-kernels | bench-attention | sweep-splits | sweep-decode | sweep-hadamard}
 mkdir -p "$out"
 quiet() { grep -v "INFO\|WARNING\|AnnotateWarpGroup" ; }
 case "$part" in
@@ -31,22 +33,18 @@ case "$part" in
     done
     wait
     for b in 2 3; do echo "blocks $b: $(tail -n 1 "$out/gemm_decode_blocks$b.log")"; grep -h "^FAILED" "$out/gemm_decode_blocks$b.log" | head -n 5; done ;;
-  kv-wide) QUAD_DECODE_THREADS=256 timeout 400 python3 -m pytest -q -m gpu tests/test_kv_attention_gpu.py -k decode \
-             2>&1 | quiet > "$out/kv_wide_tests.log"
-           tail -n 3 "$out/kv_wide_tests.log" ;;
-  kv-cc)  # decode attention on the CUDA cores: its tests, then the engine's logits and graphs with it
-    timeout 300 python3 -m pytest -q -m gpu tests/test_kv_attention_gpu.py -k cuda_core 2>&1 | quiet > "$out/kv_cc_tests.log"
-    tail -n 1 "$out/kv_cc_tests.log"; grep -h "^FAILED" "$out/kv_cc_tests.log" | head -n 5
-    QUAD_DECODE_CUDA_CORES=1 timeout 250 python3 -m pytest -q -s -m gpu tests/test_engine_gpu.py -k "logits or graphs" 2>&1 \
-      | quiet > "$out/kv_cc_engine.log"
-    grep -E "logits vs|passed|failed" "$out/kv_cc_engine.log" ;;
   prefill-sdpa)  # flash attention over the dequantized cache for prefills with a cached prefix
-    timeout 300 python3 -m pytest -q -m gpu tests/test_kv_attention_gpu.py -k flash_over 2>&1 | quiet \
+    timeout 120 python3 -m pytest -q -m gpu tests/test_kv_attention_gpu.py -k "flash_over or dequant" 2>&1 | quiet \
       > "$out/prefill_sdpa_tests.log"
     tail -n 1 "$out/prefill_sdpa_tests.log"; grep -h "^FAILED" "$out/prefill_sdpa_tests.log" | head -n 5
-    QUAD_PREFILL_ATTENTION=sdpa timeout 240 python3 -m pytest -q -s -m gpu tests/test_engine_gpu.py -k chunked 2>&1 \
-      | quiet > "$out/prefill_sdpa_engine.log"
-    grep -E "chunked prefill|passed|failed" "$out/prefill_sdpa_engine.log" ;;
+    for path in sdpa kernel; do
+      QUAD_PREFILL_ATTENTION=$path timeout 200 python3 -m pytest -q -s -m gpu tests/test_engine_gpu.py -k chunked 2>&1 \
+        | quiet > "$out/prefill_engine_$path.log"
+      echo "QUAD_PREFILL_ATTENTION=$path:"; grep -E "chunked prefill|passed|failed" "$out/prefill_engine_$path.log"
+    done
+    timeout 200 python3 bench/attention.py --prefill-only --out "$out/attention_prefill.json" 2>&1 | quiet \
+      > "$out/attention_prefill.log"
+    tail -n 6 "$out/attention_prefill.log" ;;
   decode) bash "$0" "$out" gemm-decode > "$out/gemm_decode.txt" 2>&1 & gemm_pid=$!
           timeout 400 python3 -m pytest -q -m gpu tests/test_kv_attention_gpu.py -k decode 2>&1 | quiet \
             > "$out/kv_decode_tests.log" & kv_pid=$!
@@ -56,6 +54,9 @@ case "$part" in
           grep -h "^FAILED" "$out/gemm_decode_tests.log" "$out/kv_decode_tests.log" "$out/head_tests.log" | head -n 20 ;;
   quantize) timeout 560 python3 -m pytest -q -m gpu tests/test_quantize_gpu.py 2>&1 | quiet > "$out/quantize_tests.log"
             tail -n 3 "$out/quantize_tests.log" ;;
+  quantize-clusters) timeout 300 python3 -m pytest -q -m gpu tests/test_quantize_gpu.py -k "cluster or dispatch" 2>&1 | quiet \
+                       > "$out/quantize_cluster_tests.log"
+                     tail -n 3 "$out/quantize_cluster_tests.log" ;;
   kv) timeout 560 python3 -m pytest -q -m gpu tests/test_kv_attention_gpu.py 2>&1 | quiet > "$out/kv_tests.log"
       tail -n 3 "$out/kv_tests.log" ;;
   rope) timeout 200 python3 -m pytest -q -m gpu tests/test_rope_kv_store_gpu.py 2>&1 | quiet > "$out/rope_tests.log"

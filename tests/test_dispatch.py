@@ -37,7 +37,7 @@ def test_hadamard_prebuild_covers_every_kernel_the_op_can_pick(monkeypatch):
     from kernels_tl import hadamard_quant_dispatch as hq
     built = set()
     monkeypatch.setattr(hq, "build_choice", lambda choice, *args: built.add((choice, args[0], args[-1])))
-    buckets = [1, 2, 4, 8, 16, 32, 48, 64, 8192]
+    buckets = [1, 2, 4, 8, 16, 32, 48, 64, 1024, 8192]
     for job in hq.prebuild_jobs([(14336, (28, 512), None, 8, 0.9, True), (4096, (4096,), None, 8, 0.9, False)],
                                 buckets):
         job()
@@ -45,10 +45,22 @@ def test_hadamard_prebuild_covers_every_kernel_the_op_can_pick(monkeypatch):
         assert (hq.kernel_choice(m, 14336, (28, 512), None), 14336, True) in built
         assert (hq.kernel_choice(m, 4096, (4096,), None), 4096, False) in built
     # 14336 (a 28-point dense factor): 8- and 4-block clusters, one 512-thread block a token up to
-    # 64 tokens, the default shape above; 4096 (no dense factor): one kernel for every count.
+    # 64 tokens, the default shape above, 2-block clusters from 2048 tokens; 4096 (no dense
+    # factor): one kernel for every count.
     assert {c for c, n, _ in built if n == 14336} == {("cluster", 8, 256), ("cluster", 4, 512), ("cluster", 4, 256),
-                                                      ("few",), ("default",)}
+                                                      ("few",), ("default",), ("cluster", 2, 256)}
     assert {c for c, n, _ in built if n == 4096} == {("default",)}
+
+
+def test_hadamard_dispatch_clusters_only_wide_dense_rows_of_a_long_prefill():
+    from kernels_tl import hadamard_quant_dispatch as hq
+    assert hq.kernel_choice(hq.LARGE_TOKENS_MIN, 14336, (28, 512), None) == ("cluster", *hq.LARGE_CLUSTER)
+    assert hq.kernel_choice(hq.LARGE_TOKENS_MIN - 1, 14336, (28, 512), None) == ("default",)
+    # Narrow rows (SmolLM2's 1536, Qwen2.5's 3584) fit a block well; a row without a dense factor
+    # has nothing to split.
+    assert hq.kernel_choice(8192, 1536, (12, 128), None) == ("default",)
+    assert hq.kernel_choice(8192, 3584, (28, 128), None) == ("default",)
+    assert hq.kernel_choice(8192, 4096, (4096,), None) == ("default",)
 
 
 def test_engine_quantizer_prebuild_uses_the_model_sites(monkeypatch):

@@ -85,26 +85,6 @@ def test_decode_attention_matches_reference(heads, kv_heads, head_dim, batch, ma
     assert not torch.isnan(out).any() and rel <= 1e-2, rel
 
 
-@pytest.mark.parametrize("heads,kv_heads,head_dim", SHAPES)
-@pytest.mark.parametrize("batch,max_ctx", [(1, 1), (1, 4097), (5, 1000), (16, 300), (64, 200)])
-@pytest.mark.parametrize("splits", [1, 4, 16])
-def test_cuda_core_decode_attention_matches_reference(heads, kv_heads, head_dim, batch, max_ctx, splits):
-    """kernels_tl.decode_cc (QUAD_DECODE_CUDA_CORES=1): float32 scores, per-warp online softmax merged
-    once per split, then the combine kernel; within 1e-2 of the reference on ragged batches."""
-    from kernels_tl.decode_cc import attention_decode_cc
-    from kernels_tl.kv_attention import attention_combine
-    q, kd, km, vd, vm, tables, lens = decode_problem(heads, kv_heads, head_dim, batch, max_ctx,
-                                                     seed=batch * 31 + max_ctx + splits)
-    partial = torch.full((batch, heads, splits, head_dim), float("nan"), device="cuda")
-    lse = torch.full((batch, heads, splits), float("nan"), device="cuda")
-    attention_decode_cc(heads, kv_heads, head_dim, splits)(q, kd, km, vd, vm, tables, lens, partial, lse)
-    out = torch.full((batch, heads, head_dim), float("nan"), device="cuda", dtype=torch.float16)
-    attention_combine(heads, head_dim, splits)(partial, lse, out)
-    expected = ref.paged_attention(q, kd, km, vd, vm, tables.cpu(), lens.cpu())
-    rel = float((out.float() - expected).norm() / expected.norm())
-    assert not torch.isnan(out).any() and rel <= 1e-2, rel
-
-
 def prefill_problem(heads, kv_heads, head_dim, query_lens, prefix_lens, seed):
     """(q, k_data, k_meta, v_data, v_meta, block_tables, context lens) of a packed prefill batch:
     query_lens new tokens after prefix_lens cached ones per sequence, every sequence on a random set
@@ -167,8 +147,7 @@ def test_prefill_attention_through_flash_over_the_dequantized_cache(heads, kv_he
         got = gather_dequant(kd, km, tables[i], n)
         want = ref.gather_kv(kd, km, tables[i], n).half().transpose(0, 1)
         assert torch.equal(got, want)
-    out = attention_prefill_sdpa_op(q, kd, km, vd, vm, tables, torch.tensor(lens, dtype=torch.int32, device="cuda"),
-                                    query_lens)
+    out = attention_prefill_sdpa_op(q, kd, km, vd, vm, tables, lens, query_lens)
     expected = ref.paged_attention(q, kd, km, vd, vm, tables.cpu(), torch.tensor(lens), torch.tensor(query_lens))
     rel = float((out.float() - expected.to(out.device)).norm() / expected.norm())
     assert out.shape == q.shape and rel <= 1e-2, rel

@@ -198,26 +198,6 @@ def test_prefetch_decode_attention_fits_five_programs_a_sm_when_capped(tmp_path)
     assert max(offsets) + 4096 <= 228 * 1024 // 5 - 1024  # 1 KB a block is reserved by the hardware
 
 
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
-@pytest.mark.parametrize("heads,kv_heads,head_dim", [(32, 8, 128), (9, 3, 64)])
-def test_wide_decode_programs_build_within_their_register_cap(heads, kv_heads, head_dim, tmp_path, monkeypatch):
-    """QUAD_DECODE_THREADS=256: each thread prefetches half a row's bytes, and the loop's register cap
-    scales to keep the registers a SM (4 blocks of 128 -> 2 of 256) without spills."""
-    pytest.importorskip("tilelang")
-    from test_quantize_build import ptxas_log
-
-    from kernels_tl import kv_attention
-    monkeypatch.setattr(kv_attention, "DECODE_THREADS", 256)
-    monkeypatch.setattr(kv_attention, "DECODE_MIN_BLOCKS", None)
-    assert kv_attention.prefetch_min_blocks(1, kv_heads, 16) == 2
-    src = kv_attention.attention_decode(heads, kv_heads, head_dim, 16, threads=256, target=kv_attention.SM90,
-                                        prefetch=True, min_blocks=2).get_kernel_source()
-    assert "__launch_bounds__(256, 2)" in src
-    log = ptxas_log(src, tmp_path)
-    assert int(re.search(r"Used (\d+) registers", log).group(1)) <= 65536 // (2 * 256)
-    assert re.search(r"\b0 bytes spill stores, 0 bytes spill loads", log)
-
-
 def test_decode_splits_fill_the_gpu_down_to_one_cache_block_each(monkeypatch):
     """Batch 1 at a 1152-token table: one 64-token block a split (18), capped at 32 splits for long
     tables; dense batches get the grid's share (2 at batch 32 x 8 kv heads); QUAD_DECODE_SPLIT_BLOCKS
@@ -302,21 +282,3 @@ def test_kv_gather_dequant_builds(kv_heads, head_dim):
     from kernels_tl.kv_dequant import SM90, kv_gather_dequant
     src = kv_gather_dequant(kv_heads, head_dim, 64, target=SM90).get_kernel_source()
     assert "BLOCKS[" in src and "__fdividef" not in src and "num_blocks) && (0 <= blk" not in src
-
-
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
-@pytest.mark.parametrize("heads,kv_heads,head_dim", [(32, 8, 128), (9, 3, 64)])
-def test_cuda_core_decode_attention_builds_without_spills(heads, kv_heads, head_dim, tmp_path):
-    """QUAD_DECODE_CUDA_CORES=1: decode attention with no tensor cores and no barrier inside the
-    block loop (warp-level shuffles only), within 128 registers (4 programs a SM), no spills."""
-    pytest.importorskip("tilelang")
-    from test_quantize_build import ptxas_log
-
-    from kernels_tl.decode_cc import SM90, attention_decode_cc
-    src = attention_decode_cc(heads, kv_heads, head_dim, 4, target=SM90).get_kernel_source()
-    assert "__shfl_xor_sync" in src and "mma_sync" not in src and "wgmma" not in src
-    # From the block loop to the warps' merge: only the barrier after the loop (before red is written).
-    assert src.split("for (int it = 0;")[1].split("quad_cc_publish")[0].count("__syncthreads") == 1
-    log = ptxas_log(src, tmp_path)
-    assert int(re.search(r"Used (\d+) registers", log).group(1)) <= 128
-    assert re.search(r"\b0 bytes spill stores, 0 bytes spill loads", log)

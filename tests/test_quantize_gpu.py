@@ -201,7 +201,7 @@ CLUSTER_CASES = [(4096, False), (14336, False), (14336, True), (1536, True), (35
 
 
 @pytest.mark.parametrize("m", [1, 3, 17])
-@pytest.mark.parametrize("cluster,threads", [(8, 256), (4, 128), (4, 512)])
+@pytest.mark.parametrize("cluster,threads", [(8, 256), (4, 128), (4, 512), (2, 256)])
 @pytest.mark.parametrize("n,gated", CLUSTER_CASES)
 def test_cluster_hadamard_quant_matches_reference(n, gated, cluster, threads, m):
     from kernels_tl.hadamard_quant_cluster import cluster_layout, hadamard_quant_cluster
@@ -221,11 +221,12 @@ def test_cluster_hadamard_quant_matches_reference(n, gated, cluster, threads, m)
         assert x_scale[0].item() == 1.0 and not x_q[0].any()
 
 
-def test_dispatch_takes_the_cluster_kernel_for_few_tokens():
-    """hadamard_quant_op at M = 2 (cluster) and M = CLUSTER_MAX_TOKENS + 1 (one block per token)."""
-    from kernels_tl.hadamard_quant_dispatch import CLUSTER_MAX_TOKENS, hadamard_quant_op
+def test_dispatch_takes_the_cluster_kernel_for_few_tokens_and_long_prefills():
+    """hadamard_quant_op at M = 2 (cluster), M = CLUSTER_MAX_TOKENS + 1 (one block per token) and
+    an odd count past LARGE_TOKENS_MIN (2-block clusters)."""
+    from kernels_tl.hadamard_quant_dispatch import CLUSTER_MAX_TOKENS, LARGE_TOKENS_MIN, hadamard_quant_op
     factors, block = hadamard_spec(14336)
-    for m in (2, CLUSTER_MAX_TOKENS + 1):
+    for m in (2, CLUSTER_MAX_TOKENS + 1, LARGE_TOKENS_MIN + 5):
         gate_up = activations(m, 2 * 14336, SEED + m)
         x_q, x_scale = hadamard_quant_op(gate_up, factors, block, 4, CLIP, gated=True)
         q_ref, s_ref = ref.quantize_act(apply_hadamard(ref.swiglu_f16(gate_up).float(), factors, block), 4, CLIP)

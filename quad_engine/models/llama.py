@@ -88,7 +88,7 @@ class Attention(nn.Module):
             q, new_kv = kv_ops.rope_kv_store(qkv[0], cos, sin, ctx.slot_mapping, self.kv_cache, cfg,
                                           round_trip=ctx.is_prefill and not ctx.has_prefix)
             attn = kv_ops.paged_attention(q, self.kv_cache, ctx.block_tables, ctx.context_lens, ctx.query_lens,
-                                       ctx.is_prefill, new_kv, ctx.has_prefix)
+                                       ctx.is_prefill, new_kv, ctx.has_prefix, ctx.host_context_lens)
             return self.o(*ops.hadamard_quant(attn.reshape(b, t, nq), cfg.hadamard_o, bits["o"], cfg.act_clip))
         v = qkv[..., nq + nkv:].view(b, t, cfg.num_kv_heads, hd).transpose(1, 2)
         # The head_dim Hadamard after RoPE spreads K's outliers so its int4 cache quantizes well;
@@ -117,7 +117,8 @@ class Attention(nn.Module):
             new_kv = kv_ops.kv_store(k[0].transpose(0, 1), v[0].transpose(0, 1), ctx.slot_mapping, self.kv_cache,
                                   cfg.kv_clip, round_trip=ctx.is_prefill and not ctx.has_prefix)
             attn = kv_ops.paged_attention(q[0].transpose(0, 1), self.kv_cache, ctx.block_tables, ctx.context_lens,
-                                       ctx.query_lens, ctx.is_prefill, new_kv, ctx.has_prefix)
+                                       ctx.query_lens, ctx.is_prefill, new_kv, ctx.has_prefix,
+                                       ctx.host_context_lens)
             attn = attn.reshape(b, t, nq)
         a_q, a_s = ops.hadamard_quant(attn, cfg.hadamard_o, bits["o"], cfg.act_clip)
         return self.o(a_q, a_s)
