@@ -160,7 +160,7 @@ def main() -> None:
     ap.add_argument("--prefill-only", action="store_true", help="skip the decode rows")
     ap.add_argument("--sweep-splits", action="store_true",
                     help="only the decode split-count sweep (Llama-3-8B, batch 1 / 16 / 32, contexts 1k / 4k, "
-                         "engine-like table widths)")
+                         "engine-like table widths; then batch 16 / 64 at 4k-32k)")
     args = ap.parse_args()
     copy = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")
     copy_gbps = 2 * copy.numel() / bench(lambda: copy.clone()) / 1e6
@@ -179,6 +179,11 @@ def main() -> None:
             for ctx, capacity in ((1024, 2112), (1024, 8192), (4096, 8192)):
                 result["splits"] += sweep_splits("llama-3-8b", batch, ctx, capacity)
                 save()
+        # Issue 4's decode shapes (batch >= 16, context >= 4k), tables as long as the context: there
+        # the default's ~2 programs a SM each walk hundreds of blocks one after another.
+        for batch, ctx in ((16, 4096), (16, 32768), (64, 4096), (64, 16384)):
+            result["splits"] += sweep_splits("llama-3-8b", batch, ctx, ctx)
+            save()
         return
 
     for model in (["llama-3-8b"] if args.quick else list(MODELS)):
