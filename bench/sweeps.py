@@ -174,7 +174,8 @@ def sweep_hadamard(n: int, gated: bool, ms=(1, 4, 16, 32, 64, 2048)) -> list[dic
     H200), so its best shape at small M is not that at M = 2048. Each variant's codes are compared
     with the default's (same inputs), and timed back to back in a CUDA graph for M <= 64 (as the
     decode step runs), with do_bench above. Up to CLUSTER_MAX_M tokens the cluster variant
-    (the row split over a thread-block cluster) is timed too."""
+    (the row split over a thread-block cluster) is timed too; gated, the default and cluster
+    shapes again with fast_silu (approximate exp / reciprocal in silu)."""
     from kernels_tl.hadamard import hadamard_factors
     from kernels_tl.hadamard_quant import hadamard_quant
     from kernels_tl.hadamard_quant_cluster import hadamard_quant_cluster
@@ -186,6 +187,14 @@ def sweep_hadamard(n: int, gated: bool, ms=(1, 4, 16, 32, 64, 2048)) -> list[dic
     cluster_keys = [(("kernel", "cluster"),) + tuple(sorted(t.items())) for t in CLUSTER_TUNINGS]
     thunks.update({key: (lambda t=t: hadamard_quant_cluster(n, factors, 8, 0.9, gated=gated, **t))
                    for key, t in zip(cluster_keys, CLUSTER_TUNINGS)})
+    if gated:  # silu from the approximate exp / reciprocal, in the default and the cluster shapes
+        fast = [dict()] + CLUSTER_TUNINGS + CLUSTER_LARGE_M
+        for t in fast:
+            is_cluster = "cluster" in t
+            key = ((("kernel", "cluster"),) if is_cluster else ()) + (("fast_silu", True),) + tuple(sorted(t.items()))
+            thunks[key] = ((lambda t=t: hadamard_quant_cluster(n, factors, 8, 0.9, gated=True, fast_silu=True, **t))
+                           if is_cluster else (lambda t=t: hadamard_quant(n, factors, None, 8, 0.9, gated=True,
+                                                                          fast_silu=True, **t)))
     built = build_all(thunks)
     rows = []
     for m in ms:
@@ -194,7 +203,11 @@ def sweep_hadamard(n: int, gated: bool, ms=(1, 4, 16, 32, 64, 2048)) -> list[dic
         built[keys[0]](x, want_q, want_s)
         moved = x.numel() * 2 + m * n + m * 4
         large = [(("kernel", "cluster"),) + tuple(sorted(t.items())) for t in CLUSTER_LARGE_M]
-        for key in keys + (cluster_keys if m <= CLUSTER_MAX_M else [k for k in large if k in built]):
+        large += [(("kernel", "cluster"), ("fast_silu", True)) + tuple(sorted(t.items())) for t in CLUSTER_LARGE_M]
+        fast_block = [k for k in built if ("fast_silu", True) in k and ("kernel", "cluster") not in k]
+        fast_cluster = [k for k in built if ("fast_silu", True) in k and ("kernel", "cluster") in k]
+        for key in keys + fast_block + (cluster_keys + fast_cluster if m <= CLUSTER_MAX_M
+                                        else [k for k in large if k in built]):
             kern, row = built[key], {"n": n, "gated": gated, "m": m, "tuning": dict(key)}
             if isinstance(kern, Exception):
                 rows.append({**row, "error": str(kern).splitlines()[0][:200]})

@@ -71,7 +71,7 @@ def cluster_layout(n: int, factors: tuple, block, cluster: int = 8):
 
 @functools.lru_cache(maxsize=None)
 def _hadamard_quant_cluster(n: int, factors: tuple, bits: int, clip: float, target, cluster: int, threads: int,
-                            gated: bool):
+                            gated: bool, fast_silu: bool = False):
     _qmax(bits)
     layout = cluster_layout(n, factors, None, cluster)
     if layout is None:
@@ -136,7 +136,7 @@ def _hadamard_quant_cluster(n: int, factors: tuple, bits: int, clip: float, targ
                         g0 = i * p + rank * cw + e0 % cw
                         if gated:
                             for e in T.unroll(vec):
-                                xh[e] = _swiglu_f16(X[tok, g0 + e], X[tok, n + g0 + e])
+                                xh[e] = _swiglu_f16(X[tok, g0 + e], X[tok, n + g0 + e], fast_silu)
                         else:
                             for e in T.vectorized(vec):
                                 xh[e] = T.Cast("float32", X[tok, g0 + e])
@@ -231,9 +231,10 @@ def _hadamard_quant_cluster(n: int, factors: tuple, bits: int, clip: float, targ
 
 
 def hadamard_quant_cluster(n: int, factors, bits: int, clip: float, target=None, cluster: int = 8,
-                           threads: int = 256, gated: bool = False):
+                           threads: int = 256, gated: bool = False, fast_silu: bool = False):
     """Build (and cache) the cluster variant of `hadamard_quant` (same call: kernel(X, XQ, XS), X
     float16 [m, n] or gate_up [m, 2n] with gated; XQ int8 [m, n], XS float32 [m] written). For
-    rows `cluster_layout` accepts; raises NotImplementedError otherwise."""
+    rows `cluster_layout` accepts; raises NotImplementedError otherwise. fast_silu: as in
+    `hadamard_quant`."""
     return _hadamard_quant_cluster(int(n), tuple(int(f) for f in factors), int(bits), float(clip), target,
-                                   int(cluster), int(threads), bool(gated))
+                                   int(cluster), int(threads), bool(gated), bool(fast_silu))

@@ -6,6 +6,7 @@ counts will use, so an engine can compile them in parallel before its first step
 """
 
 import functools
+import os
 
 from kernels_tl.hadamard_quant import hadamard_quant
 from kernels_tl.hadamard_quant_cluster import cluster_layout, hadamard_quant_cluster
@@ -33,6 +34,9 @@ FEW_TOKENS_SHAPE = dict(threads=512, cols_per_thread=1, max_radix=4)
 LARGE_TOKENS_MIN = 2048
 LARGE_ROW_MIN = 8192
 LARGE_CLUSTER = (2, 256)
+# QUAD_FAST_SILU=1: the gated kernels compute silu from the approximate exp and reciprocal
+# (hadamard_quant._swiglu_f16), for engine A/B runs; not yet measured.
+FAST_SILU = os.environ.get("QUAD_FAST_SILU", "0") == "1"
 
 
 def _cluster_shape(m: int) -> tuple[int, int]:
@@ -58,11 +62,12 @@ def kernel_choice(m: int, n: int, factors: tuple, block) -> tuple:
 
 def build_choice(choice: tuple, n: int, factors: tuple, block, bits: int, clip: float, gated: bool):
     """The compiled kernel of a kernel_choice (built on first use, then cached)."""
+    fast = {"fast_silu": True} if gated and FAST_SILU else {}
     if choice[0] == "cluster":
-        return hadamard_quant_cluster(n, factors, bits, clip, cluster=choice[1], threads=choice[2], gated=gated)
+        return hadamard_quant_cluster(n, factors, bits, clip, cluster=choice[1], threads=choice[2], gated=gated, **fast)
     if choice[0] == "few":
-        return hadamard_quant(n, factors, block, bits, clip, gated=gated, **FEW_TOKENS_SHAPE)
-    return hadamard_quant(n, factors, block, bits, clip, gated=gated)
+        return hadamard_quant(n, factors, block, bits, clip, gated=gated, **FEW_TOKENS_SHAPE, **fast)
+    return hadamard_quant(n, factors, block, bits, clip, gated=gated, **fast)
 
 
 def prebuild_jobs(problems, token_counts) -> list:

@@ -8,8 +8,8 @@
 # prefills with a cached prefix: its tests, the engine's chunked prefill with it and with the paged
 # kernel, then the prefill rows of bench/attention.py), decode (gemm-decode, the decode-attention
 # tests and the int8 lm_head tests at once: every kernel a decode step runs), quantize (quantizer
-# tests), quantize-clusters (the cluster Hadamard quantizers only, with the 2-block clusters long
-# prefills take), kv (KV-cache tests), rope (the fused RoPE + Hadamard + KV store: its tests, then
+# tests), quantize-clusters (the cluster Hadamard quantizers, with the 2-block clusters long
+# prefills take, and the fast-silu variants), kv (KV-cache tests), rope (the fused RoPE + Hadamard + KV store: its tests, then
 # the engine's logits with it and without), engine (engine tests: scripts/gpu_engine.sh check),
 # bench-kernels, bench-attention, sweep-splits (decode attention at every split count, engine-like
 # table widths), sweep-decode (split-K variants of the decode GEMM at 16 and 32 tokens),
@@ -54,7 +54,7 @@ case "$part" in
           grep -h "^FAILED" "$out/gemm_decode_tests.log" "$out/kv_decode_tests.log" "$out/head_tests.log" | head -n 20 ;;
   quantize) timeout 560 python3 -m pytest -q -m gpu tests/test_quantize_gpu.py 2>&1 | quiet > "$out/quantize_tests.log"
             tail -n 3 "$out/quantize_tests.log" ;;
-  quantize-clusters) timeout 300 python3 -m pytest -q -m gpu tests/test_quantize_gpu.py -k "cluster or dispatch" 2>&1 | quiet \
+  quantize-clusters) timeout 300 python3 -m pytest -q -m gpu tests/test_quantize_gpu.py -k "cluster or dispatch or fast_silu" 2>&1 | quiet \
                        > "$out/quantize_cluster_tests.log"
                      tail -n 3 "$out/quantize_cluster_tests.log" ;;
   kv) timeout 560 python3 -m pytest -q -m gpu tests/test_kv_attention_gpu.py 2>&1 | quiet > "$out/kv_tests.log"

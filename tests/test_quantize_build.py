@@ -96,6 +96,21 @@ def test_gated_hadamard_quant_builds(tmp_path):
     assert ptxas_spills(src, tmp_path) == [0, 0]
 
 
+@pytest.mark.parametrize("cluster", [None, 2])
+def test_fast_silu_variant_uses_the_approximate_exp_and_reciprocal(cluster, tmp_path):
+    from kernels_tl.hadamard_quant import SM90, hadamard_quant
+    from kernels_tl.hadamard_quant_cluster import hadamard_quant_cluster
+    if cluster:
+        src = hadamard_quant_cluster(14336, (28, 512), 8, 0.9, target=SM90, cluster=cluster, gated=True,
+                                     fast_silu=True).get_kernel_source()
+    else:
+        src = hadamard_quant(14336, (28, 512), None, 8, 0.9, target=SM90, gated=True,
+                             fast_silu=True).get_kernel_source()
+    assert_reference_rounding(src)  # the quantizer itself rounds as the reference
+    assert src.count("__expf(") == src.count("expf(") >= 1 and "tl::fast_rcp(" in src  # no precise expf left
+    assert ptxas_spills(src, tmp_path) == [0, 0]
+
+
 @pytest.mark.parametrize("n,gated", [(14336, True), (4096, False), (1536, True)])
 def test_cluster_hadamard_quant_builds(n, gated, tmp_path):
     from kernels_tl.hadamard import hadamard_factors
