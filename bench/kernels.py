@@ -3,7 +3,10 @@ baselines timed in the same run on the same GPU: cuBLAS bf16 X·Wᵀ, torch._int
 unfused reference (kernels_tl.reference on the GPU). CUDA-event timing through
 triton.testing.do_bench (median). Prints a table and writes JSON.
 
-    python bench/kernels.py --out bench/results/kernels.json [--quick]
+    python bench/kernels.py --out bench/results/kernels.json [--quick] [--gemm-ms 2048,8192]
+
+From 1024 tokens each GEMM row also times the producer-unpack prefill kernel (kernels_tl.gemm_ws,
+`ws_ms`) with its largest difference from the dispatch's kernel.
 
 Tile, split and launch-shape sweeps of the same kernels: bench/sweeps.py.
 """
@@ -95,6 +98,19 @@ def bench_gemm(m: int, n: int, k: int, rank: int, with_reference: bool) -> dict:
     if m > 16:  # torch._int_mm needs M > 16
         w8t = wq.T  # [K, N] column-major: the layout _int_mm is fast on
         row["int_mm_ms"] = bench(lambda: torch._int_mm(xq, w8t))
+    if m >= 1024:  # the producer-unpack prefill kernel (QUAD_PREFILL_GEMM=ws) beside the dispatch's choice
+        try:
+            from kernels_tl.gemm_ws import w4ax_gemm_ws
+            ws_kernel = w4ax_gemm_ws(n, k, rank, False, "float16", **gemm_dispatch._fit_k(gemm_dispatch.WS_TILES, k))
+            bias = torch.zeros(n, device="cuda", dtype=torch.float16)
+            y2 = torch.full_like(y, float("nan"))
+            ws_kernel(xq, xs, wp, ws, xo, wo, bias, y2)
+            gemm_dispatch.w4ax_linear(xq, xs, wp, ws, xo, wo, out=y)
+            row["ws_max_abs_diff"] = float((y2.float() - y.float()).abs().max())
+            row["ws_ms"] = bench(lambda: ws_kernel(xq, xs, wp, ws, xo, wo, bias, y2))
+            row["ws_tops"] = 2 * m * n * k / row["ws_ms"] / 1e9
+        except Exception as e:  # reported, not fatal
+            row["ws_error"] = str(e).splitlines()[0][:200]
     if with_reference:
         wf, xf = wq.float(), xq.float()
         row["reference_ms"] = bench(lambda: ref.quant_linear(xf, xs[:, None], wf, ws[:, None], xo, wo))
@@ -155,7 +171,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--quick", action="store_true", help="Llama-3-8B shapes only")
+    ap.add_argument("--gemm-ms", default="", help="only the GEMM rows, at these token counts (e.g. 2048,8192)")
     args = ap.parse_args()
+    ms = [int(m) for m in args.gemm_ms.split(",")] if args.gemm_ms else MS
     copy = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")
     copy_gbps = 2 * copy.numel() / bench(lambda: copy.clone()) / 1e6
     print(f"device copy: {copy_gbps:.0f} GB/s", flush=True)
@@ -168,7 +186,7 @@ def main() -> None:
 
     models = ["llama-3-8b"] if args.quick else list(MODELS)
     result["quantize"] = []
-    for model in models:
+    for model in ([] if args.gemm_ms else models):
         for m in (2048, 8192):
             for row in bench_quantize(model, m):
                 result["quantize"].append(row)
@@ -178,11 +196,11 @@ def main() -> None:
                       f"bf16 {g['bf16_ms'] * 1e3:8.1f} us x{g['speedup_vs_bf16']:.2f}", flush=True)
     save()
     gemm_dispatch.prebuild([(m, n, k, RANK if name in ("qkv", "gate_up") else 0, False, "float16")
-                            for model in models for name, (n, k) in MODELS[model].items() for m in MS])
+                            for model in models for name, (n, k) in MODELS[model].items() for m in ms])
     for model in models:
         for name, (n, k) in MODELS[model].items():
             rank = RANK if name in ("qkv", "gate_up") else 0
-            for m in MS:
+            for m in ms:
                 row = {"model": model, "linear": name,
                        **bench_gemm(m, n, k, rank, with_reference=m in (1, 2048) and model == "llama-3-8b")}
                 result["gemm"].append(row)
@@ -191,7 +209,9 @@ def main() -> None:
                       f"bf16 {row['bf16_ms'] * 1e3:8.1f} us  x{row['speedup_vs_bf16']:.2f}" + (
                           f" | graph {row['graph_ms'] * 1e3:6.1f} us {row['graph_gbps'] / copy_gbps:4.0%} of copy,"
                           f" bf16 {row['graph_bf16_ms'] * 1e3:6.1f} us x{row['graph_speedup_vs_bf16']:.2f}"
-                          if "graph_ms" in row else ""), flush=True)
+                          if "graph_ms" in row else "") + (
+                          f" | ws {row['ws_ms'] * 1e3:8.1f} us {row['ws_tops']:7.1f} TOPS (max |diff| {row['ws_max_abs_diff']:.1e})"
+                          if "ws_ms" in row else f" | ws failed: {row['ws_error']}" if "ws_error" in row else ""), flush=True)
         save()
 
 

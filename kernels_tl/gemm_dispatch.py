@@ -10,6 +10,7 @@ import os
 
 from kernels_tl.buffers import zeros
 from kernels_tl.gemm import w4ax_epilogue, w4ax_gemm, w4ax_gemm_decode, w4ax_gemm_splitk
+from kernels_tl.gemm_ws import w4ax_gemm_ws
 from kernels_tl.gemv import w4ax_gemv
 
 GEMV_TOKENS = (1, 2, 4)  # compiled token widths of the CUDA-core kernel; larger M goes to tensor cores
@@ -21,6 +22,10 @@ MEDIUM_TILES = dict(block_m=128, block_n=128, block_k=128, num_stages=4, threads
 # warp-specialized pipeline, the measured default; 2 or 3: see gemm._decode_pass_configs).
 DECODE_GEMM_BLOCKS = int(os.environ.get("QUAD_DECODE_GEMM_BLOCKS", "1"))
 SMEM_PER_SM = 227 * 1024
+# QUAD_PREFILL_GEMM=ws: from 1024 tokens the prefill kernel whose producer warpgroup unpacks the
+# weights (kernels_tl.gemm_ws), 256 x 128 tiles; not yet measured on a GPU.
+PREFILL_GEMM_WS = os.environ.get("QUAD_PREFILL_GEMM", "") == "ws"
+WS_TILES = dict(block_m=256, block_n=128, block_k=128, num_stages=3)
 
 
 # Time per token row of a tile relative to the 384-row tile: the unpack of a weight tile is ~9% of
@@ -126,6 +131,8 @@ def kernel_specs(m: int, n: int, k: int, rank: int, has_bias: bool, out_dtype: s
                           plan["num_stages"], **extra)]
         return [_spec(w4ax_gemm_splitk, n, k, **plan),
                 _spec(w4ax_epilogue, n, rank, has_bias, out_dtype, plan["block_m"])]
+    if PREFILL_GEMM_WS and m >= 1024:
+        return [_spec(w4ax_gemm_ws, n, k, rank, has_bias, out_dtype, **_fit_k(WS_TILES, k))]
     return [_spec(w4ax_gemm, n, k, rank, has_bias, out_dtype, **prefill_tiles(m, n, k, rank, has_bias))]
 
 
@@ -183,7 +190,7 @@ def prebuild(problems, workers: int = 16) -> None:
     prefill size, every tile configuration prefill_tiles may pick at some token count of its class."""
     specs = []
     for m, n, k, rank, has_bias, out_dtype in sorted(set(problems)):
-        if m <= DECODE_MAX_M:
+        if m <= DECODE_MAX_M or PREFILL_GEMM_WS and m >= 1024:
             specs += kernel_specs(m, n, k, rank, has_bias, out_dtype)
         else:
             specs += [_spec(w4ax_gemm, n, k, rank, has_bias, out_dtype, **t)

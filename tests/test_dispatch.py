@@ -84,3 +84,18 @@ def test_engine_quantizer_prebuild_uses_the_model_sites(monkeypatch):
     norms.clear()
     ops.prebuild_quantizers(cfg, [1, 8], int8_head=True)  # and the final norm of the int8 head
     assert ((4160, 64, 4096, ops.HEAD_BITS, ops.HEAD_CLIP, 1e-5), "add") in norms
+
+
+def test_prefill_gemm_ws_switch_picks_the_producer_unpack_kernel_from_1024_tokens(monkeypatch):
+    from kernels_tl import gemm_dispatch
+    from kernels_tl.gemm import w4ax_gemm
+    from kernels_tl.gemm_ws import w4ax_gemm_ws
+    assert gemm_dispatch.kernel_specs(2048, 4160, 4096, 0, False, "float16")[0][0] is w4ax_gemm  # the default
+    monkeypatch.setattr(gemm_dispatch, "PREFILL_GEMM_WS", True)
+    builder, args, kwargs = gemm_dispatch.kernel_specs(2048, 640, 576, 64, True, "float16")[0]
+    assert builder is w4ax_gemm_ws and args == (640, 576, 64, True, "float16") and dict(kwargs)["block_k"] == 64
+    assert gemm_dispatch.kernel_specs(1000, 4160, 4096, 0, False, "float16")[0][0] is w4ax_gemm
+    built = []
+    monkeypatch.setattr(gemm_dispatch, "_build_all", lambda specs, workers=16: built.extend(specs))
+    gemm_dispatch.prebuild([(2048, 4160, 4096, 0, False, "float16")])
+    assert built == gemm_dispatch.kernel_specs(4096, 4160, 4096, 0, False, "float16")
