@@ -6,7 +6,8 @@ triton.testing.do_bench (median). Prints a table and writes JSON.
     python bench/kernels.py --out bench/results/kernels.json [--quick] [--gemm-ms 2048,8192]
 
 From 1024 tokens each GEMM row also times the producer-unpack prefill kernel (kernels_tl.gemm_ws,
-`ws_ms`) with its largest difference from the dispatch's kernel.
+`ws_ms`; `ws_async_ms` with one wgmma kept in flight) with its largest difference from the
+dispatch's kernel.
 
 Tile, split and launch-shape sweeps of the same kernels: bench/sweeps.py.
 """
@@ -99,18 +100,20 @@ def bench_gemm(m: int, n: int, k: int, rank: int, with_reference: bool) -> dict:
         w8t = wq.T  # [K, N] column-major: the layout _int_mm is fast on
         row["int_mm_ms"] = bench(lambda: torch._int_mm(xq, w8t))
     if m >= 1024:  # the producer-unpack prefill kernel (QUAD_PREFILL_GEMM=ws) beside the dispatch's choice
-        try:
-            from kernels_tl.gemm_ws import w4ax_gemm_ws
-            ws_kernel = w4ax_gemm_ws(n, k, rank, False, "float16", **gemm_dispatch._fit_k(gemm_dispatch.WS_TILES, k))
-            bias = torch.zeros(n, device="cuda", dtype=torch.float16)
-            y2 = torch.full_like(y, float("nan"))
-            ws_kernel(xq, xs, wp, ws, xo, wo, bias, y2)
-            gemm_dispatch.w4ax_linear(xq, xs, wp, ws, xo, wo, out=y)
-            row["ws_max_abs_diff"] = float((y2.float() - y.float()).abs().max())
-            row["ws_ms"] = bench(lambda: ws_kernel(xq, xs, wp, ws, xo, wo, bias, y2))
-            row["ws_tops"] = 2 * m * n * k / row["ws_ms"] / 1e9
-        except Exception as e:  # reported, not fatal
-            row["ws_error"] = str(e).splitlines()[0][:200]
+        from kernels_tl.gemm_ws import w4ax_gemm_ws
+        gemm_dispatch.w4ax_linear(xq, xs, wp, ws, xo, wo, out=y)
+        bias = torch.zeros(n, device="cuda", dtype=torch.float16)
+        for name, async_mma in (("ws", False), ("ws_async", True)):
+            try:
+                tiles = {**gemm_dispatch._fit_k(gemm_dispatch.WS_TILES, k), "async_mma": async_mma}
+                ws_kernel = w4ax_gemm_ws(n, k, rank, False, "float16", **tiles)
+                y2 = torch.full_like(y, float("nan"))
+                ws_kernel(xq, xs, wp, ws, xo, wo, bias, y2)
+                row[f"{name}_max_abs_diff"] = float((y2.float() - y.float()).abs().max())
+                row[f"{name}_ms"] = bench(lambda: ws_kernel(xq, xs, wp, ws, xo, wo, bias, y2))
+                row[f"{name}_tops"] = 2 * m * n * k / row[f"{name}_ms"] / 1e9
+            except Exception as e:  # reported, not fatal
+                row[f"{name}_error"] = str(e).splitlines()[0][:200]
     if with_reference:
         wf, xf = wq.float(), xq.float()
         row["reference_ms"] = bench(lambda: ref.quant_linear(xf, xs[:, None], wf, ws[:, None], xo, wo))
@@ -210,8 +213,10 @@ def main() -> None:
                           f" | graph {row['graph_ms'] * 1e3:6.1f} us {row['graph_gbps'] / copy_gbps:4.0%} of copy,"
                           f" bf16 {row['graph_bf16_ms'] * 1e3:6.1f} us x{row['graph_speedup_vs_bf16']:.2f}"
                           if "graph_ms" in row else "") + (
-                          f" | ws {row['ws_ms'] * 1e3:8.1f} us {row['ws_tops']:7.1f} TOPS (max |diff| {row['ws_max_abs_diff']:.1e})"
-                          if "ws_ms" in row else f" | ws failed: {row['ws_error']}" if "ws_error" in row else ""), flush=True)
+                          "".join(f" | {v} {row[v + '_ms'] * 1e3:8.1f} us {row[v + '_tops']:7.1f} TOPS"
+                                  f" (max |diff| {row[v + '_max_abs_diff']:.1e})" if v + "_ms" in row
+                                  else f" | {v} failed: {row[v + '_error']}" if v + "_error" in row else ""
+                                  for v in ("ws", "ws_async"))), flush=True)
         save()
 
 

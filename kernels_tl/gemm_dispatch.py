@@ -22,10 +22,12 @@ MEDIUM_TILES = dict(block_m=128, block_n=128, block_k=128, num_stages=4, threads
 # warp-specialized pipeline, the measured default; 2 or 3: see gemm._decode_pass_configs).
 DECODE_GEMM_BLOCKS = int(os.environ.get("QUAD_DECODE_GEMM_BLOCKS", "1"))
 SMEM_PER_SM = 227 * 1024
-# QUAD_PREFILL_GEMM=ws: from 1024 tokens the prefill kernel whose producer warpgroup unpacks the
-# weights (kernels_tl.gemm_ws), 256 x 128 tiles; not yet measured on a GPU.
-PREFILL_GEMM_WS = os.environ.get("QUAD_PREFILL_GEMM", "") == "ws"
-WS_TILES = dict(block_m=256, block_n=128, block_k=128, num_stages=3)
+# QUAD_PREFILL_GEMM=ws (or ws-async: one wgmma kept in flight): from 1024 tokens the prefill kernel
+# whose producer warpgroup unpacks the weights (kernels_tl.gemm_ws), 256 x 128 tiles; not yet
+# measured on a GPU.
+PREFILL_GEMM_WS = os.environ.get("QUAD_PREFILL_GEMM", "") in ("ws", "ws-async")
+WS_TILES = dict(block_m=256, block_n=128, block_k=128, num_stages=3,
+                async_mma=os.environ.get("QUAD_PREFILL_GEMM", "") == "ws-async")
 
 
 # Time per token row of a tile relative to the 384-row tile: the unpack of a weight tile is ~9% of

@@ -52,9 +52,13 @@ def _producer_unpack(wp_s, w_s, rows: int, block_k: int):
 
 @functools.lru_cache(maxsize=None)
 def w4ax_gemm_ws(n: int, k: int, rank: int, has_bias: bool = False, out_dtype: str = "float16",
-                 block_m: int = 256, block_n: int = 128, block_k: int = 128, num_stages: int = 3, target=None):
+                 block_m: int = 256, block_n: int = 128, block_k: int = 128, num_stages: int = 3,
+                 async_mma: bool = False, target=None):
     """kernel(x_q, x_scale, w_q, w_scale, x_out, w_out, bias, y) as `gemm.w4ax_gemm` (y written, not
-    allocated; x_out / w_out / bias not read when rank == 0 / no bias)."""
+    allocated; x_out / w_out / bias not read when rank == 0 / no bias). async_mma: the consumers
+    keep one tile's wgmma in flight while they wait for the next stage (a stage is freed once the
+    wgmma after it has been issued and its own has completed), instead of draining the tensor
+    cores at every tile."""
     assert k % block_k == 0 and rank % 16 == 0 and block_m % 128 == 0
     r = max(rank, 16)
     stages = num_stages
@@ -111,8 +115,18 @@ def w4ax_gemm_ws(n: int, k: int, rank: int, has_bias: bool = False, out_dtype: s
                         # writes by the barrier that carried them), then the unpacked weights.
                         T.mbarrier_wait_parity(bars[s], phase)
                         T.mbarrier_wait_parity(bars[stages + s], phase)
-                        T.gemm(x_s[s, :, :], w_s[s, :, :], acc, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
-                        T.mbarrier_arrive(bars[2 * stages + s])
+                        if async_mma:
+                            T.wgmma_gemm(x_s[s, :, :], w_s[s, :, :], acc, transpose_B=True,
+                                         policy=T.GemmWarpPolicy.FullRow)
+                            T.wait_wgmma(1)  # the previous tile's wgmma has completed: free its stage
+                            if kt > 0:
+                                T.mbarrier_arrive(bars[2 * stages + (kt + stages - 1) % stages])
+                        else:
+                            T.gemm(x_s[s, :, :], w_s[s, :, :], acc, transpose_B=True,
+                                   policy=T.GemmWarpPolicy.FullRow)
+                            T.mbarrier_arrive(bars[2 * stages + s])
+                    if async_mma:
+                        T.wait_wgmma(0)
                     for i, j in T.Parallel(block_m, block_n):
                         # As gemm.w4ax_gemm: the 16 of the weight nibble folded into the scale; the
                         # last weight tile may overhang n, its scale and bias loads are guarded.

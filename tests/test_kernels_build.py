@@ -24,9 +24,9 @@ def test_prefill_gemm_builds_with_int8_wgmma(rank, bias, block_m):
     assert "quad_unpack_int4x32(" in src and "fence_proxy_async" in src
 
 
-@pytest.mark.parametrize("n,k,rank,bias", [(28672, 4096, 0, False), (6144, 4096, 64, False), (4160, 14336, 0, True),
-                                           (640, 576, 64, True)])
-def test_producer_unpack_prefill_gemm_builds(n, k, rank, bias, tmp_path):
+@pytest.mark.parametrize("n,k,rank,bias,async_mma", [(28672, 4096, 0, False, False), (6144, 4096, 64, False, False),
+                                                     (4160, 14336, 0, True, True), (640, 576, 64, True, True)])
+def test_producer_unpack_prefill_gemm_builds(n, k, rank, bias, async_mma, tmp_path):
     """kernels_tl.gemm_ws (QUAD_PREFILL_GEMM=ws): the unpack runs in the producer warpgroup, after it
     waited for the stage's TMA bytes and before it signals the consumers, who only wait, multiply on
     int8 wgmma and free the stage; the stages fit the SM's shared memory, nothing spills (but a
@@ -37,7 +37,8 @@ def test_producer_unpack_prefill_gemm_builds(n, k, rank, bias, tmp_path):
 
     from kernels_tl.gemm_dispatch import WS_TILES, _fit_k
     from kernels_tl.gemm_ws import SM90, w4ax_gemm_ws
-    src = w4ax_gemm_ws(n, k, rank, bias, "float16", target=SM90, **_fit_k(WS_TILES, k)).get_kernel_source()
+    tiles = {**_fit_k(WS_TILES, k), "async_mma": async_mma}
+    src = w4ax_gemm_ws(n, k, rank, bias, "float16", target=SM90, **tiles).get_kernel_source()
     producer, consumer = src.split("if (256 <= ((int)threadIdx.x)) {")[1].split("if (((int)threadIdx.x) < 256) {")
     assert "warpgroup_reg_dealloc<40>" in producer and "warpgroup_reg_alloc<232>" in consumer
     assert producer.count("tma_load(") == 2 and "quad_unpack_int4x32(" in producer
@@ -45,11 +46,13 @@ def test_producer_unpack_prefill_gemm_builds(n, k, rank, bias, tmp_path):
     tail = producer.split("quad_unpack_int4x32(")[0]
     assert tail.rfind(".wait(") > tail.rfind("tma_load(")
     assert producer.index("fence_proxy_async") < producer.rindex(".arrive()")
-    assert "quad_unpack_int4x32(" not in consumer and "__syncthreads" not in consumer.split("for (int kt_1")[1].split("}")[0]
+    loop = consumer.split("for (int kt_1")[1].split("for (int i_2")[0]
+    assert "quad_unpack_int4x32(" not in consumer and "__syncthreads" not in loop
+    # async: one wgmma batch left in flight, the previous tile's stage freed after it completed
+    assert ("wait_wgmma<1>" in loop and "warpgroup_wait<0>" not in loop) == async_mma
     assert "wgmma_ss<tl::DataType::kInt8, tl::DataType::kInt8, tl::DataType::kInt32" in consumer
     assert ("wgmma_ss<tl::DataType::kFloat16, tl::DataType::kFloat16, tl::DataType::kFloat32" in consumer) == (rank > 0)
     buffers = {name: int(off) for name, off in re.findall(r"void\* (\w+) = \(\(void\*\)\(\(char\*\)buf_dyn_shmem \+ (\d+)\)\)", src)}
-    tiles = _fit_k(WS_TILES, k)
     sizes = {"x_s": 3 * tiles["block_m"] * tiles["block_k"], "w_s": 3 * 128 * tiles["block_k"],
              "w_packed": 3 * 128 * tiles["block_k"] // 2, "xo_s": tiles["block_m"] * 64 * 2, "wo_s": 128 * 64 * 2}
     assert max(off + sizes[name] for name, off in buffers.items()) <= 227 * 1024
