@@ -24,7 +24,8 @@ import tilelang
 import tilelang.language as T
 
 from kernels_tl.attention_tiles import attention_buffers, load_kv_block, prefetch_macros, softmax_pv
-from kernels_tl.kv_attention import _TARGETS, BLOCK_SIZE, SM90  # noqa: F401
+from kernels_tl.kv_attention import BLOCK_SIZE
+from kernels_tl.targets import SM90, TARGETS  # noqa: F401
 
 ROWS = 64  # query rows of a program (tokens x GQA group), the mma tile height
 
@@ -74,7 +75,7 @@ def attention_prefill(heads: int, kv_heads: int, head_dim: int, block_size: int 
     half = head_dim // 2
     scale_log2 = (sm_scale if sm_scale is not None else head_dim ** -0.5) * math.log2(math.e)
 
-    @tilelang.jit(target=_TARGETS[target])
+    @tilelang.jit(target=TARGETS[target])
     def build():
         t = T.dynamic("tokens")
         nb = T.dynamic("num_blocks")

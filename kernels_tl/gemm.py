@@ -34,9 +34,7 @@ import tilelang.language as T
 
 from kernels_tl.pdl import wait_for_producers
 
-# Explicit target so kernels also build (codegen + nvcc) on a machine without a GPU.
-SM90 = "sm90"
-_TARGETS = {"sm90": {"kind": "cuda", "arch": "sm_90a"}, None: "auto"}
+from kernels_tl.targets import SM90, TARGETS  # noqa: F401
 
 
 def _decode_pass_configs(min_blocks: int) -> dict:
@@ -102,7 +100,7 @@ def w4ax_gemm(n: int, k: int, rank: int, has_bias: bool = False, out_dtype: str 
     assert k % block_k == 0 and rank % 16 == 0
     r = max(rank, 16)  # a zero-width outlier path still needs a legal tensor; it is skipped below
 
-    @tilelang.jit(target=_TARGETS[target])
+    @tilelang.jit(target=TARGETS[target])
     def build():
         m = T.dynamic("m")
 
@@ -169,7 +167,7 @@ def w4ax_gemm_splitk(n: int, k: int, split: int, block_m: int = 16, block_n: int
     assert k % (block_k * split) == 0 and n % block_n == 0 and block_n == 64
     k_tiles = k // block_k // split
 
-    @tilelang.jit(target=_TARGETS[target], pass_configs=_decode_pass_configs(min_blocks))
+    @tilelang.jit(target=TARGETS[target], pass_configs=_decode_pass_configs(min_blocks))
     def build():
         m = T.dynamic("m")
 
@@ -220,7 +218,7 @@ def w4ax_gemm_decode(n: int, k: int, rank: int, has_bias: bool = False, out_dtyp
     w_cols, w_dtype = (k // 2, "uint8") if packed else (k, "int8")
     scale_dtype = "float16" if packed else "float32"
 
-    @tilelang.jit(target=_TARGETS[target], pass_configs=_decode_pass_configs(min_blocks))
+    @tilelang.jit(target=TARGETS[target], pass_configs=_decode_pass_configs(min_blocks))
     def build():
         m = T.dynamic("m")
 
@@ -308,7 +306,7 @@ def w4ax_epilogue(n: int, rank: int, has_bias: bool = False, out_dtype: str = "f
     r = max(rank, 16)
     assert n % block_n == 0 and rank % 16 == 0
 
-    @tilelang.jit(target=_TARGETS[target])
+    @tilelang.jit(target=TARGETS[target])
     def build():
         m = T.dynamic("m")
 

@@ -20,7 +20,8 @@ import functools
 import tilelang
 import tilelang.language as T
 
-from kernels_tl.gemm import _TARGETS, _UNPACK_SRC, SM90  # noqa: F401
+from kernels_tl.gemm import _UNPACK_SRC
+from kernels_tl.targets import SM90, TARGETS  # noqa: F401
 
 CONSUMERS = 256   # two consumer warpgroups, block_m / 2 tokens each
 PRODUCER = 128
@@ -64,7 +65,7 @@ def w4ax_gemm_ws(n: int, k: int, rank: int, has_bias: bool = False, out_dtype: s
     stages = num_stages
     tiles = k // block_k
 
-    @tilelang.jit(target=_TARGETS[target])
+    @tilelang.jit(target=TARGETS[target])
     def build():
         m = T.dynamic("m")
 

@@ -17,8 +17,8 @@ import functools
 import tilelang
 import tilelang.language as T
 
-from kernels_tl.gemm import _TARGETS, SM90  # noqa: F401
 from kernels_tl.pdl import prefetch_weights, wait_for_producers
+from kernels_tl.targets import SM90, TARGETS  # noqa: F401
 
 PREFETCH_GEMV_WEIGHTS = prefetch_weights("gemv")
 
@@ -70,7 +70,7 @@ def w4ax_gemv(n: int, k: int, rank: int, has_bias: bool = False, out_dtype: str 
                     w_loc[(rw * unroll + u) * 16 + v] = T.if_then_else(
                         chunk < chunks, WQ[row0 + rw, chunk * 16 + v], T.uint8(0))
 
-    @tilelang.jit(target=_TARGETS[target])
+    @tilelang.jit(target=TARGETS[target])
     def build():
         m = T.dynamic("m")
 

@@ -18,7 +18,8 @@ import tilelang
 import tilelang.language as T
 
 from kernels_tl.pdl import wait_for_producers
-from kernels_tl.quantize import _PASS_CONFIGS, _TARGETS, SM90, _block_allreduce, _qmax, _quantize, _token_scale  # noqa: F401
+from kernels_tl.quantize import _PASS_CONFIGS, _block_allreduce, _qmax, _quantize, _token_scale
+from kernels_tl.targets import SM90, TARGETS  # noqa: F401
 
 
 def _is_pow2(x: int) -> bool:
@@ -205,7 +206,7 @@ def _hadamard_quant(n: int, factors: tuple, block, bits: int, clip: float, targe
         seg, j = s // p, s % p
         return ((seg % nb) * f + seg // nb) * p + j
 
-    @tilelang.jit(target=_TARGETS[target], pass_configs=_PASS_CONFIGS)
+    @tilelang.jit(target=TARGETS[target], pass_configs=_PASS_CONFIGS)
     def build():
         m = T.dynamic("m")
 

@@ -29,7 +29,8 @@ import tilelang.language as T
 
 from kernels_tl.hadamard_quant import _is_pow2, _quad_combos, _quad_terms, _signed_chain, _swiglu_f16
 from kernels_tl.pdl import wait_for_producers
-from kernels_tl.quantize import _PASS_CONFIGS, _TARGETS, SM90, _block_allreduce, _qmax, _quantize, _token_scale  # noqa: F401
+from kernels_tl.quantize import _PASS_CONFIGS, _block_allreduce, _qmax, _quantize, _token_scale
+from kernels_tl.targets import SM90, TARGETS  # noqa: F401
 
 # Distributed shared memory and the cluster barrier, as PTX (sm_90): mapa turns a shared-memory
 # address of this block into the same address in block `rank` of the cluster. The barrier's
@@ -103,7 +104,7 @@ def _hadamard_quant_cluster(n: int, factors: tuple, bits: int, clip: float, targ
     kbits = cw.bit_length() - 1
     passes = [(s, min(3, kbits - s)) for s in range(0, kbits, 3)]
 
-    @tilelang.jit(target=_TARGETS[target], pass_configs=_PASS_CONFIGS)
+    @tilelang.jit(target=TARGETS[target], pass_configs=_PASS_CONFIGS)
     def build():
         m = T.dynamic("m")
 

@@ -24,9 +24,7 @@ import tilelang.language as T
 from kernels_tl.attention_tiles import attention_buffers, load_kv_block, prefetch_macros, softmax_pv
 from kernels_tl.pdl import wait_for_producers
 
-# Explicit target so kernels also build (codegen + nvcc) on a machine without a GPU.
-SM90 = "sm90"
-_TARGETS = {"sm90": {"kind": "cuda", "arch": "sm_90a"}, None: "auto"}
+from kernels_tl.targets import SM90, TARGETS  # noqa: F401
 BLOCK_SIZE = 64  # tokens per cache block = the decode kernel's K / V tile
 # attention_decode's loop. The register-prefetch loop (next block's packed K / V in registers while
 # the current one is multiplied) takes 160 registers a thread uncapped (ptxas -v, Llama-3-8B shapes):
@@ -96,7 +94,7 @@ def attention_decode(heads: int, kv_heads: int, head_dim: int, num_splits: int, 
     per_thread, prefetch_loop = prefetch_macros(threads, block_size, head_dim)
     assert not prefetch or (num_stages == 1 and threads % block_size == 0 and per_thread % 4 == 0)
 
-    @tilelang.jit(target=_TARGETS[target])
+    @tilelang.jit(target=TARGETS[target])
     def build():
         b = T.dynamic("batch")
         nb = T.dynamic("num_blocks")
@@ -181,7 +179,7 @@ def attention_decode(heads: int, kv_heads: int, head_dim: int, num_splits: int, 
 def attention_combine(heads: int, head_dim: int, num_splits: int, target=None):
     """out[b, h] = Σ_s 2^(lse_s - lse) · partial_s with lse = log2 Σ_s 2^lse_s; float16 out."""
 
-    @tilelang.jit(target=_TARGETS[target])
+    @tilelang.jit(target=TARGETS[target])
     def build():
         b = T.dynamic("batch")
 

@@ -13,8 +13,8 @@ import functools
 import tilelang
 import tilelang.language as T
 
-from kernels_tl.kv_attention import _TARGETS, SM90  # noqa: F401
 from kernels_tl.pdl import wait_for_producers
+from kernels_tl.targets import SM90, TARGETS  # noqa: F401
 
 
 
@@ -26,7 +26,7 @@ def kv_gather_dequant(kv_heads: int, head_dim: int, block_size: int = 64, thread
     half = head_dim // 2
 
     # Block ids come from block tables (valid by construction): no per-element bounds checks.
-    @tilelang.jit(target=_TARGETS[target], pass_configs={"tl.disable_safe_memory_legalize": True})
+    @tilelang.jit(target=TARGETS[target], pass_configs={"tl.disable_safe_memory_legalize": True})
     def build():
         nb = T.dynamic("num_blocks")
         n = T.dynamic("n")

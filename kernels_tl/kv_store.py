@@ -7,8 +7,9 @@ import functools
 import tilelang
 import tilelang.language as T
 
-from kernels_tl.kv_attention import _TARGETS, BLOCK_SIZE, SM90  # noqa: F401
+from kernels_tl.kv_attention import BLOCK_SIZE
 from kernels_tl.pdl import wait_for_producers
+from kernels_tl.targets import SM90, TARGETS  # noqa: F401
 
 
 def quantize_store_row(per_lane: int, block_size: int, clip: float, round_trip: bool):
@@ -76,7 +77,7 @@ def kv_store(kv_heads: int, head_dim: int, block_size: int = BLOCK_SIZE, clip: f
     per_lane = head_dim // 32
     half = head_dim // 2
 
-    @tilelang.jit(target=_TARGETS[target])
+    @tilelang.jit(target=TARGETS[target])
     def build():
         t = T.dynamic("tokens")
         nb = T.dynamic("num_blocks")

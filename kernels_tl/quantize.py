@@ -22,9 +22,7 @@ import tilelang.language as T
 
 from kernels_tl.pdl import wait_for_producers
 
-# Explicit target so kernels also build (codegen + nvcc) on a machine without a GPU.
-SM90 = "sm90"
-_TARGETS = {"sm90": {"kind": "cuda", "arch": "sm_90a"}, None: "auto"}
+from kernels_tl.targets import SM90, TARGETS  # noqa: F401
 
 
 def _qmax(bits: int) -> int:
@@ -170,7 +168,7 @@ def rmsnorm_quant(width: int, rank: int, d: int, bits: int, clip: float, eps: fl
     add = residual == "add"
     body = rmsnorm_body(width, rank, d, bits, clip, eps, threads, add)
 
-    @tilelang.jit(target=_TARGETS[target], pass_configs=_PASS_CONFIGS)
+    @tilelang.jit(target=TARGETS[target], pass_configs=_PASS_CONFIGS)
     def build():
         m = T.dynamic("m")
 

@@ -49,9 +49,10 @@ import torch
 from kernels_tl import reference as ref
 from kernels_tl.hadamard import apply_hadamard, hadamard_factors
 from kernels_tl.hadamard_quant import _register_butterfly
-from kernels_tl.kv_attention import _TARGETS, BLOCK_SIZE, SM90  # noqa: F401
+from kernels_tl.kv_attention import BLOCK_SIZE
 from kernels_tl.kv_store import quantize_store_row
 from kernels_tl.pdl import wait_for_producers
+from kernels_tl.targets import SM90, TARGETS  # noqa: F401
 
 # Warps (rows) per block. A block of one warp, as kv_store uses, caps an SM at 32 resident warps
 # (Hopper's limit of 32 blocks per SM); each warp here is a chain of dependent loads, shuffles and
@@ -85,7 +86,7 @@ def rope_kv_store(heads: int, kv_heads: int, head_dim: int, block_size: int = BL
 
     store_row = quantize_store_row(per_lane, block_size, clip, round_trip)
 
-    @tilelang.jit(target=_TARGETS[target])
+    @tilelang.jit(target=TARGETS[target])
     def build():
         t = T.dynamic("tokens")
         nb = T.dynamic("num_blocks")
