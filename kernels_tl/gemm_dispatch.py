@@ -26,7 +26,7 @@ SMEM_PER_SM = 227 * 1024
 # whose producer warpgroup unpacks the weights (kernels_tl.gemm_ws), 256 x 128 tiles; not yet
 # measured on a GPU.
 PREFILL_GEMM_WS = os.environ.get("QUAD_PREFILL_GEMM", "") in ("ws", "ws-async")
-WS_TILES = dict(block_m=256, block_n=128, block_k=128, num_stages=3,
+WS_TILES = dict(block_m=256, block_n=128, block_k=128,
                 async_mma=os.environ.get("QUAD_PREFILL_GEMM", "") == "ws-async")
 
 

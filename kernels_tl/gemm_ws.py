@@ -5,14 +5,19 @@ TileLang's automatic warp specialization gives the copies to a producer warpgrou
 unpack of each packed weight tile to the two consumer warpgroups: every K tile they unpack (shared
 to shared), meet at a barrier, multiply, wait for the tensor cores and meet again, so the tensor
 cores idle through the unpack (Nsight Compute at 2048 tokens: 988 int8 TOPS, 80% of cycles with no
-eligible warp). Here the warp roles are written out: the producer warpgroup brings a stage's
-activation and packed weight tiles by TMA, waits for them, unpacks the weights into the stage's
-int8 tile and signals the consumers, who only wait, multiply and release the stage. The unpack of
-tile k + 1 .. k + stages - 1 then runs while the tensor cores work on tile k.
+eligible warp). Here the warp roles are written out. The producer warpgroup keeps the copy engine
+up to `num_stages - 1` K tiles ahead (activation and packed weight tiles by TMA) and, one tile at a
+time, waits for a tile's bytes, unpacks its weights into one of `w_buffers` int8 tiles and
+signals the consumers, then issues the next tile's TMA; the consumers only wait, multiply and free
+what they read. (The barrier protocol, both consumer variants, was checked by a simulation of every
+interleaving order over random schedules: no deadlock, no buffer rewritten while read.) Tile k + 1's unpack then runs
+while the tensor cores work on tile k. The unpacked tiles are 16 KB each (twice the packed ones),
+so there are fewer of them than TMA stages.
 
-Barriers per stage s: `loaded[s]` (the producer's 128 threads arrive, plus the TMA bytes),
-`unpacked[s]` (the producer's 128 threads arrive after the unpack and an async-proxy fence),
-`free[s]` (the consumers' 256 threads arrive after their wgmma on the stage completed).
+Barriers: per TMA stage s `loaded[s]` (the producer's 128 threads arrive, plus the TMA bytes) and
+`x_free[s]` (the consumers' 256 threads arrive once their wgmma on it completed); per unpacked tile
+u `unpacked[u]` (the producer arrives after the unpack and an async-proxy fence) and `w_free[u]`.
+The packed tile of a stage is read by the producer alone, before it reloads that stage.
 """
 
 import functools
@@ -31,39 +36,60 @@ CONSUMER_REGS, PRODUCER_REGS = 232, 40
 
 
 def _producer_unpack(wp_s, w_s, rows: int, block_k: int):
-    """The producer warpgroup's unpack of stage s: [rows, block_k / 2] packed -> [rows, block_k]
-    int8 holding 16·q (gemm._UNPACK_SRC), 16 packed bytes an item, then the fence that orders these
-    generic-proxy stores before the consumers' wgmma reads (async proxy)."""
+    """The producer warpgroup's unpack of stage s into unpacked tile u: [rows, block_k / 2] packed ->
+    [rows, block_k] int8 holding 16·q (gemm._UNPACK_SRC), 16 packed bytes an item, then the fence
+    that orders these generic-proxy stores before the consumers' wgmma reads (async proxy)."""
     chunks = block_k // 32
     items = rows * chunks
 
     @T.macro
-    def unpack(s):
+    def unpack(s, u):
         tx = T.get_thread_binding() - CONSUMERS
         for it in T.serial(-(-items // PRODUCER)):
             item = it * PRODUCER + tx
             row, col = item // chunks, item % chunks
             if items % PRODUCER == 0 or item < items:
                 T.call_extern("handle", "quad_unpack_int4x32", T.address_of(wp_s[s, row, col * 16]),
-                              T.address_of(w_s[s, row, col * 32]), T.address_of(w_s[s, row, col * 32 + 16]))
+                              T.address_of(w_s[u, row, col * 32]), T.address_of(w_s[u, row, col * 32 + 16]))
         T.fence_proxy_async()
 
     return unpack
 
 
+def _tile_loader(XQ, WQ, x_s, w_packed, bars, LOADED: int, X_FREE: int, stages: int, block_m: int, block_n: int,
+                 block_k: int, bx, by):
+    """load(t): the producer's TMA of K tile t (activation and packed weight tiles) into its stage,
+    once the consumers have freed the stage; every producer thread then arrives on `loaded`."""
+
+    @T.macro
+    def load(t):
+        st = t % stages
+        T.mbarrier_wait_parity(bars[X_FREE + st], (t // stages) % 2 ^ 1)
+        T.tma_copy(XQ[by * block_m:(by + 1) * block_m, t * block_k:(t + 1) * block_k], x_s[st, :, :],
+                   barrier=bars[LOADED + st])
+        T.tma_copy(WQ[bx * block_n:(bx + 1) * block_n, t * (block_k // 2):(t + 1) * (block_k // 2)],
+                   w_packed[st, :, :], barrier=bars[LOADED + st])
+        T.mbarrier_arrive(bars[LOADED + st])
+
+    return load
+
+
 @functools.lru_cache(maxsize=None)
 def w4ax_gemm_ws(n: int, k: int, rank: int, has_bias: bool = False, out_dtype: str = "float16",
-                 block_m: int = 256, block_n: int = 128, block_k: int = 128, num_stages: int = 3,
-                 async_mma: bool = False, target=None):
+                 block_m: int = 256, block_n: int = 128, block_k: int = 128, num_stages: int | None = None,
+                 w_buffers: int = 2, async_mma: bool = False, target=None):
     """kernel(x_q, x_scale, w_q, w_scale, x_out, w_out, bias, y) as `gemm.w4ax_gemm` (y written, not
-    allocated; x_out / w_out / bias not read when rank == 0 / no bias). async_mma: the consumers
-    keep one tile's wgmma in flight while they wait for the next stage (a stage is freed once the
-    wgmma after it has been issued and its own has completed), instead of draining the tensor
-    cores at every tile."""
+    allocated; x_out / w_out / bias not read when rank == 0 / no bias). num_stages: TMA stages
+    (default 4, 3 with the outlier path, whose operand tiles need the room). async_mma: the
+    consumers keep one tile's wgmma in flight while they wait for the next (what a tile used is
+    freed once the next tile's wgmma is issued and its own has completed), instead of draining the
+    tensor cores at every tile."""
     assert k % block_k == 0 and rank % 16 == 0 and block_m % 128 == 0
     r = max(rank, 16)
-    stages = num_stages
+    stages = num_stages or (3 if rank else 4)
+    bufs = w_buffers
     tiles = k // block_k
+    assert tiles >= stages, "fewer K tiles than TMA stages"
 
     @tilelang.jit(target=TARGETS[target])
     def build():
@@ -83,49 +109,60 @@ def w4ax_gemm_ws(n: int, k: int, rank: int, has_bias: bool = False, out_dtype: s
             with T.Kernel(T.ceildiv(n, block_n), T.ceildiv(m, block_m), threads=CONSUMERS + PRODUCER) as (bx, by):
                 x_s = T.alloc_shared((stages, block_m, block_k), "int8")
                 w_packed = T.alloc_shared((stages, block_n, block_k // 2), "uint8")
-                w_s = T.alloc_shared((stages, block_n, block_k), "int8")
+                w_s = T.alloc_shared((bufs, block_n, block_k), "int8")
                 acc = T.alloc_fragment((block_m, block_n), "int32")
                 out = T.alloc_fragment((block_m, block_n), "float32")
-                bars = T.alloc_barrier([PRODUCER] * stages + [PRODUCER] * stages + [CONSUMERS] * stages)
+                # loaded[stages], x_free[stages], unpacked[bufs], w_free[bufs]
+                bars = T.alloc_barrier([PRODUCER] * stages + [CONSUMERS] * stages + [PRODUCER] * bufs
+                                       + [CONSUMERS] * bufs)
+                LOADED, X_FREE, UNPACKED, W_FREE = 0, stages, 2 * stages, 2 * stages + bufs
                 T.import_source(_UNPACK_SRC)
                 unpack = _producer_unpack(w_packed, w_s, block_n, block_k)
 
+                load = _tile_loader(XQ, WQ, x_s, w_packed, bars, LOADED, X_FREE, stages, block_m, block_n, block_k,
+                                    bx, by)
+
                 with T.ws(2):
                     T.set_max_nreg(PRODUCER_REGS, 0)
+                    for t in T.serial(stages - 1):
+                        load(t)
                     for kt in T.serial(tiles):
+                        # The TMA of tile kt + stages - 2, into the stage of tile kt - 2, after the
+                        # unpack of tile kt - 1: with async_mma the consumers free tile kt - 2's
+                        # stage only once tile kt - 1's wgmma is issued, so a load placed before that
+                        # unpack would wait on itself.
+                        if kt >= 1 and kt + stages - 2 < tiles:
+                            load(kt + stages - 2)
                         s = kt % stages
-                        phase = (kt // stages) % 2
-                        T.mbarrier_wait_parity(bars[2 * stages + s], phase ^ 1)  # the consumers freed it
-                        T.tma_copy(XQ[by * block_m:(by + 1) * block_m, kt * block_k:(kt + 1) * block_k],
-                                   x_s[s, :, :], barrier=bars[s])
-                        T.tma_copy(WQ[bx * block_n:(bx + 1) * block_n, kt * (block_k // 2):(kt + 1) * (block_k // 2)],
-                                   w_packed[s, :, :], barrier=bars[s])
-                        T.mbarrier_arrive(bars[s])
-                        T.mbarrier_wait_parity(bars[s], phase)
-                        unpack(s)
-                        T.mbarrier_arrive(bars[stages + s])
+                        u = kt % bufs
+                        T.mbarrier_wait_parity(bars[LOADED + s], (kt // stages) % 2)
+                        T.mbarrier_wait_parity(bars[W_FREE + u], (kt // bufs) % 2 ^ 1)
+                        unpack(s, u)
+                        T.mbarrier_arrive(bars[UNPACKED + u])
 
                 with T.ws(0, 1):
                     T.set_max_nreg(CONSUMER_REGS, 1)
                     T.clear(acc)
                     for kt in T.serial(tiles):
                         s = kt % stages
-                        phase = (kt // stages) % 2
+                        u = kt % bufs
                         # The TMA bytes (already waited for by the producer, so this returns at
                         # once: the wgmma's operands are then ordered after the copy engine's
                         # writes by the barrier that carried them), then the unpacked weights.
-                        T.mbarrier_wait_parity(bars[s], phase)
-                        T.mbarrier_wait_parity(bars[stages + s], phase)
+                        T.mbarrier_wait_parity(bars[LOADED + s], (kt // stages) % 2)
+                        T.mbarrier_wait_parity(bars[UNPACKED + u], (kt // bufs) % 2)
                         if async_mma:
-                            T.wgmma_gemm(x_s[s, :, :], w_s[s, :, :], acc, transpose_B=True,
+                            T.wgmma_gemm(x_s[s, :, :], w_s[u, :, :], acc, transpose_B=True,
                                          policy=T.GemmWarpPolicy.FullRow)
-                            T.wait_wgmma(1)  # the previous tile's wgmma has completed: free its stage
+                            T.wait_wgmma(1)  # the previous tile's wgmma has completed: free what it read
                             if kt > 0:
-                                T.mbarrier_arrive(bars[2 * stages + (kt + stages - 1) % stages])
+                                T.mbarrier_arrive(bars[X_FREE + (kt + stages - 1) % stages])
+                                T.mbarrier_arrive(bars[W_FREE + (kt + bufs - 1) % bufs])
                         else:
-                            T.gemm(x_s[s, :, :], w_s[s, :, :], acc, transpose_B=True,
+                            T.gemm(x_s[s, :, :], w_s[u, :, :], acc, transpose_B=True,
                                    policy=T.GemmWarpPolicy.FullRow)
-                            T.mbarrier_arrive(bars[2 * stages + s])
+                            T.mbarrier_arrive(bars[X_FREE + s])
+                            T.mbarrier_arrive(bars[W_FREE + u])
                     if async_mma:
                         T.wait_wgmma(0)
                     for i, j in T.Parallel(block_m, block_n):

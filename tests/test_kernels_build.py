@@ -27,10 +27,11 @@ def test_prefill_gemm_builds_with_int8_wgmma(rank, bias, block_m):
 @pytest.mark.parametrize("n,k,rank,bias,async_mma", [(28672, 4096, 0, False, False), (6144, 4096, 64, False, False),
                                                      (4160, 14336, 0, True, True), (640, 576, 64, True, True)])
 def test_producer_unpack_prefill_gemm_builds(n, k, rank, bias, async_mma, tmp_path):
-    """kernels_tl.gemm_ws (QUAD_PREFILL_GEMM=ws): the unpack runs in the producer warpgroup, after it
-    waited for the stage's TMA bytes and before it signals the consumers, who only wait, multiply on
-    int8 wgmma and free the stage; the stages fit the SM's shared memory, nothing spills (but a
-    few bytes in the outlier epilogue)."""
+    """kernels_tl.gemm_ws (QUAD_PREFILL_GEMM=ws): the producer warpgroup issues the TMA of a later
+    tile (a prologue loads the first ones), then waits for this tile's bytes, unpacks it and
+    signals the consumers, who only wait, multiply on int8 wgmma and free what they read; no block
+    barrier between the roles; the stages fit the SM's shared memory; nothing spills (but a few
+    bytes in the outlier epilogue)."""
     import re
 
     from test_quantize_build import ptxas_log
@@ -41,20 +42,27 @@ def test_producer_unpack_prefill_gemm_builds(n, k, rank, bias, async_mma, tmp_pa
     src = w4ax_gemm_ws(n, k, rank, bias, "float16", target=SM90, **tiles).get_kernel_source()
     producer, consumer = src.split("if (256 <= ((int)threadIdx.x)) {")[1].split("if (((int)threadIdx.x) < 256) {")
     assert "warpgroup_reg_dealloc<40>" in producer and "warpgroup_reg_alloc<232>" in consumer
-    assert producer.count("tma_load(") == 2 and "quad_unpack_int4x32(" in producer
-    # wait(loaded) -> unpack -> fence -> arrive(unpacked), in that order
-    tail = producer.split("quad_unpack_int4x32(")[0]
-    assert tail.rfind(".wait(") > tail.rfind("tma_load(")
-    assert producer.index("fence_proxy_async") < producer.rindex(".arrive()")
-    loop = consumer.split("for (int kt_1")[1].split("for (int i_2")[0]
-    assert "quad_unpack_int4x32(" not in consumer and "__syncthreads" not in loop
-    # async: one wgmma batch left in flight, the previous tile's stage freed after it completed
-    assert ("wait_wgmma<1>" in loop and "warpgroup_wait<0>" not in loop) == async_mma
-    assert "wgmma_ss<tl::DataType::kInt8, tl::DataType::kInt8, tl::DataType::kInt32" in consumer
+    prologue, loop = producer.split("for (int kt = 0;")
+    assert prologue.count("tma_load(") == 2 and loop.count("tma_load(") == 2
+    # in the loop: the TMA of a later tile (after the previous tile's unpack: async consumers free
+    # its stage only after that), then wait(loaded) -> unpack -> fence -> arrive(unpacked)
+    unpack_at = loop.index("quad_unpack_int4x32(")
+    assert loop.index("tma_load(") < loop.rindex(".wait(", 0, unpack_at) < unpack_at
+    assert unpack_at < loop.index("fence_proxy_async") < loop.index(".arrive()", unpack_at)
+    # The roles meet only at their barriers: a __syncthreads between the two branches (TileLang's
+    # storage sync inserts one for some orders of the producer's loop) would deadlock them.
+    assert src.count("__syncthreads") == 1 and src.index("__syncthreads") < src.index("if (256 <= ((int)threadIdx.x))")
+    body = consumer.split("for (int kt_1")[1].split("for (int i_2")[0]
+    assert "quad_unpack_int4x32(" not in consumer and "__syncthreads" not in body
+    assert "wgmma_ss<tl::DataType::kInt8, tl::DataType::kInt8, tl::DataType::kInt32" in body
     assert ("wgmma_ss<tl::DataType::kFloat16, tl::DataType::kFloat16, tl::DataType::kFloat32" in consumer) == (rank > 0)
+    # async: one wgmma batch left in flight, the previous tile's buffers freed after it completed
+    assert ("wait_wgmma<1>" in body and "warpgroup_wait<0>" not in body) == async_mma
     buffers = {name: int(off) for name, off in re.findall(r"void\* (\w+) = \(\(void\*\)\(\(char\*\)buf_dyn_shmem \+ (\d+)\)\)", src)}
-    sizes = {"x_s": 3 * tiles["block_m"] * tiles["block_k"], "w_s": 3 * 128 * tiles["block_k"],
-             "w_packed": 3 * 128 * tiles["block_k"] // 2, "xo_s": tiles["block_m"] * 64 * 2, "wo_s": 128 * 64 * 2}
+    stages, bk = (3 if rank else 4), tiles["block_k"]
+    sizes = {"x_s": stages * 256 * bk, "w_packed": stages * 128 * bk // 2, "w_s": 2 * 128 * bk,
+             "xo_s": 256 * 64 * 2, "wo_s": 128 * 64 * 2}
+    assert set(buffers) <= set(sizes)
     assert max(off + sizes[name] for name, off in buffers.items()) <= 227 * 1024
     log = ptxas_log(src, tmp_path)
     spills = [int(v) for v in re.findall(r"(\d+) bytes spill stores", log)]
