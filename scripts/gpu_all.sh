@@ -14,11 +14,12 @@
 # the engine's logits with it and without), engine (engine tests: scripts/gpu_engine.sh check),
 # bench-kernels, bench-attention, sweep-splits (decode attention at every split count, engine-like
 # table widths), sweep-decode (split-K variants of the decode GEMM at 16 and 32 tokens),
-# sweep-hadamard. Each benchmark writes its JSON after every section, so a part cut short keeps
+# sweep-hadamard, sweep-hadamard-gated (the gated 14336-wide quantizer alone, with its fast-silu
+# variants). Each benchmark writes its JSON after every section, so a part cut short keeps
 # what it measured.
 set -u
 out=${1:?usage: scripts/gpu_all.sh OUT_DIR PART}
-part=${2:?PART: gemm | gemm-decode | gemm-decode-blocks | gemm-ws | prefill-sdpa | decode | quantize | quantize-clusters | kv | rope | engine | bench-kernels | bench-attention | sweep-splits | sweep-decode | sweep-hadamard}
+part=${2:?PART: gemm | gemm-decode | gemm-decode-blocks | gemm-ws | prefill-sdpa | decode | quantize | quantize-clusters | kv | rope | engine | bench-kernels | bench-attention | sweep-splits | sweep-decode | sweep-hadamard | sweep-hadamard-gated}
 mkdir -p "$out"
 quiet() { grep -v "INFO\|WARNING\|AnnotateWarpGroup" ; }
 case "$part" in
@@ -90,5 +91,12 @@ case "$part" in
   sweep-hadamard) timeout 560 python3 bench/sweeps.py --hadamard --out "$out/sweep_hadamard.json" 2>&1 | quiet \
                     > "$out/sweep_hadamard.log"
                   grep "sweep hadamard" "$out/sweep_hadamard.log" | tail -n 20 ;;
+  sweep-hadamard-gated)
+    PYTHONPATH=$PWD/bench:${PYTHONPATH:-} timeout 500 python3 -c "
+import json, sys, torch, sweeps
+rows = sweeps.sweep_hadamard(14336, True)
+json.dump({'device': torch.cuda.get_device_name(), 'torch': torch.__version__, 'rows': rows},
+          open(sys.argv[1], 'w'), indent=1)" "$out/sweep_hadamard_gated.json" 2>&1 | quiet > "$out/sweep_hadamard_gated.log"
+    grep "sweep hadamard" "$out/sweep_hadamard_gated.log" | tail -n 8 ;;
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac
