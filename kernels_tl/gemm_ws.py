@@ -25,7 +25,8 @@ import functools
 import tilelang
 import tilelang.language as T
 
-from kernels_tl.gemm import _UNPACK_SRC
+from kernels_tl.gemm import _UNPACK_SRC, _decode_epilogue
+from kernels_tl.pdl import wait_for_producers
 from kernels_tl.targets import SM90, TARGETS  # noqa: F401
 
 CONSUMERS = 256   # two consumer warpgroups, block_m / 2 tokens each
@@ -35,7 +36,7 @@ PRODUCER = 128
 CONSUMER_REGS, PRODUCER_REGS = 232, 40
 
 
-def _producer_unpack(wp_s, w_s, rows: int, block_k: int):
+def _producer_unpack(wp_s, w_s, rows: int, block_k: int, consumers: int = CONSUMERS):
     """The producer warpgroup's unpack of stage s into unpacked tile u: [rows, block_k / 2] packed ->
     [rows, block_k] int8 holding 16·q (gemm._UNPACK_SRC), 16 packed bytes an item, then the fence
     that orders these generic-proxy stores before the consumers' wgmma reads (async proxy)."""
@@ -44,7 +45,7 @@ def _producer_unpack(wp_s, w_s, rows: int, block_k: int):
 
     @T.macro
     def unpack(s, u):
-        tx = T.get_thread_binding() - CONSUMERS
+        tx = T.get_thread_binding() - consumers
         for it in T.serial(-(-items // PRODUCER)):
             item = it * PRODUCER + tx
             row, col = item // chunks, item % chunks
@@ -72,6 +73,84 @@ def _tile_loader(XQ, WQ, x_s, w_packed, bars, LOADED: int, X_FREE: int, stages: 
         T.mbarrier_arrive(bars[LOADED + st])
 
     return load
+
+
+def _barrier_ids(stages: int, bufs: int) -> tuple[int, int, int, int]:
+    """First index of loaded[stages], x_free[stages], unpacked[bufs], w_free[bufs] in the barrier array."""
+    return 0, stages, 2 * stages, 2 * stages + bufs
+
+
+def _barrier_counts(stages: int, bufs: int, consumers: int) -> list[int]:
+    return [PRODUCER] * stages + [consumers] * stages + [PRODUCER] * bufs + [consumers] * bufs
+
+
+def _producer(XQ, WQ, x_s, w_packed, w_s, bars, stages: int, bufs: int, tiles: int, block_m: int, block_n: int,
+              block_k: int, bx, by, consumers: int):
+    """The producer warpgroup's whole loop: the TMA of the first stages - 1 tiles, then per tile
+    kt the TMA of tile kt + stages - 2 (into the stage of tile kt - 2, after tile kt - 1's unpack:
+    consumers that keep a wgmma in flight free tile kt - 2's stage only once tile kt - 1's wgmma
+    is issued, so a load before that unpack would wait on itself), the wait for tile kt's bytes
+    and for a free unpacked tile, the unpack, and the arrival on `unpacked`."""
+    LOADED, X_FREE, UNPACKED, W_FREE = _barrier_ids(stages, bufs)
+    load = _tile_loader(XQ, WQ, x_s, w_packed, bars, LOADED, X_FREE, stages, block_m, block_n, block_k, bx, by)
+    unpack = _producer_unpack(w_packed, w_s, block_n, block_k, consumers)
+
+    @T.macro
+    def produce():
+        T.set_max_nreg(PRODUCER_REGS, 0)
+        for t in T.serial(stages - 1):
+            load(t)
+        for kt in T.serial(tiles):
+            if kt >= 1 and kt + stages - 2 < tiles:
+                load(kt + stages - 2)
+            s = kt % stages
+            u = kt % bufs
+            T.mbarrier_wait_parity(bars[LOADED + s], (kt // stages) % 2)
+            T.mbarrier_wait_parity(bars[W_FREE + u], (kt // bufs) % 2 ^ 1)
+            unpack(s, u)
+            T.mbarrier_arrive(bars[UNPACKED + u])
+
+    return produce
+
+
+def _consumer_loop(acc, x_s, w_s, bars, stages: int, bufs: int, tiles: int, async_mma: bool, weights_first: bool,
+                   policy):
+    """The consumers' K loop: per tile wait for its bytes and its unpacked weights, multiply into acc
+    (x_s · w_sᵀ, or w_s · x_sᵀ with weights_first), free the stage and the unpacked tile; with
+    async_mma one tile's wgmma stays in flight and a tile's buffers are freed once the next tile's
+    wgmma is issued and its own has completed."""
+    LOADED, X_FREE, UNPACKED, W_FREE = _barrier_ids(stages, bufs)
+
+    @T.macro
+    def consume():
+        for kt in T.serial(tiles):
+            s = kt % stages
+            u = kt % bufs
+            # The TMA bytes (already waited for by the producer, so this returns at once: the
+            # wgmma's operands are then ordered after the copy engine's writes by the barrier that
+            # carried them), then the unpacked weights.
+            T.mbarrier_wait_parity(bars[LOADED + s], (kt // stages) % 2)
+            T.mbarrier_wait_parity(bars[UNPACKED + u], (kt // bufs) % 2)
+            if async_mma:
+                if weights_first:
+                    T.wgmma_gemm(w_s[u, :, :], x_s[s, :, :], acc, transpose_B=True, policy=policy)
+                else:
+                    T.wgmma_gemm(x_s[s, :, :], w_s[u, :, :], acc, transpose_B=True, policy=policy)
+                T.wait_wgmma(1)  # the previous tile's wgmma has completed: free what it read
+                if kt > 0:
+                    T.mbarrier_arrive(bars[X_FREE + (kt + stages - 1) % stages])
+                    T.mbarrier_arrive(bars[W_FREE + (kt + bufs - 1) % bufs])
+            else:
+                if weights_first:
+                    T.gemm(w_s[u, :, :], x_s[s, :, :], acc, transpose_B=True, policy=policy)
+                else:
+                    T.gemm(x_s[s, :, :], w_s[u, :, :], acc, transpose_B=True, policy=policy)
+                T.mbarrier_arrive(bars[X_FREE + s])
+                T.mbarrier_arrive(bars[W_FREE + u])
+        if async_mma:
+            T.wait_wgmma(0)
+
+    return consume
 
 
 @functools.lru_cache(maxsize=None)
@@ -112,59 +191,21 @@ def w4ax_gemm_ws(n: int, k: int, rank: int, has_bias: bool = False, out_dtype: s
                 w_s = T.alloc_shared((bufs, block_n, block_k), "int8")
                 acc = T.alloc_fragment((block_m, block_n), "int32")
                 out = T.alloc_fragment((block_m, block_n), "float32")
-                # loaded[stages], x_free[stages], unpacked[bufs], w_free[bufs]
-                bars = T.alloc_barrier([PRODUCER] * stages + [CONSUMERS] * stages + [PRODUCER] * bufs
-                                       + [CONSUMERS] * bufs)
-                LOADED, X_FREE, UNPACKED, W_FREE = 0, stages, 2 * stages, 2 * stages + bufs
+                bars = T.alloc_barrier(_barrier_counts(stages, bufs, CONSUMERS))
                 T.import_source(_UNPACK_SRC)
-                unpack = _producer_unpack(w_packed, w_s, block_n, block_k)
 
-                load = _tile_loader(XQ, WQ, x_s, w_packed, bars, LOADED, X_FREE, stages, block_m, block_n, block_k,
-                                    bx, by)
+                produce = _producer(XQ, WQ, x_s, w_packed, w_s, bars, stages, bufs, tiles, block_m, block_n, block_k,
+                                    bx, by, CONSUMERS)
+                consume = _consumer_loop(acc, x_s, w_s, bars, stages, bufs, tiles, async_mma, False,
+                                         T.GemmWarpPolicy.FullRow)
 
                 with T.ws(2):
-                    T.set_max_nreg(PRODUCER_REGS, 0)
-                    for t in T.serial(stages - 1):
-                        load(t)
-                    for kt in T.serial(tiles):
-                        # The TMA of tile kt + stages - 2, into the stage of tile kt - 2, after the
-                        # unpack of tile kt - 1: with async_mma the consumers free tile kt - 2's
-                        # stage only once tile kt - 1's wgmma is issued, so a load placed before that
-                        # unpack would wait on itself.
-                        if kt >= 1 and kt + stages - 2 < tiles:
-                            load(kt + stages - 2)
-                        s = kt % stages
-                        u = kt % bufs
-                        T.mbarrier_wait_parity(bars[LOADED + s], (kt // stages) % 2)
-                        T.mbarrier_wait_parity(bars[W_FREE + u], (kt // bufs) % 2 ^ 1)
-                        unpack(s, u)
-                        T.mbarrier_arrive(bars[UNPACKED + u])
+                    produce()
 
                 with T.ws(0, 1):
                     T.set_max_nreg(CONSUMER_REGS, 1)
                     T.clear(acc)
-                    for kt in T.serial(tiles):
-                        s = kt % stages
-                        u = kt % bufs
-                        # The TMA bytes (already waited for by the producer, so this returns at
-                        # once: the wgmma's operands are then ordered after the copy engine's
-                        # writes by the barrier that carried them), then the unpacked weights.
-                        T.mbarrier_wait_parity(bars[LOADED + s], (kt // stages) % 2)
-                        T.mbarrier_wait_parity(bars[UNPACKED + u], (kt // bufs) % 2)
-                        if async_mma:
-                            T.wgmma_gemm(x_s[s, :, :], w_s[u, :, :], acc, transpose_B=True,
-                                         policy=T.GemmWarpPolicy.FullRow)
-                            T.wait_wgmma(1)  # the previous tile's wgmma has completed: free what it read
-                            if kt > 0:
-                                T.mbarrier_arrive(bars[X_FREE + (kt + stages - 1) % stages])
-                                T.mbarrier_arrive(bars[W_FREE + (kt + bufs - 1) % bufs])
-                        else:
-                            T.gemm(x_s[s, :, :], w_s[u, :, :], acc, transpose_B=True,
-                                   policy=T.GemmWarpPolicy.FullRow)
-                            T.mbarrier_arrive(bars[X_FREE + s])
-                            T.mbarrier_arrive(bars[W_FREE + u])
-                    if async_mma:
-                        T.wait_wgmma(0)
+                    consume()
                     for i, j in T.Parallel(block_m, block_n):
                         # As gemm.w4ax_gemm: the 16 of the weight nibble folded into the scale; the
                         # last weight tile may overhang n, its scale and bias loads are guarded.
@@ -184,6 +225,72 @@ def w4ax_gemm_ws(n: int, k: int, rank: int, has_bias: bool = False, out_dtype: s
                                                            T.if_then_else(col < n, BIAS[col], T.float16(0)))
                     # Straight from registers: a staging tile would not fit beside the stages.
                     T.copy(out, Y[by * block_m, bx * block_n])
+
+        return main
+
+    return build()
+
+
+DECODE_CONSUMERS = 128  # one consumer warpgroup: the [64, tokens] accumulator is small
+
+
+@functools.lru_cache(maxsize=None)
+def w4ax_gemm_decode_ws(n: int, k: int, rank: int, has_bias: bool = False, out_dtype: str = "float16",
+                        block_m: int = 16, block_k: int = 256, num_stages: int = 3, w_buffers: int = 2,
+                        async_mma: bool = False, target=None):
+    """`gemm.w4ax_gemm_decode` (64 weight rows as the wgmma M side, the tokens as N, one block
+    covering K, the epilogue fused) with the warp roles of `w4ax_gemm_ws`: a producer warpgroup that
+    brings the tiles by TMA and unpacks the weights, one consumer warpgroup that multiplies and
+    runs the epilogue. There the consumers unpack between two barriers and the next K tile waits
+    for it (Nsight Compute, gate_up at 32 tokens: one block a SM, 87% of cycles with no eligible
+    warp); here the unpack of tile k + 1 overlaps tile k's wgmma, and the default tiles (256-wide
+    K, three stages, two unpacked tiles: ~100 KB) let two blocks share a SM so that one's ramp and
+    epilogue overlap the other's weight stream. Called like the prefill kernel."""
+    block_n = 64
+    assert k % block_k == 0 and n % block_n == 0 and rank % 16 == 0
+    r = max(rank, 16)
+    stages, bufs, tiles = num_stages, w_buffers, k // block_k
+    assert tiles >= stages, "fewer K tiles than TMA stages"
+
+    @tilelang.jit(target=TARGETS[target])
+    def build():
+        m = T.dynamic("m")
+
+        @T.prim_func
+        def main(
+            XQ: T.Tensor((m, k), "int8"),
+            XS: T.Tensor((m,), "float32"),
+            WQ: T.Tensor((n, k // 2), "uint8"),
+            WS: T.Tensor((n,), "float16"),
+            XO: T.Tensor((m, r), "float16"),
+            WO: T.Tensor((n, r), "float16"),
+            BIAS: T.Tensor((n,), "float16"),
+            Y: T.Tensor((m, n), out_dtype),
+        ):
+            with T.Kernel(n // block_n, T.ceildiv(m, block_m), threads=DECODE_CONSUMERS + PRODUCER) as (bx, by):
+                T.annotate_min_blocks_per_sm(2)
+                wait_for_producers("gemm")
+                x_s = T.alloc_shared((stages, block_m, block_k), "int8")
+                w_packed = T.alloc_shared((stages, block_n, block_k // 2), "uint8")
+                w_s = T.alloc_shared((bufs, block_n, block_k), "int8")
+                acc = T.alloc_fragment((block_n, block_m), "int32")
+                out = T.alloc_fragment((block_n, block_m), "float32")
+                out_s = T.alloc_shared((block_n, block_m), "float32")
+                bars = T.alloc_barrier(_barrier_counts(stages, bufs, DECODE_CONSUMERS))
+                T.import_source(_UNPACK_SRC)
+                produce = _producer(XQ, WQ, x_s, w_packed, w_s, bars, stages, bufs, tiles, block_m, block_n, block_k,
+                                    bx, by, DECODE_CONSUMERS)
+                consume = _consumer_loop(acc, x_s, w_s, bars, stages, bufs, tiles, async_mma, True,
+                                         T.GemmWarpPolicy.Square)
+
+                with T.ws(1):
+                    produce()
+
+                with T.ws(0):
+                    T.clear(acc)
+                    consume()
+                    _decode_epilogue(acc, out, out_s, XS, WS, XO, WO, BIAS, Y, m, bx, by, rank, r, has_bias,
+                                     out_dtype, block_n, block_m, 1.0 / 16)
 
         return main
 

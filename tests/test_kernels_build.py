@@ -69,6 +69,36 @@ def test_producer_unpack_prefill_gemm_builds(n, k, rank, bias, async_mma, tmp_pa
     assert spills and max(spills) <= (16 if rank else 0), log[-1500:]
 
 
+@pytest.mark.parametrize("n,k,m,rank,async_mma", [(28672, 4096, 32, 0, False), (6144, 4096, 16, 64, True),
+                                                   (28672, 4096, 64, 64, False)])
+def test_producer_unpack_decode_gemm_builds(n, k, m, rank, async_mma, tmp_path):
+    """gemm_ws.w4ax_gemm_decode_ws (QUAD_DECODE_GEMM=ws): a producer warpgroup that loads and
+    unpacks, one consumer warpgroup with the weights as the wgmma M side and the fused epilogue; no
+    block barrier between the roles; up to 32 tokens two blocks fit a SM (shared memory,
+    registers); no spills."""
+    import re
+
+    from test_quantize_build import ptxas_log
+
+    from kernels_tl.gemm_dispatch import DECODE_WS_TILES, decode_plan
+    from kernels_tl.gemm_ws import SM90, w4ax_gemm_decode_ws
+    block_m = decode_plan(m, n, k)["block_m"]
+    tiles = {**DECODE_WS_TILES, "async_mma": async_mma}
+    src = w4ax_gemm_decode_ws(n, k, rank, True, "float16", block_m, target=SM90, **tiles).get_kernel_source()
+    producer, consumer = src.split("if (128 <= ((int)threadIdx.x)) {")[1].split("if (((int)threadIdx.x) < 128) {")
+    assert "quad_unpack_int4x32(" in producer and "tma_load(" in producer and "quad_unpack_int4x32(" not in consumer
+    assert "wgmma_ss<tl::DataType::kInt8, tl::DataType::kInt8, tl::DataType::kInt32, 64" in consumer
+    assert src.count("__syncthreads") == 1 and src.index("__syncthreads") < src.index("if (128 <= ((int)threadIdx.x))")
+    assert "__launch_bounds__(256, 2)" in src
+    ends = [int(off) for off in re.findall(r"buf_dyn_shmem \+ (\d+)\)", src)]
+    x_tiles = tiles["num_stages"] * block_m * tiles["block_k"]
+    # x_s is placed last; 1 KB a block is reserved. Up to 32 tokens two blocks fit a SM.
+    assert max(ends) + x_tiles <= (227 * 1024 // 2 - 1024 if block_m <= 32 else 227 * 1024)
+    log = ptxas_log(src, tmp_path)
+    assert int(re.search(r"Used (\d+) registers", log).group(1)) <= 128
+    assert re.search(r"\b0 bytes spill stores, 0 bytes spill loads", log)
+
+
 @pytest.mark.parametrize("n,k,m,rank", [(6144, 4096, 32, 64), (28672, 4096, 16, 0), (4160, 4096, 64, 64)])
 def test_decode_gemm_with_fused_epilogue_builds(n, k, m, rank):
     """Split-1 decode problems run one kernel: int8 wgmma for the integer part, float16 wgmma for
