@@ -99,9 +99,10 @@ def paged_attention(q: torch.Tensor, cache: tuple, block_tables: torch.Tensor, c
 
 def prefix_attention_sdpa() -> bool:
     """A prefill with a cached prefix gathers and dequantizes each sequence's cache to float16 and
-    runs flash attention on it (attention_prefill_sdpa_op): 3x faster than the paged int4 prefill
-    kernel at 8k tokens, which dequantizes the prefix again for every 64-query tile
-    (bench/results/attention_*). QUAD_PREFILL_ATTENTION=kernel runs that kernel instead."""
+    runs flash attention on it (attention_prefill_sdpa_op): 3.1-3.9x faster than the paged int4
+    prefill kernel at 8k tokens, which dequantizes the prefix again for every 64-query tile
+    (bench/results/attention_prefill_h200_2026-12-01.json). QUAD_PREFILL_ATTENTION=kernel runs
+    that kernel instead."""
     return os.environ.get("QUAD_PREFILL_ATTENTION", "sdpa") != "kernel"
 
 
