@@ -6,10 +6,10 @@ triton.testing.do_bench (median). Prints a table and writes JSON.
     python bench/kernels.py --out bench/results/kernels.json [--quick] [--gemm-ms 2048,8192]
 
 From 1024 tokens each GEMM row also times the producer-unpack prefill kernel (kernels_tl.gemm_ws,
-`ws_ms`; `ws_async_ms` with one wgmma kept in flight), and at 5-64 tokens where one block covers K
-the producer-unpack decode kernel (`decode_ws_graph_ms`, `decode_ws_async_graph_ms`, replayed from
-a CUDA graph as the default's `graph_ms`), each with its largest difference from the dispatch's
-kernel.
+`ws_ms`; `ws_async_ms` with one wgmma kept in flight), and at 5-64 tokens the producer-unpack
+decode kernels (`decode_ws_graph_ms`, `decode_ws_async_graph_ms`: the fused
+or the split-K one as the dispatch would pick, replayed from a CUDA graph as the default's
+`graph_ms`), each with its largest difference from the dispatch's kernel.
 
 Tile, split and launch-shape sweeps of the same kernels: bench/sweeps.py.
 """
@@ -102,19 +102,27 @@ def bench_gemm(m: int, n: int, k: int, rank: int, with_reference: bool) -> dict:
         w8t = wq.T  # [K, N] column-major: the layout _int_mm is fast on
         row["int_mm_ms"] = bench(lambda: torch._int_mm(xq, w8t))
     plan = gemm_dispatch.decode_plan(m, n, k) if 4 < m <= 64 else None
-    if plan and plan["split"] == 1 and k % 256 == 0:  # the producer-unpack decode kernel (QUAD_DECODE_GEMM=ws)
-        from kernels_tl.gemm_ws import w4ax_gemm_decode_ws
+    if plan and k % (256 * plan["split"]) == 0:  # the producer-unpack decode kernels (QUAD_DECODE_GEMM=ws)
+        from kernels_tl.gemm import w4ax_epilogue
+        from kernels_tl.gemm_ws import w4ax_gemm_decode_ws, w4ax_gemm_splitk_ws
         gemm_dispatch.w4ax_linear(xq, xs, wp, ws, xo, wo, out=y)
         bias = torch.zeros(n, device="cuda", dtype=torch.float16)
+        acc = torch.zeros(m, n, device="cuda", dtype=torch.int32)
         wps = [wp.clone() for _ in range(copies_beyond_l2(wp.numel()))]
         for name, async_mma in (("decode_ws", False), ("decode_ws_async", True)):
             try:
-                kern = w4ax_gemm_decode_ws(n, k, rank, False, "float16", plan["block_m"],
-                                           **{**gemm_dispatch.DECODE_WS_TILES, "async_mma": async_mma})
+                tiles = {**gemm_dispatch.DECODE_WS_TILES, "async_mma": async_mma}
                 y2 = torch.full_like(y, float("nan"))
-                kern(xq, xs, wp, ws, xo, wo, bias, y2)
+                if plan["split"] == 1:
+                    kern = w4ax_gemm_decode_ws(n, k, rank, False, "float16", plan["block_m"], **tiles)
+                    calls = [lambda w=w: kern(xq, xs, w, ws, xo, wo, bias, y2) for w in wps]
+                else:  # the split sums into the int32 workspace, then the dispatch's epilogue kernel
+                    kern = w4ax_gemm_splitk_ws(n, k, plan["split"], plan["block_m"], **tiles)
+                    epilogue = w4ax_epilogue(n, rank, False, "float16", plan["block_m"])
+                    calls = [lambda w=w: (kern(xq, w, acc), epilogue(acc, xs, ws, xo, wo, bias, y2)) for w in wps]
+                calls[0]()
                 row[f"{name}_max_abs_diff"] = float((y2.float() - y.float()).abs().max())
-                row[f"{name}_graph_ms"] = bench_graph([lambda w=w: kern(xq, xs, w, ws, xo, wo, bias, y2) for w in wps])
+                row[f"{name}_graph_ms"] = bench_graph(calls)
                 row[f"{name}_graph_gbps"] = (n * k // 2 + n * 2 + m * k + m * 4 + (n + m) * rank * 2 + m * n * 2) \
                     / row[f"{name}_graph_ms"] / 1e6
             except Exception as e:  # reported, not fatal

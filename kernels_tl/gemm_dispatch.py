@@ -10,7 +10,7 @@ import os
 
 from kernels_tl.buffers import zeros
 from kernels_tl.gemm import w4ax_epilogue, w4ax_gemm, w4ax_gemm_decode, w4ax_gemm_splitk
-from kernels_tl.gemm_ws import w4ax_gemm_decode_ws, w4ax_gemm_ws
+from kernels_tl.gemm_ws import w4ax_gemm_decode_ws, w4ax_gemm_splitk_ws, w4ax_gemm_ws
 from kernels_tl.gemv import w4ax_gemv
 
 GEMV_TOKENS = (1, 2, 4)  # compiled token widths of the CUDA-core kernel; larger M goes to tensor cores
@@ -28,8 +28,9 @@ SMEM_PER_SM = 227 * 1024
 PREFILL_GEMM_WS = os.environ.get("QUAD_PREFILL_GEMM", "") in ("ws", "ws-async")
 WS_TILES = dict(block_m=256, block_n=128, block_k=128,
                 async_mma=os.environ.get("QUAD_PREFILL_GEMM", "") == "ws-async")
-# QUAD_DECODE_GEMM=ws (or ws-async): the decode problems whose one block covers K (qkv, gate_up)
-# in kernels_tl.gemm_ws.w4ax_gemm_decode_ws; not yet measured on a GPU.
+# QUAD_DECODE_GEMM=ws (or ws-async): the tensor-core decode GEMMs in kernels_tl.gemm_ws's roles
+# (w4ax_gemm_decode_ws where one block covers K: qkv, gate_up; w4ax_gemm_splitk_ws with the same
+# split and epilogue kernel otherwise: o_proj, down_proj); not yet measured on a GPU.
 DECODE_GEMM_WS = os.environ.get("QUAD_DECODE_GEMM", "") in ("ws", "ws-async")
 DECODE_WS_TILES = dict(block_k=256, num_stages=3, async_mma=os.environ.get("QUAD_DECODE_GEMM", "") == "ws-async")
 
@@ -131,9 +132,12 @@ def kernel_specs(m: int, n: int, k: int, rank: int, has_bias: bool, out_dtype: s
         return [_spec(w4ax_gemv, n, k, rank, has_bias, out_dtype, next(t for t in GEMV_TOKENS if t >= m))]
     if m <= DECODE_MAX_M:
         plan = decode_plan(m, n, k)
-        if plan["split"] == 1 and DECODE_GEMM_WS and k // DECODE_WS_TILES["block_k"] >= DECODE_WS_TILES["num_stages"] \
-                and k % DECODE_WS_TILES["block_k"] == 0:
-            return [_spec(w4ax_gemm_decode_ws, n, k, rank, has_bias, out_dtype, plan["block_m"], **DECODE_WS_TILES)]
+        ws_k = DECODE_WS_TILES["block_k"] * plan["split"]
+        if DECODE_GEMM_WS and k % ws_k == 0 and k // ws_k >= DECODE_WS_TILES["num_stages"]:
+            if plan["split"] == 1:
+                return [_spec(w4ax_gemm_decode_ws, n, k, rank, has_bias, out_dtype, plan["block_m"], **DECODE_WS_TILES)]
+            return [_spec(w4ax_gemm_splitk_ws, n, k, plan["split"], plan["block_m"], **DECODE_WS_TILES),
+                    _spec(w4ax_epilogue, n, rank, has_bias, out_dtype, plan["block_m"])]
         if plan["split"] == 1:  # one block covers K: the epilogue runs in the same kernel
             extra = {"min_blocks": plan["min_blocks"]} if "min_blocks" in plan else {}
             return [_spec(w4ax_gemm_decode, n, k, rank, has_bias, out_dtype, plan["block_m"], plan["block_k"],

@@ -58,17 +58,18 @@ def _producer_unpack(wp_s, w_s, rows: int, block_k: int, consumers: int = CONSUM
 
 
 def _tile_loader(XQ, WQ, x_s, w_packed, bars, LOADED: int, X_FREE: int, stages: int, block_m: int, block_n: int,
-                 block_k: int, bx, by):
-    """load(t): the producer's TMA of K tile t (activation and packed weight tiles) into its stage,
-    once the consumers have freed the stage; every producer thread then arrives on `loaded`."""
+                 block_k: int, bx, by, k0=0):
+    """load(t): the producer's TMA of this block's K tile t (K tile k0 + t of the operands) into its
+    stage, once the consumers have freed the stage; every producer thread then arrives on `loaded`."""
 
     @T.macro
     def load(t):
         st = t % stages
+        kk = k0 + t
         T.mbarrier_wait_parity(bars[X_FREE + st], (t // stages) % 2 ^ 1)
-        T.tma_copy(XQ[by * block_m:(by + 1) * block_m, t * block_k:(t + 1) * block_k], x_s[st, :, :],
+        T.tma_copy(XQ[by * block_m:(by + 1) * block_m, kk * block_k:(kk + 1) * block_k], x_s[st, :, :],
                    barrier=bars[LOADED + st])
-        T.tma_copy(WQ[bx * block_n:(bx + 1) * block_n, t * (block_k // 2):(t + 1) * (block_k // 2)],
+        T.tma_copy(WQ[bx * block_n:(bx + 1) * block_n, kk * (block_k // 2):(kk + 1) * (block_k // 2)],
                    w_packed[st, :, :], barrier=bars[LOADED + st])
         T.mbarrier_arrive(bars[LOADED + st])
 
@@ -85,14 +86,14 @@ def _barrier_counts(stages: int, bufs: int, consumers: int) -> list[int]:
 
 
 def _producer(XQ, WQ, x_s, w_packed, w_s, bars, stages: int, bufs: int, tiles: int, block_m: int, block_n: int,
-              block_k: int, bx, by, consumers: int):
+              block_k: int, bx, by, consumers: int, k0=0):
     """The producer warpgroup's whole loop: the TMA of the first stages - 1 tiles, then per tile
     kt the TMA of tile kt + stages - 2 (into the stage of tile kt - 2, after tile kt - 1's unpack:
     consumers that keep a wgmma in flight free tile kt - 2's stage only once tile kt - 1's wgmma
     is issued, so a load before that unpack would wait on itself), the wait for tile kt's bytes
     and for a free unpacked tile, the unpack, and the arrival on `unpacked`."""
     LOADED, X_FREE, UNPACKED, W_FREE = _barrier_ids(stages, bufs)
-    load = _tile_loader(XQ, WQ, x_s, w_packed, bars, LOADED, X_FREE, stages, block_m, block_n, block_k, bx, by)
+    load = _tile_loader(XQ, WQ, x_s, w_packed, bars, LOADED, X_FREE, stages, block_m, block_n, block_k, bx, by, k0)
     unpack = _producer_unpack(w_packed, w_s, block_n, block_k, consumers)
 
     @T.macro
@@ -291,6 +292,53 @@ def w4ax_gemm_decode_ws(n: int, k: int, rank: int, has_bias: bool = False, out_d
                     consume()
                     _decode_epilogue(acc, out, out_s, XS, WS, XO, WO, BIAS, Y, m, bx, by, rank, r, has_bias,
                                      out_dtype, block_n, block_m, 1.0 / 16)
+
+        return main
+
+    return build()
+
+
+@functools.lru_cache(maxsize=None)
+def w4ax_gemm_splitk_ws(n: int, k: int, split: int, block_m: int = 16, block_k: int = 256, num_stages: int = 3,
+                        w_buffers: int = 2, async_mma: bool = False, target=None):
+    """`gemm.w4ax_gemm_splitk` (ACC[M, n] += Xq · Wqᵀ over one of `split` K ranges a block, int32
+    atomics; `gemm.w4ax_epilogue` applies the scales and zeroes ACC) in the roles of
+    `w4ax_gemm_decode_ws`: the decode problems whose weight tiles alone do not fill the GPU (o_proj,
+    down_proj). Called as kernel(x_q, w_q, acc)."""
+    block_n = 64
+    tiles = k // block_k // split
+    assert k % (block_k * split) == 0 and n % block_n == 0 and tiles >= num_stages
+    stages, bufs = num_stages, w_buffers
+
+    @tilelang.jit(target=TARGETS[target])
+    def build():
+        m = T.dynamic("m")
+
+        @T.prim_func
+        def main(XQ: T.Tensor((m, k), "int8"), WQ: T.Tensor((n, k // 2), "uint8"), ACC: T.Tensor((m, n), "int32")):
+            with T.Kernel(n // block_n, T.ceildiv(m, block_m), split, threads=DECODE_CONSUMERS + PRODUCER) as (bx, by, bz):
+                T.annotate_min_blocks_per_sm(2)
+                wait_for_producers("gemm")
+                x_s = T.alloc_shared((stages, block_m, block_k), "int8")
+                w_packed = T.alloc_shared((stages, block_n, block_k // 2), "uint8")
+                w_s = T.alloc_shared((bufs, block_n, block_k), "int8")
+                acc = T.alloc_fragment((block_n, block_m), "int32")
+                bars = T.alloc_barrier(_barrier_counts(stages, bufs, DECODE_CONSUMERS))
+                T.import_source(_UNPACK_SRC)
+                produce = _producer(XQ, WQ, x_s, w_packed, w_s, bars, stages, bufs, tiles, block_m, block_n, block_k,
+                                    bx, by, DECODE_CONSUMERS, bz * tiles)
+                consume = _consumer_loop(acc, x_s, w_s, bars, stages, bufs, tiles, async_mma, True,
+                                         T.GemmWarpPolicy.Square)
+
+                with T.ws(1):
+                    produce()
+
+                with T.ws(0):
+                    T.clear(acc)
+                    consume()
+                    for i, j in T.Parallel(block_n, block_m):
+                        if by * block_m + j < m:
+                            T.atomic_add(ACC[by * block_m + j, bx * block_n + i], acc[i, j])
 
         return main
 

@@ -101,14 +101,16 @@ def test_prefill_gemm_ws_switch_picks_the_producer_unpack_kernel_from_1024_token
     assert built == gemm_dispatch.kernel_specs(4096, 4160, 4096, 0, False, "float16")
 
 
-def test_decode_gemm_ws_switch_takes_the_problems_one_block_covers(monkeypatch):
+def test_decode_gemm_ws_switch_takes_every_tensor_core_decode_problem(monkeypatch):
     from kernels_tl import gemm_dispatch
-    from kernels_tl.gemm import w4ax_gemm_decode
-    from kernels_tl.gemm_ws import w4ax_gemm_decode_ws
+    from kernels_tl.gemm import w4ax_epilogue, w4ax_gemm_decode
+    from kernels_tl.gemm_ws import w4ax_gemm_decode_ws, w4ax_gemm_splitk_ws
     assert gemm_dispatch.kernel_specs(32, 28672, 4096, 0, False, "float16")[0][0] is w4ax_gemm_decode  # the default
     monkeypatch.setattr(gemm_dispatch, "DECODE_GEMM_WS", True)
     builder, args, kwargs = gemm_dispatch.kernel_specs(32, 28672, 4096, 0, False, "float16")[0]
     assert builder is w4ax_gemm_decode_ws and args[-1] == gemm_dispatch.decode_plan(32, 28672, 4096)["block_m"]
-    # o_proj's 65 weight tiles are split over K: the split-K kernel and its epilogue stay
-    assert len(gemm_dispatch.kernel_specs(32, 4160, 4096, 0, False, "float16")) == 2
+    # o_proj's 65 weight tiles are split over K: the same split in the producer-unpack split-K kernel
+    (ws, ws_args, _), (epilogue, _, _) = gemm_dispatch.kernel_specs(32, 4160, 4096, 0, False, "float16")
+    assert ws is w4ax_gemm_splitk_ws and ws_args[2] == gemm_dispatch.decode_plan(32, 4160, 4096)["split"]
+    assert epilogue is w4ax_epilogue
     assert gemm_dispatch.kernel_specs(2, 28672, 4096, 0, False, "float16")[0][0].__name__ == "w4ax_gemv"

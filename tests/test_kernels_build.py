@@ -99,6 +99,29 @@ def test_producer_unpack_decode_gemm_builds(n, k, m, rank, async_mma, tmp_path):
     assert re.search(r"\b0 bytes spill stores, 0 bytes spill loads", log)
 
 
+@pytest.mark.parametrize("n,k,m,async_mma", [(4160, 4096, 32, False), (4160, 14336, 16, True)])
+def test_producer_unpack_split_k_decode_gemm_builds(n, k, m, async_mma, tmp_path):
+    """gemm_ws.w4ax_gemm_splitk_ws: each block's producer loads its own K range (the split's first
+    tile offset in both TMA coordinates), the consumer adds its sums into the workspace with
+    atomics; no block barrier between the roles; no spills."""
+    import re
+
+    from test_quantize_build import ptxas_log
+
+    from kernels_tl.gemm_dispatch import DECODE_WS_TILES, decode_plan
+    from kernels_tl.gemm_ws import SM90, w4ax_gemm_splitk_ws
+    plan = decode_plan(m, n, k)
+    assert plan["split"] > 1
+    tiles = {**DECODE_WS_TILES, "async_mma": async_mma}
+    src = w4ax_gemm_splitk_ws(n, k, plan["split"], plan["block_m"], target=SM90, **tiles).get_kernel_source()
+    producer, consumer = src.split("if (128 <= ((int)threadIdx.x)) {")[1].split("if (((int)threadIdx.x) < 128) {")
+    assert producer.count("blockIdx.z") >= 2 and "quad_unpack_int4x32(" in producer
+    assert "atomic" in consumer.lower() and "quad_unpack_int4x32(" not in consumer
+    assert src.count("__syncthreads") == 1 and src.index("__syncthreads") < src.index("if (128 <= ((int)threadIdx.x))")
+    log = ptxas_log(src, tmp_path)
+    assert re.search(r"\b0 bytes spill stores, 0 bytes spill loads", log)
+
+
 @pytest.mark.parametrize("n,k,m,rank", [(6144, 4096, 32, 64), (28672, 4096, 16, 0), (4160, 4096, 64, 64)])
 def test_decode_gemm_with_fused_epilogue_builds(n, k, m, rank):
     """Split-1 decode problems run one kernel: int8 wgmma for the integer part, float16 wgmma for
