@@ -1,23 +1,23 @@
-"""The prefill W4A4 / W4A8 GEMM with the int4 unpack in the producer warpgroup (TileLang, Hopper).
+"""W4A4 / W4A8 GEMMs with the int4 unpack in a producer warpgroup (TileLang, Hopper): the prefill
+kernel (`w4ax_gemm_ws`) and the decode kernels (`w4ax_gemm_decode_ws`, `w4ax_gemm_splitk_ws`).
 
-Same contract and numerics as `gemm.w4ax_gemm` (the integer part exact, the same epilogue). There,
-TileLang's automatic warp specialization gives the copies to a producer warpgroup and leaves the
-unpack of each packed weight tile to the two consumer warpgroups: every K tile they unpack (shared
-to shared), meet at a barrier, multiply, wait for the tensor cores and meet again, so the tensor
-cores idle through the unpack (Nsight Compute at 2048 tokens: 988 int8 TOPS, 80% of cycles with no
-eligible warp). Here the warp roles are written out. The producer warpgroup keeps the copy engine
-up to `num_stages - 1` K tiles ahead (activation and packed weight tiles by TMA) and, one tile at a
-time, waits for a tile's bytes, unpacks its weights into one of `w_buffers` int8 tiles and
-signals the consumers, then issues the next tile's TMA; the consumers only wait, multiply and free
-what they read. (The barrier protocol, both consumer variants, was checked by a simulation of every
-interleaving order over random schedules: no deadlock, no buffer rewritten while read.) Tile k + 1's unpack then runs
-while the tensor cores work on tile k. The unpacked tiles are 16 KB each (twice the packed ones),
-so there are fewer of them than TMA stages.
+Same contracts and numerics as their counterparts in `kernels_tl.gemm` (the integer part exact, the
+same epilogues). There, TileLang's automatic warp specialization gives the copies to a producer
+warpgroup and leaves the unpack of each packed weight tile to the consumer warpgroups: every K tile
+they unpack (shared to shared), meet at a barrier, multiply, wait for the tensor cores and meet
+again, so the tensor cores idle through the unpack (Nsight Compute, gate_up at 2048 tokens: 988
+int8 TOPS, 80% of cycles with no eligible warp; at 32 tokens: 1.57 TB/s, 87%). Here the warp roles
+are written out. The producer warpgroup keeps the copy engine up to `num_stages - 1` K tiles ahead
+(activation and packed weight tiles by TMA) and, one tile at a time, waits for a tile's bytes,
+unpacks its weights into one of `w_buffers` int8 tiles and signals the consumers, then issues the
+next tile's TMA; the consumers only wait, multiply and free what they read. Tile k + 1's unpack then
+runs while the tensor cores work on tile k. The unpacked tiles are twice the size of the packed
+ones, so there are fewer of them than TMA stages.
 
 Barriers: per TMA stage s `loaded[s]` (the producer's 128 threads arrive, plus the TMA bytes) and
-`x_free[s]` (the consumers' 256 threads arrive once their wgmma on it completed); per unpacked tile
-u `unpacked[u]` (the producer arrives after the unpack and an async-proxy fence) and `w_free[u]`.
-The packed tile of a stage is read by the producer alone, before it reloads that stage.
+`x_free[s]` (every consumer thread arrives once its wgmma on the stage completed); per unpacked
+tile u `unpacked[u]` (the producer arrives after the unpack and an async-proxy fence) and
+`w_free[u]`. The packed tile of a stage is read by the producer alone, before it reloads that stage.
 """
 
 import functools
