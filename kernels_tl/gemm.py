@@ -85,6 +85,33 @@ def _unpack_tile(wp_s, w_s, rows: int, block_k: int, threads: int):
     return unpack
 
 
+def _prefill_epilogue(acc, out, XS, WS, XO, WO, BIAS, n: int, bx, by, rank: int, r: int, has_bias: bool,
+                      block_m: int, block_n: int):
+    """out [tokens, weight rows] of a prefill tile = acc · sx · sw / 16 + x_out · w_outᵀ + bias; the
+    caller stores it. acc holds Σ 16·qw·qx: the 16 of the weight nibble is folded in here. The last
+    weight tile may overhang n (4160 = 32.5 x 128): the copy engine zero-fills and clips those rows;
+    the scale and bias loads are guarded here."""
+
+    @T.macro
+    def epilogue():
+        for i, j in T.Parallel(block_m, block_n):
+            col = bx * block_n + j
+            out[i, j] = T.Cast("float32", acc[i, j]) * (XS[by * block_m + i] * T.Cast(
+                "float32", T.if_then_else(col < n, WS[col], T.float16(0))) * T.float32(1.0 / 16))
+        if rank > 0:
+            xo_s = T.alloc_shared((block_m, r), "float16")
+            wo_s = T.alloc_shared((block_n, r), "float16")
+            T.copy(XO[by * block_m, 0], xo_s)
+            T.copy(WO[bx * block_n, 0], wo_s)
+            T.gemm(xo_s, wo_s, out, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
+        if has_bias:
+            for i, j in T.Parallel(block_m, block_n):
+                col = bx * block_n + j
+                out[i, j] = out[i, j] + T.Cast("float32", T.if_then_else(col < n, BIAS[col], T.float16(0)))
+
+    return epilogue()
+
+
 @functools.lru_cache(maxsize=None)
 def w4ax_gemm(n: int, k: int, rank: int, has_bias: bool = False, out_dtype: str = "float16",
               block_m: int = 128, block_n: int = 128, block_k: int = 128, num_stages: int = 3,
@@ -132,23 +159,7 @@ def w4ax_gemm(n: int, k: int, rank: int, has_bias: bool = False, out_dtype: str 
                     T.gemm(x_s, w_s, acc, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
                     # w_s is rewritten next iteration: no warpgroup may still be reading it.
                     T.sync_threads()
-                for i, j in T.Parallel(block_m, block_n):
-                    # acc holds Σ 16·qw·qx: the 16 of the weight nibble is folded in here. The last
-                    # weight tile may overhang n (4160 = 32.5 x 128): the copy engine zero-fills
-                    # and clips those rows; the scale and bias loads are guarded here.
-                    col = bx * block_n + j
-                    out[i, j] = T.Cast("float32", acc[i, j]) * (XS[by * block_m + i] * T.Cast(
-                        "float32", T.if_then_else(col < n, WS[col], T.float16(0))) * T.float32(1.0 / 16))
-                if rank > 0:
-                    xo_s = T.alloc_shared((block_m, r), "float16")
-                    wo_s = T.alloc_shared((block_n, r), "float16")
-                    T.copy(XO[by * block_m, 0], xo_s)
-                    T.copy(WO[bx * block_n, 0], wo_s)
-                    T.gemm(xo_s, wo_s, out, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
-                if has_bias:
-                    for i, j in T.Parallel(block_m, block_n):
-                        col = bx * block_n + j
-                        out[i, j] = out[i, j] + T.Cast("float32", T.if_then_else(col < n, BIAS[col], T.float16(0)))
+                _prefill_epilogue(acc, out, XS, WS, XO, WO, BIAS, n, bx, by, rank, r, has_bias, block_m, block_n)
                 T.copy(out, out_s)
                 T.copy(out_s, Y[by * block_m, bx * block_n])
 

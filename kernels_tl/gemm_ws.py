@@ -25,7 +25,7 @@ import functools
 import tilelang
 import tilelang.language as T
 
-from kernels_tl.gemm import _UNPACK_SRC, _decode_epilogue
+from kernels_tl.gemm import _UNPACK_SRC, _decode_epilogue, _prefill_epilogue
 from kernels_tl.pdl import wait_for_producers
 from kernels_tl.targets import SM90, TARGETS  # noqa: F401
 
@@ -207,23 +207,7 @@ def w4ax_gemm_ws(n: int, k: int, rank: int, has_bias: bool = False, out_dtype: s
                     T.set_max_nreg(CONSUMER_REGS, 1)
                     T.clear(acc)
                     consume()
-                    for i, j in T.Parallel(block_m, block_n):
-                        # As gemm.w4ax_gemm: the 16 of the weight nibble folded into the scale; the
-                        # last weight tile may overhang n, its scale and bias loads are guarded.
-                        col = bx * block_n + j
-                        out[i, j] = T.Cast("float32", acc[i, j]) * (XS[by * block_m + i] * T.Cast(
-                            "float32", T.if_then_else(col < n, WS[col], T.float16(0))) * T.float32(1.0 / 16))
-                    if rank > 0:
-                        xo_s = T.alloc_shared((block_m, r), "float16")
-                        wo_s = T.alloc_shared((block_n, r), "float16")
-                        T.copy(XO[by * block_m, 0], xo_s)
-                        T.copy(WO[bx * block_n, 0], wo_s)
-                        T.gemm(xo_s, wo_s, out, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
-                    if has_bias:
-                        for i, j in T.Parallel(block_m, block_n):
-                            col = bx * block_n + j
-                            out[i, j] = out[i, j] + T.Cast("float32",
-                                                           T.if_then_else(col < n, BIAS[col], T.float16(0)))
+                    _prefill_epilogue(acc, out, XS, WS, XO, WO, BIAS, n, bx, by, rank, r, has_bias, block_m, block_n)
                     # Straight from registers: a staging tile would not fit beside the stages.
                     T.copy(out, Y[by * block_m, bx * block_n])
 
