@@ -93,9 +93,9 @@ def sweep_prefill(n: int, k: int, m: int) -> list[dict]:
 def sweep_decode(n: int, k: int, m: int) -> list[dict]:
     """Split-K variants of the decode kernel at one shape and token count (integer part alone: the
     int32 workspace is not zeroed between calls, its sums only wrap): K splits 1-8, K tiles 256-1024,
-    pipeline depth 2-4, built for 1-3 blocks a SM, timed back to back in a CUDA graph over weight copies larger than L2 (as a
-    decode step runs), with the dispatch's own plan marked. GB/s on the packed weight; each
-    variant's int32 sums checked against the first variant's."""
+    pipeline depth 2-4, built for 1-3 blocks a SM, timed back to back in a CUDA graph over weight
+    copies larger than L2 (as a decode step runs), with the dispatch's own plan marked. GB/s on the
+    packed weight; each variant's int32 sums checked against the first variant's."""
     from kernels_tl.gemm_dispatch import SMEM_PER_SM, decode_plan, decode_smem
 
     xq, xs, wq, ws, _, _ = operands(m, n, k, 0)
@@ -181,20 +181,22 @@ def sweep_hadamard(n: int, gated: bool, ms=(1, 4, 16, 32, 64, 2048)) -> list[dic
     from kernels_tl.hadamard_quant_cluster import hadamard_quant_cluster
 
     factors = tuple(hadamard_factors(n))
-    keys = [tuple(sorted(t.items())) for t in HADAMARD_TUNINGS]
-    thunks = {key: (lambda t=t: hadamard_quant(n, factors, None, 8, 0.9, gated=gated, **t))
-              for key, t in zip(keys, HADAMARD_TUNINGS)}
-    cluster_keys = [(("kernel", "cluster"),) + tuple(sorted(t.items())) for t in CLUSTER_TUNINGS]
-    thunks.update({key: (lambda t=t: hadamard_quant_cluster(n, factors, 8, 0.9, gated=gated, **t))
-                   for key, t in zip(cluster_keys, CLUSTER_TUNINGS)})
+
+    def variant(t: dict, fast: bool = False):
+        """(key, build thunk) of a tuning: the one-block kernel's, or the cluster kernel's where t
+        names a cluster size; fast: its build with fast_silu."""
+        cluster = "cluster" in t
+        key = (("kernel", "cluster"),) * cluster + (("fast_silu", True),) * fast + tuple(sorted(t.items()))
+        extra = {"fast_silu": True} if fast else {}
+        if cluster:
+            return key, lambda: hadamard_quant_cluster(n, factors, 8, 0.9, gated=gated, **t, **extra)
+        return key, lambda: hadamard_quant(n, factors, None, 8, 0.9, gated=gated, **t, **extra)
+
+    keys = [variant(t)[0] for t in HADAMARD_TUNINGS]
+    cluster_keys = [variant(t)[0] for t in CLUSTER_TUNINGS]
+    thunks = dict(variant(t) for t in HADAMARD_TUNINGS + CLUSTER_TUNINGS)
     if gated:  # silu from the approximate exp / reciprocal, in the default and the cluster shapes
-        fast = [dict()] + CLUSTER_TUNINGS + CLUSTER_LARGE_M
-        for t in fast:
-            is_cluster = "cluster" in t
-            key = ((("kernel", "cluster"),) if is_cluster else ()) + (("fast_silu", True),) + tuple(sorted(t.items()))
-            thunks[key] = ((lambda t=t: hadamard_quant_cluster(n, factors, 8, 0.9, gated=True, fast_silu=True, **t))
-                           if is_cluster else (lambda t=t: hadamard_quant(n, factors, None, 8, 0.9, gated=True,
-                                                                          fast_silu=True, **t)))
+        thunks.update(variant(t, fast=True) for t in [dict()] + CLUSTER_TUNINGS + CLUSTER_LARGE_M)
     built = build_all(thunks)
     rows = []
     for m in ms:
@@ -202,8 +204,7 @@ def sweep_hadamard(n: int, gated: bool, ms=(1, 4, 16, 32, 64, 2048)) -> list[dic
         want_q, want_s = torch.empty(m, n, device="cuda", dtype=torch.int8), torch.empty(m, device="cuda")
         built[keys[0]](x, want_q, want_s)
         moved = x.numel() * 2 + m * n + m * 4
-        large = [(("kernel", "cluster"),) + tuple(sorted(t.items())) for t in CLUSTER_LARGE_M]
-        large += [(("kernel", "cluster"), ("fast_silu", True)) + tuple(sorted(t.items())) for t in CLUSTER_LARGE_M]
+        large = [variant(t, fast)[0] for fast in (False, True) for t in CLUSTER_LARGE_M]
         fast_block = [k for k in built if ("fast_silu", True) in k and ("kernel", "cluster") not in k]
         fast_cluster = [k for k in built if ("fast_silu", True) in k and ("kernel", "cluster") in k]
         for key in keys + fast_block + (cluster_keys + fast_cluster if m <= CLUSTER_MAX_M
