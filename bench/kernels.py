@@ -5,11 +5,12 @@ triton.testing.do_bench (median). Prints a table and writes JSON.
 
     python bench/kernels.py --out bench/results/kernels.json [--quick] [--gemm-ms 2048,8192]
 
-From 1024 tokens each GEMM row also times the producer-unpack prefill kernel (kernels_tl.gemm_ws,
-`ws_ms`; `ws_async_ms` with one wgmma kept in flight), and at 5-64 tokens the producer-unpack
-decode kernels (`decode_ws_graph_ms`, `decode_ws_async_graph_ms`: the fused
-or the split-K one as the dispatch would pick, replayed from a CUDA graph as the default's
-`graph_ms`), each with its largest difference from the dispatch's kernel.
+Where the dispatch chooses between two GEMM kernels, each row also times the one it did not pick
+(`alternative_kernel`): from 1024 tokens TileLang's pipelined kernel (`pipelined_ms`) beside the
+producer-unpack kernel (kernels_tl.gemm_ws), at 5-64 tokens without a K split the other of the
+pipelined and producer-unpack decode kernels (`decode_pipelined_graph_ms` / `decode_ws_graph_ms`,
+replayed from a CUDA graph as the dispatch's `graph_ms`), each with its largest difference from the
+dispatch's kernel.
 
 Tile, split and launch-shape sweeps of the same kernels: bench/sweeps.py.
 """
@@ -83,6 +84,34 @@ def operands(m, n, k, rank):
     return xq, xs, wq, ws, xo, wo
 
 
+def alternative_kernel(m: int, n: int, k: int, rank: int):
+    """(name, spec) of the GEMM the dispatch did not pick where it chooses between two (float16 out,
+    no bias; spec as gemm_dispatch's, built by gemm_dispatch._build): from 1024 tokens the
+    producer-unpack kernel (`ws`) or TileLang's pipelined one (`pipelined`); at 5-64 tokens without
+    a K split the producer-unpack decode kernel (`decode_ws`) or the pipelined one
+    (`decode_pipelined`). None elsewhere."""
+    from kernels_tl.gemm import w4ax_gemm, w4ax_gemm_decode
+    from kernels_tl.gemm_ws import w4ax_gemm_decode_ws, w4ax_gemm_ws
+    spec = gemm_dispatch._spec
+    if m >= 1024:
+        if gemm_dispatch.PREFILL_GEMM_WS:
+            return "pipelined", spec(w4ax_gemm, n, k, rank, False, "float16", **gemm_dispatch.prefill_tiles(m, n, k, rank))
+        return "ws", spec(w4ax_gemm_ws, n, k, rank, False, "float16", **gemm_dispatch._fit_k(gemm_dispatch.WS_TILES, k))
+    if not 4 < m <= 64:
+        return None
+    plan = gemm_dispatch.decode_plan(m, n, k)
+    if plan["split"] != 1:
+        return None
+    if gemm_dispatch.kernel_specs(m, n, k, rank, False, "float16")[0][0] is w4ax_gemm_decode_ws:
+        extra = {"min_blocks": plan["min_blocks"]} if "min_blocks" in plan else {}
+        return "decode_pipelined", spec(w4ax_gemm_decode, n, k, rank, False, "float16", plan["block_m"],
+                                        plan["block_k"], plan["num_stages"], **extra)
+    if k % 256 == 0 and n % 64 == 0:
+        return "decode_ws", spec(w4ax_gemm_decode_ws, n, k, rank, False, "float16", plan["block_m"],
+                                 **gemm_dispatch.DECODE_WS_TILES)
+    return None
+
+
 def bench_gemm(m: int, n: int, k: int, rank: int, with_reference: bool) -> dict:
     xq, xs, wq, ws, xo, wo = operands(m, n, k, rank)
     wp = ref.pack_int4(wq)
@@ -101,48 +130,26 @@ def bench_gemm(m: int, n: int, k: int, rank: int, with_reference: bool) -> dict:
     if m > 16:  # torch._int_mm needs M > 16
         w8t = wq.T  # [K, N] column-major: the layout _int_mm is fast on
         row["int_mm_ms"] = bench(lambda: torch._int_mm(xq, w8t))
-    plan = gemm_dispatch.decode_plan(m, n, k) if 4 < m <= 64 else None
-    if plan and k % (256 * plan["split"]) == 0:  # the producer-unpack decode kernels (QUAD_DECODE_GEMM=ws)
-        from kernels_tl.gemm import w4ax_epilogue
-        from kernels_tl.gemm_ws import w4ax_gemm_decode_ws, w4ax_gemm_splitk_ws
+    alt = alternative_kernel(m, n, k, rank)
+    if alt:  # the kernel the dispatch did not pick for this problem, beside its choice
+        name, kern = alt[0], gemm_dispatch._build(alt[1])
         gemm_dispatch.w4ax_linear(xq, xs, wp, ws, xo, wo, out=y)
         bias = torch.zeros(n, device="cuda", dtype=torch.float16)
-        acc = torch.zeros(m, n, device="cuda", dtype=torch.int32)
-        wps = [wp.clone() for _ in range(copies_beyond_l2(wp.numel()))]
-        for name, async_mma in (("decode_ws", False), ("decode_ws_async", True)):
-            try:
-                tiles = {**gemm_dispatch.DECODE_WS_TILES, "async_mma": async_mma}
-                y2 = torch.full_like(y, float("nan"))
-                if plan["split"] == 1:
-                    kern = w4ax_gemm_decode_ws(n, k, rank, False, "float16", plan["block_m"], **tiles)
-                    calls = [lambda w=w: kern(xq, xs, w, ws, xo, wo, bias, y2) for w in wps]
-                else:  # the split sums into the int32 workspace, then the dispatch's epilogue kernel
-                    kern = w4ax_gemm_splitk_ws(n, k, plan["split"], plan["block_m"], **tiles)
-                    epilogue = w4ax_epilogue(n, rank, False, "float16", plan["block_m"])
-                    calls = [lambda w=w: (kern(xq, w, acc), epilogue(acc, xs, ws, xo, wo, bias, y2)) for w in wps]
-                calls[0]()
-                row[f"{name}_max_abs_diff"] = float((y2.float() - y.float()).abs().max())
-                row[f"{name}_graph_ms"] = bench_graph(calls)
+        y2 = torch.full_like(y, float("nan"))
+        try:
+            kern(xq, xs, wp, ws, xo, wo, bias, y2)
+            row[f"{name}_max_abs_diff"] = float((y2.float() - y.float()).abs().max())
+            if m <= 64:  # replayed from a CUDA graph, as the dispatch's `graph_ms`
+                wps = [wp.clone() for _ in range(copies_beyond_l2(wp.numel()))]
+                row[f"{name}_graph_ms"] = bench_graph([lambda w=w: kern(xq, xs, w, ws, xo, wo, bias, y2) for w in wps])
                 row[f"{name}_graph_gbps"] = (n * k // 2 + n * 2 + m * k + m * 4 + (n + m) * rank * 2 + m * n * 2) \
                     / row[f"{name}_graph_ms"] / 1e6
-            except Exception as e:  # reported, not fatal
-                row[f"{name}_error"] = str(e).splitlines()[0][:200]
-        del wps
-    if m >= 1024:  # the producer-unpack prefill kernel (QUAD_PREFILL_GEMM=ws) beside the dispatch's choice
-        from kernels_tl.gemm_ws import w4ax_gemm_ws
-        gemm_dispatch.w4ax_linear(xq, xs, wp, ws, xo, wo, out=y)
-        bias = torch.zeros(n, device="cuda", dtype=torch.float16)
-        for name, async_mma in (("ws", False), ("ws_async", True)):
-            try:
-                tiles = {**gemm_dispatch._fit_k(gemm_dispatch.WS_TILES, k), "async_mma": async_mma}
-                ws_kernel = w4ax_gemm_ws(n, k, rank, False, "float16", **tiles)
-                y2 = torch.full_like(y, float("nan"))
-                ws_kernel(xq, xs, wp, ws, xo, wo, bias, y2)
-                row[f"{name}_max_abs_diff"] = float((y2.float() - y.float()).abs().max())
-                row[f"{name}_ms"] = bench(lambda: ws_kernel(xq, xs, wp, ws, xo, wo, bias, y2))
+                del wps
+            else:
+                row[f"{name}_ms"] = bench(lambda: kern(xq, xs, wp, ws, xo, wo, bias, y2))
                 row[f"{name}_tops"] = 2 * m * n * k / row[f"{name}_ms"] / 1e9
-            except Exception as e:  # reported, not fatal
-                row[f"{name}_error"] = str(e).splitlines()[0][:200]
+        except Exception as e:  # reported, not fatal
+            row[f"{name}_error"] = str(e).splitlines()[0][:200]
     if with_reference:
         wf, xf = wq.float(), xq.float()
         row["reference_ms"] = bench(lambda: ref.quant_linear(xf, xs[:, None], wf, ws[:, None], xo, wo))
@@ -245,11 +252,11 @@ def main() -> None:
                           "".join(f" | {v} {row[v + '_ms'] * 1e3:8.1f} us {row[v + '_tops']:7.1f} TOPS"
                                   f" (max |diff| {row[v + '_max_abs_diff']:.1e})" if v + "_ms" in row
                                   else f" | {v} failed: {row[v + '_error']}" if v + "_error" in row else ""
-                                  for v in ("ws", "ws_async")) + "".join(
+                                  for v in ("ws", "pipelined")) + "".join(
                           f" | {v} graph {row[v + '_graph_ms'] * 1e3:6.1f} us {row[v + '_graph_gbps'] / copy_gbps:4.0%} of copy"
                           f" (max |diff| {row[v + '_max_abs_diff']:.1e})" if v + "_graph_ms" in row
                           else f" | {v} failed: {row[v + '_error']}" if v + "_error" in row else ""
-                          for v in ("decode_ws", "decode_ws_async"))), flush=True)
+                          for v in ("decode_ws", "decode_pipelined"))), flush=True)
         save()
 
 

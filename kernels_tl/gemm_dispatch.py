@@ -1,7 +1,8 @@
 """Which W4A4 / W4A8 GEMM kernel runs a problem, and the call (`w4ax_linear`, the GEMM's entry point
 in the dispatch layer): the CUDA-core GEMV for M <= 4, for M <= 64 the tensor-core decode kernel
-(epilogue fused where one block covers K, else split-K + epilogue kernel), the prefill kernel above
-that (the kernels themselves: `kernels_tl.gemm`). Tile choices are functions of the shape only, so
+(epilogue fused where one block covers K, else split-K + epilogue kernel; the producer-unpack form
+for grids of several waves), the prefill kernel above that (producer-unpack from 1024 tokens; the
+kernels themselves: `kernels_tl.gemm`, `kernels_tl.gemm_ws`). Tile choices are functions of the shape only, so
 one compiled kernel serves every M of a class, and `prebuild` compiles an engine's whole set in
 parallel before the first step.
 """
@@ -10,7 +11,7 @@ import os
 
 from kernels_tl.buffers import zeros
 from kernels_tl.gemm import w4ax_epilogue, w4ax_gemm, w4ax_gemm_decode, w4ax_gemm_splitk
-from kernels_tl.gemm_ws import w4ax_gemm_decode_ws, w4ax_gemm_splitk_ws, w4ax_gemm_ws
+from kernels_tl.gemm_ws import w4ax_gemm_decode_ws, w4ax_gemm_ws
 from kernels_tl.gemv import w4ax_gemv
 
 GEMV_TOKENS = (1, 2, 4)  # compiled token widths of the CUDA-core kernel; larger M goes to tensor cores
@@ -22,17 +23,20 @@ MEDIUM_TILES = dict(block_m=128, block_n=128, block_k=128, num_stages=4, threads
 # warp-specialized pipeline, the measured default; 2 or 3: see gemm._decode_pass_configs).
 DECODE_GEMM_BLOCKS = int(os.environ.get("QUAD_DECODE_GEMM_BLOCKS", "1"))
 SMEM_PER_SM = 227 * 1024
-# QUAD_PREFILL_GEMM=ws (or ws-async: one wgmma kept in flight): from 1024 tokens the prefill kernel
-# whose producer warpgroup unpacks the weights (kernels_tl.gemm_ws), 256 x 128 tiles; not yet
-# measured on a GPU.
-PREFILL_GEMM_WS = os.environ.get("QUAD_PREFILL_GEMM", "") in ("ws", "ws-async")
-WS_TILES = dict(block_m=256, block_n=128, block_k=128,
-                async_mma=os.environ.get("QUAD_PREFILL_GEMM", "") == "ws-async")
-# QUAD_DECODE_GEMM=ws (or ws-async): the tensor-core decode GEMMs in kernels_tl.gemm_ws's roles
-# (w4ax_gemm_decode_ws where one block covers K: qkv, gate_up; w4ax_gemm_splitk_ws with the same
-# split and epilogue kernel otherwise: o_proj, down_proj); not yet measured on a GPU.
-DECODE_GEMM_WS = os.environ.get("QUAD_DECODE_GEMM", "") in ("ws", "ws-async")
-DECODE_WS_TILES = dict(block_k=256, num_stages=3, async_mma=os.environ.get("QUAD_DECODE_GEMM", "") == "ws-async")
+# From 1024 tokens the prefill kernel whose producer warpgroup unpacks the weights (kernels_tl.gemm_ws),
+# 256 x 128 tiles: 1.00-1.20x TileLang's pipelined kernel at every Llama-3-8B GEMM at 2048 and 8192
+# tokens, down_proj 1278-1301 int8 TOPS (bench/results/gemm_ws_prefill_h200_2026-12-01.json).
+# QUAD_PREFILL_GEMM=pipelined keeps the pipelined kernel (prefill_tiles) there too.
+PREFILL_GEMM_WS = os.environ.get("QUAD_PREFILL_GEMM", "ws") != "pipelined"
+WS_TILES = dict(block_m=256, block_n=128, block_k=128)
+# The decode GEMMs whose grid is at least DECODE_WS_MIN_WAVES waves of the SMs without a K split
+# (Llama-3-8B's gate_up: 448 tiles at 16 tokens) run w4ax_gemm_decode_ws, two blocks a SM: 1.07-1.13x
+# at 16-64 tokens. Where the grid is under a wave (qkv, 96 tiles) it is 0.80-0.84x and in the split-K
+# form (o_proj, down_proj) 0.75-0.86x, so those keep the pipelined kernels
+# (bench/results/gemm_ws_decode_h200_2026-12-01.json). QUAD_DECODE_GEMM=pipelined: none of them.
+DECODE_GEMM_WS = os.environ.get("QUAD_DECODE_GEMM", "ws") != "pipelined"
+DECODE_WS_MIN_WAVES = 2
+DECODE_WS_TILES = dict(block_k=256, num_stages=3)
 
 
 # Time per token row of a tile relative to the 384-row tile: the unpack of a weight tile is ~9% of
@@ -115,6 +119,15 @@ def decode_plan(m: int, n: int, k: int, sms: int = 132, min_blocks: int | None =
     return dict(block_m=block_m, block_k=block_k, split=split, num_stages=stages)
 
 
+def decode_ws_fits(m: int, n: int, k: int, plan: dict, sms: int = 132) -> bool:
+    """Whether the producer-unpack decode kernel takes a problem: one block covers K (no split), the
+    grid is at least DECODE_WS_MIN_WAVES waves and K holds its pipeline."""
+    tiles = n // 64 * -(-m // plan["block_m"])
+    k_tiles, rem = divmod(k, DECODE_WS_TILES["block_k"])
+    return (plan["split"] == 1 and n % 64 == 0 and tiles >= DECODE_WS_MIN_WAVES * sms
+            and rem == 0 and k_tiles >= DECODE_WS_TILES["num_stages"])
+
+
 def _spec(builder, *args, **kwargs) -> tuple:
     """A kernel as (builder, args, kwargs): built by calling the builder in exactly this form (its
     lru_cache keys on the call's form, so the prebuild and the call must match)."""
@@ -132,12 +145,8 @@ def kernel_specs(m: int, n: int, k: int, rank: int, has_bias: bool, out_dtype: s
         return [_spec(w4ax_gemv, n, k, rank, has_bias, out_dtype, next(t for t in GEMV_TOKENS if t >= m))]
     if m <= DECODE_MAX_M:
         plan = decode_plan(m, n, k)
-        ws_k = DECODE_WS_TILES["block_k"] * plan["split"]
-        if DECODE_GEMM_WS and k % ws_k == 0 and k // ws_k >= DECODE_WS_TILES["num_stages"]:
-            if plan["split"] == 1:
-                return [_spec(w4ax_gemm_decode_ws, n, k, rank, has_bias, out_dtype, plan["block_m"], **DECODE_WS_TILES)]
-            return [_spec(w4ax_gemm_splitk_ws, n, k, plan["split"], plan["block_m"], **DECODE_WS_TILES),
-                    _spec(w4ax_epilogue, n, rank, has_bias, out_dtype, plan["block_m"])]
+        if DECODE_GEMM_WS and decode_ws_fits(m, n, k, plan):
+            return [_spec(w4ax_gemm_decode_ws, n, k, rank, has_bias, out_dtype, plan["block_m"], **DECODE_WS_TILES)]
         if plan["split"] == 1:  # one block covers K: the epilogue runs in the same kernel
             extra = {"min_blocks": plan["min_blocks"]} if "min_blocks" in plan else {}
             return [_spec(w4ax_gemm_decode, n, k, rank, has_bias, out_dtype, plan["block_m"], plan["block_k"],

@@ -1,5 +1,5 @@
 """W4A4 / W4A8 GEMMs with the int4 unpack in a producer warpgroup (TileLang, Hopper): the prefill
-kernel (`w4ax_gemm_ws`) and the decode kernels (`w4ax_gemm_decode_ws`, `w4ax_gemm_splitk_ws`).
+kernel (`w4ax_gemm_ws`) and the fused decode kernel (`w4ax_gemm_decode_ws`).
 
 Same contracts and numerics as their counterparts in `kernels_tl.gemm` (the integer part exact, the
 same epilogues). There, TileLang's automatic warp specialization gives the copies to a producer
@@ -58,18 +58,17 @@ def _producer_unpack(wp_s, w_s, rows: int, block_k: int, consumers: int = CONSUM
 
 
 def _tile_loader(XQ, WQ, x_s, w_packed, bars, LOADED: int, X_FREE: int, stages: int, block_m: int, block_n: int,
-                 block_k: int, bx, by, k0=0):
-    """load(t): the producer's TMA of this block's K tile t (K tile k0 + t of the operands) into its
-    stage, once the consumers have freed the stage; every producer thread then arrives on `loaded`."""
+                 block_k: int, bx, by):
+    """load(t): the producer's TMA of this block's K tile t into its stage, once the consumers have
+    freed the stage; every producer thread then arrives on `loaded`."""
 
     @T.macro
     def load(t):
         st = t % stages
-        kk = k0 + t
         T.mbarrier_wait_parity(bars[X_FREE + st], (t // stages) % 2 ^ 1)
-        T.tma_copy(XQ[by * block_m:(by + 1) * block_m, kk * block_k:(kk + 1) * block_k], x_s[st, :, :],
+        T.tma_copy(XQ[by * block_m:(by + 1) * block_m, t * block_k:(t + 1) * block_k], x_s[st, :, :],
                    barrier=bars[LOADED + st])
-        T.tma_copy(WQ[bx * block_n:(bx + 1) * block_n, kk * (block_k // 2):(kk + 1) * (block_k // 2)],
+        T.tma_copy(WQ[bx * block_n:(bx + 1) * block_n, t * (block_k // 2):(t + 1) * (block_k // 2)],
                    w_packed[st, :, :], barrier=bars[LOADED + st])
         T.mbarrier_arrive(bars[LOADED + st])
 
@@ -86,14 +85,14 @@ def _barrier_counts(stages: int, bufs: int, consumers: int) -> list[int]:
 
 
 def _producer(XQ, WQ, x_s, w_packed, w_s, bars, stages: int, bufs: int, tiles: int, block_m: int, block_n: int,
-              block_k: int, bx, by, consumers: int, k0=0):
+              block_k: int, bx, by, consumers: int):
     """The producer warpgroup's whole loop: the TMA of the first stages - 1 tiles, then per tile
-    kt the TMA of tile kt + stages - 2 (into the stage of tile kt - 2, after tile kt - 1's unpack:
-    consumers that keep a wgmma in flight free tile kt - 2's stage only once tile kt - 1's wgmma
-    is issued, so a load before that unpack would wait on itself), the wait for tile kt's bytes
-    and for a free unpacked tile, the unpack, and the arrival on `unpacked`."""
+    kt the TMA of tile kt + stages - 2 (into the stage of tile kt - 2, issued after tile kt - 1's
+    unpack so that its wait for the consumers to free that stage never delays the unpack they
+    need next), the wait for tile kt's bytes and for a free unpacked tile, the unpack, and the
+    arrival on `unpacked`."""
     LOADED, X_FREE, UNPACKED, W_FREE = _barrier_ids(stages, bufs)
-    load = _tile_loader(XQ, WQ, x_s, w_packed, bars, LOADED, X_FREE, stages, block_m, block_n, block_k, bx, by, k0)
+    load = _tile_loader(XQ, WQ, x_s, w_packed, bars, LOADED, X_FREE, stages, block_m, block_n, block_k, bx, by)
     unpack = _producer_unpack(w_packed, w_s, block_n, block_k, consumers)
 
     @T.macro
@@ -114,12 +113,11 @@ def _producer(XQ, WQ, x_s, w_packed, w_s, bars, stages: int, bufs: int, tiles: i
     return produce
 
 
-def _consumer_loop(acc, x_s, w_s, bars, stages: int, bufs: int, tiles: int, async_mma: bool, weights_first: bool,
-                   policy):
+def _consumer_loop(acc, x_s, w_s, bars, stages: int, bufs: int, tiles: int, weights_first: bool, policy):
     """The consumers' K loop: per tile wait for its bytes and its unpacked weights, multiply into acc
-    (x_s · w_sᵀ, or w_s · x_sᵀ with weights_first), free the stage and the unpacked tile; with
-    async_mma one tile's wgmma stays in flight and a tile's buffers are freed once the next tile's
-    wgmma is issued and its own has completed."""
+    (x_s · w_sᵀ, or w_s · x_sᵀ with weights_first), free the stage and the unpacked tile. (Keeping
+    one tile's wgmma in flight instead, freeing a tile's buffers once the next tile's wgmma is
+    issued, was measured 10-15% slower at 2048 / 8192 tokens, bench/results/gemm_ws_prefill_h200_2026-12-01.json.)"""
     LOADED, X_FREE, UNPACKED, W_FREE = _barrier_ids(stages, bufs)
 
     @T.macro
@@ -132,24 +130,12 @@ def _consumer_loop(acc, x_s, w_s, bars, stages: int, bufs: int, tiles: int, asyn
             # carried them), then the unpacked weights.
             T.mbarrier_wait_parity(bars[LOADED + s], (kt // stages) % 2)
             T.mbarrier_wait_parity(bars[UNPACKED + u], (kt // bufs) % 2)
-            if async_mma:
-                if weights_first:
-                    T.wgmma_gemm(w_s[u, :, :], x_s[s, :, :], acc, transpose_B=True, policy=policy)
-                else:
-                    T.wgmma_gemm(x_s[s, :, :], w_s[u, :, :], acc, transpose_B=True, policy=policy)
-                T.wait_wgmma(1)  # the previous tile's wgmma has completed: free what it read
-                if kt > 0:
-                    T.mbarrier_arrive(bars[X_FREE + (kt + stages - 1) % stages])
-                    T.mbarrier_arrive(bars[W_FREE + (kt + bufs - 1) % bufs])
+            if weights_first:
+                T.gemm(w_s[u, :, :], x_s[s, :, :], acc, transpose_B=True, policy=policy)
             else:
-                if weights_first:
-                    T.gemm(w_s[u, :, :], x_s[s, :, :], acc, transpose_B=True, policy=policy)
-                else:
-                    T.gemm(x_s[s, :, :], w_s[u, :, :], acc, transpose_B=True, policy=policy)
-                T.mbarrier_arrive(bars[X_FREE + s])
-                T.mbarrier_arrive(bars[W_FREE + u])
-        if async_mma:
-            T.wait_wgmma(0)
+                T.gemm(x_s[s, :, :], w_s[u, :, :], acc, transpose_B=True, policy=policy)
+            T.mbarrier_arrive(bars[X_FREE + s])
+            T.mbarrier_arrive(bars[W_FREE + u])
 
     return consume
 
@@ -157,13 +143,10 @@ def _consumer_loop(acc, x_s, w_s, bars, stages: int, bufs: int, tiles: int, asyn
 @functools.lru_cache(maxsize=None)
 def w4ax_gemm_ws(n: int, k: int, rank: int, has_bias: bool = False, out_dtype: str = "float16",
                  block_m: int = 256, block_n: int = 128, block_k: int = 128, num_stages: int | None = None,
-                 w_buffers: int = 2, async_mma: bool = False, target=None):
+                 w_buffers: int = 2, target=None):
     """kernel(x_q, x_scale, w_q, w_scale, x_out, w_out, bias, y) as `gemm.w4ax_gemm` (y written, not
     allocated; x_out / w_out / bias not read when rank == 0 / no bias). num_stages: TMA stages
-    (default 4, 3 with the outlier path, whose operand tiles need the room). async_mma: the
-    consumers keep one tile's wgmma in flight while they wait for the next (what a tile used is
-    freed once the next tile's wgmma is issued and its own has completed), instead of draining the
-    tensor cores at every tile."""
+    (default 4, 3 with the outlier path, whose operand tiles need the room)."""
     assert k % block_k == 0 and rank % 16 == 0 and block_m % 128 == 0
     r = max(rank, 16)
     stages = num_stages or (3 if rank else 4)
@@ -197,7 +180,7 @@ def w4ax_gemm_ws(n: int, k: int, rank: int, has_bias: bool = False, out_dtype: s
 
                 produce = _producer(XQ, WQ, x_s, w_packed, w_s, bars, stages, bufs, tiles, block_m, block_n, block_k,
                                     bx, by, CONSUMERS)
-                consume = _consumer_loop(acc, x_s, w_s, bars, stages, bufs, tiles, async_mma, False,
+                consume = _consumer_loop(acc, x_s, w_s, bars, stages, bufs, tiles, False,
                                          T.GemmWarpPolicy.FullRow)
 
                 with T.ws(2):
@@ -222,7 +205,7 @@ DECODE_CONSUMERS = 128  # one consumer warpgroup: the [64, tokens] accumulator i
 @functools.lru_cache(maxsize=None)
 def w4ax_gemm_decode_ws(n: int, k: int, rank: int, has_bias: bool = False, out_dtype: str = "float16",
                         block_m: int = 16, block_k: int = 256, num_stages: int = 3, w_buffers: int = 2,
-                        async_mma: bool = False, target=None):
+                        target=None):
     """`gemm.w4ax_gemm_decode` (64 weight rows as the wgmma M side, the tokens as N, one block
     covering K, the epilogue fused) with the warp roles of `w4ax_gemm_ws`: a producer warpgroup that
     brings the tiles by TMA and unpacks the weights, one consumer warpgroup that multiplies and
@@ -265,7 +248,7 @@ def w4ax_gemm_decode_ws(n: int, k: int, rank: int, has_bias: bool = False, out_d
                 T.import_source(_UNPACK_SRC)
                 produce = _producer(XQ, WQ, x_s, w_packed, w_s, bars, stages, bufs, tiles, block_m, block_n, block_k,
                                     bx, by, DECODE_CONSUMERS)
-                consume = _consumer_loop(acc, x_s, w_s, bars, stages, bufs, tiles, async_mma, True,
+                consume = _consumer_loop(acc, x_s, w_s, bars, stages, bufs, tiles, True,
                                          T.GemmWarpPolicy.Square)
 
                 with T.ws(1):
@@ -276,53 +259,6 @@ def w4ax_gemm_decode_ws(n: int, k: int, rank: int, has_bias: bool = False, out_d
                     consume()
                     _decode_epilogue(acc, out, out_s, XS, WS, XO, WO, BIAS, Y, m, bx, by, rank, r, has_bias,
                                      out_dtype, block_n, block_m, 1.0 / 16)
-
-        return main
-
-    return build()
-
-
-@functools.lru_cache(maxsize=None)
-def w4ax_gemm_splitk_ws(n: int, k: int, split: int, block_m: int = 16, block_k: int = 256, num_stages: int = 3,
-                        w_buffers: int = 2, async_mma: bool = False, target=None):
-    """`gemm.w4ax_gemm_splitk` (ACC[M, n] += Xq · Wqᵀ over one of `split` K ranges a block, int32
-    atomics; `gemm.w4ax_epilogue` applies the scales and zeroes ACC) in the roles of
-    `w4ax_gemm_decode_ws`: the decode problems whose weight tiles alone do not fill the GPU (o_proj,
-    down_proj). Called as kernel(x_q, w_q, acc)."""
-    block_n = 64
-    tiles = k // block_k // split
-    assert k % (block_k * split) == 0 and n % block_n == 0 and tiles >= num_stages
-    stages, bufs = num_stages, w_buffers
-
-    @tilelang.jit(target=TARGETS[target])
-    def build():
-        m = T.dynamic("m")
-
-        @T.prim_func
-        def main(XQ: T.Tensor((m, k), "int8"), WQ: T.Tensor((n, k // 2), "uint8"), ACC: T.Tensor((m, n), "int32")):
-            with T.Kernel(n // block_n, T.ceildiv(m, block_m), split, threads=DECODE_CONSUMERS + PRODUCER) as (bx, by, bz):
-                T.annotate_min_blocks_per_sm(2)
-                wait_for_producers("gemm")
-                x_s = T.alloc_shared((stages, block_m, block_k), "int8")
-                w_packed = T.alloc_shared((stages, block_n, block_k // 2), "uint8")
-                w_s = T.alloc_shared((bufs, block_n, block_k), "int8")
-                acc = T.alloc_fragment((block_n, block_m), "int32")
-                bars = T.alloc_barrier(_barrier_counts(stages, bufs, DECODE_CONSUMERS))
-                T.import_source(_UNPACK_SRC)
-                produce = _producer(XQ, WQ, x_s, w_packed, w_s, bars, stages, bufs, tiles, block_m, block_n, block_k,
-                                    bx, by, DECODE_CONSUMERS, bz * tiles)
-                consume = _consumer_loop(acc, x_s, w_s, bars, stages, bufs, tiles, async_mma, True,
-                                         T.GemmWarpPolicy.Square)
-
-                with T.ws(1):
-                    produce()
-
-                with T.ws(0):
-                    T.clear(acc)
-                    consume()
-                    for i, j in T.Parallel(block_n, block_m):
-                        if by * block_m + j < m:
-                            T.atomic_add(ACC[by * block_m + j, bx * block_n + i], acc[i, j])
 
         return main
 

@@ -34,9 +34,13 @@ FEW_TOKENS_SHAPE = dict(threads=512, cols_per_thread=1, max_radix=4)
 LARGE_TOKENS_MIN = 2048
 LARGE_ROW_MIN = 8192
 LARGE_CLUSTER = (2, 256)
-# QUAD_FAST_SILU=1: the gated kernels compute silu from the approximate exp and reciprocal
-# (hadamard_quant._swiglu_f16), for engine A/B runs; not yet measured.
-FAST_SILU = os.environ.get("QUAD_FAST_SILU", "0") == "1"
+# The gated kernels that prefills run (the one-block default and the 2-block clusters) compute silu
+# from the approximate exp and reciprocal (hadamard_quant._swiglu_f16): about half the kernel's
+# instructions at thousands of tokens; a 16 x 2048 Llama-3-8B prefill 612.5 against 619.2 ms
+# (bench/results/prefill_ab_h200_2026-12-01.json), codes within the quantizer tolerance of the
+# reference (tests/test_quantize_gpu.py). The decode sizes' kernels wait on latency, not on silu,
+# and keep the exact one. QUAD_FAST_SILU=0: the exact silu everywhere.
+FAST_SILU = os.environ.get("QUAD_FAST_SILU", "1") == "1"
 
 
 def _cluster_shape(m: int) -> tuple[int, int]:
@@ -62,7 +66,8 @@ def kernel_choice(m: int, n: int, factors: tuple, block) -> tuple:
 
 def build_choice(choice: tuple, n: int, factors: tuple, block, bits: int, clip: float, gated: bool):
     """The compiled kernel of a kernel_choice (built on first use, then cached)."""
-    fast = {"fast_silu": True} if gated and FAST_SILU else {}
+    prefill_kernel = choice == ("default",) or choice == ("cluster", *LARGE_CLUSTER)
+    fast = {"fast_silu": True} if gated and FAST_SILU and prefill_kernel else {}
     if choice[0] == "cluster":
         return hadamard_quant_cluster(n, factors, bits, clip, cluster=choice[1], threads=choice[2], gated=gated, **fast)
     if choice[0] == "few":

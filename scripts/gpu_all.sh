@@ -4,10 +4,8 @@
 #   source .gpu/activate.sh && export PYTHONPATH=$PWD:$PWD/tests:$PYTHONPATH && bash scripts/gpu_all.sh $OUT PART
 # PART: gemm (GEMM tests, every shape and M), gemm-decode (the same at the decode kernels' token
 # counts 9 / 17 / 40 only), gemm-decode-blocks (gemm-decode with the decode kernels built for 2 and 3
-# blocks a SM), gemm-ws (the GEMM tests at 2053 tokens with the producer-unpack prefill kernel, then
-# the Llama-3-8B GEMM rows at 2048 / 8192 tokens with it beside the default), gemm-decode-ws (the
-# same for the producer-unpack decode kernel: tests at 9 / 17 / 40 tokens, rows at 16 / 32 / 64),
-# prefill-sdpa (flash attention over the cache dequantized once, the default for
+# blocks a SM), gemm-pipelined (the GEMM tests at 9 / 17 / 40 / 2053 tokens with the pipelined
+# kernels the dispatch no longer picks there: QUAD_PREFILL_GEMM / QUAD_DECODE_GEMM=pipelined), prefill-sdpa (flash attention over the cache dequantized once, the default for
 # prefills with a cached prefix: its tests, the engine's chunked prefill with it and with the paged
 # kernel, then the prefill rows of bench/attention.py), decode (gemm-decode, the decode-attention
 # tests and the int8 lm_head tests at once: every kernel a decode step runs), quantize (quantizer
@@ -21,7 +19,7 @@
 # what it measured.
 set -u
 out=${1:?usage: scripts/gpu_all.sh OUT_DIR PART}
-part=${2:?PART: gemm | gemm-decode | gemm-decode-blocks | gemm-ws | gemm-decode-ws | prefill-sdpa | decode | quantize | quantize-clusters | kv | rope | engine | bench-kernels | bench-attention | sweep-splits | sweep-decode | sweep-hadamard | sweep-hadamard-gated}
+part=${2:?PART: gemm | gemm-decode | gemm-decode-blocks | gemm-pipelined | prefill-sdpa | decode | quantize | quantize-clusters | kv | rope | engine | bench-kernels | bench-attention | sweep-splits | sweep-decode | sweep-hadamard | sweep-hadamard-gated}
 mkdir -p "$out"
 quiet() { grep -v "INFO\|WARNING\|AnnotateWarpGroup" ; }
 case "$part" in
@@ -37,20 +35,10 @@ case "$part" in
     done
     wait
     for b in 2 3; do echo "blocks $b: $(tail -n 1 "$out/gemm_decode_blocks$b.log")"; grep -h "^FAILED" "$out/gemm_decode_blocks$b.log" | head -n 5; done ;;
-  gemm-ws)  # the prefill GEMM whose producer warpgroup unpacks the weights (QUAD_PREFILL_GEMM=ws)
-    QUAD_PREFILL_GEMM=ws QUAD_GEMM_TEST_MS=2053 timeout 300 python3 scripts/gpu_gemm_check.py -q 2>&1 | quiet \
-      > "$out/gemm_ws_tests.log"
-    tail -n 1 "$out/gemm_ws_tests.log"; grep -h "^FAILED" "$out/gemm_ws_tests.log" | head -n 5
-    timeout 240 python3 bench/kernels.py --quick --gemm-ms 2048,8192 --out "$out/gemm_ws.json" 2>&1 | quiet \
-      > "$out/gemm_ws_bench.log"
-    grep "M=" "$out/gemm_ws_bench.log" | tail -n 8 ;;
-  gemm-decode-ws)  # the decode GEMM whose producer warpgroup unpacks the weights (QUAD_DECODE_GEMM=ws)
-    QUAD_DECODE_GEMM=ws QUAD_GEMM_TEST_MS=9,17,40 timeout 300 python3 scripts/gpu_gemm_check.py -q 2>&1 | quiet \
-      > "$out/gemm_decode_ws_tests.log"
-    tail -n 1 "$out/gemm_decode_ws_tests.log"; grep -h "^FAILED" "$out/gemm_decode_ws_tests.log" | head -n 5
-    timeout 240 python3 bench/kernels.py --quick --gemm-ms 16,32,64 --out "$out/gemm_decode_ws.json" 2>&1 | quiet \
-      > "$out/gemm_decode_ws_bench.log"
-    grep "M=" "$out/gemm_decode_ws_bench.log" | tail -n 12 ;;
+  gemm-pipelined)
+    QUAD_PREFILL_GEMM=pipelined QUAD_DECODE_GEMM=pipelined QUAD_GEMM_TEST_MS=9,17,40,2053 timeout 540 \
+      python3 scripts/gpu_gemm_check.py -q 2>&1 | quiet > "$out/gemm_pipelined_tests.log"
+    tail -n 1 "$out/gemm_pipelined_tests.log"; grep -h "^FAILED" "$out/gemm_pipelined_tests.log" | head -n 5 ;;
   prefill-sdpa)  # flash attention over the dequantized cache for prefills with a cached prefix
     timeout 120 python3 -m pytest -q -m gpu tests/test_kv_attention_gpu.py -k "flash_over or dequant" 2>&1 | quiet \
       > "$out/prefill_sdpa_tests.log"

@@ -2,8 +2,8 @@
 # Nsight Compute on the kernels behind the missed targets (scripts/gpu_ncu_targets.py), report under
 # $1 (the device's $OUT):
 #   source .gpu/activate.sh && export PYTHONPATH=$PWD:$PYTHONPATH && bash scripts/gpu_ncu.sh $OUT
-# QUAD_* switches pass through: e.g. QUAD_PREFILL_GEMM=ws-async QUAD_DECODE_GEMM=ws-async profiles
-# the producer-unpack GEMMs as launches 2 and 4. Clocks are left alone (--clock-control none). ncu
+# QUAD_* switches pass through: e.g. QUAD_PREFILL_GEMM=pipelined QUAD_DECODE_GEMM=pipelined profiles
+# the pipelined GEMMs instead of the producer-unpack ones. Clocks are left alone (--clock-control none). ncu
 # reads the counters only on some machine runtimes: where it cannot, the log says so and nothing
 # else is lost.
 set -u

@@ -26,11 +26,26 @@ def test_prefill_tiles_avoid_a_half_empty_last_wave():
 def test_prebuild_covers_every_tile_the_dispatch_can_pick(monkeypatch):
     from kernels_tl import gemm_dispatch
     built = []
+    monkeypatch.setattr(gemm_dispatch, "PREFILL_GEMM_WS", False)  # QUAD_PREFILL_GEMM=pipelined: tiles by shape
     monkeypatch.setattr(gemm_dispatch, "w4ax_gemm", lambda n, k, rank, bias, dtype, **t: built.append((n, t["block_m"])))
     gemm_dispatch.prebuild([(1024, 4160, 4096, 0, False, "float16"), (1024, 6144, 4096, 64, False, "float16")])
     assert sorted(built) == [(4160, 256), (4160, 384), (6144, 256)]
     for m in range(1024, 9000, 512):  # whatever a prefill of that class picks was built
         assert (4160, gemm_dispatch.prefill_tiles(m, 4160, 4096)["block_m"]) in built
+
+
+def test_fast_silu_only_in_the_gated_kernels_prefills_run(monkeypatch):
+    from kernels_tl import hadamard_quant_dispatch as hq
+    calls = []
+    monkeypatch.setattr(hq, "hadamard_quant", lambda *a, **kw: calls.append(kw.get("fast_silu", False)))
+    monkeypatch.setattr(hq, "hadamard_quant_cluster", lambda *a, **kw: calls.append(kw.get("fast_silu", False)))
+    for m in (1, 16, 48, 64, 1024, 2048):
+        for gated in (True, False):
+            hq.build_choice(hq.kernel_choice(m, 14336, (28, 512), None), 14336, (28, 512), None, 8, 0.9, gated)
+            assert calls.pop() == (gated and m >= 1024), (m, gated)
+    monkeypatch.setattr(hq, "FAST_SILU", False)  # QUAD_FAST_SILU=0
+    hq.build_choice(hq.kernel_choice(2048, 14336, (28, 512), None), 14336, (28, 512), None, 8, 0.9, True)
+    assert calls.pop() is False
 
 
 def test_hadamard_prebuild_covers_every_kernel_the_op_can_pick(monkeypatch):
@@ -86,12 +101,10 @@ def test_engine_quantizer_prebuild_uses_the_model_sites(monkeypatch):
     assert ((4160, 64, 4096, ops.HEAD_BITS, ops.HEAD_CLIP, 1e-5), "add") in norms
 
 
-def test_prefill_gemm_ws_switch_picks_the_producer_unpack_kernel_from_1024_tokens(monkeypatch):
+def test_prefill_gemm_is_the_producer_unpack_kernel_from_1024_tokens(monkeypatch):
     from kernels_tl import gemm_dispatch
     from kernels_tl.gemm import w4ax_gemm
     from kernels_tl.gemm_ws import w4ax_gemm_ws
-    assert gemm_dispatch.kernel_specs(2048, 4160, 4096, 0, False, "float16")[0][0] is w4ax_gemm  # the default
-    monkeypatch.setattr(gemm_dispatch, "PREFILL_GEMM_WS", True)
     builder, args, kwargs = gemm_dispatch.kernel_specs(2048, 640, 576, 64, True, "float16")[0]
     assert builder is w4ax_gemm_ws and args == (640, 576, 64, True, "float16") and dict(kwargs)["block_k"] == 64
     assert gemm_dispatch.kernel_specs(1000, 4160, 4096, 0, False, "float16")[0][0] is w4ax_gemm
@@ -99,18 +112,22 @@ def test_prefill_gemm_ws_switch_picks_the_producer_unpack_kernel_from_1024_token
     monkeypatch.setattr(gemm_dispatch, "_build_all", lambda specs, workers=16: built.extend(specs))
     gemm_dispatch.prebuild([(2048, 4160, 4096, 0, False, "float16")])
     assert built == gemm_dispatch.kernel_specs(4096, 4160, 4096, 0, False, "float16")
+    monkeypatch.setattr(gemm_dispatch, "PREFILL_GEMM_WS", False)  # QUAD_PREFILL_GEMM=pipelined
+    assert gemm_dispatch.kernel_specs(2048, 4160, 4096, 0, False, "float16")[0][0] is w4ax_gemm
 
 
-def test_decode_gemm_ws_switch_takes_every_tensor_core_decode_problem(monkeypatch):
+def test_decode_gemm_ws_takes_only_grids_of_several_waves_without_a_k_split(monkeypatch):
     from kernels_tl import gemm_dispatch
-    from kernels_tl.gemm import w4ax_epilogue, w4ax_gemm_decode
-    from kernels_tl.gemm_ws import w4ax_gemm_decode_ws, w4ax_gemm_splitk_ws
-    assert gemm_dispatch.kernel_specs(32, 28672, 4096, 0, False, "float16")[0][0] is w4ax_gemm_decode  # the default
-    monkeypatch.setattr(gemm_dispatch, "DECODE_GEMM_WS", True)
-    builder, args, kwargs = gemm_dispatch.kernel_specs(32, 28672, 4096, 0, False, "float16")[0]
-    assert builder is w4ax_gemm_decode_ws and args[-1] == gemm_dispatch.decode_plan(32, 28672, 4096)["block_m"]
-    # o_proj's 65 weight tiles are split over K: the same split in the producer-unpack split-K kernel
-    (ws, ws_args, _), (epilogue, _, _) = gemm_dispatch.kernel_specs(32, 4160, 4096, 0, False, "float16")
-    assert ws is w4ax_gemm_splitk_ws and ws_args[2] == gemm_dispatch.decode_plan(32, 4160, 4096)["split"]
-    assert epilogue is w4ax_epilogue
+    from kernels_tl.gemm import w4ax_epilogue, w4ax_gemm_decode, w4ax_gemm_splitk
+    from kernels_tl.gemm_ws import w4ax_gemm_decode_ws
+    for m in (5, 16, 32, 64):  # gate_up, 448 weight tiles: the producer-unpack kernel
+        builder, args, _ = gemm_dispatch.kernel_specs(m, 28672, 4096, 0, False, "float16")[0]
+        assert builder is w4ax_gemm_decode_ws and args[-1] == gemm_dispatch.decode_plan(m, 28672, 4096)["block_m"]
+    # qkv's 96 tiles (under a wave, measured slower there): the pipelined kernel, one block covering K
+    assert gemm_dispatch.kernel_specs(32, 6144, 4096, 64, False, "float16")[0][0] is w4ax_gemm_decode
+    # o_proj's 65 weight tiles are split over K: the pipelined split-K kernel and its epilogue
+    (splitk, _, _), (epilogue, _, _) = gemm_dispatch.kernel_specs(32, 4160, 4096, 0, False, "float16")
+    assert splitk is w4ax_gemm_splitk and epilogue is w4ax_epilogue
     assert gemm_dispatch.kernel_specs(2, 28672, 4096, 0, False, "float16")[0][0].__name__ == "w4ax_gemv"
+    monkeypatch.setattr(gemm_dispatch, "DECODE_GEMM_WS", False)  # QUAD_DECODE_GEMM=pipelined
+    assert gemm_dispatch.kernel_specs(32, 28672, 4096, 0, False, "float16")[0][0] is w4ax_gemm_decode

@@ -24,10 +24,10 @@ def test_prefill_gemm_builds_with_int8_wgmma(rank, bias, block_m):
     assert "quad_unpack_int4x32(" in src and "fence_proxy_async" in src
 
 
-@pytest.mark.parametrize("n,k,rank,bias,async_mma", [(28672, 4096, 0, False, False), (6144, 4096, 64, False, False),
-                                                     (4160, 14336, 0, True, True), (640, 576, 64, True, True)])
-def test_producer_unpack_prefill_gemm_builds(n, k, rank, bias, async_mma, tmp_path):
-    """kernels_tl.gemm_ws (QUAD_PREFILL_GEMM=ws): the producer warpgroup issues the TMA of a later
+@pytest.mark.parametrize("n,k,rank,bias", [(28672, 4096, 0, False), (6144, 4096, 64, False),
+                                           (4160, 14336, 0, True), (640, 576, 64, True)])
+def test_producer_unpack_prefill_gemm_builds(n, k, rank, bias, tmp_path):
+    """kernels_tl.gemm_ws (the prefill GEMM from 1024 tokens): the producer warpgroup issues the TMA of a later
     tile (a prologue loads the first ones), then waits for this tile's bytes, unpacks it and
     signals the consumers, who only wait, multiply on int8 wgmma and free what they read; no block
     barrier between the roles; the stages fit the SM's shared memory; nothing spills (but a few
@@ -38,14 +38,14 @@ def test_producer_unpack_prefill_gemm_builds(n, k, rank, bias, async_mma, tmp_pa
 
     from kernels_tl.gemm_dispatch import WS_TILES, _fit_k
     from kernels_tl.gemm_ws import SM90, w4ax_gemm_ws
-    tiles = {**_fit_k(WS_TILES, k), "async_mma": async_mma}
+    tiles = _fit_k(WS_TILES, k)
     src = w4ax_gemm_ws(n, k, rank, bias, "float16", target=SM90, **tiles).get_kernel_source()
     producer, consumer = src.split("if (256 <= ((int)threadIdx.x)) {")[1].split("if (((int)threadIdx.x) < 256) {")
     assert "warpgroup_reg_dealloc<40>" in producer and "warpgroup_reg_alloc<232>" in consumer
     prologue, loop = producer.split("for (int kt = 0;")
     assert prologue.count("tma_load(") == 2 and loop.count("tma_load(") == 2
-    # in the loop: the TMA of a later tile (after the previous tile's unpack: async consumers free
-    # its stage only after that), then wait(loaded) -> unpack -> fence -> arrive(unpacked)
+    # in the loop: the TMA of a later tile (after the previous tile's unpack), then wait(loaded) ->
+    # unpack -> fence -> arrive(unpacked)
     unpack_at = loop.index("quad_unpack_int4x32(")
     assert loop.index("tma_load(") < loop.rindex(".wait(", 0, unpack_at) < unpack_at
     assert unpack_at < loop.index("fence_proxy_async") < loop.index(".arrive()", unpack_at)
@@ -56,8 +56,8 @@ def test_producer_unpack_prefill_gemm_builds(n, k, rank, bias, async_mma, tmp_pa
     assert "quad_unpack_int4x32(" not in consumer and "__syncthreads" not in body
     assert "wgmma_ss<tl::DataType::kInt8, tl::DataType::kInt8, tl::DataType::kInt32" in body
     assert ("wgmma_ss<tl::DataType::kFloat16, tl::DataType::kFloat16, tl::DataType::kFloat32" in consumer) == (rank > 0)
-    # async: one wgmma batch left in flight, the previous tile's buffers freed after it completed
-    assert ("wait_wgmma<1>" in body and "warpgroup_wait<0>" not in body) == async_mma
+    # each tile's wgmma completes before the consumers free its buffers
+    assert "warpgroup_wait<0>" in body
     buffers = {name: int(off) for name, off in re.findall(r"void\* (\w+) = \(\(void\*\)\(\(char\*\)buf_dyn_shmem \+ (\d+)\)\)", src)}
     stages, bk = (3 if rank else 4), tiles["block_k"]
     sizes = {"x_s": stages * 256 * bk, "w_packed": stages * 128 * bk // 2, "w_s": 2 * 128 * bk,
@@ -69,10 +69,9 @@ def test_producer_unpack_prefill_gemm_builds(n, k, rank, bias, async_mma, tmp_pa
     assert spills and max(spills) <= (16 if rank else 0), log[-1500:]
 
 
-@pytest.mark.parametrize("n,k,m,rank,async_mma", [(28672, 4096, 32, 0, False), (6144, 4096, 16, 64, True),
-                                                   (28672, 4096, 64, 64, False)])
-def test_producer_unpack_decode_gemm_builds(n, k, m, rank, async_mma, tmp_path):
-    """gemm_ws.w4ax_gemm_decode_ws (QUAD_DECODE_GEMM=ws): a producer warpgroup that loads and
+@pytest.mark.parametrize("n,k,m,rank", [(28672, 4096, 32, 0), (6144, 4096, 16, 64), (28672, 4096, 64, 64)])
+def test_producer_unpack_decode_gemm_builds(n, k, m, rank, tmp_path):
+    """gemm_ws.w4ax_gemm_decode_ws (decode GEMMs of several waves, gate_up): a producer warpgroup that loads and
     unpacks, one consumer warpgroup with the weights as the wgmma M side and the fused epilogue; no
     block barrier between the roles; up to 32 tokens two blocks fit a SM (shared memory,
     registers); no spills."""
@@ -83,7 +82,7 @@ def test_producer_unpack_decode_gemm_builds(n, k, m, rank, async_mma, tmp_path):
     from kernels_tl.gemm_dispatch import DECODE_WS_TILES, decode_plan
     from kernels_tl.gemm_ws import SM90, w4ax_gemm_decode_ws
     block_m = decode_plan(m, n, k)["block_m"]
-    tiles = {**DECODE_WS_TILES, "async_mma": async_mma}
+    tiles = DECODE_WS_TILES
     src = w4ax_gemm_decode_ws(n, k, rank, True, "float16", block_m, target=SM90, **tiles).get_kernel_source()
     producer, consumer = src.split("if (128 <= ((int)threadIdx.x)) {")[1].split("if (((int)threadIdx.x) < 128) {")
     assert "quad_unpack_int4x32(" in producer and "tma_load(" in producer and "quad_unpack_int4x32(" not in consumer
@@ -96,29 +95,6 @@ def test_producer_unpack_decode_gemm_builds(n, k, m, rank, async_mma, tmp_path):
     assert max(ends) + x_tiles <= (227 * 1024 // 2 - 1024 if block_m <= 32 else 227 * 1024)
     log = ptxas_log(src, tmp_path)
     assert int(re.search(r"Used (\d+) registers", log).group(1)) <= 128
-    assert re.search(r"\b0 bytes spill stores, 0 bytes spill loads", log)
-
-
-@pytest.mark.parametrize("n,k,m,async_mma", [(4160, 4096, 32, False), (4160, 14336, 16, True)])
-def test_producer_unpack_split_k_decode_gemm_builds(n, k, m, async_mma, tmp_path):
-    """gemm_ws.w4ax_gemm_splitk_ws: each block's producer loads its own K range (the split's first
-    tile offset in both TMA coordinates), the consumer adds its sums into the workspace with
-    atomics; no block barrier between the roles; no spills."""
-    import re
-
-    from test_quantize_build import ptxas_log
-
-    from kernels_tl.gemm_dispatch import DECODE_WS_TILES, decode_plan
-    from kernels_tl.gemm_ws import SM90, w4ax_gemm_splitk_ws
-    plan = decode_plan(m, n, k)
-    assert plan["split"] > 1
-    tiles = {**DECODE_WS_TILES, "async_mma": async_mma}
-    src = w4ax_gemm_splitk_ws(n, k, plan["split"], plan["block_m"], target=SM90, **tiles).get_kernel_source()
-    producer, consumer = src.split("if (128 <= ((int)threadIdx.x)) {")[1].split("if (((int)threadIdx.x) < 128) {")
-    assert producer.count("blockIdx.z") >= 2 and "quad_unpack_int4x32(" in producer
-    assert "atomic" in consumer.lower() and "quad_unpack_int4x32(" not in consumer
-    assert src.count("__syncthreads") == 1 and src.index("__syncthreads") < src.index("if (128 <= ((int)threadIdx.x))")
-    log = ptxas_log(src, tmp_path)
     assert re.search(r"\b0 bytes spill stores, 0 bytes spill loads", log)
 
 
