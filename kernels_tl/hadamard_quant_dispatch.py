@@ -38,8 +38,8 @@ LARGE_CLUSTER = (2, 256)
 # from the approximate exp and reciprocal (hadamard_quant._swiglu_f16): about half the kernel's
 # instructions at thousands of tokens; a 16 x 2048 Llama-3-8B prefill 612.5 against 619.2 ms
 # (bench/results/prefill_ab_h200_2026-12-01.json), codes within the quantizer tolerance of the
-# reference (tests/test_quantize_gpu.py). The decode sizes' kernels wait on latency, not on silu,
-# and keep the exact one. QUAD_FAST_SILU=0: the exact silu everywhere.
+# reference (tests/test_quantize_gpu.py). The cluster and few-token kernels of decode sizes wait on
+# latency, not on silu, and keep the exact one. QUAD_FAST_SILU=0: the exact silu everywhere.
 FAST_SILU = os.environ.get("QUAD_FAST_SILU", "1") == "1"
 
 

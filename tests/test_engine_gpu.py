@@ -92,7 +92,11 @@ def test_cuda_graphs_on_and_off_give_identical_tokens(name):
 
 def test_fused_kernels_give_the_tokens_of_the_unfused_path(monkeypatch):
     """Residual add inside the norm and SwiGLU inside the down_proj quantizer compute the numerics
-    of the separate torch ops exactly (float32 add, float16 silu and product): same greedy tokens."""
+    of the separate torch ops exactly (float32 add, float16 silu and product): same greedy tokens.
+    With the exact silu: the prefill quantizers' approximate one (FAST_SILU) is held to the
+    reference's tolerance by its own test, not to bit equality."""
+    from kernels_tl import hadamard_quant_dispatch
+    monkeypatch.setattr(hadamard_quant_dispatch, "FAST_SILU", False)
     model = synthetic_model("llama-3-8b", device="cuda", num_layers=2, mode="w4a4a8")
     rng = random.Random(3)
     prompts = [[rng.randrange(1000) for _ in range(rng.randint(5, 300))] for _ in range(4)]
