@@ -5,9 +5,9 @@ triton.testing.do_bench (median). Prints a table and writes JSON.
 
     python bench/kernels.py --out bench/results/kernels.json [--quick] [--gemm-ms 2048,8192]
 
-Where the dispatch chooses between two GEMM kernels, each row also times the one it did not pick
-(`alternative_kernel`): from 1024 tokens TileLang's pipelined kernel (`pipelined_ms`) beside the
-producer-unpack kernel (kernels_tl.gemm_ws), at 5-64 tokens without a K split the other of the
+Where the dispatch chooses between GEMM kernels, each row also times those it did not pick
+(`alternative_kernels`): from 1024 tokens the producer-unpack kernel (kernels_tl.gemm_ws, `ws_ms`),
+its persistent form (`persistent_ms`) and TileLang's pipelined kernel (`pipelined_ms`), at 5-64 tokens without a K split the other of the
 pipelined and producer-unpack decode kernels (`decode_pipelined_graph_ms` / `decode_ws_graph_ms`,
 replayed from a CUDA graph as the dispatch's `graph_ms`), each with its largest difference from the
 dispatch's kernel.
@@ -84,32 +84,37 @@ def operands(m, n, k, rank):
     return xq, xs, wq, ws, xo, wo
 
 
-def alternative_kernel(m: int, n: int, k: int, rank: int):
-    """(name, spec) of the GEMM the dispatch did not pick where it chooses between two (float16 out,
-    no bias; spec as gemm_dispatch's, built by gemm_dispatch._build): from 1024 tokens the
-    producer-unpack kernel (`ws`) or TileLang's pipelined one (`pipelined`); at 5-64 tokens without
-    a K split the producer-unpack decode kernel (`decode_ws`) or the pipelined one
-    (`decode_pipelined`). None elsewhere."""
+def alternative_kernels(m: int, n: int, k: int, rank: int) -> list:
+    """(name, spec) of the GEMMs the dispatch did not pick where it chooses between several
+    (float16 out, no bias; spec as gemm_dispatch's, built by gemm_dispatch._build): from 1024
+    tokens the producer-unpack kernel (`ws`), its persistent form (`persistent`) and TileLang's
+    pipelined kernel (`pipelined`); at 5-64 tokens without a K split the producer-unpack decode
+    kernel (`decode_ws`) or the pipelined one (`decode_pipelined`). Empty elsewhere."""
     from kernels_tl.gemm import w4ax_gemm, w4ax_gemm_decode
-    from kernels_tl.gemm_ws import w4ax_gemm_decode_ws, w4ax_gemm_ws
+    from kernels_tl.gemm_ws import w4ax_gemm_decode_ws, w4ax_gemm_ws, w4ax_gemm_ws_persistent
     spec = gemm_dispatch._spec
+    picked = gemm_dispatch.kernel_specs(m, n, k, rank, False, "float16")[0][0]
     if m >= 1024:
-        if gemm_dispatch.PREFILL_GEMM_WS:
-            return "pipelined", spec(w4ax_gemm, n, k, rank, False, "float16", **gemm_dispatch.prefill_tiles(m, n, k, rank))
-        return "ws", spec(w4ax_gemm_ws, n, k, rank, False, "float16", **gemm_dispatch._fit_k(gemm_dispatch.WS_TILES, k))
+        ws_tiles = gemm_dispatch._fit_k(gemm_dispatch.WS_TILES, k)
+        kernels = [("ws", spec(w4ax_gemm_ws, n, k, rank, False, "float16", **ws_tiles)),
+                   ("persistent", spec(w4ax_gemm_ws_persistent, n, k, rank, False, "float16", **ws_tiles,
+                                       blocks=gemm_dispatch.SMS)),
+                   ("pipelined", spec(w4ax_gemm, n, k, rank, False, "float16",
+                                      **gemm_dispatch.prefill_tiles(m, n, k, rank)))]
+        return [(name, s) for name, s in kernels if s[0] is not picked]
     if not 4 < m <= 64:
-        return None
+        return []
     plan = gemm_dispatch.decode_plan(m, n, k)
     if plan["split"] != 1:
-        return None
-    if gemm_dispatch.kernel_specs(m, n, k, rank, False, "float16")[0][0] is w4ax_gemm_decode_ws:
+        return []
+    if picked is w4ax_gemm_decode_ws:
         extra = {"min_blocks": plan["min_blocks"]} if "min_blocks" in plan else {}
-        return "decode_pipelined", spec(w4ax_gemm_decode, n, k, rank, False, "float16", plan["block_m"],
-                                        plan["block_k"], plan["num_stages"], **extra)
+        return [("decode_pipelined", spec(w4ax_gemm_decode, n, k, rank, False, "float16", plan["block_m"],
+                                          plan["block_k"], plan["num_stages"], **extra))]
     if k % 256 == 0 and n % 64 == 0:
-        return "decode_ws", spec(w4ax_gemm_decode_ws, n, k, rank, False, "float16", plan["block_m"],
-                                 **gemm_dispatch.DECODE_WS_TILES)
-    return None
+        return [("decode_ws", spec(w4ax_gemm_decode_ws, n, k, rank, False, "float16", plan["block_m"],
+                                   **gemm_dispatch.DECODE_WS_TILES))]
+    return []
 
 
 def bench_gemm(m: int, n: int, k: int, rank: int, with_reference: bool) -> dict:
@@ -130,13 +135,12 @@ def bench_gemm(m: int, n: int, k: int, rank: int, with_reference: bool) -> dict:
     if m > 16:  # torch._int_mm needs M > 16
         w8t = wq.T  # [K, N] column-major: the layout _int_mm is fast on
         row["int_mm_ms"] = bench(lambda: torch._int_mm(xq, w8t))
-    alt = alternative_kernel(m, n, k, rank)
-    if alt:  # the kernel the dispatch did not pick for this problem, beside its choice
-        name, kern = alt[0], gemm_dispatch._build(alt[1])
+    for name, alt in alternative_kernels(m, n, k, rank):  # kernels the dispatch did not pick, beside its choice
         gemm_dispatch.w4ax_linear(xq, xs, wp, ws, xo, wo, out=y)
         bias = torch.zeros(n, device="cuda", dtype=torch.float16)
         y2 = torch.full_like(y, float("nan"))
         try:
+            kern = gemm_dispatch._build(alt)
             kern(xq, xs, wp, ws, xo, wo, bias, y2)
             row[f"{name}_max_abs_diff"] = float((y2.float() - y.float()).abs().max())
             if m <= 64:  # replayed from a CUDA graph, as the dispatch's `graph_ms`
@@ -252,7 +256,7 @@ def main() -> None:
                           "".join(f" | {v} {row[v + '_ms'] * 1e3:8.1f} us {row[v + '_tops']:7.1f} TOPS"
                                   f" (max |diff| {row[v + '_max_abs_diff']:.1e})" if v + "_ms" in row
                                   else f" | {v} failed: {row[v + '_error']}" if v + "_error" in row else ""
-                                  for v in ("ws", "pipelined")) + "".join(
+                                  for v in ("ws", "persistent", "pipelined")) + "".join(
                           f" | {v} graph {row[v + '_graph_ms'] * 1e3:6.1f} us {row[v + '_graph_gbps'] / copy_gbps:4.0%} of copy"
                           f" (max |diff| {row[v + '_max_abs_diff']:.1e})" if v + "_graph_ms" in row
                           else f" | {v} failed: {row[v + '_error']}" if v + "_error" in row else ""
