@@ -104,7 +104,7 @@ def test_engine_quantizer_prebuild_uses_the_model_sites(monkeypatch):
 def test_prefill_gemm_is_the_producer_unpack_kernel_from_1024_tokens(monkeypatch):
     from kernels_tl import gemm_dispatch
     from kernels_tl.gemm import w4ax_gemm
-    from kernels_tl.gemm_ws import w4ax_gemm_ws
+    from kernels_tl.gemm_ws import w4ax_gemm_ws, w4ax_gemm_ws_persistent
     builder, args, kwargs = gemm_dispatch.kernel_specs(2048, 640, 576, 64, True, "float16")[0]
     assert builder is w4ax_gemm_ws and args == (640, 576, 64, True, "float16") and dict(kwargs)["block_k"] == 64
     assert gemm_dispatch.kernel_specs(1000, 4160, 4096, 0, False, "float16")[0][0] is w4ax_gemm
@@ -112,6 +112,9 @@ def test_prefill_gemm_is_the_producer_unpack_kernel_from_1024_tokens(monkeypatch
     monkeypatch.setattr(gemm_dispatch, "_build_all", lambda specs, workers=16: built.extend(specs))
     gemm_dispatch.prebuild([(2048, 4160, 4096, 0, False, "float16")])
     assert built == gemm_dispatch.kernel_specs(4096, 4160, 4096, 0, False, "float16")
+    monkeypatch.setattr(gemm_dispatch, "PREFILL_GEMM", "persistent")  # QUAD_PREFILL_GEMM=persistent
+    builder, _, kwargs = gemm_dispatch.kernel_specs(2048, 4160, 4096, 0, False, "float16")[0]
+    assert builder is w4ax_gemm_ws_persistent and dict(kwargs)["blocks"] == gemm_dispatch.SMS
     monkeypatch.setattr(gemm_dispatch, "PREFILL_GEMM_WS", False)  # QUAD_PREFILL_GEMM=pipelined
     assert gemm_dispatch.kernel_specs(2048, 4160, 4096, 0, False, "float16")[0][0] is w4ax_gemm
 
