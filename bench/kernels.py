@@ -7,10 +7,10 @@ triton.testing.do_bench (median). Prints a table and writes JSON.
 
 Where the dispatch chooses between GEMM kernels, each row also times those it did not pick
 (`alternative_kernels`): from 1024 tokens the producer-unpack kernel (kernels_tl.gemm_ws, `ws_ms`),
-its persistent form (`persistent_ms`) and TileLang's pipelined kernel (`pipelined_ms`), at 5-64 tokens without a K split the other of the
-pipelined and producer-unpack decode kernels (`decode_pipelined_graph_ms` / `decode_ws_graph_ms`,
-replayed from a CUDA graph as the dispatch's `graph_ms`), each with its largest difference from the
-dispatch's kernel.
+its persistent form (`persistent_ms`) and TileLang's pipelined kernel (`pipelined_ms`); at 5-64
+tokens without a K split the other of the pipelined and producer-unpack decode kernels
+(`decode_pipelined_graph_ms` / `decode_ws_graph_ms`, replayed from a CUDA graph as the dispatch's
+`graph_ms`); each with its largest difference from the dispatch's kernel.
 
 Tile, split and launch-shape sweeps of the same kernels: bench/sweeps.py.
 """

@@ -2,9 +2,9 @@
 in the dispatch layer): the CUDA-core GEMV for M <= 4, for M <= 64 the tensor-core decode kernel
 (epilogue fused where one block covers K, else split-K + epilogue kernel; the producer-unpack form
 for grids of several waves), the prefill kernel above that (producer-unpack from 1024 tokens; the
-kernels themselves: `kernels_tl.gemm`, `kernels_tl.gemm_ws`). Tile choices are functions of the shape only, so
-one compiled kernel serves every M of a class, and `prebuild` compiles an engine's whole set in
-parallel before the first step.
+kernels themselves: `kernels_tl.gemm`, `kernels_tl.gemm_ws`). Tile choices are functions of the
+shape only, so one compiled kernel serves every M of a class, and `prebuild` compiles an engine's
+whole set in parallel before the first step.
 """
 
 import os
@@ -23,6 +23,7 @@ MEDIUM_TILES = dict(block_m=128, block_n=128, block_k=128, num_stages=4, threads
 # warp-specialized pipeline, the measured default; 2 or 3: see gemm._decode_pass_configs).
 DECODE_GEMM_BLOCKS = int(os.environ.get("QUAD_DECODE_GEMM_BLOCKS", "1"))
 SMEM_PER_SM = 227 * 1024
+SMS = 132  # streaming multiprocessors of an H100 SXM or H200: the grids' waves are counted in them
 # From 1024 tokens the prefill kernel whose producer warpgroup unpacks the weights (kernels_tl.gemm_ws),
 # 256 x 128 tiles: 1.00-1.20x TileLang's pipelined kernel at every Llama-3-8B GEMM at 2048 and 8192
 # tokens, down_proj 1278-1301 int8 TOPS (bench/results/gemm_ws_prefill_h200_2026-12-01.json).
@@ -32,7 +33,6 @@ SMEM_PER_SM = 227 * 1024
 # dynamic token-tile count at every element; that is fixed, not yet measured.
 PREFILL_GEMM = os.environ.get("QUAD_PREFILL_GEMM", "ws")
 PREFILL_GEMM_WS = PREFILL_GEMM != "pipelined"
-SMS = 132  # H100 SXM and H200
 WS_TILES = dict(block_m=256, block_n=128, block_k=128)
 # The decode GEMMs whose grid is at least DECODE_WS_MIN_WAVES waves of the SMs without a K split
 # (Llama-3-8B's gate_up: 448 tiles at 16 tokens) run w4ax_gemm_decode_ws, two blocks a SM: 1.07-1.13x
@@ -68,7 +68,7 @@ def prefill_candidates(m: int, k: int, rank: int = 0, has_bias: bool = False) ->
     return [_fit_k(LONG_TILES_OUTLIER, k)] + ([] if rank or has_bias else [_fit_k(LONG_TILES, k)])
 
 
-def prefill_tiles(m: int, n: int, k: int, rank: int = 0, has_bias: bool = False, sms: int = 132) -> dict:
+def prefill_tiles(m: int, n: int, k: int, rank: int = 0, has_bias: bool = False, sms: int = SMS) -> dict:
     """The candidate with the least estimated time: whole waves of tiles over the SMs, times the
     tile's rows, times their relative cost (ROW_COST). Waves matter: the 4160-wide o_proj / down_proj
     outputs of Llama-3-8B (4096 + r) are 33 column tiles, so 2048 tokens in 384-row tiles are 198
@@ -97,7 +97,7 @@ def _k_split(tiles: int, k: int, block_k: int, sms: int) -> int:
     return split
 
 
-def decode_plan(m: int, n: int, k: int, sms: int = 132, min_blocks: int | None = None) -> dict:
+def decode_plan(m: int, n: int, k: int, sms: int = SMS, min_blocks: int | None = None) -> dict:
     """Token tile, K tile and K split for the split-K kernel: split until the grid fills ~0.7 of
     the SMs (more splits cost more than the idle SMs, measured at Llama-3-8B shapes). min_blocks
     (default DECODE_GEMM_BLOCKS) > 1: the deepest K tile and pipeline whose shared memory lets that
@@ -124,7 +124,7 @@ def decode_plan(m: int, n: int, k: int, sms: int = 132, min_blocks: int | None =
     return dict(block_m=block_m, block_k=block_k, split=split, num_stages=stages)
 
 
-def decode_ws_fits(m: int, n: int, k: int, plan: dict, sms: int = 132) -> bool:
+def decode_ws_fits(m: int, n: int, k: int, plan: dict, sms: int = SMS) -> bool:
     """Whether the producer-unpack decode kernel takes a problem: one block covers K (no split), the
     grid is at least DECODE_WS_MIN_WAVES waves and K holds its pipeline."""
     tiles = n // 64 * -(-m // plan["block_m"])

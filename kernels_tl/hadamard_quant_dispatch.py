@@ -28,9 +28,10 @@ FEW_TOKENS_SHAPE = dict(threads=512, cols_per_thread=1, max_radix=4)
 # From this many tokens (a prefill) a dense row of at least LARGE_ROW_MIN goes to 2-block clusters of
 # 256 threads again: the one-block kernel holds the float32 row in shared memory (57 KB at 14336),
 # 3 rows a SM, and waits on latency (Nsight Compute at 2048 tokens: 15% of DRAM bandwidth, 35%
-# occupancy); half a row a block keeps more in flight. The gated 14336-wide input at M = 2048 on an H200 (bench/sweeps.py --hadamard,
-# 2026-12-01): 161.6 µs against 204.1 (4-block clusters 245), the same codes as the default but
-# for 3 in a million (ties rounded after another summation order). Unmeasured between 65 and 2047.
+# occupancy); half a row a block keeps more in flight. The gated 14336-wide input at M = 2048 on an
+# H200 (bench/sweeps.py --hadamard, 2026-12-01): 161.6 µs against 204.1 (4-block clusters 245), the
+# same codes as the default but for 3 in a million (ties rounded after another summation order);
+# their GPU tests against the reference pass (2053 tokens). Unmeasured between 65 and 2047.
 LARGE_TOKENS_MIN = 2048
 LARGE_ROW_MIN = 8192
 LARGE_CLUSTER = (2, 256)
