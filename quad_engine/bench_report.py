@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 
+def code_line(env: dict) -> str:
+    """The code that ran, as the header names it: the commit (short, with its -dirty mark where the
+    tree differed) and the source digest, which names the code even where the git metadata of the
+    tree that ran was stale."""
+    commit = env.get("git_commit") or "?"
+    short = commit[:10] + ("-dirty" if commit.endswith("-dirty") else "")
+    return f"commit {short}" + (f", sources {env['source_digest']}" if env.get("source_digest") else "")
+
+
 def markdown(result: dict) -> str:
     systems = result["systems"]
     names = list(systems)
     env = result["environment"]
-    lines = [f"# quad-bench: {result['plan']['arch']} on {env['device']} ({env['date']}, commit "
-             f"{(env.get('git_commit') or '?')[:10]})", "", "## Prefill latency (ms)", "",
+    lines = [f"# quad-bench: {result['plan']['arch']} on {env['device']} ({env['date']}, {code_line(env)})", "",
+             "## Prefill latency (ms)", "",
              "| batch x tokens | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for i, (batch, tokens) in enumerate(result["plan"]["prefill"]):
         lines.append(f"| {batch} x {tokens} | " + " | ".join(f"{systems[n]['prefill'][i]['ms']:.2f}" for n in names) + " |")

@@ -35,6 +35,7 @@ def test_quad_bench_runs_every_system_and_writes_json_and_a_plot(tmp_path, capsy
     assert (tmp_path / "run.png").stat().st_size > 0
     table = (tmp_path / "run.md").read_text()
     assert "| 1 x 16 |" in table
+    assert f"sources {result['environment']['source_digest']})" in table.splitlines()[0]
     for section in ("## Throughput", "## Prefill time by op (1 x 16;", "## Prefill time by op (2 x 8;",
                     "## Decode time by op (1 x 16;", "## Decode time by op (2 x 16;"):
         assert section in table
@@ -105,3 +106,11 @@ def test_a_failing_system_is_reported_and_the_others_still_measured(tmp_path, mo
     assert list(result["systems"]) == ["quad-w4a4a8"]
     assert result["failed"] == {"quad-w4a4": "RuntimeError: no kernel for this shape"}
     assert "## Systems that failed" in (tmp_path / "run.md").read_text()
+
+
+def test_report_header_keeps_the_dirty_mark_and_names_the_sources():
+    from quad_engine.bench_report import code_line
+    assert code_line({"git_commit": "dc603654199ab0e100b309bdc1d6b6d5ad4dc041-dirty", "source_digest": "4100691bc2f57444"}) \
+        == "commit dc60365419-dirty, sources 4100691bc2f57444"
+    assert code_line({"git_commit": "dc603654199ab0e100b309bdc1d6b6d5ad4dc041"}) == "commit dc60365419"
+    assert code_line({"git_commit": None}) == "commit ?"
