@@ -1,11 +1,13 @@
 """Kernel variant sweeps at Llama-3-8B shapes, each variant checked against the first (or the
 default) on the same inputs and timed in the same run: prefill GEMM tiles against a plain int8
-TileLang GEMM at the same tiles, split-K decode GEMMs (in CUDA graphs over weight copies larger
-than L2), the dp4a GEMV's shapes, and the Hadamard+quantize kernel's launch shapes per token count.
-The timing helpers and shapes are bench/kernels.py's. Writes JSON after every section, so a run cut
-short by a time limit keeps what it measured.
+TileLang GEMM at the same tiles, split-K decode GEMMs and the producer-unpack decode GEMM's tiles
+(in CUDA graphs over weight copies larger than L2), the dp4a GEMV's shapes, and the
+Hadamard+quantize kernel's launch shapes per token count. The timing helpers and shapes are
+bench/kernels.py's. Writes JSON after every section, so a run cut short by a time limit keeps what
+it measured.
 
-    python bench/sweeps.py --out sweep.json (--hadamard | --decode | --gemv | --prefill | --all)
+    python bench/sweeps.py --out sweep.json \
+        (--hadamard | --decode | --decode-ws | --gemv | --prefill | --all)
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kernels import MODELS, bench, bench_graph, build_all, copies_beyond_l2, operands  # noqa: E402
 
-from kernels_tl import gemm, gemv  # noqa: E402
+from kernels_tl import gemm, gemm_dispatch, gemv  # noqa: E402
 from kernels_tl import reference as ref  # noqa: E402
 
 
@@ -138,6 +140,69 @@ def sweep_decode(n: int, k: int, m: int) -> list[dict]:
     return rows
 
 
+def decode_ws_variants(n: int, k: int, m: int) -> list[tuple[int, int, int]]:
+    """(K tile, TMA stages, unpacked tiles) of the producer-unpack decode kernel that one block
+    covering K can run at this shape: at least as many K tiles as stages, shared memory (stages of
+    activation and packed weight tiles, the unpacked tiles, the epilogue's float32 tile) within a
+    SM's."""
+    from kernels_tl.gemm_dispatch import SMEM_PER_SM
+    block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
+    out = []
+    for bk in (128, 256, 512):
+        for stages in (2, 3, 4):
+            for bufs in (1, 2):
+                smem = stages * (block_m * bk + 64 * bk // 2) + bufs * 64 * bk + 64 * block_m * 4
+                if k % bk == 0 and k // bk >= stages and bufs <= stages and smem <= SMEM_PER_SM - 1024:
+                    out.append((bk, stages, bufs))
+    return out
+
+
+def sweep_decode_ws(n: int, k: int, m: int) -> list[dict]:
+    """Tiles of the producer-unpack decode kernel (kernels_tl.gemm_ws.w4ax_gemm_decode_ws: one block
+    covering K, the epilogue fused) at one shape and token count, beside the dispatch's kernel for
+    the same problem: K tile, TMA stages and unpacked tiles (decode_ws_variants; up to ~113 KB two
+    blocks share a SM), timed back to back in a CUDA graph over weight copies larger than L2, the
+    full output compared with the dispatch's. GB/s on the packed weight."""
+    from kernels_tl.gemm_ws import w4ax_gemm_decode_ws
+
+    rank = 64 if n in (6144, 28672) else 0  # qkv / gate_up carry the outlier path
+    xq, xs, wq, ws, xo, wo = operands(m, n, k, rank)
+    if rank == 0:
+        xo, wo = torch.zeros(m, 16, device="cuda").half(), torch.zeros(n, 16, device="cuda").half()
+    wps = [ref.pack_int4(wq)] + [ref.pack_int4(wq).clone() for _ in range(copies_beyond_l2(n * k // 2) - 1)]
+    bias = torch.zeros(n, device="cuda").half()
+    want = torch.empty(m, n, device="cuda", dtype=torch.float16)
+    gemm_dispatch.w4ax_linear(xq, xs, wps[0], ws, xo if rank else None, wo if rank else None, out=want)
+    rows = [{"n": n, "k": k, "m": m, "kernel": "dispatch",
+             "ms": bench_graph([lambda w=w: gemm_dispatch.w4ax_linear(xq, xs, w, ws, xo if rank else None,
+                                                                      wo if rank else None, out=want)
+                                for w in wps])}]
+    rows[0]["gbps"] = n * k / 2 / rows[0]["ms"] / 1e6
+    print(f"  sweep decode-ws {rows[0]}", flush=True)
+    block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
+    variants = decode_ws_variants(n, k, m)
+    built = build_all({v: (lambda v=v: w4ax_gemm_decode_ws(n, k, rank, False, "float16", block_m, v[0], v[1], v[2]))
+                       for v in variants})
+    y = torch.empty_like(want)
+    for variant in variants:
+        bk, stages, bufs = variant
+        row = {"n": n, "k": k, "m": m, "kernel": "decode_ws", "block_k": bk, "stages": stages, "w_buffers": bufs}
+        kern = built[variant]
+        try:
+            if isinstance(kern, Exception):
+                raise kern
+            y.fill_(float("nan"))
+            kern(xq, xs, wps[0], ws, xo, wo, bias, y)
+            row["max_abs_diff"] = float((y.float() - want.float()).abs().max())
+            t = bench_graph([lambda w=w: kern(xq, xs, w, ws, xo, wo, bias, y) for w in wps])
+            row.update(ms=t, gbps=n * k / 2 / t / 1e6)
+        except Exception as e:  # reported, not fatal
+            row["error"] = str(e).splitlines()[0][:200]
+        rows.append(row)
+        print(f"  sweep decode-ws {row}", flush=True)
+    return rows
+
+
 def sweep_gemv(n: int, k: int) -> list[dict]:
     rows = []
     variants = [(t, r, w, u) for t in (1, 4, 8) for r, w, u in ((4, 4, 2), (2, 4, 4), (2, 8, 2), (8, 4, 1))]
@@ -236,13 +301,14 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     for name, what in (("hadamard", "Hadamard+quantize launch shapes (o_proj and gated down_proj inputs)"),
                        ("decode", "split-K decode GEMM variants (the four linears at 16 and 32 tokens)"),
+                       ("decode-ws", "producer-unpack decode GEMM tiles (qkv, gate_up at 16, 32, 64 tokens)"),
                        ("gemv", "dp4a GEMV shapes (the four linears at 1, 4 and 8 tokens)"),
                        ("prefill", "prefill GEMM tiles against the int8 ceiling (4096 tokens)"),
                        ("all", "every sweep above")):
         ap.add_argument(f"--{name}", action="store_true", help=what)
     args = ap.parse_args()
-    if not (args.hadamard or args.decode or args.gemv or args.prefill or args.all):
-        ap.error("choose a sweep: --hadamard, --decode, --gemv, --prefill or --all")
+    if not (args.hadamard or args.decode or args.decode_ws or args.gemv or args.prefill or args.all):
+        ap.error("choose a sweep: --hadamard, --decode, --decode-ws, --gemv, --prefill or --all")
     copy = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")
     copy_gbps = 2 * copy.numel() / bench(lambda: copy.clone()) / 1e6
     print(f"device copy: {copy_gbps:.0f} GB/s", flush=True)
@@ -266,6 +332,13 @@ def main() -> None:
             for n, k in linears:
                 result["sweep_decode"] += sweep_decode(n, k, m)
                 save()
+    if args.decode_ws or args.all:
+        result["sweep_decode_ws"] = []
+        for m in (16, 32, 64):
+            for n, k in linears:  # the problems one block covers K of (qkv, gate_up); o / down split K
+                if gemm_dispatch.decode_plan(m, n, k)["split"] == 1:
+                    result["sweep_decode_ws"] += sweep_decode_ws(n, k, m)
+                    save()
     if args.gemv or args.all:
         result["sweep_gemv"] = {}
         for n, k in linears:

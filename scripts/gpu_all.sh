@@ -16,12 +16,14 @@
 # the engine's logits with it and without), engine (engine tests: scripts/gpu_engine.sh check),
 # bench-kernels, bench-attention, sweep-splits (decode attention at every split count, engine-like
 # table widths), sweep-decode (split-K variants of the decode GEMM at 16 and 32 tokens),
+# sweep-decode-ws (the producer-unpack decode GEMM's tiles beside the dispatch's kernel: qkv and
+# gate_up at 16 / 32 / 64 tokens),
 # sweep-hadamard, sweep-hadamard-gated (the gated 14336-wide quantizer alone, with its fast-silu
 # variants). Each benchmark writes its JSON after every section, so a part cut short keeps
 # what it measured.
 set -u
 out=${1:?usage: scripts/gpu_all.sh OUT_DIR PART}
-part=${2:?PART: gemm | gemm-decode | gemm-decode-blocks | gemm-pipelined | gemm-persistent | prefill-sdpa | decode | quantize | quantize-clusters | kv | rope | engine | bench-kernels | bench-attention | sweep-splits | sweep-decode | sweep-hadamard | sweep-hadamard-gated}
+part=${2:?PART: gemm | gemm-decode | gemm-decode-blocks | gemm-pipelined | gemm-persistent | prefill-sdpa | decode | quantize | quantize-clusters | kv | rope | engine | bench-kernels | bench-attention | sweep-splits | sweep-decode | sweep-decode-ws | sweep-hadamard | sweep-hadamard-gated}
 mkdir -p "$out"
 quiet() { grep -v "INFO\|WARNING\|AnnotateWarpGroup" ; }
 case "$part" in
@@ -94,6 +96,9 @@ case "$part" in
   sweep-decode) timeout 560 python3 bench/sweeps.py --decode --out "$out/sweep_decode.json" 2>&1 | quiet \
                   > "$out/sweep_decode.log"
                 tail -n 5 "$out/sweep_decode.log" ;;
+  sweep-decode-ws) timeout 560 python3 bench/sweeps.py --decode-ws --out "$out/sweep_decode_ws.json" 2>&1 | quiet \
+                     > "$out/sweep_decode_ws.log"
+                   tail -n 5 "$out/sweep_decode_ws.log" ;;
   sweep-hadamard) timeout 560 python3 bench/sweeps.py --hadamard --out "$out/sweep_hadamard.json" 2>&1 | quiet \
                     > "$out/sweep_hadamard.log"
                   grep "sweep hadamard" "$out/sweep_hadamard.log" | tail -n 20 ;;
