@@ -116,7 +116,8 @@ def prefetch_macros(threads: int, block_size: int, head_dim: int, tile_blocks: i
         if tile_blocks == 1:
             phys, j = block_at(it, 0), r
         else:
-            phys, j = T.if_then_else(valid_at(it, r // block_size), block_at(it, r // block_size), 0), r % block_size
+            b = r // block_size
+            phys, j = T.if_then_else(valid_at(it, b), block_at(it, b), 0), r % block_size
         for c in T.vectorized(per_thread):
             k_reg[c] = KD[phys, kvh, j, part * per_thread + c]
         for c in T.vectorized(per_thread):
@@ -128,9 +129,9 @@ def prefetch_macros(threads: int, block_size: int, head_dim: int, tile_blocks: i
                 v_meta[c] = VM[phys, kvh, j, c]
         else:
             for c in T.vectorized(2):
-                k_meta[c] = T.if_then_else(valid_at(it, r // block_size), KM[phys, kvh, j, c], T.float16(0))
+                k_meta[c] = T.if_then_else(valid_at(it, b), KM[phys, kvh, j, c], T.float16(0))
             for c in T.vectorized(2):
-                v_meta[c] = T.if_then_else(valid_at(it, r // block_size), VM[phys, kvh, j, c], T.float16(0))
+                v_meta[c] = T.if_then_else(valid_at(it, b), VM[phys, kvh, j, c], T.float16(0))
 
     @T.macro
     def dequant_regs(k_reg, v_reg, k_meta, v_meta, k_s, v_s):

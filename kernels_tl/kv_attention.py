@@ -104,7 +104,7 @@ def attention_decode(heads: int, kv_heads: int, head_dim: int, num_splits: int, 
     rows = 16 * -(-group // 16)  # mma tile height
     half = head_dim // 2
     scale_log2 = (sm_scale if sm_scale is not None else head_dim ** -0.5) * math.log2(math.e)
-    # prefetch: threads // block_size threads share a cache row, each owning `per_thread` packed bytes.
+    # prefetch: threads // tile threads share a cache row, each owning `per_thread` packed bytes.
     tile = block_size * tile_blocks  # tokens an iteration takes
     per_thread, prefetch_loop = prefetch_macros(threads, block_size, head_dim, tile_blocks)
     assert not prefetch or (num_stages == 1 and threads % tile == 0 and per_thread % 4 == 0)
@@ -174,10 +174,12 @@ def attention_decode(heads: int, kv_heads: int, head_dim: int, num_splits: int, 
                                                            rescale, l, l_blk))
             elif num_stages == 1:
                 for it in T.serial(count):
-                    one_block(it, seq, kvh, first, ctx, KD, KM, VD, VM, TABLES, q_s, kp_s, vp_s, km_s, vm_s, k_s, v_s, s, p_s, o, m, m_prev, rescale, l, l_blk)
+                    one_block(it, seq, kvh, first, ctx, KD, KM, VD, VM, TABLES, q_s, kp_s, vp_s, km_s, vm_s, k_s, v_s,
+                              s, p_s, o, m, m_prev, rescale, l, l_blk)
             else:
                 for it in T.Pipelined(count, num_stages=num_stages):
-                    one_block(it, seq, kvh, first, ctx, KD, KM, VD, VM, TABLES, q_s, kp_s, vp_s, km_s, vm_s, k_s, v_s, s, p_s, o, m, m_prev, rescale, l, l_blk)
+                    one_block(it, seq, kvh, first, ctx, KD, KM, VD, VM, TABLES, q_s, kp_s, vp_s, km_s, vm_s, k_s, v_s,
+                              s, p_s, o, m, m_prev, rescale, l, l_blk)
             for i, d in T.Parallel(rows, head_dim):
                 if i < group:
                     OP[seq, kvh * group + i, split, d] = T.if_then_else(l[i] > 0, o[i, d] / l[i], T.float32(0))
