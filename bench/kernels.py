@@ -91,23 +91,23 @@ def alternative_kernels(m: int, n: int, k: int, rank: int) -> list:
     pipelined kernel (`pipelined`); at 5-64 tokens without a K split the producer-unpack decode
     kernel (`decode_ws`) or the pipelined one (`decode_pipelined`). Empty elsewhere."""
     from kernels_tl.gemm import w4ax_gemm, w4ax_gemm_decode
-    from kernels_tl.gemm_ws import w4ax_gemm_decode_ws, w4ax_gemm_ws, w4ax_gemm_ws_persistent
+    from kernels_tl.gemm_ws import w4ax_gemm_decode_ws, w4ax_gemm_ws
     spec = gemm_dispatch._spec
-    picked = gemm_dispatch.kernel_specs(m, n, k, rank, False, "float16")[0][0]
+    picked = gemm_dispatch.kernel_specs(m, n, k, rank, False, "float16")[0]
     if m >= 1024:
         ws_tiles = gemm_dispatch._fit_k(gemm_dispatch.WS_TILES, k)
         kernels = [("ws", spec(w4ax_gemm_ws, n, k, rank, False, "float16", **ws_tiles)),
-                   ("persistent", spec(w4ax_gemm_ws_persistent, n, k, rank, False, "float16", **ws_tiles,
+                   ("persistent", spec(w4ax_gemm_ws, n, k, rank, False, "float16", **ws_tiles,
                                        blocks=gemm_dispatch.SMS)),
                    ("pipelined", spec(w4ax_gemm, n, k, rank, False, "float16",
                                       **gemm_dispatch.prefill_tiles(m, n, k, rank)))]
-        return [(name, s) for name, s in kernels if s[0] is not picked]
+        return [(name, s) for name, s in kernels if s != picked]
     if not 4 < m <= 64:
         return []
     plan = gemm_dispatch.decode_plan(m, n, k)
     if plan["split"] != 1:
         return []
-    if picked is w4ax_gemm_decode_ws:
+    if picked[0] is w4ax_gemm_decode_ws:
         extra = {"min_blocks": plan["min_blocks"]} if "min_blocks" in plan else {}
         return [("decode_pipelined", spec(w4ax_gemm_decode, n, k, rank, False, "float16", plan["block_m"],
                                           plan["block_k"], plan["num_stages"], **extra))]

@@ -11,7 +11,7 @@ import os
 
 from kernels_tl.buffers import zeros
 from kernels_tl.gemm import w4ax_epilogue, w4ax_gemm, w4ax_gemm_decode, w4ax_gemm_splitk
-from kernels_tl.gemm_ws import w4ax_gemm_decode_ws, w4ax_gemm_ws, w4ax_gemm_ws_persistent
+from kernels_tl.gemm_ws import w4ax_gemm_decode_ws, w4ax_gemm_ws
 from kernels_tl.gemv import w4ax_gemv
 
 GEMV_TOKENS = (1, 2, 4)  # compiled token widths of the CUDA-core kernel; larger M goes to tensor cores
@@ -28,11 +28,10 @@ SMS = 132  # streaming multiprocessors of an H100 SXM or H200: the grids' waves 
 # 256 x 128 tiles: 1.00-1.20x TileLang's pipelined kernel at every Llama-3-8B GEMM at 2048 and 8192
 # tokens, down_proj 1278-1301 int8 TOPS (bench/results/gemm_ws_prefill_h200_2026-12-01.json).
 # QUAD_PREFILL_GEMM=pipelined keeps the pipelined kernel (prefill_tiles) there too; =persistent runs
-# its persistent form (gemm_ws.w4ax_gemm_ws_persistent, one block a SM): its first build was 2-3x
+# its persistent form (gemm_ws.w4ax_gemm_ws with blocks, one block a SM): its first build was 2-3x
 # slower (bench/results/gemm_ws_persistent_h200_2026-12-01.json), its epilogue dividing by the
 # dynamic token-tile count at every element; that is fixed, not yet measured.
-PREFILL_GEMM = os.environ.get("QUAD_PREFILL_GEMM", "ws")
-PREFILL_GEMM_WS = PREFILL_GEMM != "pipelined"
+PREFILL_GEMM = os.environ.get("QUAD_PREFILL_GEMM", "ws")  # ws | persistent | pipelined
 WS_TILES = dict(block_m=256, block_n=128, block_k=128)
 # The decode GEMMs whose grid is at least DECODE_WS_MIN_WAVES waves of the SMs without a K split
 # (Llama-3-8B's gate_up: 448 tiles at 16 tokens) run w4ax_gemm_decode_ws, two blocks a SM: 1.07-1.13x
@@ -158,10 +157,9 @@ def kernel_specs(m: int, n: int, k: int, rank: int, has_bias: bool, out_dtype: s
                           plan["num_stages"], **extra)]
         return [_spec(w4ax_gemm_splitk, n, k, **plan),
                 _spec(w4ax_epilogue, n, rank, has_bias, out_dtype, plan["block_m"])]
-    if PREFILL_GEMM_WS and m >= 1024:
-        if PREFILL_GEMM == "persistent":
-            return [_spec(w4ax_gemm_ws_persistent, n, k, rank, has_bias, out_dtype, **_fit_k(WS_TILES, k), blocks=SMS)]
-        return [_spec(w4ax_gemm_ws, n, k, rank, has_bias, out_dtype, **_fit_k(WS_TILES, k))]
+    if PREFILL_GEMM != "pipelined" and m >= 1024:
+        persistent = {"blocks": SMS} if PREFILL_GEMM == "persistent" else {}
+        return [_spec(w4ax_gemm_ws, n, k, rank, has_bias, out_dtype, **_fit_k(WS_TILES, k), **persistent)]
     return [_spec(w4ax_gemm, n, k, rank, has_bias, out_dtype, **prefill_tiles(m, n, k, rank, has_bias))]
 
 
@@ -219,7 +217,7 @@ def prebuild(problems, workers: int = 16) -> None:
     prefill size, every tile configuration prefill_tiles may pick at some token count of its class."""
     specs = []
     for m, n, k, rank, has_bias, out_dtype in sorted(set(problems)):
-        if m <= DECODE_MAX_M or PREFILL_GEMM_WS and m >= 1024:
+        if m <= DECODE_MAX_M or PREFILL_GEMM != "pipelined" and m >= 1024:
             specs += kernel_specs(m, n, k, rank, has_bias, out_dtype)
         else:
             specs += [_spec(w4ax_gemm, n, k, rank, has_bias, out_dtype, **t)

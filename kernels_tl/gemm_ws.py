@@ -150,65 +150,6 @@ def _consumer_loop(acc, x_s, w_s, bars, stages: int, bufs: int, tiles: int, weig
     return consume
 
 
-@functools.lru_cache(maxsize=None)
-def w4ax_gemm_ws(n: int, k: int, rank: int, has_bias: bool = False, out_dtype: str = "float16",
-                 block_m: int = 256, block_n: int = 128, block_k: int = 128, num_stages: int | None = None,
-                 w_buffers: int = 2, target=None):
-    """kernel(x_q, x_scale, w_q, w_scale, x_out, w_out, bias, y) as `gemm.w4ax_gemm` (y written, not
-    allocated; x_out / w_out / bias not read when rank == 0 / no bias). num_stages: TMA stages
-    (default 4, 3 with the outlier path, whose operand tiles need the room)."""
-    assert k % block_k == 0 and rank % 16 == 0 and block_m % 128 == 0
-    r = max(rank, 16)
-    stages = num_stages or (3 if rank else 4)
-    bufs = w_buffers
-    tiles = k // block_k
-    assert tiles >= stages, "fewer K tiles than TMA stages"
-
-    @tilelang.jit(target=TARGETS[target])
-    def build():
-        m = T.dynamic("m")
-
-        @T.prim_func
-        def main(
-            XQ: T.Tensor((m, k), "int8"),
-            XS: T.Tensor((m,), "float32"),
-            WQ: T.Tensor((n, k // 2), "uint8"),
-            WS: T.Tensor((n,), "float16"),
-            XO: T.Tensor((m, r), "float16"),
-            WO: T.Tensor((n, r), "float16"),
-            BIAS: T.Tensor((n,), "float16"),
-            Y: T.Tensor((m, n), out_dtype),
-        ):
-            with T.Kernel(T.ceildiv(n, block_n), T.ceildiv(m, block_m), threads=CONSUMERS + PRODUCER) as (bx, by):
-                x_s = T.alloc_shared((stages, block_m, block_k), "int8")
-                w_packed = T.alloc_shared((stages, block_n, block_k // 2), "uint8")
-                w_s = T.alloc_shared((bufs, block_n, block_k), "int8")
-                acc = T.alloc_fragment((block_m, block_n), "int32")
-                out = T.alloc_fragment((block_m, block_n), "float32")
-                bars = T.alloc_barrier(_barrier_counts(stages, bufs, CONSUMERS))
-                T.import_source(_UNPACK_SRC)
-
-                produce = _producer(XQ, WQ, x_s, w_packed, w_s, bars, stages, bufs, tiles, block_m, block_n, block_k,
-                                    lambda t: (bx, by, t), CONSUMERS)
-                consume = _consumer_loop(acc, x_s, w_s, bars, stages, bufs, tiles, False,
-                                         T.GemmWarpPolicy.FullRow)
-
-                with T.ws(2):
-                    produce()
-
-                with T.ws(0, 1):
-                    T.set_max_nreg(CONSUMER_REGS, 1)
-                    T.clear(acc)
-                    consume()
-                    _prefill_epilogue(acc, out, XS, WS, XO, WO, BIAS, n, bx, by, rank, r, has_bias, block_m, block_n)
-                    # Straight from registers: a staging tile would not fit beside the stages.
-                    T.copy(out, Y[by * block_m, bx * block_n])
-
-        return main
-
-    return build()
-
-
 def _persistent_tile(block, blocks: int, m_tiles, i):
     """(column tile, token tile) of a persistent block's i-th output tile: tiles `blocks` apart,
     column-major."""
@@ -222,16 +163,20 @@ def _persistent_where(block, blocks: int, m_tiles, tiles: int):
 
 
 @functools.lru_cache(maxsize=None)
-def w4ax_gemm_ws_persistent(n: int, k: int, rank: int, has_bias: bool = False, out_dtype: str = "float16",
-                            block_m: int = 256, block_n: int = 128, block_k: int = 128, num_stages: int | None = None,
-                            w_buffers: int = 2, blocks: int = 132, target=None):
-    """`w4ax_gemm_ws` as a persistent kernel: `blocks` blocks (one a SM) walk the output tiles
-    blocks apart, column-major (the tiles in flight at once share their weight columns and every
-    block of tokens, which stay in L2). The producer's sequence of K tiles runs on from one output
-    tile into the next, so while the consumers run a tile's epilogue it already loads and unpacks
-    the next tile's first K tiles: the pipeline fills once a block, not once a tile (at K = 4096,
-    32 K tiles a tile, that fill and the epilogue are a fifth of a tile's time: o_proj 989 int8 TOPS
-    against down_proj's 1278 at K = 14336). Same call and numerics as `w4ax_gemm_ws`."""
+def w4ax_gemm_ws(n: int, k: int, rank: int, has_bias: bool = False, out_dtype: str = "float16",
+                 block_m: int = 256, block_n: int = 128, block_k: int = 128, num_stages: int | None = None,
+                 w_buffers: int = 2, blocks: int = 0, target=None):
+    """kernel(x_q, x_scale, w_q, w_scale, x_out, w_out, bias, y) as `gemm.w4ax_gemm` (y written, not
+    allocated; x_out / w_out / bias not read when rank == 0 / no bias). num_stages: TMA stages
+    (default 4, 3 with the outlier path, whose operand tiles need the room).
+
+    blocks > 0: the persistent form: `blocks` blocks (one a SM) walk the output tiles blocks apart,
+    column-major (the tiles in flight at once share their weight columns and every block of tokens,
+    which stay in L2). The producer's sequence of K tiles runs on from one output tile into the
+    next, so while the consumers run a tile's epilogue it already loads and unpacks the next tile's
+    first K tiles: the pipeline fills once a block, not once a tile (at K = 4096, 32 K tiles a tile,
+    that fill and the epilogue are a fifth of a tile's time: o_proj 989 int8 TOPS against
+    down_proj's 1278 at K = 14336). Same call and numerics."""
     assert k % block_k == 0 and rank % 16 == 0 and block_m % 128 == 0
     r = max(rank, 16)
     stages = num_stages or (3 if rank else 4)
@@ -239,11 +184,13 @@ def w4ax_gemm_ws_persistent(n: int, k: int, rank: int, has_bias: bool = False, o
     tiles = k // block_k
     n_tiles = -(-n // block_n)
     assert tiles >= stages, "fewer K tiles than TMA stages"
+    # The persistent form without shared-memory reuse: its liveness is per thread program, so it
+    # lays the outlier tiles of the consumers' epilogue over the packed weight stages, which the
+    # producer is already refilling for the next output tile (outlier products wrong from a block's
+    # second tile on).
+    pass_configs = {"tl.disable_shared_memory_reuse": True} if blocks else None
 
-    # No shared-memory reuse: its liveness is per thread program, so it lays the outlier tiles of
-    # the consumers' epilogue over the packed weight stages, which the producer is already
-    # refilling for the next output tile (outlier products wrong from a block's second tile on).
-    @tilelang.jit(target=TARGETS[target], pass_configs={"tl.disable_shared_memory_reuse": True})
+    @tilelang.jit(target=TARGETS[target], pass_configs=pass_configs)
     def build():
         m = T.dynamic("m")
 
@@ -258,37 +205,64 @@ def w4ax_gemm_ws_persistent(n: int, k: int, rank: int, has_bias: bool = False, o
             BIAS: T.Tensor((n,), "float16"),
             Y: T.Tensor((m, n), out_dtype),
         ):
-            with T.Kernel(blocks, threads=CONSUMERS + PRODUCER) as block:
-                x_s = T.alloc_shared((stages, block_m, block_k), "int8")
-                w_packed = T.alloc_shared((stages, block_n, block_k // 2), "uint8")
-                w_s = T.alloc_shared((bufs, block_n, block_k), "int8")
-                acc = T.alloc_fragment((block_m, block_n), "int32")
-                out = T.alloc_fragment((block_m, block_n), "float32")
-                bars = T.alloc_barrier(_barrier_counts(stages, bufs, CONSUMERS))
-                T.import_source(_UNPACK_SRC)
-                m_tiles = T.ceildiv(m, block_m)
-                # This block's output tiles: block, block + blocks, ... below m_tiles * n_tiles.
-                mine = T.if_then_else(block < m_tiles * n_tiles, T.ceildiv(m_tiles * n_tiles - block, blocks), 0)
-                produce = _producer(XQ, WQ, x_s, w_packed, w_s, bars, stages, bufs, mine * tiles, block_m, block_n,
-                                    block_k, _persistent_where(block, blocks, m_tiles, tiles), CONSUMERS)
+            if blocks:
+                with T.Kernel(blocks, threads=CONSUMERS + PRODUCER) as block:
+                    x_s = T.alloc_shared((stages, block_m, block_k), "int8")
+                    w_packed = T.alloc_shared((stages, block_n, block_k // 2), "uint8")
+                    w_s = T.alloc_shared((bufs, block_n, block_k), "int8")
+                    acc = T.alloc_fragment((block_m, block_n), "int32")
+                    out = T.alloc_fragment((block_m, block_n), "float32")
+                    bars = T.alloc_barrier(_barrier_counts(stages, bufs, CONSUMERS))
+                    T.import_source(_UNPACK_SRC)
+                    m_tiles = T.ceildiv(m, block_m)
+                    # This block's output tiles: block, block + blocks, ... below m_tiles * n_tiles.
+                    mine = T.if_then_else(block < m_tiles * n_tiles, T.ceildiv(m_tiles * n_tiles - block, blocks), 0)
+                    produce = _producer(XQ, WQ, x_s, w_packed, w_s, bars, stages, bufs, mine * tiles, block_m,
+                                        block_n, block_k, _persistent_where(block, blocks, m_tiles, tiles), CONSUMERS)
 
-                with T.ws(2):
-                    produce()
+                    with T.ws(2):
+                        produce()
 
-                with T.ws(0, 1):
-                    T.set_max_nreg(CONSUMER_REGS, 1)
-                    # The tile's coordinates in registers, computed once a tile: as expressions the
-                    # epilogue's bounds guards recomputed them at every element, 192 64-bit and
-                    # 198 32-bit divisions by the dynamic token-tile count in the PTX of a tile.
-                    bx = T.alloc_var("int32")
-                    by = T.alloc_var("int32")
-                    for i in T.serial(mine):
-                        bx, by = _persistent_tile(block, blocks, m_tiles, i)
+                    with T.ws(0, 1):
+                        T.set_max_nreg(CONSUMER_REGS, 1)
+                        # The tile's coordinates in registers, computed once a tile: as expressions
+                        # the epilogue's bounds guards recomputed them at every element, 192 64-bit
+                        # and 198 32-bit divisions by the dynamic token-tile count in the PTX of a tile.
+                        bx = T.alloc_var("int32")
+                        by = T.alloc_var("int32")
+                        for i in T.serial(mine):
+                            bx, by = _persistent_tile(block, blocks, m_tiles, i)
+                            T.clear(acc)
+                            _consumer_loop(acc, x_s, w_s, bars, stages, bufs, tiles, False, T.GemmWarpPolicy.FullRow,
+                                           first=i * tiles)()
+                            _prefill_epilogue(acc, out, XS, WS, XO, WO, BIAS, n, bx, by, rank, r, has_bias, block_m,
+                                              block_n)
+                            T.copy(out, Y[by * block_m, bx * block_n])
+            else:
+                with T.Kernel(n_tiles, T.ceildiv(m, block_m), threads=CONSUMERS + PRODUCER) as (bx, by):
+                    x_s = T.alloc_shared((stages, block_m, block_k), "int8")
+                    w_packed = T.alloc_shared((stages, block_n, block_k // 2), "uint8")
+                    w_s = T.alloc_shared((bufs, block_n, block_k), "int8")
+                    acc = T.alloc_fragment((block_m, block_n), "int32")
+                    out = T.alloc_fragment((block_m, block_n), "float32")
+                    bars = T.alloc_barrier(_barrier_counts(stages, bufs, CONSUMERS))
+                    T.import_source(_UNPACK_SRC)
+
+                    produce = _producer(XQ, WQ, x_s, w_packed, w_s, bars, stages, bufs, tiles, block_m, block_n,
+                                        block_k, lambda t: (bx, by, t), CONSUMERS)
+                    consume = _consumer_loop(acc, x_s, w_s, bars, stages, bufs, tiles, False,
+                                             T.GemmWarpPolicy.FullRow)
+
+                    with T.ws(2):
+                        produce()
+
+                    with T.ws(0, 1):
+                        T.set_max_nreg(CONSUMER_REGS, 1)
                         T.clear(acc)
-                        _consumer_loop(acc, x_s, w_s, bars, stages, bufs, tiles, False, T.GemmWarpPolicy.FullRow,
-                                       first=i * tiles)()
+                        consume()
                         _prefill_epilogue(acc, out, XS, WS, XO, WO, BIAS, n, bx, by, rank, r, has_bias, block_m,
                                           block_n)
+                        # Straight from registers: a staging tile would not fit beside the stages.
                         T.copy(out, Y[by * block_m, bx * block_n])
 
         return main

@@ -26,7 +26,7 @@ def test_prefill_tiles_avoid_a_half_empty_last_wave():
 def test_prebuild_covers_every_tile_the_dispatch_can_pick(monkeypatch):
     from kernels_tl import gemm_dispatch
     built = []
-    monkeypatch.setattr(gemm_dispatch, "PREFILL_GEMM_WS", False)  # QUAD_PREFILL_GEMM=pipelined: tiles by shape
+    monkeypatch.setattr(gemm_dispatch, "PREFILL_GEMM", "pipelined")  # QUAD_PREFILL_GEMM=pipelined: tiles by shape
     monkeypatch.setattr(gemm_dispatch, "w4ax_gemm", lambda n, k, rank, bias, dtype, **t: built.append((n, t["block_m"])))
     gemm_dispatch.prebuild([(1024, 4160, 4096, 0, False, "float16"), (1024, 6144, 4096, 64, False, "float16")])
     assert sorted(built) == [(4160, 256), (4160, 384), (6144, 256)]
@@ -104,7 +104,7 @@ def test_engine_quantizer_prebuild_uses_the_model_sites(monkeypatch):
 def test_prefill_gemm_is_the_producer_unpack_kernel_from_1024_tokens(monkeypatch):
     from kernels_tl import gemm_dispatch
     from kernels_tl.gemm import w4ax_gemm
-    from kernels_tl.gemm_ws import w4ax_gemm_ws, w4ax_gemm_ws_persistent
+    from kernels_tl.gemm_ws import w4ax_gemm_ws
     builder, args, kwargs = gemm_dispatch.kernel_specs(2048, 640, 576, 64, True, "float16")[0]
     assert builder is w4ax_gemm_ws and args == (640, 576, 64, True, "float16") and dict(kwargs)["block_k"] == 64
     assert gemm_dispatch.kernel_specs(1000, 4160, 4096, 0, False, "float16")[0][0] is w4ax_gemm
@@ -114,8 +114,8 @@ def test_prefill_gemm_is_the_producer_unpack_kernel_from_1024_tokens(monkeypatch
     assert built == gemm_dispatch.kernel_specs(4096, 4160, 4096, 0, False, "float16")
     monkeypatch.setattr(gemm_dispatch, "PREFILL_GEMM", "persistent")  # QUAD_PREFILL_GEMM=persistent
     builder, _, kwargs = gemm_dispatch.kernel_specs(2048, 4160, 4096, 0, False, "float16")[0]
-    assert builder is w4ax_gemm_ws_persistent and dict(kwargs)["blocks"] == gemm_dispatch.SMS
-    monkeypatch.setattr(gemm_dispatch, "PREFILL_GEMM_WS", False)  # QUAD_PREFILL_GEMM=pipelined
+    assert builder is w4ax_gemm_ws and dict(kwargs)["blocks"] == gemm_dispatch.SMS
+    monkeypatch.setattr(gemm_dispatch, "PREFILL_GEMM", "pipelined")  # QUAD_PREFILL_GEMM=pipelined
     assert gemm_dispatch.kernel_specs(2048, 4160, 4096, 0, False, "float16")[0][0] is w4ax_gemm
 
 

@@ -40,10 +40,11 @@ def test_producer_unpack_prefill_gemm_builds(n, k, rank, bias, persistent, tmp_p
     from test_quantize_build import ptxas_log
 
     from kernels_tl.gemm_dispatch import WS_TILES, _fit_k
-    from kernels_tl.gemm_ws import SM90, w4ax_gemm_ws, w4ax_gemm_ws_persistent
+    from kernels_tl.gemm_dispatch import SMS
+    from kernels_tl.gemm_ws import SM90, w4ax_gemm_ws
     tiles = _fit_k(WS_TILES, k)
-    build = w4ax_gemm_ws_persistent if persistent else w4ax_gemm_ws
-    src = build(n, k, rank, bias, "float16", target=SM90, **tiles).get_kernel_source()
+    src = w4ax_gemm_ws(n, k, rank, bias, "float16", target=SM90, **tiles, **({"blocks": SMS} if persistent else {})
+                       ).get_kernel_source()
     producer, consumer = src.split("if (256 <= ((int)threadIdx.x)) {")[1].split("if (((int)threadIdx.x) < 256) {")
     assert "warpgroup_reg_dealloc<40>" in producer and "warpgroup_reg_alloc<232>" in consumer
     prologue, loop = producer.split("for (int kt = 0;")
