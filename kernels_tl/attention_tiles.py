@@ -106,6 +106,11 @@ def prefetch_macros(threads: int, block_size: int, head_dim: int, tile_blocks: i
     threads_per_row = threads // tile_rows
     per_thread = half // max(threads_per_row, 1)
 
+    def where_valid(valid_at, it, b, value, other):
+        """value, or `other` for a row of block b of tile `it` past the split's end (valid_at false;
+        tiles of several blocks only)."""
+        return value if tile_blocks == 1 else T.if_then_else(valid_at(it, b), value, other)
+
     @T.macro
     def fetch(it, block_at, valid_at, kvh, KD, KM, VD, VM, k_reg, v_reg, k_meta, v_meta):
         """This thread's bytes of tile `it` (its row's cache block block_at(it, b)) and the row's
@@ -113,25 +118,16 @@ def prefetch_macros(threads: int, block_size: int, head_dim: int, tile_blocks: i
         several blocks only) read block 0 and a zero scale, so they dequantize to zeros."""
         tx = T.get_thread_binding()
         r, part = tx // threads_per_row, tx % threads_per_row
-        if tile_blocks == 1:
-            phys, j = block_at(it, 0), r
-        else:
-            b = r // block_size
-            phys, j = T.if_then_else(valid_at(it, b), block_at(it, b), 0), r % block_size
+        b, j = r // block_size, r % block_size
+        phys = where_valid(valid_at, it, b, block_at(it, b), 0)
         for c in T.vectorized(per_thread):
             k_reg[c] = KD[phys, kvh, j, part * per_thread + c]
         for c in T.vectorized(per_thread):
             v_reg[c] = VD[phys, kvh, j, part * per_thread + c]
-        if tile_blocks == 1:
-            for c in T.vectorized(2):
-                k_meta[c] = KM[phys, kvh, j, c]
-            for c in T.vectorized(2):
-                v_meta[c] = VM[phys, kvh, j, c]
-        else:
-            for c in T.vectorized(2):
-                k_meta[c] = T.if_then_else(valid_at(it, b), KM[phys, kvh, j, c], T.float16(0))
-            for c in T.vectorized(2):
-                v_meta[c] = T.if_then_else(valid_at(it, b), VM[phys, kvh, j, c], T.float16(0))
+        for c in T.vectorized(2):
+            k_meta[c] = where_valid(valid_at, it, b, KM[phys, kvh, j, c], T.float16(0))
+        for c in T.vectorized(2):
+            v_meta[c] = where_valid(valid_at, it, b, VM[phys, kvh, j, c], T.float16(0))
 
     @T.macro
     def dequant_regs(k_reg, v_reg, k_meta, v_meta, k_s, v_s):

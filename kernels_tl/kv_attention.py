@@ -61,11 +61,12 @@ def decode_loop(batch: int, kv_heads: int, num_splits: int, sms: int = 132) -> t
     return prefetch, prefetch_min_blocks(batch, kv_heads, num_splits, sms) if prefetch else 1
 
 
-def prefetch_min_blocks(batch: int, kv_heads: int, num_splits: int, sms: int = 132) -> int:
-    """The prefetch loop's register cap for this grid."""
+def prefetch_min_blocks(batch: int, kv_heads: int, num_splits: int, sms: int = 132,
+                        tile_blocks: int | None = None) -> int:
+    """The prefetch loop's register cap for this grid and tile (default DECODE_TILE_BLOCKS)."""
     if DECODE_MIN_BLOCKS is not None:
         return DECODE_MIN_BLOCKS
-    if DECODE_TILE_BLOCKS > 1:
+    if (DECODE_TILE_BLOCKS if tile_blocks is None else tile_blocks) > 1:
         return TILE_MIN_BLOCKS
     dense = batch * kv_heads * num_splits > DENSE_PROGRAMS_PER_SM * sms
     return MIN_BLOCKS_DENSE if dense else MIN_BLOCKS_SPARSE
@@ -162,16 +163,12 @@ def attention_decode(heads: int, kv_heads: int, head_dim: int, num_splits: int, 
             T.fill(o, 0)
             T.fill(l, 0)
             T.fill(m, -T.infinity("float32"))
-            if prefetch and tile_blocks > 1:
+            if prefetch:
                 prefetch_loop(T.ceildiv(count, tile_blocks), lambda it, b: TABLES[seq, first + it * tile_blocks + b],
                               kvh, KD, KM, VD, VM, k_s, v_s,
                               lambda it: scores_and_update(it, first, ctx, q_s, k_s, v_s, s, p_s, o, m, m_prev,
                                                            rescale, l, l_blk, count),
                               lambda it, b: it * tile_blocks + b < count)
-            elif prefetch:
-                prefetch_loop(count, lambda it, b: TABLES[seq, first + it], kvh, KD, KM, VD, VM, k_s, v_s,
-                              lambda it: scores_and_update(it, first, ctx, q_s, k_s, v_s, s, p_s, o, m, m_prev,
-                                                           rescale, l, l_blk))
             elif num_stages == 1:
                 for it in T.serial(count):
                     one_block(it, seq, kvh, first, ctx, KD, KM, VD, VM, TABLES, q_s, kp_s, vp_s, km_s, vm_s, k_s, v_s,
@@ -284,8 +281,7 @@ def attention_decode_op(q, k_data, k_meta, v_data, v_meta, block_tables, context
     prefetch = (decode_loop(b, kv_heads, num_splits)[0] if prefetch is None else prefetch) and num_stages == 1
     tile_blocks = (DECODE_TILE_BLOCKS if tile_blocks is None else tile_blocks) if prefetch else 1
     if min_blocks is None:
-        min_blocks = (TILE_MIN_BLOCKS if tile_blocks > 1 else prefetch_min_blocks(b, kv_heads, num_splits)) \
-            if prefetch else 1
+        min_blocks = prefetch_min_blocks(b, kv_heads, num_splits, tile_blocks=tile_blocks) if prefetch else 1
     kernel = attention_decode(heads, kv_heads, head_dim, num_splits, k_data.shape[2], sm_scale, 128, None, num_stages,
                               prefetch, min_blocks, tile_blocks)
     kernel(q, k_data, k_meta, v_data, v_meta, block_tables, context_lens, partial, lse)
