@@ -26,9 +26,7 @@ PREFILL_TOKENS = [2048, 8192]
 
 
 VARIANTS = (("prefetch", dict(prefetch=True, min_blocks=1)), ("prefetch_mb4", dict(prefetch=True, min_blocks=4)),
-            ("prefetch_mb5", dict(prefetch=True, min_blocks=5)), ("plain", dict(prefetch=False)),
-            # two cache blocks an iteration (QUAD_DECODE_TILE_BLOCKS=2), its splits of whole tiles
-            ("tile2", dict(prefetch=True, tile_blocks=2)))
+            ("prefetch_mb5", dict(prefetch=True, min_blocks=5)), ("plain", dict(prefetch=False)))
 
 
 def bench(fn) -> float:
@@ -63,10 +61,9 @@ def one(model: str, batch: int, ctx: int) -> dict:
     for name, kwargs in VARIANTS:
         try:
             out2 = torch.full_like(out, float("nan"))
-            n = kv.decode_splits(batch, kv_heads, ctx, min_blocks=kwargs.get("tile_blocks", 0) or None)
-            kv.attention_decode_op(q, kd, km, vd, vm, tables, lens, n, out=out2, **kwargs)
+            kv.attention_decode_op(q, kd, km, vd, vm, tables, lens, splits, out=out2, **kwargs)
             piped[f"{name}_ms"] = bench(
-                lambda kw=kwargs, n=n: kv.attention_decode_op(q, kd, km, vd, vm, tables, lens, n, out=out2, **kw))
+                lambda kw=kwargs: kv.attention_decode_op(q, kd, km, vd, vm, tables, lens, splits, out=out2, **kw))
             piped[f"{name}_rel_err"] = float((out2.float() - out.float()).norm() / out.float().norm())
         except Exception as e:  # a variant that does not build or run is reported, not fatal
             piped[f"{name}_error"] = str(e).splitlines()[0][:200]

@@ -6,11 +6,11 @@ triton.testing.do_bench (median). Prints a table and writes JSON.
     python bench/kernels.py --out bench/results/kernels.json [--quick] [--gemm-ms 2048,8192]
 
 Where the dispatch chooses between GEMM kernels, each row also times those it did not pick
-(`alternative_kernels`): from 1024 tokens the producer-unpack kernel (kernels_tl.gemm_ws, `ws_ms`),
-its persistent form (`persistent_ms`) and TileLang's pipelined kernel (`pipelined_ms`); at 5-64
-tokens without a K split the other of the pipelined and producer-unpack decode kernels
-(`decode_pipelined_graph_ms` / `decode_ws_graph_ms`, replayed from a CUDA graph as the dispatch's
-`graph_ms`); each with its largest difference from the dispatch's kernel.
+(`alternative_kernels`): from 1024 tokens the producer-unpack kernel (kernels_tl.gemm_ws, `ws_ms`)
+and TileLang's pipelined kernel (`pipelined_ms`); at 5-64 tokens without a K split the other of the
+pipelined and producer-unpack decode kernels (`decode_pipelined_graph_ms` / `decode_ws_graph_ms`,
+replayed from a CUDA graph as the dispatch's `graph_ms`); each with its largest difference from the
+dispatch's kernel.
 
 Tile, split and launch-shape sweeps of the same kernels: bench/sweeps.py.
 """
@@ -87,9 +87,9 @@ def operands(m, n, k, rank):
 def alternative_kernels(m: int, n: int, k: int, rank: int) -> list:
     """(name, spec) of the GEMMs the dispatch did not pick where it chooses between several
     (float16 out, no bias; spec as gemm_dispatch's, built by gemm_dispatch._build): from 1024
-    tokens the producer-unpack kernel (`ws`), its persistent form (`persistent`) and TileLang's
-    pipelined kernel (`pipelined`); at 5-64 tokens without a K split the producer-unpack decode
-    kernel (`decode_ws`) or the pipelined one (`decode_pipelined`). Empty elsewhere."""
+    tokens the producer-unpack kernel (`ws`) and TileLang's pipelined kernel (`pipelined`); at 5-64
+    tokens without a K split the producer-unpack decode kernel (`decode_ws`) or the pipelined one
+    (`decode_pipelined`). Empty elsewhere."""
     from kernels_tl.gemm import w4ax_gemm, w4ax_gemm_decode
     from kernels_tl.gemm_ws import w4ax_gemm_decode_ws, w4ax_gemm_ws
     spec = gemm_dispatch._spec
@@ -97,8 +97,6 @@ def alternative_kernels(m: int, n: int, k: int, rank: int) -> list:
     if m >= 1024:
         ws_tiles = gemm_dispatch._fit_k(gemm_dispatch.WS_TILES, k)
         kernels = [("ws", spec(w4ax_gemm_ws, n, k, rank, False, "float16", **ws_tiles)),
-                   ("persistent", spec(w4ax_gemm_ws, n, k, rank, False, "float16", **ws_tiles,
-                                       blocks=gemm_dispatch.SMS)),
                    ("pipelined", spec(w4ax_gemm, n, k, rank, False, "float16",
                                       **gemm_dispatch.prefill_tiles(m, n, k, rank)))]
         return [(name, s) for name, s in kernels if s != picked]
@@ -256,7 +254,7 @@ def main() -> None:
                           "".join(f" | {v} {row[v + '_ms'] * 1e3:8.1f} us {row[v + '_tops']:7.1f} TOPS"
                                   f" (max |diff| {row[v + '_max_abs_diff']:.1e})" if v + "_ms" in row
                                   else f" | {v} failed: {row[v + '_error']}" if v + "_error" in row else ""
-                                  for v in ("ws", "persistent", "pipelined")) + "".join(
+                                  for v in ("ws", "pipelined")) + "".join(
                           f" | {v} graph {row[v + '_graph_ms'] * 1e3:6.1f} us {row[v + '_graph_gbps'] / copy_gbps:4.0%} of copy"
                           f" (max |diff| {row[v + '_max_abs_diff']:.1e})" if v + "_graph_ms" in row
                           else f" | {v} failed: {row[v + '_error']}" if v + "_error" in row else ""

@@ -133,7 +133,7 @@ def attention_prefill(heads: int, kv_heads: int, head_dim: int, block_size: int 
                 T.fill(l, 0)
                 T.fill(m, -T.infinity("float32"))
                 if prefetch:
-                    prefetch_loop(n_blocks, lambda it, b: TABLES[seq, it], kvh, KD, KM, VD, VM, k_s, v_s,
+                    prefetch_loop(n_blocks, lambda it: TABLES[seq, it], kvh, KD, KM, VD, VM, k_s, v_s,
                                   lambda it: scores_and_update(it, past, q0, q_s, k_s, v_s, s, p_s, o, m, m_prev,
                                                                rescale, l, l_blk))
                 elif num_stages == 1:

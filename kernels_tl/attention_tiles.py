@@ -96,70 +96,60 @@ def softmax_pv(s, m, m_prev, rescale, l, l_blk, o, p_s, v_s, rows: int, block_si
     T.gemm(p_s, v_s, o, policy=T.GemmWarpPolicy.FullCol)
 
 
-def prefetch_macros(threads: int, block_size: int, head_dim: int, tile_blocks: int = 1):
-    """The register-prefetch loop for a block of `threads` threads over tiles of `tile_blocks` cache
-    blocks, built of two steps: fetch loads this thread's bytes of a tile (and its row's scale /
-    zero) into registers; dequant_regs writes them dequantized into the float16 tiles
-    (quad_kv_dequant8). Returns (packed bytes per thread, prefetch_loop)."""
+def prefetch_macros(threads: int, block_size: int, head_dim: int):
+    """The register-prefetch loop for a block of `threads` threads, built of two steps: fetch loads
+    this thread's bytes of a cache block (and its row's scale / zero) into registers; dequant_regs
+    writes them dequantized into the float16 tiles (quad_kv_dequant8). Returns (packed bytes per
+    thread, prefetch_loop)."""
     half = head_dim // 2
-    tile_rows = block_size * tile_blocks
-    threads_per_row = threads // tile_rows
+    threads_per_row = threads // block_size
     per_thread = half // max(threads_per_row, 1)
 
-    def where_valid(valid_at, it, b, value, other):
-        """value, or `other` for a row of block b of tile `it` past the split's end (valid_at false;
-        tiles of several blocks only)."""
-        return value if tile_blocks == 1 else T.if_then_else(valid_at(it, b), value, other)
-
     @T.macro
-    def fetch(it, block_at, valid_at, kvh, KD, KM, VD, VM, k_reg, v_reg, k_meta, v_meta):
-        """This thread's bytes of tile `it` (its row's cache block block_at(it, b)) and the row's
-        scale / zero into registers. Rows of a block past the split's end (valid_at false; tiles of
-        several blocks only) read block 0 and a zero scale, so they dequantize to zeros."""
+    def fetch(phys, kvh, KD, KM, VD, VM, k_reg, v_reg, k_meta, v_meta):
+        """This thread's bytes of cache block `phys` (and its row's scale / zero) into registers."""
         tx = T.get_thread_binding()
-        r, part = tx // threads_per_row, tx % threads_per_row
-        b, j = r // block_size, r % block_size
-        phys = where_valid(valid_at, it, b, block_at(it, b), 0)
+        j, part = tx // threads_per_row, tx % threads_per_row
         for c in T.vectorized(per_thread):
             k_reg[c] = KD[phys, kvh, j, part * per_thread + c]
         for c in T.vectorized(per_thread):
             v_reg[c] = VD[phys, kvh, j, part * per_thread + c]
         for c in T.vectorized(2):
-            k_meta[c] = where_valid(valid_at, it, b, KM[phys, kvh, j, c], T.float16(0))
+            k_meta[c] = KM[phys, kvh, j, c]
         for c in T.vectorized(2):
-            v_meta[c] = where_valid(valid_at, it, b, VM[phys, kvh, j, c], T.float16(0))
+            v_meta[c] = VM[phys, kvh, j, c]
 
     @T.macro
     def dequant_regs(k_reg, v_reg, k_meta, v_meta, k_s, v_s):
         tx = T.get_thread_binding()
-        r, part = tx // threads_per_row, tx % threads_per_row
+        j, part = tx // threads_per_row, tx % threads_per_row
         for c in T.unroll(per_thread // 4):
             col = (part * per_thread + 4 * c) * 2
             T.call_extern("handle", "quad_kv_dequant8", T.address_of(k_reg[4 * c]), T.address_of(k_meta[0]),
-                          T.address_of(k_s[r, col]))
+                          T.address_of(k_s[j, col]))
             T.call_extern("handle", "quad_kv_dequant8", T.address_of(v_reg[4 * c]), T.address_of(v_meta[0]),
-                          T.address_of(v_s[r, col]))
+                          T.address_of(v_s[j, col]))
         # Plain stores the tensor cores read next: into the async proxy, then every thread's.
         T.fence_proxy_async()
         T.sync_threads()
 
     @T.macro
-    def prefetch_loop(count, block_at, kvh, KD, KM, VD, VM, k_s, v_s, update, valid_at=None):
-        """For it in [0, count): tile `it` (cache blocks block_at(it, b), b < tile_blocks, those with
-        valid_at(it, b)) of kv head kvh into k_s / v_s, then update(it) (the scores, softmax and P·V
-        of that tile), the next tile's packed bytes in registers meanwhile."""
+    def prefetch_loop(count, block_at, kvh, KD, KM, VD, VM, k_s, v_s, update):
+        """For it in [0, count): cache block block_at(it) of kv head kvh into k_s / v_s, then
+        update(it) (the scores, softmax and P·V of that block), the next block's packed bytes in
+        registers meanwhile."""
         T.import_source(DEQUANT_SRC)
         k_reg = T.alloc_local((per_thread,), "uint8")
         v_reg = T.alloc_local((per_thread,), "uint8")
         k_meta = T.alloc_local((2,), "float16")
         v_meta = T.alloc_local((2,), "float16")
         if count > 0:
-            fetch(0, block_at, valid_at, kvh, KD, KM, VD, VM, k_reg, v_reg, k_meta, v_meta)
+            fetch(block_at(0), kvh, KD, KM, VD, VM, k_reg, v_reg, k_meta, v_meta)
         for it in T.serial(count):
             dequant_regs(k_reg, v_reg, k_meta, v_meta, k_s, v_s)
-            if it + 1 < count:  # in flight while this tile is multiplied
-                fetch(it + 1, block_at, valid_at, kvh, KD, KM, VD, VM, k_reg, v_reg, k_meta, v_meta)
+            if it + 1 < count:  # in flight while this block is multiplied
+                fetch(block_at(it + 1), kvh, KD, KM, VD, VM, k_reg, v_reg, k_meta, v_meta)
             update(it)
-            T.sync_threads()  # k_s / v_s are rewritten at the top of the next tile
+            T.sync_threads()  # k_s / v_s are rewritten at the top of the next block
 
     return per_thread, prefetch_loop

@@ -27,11 +27,8 @@ SMS = 132  # streaming multiprocessors of an H100 SXM or H200: the grids' waves 
 # From 1024 tokens the prefill kernel whose producer warpgroup unpacks the weights (kernels_tl.gemm_ws),
 # 256 x 128 tiles: 1.00-1.20x TileLang's pipelined kernel at every Llama-3-8B GEMM at 2048 and 8192
 # tokens, down_proj 1278-1301 int8 TOPS (bench/results/gemm_ws_prefill_h200_2026-12-01.json).
-# QUAD_PREFILL_GEMM=pipelined keeps the pipelined kernel (prefill_tiles) there too; =persistent runs
-# its persistent form (gemm_ws.w4ax_gemm_ws with blocks, one block a SM): its first build was 2-3x
-# slower (bench/results/gemm_ws_persistent_h200_2026-12-01.json), its epilogue dividing by the
-# dynamic token-tile count at every element; that is fixed, not yet measured.
-PREFILL_GEMM = os.environ.get("QUAD_PREFILL_GEMM", "ws")  # ws | persistent | pipelined
+# QUAD_PREFILL_GEMM=pipelined keeps the pipelined kernel (prefill_tiles) there too.
+PREFILL_GEMM = os.environ.get("QUAD_PREFILL_GEMM", "ws")  # ws | pipelined
 WS_TILES = dict(block_m=256, block_n=128, block_k=128)
 # The decode GEMMs whose grid is at least DECODE_WS_MIN_WAVES waves of the SMs without a K split
 # (Llama-3-8B's gate_up: 448 tiles at 16 tokens) run w4ax_gemm_decode_ws, two blocks a SM: 1.07-1.13x
@@ -158,8 +155,7 @@ def kernel_specs(m: int, n: int, k: int, rank: int, has_bias: bool, out_dtype: s
         return [_spec(w4ax_gemm_splitk, n, k, **plan),
                 _spec(w4ax_epilogue, n, rank, has_bias, out_dtype, plan["block_m"])]
     if PREFILL_GEMM != "pipelined" and m >= 1024:
-        persistent = {"blocks": SMS} if PREFILL_GEMM == "persistent" else {}
-        return [_spec(w4ax_gemm_ws, n, k, rank, has_bias, out_dtype, **_fit_k(WS_TILES, k), **persistent)]
+        return [_spec(w4ax_gemm_ws, n, k, rank, has_bias, out_dtype, **_fit_k(WS_TILES, k))]
     return [_spec(w4ax_gemm, n, k, rank, has_bias, out_dtype, **prefill_tiles(m, n, k, rank, has_bias))]
 
 

@@ -47,27 +47,19 @@ DECODE_MIN_BLOCKS = int(os.environ["QUAD_DECODE_MIN_BLOCKS"]) if os.environ.get(
 DECODE_SPLIT_BLOCKS = int(os.environ.get("QUAD_DECODE_SPLIT_BLOCKS", "1"))
 # Programs per SM the split count aims for (QUAD_DECODE_FILL overrides, for A/B runs).
 DECODE_FILL = int(os.environ.get("QUAD_DECODE_FILL", "2"))
-# QUAD_DECODE_TILE_BLOCKS=2: the prefetch loop takes two cache blocks an iteration (attention_decode's
-# tile_blocks; not yet run on a GPU). Its float16 K / V tiles (74 KB of shared memory) fit 3
-# programs a SM, so the register cap is 3 (161 registers, no spills), and splits cover whole tiles.
-DECODE_TILE_BLOCKS = int(os.environ.get("QUAD_DECODE_TILE_BLOCKS", "1"))
-TILE_MIN_BLOCKS = 3
 
 
 def decode_loop(batch: int, kv_heads: int, num_splits: int, sms: int = 132) -> tuple[bool, int]:
     """(prefetch, min_blocks): the loop decode attention runs for this grid and its register cap
     (blocks a SM; 1 is none)."""
-    prefetch = True if DECODE_PREFETCH is None or DECODE_TILE_BLOCKS > 1 else DECODE_PREFETCH
+    prefetch = True if DECODE_PREFETCH is None else DECODE_PREFETCH
     return prefetch, prefetch_min_blocks(batch, kv_heads, num_splits, sms) if prefetch else 1
 
 
-def prefetch_min_blocks(batch: int, kv_heads: int, num_splits: int, sms: int = 132,
-                        tile_blocks: int | None = None) -> int:
-    """The prefetch loop's register cap for this grid and tile (default DECODE_TILE_BLOCKS)."""
+def prefetch_min_blocks(batch: int, kv_heads: int, num_splits: int, sms: int = 132) -> int:
+    """The prefetch loop's register cap for this grid."""
     if DECODE_MIN_BLOCKS is not None:
         return DECODE_MIN_BLOCKS
-    if (DECODE_TILE_BLOCKS if tile_blocks is None else tile_blocks) > 1:
-        return TILE_MIN_BLOCKS
     dense = batch * kv_heads * num_splits > DENSE_PROGRAMS_PER_SM * sms
     return MIN_BLOCKS_DENSE if dense else MIN_BLOCKS_SPARSE
 
@@ -75,7 +67,7 @@ def prefetch_min_blocks(batch: int, kv_heads: int, num_splits: int, sms: int = 1
 @functools.lru_cache(maxsize=None)
 def attention_decode(heads: int, kv_heads: int, head_dim: int, num_splits: int, block_size: int = BLOCK_SIZE,
                      sm_scale: float | None = None, threads: int = 128, target=None, num_stages: int = 1,
-                     prefetch: bool = False, min_blocks: int = 1, tile_blocks: int = 1):
+                     prefetch: bool = False, min_blocks: int = 1):
     """Split-KV decode attention over the paged int4 cache: kernel(q, k_data, k_meta, v_data,
     v_meta, block_tables, context_lens, out_partial, lse) writes, for every split, the normalized
     partial output [B, heads, splits, head_dim] and its log2-sum-exp [B, heads, splits]
@@ -93,23 +85,14 @@ def attention_decode(heads: int, kv_heads: int, head_dim: int, num_splits: int, 
     memory). Same result as the default loop up to float16 rounding order (none for integer zeros).
 
     min_blocks: blocks per SM the register allocation must allow (__launch_bounds__), see
-    decode_loop.
-
-    tile_blocks (prefetch loop only; not yet run on a GPU): cache blocks a loop iteration takes, as
-    one [tile_blocks · block_size]-token tile (one cache row a thread at 2 x 64 tokens and 128
-    threads). Each iteration's fixed costs (the barriers, the softmax reductions, the chain from
-    one block's load to its P·V) are paid once a tile; at batch 32 x 1024 a program walks 8 blocks
-    at ~5.8 µs each (46.8 µs a layer, 0.76 TB/s). A split's last tile may hold blocks past its end:
-    they are masked and read as zeros."""
+    decode_loop."""
     group = heads // kv_heads
     rows = 16 * -(-group // 16)  # mma tile height
     half = head_dim // 2
     scale_log2 = (sm_scale if sm_scale is not None else head_dim ** -0.5) * math.log2(math.e)
-    # prefetch: threads // tile threads share a cache row, each owning `per_thread` packed bytes.
-    tile = block_size * tile_blocks  # tokens an iteration takes
-    per_thread, prefetch_loop = prefetch_macros(threads, block_size, head_dim, tile_blocks)
-    assert not prefetch or (num_stages == 1 and threads % tile == 0 and per_thread % 4 == 0)
-    assert tile_blocks == 1 or prefetch, "tiles of several cache blocks: the prefetch loop only"
+    # prefetch: threads // block_size threads share a cache row, each owning `per_thread` packed bytes.
+    per_thread, prefetch_loop = prefetch_macros(threads, block_size, head_dim)
+    assert not prefetch or (num_stages == 1 and threads % block_size == 0 and per_thread % 4 == 0)
 
     @tilelang.jit(target=TARGETS[target])
     def build():
@@ -118,21 +101,15 @@ def attention_decode(heads: int, kv_heads: int, head_dim: int, num_splits: int, 
         width = T.dynamic("table_width")
 
         @T.macro
-        def scores_and_update(it, first, ctx, q_s, k_s, v_s, s, p_s, o, m, m_prev, rescale, l, l_blk, count=None):
-            """Tile `it` of the split once K / V are in k_s / v_s: masked, log2-scaled scores, then
-            the online-softmax step and P·V. A tile of several blocks also masks the blocks past the
-            split's `count`."""
+        def scores_and_update(it, first, ctx, q_s, k_s, v_s, s, p_s, o, m, m_prev, rescale, l, l_blk):
+            """Block `it` of the split once K / V are in k_s / v_s: masked, log2-scaled scores, then
+            the online-softmax step and P·V."""
             T.clear(s)
             T.gemm(q_s, k_s, s, transpose_B=True, policy=T.GemmWarpPolicy.FullCol)
-            for i, j in T.Parallel(rows, tile):
-                if tile_blocks == 1:
-                    s[i, j] = T.if_then_else((first + it) * block_size + j < ctx, s[i, j] * T.float32(scale_log2),
-                                             -T.infinity("float32"))
-                else:
-                    inside = ((first + it * tile_blocks) * block_size + j < ctx) & (
-                        it * tile_blocks + j // block_size < count)
-                    s[i, j] = T.if_then_else(inside, s[i, j] * T.float32(scale_log2), -T.infinity("float32"))
-            softmax_pv(s, m, m_prev, rescale, l, l_blk, o, p_s, v_s, rows, tile, head_dim)
+            for i, j in T.Parallel(rows, block_size):
+                s[i, j] = T.if_then_else((first + it) * block_size + j < ctx, s[i, j] * T.float32(scale_log2),
+                                         -T.infinity("float32"))
+            softmax_pv(s, m, m_prev, rescale, l, l_blk, o, p_s, v_s, rows, block_size, head_dim)
 
         @T.macro
         def one_block(it, seq, kvh, first, ctx, KD, KM, VD, VM, TABLES, q_s, kp_s, vp_s, km_s, vm_s, k_s, v_s, s,
@@ -149,7 +126,7 @@ def attention_decode(heads: int, kv_heads: int, head_dim: int, num_splits: int, 
             if min_blocks > 1:
                 T.annotate_min_blocks_per_sm(min_blocks)
             (q_s, kp_s, vp_s, km_s, vm_s, k_s, v_s, s, p_s, o, m, m_prev, rescale, l,
-             l_blk) = attention_buffers(rows, tile, head_dim)
+             l_blk) = attention_buffers(rows, block_size, head_dim)
             wait_for_producers("attention")
 
             ctx = LENS[seq]
@@ -164,11 +141,9 @@ def attention_decode(heads: int, kv_heads: int, head_dim: int, num_splits: int, 
             T.fill(l, 0)
             T.fill(m, -T.infinity("float32"))
             if prefetch:
-                prefetch_loop(T.ceildiv(count, tile_blocks), lambda it, b: TABLES[seq, first + it * tile_blocks + b],
-                              kvh, KD, KM, VD, VM, k_s, v_s,
+                prefetch_loop(count, lambda it: TABLES[seq, first + it], kvh, KD, KM, VD, VM, k_s, v_s,
                               lambda it: scores_and_update(it, first, ctx, q_s, k_s, v_s, s, p_s, o, m, m_prev,
-                                                           rescale, l, l_blk, count),
-                              lambda it, b: it * tile_blocks + b < count)
+                                                           rescale, l, l_blk))
             elif num_stages == 1:
                 for it in T.serial(count):
                     one_block(it, seq, kvh, first, ctx, KD, KM, VD, VM, TABLES, q_s, kp_s, vp_s, km_s, vm_s, k_s, v_s,
@@ -239,10 +214,9 @@ def attention_combine(heads: int, head_dim: int, num_splits: int, target=None):
 def decode_splits(batch: int, kv_heads: int, max_context: int, block_size: int = BLOCK_SIZE, sms: int = 132,
                   min_blocks: int | None = None) -> int:
     """Context splits so that batch x kv_heads x splits programs fill the GPU about DECODE_FILL
-    times, with at least min_blocks cache blocks per split (default DECODE_SPLIT_BLOCKS) and a whole
-    tile of the loop (DECODE_TILE_BLOCKS)."""
+    times, with at least min_blocks cache blocks per split (default DECODE_SPLIT_BLOCKS)."""
     want = -(-DECODE_FILL * sms // (batch * kv_heads))
-    per_split = max(min_blocks or DECODE_SPLIT_BLOCKS, DECODE_TILE_BLOCKS) * block_size
+    per_split = (min_blocks or DECODE_SPLIT_BLOCKS) * block_size
     return max(1, min(want, max_context // per_split, 32))
 
 
@@ -257,8 +231,7 @@ def prebuild_decode(heads: int, kv_heads: int, head_dim: int, grids: list[tuple[
     splits = sorted({n for _, n in grids})
     variants = sorted({(n, *decode_loop(batch, kv_heads, n)) for batch, n in grids})
     jobs = [functools.partial(attention_decode, heads, kv_heads, head_dim, n, block_size, None, 128, None, 1, prefetch,
-                              min_blocks, DECODE_TILE_BLOCKS if prefetch else 1)
-            for n, prefetch, min_blocks in variants]
+                              min_blocks) for n, prefetch, min_blocks in variants]
     jobs += [functools.partial(attention_combine, heads, head_dim, n) for n in splits]
     with ThreadPoolExecutor(workers) as pool:
         list(pool.map(lambda job: job(), jobs))
@@ -266,11 +239,10 @@ def prebuild_decode(heads: int, kv_heads: int, head_dim: int, grids: list[tuple[
 
 def attention_decode_op(q, k_data, k_meta, v_data, v_meta, block_tables, context_lens, num_splits: int,
                         sm_scale: float | None = None, out=None, num_stages: int = 1, prefetch: bool | None = None,
-                        min_blocks: int | None = None, tile_blocks: int | None = None):
+                        min_blocks: int | None = None):
     """float16 [B, heads, head_dim] decode attention (q [B, heads, head_dim] float16). prefetch:
     attention_decode's register-prefetch loop (default: decode_loop's choice; one stage only);
-    min_blocks: its register cap (default decode_loop's for the prefetch loop, none for the others);
-    tile_blocks: cache blocks an iteration of the prefetch loop takes (default DECODE_TILE_BLOCKS)."""
+    min_blocks: its register cap (default decode_loop's for the prefetch loop, none for the others)."""
     import torch
 
     b, heads, head_dim = q.shape
@@ -279,11 +251,10 @@ def attention_decode_op(q, k_data, k_meta, v_data, v_meta, block_tables, context
     lse = torch.empty(b, heads, num_splits, dtype=torch.float32, device=q.device)
     out = torch.empty(b, heads, head_dim, dtype=torch.float16, device=q.device) if out is None else out
     prefetch = (decode_loop(b, kv_heads, num_splits)[0] if prefetch is None else prefetch) and num_stages == 1
-    tile_blocks = (DECODE_TILE_BLOCKS if tile_blocks is None else tile_blocks) if prefetch else 1
     if min_blocks is None:
-        min_blocks = prefetch_min_blocks(b, kv_heads, num_splits, tile_blocks=tile_blocks) if prefetch else 1
+        min_blocks = prefetch_min_blocks(b, kv_heads, num_splits) if prefetch else 1
     kernel = attention_decode(heads, kv_heads, head_dim, num_splits, k_data.shape[2], sm_scale, 128, None, num_stages,
-                              prefetch, min_blocks, tile_blocks)
+                              prefetch, min_blocks)
     kernel(q, k_data, k_meta, v_data, v_meta, block_tables, context_lens, partial, lse)
     attention_combine(heads, head_dim, num_splits)(partial, lse, out)
     return out

@@ -6,10 +6,7 @@
 # counts 9 / 17 / 40 only), gemm-decode-blocks (gemm-decode with the decode kernels built for 2 and 3
 # blocks a SM), gemm-pipelined (the GEMM tests at 9 / 17 / 40 / 2053 tokens with the pipelined
 # kernels the dispatch no longer picks there: QUAD_PREFILL_GEMM / QUAD_DECODE_GEMM=pipelined),
-# gemm-persistent (the GEMM tests at 1024 / 2053 tokens with the persistent producer-unpack kernel,
-# then the Llama-3-8B GEMM rows at 2048 / 8192 tokens: it beside the dispatch's kernel), tile2 (the
-# decode-attention tests of two-block tiles, QUAD_DECODE_TILE_BLOCKS=2's kernel, and the engine's
-# fused-vs-unfused token test), prefill-sdpa (flash attention over the cache dequantized once, the default for
+# prefill-sdpa (flash attention over the cache dequantized once, the default for
 # prefills with a cached prefix: its tests, the engine's chunked prefill with it and with the paged
 # kernel, then the prefill rows of bench/attention.py), decode (gemm-decode, the decode-attention
 # tests and the int8 lm_head tests at once: every kernel a decode step runs), quantize (quantizer
@@ -25,7 +22,7 @@
 # what it measured.
 set -u
 out=${1:?usage: scripts/gpu_all.sh OUT_DIR PART}
-part=${2:?PART: gemm | gemm-decode | gemm-decode-blocks | gemm-pipelined | gemm-persistent | tile2 | prefill-sdpa | decode | quantize | quantize-clusters | kv | rope | engine | bench-kernels | bench-attention | sweep-splits | sweep-decode | sweep-decode-ws | sweep-hadamard | sweep-hadamard-gated}
+part=${2:?PART: gemm | gemm-decode | gemm-decode-blocks | gemm-pipelined | prefill-sdpa | decode | quantize | quantize-clusters | kv | rope | engine | bench-kernels | bench-attention | sweep-splits | sweep-decode | sweep-decode-ws | sweep-hadamard | sweep-hadamard-gated}
 mkdir -p "$out"
 quiet() { grep -v "INFO\|WARNING\|AnnotateWarpGroup" ; }
 case "$part" in
@@ -45,19 +42,6 @@ case "$part" in
     QUAD_PREFILL_GEMM=pipelined QUAD_DECODE_GEMM=pipelined QUAD_GEMM_TEST_MS=9,17,40,2053 timeout 540 \
       python3 scripts/gpu_gemm_check.py -q 2>&1 | quiet > "$out/gemm_pipelined_tests.log"
     tail -n 1 "$out/gemm_pipelined_tests.log"; grep -h "^FAILED" "$out/gemm_pipelined_tests.log" | head -n 5 ;;
-  gemm-persistent)
-    QUAD_PREFILL_GEMM=persistent QUAD_GEMM_TEST_MS=1024,2053 timeout 240 python3 scripts/gpu_gemm_check.py -q 2>&1 \
-      | quiet > "$out/gemm_persistent_tests.log"
-    tail -n 1 "$out/gemm_persistent_tests.log"; grep -h "^FAILED" "$out/gemm_persistent_tests.log" | head -n 5
-    timeout 200 python3 bench/kernels.py --quick --gemm-ms 2048,8192 --out "$out/gemm_persistent.json" 2>&1 | quiet \
-      > "$out/gemm_persistent_bench.log"
-    grep "M=" "$out/gemm_persistent_bench.log" | tail -n 8 ;;
-  tile2)
-    timeout 400 python3 -m pytest -q -m gpu tests/test_kv_attention_gpu.py -k "decode and None-2" 2>&1 | quiet \
-      > "$out/tile2_tests.log"
-    tail -n 1 "$out/tile2_tests.log"; grep -h "^FAILED" "$out/tile2_tests.log" | head -n 5
-    timeout 150 python3 -m pytest -q -m gpu tests/test_engine_gpu.py -k fused 2>&1 | quiet > "$out/engine_fused.log"
-    tail -n 1 "$out/engine_fused.log" ;;
   prefill-sdpa)  # flash attention over the dequantized cache for prefills with a cached prefix
     timeout 120 python3 -m pytest -q -m gpu tests/test_kv_attention_gpu.py -k "flash_over or dequant" 2>&1 | quiet \
       > "$out/prefill_sdpa_tests.log"

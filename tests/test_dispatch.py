@@ -112,9 +112,6 @@ def test_prefill_gemm_is_the_producer_unpack_kernel_from_1024_tokens(monkeypatch
     monkeypatch.setattr(gemm_dispatch, "_build_all", lambda specs, workers=16: built.extend(specs))
     gemm_dispatch.prebuild([(2048, 4160, 4096, 0, False, "float16")])
     assert built == gemm_dispatch.kernel_specs(4096, 4160, 4096, 0, False, "float16")
-    monkeypatch.setattr(gemm_dispatch, "PREFILL_GEMM", "persistent")  # QUAD_PREFILL_GEMM=persistent
-    builder, _, kwargs = gemm_dispatch.kernel_specs(2048, 4160, 4096, 0, False, "float16")[0]
-    assert builder is w4ax_gemm_ws and dict(kwargs)["blocks"] == gemm_dispatch.SMS
     monkeypatch.setattr(gemm_dispatch, "PREFILL_GEMM", "pipelined")  # QUAD_PREFILL_GEMM=pipelined
     assert gemm_dispatch.kernel_specs(2048, 4160, 4096, 0, False, "float16")[0][0] is w4ax_gemm
 

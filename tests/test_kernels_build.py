@@ -24,27 +24,22 @@ def test_prefill_gemm_builds_with_int8_wgmma(rank, bias, block_m):
     assert "quad_unpack_int4x32(" in src and "fence_proxy_async" in src
 
 
-@pytest.mark.parametrize("n,k,rank,bias,persistent", [(28672, 4096, 0, False, False), (6144, 4096, 64, False, False),
-                                                      (4160, 14336, 0, True, False), (640, 576, 64, True, False),
-                                                      (28672, 4096, 0, False, True), (6144, 4096, 64, True, True)])
-def test_producer_unpack_prefill_gemm_builds(n, k, rank, bias, persistent, tmp_path):
+@pytest.mark.parametrize("n,k,rank,bias", [(28672, 4096, 0, False), (6144, 4096, 64, False),
+                                           (4160, 14336, 0, True), (640, 576, 64, True)])
+def test_producer_unpack_prefill_gemm_builds(n, k, rank, bias, tmp_path):
     """kernels_tl.gemm_ws (the prefill GEMM from 1024 tokens): the producer warpgroup issues the TMA of a later
     tile (a prologue loads the first ones), then waits for this tile's bytes, unpacks it and
     signals the consumers, who only wait, multiply on int8 wgmma and free what they read; no block
     barrier between the roles; the stages fit the SM's shared memory; nothing spills (but a few
-    bytes in the outlier epilogue; a few hundred in the persistent form's). The persistent form:
-    one block a SM, the producer's K tiles counted on across the block's output tiles (its loop
-    bound a multiple of the K tiles), the consumers' K loop inside their loop over output tiles."""
+    bytes in the outlier epilogue)."""
     import re
 
     from test_quantize_build import ptxas_log
 
     from kernels_tl.gemm_dispatch import WS_TILES, _fit_k
-    from kernels_tl.gemm_dispatch import SMS
     from kernels_tl.gemm_ws import SM90, w4ax_gemm_ws
     tiles = _fit_k(WS_TILES, k)
-    src = w4ax_gemm_ws(n, k, rank, bias, "float16", target=SM90, **tiles, **({"blocks": SMS} if persistent else {})
-                       ).get_kernel_source()
+    src = w4ax_gemm_ws(n, k, rank, bias, "float16", target=SM90, **tiles).get_kernel_source()
     producer, consumer = src.split("if (256 <= ((int)threadIdx.x)) {")[1].split("if (((int)threadIdx.x) < 256) {")
     assert "warpgroup_reg_dealloc<40>" in producer and "warpgroup_reg_alloc<232>" in consumer
     prologue, loop = producer.split("for (int kt = 0;")
@@ -57,13 +52,6 @@ def test_producer_unpack_prefill_gemm_builds(n, k, rank, bias, persistent, tmp_p
     # The roles meet only at their barriers: a __syncthreads between the two branches (TileLang's
     # storage sync inserts one for some orders of the producer's loop) would deadlock them.
     assert src.count("__syncthreads") == 1 and src.index("__syncthreads") < src.index("if (256 <= ((int)threadIdx.x))")
-    if persistent:
-        k_tiles = k // tiles["block_k"]
-        assert f"for (int kt = 0; kt < (condval_1 * {k_tiles}); ++kt)" in producer
-        tile_loop, k_loop = consumer.split("for (int kt_1")
-        assert "for (int i = 0; i < condval" in tile_loop
-        # the tile's coordinates computed once a tile, not by 64-bit divisions at every guarded element
-        assert "int bx = 0;" in src and "(int64_t)255) >> (int64_t)8)" not in src
     body = consumer.split("for (int kt_1")[1]
     body = body[:body.index("].arrive();")]
     assert "quad_unpack_int4x32(" not in consumer and "__syncthreads" not in body
@@ -77,14 +65,9 @@ def test_producer_unpack_prefill_gemm_builds(n, k, rank, bias, persistent, tmp_p
              "xo_s": 256 * 64 * 2, "wo_s": 128 * 64 * 2}
     assert set(buffers) <= set(sizes)
     assert max(off + sizes[name] for name, off in buffers.items()) <= 227 * 1024
-    if persistent:  # the producer refills the stages during the epilogue: no buffer may overlap another
-        spans = sorted((off, off + sizes[name]) for name, off in buffers.items())
-        assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:])), buffers
     log = ptxas_log(src, tmp_path)
     spills = [int(v) for v in re.findall(r"(\d+) bytes spill stores", log)]
-    # The persistent form with the outlier path and a bias spills 216 bytes (its loop state beside
-    # the accumulator and the epilogue tile, at setmaxnreg 232): bounded here, not yet measured.
-    assert spills and max(spills) <= ((256 if persistent else 16) if rank else 0), log[-1500:]
+    assert spills and max(spills) <= (16 if rank else 0), log[-1500:]
 
 
 @pytest.mark.parametrize("n,k,m,rank", [(28672, 4096, 32, 0), (6144, 4096, 16, 64), (28672, 4096, 64, 64)])

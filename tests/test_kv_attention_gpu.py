@@ -66,23 +66,20 @@ def decode_problem(heads, kv_heads, head_dim, batch, max_ctx, seed):
     return q, kd, km, vd, vm, tables, lens
 
 
-# (1, True, None, 1): the prefetch loop with decode_loop's register cap (4 blocks a SM on these
-# sparse grids); (1, True, 5, 1): capped for 5, as on dense ones; (1, True, None, 2): two cache blocks
-# an iteration (QUAD_DECODE_TILE_BLOCKS=2; odd block counts per split leave a half-valid last tile)
-@pytest.mark.parametrize("stages,prefetch,min_blocks,tile_blocks", [(1, False, None, 1), (2, False, None, 1),
-                                                                    (1, True, None, 1), (1, True, 5, 1),
-                                                                    (1, True, None, 2)])
+# (1, True, None): the prefetch loop with decode_loop's register cap (4 blocks a SM on these sparse
+# grids); (1, True, 5): capped for 5, as on dense ones
+@pytest.mark.parametrize("stages,prefetch,min_blocks", [(1, False, None), (2, False, None), (1, True, None), (1, True, 5)])
 @pytest.mark.parametrize("heads,kv_heads,head_dim", SHAPES)
 @pytest.mark.parametrize("batch,max_ctx", [(1, 1), (1, 4097), (5, 1000), (16, 300)])
 @pytest.mark.parametrize("splits", [1, 4, 16])  # 16: one-block splits where the context allows
 def test_decode_attention_matches_reference(heads, kv_heads, head_dim, batch, max_ctx, splits, stages, prefetch,
-                                            min_blocks, tile_blocks):
+                                            min_blocks):
     from kernels_tl.kv_attention import attention_decode_op
     q, kd, km, vd, vm, tables, lens = decode_problem(heads, kv_heads, head_dim, batch, max_ctx,
                                                      seed=batch * 1000 + max_ctx + splits)
     out = torch.full((batch, heads, head_dim), float("nan"), device="cuda", dtype=torch.float16)
     attention_decode_op(q, kd, km, vd, vm, tables, lens, splits, out=out, num_stages=stages, prefetch=prefetch,
-                        min_blocks=min_blocks, tile_blocks=tile_blocks)
+                        min_blocks=min_blocks)
     expected = ref.paged_attention(q, kd, km, vd, vm, tables.cpu(), lens.cpu())
     rel = float((out.float() - expected).norm() / expected.norm())
     assert not torch.isnan(out).any() and rel <= 1e-2, rel

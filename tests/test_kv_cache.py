@@ -198,40 +198,6 @@ def test_prefetch_decode_attention_fits_five_programs_a_sm_when_capped(tmp_path)
     assert max(offsets) + 4096 <= 228 * 1024 // 5 - 1024  # 1 KB a block is reserved by the hardware
 
 
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
-@pytest.mark.parametrize("heads,kv_heads,dim", [(32, 8, 128), (9, 3, 64)])
-def test_two_block_tiles_fit_three_programs_a_sm_and_guard_the_table(heads, kv_heads, dim, tmp_path):
-    """tile_blocks=2 (QUAD_DECODE_TILE_BLOCKS): 128-token float16 tiles, one cache row a thread;
-    capped at 3 blocks a SM (what its shared memory allows) it builds without spills; the table
-    entry of a block past the split's end is not read (block 0 instead, scale and zero zero)."""
-    pytest.importorskip("tilelang")
-    from test_quantize_build import ptxas_log
-
-    from kernels_tl import kv_attention
-    src = kv_attention.attention_decode(heads, kv_heads, dim, 2, target=kv_attention.SM90, prefetch=True,
-                                        min_blocks=kv_attention.TILE_MIN_BLOCKS, tile_blocks=2).get_kernel_source()
-    assert "__launch_bounds__(128, 3)" in src and "quad_kv_dequant8(" in src
-    # Dynamic shared memory: the last buffer is a 512-byte reduction workspace (as the one before it).
-    offsets = sorted(int(v) for v in re.findall(r"buf_dyn_shmem \+ (\d+)\)", src))
-    assert offsets[-1] - offsets[-2] == 512 and offsets[-1] + 512 <= 228 * 1024 // 3 - 1024
-    reads = [line for line in src.splitlines() if "TABLES[" in line]
-    assert reads and all("condval" in line for line in reads)  # every table read is a guarded value
-    log = ptxas_log(src, tmp_path)
-    assert int(re.search(r"Used (\d+) registers", log).group(1)) <= 65536 // (3 * 128)
-    assert re.search(r"\b0 bytes spill stores, 0 bytes spill loads", log)
-
-
-def test_two_block_tiles_take_the_prefetch_loop_and_whole_tiles_a_split(monkeypatch):
-    pytest.importorskip("tilelang")
-    from kernels_tl import kv_attention
-    monkeypatch.setattr(kv_attention, "DECODE_TILE_BLOCKS", 2)
-    monkeypatch.setattr(kv_attention, "DECODE_PREFETCH", False)  # the tiles exist in the prefetch loop only
-    monkeypatch.setattr(kv_attention, "DECODE_MIN_BLOCKS", None)
-    monkeypatch.setattr(kv_attention, "DECODE_SPLIT_BLOCKS", 1)
-    assert kv_attention.decode_loop(32, 8, 2) == (True, kv_attention.TILE_MIN_BLOCKS)
-    assert kv_attention.decode_splits(1, 8, 1152) == 9  # 128 tokens (two blocks) a split at least
-
-
 def test_decode_splits_fill_the_gpu_down_to_one_cache_block_each(monkeypatch):
     """Batch 1 at a 1152-token table: one 64-token block a split (18), capped at 32 splits for long
     tables; dense batches get the grid's share (2 at batch 32 x 8 kv heads); QUAD_DECODE_SPLIT_BLOCKS
