@@ -8,9 +8,9 @@ triton.testing.do_bench (median). Prints a table and writes JSON.
 Where the dispatch chooses between GEMM kernels, each row also times those it did not pick
 (`alternative_kernels`): from 1024 tokens the producer-unpack kernel (kernels_tl.gemm_ws, `ws_ms`)
 and TileLang's pipelined kernel (`pipelined_ms`); at 5-64 tokens without a K split the other of the
-pipelined and producer-unpack decode kernels (`decode_pipelined_graph_ms` / `decode_ws_graph_ms`,
-replayed from a CUDA graph as the dispatch's `graph_ms`); each with its largest difference from the
-dispatch's kernel.
+pipelined and producer-unpack decode kernels and the pipelined one with the weights unpacked in
+registers (`decode_pipelined_graph_ms` / `decode_ws_graph_ms` / `decode_rs_graph_ms`, replayed from a
+CUDA graph as the dispatch's `graph_ms`); each with its largest difference from the dispatch's kernel.
 
 Tile, split and launch-shape sweeps of the same kernels: bench/sweeps.py.
 """
@@ -88,8 +88,9 @@ def alternative_kernels(m: int, n: int, k: int, rank: int) -> list:
     """(name, spec) of the GEMMs the dispatch did not pick where it chooses between several
     (float16 out, no bias; spec as gemm_dispatch's, built by gemm_dispatch._build): from 1024
     tokens the producer-unpack kernel (`ws`) and TileLang's pipelined kernel (`pipelined`); at 5-64
-    tokens without a K split the producer-unpack decode kernel (`decode_ws`) or the pipelined one
-    (`decode_pipelined`). Empty elsewhere."""
+    tokens without a K split those of the pipelined decode kernel (`decode_pipelined`), the
+    producer-unpack one (`decode_ws`) and the pipelined one unpacking into registers (`decode_rs`)
+    the dispatch did not pick. Empty elsewhere."""
     from kernels_tl.gemm import w4ax_gemm, w4ax_gemm_decode
     from kernels_tl.gemm_ws import w4ax_gemm_decode_ws, w4ax_gemm_ws
     spec = gemm_dispatch._spec
@@ -105,14 +106,15 @@ def alternative_kernels(m: int, n: int, k: int, rank: int) -> list:
     plan = gemm_dispatch.decode_plan(m, n, k)
     if plan["split"] != 1:
         return []
-    if picked[0] is w4ax_gemm_decode_ws:
-        extra = {"min_blocks": plan["min_blocks"]} if "min_blocks" in plan else {}
-        return [("decode_pipelined", spec(w4ax_gemm_decode, n, k, rank, False, "float16", plan["block_m"],
-                                          plan["block_k"], plan["num_stages"], **extra))]
+    extra = {"min_blocks": plan["min_blocks"]} if "min_blocks" in plan else {}
+    kernels = [("decode_pipelined", spec(w4ax_gemm_decode, n, k, rank, False, "float16", plan["block_m"],
+                                         plan["block_k"], plan["num_stages"], **extra))]
     if k % 256 == 0 and n % 64 == 0:
-        return [("decode_ws", spec(w4ax_gemm_decode_ws, n, k, rank, False, "float16", plan["block_m"],
-                                   **gemm_dispatch.DECODE_WS_TILES))]
-    return []
+        kernels.append(("decode_ws", spec(w4ax_gemm_decode_ws, n, k, rank, False, "float16", plan["block_m"],
+                                          **gemm_dispatch.DECODE_WS_TILES)))
+    kernels.append(("decode_rs", spec(w4ax_gemm_decode, n, k, rank, False, "float16", plan["block_m"],
+                                      plan["block_k"], plan["num_stages"], **extra, register_unpack=True)))
+    return [(name, s) for name, s in kernels if s != picked]
 
 
 def bench_gemm(m: int, n: int, k: int, rank: int, with_reference: bool) -> dict:
@@ -258,7 +260,7 @@ def main() -> None:
                           f" | {v} graph {row[v + '_graph_ms'] * 1e3:6.1f} us {row[v + '_graph_gbps'] / copy_gbps:4.0%} of copy"
                           f" (max |diff| {row[v + '_max_abs_diff']:.1e})" if v + "_graph_ms" in row
                           else f" | {v} failed: {row[v + '_error']}" if v + "_error" in row else ""
-                          for v in ("decode_ws", "decode_pipelined"))), flush=True)
+                          for v in ("decode_ws", "decode_pipelined", "decode_rs"))), flush=True)
         save()
 
 

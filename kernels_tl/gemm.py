@@ -31,6 +31,7 @@ import functools
 
 import tilelang
 import tilelang.language as T
+import tilelang.layout
 
 from kernels_tl.pdl import wait_for_producers
 
@@ -83,6 +84,43 @@ def _unpack_tile(wp_s, w_s, rows: int, block_k: int, threads: int):
         T.sync_threads()
 
     return unpack
+
+
+# K columns a register-unpacked weight fragment holds: 64 x 256 int8 are 32 registers a thread.
+REGISTER_CHUNK = 256
+
+
+def _register_chunk(block_k: int) -> int:
+    """The fragment's K columns for a K tile: REGISTER_CHUNK, or the whole tile where it is smaller
+    (SmolLM2's 576-wide K runs 64-wide tiles)."""
+    assert block_k % 32 == 0  # the int8 wgmma's K step
+    return min(REGISTER_CHUNK, block_k)
+
+
+def _register_unpack_gemm(wp_s, x_s, w_frag, acc, block_k: int):
+    """acc += unpack(wp_s) · x_sᵀ with the unpacked weights in registers, never in shared memory.
+
+    The staged-unpack kernels write each K tile back to shared memory as int8 for the tensor cores
+    to read: per byte of packed weight from DRAM, shared memory carries its TMA write, its read, two
+    bytes written and two read by the wgmma, plus the activation tile: at 32 tokens the L1 / shared
+    pipe ran at 74% with DRAM at 33% (bench/results/ncu_decode_h200_2026-12-01.txt). Here each
+    thread reads the packed bytes of its own wgmma A-fragment (64 weight rows are the M side) and
+    unpacks them in registers (a 32-bit word holds K elements 0..3 in its low nibbles and 4..7 in
+    its high ones, docs/checkpoint-format.md), and the wgmma takes A from registers. wp_s is
+    swizzled so the eight rows a warp reads at once fall in different banks."""
+
+    chunk = _register_chunk(block_k)
+
+    @T.macro
+    def run():
+        for c in T.serial(block_k // chunk):
+            for i, kk in T.Parallel(64, chunk):
+                byte = wp_s[i, c * (chunk // 2) + (kk // 8) * 4 + kk % 4]
+                w_frag[i, kk] = T.Cast("int8", T.if_then_else((kk // 4) % 2 == 0, (byte << T.uint8(4)) & T.uint8(0xF0),
+                                                              byte & T.uint8(0xF0)))
+            T.gemm(w_frag, x_s[:, c * chunk:(c + 1) * chunk], acc, transpose_B=True)
+
+    return run
 
 
 def _prefill_epilogue(acc, out, XS, WS, XO, WO, BIAS, n: int, bx, by, rank: int, r: int, has_bias: bool,
@@ -170,11 +208,12 @@ def w4ax_gemm(n: int, k: int, rank: int, has_bias: bool = False, out_dtype: str 
 
 @functools.lru_cache(maxsize=None)
 def w4ax_gemm_splitk(n: int, k: int, split: int, block_m: int = 16, block_n: int = 64, block_k: int = 256,
-                     num_stages: int = 4, target=None, min_blocks: int = 1):
+                     num_stages: int = 4, target=None, min_blocks: int = 1, register_unpack: bool = False):
     """The decode kernel: ACC[M, n] += Xq · Wqᵀ (int32, 16·q weights) over one of `split` K ranges
     per block, called as kernel(x_q, w_q, acc). ACC must be zero before the first split lands;
     `w4ax_epilogue` reads it and zeroes it again. min_blocks > 1: built to run that many blocks a
-    SM (see _decode_pass_configs; the tiles' shared memory must fit too)."""
+    SM (see _decode_pass_configs; the tiles' shared memory must fit too). register_unpack: the
+    weights are unpacked into the wgmma's register operand (_register_unpack_gemm)."""
     assert k % (block_k * split) == 0 and n % block_n == 0 and block_n == 64
     k_tiles = k // block_k // split
 
@@ -190,17 +229,26 @@ def w4ax_gemm_splitk(n: int, k: int, split: int, block_m: int = 16, block_n: int
                 wait_for_producers("gemm")
                 x_s = T.alloc_shared((block_m, block_k), "int8")
                 w_packed = T.alloc_shared((block_n, block_k // 2), "uint8")
-                w_s = T.alloc_shared((block_n, block_k), "int8")
                 acc = T.alloc_fragment((block_n, block_m), "int32")
-                T.import_source(_UNPACK_SRC)
-                unpack = _unpack_tile(w_packed, w_s, block_n, block_k, 128)
-                T.clear(acc)
-                for kt in T.Pipelined(k_tiles, num_stages=num_stages):
-                    T.copy(XQ[by * block_m, (bz * k_tiles + kt) * block_k], x_s)
-                    T.copy(WQ[bx * block_n, (bz * k_tiles + kt) * (block_k // 2)], w_packed)
-                    unpack()
-                    T.gemm(w_s, x_s, acc, transpose_B=True)
-                    T.sync_threads()
+                if register_unpack:
+                    w_frag = T.alloc_fragment((block_n, _register_chunk(block_k)), "int8")
+                    T.annotate_layout({w_packed: tilelang.layout.make_swizzled_layout(w_packed)})
+                    T.clear(acc)
+                    for kt in T.Pipelined(k_tiles, num_stages=num_stages):
+                        T.copy(XQ[by * block_m, (bz * k_tiles + kt) * block_k], x_s)
+                        T.copy(WQ[bx * block_n, (bz * k_tiles + kt) * (block_k // 2)], w_packed)
+                        _register_unpack_gemm(w_packed, x_s, w_frag, acc, block_k)()
+                else:
+                    w_s = T.alloc_shared((block_n, block_k), "int8")
+                    T.import_source(_UNPACK_SRC)
+                    unpack = _unpack_tile(w_packed, w_s, block_n, block_k, 128)
+                    T.clear(acc)
+                    for kt in T.Pipelined(k_tiles, num_stages=num_stages):
+                        T.copy(XQ[by * block_m, (bz * k_tiles + kt) * block_k], x_s)
+                        T.copy(WQ[bx * block_n, (bz * k_tiles + kt) * (block_k // 2)], w_packed)
+                        unpack()
+                        T.gemm(w_s, x_s, acc, transpose_B=True)
+                        T.sync_threads()
                 for i, j in T.Parallel(block_n, block_m):
                     if by * block_m + j < m:
                         T.atomic_add(ACC[by * block_m + j, bx * block_n + i], acc[i, j])
@@ -213,7 +261,7 @@ def w4ax_gemm_splitk(n: int, k: int, split: int, block_m: int = 16, block_n: int
 @functools.lru_cache(maxsize=None)
 def w4ax_gemm_decode(n: int, k: int, rank: int, has_bias: bool = False, out_dtype: str = "float16",
                      block_m: int = 16, block_k: int = 1024, num_stages: int = 2, weight_bits: int = 4,
-                     target=None, min_blocks: int = 1):
+                     target=None, min_blocks: int = 1, register_unpack: bool = False):
     """The decode kernel where one block covers all of K (split 1): the split-K kernel's main loop
     (64 weight rows as the wgmma M side, the tokens as N) with the epilogue in the same kernel (the
     scales, the outlier product as a float16 wgmma on a [64, r] weight tile, the bias), so there is
@@ -221,9 +269,11 @@ def w4ax_gemm_decode(n: int, k: int, rank: int, has_bias: bool = False, out_dtyp
     kernel(x_q, x_scale, w_q, w_scale, x_out, w_out, bias, y).
 
     weight_bits 8: int8 weight rows [n, k] with float32 row scales, copied straight to the tensor
-    cores (the int8 lm_head, `ops.head_w8a8`). min_blocks: as w4ax_gemm_splitk's."""
+    cores (the int8 lm_head, `ops.head_w8a8`). min_blocks, register_unpack (int4 weights): as
+    w4ax_gemm_splitk's."""
     block_n = 64
     assert k % block_k == 0 and n % block_n == 0 and rank % 16 == 0 and weight_bits in (4, 8)
+    assert not register_unpack or weight_bits == 4
     r = max(rank, 16)
     packed = weight_bits == 4
     w_cols, w_dtype = (k // 2, "uint8") if packed else (k, "int8")
@@ -249,26 +299,39 @@ def w4ax_gemm_decode(n: int, k: int, rank: int, has_bias: bool = False, out_dtyp
                     T.annotate_min_blocks_per_sm(min_blocks)
                 wait_for_producers("gemm")
                 x_s = T.alloc_shared((block_m, block_k), "int8")
-                w_s = T.alloc_shared((block_n, block_k), "int8")
-                acc = T.alloc_fragment((block_n, block_m), "int32")
-                out = T.alloc_fragment((block_n, block_m), "float32")
-                out_s = T.alloc_shared((block_n, block_m), "float32")
-                T.clear(acc)
-                if packed:
+                if register_unpack:
+                    acc = T.alloc_fragment((block_n, block_m), "int32")
+                    out = T.alloc_fragment((block_n, block_m), "float32")
+                    out_s = T.alloc_shared((block_n, block_m), "float32")
                     w_packed = T.alloc_shared((block_n, block_k // 2), "uint8")
-                    T.import_source(_UNPACK_SRC)
-                    unpack = _unpack_tile(w_packed, w_s, block_n, block_k, 128)
+                    w_frag = T.alloc_fragment((block_n, _register_chunk(block_k)), "int8")
+                    T.annotate_layout({w_packed: tilelang.layout.make_swizzled_layout(w_packed)})
+                    T.clear(acc)
                     for kt in T.Pipelined(k // block_k, num_stages=num_stages):
                         T.copy(XQ[by * block_m, kt * block_k], x_s)
                         T.copy(WQ[bx * block_n, kt * (block_k // 2)], w_packed)
-                        unpack()
-                        T.gemm(w_s, x_s, acc, transpose_B=True)
-                        T.sync_threads()
+                        _register_unpack_gemm(w_packed, x_s, w_frag, acc, block_k)()
                 else:
-                    for kt in T.Pipelined(k // block_k, num_stages=num_stages):
-                        T.copy(XQ[by * block_m, kt * block_k], x_s)
-                        T.copy(WQ[bx * block_n, kt * block_k], w_s)
-                        T.gemm(w_s, x_s, acc, transpose_B=True)
+                    w_s = T.alloc_shared((block_n, block_k), "int8")
+                    acc = T.alloc_fragment((block_n, block_m), "int32")
+                    out = T.alloc_fragment((block_n, block_m), "float32")
+                    out_s = T.alloc_shared((block_n, block_m), "float32")
+                    T.clear(acc)
+                    if packed:
+                        w_packed = T.alloc_shared((block_n, block_k // 2), "uint8")
+                        T.import_source(_UNPACK_SRC)
+                        unpack = _unpack_tile(w_packed, w_s, block_n, block_k, 128)
+                        for kt in T.Pipelined(k // block_k, num_stages=num_stages):
+                            T.copy(XQ[by * block_m, kt * block_k], x_s)
+                            T.copy(WQ[bx * block_n, kt * (block_k // 2)], w_packed)
+                            unpack()
+                            T.gemm(w_s, x_s, acc, transpose_B=True)
+                            T.sync_threads()
+                    else:
+                        for kt in T.Pipelined(k // block_k, num_stages=num_stages):
+                            T.copy(XQ[by * block_m, kt * block_k], x_s)
+                            T.copy(WQ[bx * block_n, kt * block_k], w_s)
+                            T.gemm(w_s, x_s, acc, transpose_B=True)
                 _decode_epilogue(acc, out, out_s, XS, WS, XO, WO, BIAS, Y, m, bx, by, rank, r, has_bias, out_dtype,
                                  block_n, block_m, 1.0 / 16 if packed else 1.0)
 

@@ -1,7 +1,7 @@
 """Which W4A4 / W4A8 GEMM kernel runs a problem, and the call (`w4ax_linear`, the GEMM's entry point
 in the dispatch layer): the CUDA-core GEMV for M <= 4, for M <= 64 the tensor-core decode kernel
-(epilogue fused where one block covers K, else split-K + epilogue kernel; the producer-unpack form
-for grids of several waves), the prefill kernel above that (producer-unpack from 1024 tokens; the
+(epilogue fused where one block covers K, else split-K + epilogue kernel; the weights unpacked into
+the wgmma's register operand), the prefill kernel above that (producer-unpack from 1024 tokens; the
 kernels themselves: `kernels_tl.gemm`, `kernels_tl.gemm_ws`). Tile choices are functions of the
 shape only, so one compiled kernel serves every M of a class, and `prebuild` compiles an engine's
 whole set in parallel before the first step.
@@ -30,12 +30,16 @@ SMS = 132  # streaming multiprocessors of an H100 SXM or H200: the grids' waves 
 # QUAD_PREFILL_GEMM=pipelined keeps the pipelined kernel (prefill_tiles) there too.
 PREFILL_GEMM = os.environ.get("QUAD_PREFILL_GEMM", "ws")  # ws | pipelined
 WS_TILES = dict(block_m=256, block_n=128, block_k=128)
-# The decode GEMMs whose grid is at least DECODE_WS_MIN_WAVES waves of the SMs without a K split
-# (Llama-3-8B's gate_up: 448 tiles at 16 tokens) run w4ax_gemm_decode_ws, two blocks a SM: 1.07-1.13x
-# at 16-64 tokens. Where the grid is under a wave (qkv, 96 tiles) it is 0.80-0.84x and in the split-K
-# form (o_proj, down_proj) 0.75-0.86x, so those keep the pipelined kernels
-# (bench/results/gemm_ws_decode_h200_2026-12-01.json). QUAD_DECODE_GEMM=pipelined: none of them.
-DECODE_GEMM_WS = os.environ.get("QUAD_DECODE_GEMM", "ws") != "pipelined"
+# Decode GEMMs (5-64 tokens) unpack the weights into the wgmma's register operand
+# (gemm._register_unpack_gemm) in the pipelined kernels, fused or split-K: against the
+# shared-memory unpack, qkv 1.13-1.18x and gate_up 1.02-1.13x at 16-64 tokens from CUDA graphs, and
+# a b32 step's GEMM device time 2.68 -> 2.45 ms (bench/results/gemm_rs_decode_h200_2026-12-01.json,
+# decode_ab_h200_2026-12-01d.json). QUAD_DECODE_GEMM=ws: the shared-memory unpack, in
+# w4ax_gemm_decode_ws (producer-unpack, two blocks a SM) for grids of DECODE_WS_MIN_WAVES waves or
+# more without a K split (gate_up: 1.07-1.13x the pipelined kernel; 0.75-0.86x elsewhere,
+# gemm_ws_decode_h200_2026-12-01.json) and the pipelined kernels elsewhere; =pipelined: the
+# pipelined kernels everywhere.
+DECODE_GEMM = os.environ.get("QUAD_DECODE_GEMM", "rs")  # rs | ws | pipelined
 DECODE_WS_MIN_WAVES = 2
 DECODE_WS_TILES = dict(block_k=256, num_stages=3)
 
@@ -146,13 +150,15 @@ def kernel_specs(m: int, n: int, k: int, rank: int, has_bias: bool, out_dtype: s
         return [_spec(w4ax_gemv, n, k, rank, has_bias, out_dtype, next(t for t in GEMV_TOKENS if t >= m))]
     if m <= DECODE_MAX_M:
         plan = decode_plan(m, n, k)
-        if DECODE_GEMM_WS and decode_ws_fits(m, n, k, plan):
+        if DECODE_GEMM == "ws" and decode_ws_fits(m, n, k, plan):
             return [_spec(w4ax_gemm_decode_ws, n, k, rank, has_bias, out_dtype, plan["block_m"], **DECODE_WS_TILES)]
+        rs = {"register_unpack": True} if DECODE_GEMM == "rs" else {}
         if plan["split"] == 1:  # one block covers K: the epilogue runs in the same kernel
             extra = {"min_blocks": plan["min_blocks"]} if "min_blocks" in plan else {}
+            extra.update(rs)
             return [_spec(w4ax_gemm_decode, n, k, rank, has_bias, out_dtype, plan["block_m"], plan["block_k"],
                           plan["num_stages"], **extra)]
-        return [_spec(w4ax_gemm_splitk, n, k, **plan),
+        return [_spec(w4ax_gemm_splitk, n, k, **plan, **rs),
                 _spec(w4ax_epilogue, n, rank, has_bias, out_dtype, plan["block_m"])]
     if PREFILL_GEMM != "pipelined" and m >= 1024:
         return [_spec(w4ax_gemm_ws, n, k, rank, has_bias, out_dtype, **_fit_k(WS_TILES, k))]

@@ -58,10 +58,11 @@ def test_gemm_rows_time_the_kernels_the_dispatch_did_not_pick(bench_modules):
     prefill = dict(alternatives(2048, 4160, 4096, 0))  # the dispatch: the producer-unpack kernel
     assert list(prefill) == ["pipelined"] and prefill["pipelined"][0] is w4ax_gemm
     assert prefill["pipelined"][1] == (4160, 4096, 0, False, "float16")
-    [(name, (builder, args, _))] = alternatives(16, 28672, 4096, 0)  # gate_up: producer-unpack picked
-    assert name == "decode_pipelined" and builder is w4ax_gemm_decode and args[5] == 16
-    [(name, (builder, _, _))] = alternatives(16, 6144, 4096, 64)  # qkv: the pipelined kernel picked
-    assert name == "decode_ws" and builder is w4ax_gemm_decode_ws
+    for n, rank in ((28672, 0), (6144, 64)):  # gate_up, qkv: the register-unpack kernel picked
+        others = dict(alternatives(16, n, 4096, rank))
+        assert list(others) == ["decode_pipelined", "decode_ws"] and others["decode_ws"][0] is w4ax_gemm_decode_ws
+        builder, args, kwargs = others["decode_pipelined"]  # the same tiles, unpacked through shared memory
+        assert builder is w4ax_gemm_decode and args[5] == 16 and "register_unpack" not in dict(kwargs)
     assert alternatives(16, 4160, 4096, 0) == [] and alternatives(1, 4160, 4096, 0) == []  # split-K, GEMV
 
 

@@ -116,18 +116,26 @@ def test_prefill_gemm_is_the_producer_unpack_kernel_from_1024_tokens(monkeypatch
     assert gemm_dispatch.kernel_specs(2048, 4160, 4096, 0, False, "float16")[0][0] is w4ax_gemm
 
 
-def test_decode_gemm_ws_takes_only_grids_of_several_waves_without_a_k_split(monkeypatch):
+def test_decode_gemms_unpack_in_registers_and_the_switches_restore_the_shared_memory_kernels(monkeypatch):
     from kernels_tl import gemm_dispatch
     from kernels_tl.gemm import w4ax_epilogue, w4ax_gemm_decode, w4ax_gemm_splitk
     from kernels_tl.gemm_ws import w4ax_gemm_decode_ws
+    for m in (5, 16, 32, 64):  # gate_up and qkv: one block covers K, the register-unpack kernel
+        for n, rank in ((28672, 0), (6144, 64)):
+            builder, args, kwargs = gemm_dispatch.kernel_specs(m, n, 4096, rank, False, "float16")[0]
+            assert builder is w4ax_gemm_decode and dict(kwargs)["register_unpack"] is True
+            assert args[5] == gemm_dispatch.decode_plan(m, n, 4096)["block_m"]
+    # o_proj's 65 weight tiles are split over K: the split-K kernel (register unpack) and its epilogue
+    (splitk, _, kwargs), (epilogue, _, _) = gemm_dispatch.kernel_specs(32, 4160, 4096, 0, False, "float16")
+    assert splitk is w4ax_gemm_splitk and dict(kwargs)["register_unpack"] is True and epilogue is w4ax_epilogue
+    assert gemm_dispatch.kernel_specs(2, 28672, 4096, 0, False, "float16")[0][0].__name__ == "w4ax_gemv"
+    monkeypatch.setattr(gemm_dispatch, "DECODE_GEMM", "ws")  # QUAD_DECODE_GEMM=ws
     for m in (5, 16, 32, 64):  # gate_up, 448 weight tiles: the producer-unpack kernel
         builder, args, _ = gemm_dispatch.kernel_specs(m, 28672, 4096, 0, False, "float16")[0]
         assert builder is w4ax_gemm_decode_ws and args[-1] == gemm_dispatch.decode_plan(m, 28672, 4096)["block_m"]
-    # qkv's 96 tiles (under a wave, measured slower there): the pipelined kernel, one block covering K
-    assert gemm_dispatch.kernel_specs(32, 6144, 4096, 64, False, "float16")[0][0] is w4ax_gemm_decode
-    # o_proj's 65 weight tiles are split over K: the pipelined split-K kernel and its epilogue
-    (splitk, _, _), (epilogue, _, _) = gemm_dispatch.kernel_specs(32, 4160, 4096, 0, False, "float16")
-    assert splitk is w4ax_gemm_splitk and epilogue is w4ax_epilogue
-    assert gemm_dispatch.kernel_specs(2, 28672, 4096, 0, False, "float16")[0][0].__name__ == "w4ax_gemv"
-    monkeypatch.setattr(gemm_dispatch, "DECODE_GEMM_WS", False)  # QUAD_DECODE_GEMM=pipelined
-    assert gemm_dispatch.kernel_specs(32, 28672, 4096, 0, False, "float16")[0][0] is w4ax_gemm_decode
+    # qkv's 96 tiles (under a wave, measured slower there): the shared-memory pipelined kernel
+    builder, _, kwargs = gemm_dispatch.kernel_specs(32, 6144, 4096, 64, False, "float16")[0]
+    assert builder is w4ax_gemm_decode and "register_unpack" not in dict(kwargs)
+    monkeypatch.setattr(gemm_dispatch, "DECODE_GEMM", "pipelined")  # QUAD_DECODE_GEMM=pipelined
+    builder, _, kwargs = gemm_dispatch.kernel_specs(32, 28672, 4096, 0, False, "float16")[0]
+    assert builder is w4ax_gemm_decode and "register_unpack" not in dict(kwargs)

@@ -117,6 +117,29 @@ def test_decode_gemm_with_fused_epilogue_builds(n, k, m, rank):
     assert "AtomicAdd" not in src
 
 
+@pytest.mark.parametrize("n,k,m,rank", [(6144, 4096, 32, 64), (28672, 4096, 16, 0), (4160, 4096, 32, 0),
+                                         (4160, 14336, 64, 0), (640, 576, 9, 64)])
+def test_decode_gemm_unpacks_the_weights_in_registers(n, k, m, rank, tmp_path):
+    """The dispatch's decode GEMMs (QUAD_DECODE_GEMM=rs, the default), fused or split-K: the int8
+    wgmma takes the weights from registers (no unpacked tile in shared memory, no word-unpack
+    helper), the packed tile it reads them from is swizzled (a warp's eight rows in different
+    banks: the unswizzled form read them 8-way conflicted), and nothing spills."""
+    import re
+    from test_quantize_build import ptxas_spills
+    from kernels_tl import gemm_dispatch
+    from kernels_tl.targets import SM90
+    spec = gemm_dispatch.kernel_specs(m, n, k, rank, False, "float16")[0]
+    builder, args, kwargs = spec
+    assert dict(kwargs)["register_unpack"] is True
+    src = builder(*args, **dict(kwargs), target=SM90).get_kernel_source()
+    assert "wgmma_rs<tl::DataType::kInt8, tl::DataType::kInt8, tl::DataType::kInt32, 64" in src
+    assert "wgmma_ss<tl::DataType::kInt8" not in src and "quad_unpack_int4x32(" not in src
+    # the packed bytes' shared-memory read: the 16-byte column is XORed with the row (swizzle)
+    load = next(line for line in src.splitlines() if "w_packed_local_cast + 0) = " in line)
+    assert re.search(r"\) & 1\) \* 16\)", load), load
+    assert max(ptxas_spills(src, tmp_path)) == 0
+
+
 @pytest.mark.parametrize("n,k,m", [(4160, 4096, 1), (6144, 4096, 16), (640, 1536, 64), (960, 576, 3)])
 def test_decode_gemm_builds_with_split_k(n, k, m):
     from kernels_tl.gemm import SM90, w4ax_epilogue, w4ax_gemm_splitk
