@@ -24,6 +24,8 @@ point):
   (`w4ax_gemm_splitk`): the split partial sums are added as int32 (exact, order-independent)
   into a workspace, and `w4ax_epilogue` applies the same epilogue and zeroes the workspace for
   the next call. `w4ax_gemm_decode` also takes int8 weight rows (weight_bits 8: the int8 lm_head).
+  With register_unpack (the dispatch's default) both unpack the weights into the wgmma's register
+  operand instead of an int8 tile in shared memory (`_register_unpack_gemm`).
 M is dynamic in all: one compiled kernel serves every token count of its class.
 """
 
