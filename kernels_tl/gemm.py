@@ -125,6 +125,26 @@ def _register_unpack_gemm(wp_s, x_s, w_frag, acc, block_k: int):
     return run
 
 
+def _decode_weight_product(wp_s, x_s, block_n: int, block_k: int, register_unpack: bool):
+    """product(acc): acc += unpack(wp_s) · x_sᵀ for a decode kernel's pipelined K tile, and the
+    buffers it needs: the register-operand unpack (_register_unpack_gemm), or the staged unpack into
+    an int8 tile in shared memory (then the barrier: the tile is rewritten next iteration)."""
+    if register_unpack:
+        w_frag = T.alloc_fragment((block_n, _register_chunk(block_k)), "int8")
+        T.annotate_layout({wp_s: tilelang.layout.make_swizzled_layout(wp_s)})
+        return lambda acc: _register_unpack_gemm(wp_s, x_s, w_frag, acc, block_k)()
+    w_s = T.alloc_shared((block_n, block_k), "int8")
+    T.import_source(_UNPACK_SRC)
+    unpack = _unpack_tile(wp_s, w_s, block_n, block_k, 128)
+
+    @T.macro
+    def staged(acc):
+        unpack()
+        T.gemm(w_s, x_s, acc, transpose_B=True)
+        T.sync_threads()
+
+    return staged
+
 def _prefill_epilogue(acc, out, XS, WS, XO, WO, BIAS, n: int, bx, by, rank: int, r: int, has_bias: bool,
                       block_m: int, block_n: int):
     """out [tokens, weight rows] of a prefill tile = acc · sx · sw / 16 + x_out · w_outᵀ + bias; the
@@ -231,26 +251,13 @@ def w4ax_gemm_splitk(n: int, k: int, split: int, block_m: int = 16, block_n: int
                 wait_for_producers("gemm")
                 x_s = T.alloc_shared((block_m, block_k), "int8")
                 w_packed = T.alloc_shared((block_n, block_k // 2), "uint8")
+                product = _decode_weight_product(w_packed, x_s, block_n, block_k, register_unpack)
                 acc = T.alloc_fragment((block_n, block_m), "int32")
-                if register_unpack:
-                    w_frag = T.alloc_fragment((block_n, _register_chunk(block_k)), "int8")
-                    T.annotate_layout({w_packed: tilelang.layout.make_swizzled_layout(w_packed)})
-                    T.clear(acc)
-                    for kt in T.Pipelined(k_tiles, num_stages=num_stages):
-                        T.copy(XQ[by * block_m, (bz * k_tiles + kt) * block_k], x_s)
-                        T.copy(WQ[bx * block_n, (bz * k_tiles + kt) * (block_k // 2)], w_packed)
-                        _register_unpack_gemm(w_packed, x_s, w_frag, acc, block_k)()
-                else:
-                    w_s = T.alloc_shared((block_n, block_k), "int8")
-                    T.import_source(_UNPACK_SRC)
-                    unpack = _unpack_tile(w_packed, w_s, block_n, block_k, 128)
-                    T.clear(acc)
-                    for kt in T.Pipelined(k_tiles, num_stages=num_stages):
-                        T.copy(XQ[by * block_m, (bz * k_tiles + kt) * block_k], x_s)
-                        T.copy(WQ[bx * block_n, (bz * k_tiles + kt) * (block_k // 2)], w_packed)
-                        unpack()
-                        T.gemm(w_s, x_s, acc, transpose_B=True)
-                        T.sync_threads()
+                T.clear(acc)
+                for kt in T.Pipelined(k_tiles, num_stages=num_stages):
+                    T.copy(XQ[by * block_m, (bz * k_tiles + kt) * block_k], x_s)
+                    T.copy(WQ[bx * block_n, (bz * k_tiles + kt) * (block_k // 2)], w_packed)
+                    product(acc)
                 for i, j in T.Parallel(block_n, block_m):
                     if by * block_m + j < m:
                         T.atomic_add(ACC[by * block_m + j, bx * block_n + i], acc[i, j])
@@ -301,39 +308,25 @@ def w4ax_gemm_decode(n: int, k: int, rank: int, has_bias: bool = False, out_dtyp
                     T.annotate_min_blocks_per_sm(min_blocks)
                 wait_for_producers("gemm")
                 x_s = T.alloc_shared((block_m, block_k), "int8")
-                if register_unpack:
-                    acc = T.alloc_fragment((block_n, block_m), "int32")
-                    out = T.alloc_fragment((block_n, block_m), "float32")
-                    out_s = T.alloc_shared((block_n, block_m), "float32")
+                if packed:
                     w_packed = T.alloc_shared((block_n, block_k // 2), "uint8")
-                    w_frag = T.alloc_fragment((block_n, _register_chunk(block_k)), "int8")
-                    T.annotate_layout({w_packed: tilelang.layout.make_swizzled_layout(w_packed)})
-                    T.clear(acc)
+                    product = _decode_weight_product(w_packed, x_s, block_n, block_k, register_unpack)
+                else:
+                    w_s = T.alloc_shared((block_n, block_k), "int8")
+                acc = T.alloc_fragment((block_n, block_m), "int32")
+                out = T.alloc_fragment((block_n, block_m), "float32")
+                out_s = T.alloc_shared((block_n, block_m), "float32")
+                T.clear(acc)
+                if packed:
                     for kt in T.Pipelined(k // block_k, num_stages=num_stages):
                         T.copy(XQ[by * block_m, kt * block_k], x_s)
                         T.copy(WQ[bx * block_n, kt * (block_k // 2)], w_packed)
-                        _register_unpack_gemm(w_packed, x_s, w_frag, acc, block_k)()
+                        product(acc)
                 else:
-                    w_s = T.alloc_shared((block_n, block_k), "int8")
-                    acc = T.alloc_fragment((block_n, block_m), "int32")
-                    out = T.alloc_fragment((block_n, block_m), "float32")
-                    out_s = T.alloc_shared((block_n, block_m), "float32")
-                    T.clear(acc)
-                    if packed:
-                        w_packed = T.alloc_shared((block_n, block_k // 2), "uint8")
-                        T.import_source(_UNPACK_SRC)
-                        unpack = _unpack_tile(w_packed, w_s, block_n, block_k, 128)
-                        for kt in T.Pipelined(k // block_k, num_stages=num_stages):
-                            T.copy(XQ[by * block_m, kt * block_k], x_s)
-                            T.copy(WQ[bx * block_n, kt * (block_k // 2)], w_packed)
-                            unpack()
-                            T.gemm(w_s, x_s, acc, transpose_B=True)
-                            T.sync_threads()
-                    else:
-                        for kt in T.Pipelined(k // block_k, num_stages=num_stages):
-                            T.copy(XQ[by * block_m, kt * block_k], x_s)
-                            T.copy(WQ[bx * block_n, kt * block_k], w_s)
-                            T.gemm(w_s, x_s, acc, transpose_B=True)
+                    for kt in T.Pipelined(k // block_k, num_stages=num_stages):
+                        T.copy(XQ[by * block_m, kt * block_k], x_s)
+                        T.copy(WQ[bx * block_n, kt * block_k], w_s)
+                        T.gemm(w_s, x_s, acc, transpose_B=True)
                 _decode_epilogue(acc, out, out_s, XS, WS, XO, WO, BIAS, Y, m, bx, by, rank, r, has_bias, out_dtype,
                                  block_n, block_m, 1.0 / 16 if packed else 1.0)
 
