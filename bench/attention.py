@@ -4,7 +4,8 @@ one query token per sequence over its context. Prefill: one sequence's causal at
 own tokens, read from the int4 cache (the cache dequantized once then flash attention, and the
 paged prefill kernel `attention_prefill`), against SDPA with is_causal.
 
-    python bench/attention.py --out bench/results/attention.json [--quick] [--prefill-only | --sweep-splits]
+    python bench/attention.py --out bench/results/attention.json [--quick] [--prefill-only | --decode-only | --sweep-splits]
+        [--variants rf,tile,...]
 """
 
 from __future__ import annotations
@@ -25,8 +26,11 @@ CONTEXTS = [1024, 4096, 16384, 32768]
 PREFILL_TOKENS = [2048, 8192]
 
 
-VARIANTS = (("prefetch", dict(prefetch=True, min_blocks=1)), ("prefetch_mb4", dict(prefetch=True, min_blocks=4)),
-            ("prefetch_mb5", dict(prefetch=True, min_blocks=5)), ("plain", dict(prefetch=False)))
+VARIANTS = (("tile", dict(kernel="tile")), ("rf", dict(kernel="rf")),
+            ("prefetch", dict(kernel="tile", prefetch=True, min_blocks=1)),
+            ("prefetch_mb4", dict(kernel="tile", prefetch=True, min_blocks=4)),
+            ("prefetch_mb5", dict(kernel="tile", prefetch=True, min_blocks=5)),
+            ("plain", dict(kernel="tile", prefetch=False)))
 
 
 def bench(fn) -> float:
@@ -46,19 +50,20 @@ def decode_inputs(model: str, batch: int, ctx: int, width: int):
     return q, kd, km, kd.clone(), km.clone(), tables, lens
 
 
-def one(model: str, batch: int, ctx: int) -> dict:
+def one(model: str, batch: int, ctx: int, variants=VARIANTS) -> dict:
     heads, kv_heads, dim = MODELS[model]
     q, kd, km, vd, vm, tables, lens = decode_inputs(model, batch, ctx, ctx // kv.BLOCK_SIZE)
     splits = kv.decode_splits(batch, kv_heads, ctx)
     out = torch.empty_like(q)
     kv.attention_decode_op(q, kd, km, vd, vm, tables, lens, splits, out=out)
     t_ours = bench(lambda: kv.attention_decode_op(q, kd, km, vd, vm, tables, lens, splits, out=out))
-    # Loop variants of kv.attention_decode, each with its error against the default: the pipelined
-    # one (num_stages 2; 1.3-4.4x slower than one stage on an H200, not timed again here), the
+    # Variants, each with its error against the default: the two decode kernels
+    # (kv_attention.decode_kernel), and the tile kernel's loops: register prefetch (uncapped: 160
+    # registers, and capped at 4 / 5 blocks a SM: 126 / 96 registers, see kv_attention.decode_loop)
+    # and the plain one-stage loop (its pipelined num_stages 2 loop was 1.3-4.4x slower than one
+    # stage on an H200 and is not timed again here).
     piped = {}
-    # register-prefetch loop (uncapped: 160 registers, and capped at 4 / 5 blocks a SM: 126 / 96
-    # registers, see kv_attention.decode_loop) and the plain one-stage loop.
-    for name, kwargs in VARIANTS:
+    for name, kwargs in variants:
         try:
             out2 = torch.full_like(out, float("nan"))
             kv.attention_decode_op(q, kd, km, vd, vm, tables, lens, splits, out=out2, **kwargs)
@@ -158,10 +163,14 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--quick", action="store_true", help="Llama-3-8B shapes only")
     ap.add_argument("--prefill-only", action="store_true", help="skip the decode rows")
+    ap.add_argument("--decode-only", action="store_true", help="skip the prefill rows")
+    ap.add_argument("--variants", default=",".join(name for name, _ in VARIANTS),
+                    help="decode variants timed beside the default (comma-separated; default: all)")
     ap.add_argument("--sweep-splits", action="store_true",
                     help="only the decode split-count sweep (Llama-3-8B, batch 1 / 16 / 32, contexts 1k / 4k, "
                          "engine-like table widths; then batch 16 / 64 at 4k-32k)")
     args = ap.parse_args()
+    variants = [(name, kw) for name, kw in VARIANTS if name in args.variants.split(",")]
     copy = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")
     copy_gbps = 2 * copy.numel() / bench(lambda: copy.clone()) / 1e6
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
@@ -191,19 +200,19 @@ def main() -> None:
             for ctx in CONTEXTS:
                 if batch * ctx > 64 * 32768:
                     continue
-                row = one(model, batch, ctx)
+                row = one(model, batch, ctx, variants)
                 result["decode"].append(row)
                 print(f"{model:11s} B={batch:3d} ctx={ctx:6d} splits={row['splits']:2d}: {row['ms'] * 1e3:8.1f} us "
                       f"{row['gbps']:6.0f} GB/s ({row['gbps'] / copy_gbps:4.0%} of copy)  SDPA fp16 "
                       f"{row['sdpa_fp16_ms'] * 1e3:8.1f} us  x{row['speedup_vs_sdpa']:.2f}" + "".join(
                           f" | {name} {row[f'{name}_ms'] * 1e3:.1f} us (x{row['sdpa_fp16_ms'] / row[f'{name}_ms']:.2f},"
                           f" err {row[f'{name}_rel_err']:.1e})"
-                          for name, _ in VARIANTS if f"{name}_ms" in row) + "".join(
-                          f" | {name} failed: {row[f'{name}_error']}" for name, _ in VARIANTS
+                          for name, _ in variants if f"{name}_ms" in row) + "".join(
+                          f" | {name} failed: {row[f'{name}_error']}" for name, _ in variants
                           if f"{name}_error" in row), flush=True)
                 torch.cuda.empty_cache()
                 save()
-        for tokens in PREFILL_TOKENS:
+        for tokens in ([] if args.decode_only else PREFILL_TOKENS):
             row = one_prefill(model, tokens)
             result["prefill"].append(row)
             print(f"{model:11s} prefill {tokens:5d} tokens: {row['ms'] * 1e3:8.1f} us {row['tflops']:6.0f} TFLOPS  "

@@ -47,6 +47,19 @@ DECODE_MIN_BLOCKS = int(os.environ["QUAD_DECODE_MIN_BLOCKS"]) if os.environ.get(
 DECODE_SPLIT_BLOCKS = int(os.environ.get("QUAD_DECODE_SPLIT_BLOCKS", "1"))
 # Programs per SM the split count aims for (QUAD_DECODE_FILL overrides, for A/B runs).
 DECODE_FILL = int(os.environ.get("QUAD_DECODE_FILL", "2"))
+# Which decode kernel attention_decode_op runs (QUAD_DECODE_ATTENTION): "rf",
+# kv_attention_rf.attention_decode_rf (each warp its own 16 tokens a block, K / V fragments in
+# registers, no barrier in the loop; 1.1-2.1x the tile kernel at batch >= 16 on an H200), or
+# "tile", this module's attention_decode (K / V dequantized to float16 tiles in shared memory, four
+# warps on one mma tile). GQA groups over 16 and head_dim not a multiple of 64 run "tile".
+DECODE_ATTENTION = os.environ.get("QUAD_DECODE_ATTENTION", "rf")
+assert DECODE_ATTENTION in ("tile", "rf"), DECODE_ATTENTION
+
+
+def decode_kernel(heads: int, kv_heads: int, head_dim: int) -> str:
+    """The decode kernel attention_decode_op runs for these heads: DECODE_ATTENTION where it applies."""
+    fits_rf = heads // kv_heads <= 16 and head_dim % 64 == 0
+    return DECODE_ATTENTION if fits_rf else "tile"
 
 
 def decode_loop(batch: int, kv_heads: int, num_splits: int, sms: int = 132) -> tuple[bool, int]:
@@ -229,9 +242,13 @@ def prebuild_decode(heads: int, kv_heads: int, head_dim: int, grids: list[tuple[
 
     # The arguments exactly as attention_decode_op passes them: lru_cache keys on the call's form.
     splits = sorted({n for _, n in grids})
-    variants = sorted({(n, *decode_loop(batch, kv_heads, n)) for batch, n in grids})
-    jobs = [functools.partial(attention_decode, heads, kv_heads, head_dim, n, block_size, None, 128, None, 1, prefetch,
-                              min_blocks) for n, prefetch, min_blocks in variants]
+    if decode_kernel(heads, kv_heads, head_dim) == "rf":
+        from kernels_tl.kv_attention_rf import attention_decode_rf
+        jobs = [functools.partial(attention_decode_rf, heads, kv_heads, head_dim, n, block_size, None) for n in splits]
+    else:
+        variants = sorted({(n, *decode_loop(batch, kv_heads, n)) for batch, n in grids})
+        jobs = [functools.partial(attention_decode, heads, kv_heads, head_dim, n, block_size, None, 128, None, 1,
+                                  prefetch, min_blocks) for n, prefetch, min_blocks in variants]
     jobs += [functools.partial(attention_combine, heads, head_dim, n) for n in splits]
     with ThreadPoolExecutor(workers) as pool:
         list(pool.map(lambda job: job(), jobs))
@@ -239,10 +256,11 @@ def prebuild_decode(heads: int, kv_heads: int, head_dim: int, grids: list[tuple[
 
 def attention_decode_op(q, k_data, k_meta, v_data, v_meta, block_tables, context_lens, num_splits: int,
                         sm_scale: float | None = None, out=None, num_stages: int = 1, prefetch: bool | None = None,
-                        min_blocks: int | None = None):
-    """float16 [B, heads, head_dim] decode attention (q [B, heads, head_dim] float16). prefetch:
-    attention_decode's register-prefetch loop (default: decode_loop's choice; one stage only);
-    min_blocks: its register cap (default decode_loop's for the prefetch loop, none for the others)."""
+                        min_blocks: int | None = None, kernel: str | None = None):
+    """float16 [B, heads, head_dim] decode attention (q [B, heads, head_dim] float16). kernel: "tile"
+    or "rf" (default decode_kernel's choice). For "tile": prefetch, attention_decode's
+    register-prefetch loop (default: decode_loop's choice; one stage only); min_blocks, its register
+    cap (default decode_loop's for the prefetch loop, none for the others)."""
     import torch
 
     b, heads, head_dim = q.shape
@@ -250,6 +268,12 @@ def attention_decode_op(q, k_data, k_meta, v_data, v_meta, block_tables, context
     partial = torch.empty(b, heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
     lse = torch.empty(b, heads, num_splits, dtype=torch.float32, device=q.device)
     out = torch.empty(b, heads, head_dim, dtype=torch.float16, device=q.device) if out is None else out
+    if (kernel or decode_kernel(heads, kv_heads, head_dim)) == "rf":
+        from kernels_tl.kv_attention_rf import attention_decode_rf
+        attention_decode_rf(heads, kv_heads, head_dim, num_splits, k_data.shape[2], sm_scale)(
+            q, k_data, k_meta, v_data, v_meta, block_tables, context_lens, partial, lse)
+        attention_combine(heads, head_dim, num_splits)(partial, lse, out)
+        return out
     prefetch = (decode_loop(b, kv_heads, num_splits)[0] if prefetch is None else prefetch) and num_stages == 1
     if min_blocks is None:
         min_blocks = prefetch_min_blocks(b, kv_heads, num_splits) if prefetch else 1

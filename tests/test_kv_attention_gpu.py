@@ -78,8 +78,23 @@ def test_decode_attention_matches_reference(heads, kv_heads, head_dim, batch, ma
     q, kd, km, vd, vm, tables, lens = decode_problem(heads, kv_heads, head_dim, batch, max_ctx,
                                                      seed=batch * 1000 + max_ctx + splits)
     out = torch.full((batch, heads, head_dim), float("nan"), device="cuda", dtype=torch.float16)
-    attention_decode_op(q, kd, km, vd, vm, tables, lens, splits, out=out, num_stages=stages, prefetch=prefetch,
-                        min_blocks=min_blocks)
+    attention_decode_op(q, kd, km, vd, vm, tables, lens, splits, out=out, kernel="tile", num_stages=stages,
+                        prefetch=prefetch, min_blocks=min_blocks)
+    expected = ref.paged_attention(q, kd, km, vd, vm, tables.cpu(), lens.cpu())
+    rel = float((out.float() - expected).norm() / expected.norm())
+    assert not torch.isnan(out).any() and rel <= 1e-2, rel
+
+
+# (32, 2, 128): a GQA group of 16, two n8 tiles of query rows.
+@pytest.mark.parametrize("heads,kv_heads,head_dim", SHAPES + [(32, 2, 128)])
+@pytest.mark.parametrize("batch,max_ctx", [(1, 1), (1, 4097), (5, 1000), (16, 300), (3, 65)])
+@pytest.mark.parametrize("splits", [1, 4, 16])
+def test_register_fragment_decode_attention_matches_reference(heads, kv_heads, head_dim, batch, max_ctx, splits):
+    from kernels_tl.kv_attention import attention_decode_op
+    q, kd, km, vd, vm, tables, lens = decode_problem(heads, kv_heads, head_dim, batch, max_ctx,
+                                                     seed=batch * 1000 + max_ctx + splits + 7)
+    out = torch.full((batch, heads, head_dim), float("nan"), device="cuda", dtype=torch.float16)
+    attention_decode_op(q, kd, km, vd, vm, tables, lens, splits, out=out, kernel="rf")
     expected = ref.paged_attention(q, kd, km, vd, vm, tables.cpu(), lens.cpu())
     rel = float((out.float() - expected).norm() / expected.norm())
     assert not torch.isnan(out).any() and rel <= 1e-2, rel

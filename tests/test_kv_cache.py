@@ -282,3 +282,32 @@ def test_kv_gather_dequant_builds(kv_heads, head_dim):
     from kernels_tl.kv_dequant import SM90, kv_gather_dequant
     src = kv_gather_dequant(kv_heads, head_dim, 64, target=SM90).get_kernel_source()
     assert "BLOCKS[" in src and "__fdividef" not in src and "num_blocks) && (0 <= blk" not in src
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
+@pytest.mark.parametrize("heads,kv_heads,dim", [(32, 8, 128), (9, 3, 64), (28, 4, 128), (32, 2, 128)])
+def test_register_fragment_decode_attention_builds(heads, kv_heads, dim, tmp_path):
+    """kv_attention_rf: K and V go from registers into mma.sync (no float16 tiles, no barrier in
+    the loop: the one barrier merges the warps after it), V as centred codes (the half2 subtract),
+    without spills, and in at most 128 registers a thread (4 programs a SM) for GQA groups up to 8."""
+    pytest.importorskip("tilelang")
+    from test_quantize_build import ptxas_log
+
+    from kernels_tl.kv_attention_rf import SM90, attention_decode_rf
+    src = attention_decode_rf(heads, kv_heads, dim, 4, target=SM90).get_kernel_source()
+    assert "quad_k_frag(" in src and "quad_v_frag(" in src and "mma_sync" in src and "__hsub2(" in src
+    assert src.count("__syncthreads()") == 1
+    log = ptxas_log(src, tmp_path)
+    assert re.search(r"\b0 bytes spill stores, 0 bytes spill loads", log)
+    if heads // kv_heads <= 8:
+        assert int(re.search(r"Used (\d+) registers", log).group(1)) <= 128
+
+
+def test_decode_attention_picks_the_register_kernel_only_where_it_applies(monkeypatch):
+    from kernels_tl import kv_attention
+    monkeypatch.setattr(kv_attention, "DECODE_ATTENTION", "rf")
+    assert kv_attention.decode_kernel(32, 8, 128) == "rf" and kv_attention.decode_kernel(9, 3, 64) == "rf"
+    assert kv_attention.decode_kernel(64, 2, 128) == "tile"   # a GQA group of 32 rows
+    assert kv_attention.decode_kernel(32, 8, 96) == "tile"
+    monkeypatch.setattr(kv_attention, "DECODE_ATTENTION", "tile")
+    assert kv_attention.decode_kernel(32, 8, 128) == "tile"
