@@ -11,15 +11,19 @@ at the end, to merge their (max, sum, output).
 Inside a warp, all in registers (mma.sync m16n8k16, float16 in, float32 accumulate):
 - Scores S = Q·Kᵀ: Q is the A operand (the GQA group's query rows, padded to 16), K the B operand.
   Each thread loads 16 contiguous bytes of one token and turns every 32-bit word into four half2
-  of centred codes q - 8 (a mask-and-or makes the float16 1024 + q, one half2 subtract the exact
-  q - 8); the order of head_dim inside the dot product is free, so Q is loaded in the same permuted
-  order. The scale and the zero come after the mma: score = scale · (Q·(q - 8) - (zero - 8) · ΣQ).
+  of centred codes q - 8 (quad_word_centred: one shift a word, a mask-and-or and one half2
+  subtract or fma per half2, all exact); the order of head_dim inside the dot product is free, so
+  Q is loaded in the same permuted order. The scale and the zero come after the mma:
+  score = scale · (Q·(q - 8) - (zero - 8) · ΣQ).
 - Output Oᵀ = Vᵀ·Pᵀ: V is the A operand, whose register pairs run along tokens while the cache packs
   two head_dim neighbours of one token in a byte; a byte permute interleaves two tokens' bytes
-  before the same mask-and-or. P (times the token's V scale) is the B operand straight from the
+  before the same conversion. P (times the token's V scale) is the B operand straight from the
   score accumulators (their layout is the B fragment of the next mma), and the query rows are the
   mma's N = 8, so a GQA group of up to 8 needs no padding. The zero of V comes out as one correction
   a row: Σ p·scale·(zero - 8).
+- The next cache blocks' bytes are in flight while a block is computed: one block in registers
+  (stages=1), or a per-thread cp.async ring in shared memory (stages>1) on grids too sparse for
+  four resident programs a SM to hide the latency.
 """
 
 import functools
@@ -50,6 +54,80 @@ __device__ __forceinline__ unsigned int quad_nib_centred(unsigned int w, int j) 
   const half2 centred = __hsub2(*reinterpret_cast<const half2*>(&biased),
                                   *reinterpret_cast<const half2*>(&offset));
   return *reinterpret_cast<const unsigned int*>(&centred);
+}
+
+// cp.async of this thread's own bytes into its own shared-memory slots: the thread waits for its
+// groups (cp.async.wait_group) and reads back only what it copied, so no barrier is needed.
+__device__ __forceinline__ void quad_cp_async16(void* smem, const void* gmem) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::
+               "r"(static_cast<unsigned>(__cvta_generic_to_shared(smem))), "l"(gmem));
+}
+__device__ __forceinline__ void quad_cp_async8(void* smem, const void* gmem) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::
+               "r"(static_cast<unsigned>(__cvta_generic_to_shared(smem))), "l"(gmem));
+}
+__device__ __forceinline__ void quad_cp_async4(void* smem, const void* gmem) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::
+               "r"(static_cast<unsigned>(__cvta_generic_to_shared(smem))), "l"(gmem));
+}
+__device__ __forceinline__ void quad_cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N> __device__ __forceinline__ void quad_cp_wait() {
+  asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory");
+}
+__device__ __forceinline__ void quad_cp_wait1() { quad_cp_wait<1>(); }
+__device__ __forceinline__ void quad_cp_wait2() { quad_cp_wait<2>(); }
+__device__ __forceinline__ void quad_cp_wait3() { quad_cp_wait<3>(); }
+__device__ __forceinline__ void quad_cp_wait4() { quad_cp_wait<4>(); }
+
+// The same 8 codes centred with fewer integer ops (the integer pipe is the kernel's busiest): the odd
+// nibbles are masked where they lie, giving 1024 + 16n, and one half2 fma by 1/16 and -72 centres
+// them (64 + n - 72 = n - 8, exact); the even ones take one shift a word for both.
+__device__ __forceinline__ unsigned int quad_h2sub(unsigned int x, unsigned int y) {
+  const half2 r = __hsub2(*reinterpret_cast<const half2*>(&x), *reinterpret_cast<const half2*>(&y));
+  return *reinterpret_cast<const unsigned int*>(&r);
+}
+__device__ __forceinline__ unsigned int quad_h2fma(unsigned int x, unsigned int a, unsigned int b) {
+  const half2 r = __hfma2(*reinterpret_cast<const half2*>(&x), *reinterpret_cast<const half2*>(&a),
+                          *reinterpret_cast<const half2*>(&b));
+  return *reinterpret_cast<const unsigned int*>(&r);
+}
+__device__ __forceinline__ void quad_word_centred(unsigned int w, unsigned int* o) {
+  const unsigned int h = w >> 8;
+  o[0] = quad_h2sub((w & 0x000F000Fu) | 0x64006400u, 0x64086408u);              // 1024 + n - 1032
+  o[1] = quad_h2fma((w & 0x00F000F0u) | 0x64006400u, 0x2C002C00u, 0xD480D480u);  // (1024 + 16n) / 16 - 72
+  o[2] = quad_h2sub((h & 0x000F000Fu) | 0x64006400u, 0x64086408u);
+  o[3] = quad_h2fma((h & 0x00F000F0u) | 0x64006400u, 0x2C002C00u, 0xD480D480u);
+}
+
+// quad_k_frag with centred codes (unpack "fma").
+__device__ __forceinline__ void quad_k_frag_c(const void* src, void* dst, int words) {
+  const unsigned int* w = reinterpret_cast<const unsigned int*>(src);
+  unsigned int* o = reinterpret_cast<unsigned int*>(dst);
+  #pragma unroll
+  for (int i = 0; i < words; ++i) quad_word_centred(w[i], o + 4 * i);
+}
+
+// quad_v_frag with quad_word_centred (unpack "fma").
+__device__ __forceinline__ void quad_v_frag_c(const void* x0, const void* x1, const void* y0, const void* y1,
+                                              void* dst, int words) {
+  const unsigned int* a = reinterpret_cast<const unsigned int*>(x0);
+  const unsigned int* b = reinterpret_cast<const unsigned int*>(x1);
+  const unsigned int* c = reinterpret_cast<const unsigned int*>(y0);
+  const unsigned int* d = reinterpret_cast<const unsigned int*>(y1);
+  unsigned int* o = reinterpret_cast<unsigned int*>(dst);
+  #pragma unroll
+  for (int i = 0; i < words; ++i) {
+    unsigned int cw[4][4];
+    quad_word_centred(__byte_perm(a[i], b[i], 0x5410), cw[0]);
+    quad_word_centred(__byte_perm(a[i], b[i], 0x7632), cw[1]);
+    quad_word_centred(__byte_perm(c[i], d[i], 0x5410), cw[2]);
+    quad_word_centred(__byte_perm(c[i], d[i], 0x7632), cw[3]);
+    #pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      #pragma unroll
+      for (int k = 0; k < 4; ++k) o[4 * (4 * i + j) + k] = cw[k][j];
+    }
+  }
 }
 
 // K: `words` packed words of one token -> the B fragments of Q·Kᵀ, half2 4i + j = (v_8i+j, v_8i+j+4).
@@ -94,10 +172,20 @@ __device__ __forceinline__ void quad_v_frag(const void* x0, const void* x1, cons
 
 @functools.lru_cache(maxsize=None)
 def attention_decode_rf(heads: int, kv_heads: int, head_dim: int, num_splits: int, block_size: int = 64,
-                        sm_scale: float | None = None, target=None, min_blocks: int = 1):
+                        sm_scale: float | None = None, target=None, min_blocks: int = 1, stages: int = 1,
+                        unpack: str = "fma"):
     """Split-KV decode attention, warps split along tokens, fragments in registers. kernel(q,
     k_data, k_meta, v_data, v_meta, block_tables, context_lens, out_partial, lse) as
-    kv_attention.attention_decode."""
+    kv_attention.attention_decode.
+
+    stages: 1, each thread holds the next cache block's bytes in registers (one block in flight a
+    warp); 2-5, a ring of `stages` blocks in shared memory that each thread fills with cp.async
+    for its own bytes, stages - 1 blocks in flight (12 KB a stage at head_dim 128).
+
+    unpack: "shift", K as 1024 + q and V centred (a shift, a mask-and-or, and for V a subtract per
+    half2); "fma", both centred by quad_word_centred (one shift a word, a mask-and-or and a half2
+    op per half2)."""
+    assert 1 <= stages <= 5 and unpack in ("shift", "fma")
     group = heads // kv_heads
     assert group <= 16 and head_dim % 64 == 0 and block_size % WARP_TOKENS == 0
     warps = block_size // WARP_TOKENS
@@ -111,6 +199,12 @@ def attention_decode_rf(heads: int, kv_heads: int, head_dim: int, num_splits: in
     chunk = head_dim // 8         # head_dim elements of Oᵀ a thread holds, per query row
     scale_log2 = (sm_scale if sm_scale is not None else head_dim ** -0.5) * math.log2(math.e)
     neg_inf = -T.infinity("float32")
+    k_frag, v_frag = ("quad_k_frag", "quad_v_frag") if unpack == "shift" else ("quad_k_frag_c", "quad_v_frag_c")
+    k_offset = 1024 if unpack == "shift" else -8  # the code K enters the mma as, less q
+    # The ring's layout, [stage, 16-byte piece, thread, byte]: a thread's slot is its K bytes of two
+    # tokens, then its V bytes of four, in 16-byte pieces strided by the thread count, so each
+    # 16-byte read of a warp touches 32 consecutive pieces (no bank conflicts).
+    pieces = (2 * k_bytes + 4 * v_bytes) // 16
 
     @tilelang.jit(target=TARGETS[target])
     def build():
@@ -140,6 +234,40 @@ def attention_decode_rf(heads: int, kv_heads: int, head_dim: int, num_splits: in
                 for c in T.vectorized(4):
                     v_meta[4 * n + c] = VM[phys, kvh, base + 8 * n + 2 * t + c // 2, c % 2]
 
+        @T.macro
+        def issue(KD, KM, VD, VM, phys, kvh, warp, g, t, tx, ring, ring_meta, st):
+            """fetch_k and fetch_v of cache block `phys` as cp.async into ring stage `st`."""
+            base = warp * WARP_TOKENS
+            for n in T.unroll(2):
+                o = n * k_bytes
+                T.call_extern("handle", f"quad_cp_async{k_bytes}", T.address_of(ring[st, o // 16, tx, o % 16]),
+                              T.address_of(KD[phys, kvh, base + 8 * n + g, k_bytes * t]))
+                T.call_extern("handle", "quad_cp_async8", T.address_of(ring_meta[st, 0, tx, 4 * n]),
+                              T.address_of(KM[phys, kvh, base + 8 * n + 2 * t, 0]))
+                T.call_extern("handle", "quad_cp_async8", T.address_of(ring_meta[st, 1, tx, 4 * n]),
+                              T.address_of(VM[phys, kvh, base + 8 * n + 2 * t, 0]))
+            for v in T.unroll(4):
+                o = 2 * k_bytes + v * v_bytes
+                T.call_extern("handle", f"quad_cp_async{v_bytes}", T.address_of(ring[st, o // 16, tx, o % 16]),
+                              T.address_of(VD[phys, kvh, base + 2 * t + v % 2 + 8 * (v // 2), v_bytes * g]))
+
+        @T.macro
+        def read_k(ring, ring_meta, tx, st, k_raw, k_meta):
+            for n in T.unroll(2):
+                for c in T.vectorized(k_bytes):
+                    k_raw[n * k_bytes + c] = ring[st, (n * k_bytes) // 16, tx, (n * k_bytes) % 16 + c]
+                for c in T.vectorized(4):
+                    k_meta[4 * n + c] = ring_meta[st, 0, tx, 4 * n + c]
+
+        @T.macro
+        def read_v(ring, ring_meta, tx, st, v_raw, v_meta):
+            for v in T.unroll(4):
+                for c in T.vectorized(v_bytes):
+                    v_raw[v * v_bytes + c] = ring[st, (2 * k_bytes + v * v_bytes) // 16, tx,
+                                                  (2 * k_bytes + v * v_bytes) % 16 + c]
+            for c in T.vectorized(8):
+                v_meta[c] = ring_meta[st, 1, tx, c]
+
         @T.prim_func
         def main(Q: T.Tensor((b, heads, head_dim), "float16"),
                  KD: T.Tensor((nb, kv_heads, block_size, half), "uint8"),
@@ -155,6 +283,9 @@ def attention_decode_rf(heads: int, kv_heads: int, head_dim: int, num_splits: in
                 T.import_source(FRAG_SRC)
                 o_s = T.alloc_shared((warps, group, head_dim), "float32")
                 ml_s = T.alloc_shared((warps, 2, group), "float32")  # each warp's row max and sum
+                if stages > 1:
+                    ring = T.alloc_shared((stages, pieces, threads, 16), "uint8")
+                    ring_meta = T.alloc_shared((stages, 2, threads, 8), "float16")  # K, V (scale, zero) x 4
                 qa = T.alloc_local((ksteps * 8,), "float16")      # Q, A fragments of Q·Kᵀ
                 k_raw = T.alloc_local((2 * k_bytes,), "uint8")    # a cache block's bytes, loaded
                 v_raw = T.alloc_local((4 * v_bytes,), "uint8")    # one block ahead
@@ -208,16 +339,29 @@ def attention_decode_rf(heads: int, kv_heads: int, head_dim: int, num_splits: in
                     oacc[i] = 0
 
                 nxt = T.alloc_local((1,), "int32")
-                if count > 0:
-                    nxt[0] = TABLES[seq, first]
-                    fetch_k(KD, KM, nxt[0], kvh, warp, g, t, k_raw, k_meta)
-                    fetch_v(VD, VM, nxt[0], kvh, warp, g, t, v_raw, v_meta)
+                if stages == 1:
+                    if count > 0:
+                        nxt[0] = TABLES[seq, first]
+                        fetch_k(KD, KM, nxt[0], kvh, warp, g, t, k_raw, k_meta)
+                        fetch_v(VD, VM, nxt[0], kvh, warp, g, t, v_raw, v_meta)
+                else:  # blocks 0 .. stages - 2 in flight, one commit group each (empty past the end)
+                    for j in T.unroll(stages - 1):
+                        if j < count:
+                            issue(KD, KM, VD, VM, TABLES[seq, first + j], kvh, warp, g, t, tx, ring, ring_meta, j)
+                        T.call_extern("handle", "quad_cp_commit")
                 for it in T.serial(count):
-                    # S = Q·(q_k - 8)ᵀ for tokens g (n-tile 0) and 8 + g (n-tile 1)
+                    if stages > 1:  # block it + stages - 1 into the stage block it - 1 left; wait for block it
+                        if it + stages - 1 < count:
+                            issue(KD, KM, VD, VM, TABLES[seq, first + it + stages - 1], kvh, warp, g, t, tx, ring,
+                                  ring_meta, (it + stages - 1) % stages)
+                        T.call_extern("handle", "quad_cp_commit")
+                        T.call_extern("handle", f"quad_cp_wait{stages - 1}")
+                        read_k(ring, ring_meta, tx, it % stages, k_raw, k_meta)
+                    # S = Q·(K codes)ᵀ for tokens g (n-tile 0) and 8 + g (n-tile 1)
                     for n in T.unroll(2):
                         for c in T.unroll(4):
                             sacc[4 * n + c] = 0
-                        T.call_extern("handle", "quad_k_frag", T.address_of(k_raw[n * k_bytes]), T.address_of(kb[0]),
+                        T.call_extern("handle", k_frag, T.address_of(k_raw[n * k_bytes]), T.address_of(kb[0]),
                                       k_bytes // 4)
                         for s in T.unroll(ksteps):
                             T.ptx_mma("float32", "m16n8k16", "row", "col", "fp16", "fp16", "fp32", qa.data, 8 * s,
@@ -230,12 +374,14 @@ def attention_decode_rf(heads: int, kv_heads: int, head_dim: int, num_splits: in
                             j = 2 * n + c % 2
                             sacc[4 * n + c] = T.if_then_else(
                                 pos0 + 8 * n + c % 2 < ctx,
-                                (sacc[4 * n + c] - (T.Cast("float32", k_meta[2 * j + 1]) + T.float32(1024))
+                                (sacc[4 * n + c] - (T.Cast("float32", k_meta[2 * j + 1]) + T.float32(k_offset))
                                  * qsum[c // 2]) * (T.Cast("float32", k_meta[2 * j]) * T.float32(scale_log2)),
                                 neg_inf)
-                    if it + 1 < count:  # the next block's K in flight from here to its scores
+                    if stages == 1 and it + 1 < count:  # the next block's K in flight from here to its scores
                         nxt[0] = TABLES[seq, first + it + 1]
                         fetch_k(KD, KM, nxt[0], kvh, warp, g, t, k_raw, k_meta)
+                    if stages > 1:
+                        read_v(ring, ring_meta, tx, it % stages, v_raw, v_meta)
                     for r in T.unroll(row_tiles):
                         mx[0] = T.max(T.max(sacc[2 * r], sacc[2 * r + 1]), T.max(sacc[4 + 2 * r], sacc[5 + 2 * r]))
                         mx[0] = T.max(mx[0], T.shfl_xor(mx[0], 1))
@@ -266,14 +412,14 @@ def attention_decode_rf(heads: int, kv_heads: int, head_dim: int, num_splits: in
                     # A packed word at a time (four m-tiles), so only its 8 registers of V fragments
                     # are live; the next block's V loads go out after the last one.
                     for i in T.unroll(v_bytes // 4):
-                        T.call_extern("handle", "quad_v_frag", T.address_of(v_raw[4 * i]),
+                        T.call_extern("handle", v_frag, T.address_of(v_raw[4 * i]),
                                       T.address_of(v_raw[v_bytes + 4 * i]), T.address_of(v_raw[2 * v_bytes + 4 * i]),
                                       T.address_of(v_raw[3 * v_bytes + 4 * i]), T.address_of(va[0]), 1)
                         for r in T.unroll(row_tiles):
                             for j in T.unroll(4):
                                 T.ptx_mma("float32", "m16n8k16", "row", "col", "fp16", "fp16", "fp32", va.data, 8 * j,
                                           pb.data, 4 * r, oacc.data, (r * m_tiles + 4 * i + j) * 4, T.bool(False))
-                    if it + 1 < count:  # and its V from here to its P·V
+                    if stages == 1 and it + 1 < count:  # and its V from here to its P·V
                         fetch_v(VD, VM, nxt[0], kvh, warp, g, t, v_raw, v_meta)
 
                 # The warp's rows: sums and corrections over the quad, then Oᵀ less the correction

@@ -285,18 +285,25 @@ def test_kv_gather_dequant_builds(kv_heads, head_dim):
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
+@pytest.mark.parametrize("stages,unpack", [(1, "fma"), (3, "fma"), (1, "shift")])
 @pytest.mark.parametrize("heads,kv_heads,dim", [(32, 8, 128), (9, 3, 64), (28, 4, 128), (32, 2, 128)])
-def test_register_fragment_decode_attention_builds(heads, kv_heads, dim, tmp_path):
+def test_register_fragment_decode_attention_builds(heads, kv_heads, dim, stages, unpack, tmp_path):
     """kv_attention_rf: K and V go from registers into mma.sync (no float16 tiles, no barrier in
-    the loop: the one barrier merges the warps after it), V as centred codes (the half2 subtract),
-    without spills, and in at most 128 registers a thread (4 programs a SM) for GQA groups up to 8."""
+    the loop: the barriers merge the warps after it), V as centred codes (half2 subtract / fma),
+    without spills, and in at most 128 registers a thread (4 programs a SM) for GQA groups up to 8;
+    with a ring, each thread's own cp.async copies and waits."""
     pytest.importorskip("tilelang")
     from test_quantize_build import ptxas_log
 
     from kernels_tl.kv_attention_rf import SM90, attention_decode_rf
-    src = attention_decode_rf(heads, kv_heads, dim, 4, target=SM90).get_kernel_source()
-    assert "quad_k_frag(" in src and "quad_v_frag(" in src and "mma_sync" in src and "__hsub2(" in src
-    assert src.count("__syncthreads()") == 1
+    src = attention_decode_rf(heads, kv_heads, dim, 4, target=SM90, stages=stages, unpack=unpack).get_kernel_source()
+    body = src.split("extern \"C\"")[-1]
+    frags = ("quad_k_frag(", "quad_v_frag(") if unpack == "shift" else ("quad_k_frag_c(", "quad_v_frag_c(")
+    assert all(f in body for f in frags) and "mma_sync" in body and "__hsub2(" in src
+    assert src.index("__syncthreads()") > src.rindex("mma_sync<")  # after the block loop's last mma
+    assert ("quad_cp_async" in body) == (stages > 1)
+    if stages > 1:
+        assert f"quad_cp_wait{stages - 1}();" in src
     log = ptxas_log(src, tmp_path)
     assert re.search(r"\b0 bytes spill stores, 0 bytes spill loads", log)
     if heads // kv_heads <= 8:
@@ -311,3 +318,50 @@ def test_decode_attention_picks_the_register_kernel_only_where_it_applies(monkey
     assert kv_attention.decode_kernel(32, 8, 96) == "tile"
     monkeypatch.setattr(kv_attention, "DECODE_ATTENTION", "tile")
     assert kv_attention.decode_kernel(32, 8, 128) == "tile"
+
+
+def test_register_fragment_ring_only_on_sparse_grids(monkeypatch):
+    from kernels_tl import kv_attention
+    monkeypatch.setattr(kv_attention, "DECODE_RF_STAGES", None)
+    assert kv_attention.decode_rf_stages(1, 8, 32) == 3 and kv_attention.decode_rf_stages(16, 8, 3) == 3
+    assert kv_attention.decode_rf_stages(64, 8, 1) == 1 and kv_attention.decode_rf_stages(32, 8, 2) == 1
+    monkeypatch.setattr(kv_attention, "DECODE_RF_STAGES", 2)
+    assert kv_attention.decode_rf_stages(64, 8, 1) == 2
+
+
+@pytest.mark.parametrize("kernel", ["rf", "tile"])
+def test_prebuild_decode_builds_exactly_what_the_op_calls(monkeypatch, kernel):
+    """The engine prebuilds the decode kernels before capturing CUDA graphs; a call whose arguments
+    differ in form from the prebuild's misses the lru_cache and compiles inside the capture."""
+    import torch
+
+    from kernels_tl import kv_attention, kv_attention_rf
+    monkeypatch.setattr(kv_attention, "DECODE_ATTENTION", kernel)
+    built, called, recorder = set(), set(), {}
+
+    def fake(name):
+        def build(*args, **kwargs):
+            key = (name, args, tuple(sorted(kwargs.items())))
+            recorder["sink"].add(key)
+            return lambda *tensors: None
+        return build
+
+    monkeypatch.setattr(kv_attention_rf, "attention_decode_rf", fake("rf"))
+    monkeypatch.setattr(kv_attention, "attention_decode", fake("tile"))
+    monkeypatch.setattr(kv_attention, "attention_combine", fake("combine"))
+    heads, kv_heads, hd = 32, 8, 128
+    grids = [(1, 32), (16, 3), (64, 1)]  # sparse and dense grids: the rf ring and register loops
+    recorder["sink"] = built
+    kv_attention.prebuild_decode(heads, kv_heads, hd, grids, workers=1)
+    recorder["sink"] = called
+    for batch, splits in grids:
+        cache = torch.zeros(4, kv_heads, kv_attention.BLOCK_SIZE, hd // 2, dtype=torch.uint8)
+        meta = torch.zeros(4, kv_heads, kv_attention.BLOCK_SIZE, 2, dtype=torch.float16)
+        kv_attention.attention_decode_op(torch.zeros(batch, heads, hd, dtype=torch.float16), cache, meta, cache,
+                                         meta, torch.zeros(batch, 4, dtype=torch.int32),
+                                         torch.ones(batch, dtype=torch.int32), splits)
+    assert called == built
+    assert {key[1][2] for key in built if key[0] == "combine"} == {key[1][3] for key in built if key[0] == kernel} \
+        == {32, 3, 1}
+    if kernel == "rf":  # (splits, stages): a ring on the sparse grids, the register loop on the dense one
+        assert {(key[1][3], key[1][8]) for key in built if key[0] == "rf"} == {(32, 3), (3, 3), (1, 1)}
