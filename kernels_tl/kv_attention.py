@@ -60,9 +60,6 @@ assert DECODE_ATTENTION in ("tile", "rf"), DECODE_ATTENTION
 # against 44.7) and lost on denser ones (64 x 32k, 512 programs: 933.0 against 868.3), where 4
 # resident programs a SM already keep enough in flight (bench/results/attention_rf_h200_2026-12-02b.json).
 DECODE_RF_STAGES = int(os.environ["QUAD_DECODE_RF_STAGES"]) if os.environ.get("QUAD_DECODE_RF_STAGES") else None
-# How the "rf" kernel turns nibbles into float16 (QUAD_DECODE_RF_UNPACK): "fma" (fewer integer
-# ops: 1.03-1.08x at batch >= 16, 4k-32k) or "shift", see kv_attention_rf.attention_decode_rf.
-DECODE_RF_UNPACK = os.environ.get("QUAD_DECODE_RF_UNPACK", "fma")
 
 
 def decode_rf_stages(batch: int, kv_heads: int, num_splits: int, sms: int = 132) -> int:
@@ -262,7 +259,7 @@ def prebuild_decode(heads: int, kv_heads: int, head_dim: int, grids: list[tuple[
         from kernels_tl.kv_attention_rf import attention_decode_rf
         variants = sorted({(n, decode_rf_stages(batch, kv_heads, n)) for batch, n in grids})
         jobs = [functools.partial(attention_decode_rf, heads, kv_heads, head_dim, n, block_size, None, None, 1,
-                                  stages, DECODE_RF_UNPACK) for n, stages in variants]
+                                  stages) for n, stages in variants]
     else:
         variants = sorted({(n, *decode_loop(batch, kv_heads, n)) for batch, n in grids})
         jobs = [functools.partial(attention_decode, heads, kv_heads, head_dim, n, block_size, None, 128, None, 1,
@@ -274,11 +271,10 @@ def prebuild_decode(heads: int, kv_heads: int, head_dim: int, grids: list[tuple[
 
 def attention_decode_op(q, k_data, k_meta, v_data, v_meta, block_tables, context_lens, num_splits: int,
                         sm_scale: float | None = None, out=None, num_stages: int = 1, prefetch: bool | None = None,
-                        min_blocks: int | None = None, kernel: str | None = None, rf_stages: int | None = None,
-                        rf_unpack: str | None = None):
+                        min_blocks: int | None = None, kernel: str | None = None, rf_stages: int | None = None):
     """float16 [B, heads, head_dim] decode attention (q [B, heads, head_dim] float16). kernel: "tile"
-    or "rf" (default decode_kernel's choice). For "rf": rf_stages and rf_unpack, its pipeline depth
-    and nibble conversion (default decode_rf_stages's choice, DECODE_RF_UNPACK). For "tile":
+    or "rf" (default decode_kernel's choice). For "rf": rf_stages, its pipeline depth (default
+    decode_rf_stages's choice). For "tile":
     prefetch, attention_decode's register-prefetch loop (default: decode_loop's choice; one stage
     only); min_blocks, its register cap (default decode_loop's for the prefetch loop, none for the
     others)."""
@@ -292,7 +288,7 @@ def attention_decode_op(q, k_data, k_meta, v_data, v_meta, block_tables, context
     if (kernel or decode_kernel(heads, kv_heads, head_dim)) == "rf":
         from kernels_tl.kv_attention_rf import attention_decode_rf
         attention_decode_rf(heads, kv_heads, head_dim, num_splits, k_data.shape[2], sm_scale, None, 1,
-                            rf_stages or decode_rf_stages(b, kv_heads, num_splits), rf_unpack or DECODE_RF_UNPACK)(
+                            rf_stages or decode_rf_stages(b, kv_heads, num_splits))(
             q, k_data, k_meta, v_data, v_meta, block_tables, context_lens, partial, lse)
         attention_combine(heads, head_dim, num_splits)(partial, lse, out)
         return out

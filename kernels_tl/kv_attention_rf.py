@@ -39,22 +39,7 @@ from kernels_tl.targets import SM90, TARGETS  # noqa: F401
 WARP_TOKENS = 16  # tokens of a cache block each warp owns (the mma's K for P·V, two n-tiles of Q·Kᵀ)
 
 FRAG_SRC = r"""
-// 8 int4 codes of a 32-bit word (low nibble first: v0..v7) -> half2 (v_j - 8, v_(j+4) - 8): a nibble
-// or-ed into the mantissa of the float16 1024 (0x6400) is 1024 + n exactly, and 1024 + n - 1032 is
-// n - 8 exactly. V takes the centred codes: with 1024 + n in the mma and the 1024 subtracted once at
-// the end, the fp32 accumulators carried ~10^4 times the output of a near-uniform softmax over 4097
-// tokens, and it missed the 1e-2 bound against the reference. K keeps 1024 + n (one op less).
 #include <cuda_fp16.h>
-__device__ __forceinline__ unsigned int quad_nib_pair(unsigned int w, int j) {
-  return ((w >> (4 * j)) & 0x000F000Fu) | 0x64006400u;
-}
-
-__device__ __forceinline__ unsigned int quad_nib_centred(unsigned int w, int j) {
-  const unsigned int biased = quad_nib_pair(w, j), offset = 0x64086408u;
-  const half2 centred = __hsub2(*reinterpret_cast<const half2*>(&biased),
-                                  *reinterpret_cast<const half2*>(&offset));
-  return *reinterpret_cast<const unsigned int*>(&centred);
-}
 
 // cp.async of this thread's own bytes into its own shared-memory slots: the thread waits for its
 // groups (cp.async.wait_group) and reads back only what it copied, so no barrier is needed.
@@ -79,9 +64,14 @@ __device__ __forceinline__ void quad_cp_wait2() { quad_cp_wait<2>(); }
 __device__ __forceinline__ void quad_cp_wait3() { quad_cp_wait<3>(); }
 __device__ __forceinline__ void quad_cp_wait4() { quad_cp_wait<4>(); }
 
-// The same 8 codes centred with fewer integer ops (the integer pipe is the kernel's busiest): the odd
-// nibbles are masked where they lie, giving 1024 + 16n, and one half2 fma by 1/16 and -72 centres
-// them (64 + n - 72 = n - 8, exact); the even ones take one shift a word for both.
+// 8 int4 codes of a 32-bit word (low nibble first: n0..n7) -> four half2 (n_j - 8, n_(j+4) - 8),
+// j = 0..3, exactly. A nibble or-ed into the mantissa of the float16 1024 (0x6400) is 1024 + n; the
+// even ones (after one shift a word for j = 2) minus 1032 give n - 8; the odd ones are masked where
+// they lie, 1024 + 16n, and one half2 fma by 1/16 and -72 gives n - 8 (a shift for each j, against
+// this, was 1.03-1.08x slower: the integer pipe is the kernel's busiest). Centred codes keep the
+// fp32 accumulators near the size of the result: V as 1024 + n with the 1024 taken out once at the
+// end left them ~10^4 times the output of a near-uniform softmax over 4097 tokens, outside the
+// 1e-2 bound against the reference.
 __device__ __forceinline__ unsigned int quad_h2sub(unsigned int x, unsigned int y) {
   const half2 r = __hsub2(*reinterpret_cast<const half2*>(&x), *reinterpret_cast<const half2*>(&y));
   return *reinterpret_cast<const unsigned int*>(&r);
@@ -99,17 +89,21 @@ __device__ __forceinline__ void quad_word_centred(unsigned int w, unsigned int* 
   o[3] = quad_h2fma((h & 0x00F000F0u) | 0x64006400u, 0x2C002C00u, 0xD480D480u);
 }
 
-// quad_k_frag with centred codes (unpack "fma").
-__device__ __forceinline__ void quad_k_frag_c(const void* src, void* dst, int words) {
+// K: `words` packed words of one token -> the B fragments of Q·Kᵀ, half2 4i + j = (n_8i+j, n_8i+j+4).
+__device__ __forceinline__ void quad_k_frag(const void* src, void* dst, int words) {
   const unsigned int* w = reinterpret_cast<const unsigned int*>(src);
   unsigned int* o = reinterpret_cast<unsigned int*>(dst);
   #pragma unroll
   for (int i = 0; i < words; ++i) quad_word_centred(w[i], o + 4 * i);
 }
 
-// quad_v_frag with quad_word_centred (unpack "fma").
-__device__ __forceinline__ void quad_v_frag_c(const void* x0, const void* x1, const void* y0, const void* y1,
-                                              void* dst, int words) {
+// V: `words` packed words of tokens x0, x1 (2t, 2t+1) and y0, y1 (2t+8, 2t+9) -> the A fragments of
+// Vᵀ·Pᵀ. A byte permute puts two tokens' halves of a word side by side, so each half2 holds one
+// head_dim element of two tokens. Word i gives m-tiles 4i + j (j = 0..3), whose fragment rows g and
+// g + 8 are the thread's elements 8i + j and 8i + 4 + j: registers (x pair row g, x pair row g + 8,
+// y pair row g, y pair row g + 8).
+__device__ __forceinline__ void quad_v_frag(const void* x0, const void* x1, const void* y0, const void* y1,
+                                            void* dst, int words) {
   const unsigned int* a = reinterpret_cast<const unsigned int*>(x0);
   const unsigned int* b = reinterpret_cast<const unsigned int*>(x1);
   const unsigned int* c = reinterpret_cast<const unsigned int*>(y0);
@@ -129,63 +123,20 @@ __device__ __forceinline__ void quad_v_frag_c(const void* x0, const void* x1, co
     }
   }
 }
-
-// K: `words` packed words of one token -> the B fragments of Q·Kᵀ, half2 4i + j = (v_8i+j, v_8i+j+4).
-__device__ __forceinline__ void quad_k_frag(const void* src, void* dst, int words) {
-  const unsigned int* w = reinterpret_cast<const unsigned int*>(src);
-  unsigned int* o = reinterpret_cast<unsigned int*>(dst);
-  #pragma unroll
-  for (int i = 0; i < words; ++i) {
-    #pragma unroll
-    for (int j = 0; j < 4; ++j) o[4 * i + j] = quad_nib_pair(w[i], j);
-  }
-}
-
-// V: `words` packed words of tokens x0, x1 (2t, 2t+1) and y0, y1 (2t+8, 2t+9) -> the A fragments of
-// Vᵀ·Pᵀ. A byte permute puts two tokens' halves of a word side by side, so each half2 holds one
-// head_dim element of two tokens. Word i gives m-tiles 4i + j (j = 0..3), whose fragment rows g and
-// g + 8 are the thread's elements 8i + j and 8i + 4 + j: registers (x pair row g, x pair row g + 8,
-// y pair row g, y pair row g + 8).
-__device__ __forceinline__ void quad_v_frag(const void* x0, const void* x1, const void* y0, const void* y1,
-                                            void* dst, int words) {
-  const unsigned int* a = reinterpret_cast<const unsigned int*>(x0);
-  const unsigned int* b = reinterpret_cast<const unsigned int*>(x1);
-  const unsigned int* c = reinterpret_cast<const unsigned int*>(y0);
-  const unsigned int* d = reinterpret_cast<const unsigned int*>(y1);
-  unsigned int* o = reinterpret_cast<unsigned int*>(dst);
-  #pragma unroll
-  for (int i = 0; i < words; ++i) {
-    const unsigned int lo[2] = {__byte_perm(a[i], b[i], 0x5410), __byte_perm(a[i], b[i], 0x7632)};
-    const unsigned int hi[2] = {__byte_perm(c[i], d[i], 0x5410), __byte_perm(c[i], d[i], 0x7632)};
-    #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      #pragma unroll
-      for (int k = 0; k < 2; ++k) {
-        o[4 * (4 * i + j) + k] = quad_nib_centred(lo[k], j);
-        o[4 * (4 * i + j) + 2 + k] = quad_nib_centred(hi[k], j);
-      }
-    }
-  }
-}
 """
 
 
 @functools.lru_cache(maxsize=None)
 def attention_decode_rf(heads: int, kv_heads: int, head_dim: int, num_splits: int, block_size: int = 64,
-                        sm_scale: float | None = None, target=None, min_blocks: int = 1, stages: int = 1,
-                        unpack: str = "fma"):
+                        sm_scale: float | None = None, target=None, min_blocks: int = 1, stages: int = 1):
     """Split-KV decode attention, warps split along tokens, fragments in registers. kernel(q,
     k_data, k_meta, v_data, v_meta, block_tables, context_lens, out_partial, lse) as
     kv_attention.attention_decode.
 
     stages: 1, each thread holds the next cache block's bytes in registers (one block in flight a
     warp); 2-5, a ring of `stages` blocks in shared memory that each thread fills with cp.async
-    for its own bytes, stages - 1 blocks in flight (12 KB a stage at head_dim 128).
-
-    unpack: "shift", K as 1024 + q and V centred (a shift, a mask-and-or, and for V a subtract per
-    half2); "fma", both centred by quad_word_centred (one shift a word, a mask-and-or and a half2
-    op per half2)."""
-    assert 1 <= stages <= 5 and unpack in ("shift", "fma")
+    for its own bytes, stages - 1 blocks in flight (12 KB a stage at head_dim 128)."""
+    assert 1 <= stages <= 5
     group = heads // kv_heads
     assert group <= 16 and head_dim % 64 == 0 and block_size % WARP_TOKENS == 0
     warps = block_size // WARP_TOKENS
@@ -199,8 +150,6 @@ def attention_decode_rf(heads: int, kv_heads: int, head_dim: int, num_splits: in
     chunk = head_dim // 8         # head_dim elements of Oᵀ a thread holds, per query row
     scale_log2 = (sm_scale if sm_scale is not None else head_dim ** -0.5) * math.log2(math.e)
     neg_inf = -T.infinity("float32")
-    k_frag, v_frag = ("quad_k_frag", "quad_v_frag") if unpack == "shift" else ("quad_k_frag_c", "quad_v_frag_c")
-    k_offset = 1024 if unpack == "shift" else -8  # the code K enters the mma as, less q
     # The ring's layout, [stage, 16-byte piece, thread, byte]: a thread's slot is its K bytes of two
     # tokens, then its V bytes of four, in 16-byte pieces strided by the thread count, so each
     # 16-byte read of a warp touches 32 consecutive pieces (no bank conflicts).
@@ -361,7 +310,7 @@ def attention_decode_rf(heads: int, kv_heads: int, head_dim: int, num_splits: in
                     for n in T.unroll(2):
                         for c in T.unroll(4):
                             sacc[4 * n + c] = 0
-                        T.call_extern("handle", k_frag, T.address_of(k_raw[n * k_bytes]), T.address_of(kb[0]),
+                        T.call_extern("handle", "quad_k_frag", T.address_of(k_raw[n * k_bytes]), T.address_of(kb[0]),
                                       k_bytes // 4)
                         for s in T.unroll(ksteps):
                             T.ptx_mma("float32", "m16n8k16", "row", "col", "fp16", "fp16", "fp32", qa.data, 8 * s,
@@ -374,7 +323,7 @@ def attention_decode_rf(heads: int, kv_heads: int, head_dim: int, num_splits: in
                             j = 2 * n + c % 2
                             sacc[4 * n + c] = T.if_then_else(
                                 pos0 + 8 * n + c % 2 < ctx,
-                                (sacc[4 * n + c] - (T.Cast("float32", k_meta[2 * j + 1]) + T.float32(k_offset))
+                                (sacc[4 * n + c] - (T.Cast("float32", k_meta[2 * j + 1]) + T.float32(-8))
                                  * qsum[c // 2]) * (T.Cast("float32", k_meta[2 * j]) * T.float32(scale_log2)),
                                 neg_inf)
                     if stages == 1 and it + 1 < count:  # the next block's K in flight from here to its scores
@@ -412,7 +361,7 @@ def attention_decode_rf(heads: int, kv_heads: int, head_dim: int, num_splits: in
                     # A packed word at a time (four m-tiles), so only its 8 registers of V fragments
                     # are live; the next block's V loads go out after the last one.
                     for i in T.unroll(v_bytes // 4):
-                        T.call_extern("handle", v_frag, T.address_of(v_raw[4 * i]),
+                        T.call_extern("handle", "quad_v_frag", T.address_of(v_raw[4 * i]),
                                       T.address_of(v_raw[v_bytes + 4 * i]), T.address_of(v_raw[2 * v_bytes + 4 * i]),
                                       T.address_of(v_raw[3 * v_bytes + 4 * i]), T.address_of(va[0]), 1)
                         for r in T.unroll(row_tiles):

@@ -89,17 +89,14 @@ def test_decode_attention_matches_reference(heads, kv_heads, head_dim, batch, ma
 @pytest.mark.parametrize("heads,kv_heads,head_dim", SHAPES + [(32, 2, 128)])
 @pytest.mark.parametrize("batch,max_ctx", [(1, 1), (1, 4097), (5, 1000), (16, 300), (3, 65)])
 @pytest.mark.parametrize("splits", [1, 4, 16])
-# the next block in registers or a cp.async ring of 3; the two nibble conversions
-@pytest.mark.parametrize("stages,unpack", [(1, "shift"), (3, "shift"), (1, "fma"), (3, "fma")],
-                         ids=["registers", "ring3", "fma", "ring3-fma"])
+@pytest.mark.parametrize("stages", [1, 3], ids=["registers", "ring3"])  # next block in registers; a cp.async ring
 def test_register_fragment_decode_attention_matches_reference(heads, kv_heads, head_dim, batch, max_ctx, splits,
-                                                              stages, unpack):
+                                                              stages):
     from kernels_tl.kv_attention import attention_decode_op
     q, kd, km, vd, vm, tables, lens = decode_problem(heads, kv_heads, head_dim, batch, max_ctx,
                                                      seed=batch * 1000 + max_ctx + splits + 7)
     out = torch.full((batch, heads, head_dim), float("nan"), device="cuda", dtype=torch.float16)
-    attention_decode_op(q, kd, km, vd, vm, tables, lens, splits, out=out, kernel="rf", rf_stages=stages,
-                        rf_unpack=unpack)
+    attention_decode_op(q, kd, km, vd, vm, tables, lens, splits, out=out, kernel="rf", rf_stages=stages)
     expected = ref.paged_attention(q, kd, km, vd, vm, tables.cpu(), lens.cpu())
     rel = float((out.float() - expected).norm() / expected.norm())
     assert not torch.isnan(out).any() and rel <= 1e-2, rel

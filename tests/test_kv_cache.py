@@ -285,21 +285,21 @@ def test_kv_gather_dequant_builds(kv_heads, head_dim):
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
-@pytest.mark.parametrize("stages,unpack", [(1, "fma"), (3, "fma"), (1, "shift")])
+@pytest.mark.parametrize("stages", [1, 3])
 @pytest.mark.parametrize("heads,kv_heads,dim", [(32, 8, 128), (9, 3, 64), (28, 4, 128), (32, 2, 128)])
-def test_register_fragment_decode_attention_builds(heads, kv_heads, dim, stages, unpack, tmp_path):
+def test_register_fragment_decode_attention_builds(heads, kv_heads, dim, stages, tmp_path):
     """kv_attention_rf: K and V go from registers into mma.sync (no float16 tiles, no barrier in
-    the loop: the barriers merge the warps after it), V as centred codes (half2 subtract / fma),
+    the loop: the barriers merge the warps after it), K and V as centred codes (half2 subtract / fma),
     without spills, and in at most 128 registers a thread (4 programs a SM) for GQA groups up to 8;
     with a ring, each thread's own cp.async copies and waits."""
     pytest.importorskip("tilelang")
     from test_quantize_build import ptxas_log
 
     from kernels_tl.kv_attention_rf import SM90, attention_decode_rf
-    src = attention_decode_rf(heads, kv_heads, dim, 4, target=SM90, stages=stages, unpack=unpack).get_kernel_source()
+    src = attention_decode_rf(heads, kv_heads, dim, 4, target=SM90, stages=stages).get_kernel_source()
     body = src.split("extern \"C\"")[-1]
-    frags = ("quad_k_frag(", "quad_v_frag(") if unpack == "shift" else ("quad_k_frag_c(", "quad_v_frag_c(")
-    assert all(f in body for f in frags) and "mma_sync" in body and "__hsub2(" in src
+    assert "quad_k_frag(" in body and "quad_v_frag(" in body and "mma_sync" in body
+    assert "__hsub2(" in src and "__hfma2(" in src
     assert src.index("__syncthreads()") > src.rindex("mma_sync<")  # after the block loop's last mma
     assert ("quad_cp_async" in body) == (stages > 1)
     if stages > 1:
