@@ -28,6 +28,7 @@ PREFILL_TOKENS = [2048, 8192]
 
 VARIANTS = (("tile", dict(kernel="tile")), ("rf", dict(kernel="rf")),
             *((f"rf_s{n}", dict(kernel="rf", rf_stages=n)) for n in (1, 2, 3, 4)),
+            ("rf_lazy8", dict(kernel="rf", rf_slack=8.0)),
             ("prefetch", dict(kernel="tile", prefetch=True, min_blocks=1)),
             ("prefetch_mb4", dict(kernel="tile", prefetch=True, min_blocks=4)),
             ("prefetch_mb5", dict(kernel="tile", prefetch=True, min_blocks=5)),
@@ -59,7 +60,7 @@ def one(model: str, batch: int, ctx: int, variants=VARIANTS) -> dict:
     kv.attention_decode_op(q, kd, km, vd, vm, tables, lens, splits, out=out)
     t_ours = bench(lambda: kv.attention_decode_op(q, kd, km, vd, vm, tables, lens, splits, out=out))
     # Variants, each with its error against the default: the two decode kernels
-    # (kv_attention.decode_kernel), the register-fragment kernel's pipeline depths, the tile kernel's loops: register prefetch (uncapped: 160
+    # (kv_attention.decode_kernel), the register-fragment kernel's pipeline depths and rescale slack, the tile kernel's loops: register prefetch (uncapped: 160
     # registers, and capped at 4 / 5 blocks a SM: 126 / 96 registers, see kv_attention.decode_loop)
     # and the plain one-stage loop (its pipelined num_stages 2 loop was 1.3-4.4x slower than one
     # stage on an H200 and is not timed again here).

@@ -61,6 +61,10 @@ assert DECODE_ATTENTION in ("tile", "rf"), DECODE_ATTENTION
 # resident programs a SM already keep enough in flight (bench/results/attention_rf_h200_2026-12-02b.json).
 DECODE_RF_STAGES = int(os.environ["QUAD_DECODE_RF_STAGES"]) if os.environ.get("QUAD_DECODE_RF_STAGES") else None
 
+# The "rf" kernel's rescale slack (QUAD_DECODE_RF_SLACK, log2 units; 0: rescale at every block),
+# see kv_attention_rf.attention_decode_rf. Not yet measured.
+DECODE_RF_SLACK = float(os.environ.get("QUAD_DECODE_RF_SLACK", "0"))
+
 
 def decode_rf_stages(batch: int, kv_heads: int, num_splits: int, sms: int = 132) -> int:
     """The "rf" kernel's pipeline depth for this grid (DECODE_RF_STAGES where set)."""
@@ -259,7 +263,7 @@ def prebuild_decode(heads: int, kv_heads: int, head_dim: int, grids: list[tuple[
         from kernels_tl.kv_attention_rf import attention_decode_rf
         variants = sorted({(n, decode_rf_stages(batch, kv_heads, n)) for batch, n in grids})
         jobs = [functools.partial(attention_decode_rf, heads, kv_heads, head_dim, n, block_size, None, None, 1,
-                                  stages) for n, stages in variants]
+                                  stages, DECODE_RF_SLACK) for n, stages in variants]
     else:
         variants = sorted({(n, *decode_loop(batch, kv_heads, n)) for batch, n in grids})
         jobs = [functools.partial(attention_decode, heads, kv_heads, head_dim, n, block_size, None, 128, None, 1,
@@ -271,10 +275,11 @@ def prebuild_decode(heads: int, kv_heads: int, head_dim: int, grids: list[tuple[
 
 def attention_decode_op(q, k_data, k_meta, v_data, v_meta, block_tables, context_lens, num_splits: int,
                         sm_scale: float | None = None, out=None, num_stages: int = 1, prefetch: bool | None = None,
-                        min_blocks: int | None = None, kernel: str | None = None, rf_stages: int | None = None):
+                        min_blocks: int | None = None, kernel: str | None = None, rf_stages: int | None = None,
+                        rf_slack: float | None = None):
     """float16 [B, heads, head_dim] decode attention (q [B, heads, head_dim] float16). kernel: "tile"
-    or "rf" (default decode_kernel's choice). For "rf": rf_stages, its pipeline depth (default
-    decode_rf_stages's choice). For "tile":
+    or "rf" (default decode_kernel's choice). For "rf": rf_stages and rf_slack, its pipeline depth
+    and rescale slack (default decode_rf_stages's choice, DECODE_RF_SLACK). For "tile":
     prefetch, attention_decode's register-prefetch loop (default: decode_loop's choice; one stage
     only); min_blocks, its register cap (default decode_loop's for the prefetch loop, none for the
     others)."""
@@ -288,7 +293,8 @@ def attention_decode_op(q, k_data, k_meta, v_data, v_meta, block_tables, context
     if (kernel or decode_kernel(heads, kv_heads, head_dim)) == "rf":
         from kernels_tl.kv_attention_rf import attention_decode_rf
         attention_decode_rf(heads, kv_heads, head_dim, num_splits, k_data.shape[2], sm_scale, None, 1,
-                            rf_stages or decode_rf_stages(b, kv_heads, num_splits))(
+                            rf_stages or decode_rf_stages(b, kv_heads, num_splits),
+                            DECODE_RF_SLACK if rf_slack is None else rf_slack)(
             q, k_data, k_meta, v_data, v_meta, block_tables, context_lens, partial, lse)
         attention_combine(heads, head_dim, num_splits)(partial, lse, out)
         return out

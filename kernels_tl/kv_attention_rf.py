@@ -59,6 +59,7 @@ __device__ __forceinline__ void quad_cp_commit() { asm volatile("cp.async.commit
 template <int N> __device__ __forceinline__ void quad_cp_wait() {
   asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory");
 }
+__device__ __forceinline__ int quad_warp_any(int p) { return __any_sync(0xffffffffu, p); }
 __device__ __forceinline__ void quad_cp_wait1() { quad_cp_wait<1>(); }
 __device__ __forceinline__ void quad_cp_wait2() { quad_cp_wait<2>(); }
 __device__ __forceinline__ void quad_cp_wait3() { quad_cp_wait<3>(); }
@@ -128,15 +129,22 @@ __device__ __forceinline__ void quad_v_frag(const void* x0, const void* x1, cons
 
 @functools.lru_cache(maxsize=None)
 def attention_decode_rf(heads: int, kv_heads: int, head_dim: int, num_splits: int, block_size: int = 64,
-                        sm_scale: float | None = None, target=None, min_blocks: int = 1, stages: int = 1):
+                        sm_scale: float | None = None, target=None, min_blocks: int = 1, stages: int = 1,
+                        rescale_slack: float = 0.0):
     """Split-KV decode attention, warps split along tokens, fragments in registers. kernel(q,
     k_data, k_meta, v_data, v_meta, block_tables, context_lens, out_partial, lse) as
     kv_attention.attention_decode.
 
     stages: 1, each thread holds the next cache block's bytes in registers (one block in flight a
     warp); 2-5, a ring of `stages` blocks in shared memory that each thread fills with cp.async
-    for its own bytes, stages - 1 blocks in flight (12 KB a stage at head_dim 128)."""
-    assert 1 <= stages <= 5
+    for its own bytes, stages - 1 blocks in flight (12 KB a stage at head_dim 128).
+
+    rescale_slack (log2 units; 0: every block): a row's reference max moves, and the output, sum
+    and correction are rescaled, only when the row's max passes it by more than this, decided for
+    the warp at once (__any_sync), so most blocks of a long context skip the rescale's multiplies
+    and shuffles. Probabilities then reach 2^rescale_slack before the final normalization (float32
+    sums; P·scale_v in float16 stays far from its range at 8). Not yet run on a GPU."""
+    assert 1 <= stages <= 5 and 0 <= rescale_slack <= 10
     group = heads // kv_heads
     assert group <= 16 and head_dim % 64 == 0 and block_size % WARP_TOKENS == 0
     warps = block_size // WARP_TOKENS
@@ -217,6 +225,29 @@ def attention_decode_rf(heads: int, kv_heads: int, head_dim: int, num_splits: in
             for c in T.vectorized(8):
                 v_meta[c] = ring_meta[st, 1, tx, c]
 
+        @T.macro
+        def probabilities(r, sacc, m_use, l, pb, corr, v_meta):
+            """Row r's probabilities against the reference max m_use: into the row sum, as P·scale_v
+            into the B fragments of Vᵀ·Pᵀ, and into the row's zero correction."""
+            for n in T.unroll(2):
+                for c in T.unroll(2):
+                    j = 2 * n + c
+                    p = T.exp2(sacc[4 * n + 2 * r + c] - m_use[r])
+                    l[r] = l[r] + p
+                    pb[4 * r + 2 * n + c] = T.Cast("float16", p * T.Cast("float32", v_meta[2 * j]))
+                    corr[r] = corr[r] + T.Cast("float32", pb[4 * r + 2 * n + c]) * (
+                        T.Cast("float32", v_meta[2 * j + 1]) - T.float32(8))
+
+        @T.macro
+        def rescale_output(alpha, oacc, t, mx):
+            """Oᵀ = α·Oᵀ; Oᵀ's columns are query rows 2t, 2t+1 (+8), whose α the quad of lanes 4(2t + cc) holds."""
+            for r in T.unroll(row_tiles):
+                for cc in T.unroll(2):
+                    mx[0] = T.shfl_sync(alpha[r], (2 * t + cc) * 4)
+                    for mt in T.unroll(m_tiles):
+                        for h in T.unroll(2):
+                            oacc[(r * m_tiles + mt) * 4 + 2 * h + cc] = oacc[(r * m_tiles + mt) * 4 + 2 * h + cc] * mx[0]
+
         @T.prim_func
         def main(Q: T.Tensor((b, heads, head_dim), "float16"),
                  KD: T.Tensor((nb, kv_heads, block_size, half), "uint8"),
@@ -252,6 +283,8 @@ def attention_decode_rf(heads: int, kv_heads: int, head_dim: int, num_splits: in
                 l = T.alloc_local((2,), "float32")
                 corr = T.alloc_local((2,), "float32")
                 mx = T.alloc_local((1,), "float32")
+                if rescale_slack > 0:
+                    grow = T.alloc_local((1,), "int32")
                 top = T.alloc_local((1,), "float32")
                 total = T.alloc_local((1,), "float32")
                 acc = T.alloc_local((1,), "float32")
@@ -331,35 +364,39 @@ def attention_decode_rf(heads: int, kv_heads: int, head_dim: int, num_splits: in
                         fetch_k(KD, KM, nxt[0], kvh, warp, g, t, k_raw, k_meta)
                     if stages > 1:
                         read_v(ring, ring_meta, tx, it % stages, v_raw, v_meta)
-                    for r in T.unroll(row_tiles):
-                        mx[0] = T.max(T.max(sacc[2 * r], sacc[2 * r + 1]), T.max(sacc[4 + 2 * r], sacc[5 + 2 * r]))
-                        mx[0] = T.max(mx[0], T.shfl_xor(mx[0], 1))
-                        mx[0] = T.max(mx[0], T.shfl_xor(mx[0], 2))
-                        mx[0] = T.max(m[r], mx[0])
-                        m_use[r] = T.if_then_else(mx[0] == neg_inf, T.float32(0), mx[0])
-                        alpha[r] = T.exp2(m[r] - m_use[r])
-                        m[r] = mx[0]
-                        l[r] = l[r] * alpha[r]
-                        corr[r] = corr[r] * alpha[r]
-                        for n in T.unroll(2):
-                            for c in T.unroll(2):
-                                j = 2 * n + c
-                                p = T.exp2(sacc[4 * n + 2 * r + c] - m_use[r])
-                                l[r] = l[r] + p
-                                pb[4 * r + 2 * n + c] = T.Cast("float16", p * T.Cast("float32", v_meta[2 * j]))
-                                corr[r] = corr[r] + T.Cast("float32", pb[4 * r + 2 * n + c]) * (
-                                    T.Cast("float32", v_meta[2 * j + 1]) - T.float32(8))
-
-                    # Oᵀ = α·Oᵀ + (q_v - 8)ᵀ·(p·scale_v)ᵀ; Oᵀ's columns are query rows 2t, 2t+1 (+8).
-                    for r in T.unroll(row_tiles):
-                        for cc in T.unroll(2):
-                            mx[0] = T.shfl_sync(alpha[r], (2 * t + cc) * 4)
-                            for mt in T.unroll(m_tiles):
-                                for h in T.unroll(2):
-                                    oacc[(r * m_tiles + mt) * 4 + 2 * h + cc] = (
-                                        oacc[(r * m_tiles + mt) * 4 + 2 * h + cc] * mx[0])
-                    # A packed word at a time (four m-tiles), so only its 8 registers of V fragments
-                    # are live; the next block's V loads go out after the last one.
+                    if rescale_slack == 0:
+                        for r in T.unroll(row_tiles):
+                            mx[0] = T.max(T.max(sacc[2 * r], sacc[2 * r + 1]), T.max(sacc[4 + 2 * r], sacc[5 + 2 * r]))
+                            mx[0] = T.max(mx[0], T.shfl_xor(mx[0], 1))
+                            mx[0] = T.max(mx[0], T.shfl_xor(mx[0], 2))
+                            mx[0] = T.max(m[r], mx[0])
+                            m_use[r] = T.if_then_else(mx[0] == neg_inf, T.float32(0), mx[0])
+                            alpha[r] = T.exp2(m[r] - m_use[r])
+                            m[r] = mx[0]
+                            l[r] = l[r] * alpha[r]
+                            corr[r] = corr[r] * alpha[r]
+                            probabilities(r, sacc, m_use, l, pb, corr, v_meta)
+                        rescale_output(alpha, oacc, t, mx)
+                    else:  # the reference max moves only when a row's max passes it by rescale_slack
+                        grow[0] = 0
+                        for r in T.unroll(row_tiles):
+                            mx[0] = T.max(T.max(sacc[2 * r], sacc[2 * r + 1]), T.max(sacc[4 + 2 * r], sacc[5 + 2 * r]))
+                            mx[0] = T.max(mx[0], T.shfl_xor(mx[0], 1))
+                            mx[0] = T.max(mx[0], T.shfl_xor(mx[0], 2))
+                            m_use[r] = T.max(m[r], mx[0])  # the row's new max, for now
+                            grow[0] = T.if_then_else(m_use[r] > m[r] + T.float32(rescale_slack), 1, grow[0])
+                        if T.call_extern("int32", "quad_warp_any", grow[0]) != 0:  # warp-uniform
+                            for r in T.unroll(row_tiles):
+                                alpha[r] = T.exp2(m[r] - T.if_then_else(m_use[r] == neg_inf, T.float32(0), m_use[r]))
+                                m[r] = m_use[r]
+                                l[r] = l[r] * alpha[r]
+                                corr[r] = corr[r] * alpha[r]
+                            rescale_output(alpha, oacc, t, mx)
+                        for r in T.unroll(row_tiles):
+                            m_use[r] = T.if_then_else(m[r] == neg_inf, T.float32(0), m[r])
+                            probabilities(r, sacc, m_use, l, pb, corr, v_meta)
+                    # Oᵀ += (q_v - 8)ᵀ·(p·scale_v)ᵀ, a packed word at a time (four m-tiles), so only its
+                    # 8 registers of V fragments are live; the next block's V loads go out after the last one.
                     for i in T.unroll(v_bytes // 4):
                         T.call_extern("handle", "quad_v_frag", T.address_of(v_raw[4 * i]),
                                       T.address_of(v_raw[v_bytes + 4 * i]), T.address_of(v_raw[2 * v_bytes + 4 * i]),

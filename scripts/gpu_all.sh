@@ -13,8 +13,8 @@
 # tests), quantize-clusters (the cluster Hadamard quantizers, with the 2-block clusters long
 # prefills take, and the fast-silu variants), kv (KV-cache tests), rope (the fused RoPE + Hadamard + KV store: its tests, then
 # the engine's logits with it and without), engine (engine tests: scripts/gpu_engine.sh check),
-# attention-rf (the register-fragment decode attention: its tests, both pipelines, then the decode
-# rows of bench/attention.py with its pipelines and the tile kernel beside the default),
+# attention-rf (the register-fragment decode attention: its tests, both pipelines and the lazy
+# rescale, then the decode rows of bench/attention.py with those and the tile kernel beside the default),
 # bench-kernels, bench-attention, sweep-splits (decode attention at every split count, engine-like
 # table widths), sweep-decode (split-K variants of the decode GEMM at 16 and 32 tokens),
 # sweep-decode-ws (the producer-unpack decode GEMM's tiles beside the dispatch's kernel: qkv and
@@ -71,7 +71,7 @@ case "$part" in
   attention-rf) timeout 300 python3 -m pytest -q -m gpu tests/test_kv_attention_gpu.py -k register 2>&1 | quiet \
                   > "$out/attention_rf_tests.log"
                 tail -n 3 "$out/attention_rf_tests.log"
-                timeout 250 python3 bench/attention.py --quick --decode-only --variants rf_s1,rf_s3,tile \
+                timeout 250 python3 bench/attention.py --quick --decode-only --variants rf_s1,rf_s3,rf_lazy8,tile \
                   --out "$out/attention_rf.json" 2>&1 | quiet | tail -n 14 ;;
   kv) timeout 560 python3 -m pytest -q -m gpu tests/test_kv_attention_gpu.py 2>&1 | quiet > "$out/kv_tests.log"
       tail -n 3 "$out/kv_tests.log" ;;

@@ -285,9 +285,9 @@ def test_kv_gather_dequant_builds(kv_heads, head_dim):
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
-@pytest.mark.parametrize("stages", [1, 3])
+@pytest.mark.parametrize("stages,slack", [(1, 0.0), (3, 0.0), (1, 8.0)])
 @pytest.mark.parametrize("heads,kv_heads,dim", [(32, 8, 128), (9, 3, 64), (28, 4, 128), (32, 2, 128)])
-def test_register_fragment_decode_attention_builds(heads, kv_heads, dim, stages, tmp_path):
+def test_register_fragment_decode_attention_builds(heads, kv_heads, dim, stages, slack, tmp_path):
     """kv_attention_rf: K and V go from registers into mma.sync (no float16 tiles, no barrier in
     the loop: the barriers merge the warps after it), K and V as centred codes (half2 subtract / fma),
     without spills, and in at most 128 registers a thread (4 programs a SM) for GQA groups up to 8;
@@ -296,7 +296,8 @@ def test_register_fragment_decode_attention_builds(heads, kv_heads, dim, stages,
     from test_quantize_build import ptxas_log
 
     from kernels_tl.kv_attention_rf import SM90, attention_decode_rf
-    src = attention_decode_rf(heads, kv_heads, dim, 4, target=SM90, stages=stages).get_kernel_source()
+    src = attention_decode_rf(heads, kv_heads, dim, 4, target=SM90, stages=stages,
+                              rescale_slack=slack).get_kernel_source()
     body = src.split("extern \"C\"")[-1]
     assert "quad_k_frag(" in body and "quad_v_frag(" in body and "mma_sync" in body
     assert "__hsub2(" in src and "__hfma2(" in src
@@ -304,6 +305,7 @@ def test_register_fragment_decode_attention_builds(heads, kv_heads, dim, stages,
     assert ("quad_cp_async" in body) == (stages > 1)
     if stages > 1:
         assert f"quad_cp_wait{stages - 1}();" in src
+    assert ("quad_warp_any(" in body) == (slack > 0)  # the lazy rescale's warp-wide decision
     log = ptxas_log(src, tmp_path)
     assert re.search(r"\b0 bytes spill stores, 0 bytes spill loads", log)
     if heads // kv_heads <= 8:
