@@ -4,8 +4,8 @@ one query token per sequence over its context. Prefill: one sequence's causal at
 own tokens, read from the int4 cache (the cache dequantized once then flash attention, and the
 paged prefill kernel `attention_prefill`), against SDPA with is_causal.
 
-    python bench/attention.py --out bench/results/attention.json [--quick] [--prefill-only | --decode-only | --sweep-splits]
-        [--variants rf,tile,...]
+    python bench/attention.py --out bench/results/attention.json [--quick]
+        [--prefill-only | --decode-only | --sweep-splits] [--variants rf,tile,...]
 """
 
 from __future__ import annotations
@@ -60,10 +60,11 @@ def one(model: str, batch: int, ctx: int, variants=VARIANTS) -> dict:
     kv.attention_decode_op(q, kd, km, vd, vm, tables, lens, splits, out=out)
     t_ours = bench(lambda: kv.attention_decode_op(q, kd, km, vd, vm, tables, lens, splits, out=out))
     # Variants, each with its error against the default: the two decode kernels
-    # (kv_attention.decode_kernel), the register-fragment kernel's pipeline depths and rescale slack, the tile kernel's loops: register prefetch (uncapped: 160
-    # registers, and capped at 4 / 5 blocks a SM: 126 / 96 registers, see kv_attention.decode_loop)
-    # and the plain one-stage loop (its pipelined num_stages 2 loop was 1.3-4.4x slower than one
-    # stage on an H200 and is not timed again here).
+    # (kv_attention.decode_kernel); the register-fragment kernel's pipeline depths and rescale
+    # slack; the tile kernel's loops: register prefetch (uncapped: 160 registers, and capped at 4 / 5
+    # blocks a SM: 126 / 96 registers, see kv_attention.decode_loop) and the plain one-stage loop
+    # (its pipelined num_stages 2 loop was 1.3-4.4x slower than one stage on an H200 and is not
+    # timed again here).
     piped = {}
     for name, kwargs in variants:
         try:

@@ -5,11 +5,14 @@ Layout (per layer; `reference.py` and docs/kv-cache-format.md define it): data u
 meta float16 [num_blocks, kv_heads, block_size, 2] = (scale, zero) of each (token, head). One
 (block, head) tile is contiguous, so the attention kernel streams 64-token tiles of one head.
 
-Decode attention is flash-decoding: one program per (sequence, kv head, split of the context);
-the program's query rows are the GQA group of that kv head (padded to the 16-row mma tile), so K and
-V are read once per group. Each K / V tile is dequantized in shared memory to float16 and fed to
-the tensor cores; softmax is online in float32. A combine kernel merges the splits with their
-log-sum-exp. Batch, number of blocks and block-table width are dynamic (no recompile per step).
+Decode attention is flash-decoding: one program per (sequence, kv head, split of the context)
+(`decode_main`, `split_blocks`); the program's query rows are the GQA group of that kv head, so K
+and V are read once per group; softmax is online in float32. A combine kernel merges the splits
+with their log-sum-exp. Two kernels fill that frame: `kv_attention_rf.attention_decode_rf` (the
+default: K / V from registers into mma.sync, each warp its own tokens) and this module's
+`attention_decode` (each K / V tile dequantized in shared memory to float16, the group padded to
+the 16-row mma tile); `decode_kernel` picks. Batch, number of blocks and block-table width are
+dynamic (no recompile per step).
 (Merging the splits in the last program of each group instead, after an atomic count, measured
 slower than the second kernel: docs/results.md, 2026-12-01.)
 """
@@ -94,6 +97,39 @@ def prefetch_min_blocks(batch: int, kv_heads: int, num_splits: int, sms: int = 1
     return MIN_BLOCKS_DENSE if dense else MIN_BLOCKS_SPARSE
 
 
+def split_blocks(ctx, split, num_splits: int, block_size: int):
+    """(first, count): the cache blocks split `split` of `num_splits` walks in a context of ctx
+    tokens (count 0 for an empty split), the partition attention_combine merges."""
+    n_blocks = T.ceildiv(ctx, block_size)
+    per_split = T.ceildiv(n_blocks, num_splits)
+    first = split * per_split
+    return first, T.max(T.min(n_blocks - first, per_split), 0)
+
+
+def decode_main(heads: int, kv_heads: int, head_dim: int, num_splits: int, block_size: int, threads: int, program):
+    """The prim_func of a split-KV decode attention kernel (both kernels share its arguments): one
+    program(Q, KD, KM, VD, VM, TABLES, LENS, OP, LSE, seq, kvh, split) per (sequence, kv head,
+    split), writing the split's normalized partial output and log2-sum-exp."""
+    b = T.dynamic("batch")
+    nb = T.dynamic("num_blocks")
+    width = T.dynamic("table_width")
+    half = head_dim // 2
+
+    @T.prim_func
+    def main(Q: T.Tensor((b, heads, head_dim), "float16"),
+             KD: T.Tensor((nb, kv_heads, block_size, half), "uint8"),
+             KM: T.Tensor((nb, kv_heads, block_size, 2), "float16"),
+             VD: T.Tensor((nb, kv_heads, block_size, half), "uint8"),
+             VM: T.Tensor((nb, kv_heads, block_size, 2), "float16"),
+             TABLES: T.Tensor((b, width), "int32"), LENS: T.Tensor((b,), "int32"),
+             OP: T.Tensor((b, heads, num_splits, head_dim), "float32"),
+             LSE: T.Tensor((b, heads, num_splits), "float32")):
+        with T.Kernel(b, kv_heads, num_splits, threads=threads) as (seq, kvh, split):
+            program(Q, KD, KM, VD, VM, TABLES, LENS, OP, LSE, seq, kvh, split)
+
+    return main
+
+
 @functools.lru_cache(maxsize=None)
 def attention_decode(heads: int, kv_heads: int, head_dim: int, num_splits: int, block_size: int = BLOCK_SIZE,
                      sm_scale: float | None = None, threads: int = 128, target=None, num_stages: int = 1,
@@ -118,7 +154,6 @@ def attention_decode(heads: int, kv_heads: int, head_dim: int, num_splits: int, 
     decode_loop."""
     group = heads // kv_heads
     rows = 16 * -(-group // 16)  # mma tile height
-    half = head_dim // 2
     scale_log2 = (sm_scale if sm_scale is not None else head_dim ** -0.5) * math.log2(math.e)
     # prefetch: threads // block_size threads share a cache row, each owning `per_thread` packed bytes.
     per_thread, prefetch_loop = prefetch_macros(threads, block_size, head_dim)
@@ -126,10 +161,6 @@ def attention_decode(heads: int, kv_heads: int, head_dim: int, num_splits: int, 
 
     @tilelang.jit(target=TARGETS[target])
     def build():
-        b = T.dynamic("batch")
-        nb = T.dynamic("num_blocks")
-        width = T.dynamic("table_width")
-
         @T.macro
         def scores_and_update(it, first, ctx, q_s, k_s, v_s, s, p_s, o, m, m_prev, rescale, l, l_blk):
             """Block `it` of the split once K / V are in k_s / v_s: masked, log2-scaled scores, then
@@ -160,10 +191,7 @@ def attention_decode(heads: int, kv_heads: int, head_dim: int, num_splits: int, 
             wait_for_producers("attention")
 
             ctx = LENS[seq]
-            n_blocks = T.ceildiv(ctx, block_size)
-            per_split = T.ceildiv(n_blocks, num_splits)
-            first = split * per_split
-            count = T.max(T.min(n_blocks - first, per_split), 0)
+            first, count = split_blocks(ctx, split, num_splits, block_size)
 
             for i, d in T.Parallel(rows, head_dim):
                 q_s[i, d] = T.if_then_else(i < group, Q[seq, kvh * group + i, d], T.float16(0))
@@ -190,19 +218,7 @@ def attention_decode(heads: int, kv_heads: int, head_dim: int, num_splits: int, 
                     LSE[seq, kvh * group + i, split] = T.if_then_else(
                         l[i] > 0, T.log2(l[i]) + m[i], -T.infinity("float32"))
 
-        @T.prim_func
-        def main(Q: T.Tensor((b, heads, head_dim), "float16"),
-                 KD: T.Tensor((nb, kv_heads, block_size, half), "uint8"),
-                 KM: T.Tensor((nb, kv_heads, block_size, 2), "float16"),
-                 VD: T.Tensor((nb, kv_heads, block_size, half), "uint8"),
-                 VM: T.Tensor((nb, kv_heads, block_size, 2), "float16"),
-                 TABLES: T.Tensor((b, width), "int32"), LENS: T.Tensor((b,), "int32"),
-                 OP: T.Tensor((b, heads, num_splits, head_dim), "float32"),
-                 LSE: T.Tensor((b, heads, num_splits), "float32")):
-            with T.Kernel(b, kv_heads, num_splits, threads=threads) as (seq, kvh, split):
-                program(Q, KD, KM, VD, VM, TABLES, LENS, OP, LSE, seq, kvh, split)
-
-        return main
+        return decode_main(heads, kv_heads, head_dim, num_splits, block_size, threads, program)
 
     return build()
 

@@ -32,99 +32,13 @@ import math
 import tilelang
 import tilelang.language as T
 
+from kernels_tl.kv_attention import decode_main, split_blocks
+from kernels_tl.kv_fragments import FRAG_SRC
 from kernels_tl.pdl import wait_for_producers
 
 from kernels_tl.targets import SM90, TARGETS  # noqa: F401
 
 WARP_TOKENS = 16  # tokens of a cache block each warp owns (the mma's K for P·V, two n-tiles of Q·Kᵀ)
-
-FRAG_SRC = r"""
-#include <cuda_fp16.h>
-
-// cp.async of this thread's own bytes into its own shared-memory slots: the thread waits for its
-// groups (cp.async.wait_group) and reads back only what it copied, so no barrier is needed.
-__device__ __forceinline__ void quad_cp_async16(void* smem, const void* gmem) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::
-               "r"(static_cast<unsigned>(__cvta_generic_to_shared(smem))), "l"(gmem));
-}
-__device__ __forceinline__ void quad_cp_async8(void* smem, const void* gmem) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::
-               "r"(static_cast<unsigned>(__cvta_generic_to_shared(smem))), "l"(gmem));
-}
-__device__ __forceinline__ void quad_cp_async4(void* smem, const void* gmem) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::
-               "r"(static_cast<unsigned>(__cvta_generic_to_shared(smem))), "l"(gmem));
-}
-__device__ __forceinline__ void quad_cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int N> __device__ __forceinline__ void quad_cp_wait() {
-  asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory");
-}
-__device__ __forceinline__ int quad_warp_any(int p) { return __any_sync(0xffffffffu, p); }
-__device__ __forceinline__ void quad_cp_wait1() { quad_cp_wait<1>(); }
-__device__ __forceinline__ void quad_cp_wait2() { quad_cp_wait<2>(); }
-__device__ __forceinline__ void quad_cp_wait3() { quad_cp_wait<3>(); }
-__device__ __forceinline__ void quad_cp_wait4() { quad_cp_wait<4>(); }
-
-// 8 int4 codes of a 32-bit word (low nibble first: n0..n7) -> four half2 (n_j - 8, n_(j+4) - 8),
-// j = 0..3, exactly. A nibble or-ed into the mantissa of the float16 1024 (0x6400) is 1024 + n; the
-// even ones (after one shift a word for j = 2) minus 1032 give n - 8; the odd ones are masked where
-// they lie, 1024 + 16n, and one half2 fma by 1/16 and -72 gives n - 8 (a shift for each j, against
-// this, was 1.03-1.08x slower: the integer pipe is the kernel's busiest). Centred codes keep the
-// fp32 accumulators near the size of the result: V as 1024 + n with the 1024 taken out once at the
-// end left them ~10^4 times the output of a near-uniform softmax over 4097 tokens, outside the
-// 1e-2 bound against the reference.
-__device__ __forceinline__ unsigned int quad_h2sub(unsigned int x, unsigned int y) {
-  const half2 r = __hsub2(*reinterpret_cast<const half2*>(&x), *reinterpret_cast<const half2*>(&y));
-  return *reinterpret_cast<const unsigned int*>(&r);
-}
-__device__ __forceinline__ unsigned int quad_h2fma(unsigned int x, unsigned int a, unsigned int b) {
-  const half2 r = __hfma2(*reinterpret_cast<const half2*>(&x), *reinterpret_cast<const half2*>(&a),
-                          *reinterpret_cast<const half2*>(&b));
-  return *reinterpret_cast<const unsigned int*>(&r);
-}
-__device__ __forceinline__ void quad_word_centred(unsigned int w, unsigned int* o) {
-  const unsigned int h = w >> 8;
-  o[0] = quad_h2sub((w & 0x000F000Fu) | 0x64006400u, 0x64086408u);              // 1024 + n - 1032
-  o[1] = quad_h2fma((w & 0x00F000F0u) | 0x64006400u, 0x2C002C00u, 0xD480D480u);  // (1024 + 16n) / 16 - 72
-  o[2] = quad_h2sub((h & 0x000F000Fu) | 0x64006400u, 0x64086408u);
-  o[3] = quad_h2fma((h & 0x00F000F0u) | 0x64006400u, 0x2C002C00u, 0xD480D480u);
-}
-
-// K: `words` packed words of one token -> the B fragments of Q·Kᵀ, half2 4i + j = (n_8i+j, n_8i+j+4).
-__device__ __forceinline__ void quad_k_frag(const void* src, void* dst, int words) {
-  const unsigned int* w = reinterpret_cast<const unsigned int*>(src);
-  unsigned int* o = reinterpret_cast<unsigned int*>(dst);
-  #pragma unroll
-  for (int i = 0; i < words; ++i) quad_word_centred(w[i], o + 4 * i);
-}
-
-// V: `words` packed words of tokens x0, x1 (2t, 2t+1) and y0, y1 (2t+8, 2t+9) -> the A fragments of
-// Vᵀ·Pᵀ. A byte permute puts two tokens' halves of a word side by side, so each half2 holds one
-// head_dim element of two tokens. Word i gives m-tiles 4i + j (j = 0..3), whose fragment rows g and
-// g + 8 are the thread's elements 8i + j and 8i + 4 + j: registers (x pair row g, x pair row g + 8,
-// y pair row g, y pair row g + 8).
-__device__ __forceinline__ void quad_v_frag(const void* x0, const void* x1, const void* y0, const void* y1,
-                                            void* dst, int words) {
-  const unsigned int* a = reinterpret_cast<const unsigned int*>(x0);
-  const unsigned int* b = reinterpret_cast<const unsigned int*>(x1);
-  const unsigned int* c = reinterpret_cast<const unsigned int*>(y0);
-  const unsigned int* d = reinterpret_cast<const unsigned int*>(y1);
-  unsigned int* o = reinterpret_cast<unsigned int*>(dst);
-  #pragma unroll
-  for (int i = 0; i < words; ++i) {
-    unsigned int cw[4][4];
-    quad_word_centred(__byte_perm(a[i], b[i], 0x5410), cw[0]);
-    quad_word_centred(__byte_perm(a[i], b[i], 0x7632), cw[1]);
-    quad_word_centred(__byte_perm(c[i], d[i], 0x5410), cw[2]);
-    quad_word_centred(__byte_perm(c[i], d[i], 0x7632), cw[3]);
-    #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      #pragma unroll
-      for (int k = 0; k < 4; ++k) o[4 * (4 * i + j) + k] = cw[k][j];
-    }
-  }
-}
-"""
 
 
 @functools.lru_cache(maxsize=None)
@@ -149,7 +63,6 @@ def attention_decode_rf(heads: int, kv_heads: int, head_dim: int, num_splits: in
     assert group <= 16 and head_dim % 64 == 0 and block_size % WARP_TOKENS == 0
     warps = block_size // WARP_TOKENS
     threads = 32 * warps
-    half = head_dim // 2
     ksteps = head_dim // 16       # k-steps of Q·Kᵀ
     k_bytes = head_dim // 8       # bytes of a token's K each of 4 threads holds
     v_bytes = head_dim // 16      # bytes of a token's V each of 8 threads holds
@@ -165,10 +78,6 @@ def attention_decode_rf(heads: int, kv_heads: int, head_dim: int, num_splits: in
 
     @tilelang.jit(target=TARGETS[target])
     def build():
-        b = T.dynamic("batch")
-        nb = T.dynamic("num_blocks")
-        width = T.dynamic("table_width")
-
         @T.macro
         def fetch_k(KD, KM, phys, kvh, warp, g, t, k_raw, k_meta):
             """This thread's K bytes of its warp's 16 tokens of cache block `phys` (tokens g and 8 + g)
@@ -240,213 +149,205 @@ def attention_decode_rf(heads: int, kv_heads: int, head_dim: int, num_splits: in
 
         @T.macro
         def rescale_output(alpha, oacc, t, mx):
-            """Oᵀ = α·Oᵀ; Oᵀ's columns are query rows 2t, 2t+1 (+8), whose α the quad of lanes 4(2t + cc) holds."""
+            """Oᵀ = α·Oᵀ; Oᵀ's columns are query rows 2t, 2t+1 (+8), whose α the lanes 4(2t + cc)
+            hold."""
             for r in T.unroll(row_tiles):
                 for cc in T.unroll(2):
                     mx[0] = T.shfl_sync(alpha[r], (2 * t + cc) * 4)
                     for mt in T.unroll(m_tiles):
                         for h in T.unroll(2):
-                            oacc[(r * m_tiles + mt) * 4 + 2 * h + cc] = oacc[(r * m_tiles + mt) * 4 + 2 * h + cc] * mx[0]
+                            i = (r * m_tiles + mt) * 4 + 2 * h + cc
+                            oacc[i] = oacc[i] * mx[0]
 
-        @T.prim_func
-        def main(Q: T.Tensor((b, heads, head_dim), "float16"),
-                 KD: T.Tensor((nb, kv_heads, block_size, half), "uint8"),
-                 KM: T.Tensor((nb, kv_heads, block_size, 2), "float16"),
-                 VD: T.Tensor((nb, kv_heads, block_size, half), "uint8"),
-                 VM: T.Tensor((nb, kv_heads, block_size, 2), "float16"),
-                 TABLES: T.Tensor((b, width), "int32"), LENS: T.Tensor((b,), "int32"),
-                 OP: T.Tensor((b, heads, num_splits, head_dim), "float32"),
-                 LSE: T.Tensor((b, heads, num_splits), "float32")):
-            with T.Kernel(b, kv_heads, num_splits, threads=threads) as (seq, kvh, split):
-                if min_blocks > 1:
-                    T.annotate_min_blocks_per_sm(min_blocks)
-                T.import_source(FRAG_SRC)
-                o_s = T.alloc_shared((warps, group, head_dim), "float32")
-                ml_s = T.alloc_shared((warps, 2, group), "float32")  # each warp's row max and sum
-                if stages > 1:
-                    ring = T.alloc_shared((stages, pieces, threads, 16), "uint8")
-                    ring_meta = T.alloc_shared((stages, 2, threads, 8), "float16")  # K, V (scale, zero) x 4
-                qa = T.alloc_local((ksteps * 8,), "float16")      # Q, A fragments of Q·Kᵀ
-                k_raw = T.alloc_local((2 * k_bytes,), "uint8")    # a cache block's bytes, loaded
-                v_raw = T.alloc_local((4 * v_bytes,), "uint8")    # one block ahead
-                k_meta = T.alloc_local((8,), "float16")
-                v_meta = T.alloc_local((8,), "float16")
-                kb = T.alloc_local((ksteps * 4,), "float16")      # one n-tile's K, B fragments
-                va = T.alloc_local((32,), "float16")              # V of four m-tiles, A fragments of Vᵀ·Pᵀ
-                sacc = T.alloc_local((8,), "float32")             # scores: 2 n-tiles x 4
-                pb = T.alloc_local((row_tiles * 4,), "float16")   # P·scale_v, B fragments of Vᵀ·Pᵀ
-                oacc = T.alloc_local((row_tiles * m_tiles * 4,), "float32")
-                qsum = T.alloc_local((2,), "float32")
-                m = T.alloc_local((2,), "float32")
-                m_use = T.alloc_local((2,), "float32")
-                alpha = T.alloc_local((2,), "float32")
-                l = T.alloc_local((2,), "float32")
-                corr = T.alloc_local((2,), "float32")
-                mx = T.alloc_local((1,), "float32")
-                if rescale_slack > 0:
-                    grow = T.alloc_local((1,), "int32")
-                top = T.alloc_local((1,), "float32")
-                total = T.alloc_local((1,), "float32")
-                acc = T.alloc_local((1,), "float32")
-                wait_for_producers("attention")
+        @T.macro
+        def program(Q, KD, KM, VD, VM, TABLES, LENS, OP, LSE, seq, kvh, split):
+            """One (sequence, kv head, split) program: its partial output and log2-sum-exp."""
+            if min_blocks > 1:
+                T.annotate_min_blocks_per_sm(min_blocks)
+            T.import_source(FRAG_SRC)
+            o_s = T.alloc_shared((warps, group, head_dim), "float32")
+            ml_s = T.alloc_shared((warps, 2, group), "float32")  # each warp's row max and sum
+            if stages > 1:
+                ring = T.alloc_shared((stages, pieces, threads, 16), "uint8")
+                ring_meta = T.alloc_shared((stages, 2, threads, 8), "float16")  # K, V (scale, zero) x 4
+            qa = T.alloc_local((ksteps * 8,), "float16")      # Q, A fragments of Q·Kᵀ
+            k_raw = T.alloc_local((2 * k_bytes,), "uint8")    # a cache block's bytes, loaded
+            v_raw = T.alloc_local((4 * v_bytes,), "uint8")    # one block ahead
+            k_meta = T.alloc_local((8,), "float16")
+            v_meta = T.alloc_local((8,), "float16")
+            kb = T.alloc_local((ksteps * 4,), "float16")      # one n-tile's K, B fragments
+            va = T.alloc_local((32,), "float16")              # V of four m-tiles, A fragments of Vᵀ·Pᵀ
+            sacc = T.alloc_local((8,), "float32")             # scores: 2 n-tiles x 4
+            pb = T.alloc_local((row_tiles * 4,), "float16")   # P·scale_v, B fragments of Vᵀ·Pᵀ
+            oacc = T.alloc_local((row_tiles * m_tiles * 4,), "float32")
+            qsum = T.alloc_local((2,), "float32")
+            m = T.alloc_local((2,), "float32")
+            m_use = T.alloc_local((2,), "float32")
+            alpha = T.alloc_local((2,), "float32")
+            l = T.alloc_local((2,), "float32")
+            corr = T.alloc_local((2,), "float32")
+            mx = T.alloc_local((1,), "float32")
+            if rescale_slack > 0:
+                grow = T.alloc_local((1,), "int32")
+            top = T.alloc_local((1,), "float32")
+            total = T.alloc_local((1,), "float32")
+            acc = T.alloc_local((1,), "float32")
+            wait_for_producers("attention")
 
-                tx = T.get_thread_binding()
-                warp, lane = tx // 32, tx % 32
-                g, t = lane // 4, lane % 4
-                ctx = LENS[seq]
-                n_blocks = T.ceildiv(ctx, block_size)
-                per_split = T.ceildiv(n_blocks, num_splits)
-                first = split * per_split
-                count = T.max(T.min(n_blocks - first, per_split), 0)
+            tx = T.get_thread_binding()
+            warp, lane = tx // 32, tx % 32
+            g, t = lane // 4, lane % 4
+            ctx = LENS[seq]
+            first, count = split_blocks(ctx, split, num_splits, block_size)
 
-                # Q in the order the K fragments hold head_dim: k-step s, fragment column c (k = 2t,
-                # 2t+1, 2t+8, 2t+9) is element k_bytes/2·4·t... of the thread's K bytes (see FRAG_SRC).
-                for r in T.unroll(2):
-                    qsum[r] = 0
-                for s in T.unroll(ksteps):
+            # Q in the order the K fragments hold head_dim: k-step s, fragment column c (k = 2t,
+            # 2t+1, 2t+8, 2t+9) is element k_bytes/2·4·t... of the thread's K bytes (see kv_fragments.py).
+            for r in T.unroll(2):
+                qsum[r] = 0
+            for s in T.unroll(ksteps):
+                for c in T.unroll(4):
+                    d = 2 * k_bytes * t + 8 * (s // 2) + 2 * (s % 2) + c // 2 + 4 * (c % 2)
+                    for r in T.unroll(2):
+                        row = g + 8 * r
+                        qa[8 * s + 4 * (c // 2) + 2 * r + c % 2] = T.if_then_else(
+                            row < group, Q[seq, kvh * group + row, d], T.float16(0))
+                        qsum[r] = qsum[r] + T.Cast("float32", qa[8 * s + 4 * (c // 2) + 2 * r + c % 2])
+            for r in T.unroll(2):
+                qsum[r] = qsum[r] + T.shfl_xor(qsum[r], 1)
+                qsum[r] = qsum[r] + T.shfl_xor(qsum[r], 2)
+                m[r] = neg_inf
+                l[r] = 0
+                corr[r] = 0
+            for i in T.unroll(row_tiles * m_tiles * 4):
+                oacc[i] = 0
+
+            nxt = T.alloc_local((1,), "int32")
+            if stages == 1:
+                if count > 0:
+                    nxt[0] = TABLES[seq, first]
+                    fetch_k(KD, KM, nxt[0], kvh, warp, g, t, k_raw, k_meta)
+                    fetch_v(VD, VM, nxt[0], kvh, warp, g, t, v_raw, v_meta)
+            else:  # blocks 0 .. stages - 2 in flight, one commit group each (empty past the end)
+                for j in T.unroll(stages - 1):
+                    if j < count:
+                        issue(KD, KM, VD, VM, TABLES[seq, first + j], kvh, warp, g, t, tx, ring, ring_meta, j)
+                    T.call_extern("handle", "quad_cp_commit")
+            for it in T.serial(count):
+                if stages > 1:  # block it + stages - 1 into the stage block it - 1 left; wait for block it
+                    if it + stages - 1 < count:
+                        issue(KD, KM, VD, VM, TABLES[seq, first + it + stages - 1], kvh, warp, g, t, tx, ring,
+                              ring_meta, (it + stages - 1) % stages)
+                    T.call_extern("handle", "quad_cp_commit")
+                    T.call_extern("handle", f"quad_cp_wait{stages - 1}")
+                    read_k(ring, ring_meta, tx, it % stages, k_raw, k_meta)
+                # S = Q·(K codes)ᵀ for tokens g (n-tile 0) and 8 + g (n-tile 1)
+                for n in T.unroll(2):
                     for c in T.unroll(4):
-                        d = 2 * k_bytes * t + 8 * (s // 2) + 2 * (s % 2) + c // 2 + 4 * (c % 2)
-                        for r in T.unroll(2):
-                            row = g + 8 * r
-                            qa[8 * s + 4 * (c // 2) + 2 * r + c % 2] = T.if_then_else(
-                                row < group, Q[seq, kvh * group + row, d], T.float16(0))
-                            qsum[r] = qsum[r] + T.Cast("float32", qa[8 * s + 4 * (c // 2) + 2 * r + c % 2])
-                for r in T.unroll(2):
-                    qsum[r] = qsum[r] + T.shfl_xor(qsum[r], 1)
-                    qsum[r] = qsum[r] + T.shfl_xor(qsum[r], 2)
-                    m[r] = neg_inf
-                    l[r] = 0
-                    corr[r] = 0
-                for i in T.unroll(row_tiles * m_tiles * 4):
-                    oacc[i] = 0
+                        sacc[4 * n + c] = 0
+                    T.call_extern("handle", "quad_k_frag", T.address_of(k_raw[n * k_bytes]), T.address_of(kb[0]),
+                                  k_bytes // 4)
+                    for s in T.unroll(ksteps):
+                        T.ptx_mma("float32", "m16n8k16", "row", "col", "fp16", "fp16", "fp32", qa.data, 8 * s,
+                                  kb.data, 4 * s, sacc.data, 4 * n, T.bool(False))
 
-                nxt = T.alloc_local((1,), "int32")
-                if stages == 1:
-                    if count > 0:
-                        nxt[0] = TABLES[seq, first]
-                        fetch_k(KD, KM, nxt[0], kvh, warp, g, t, k_raw, k_meta)
-                        fetch_v(VD, VM, nxt[0], kvh, warp, g, t, v_raw, v_meta)
-                else:  # blocks 0 .. stages - 2 in flight, one commit group each (empty past the end)
-                    for j in T.unroll(stages - 1):
-                        if j < count:
-                            issue(KD, KM, VD, VM, TABLES[seq, first + j], kvh, warp, g, t, tx, ring, ring_meta, j)
-                        T.call_extern("handle", "quad_cp_commit")
-                for it in T.serial(count):
-                    if stages > 1:  # block it + stages - 1 into the stage block it - 1 left; wait for block it
-                        if it + stages - 1 < count:
-                            issue(KD, KM, VD, VM, TABLES[seq, first + it + stages - 1], kvh, warp, g, t, tx, ring,
-                                  ring_meta, (it + stages - 1) % stages)
-                        T.call_extern("handle", "quad_cp_commit")
-                        T.call_extern("handle", f"quad_cp_wait{stages - 1}")
-                        read_k(ring, ring_meta, tx, it % stages, k_raw, k_meta)
-                    # S = Q·(K codes)ᵀ for tokens g (n-tile 0) and 8 + g (n-tile 1)
-                    for n in T.unroll(2):
-                        for c in T.unroll(4):
-                            sacc[4 * n + c] = 0
-                        T.call_extern("handle", "quad_k_frag", T.address_of(k_raw[n * k_bytes]), T.address_of(kb[0]),
-                                      k_bytes // 4)
-                        for s in T.unroll(ksteps):
-                            T.ptx_mma("float32", "m16n8k16", "row", "col", "fp16", "fp16", "fp32", qa.data, 8 * s,
-                                      kb.data, 4 * s, sacc.data, 4 * n, T.bool(False))
-
-                    # Scores of tokens 2t + c % 2 + 8n, rows g + 8(c // 2): scale, zero, mask, log2 units.
-                    pos0 = (first + it) * block_size + warp * WARP_TOKENS + 2 * t
-                    for n in T.unroll(2):
-                        for c in T.unroll(2 * row_tiles):
-                            j = 2 * n + c % 2
-                            sacc[4 * n + c] = T.if_then_else(
-                                pos0 + 8 * n + c % 2 < ctx,
-                                (sacc[4 * n + c] - (T.Cast("float32", k_meta[2 * j + 1]) + T.float32(-8))
-                                 * qsum[c // 2]) * (T.Cast("float32", k_meta[2 * j]) * T.float32(scale_log2)),
-                                neg_inf)
-                    if stages == 1 and it + 1 < count:  # the next block's K in flight from here to its scores
-                        nxt[0] = TABLES[seq, first + it + 1]
-                        fetch_k(KD, KM, nxt[0], kvh, warp, g, t, k_raw, k_meta)
-                    if stages > 1:
-                        read_v(ring, ring_meta, tx, it % stages, v_raw, v_meta)
-                    if rescale_slack == 0:
+                # Scores of tokens 2t + c % 2 + 8n, rows g + 8(c // 2): scale, zero, mask, log2 units.
+                pos0 = (first + it) * block_size + warp * WARP_TOKENS + 2 * t
+                for n in T.unroll(2):
+                    for c in T.unroll(2 * row_tiles):
+                        j = 2 * n + c % 2
+                        sacc[4 * n + c] = T.if_then_else(
+                            pos0 + 8 * n + c % 2 < ctx,
+                            (sacc[4 * n + c] - (T.Cast("float32", k_meta[2 * j + 1]) + T.float32(-8))
+                             * qsum[c // 2]) * (T.Cast("float32", k_meta[2 * j]) * T.float32(scale_log2)),
+                            neg_inf)
+                if stages == 1 and it + 1 < count:  # the next block's K in flight from here to its scores
+                    nxt[0] = TABLES[seq, first + it + 1]
+                    fetch_k(KD, KM, nxt[0], kvh, warp, g, t, k_raw, k_meta)
+                if stages > 1:
+                    read_v(ring, ring_meta, tx, it % stages, v_raw, v_meta)
+                if rescale_slack == 0:
+                    for r in T.unroll(row_tiles):
+                        mx[0] = T.max(T.max(sacc[2 * r], sacc[2 * r + 1]), T.max(sacc[4 + 2 * r], sacc[5 + 2 * r]))
+                        mx[0] = T.max(mx[0], T.shfl_xor(mx[0], 1))
+                        mx[0] = T.max(mx[0], T.shfl_xor(mx[0], 2))
+                        mx[0] = T.max(m[r], mx[0])
+                        m_use[r] = T.if_then_else(mx[0] == neg_inf, T.float32(0), mx[0])
+                        alpha[r] = T.exp2(m[r] - m_use[r])
+                        m[r] = mx[0]
+                        l[r] = l[r] * alpha[r]
+                        corr[r] = corr[r] * alpha[r]
+                        probabilities(r, sacc, m_use, l, pb, corr, v_meta)
+                    rescale_output(alpha, oacc, t, mx)
+                else:  # the reference max moves only when a row's max passes it by rescale_slack
+                    grow[0] = 0
+                    for r in T.unroll(row_tiles):
+                        mx[0] = T.max(T.max(sacc[2 * r], sacc[2 * r + 1]), T.max(sacc[4 + 2 * r], sacc[5 + 2 * r]))
+                        mx[0] = T.max(mx[0], T.shfl_xor(mx[0], 1))
+                        mx[0] = T.max(mx[0], T.shfl_xor(mx[0], 2))
+                        m_use[r] = T.max(m[r], mx[0])  # the row's new max, for now
+                        grow[0] = T.if_then_else(m_use[r] > m[r] + T.float32(rescale_slack), 1, grow[0])
+                    if T.call_extern("int32", "quad_warp_any", grow[0]) != 0:  # warp-uniform
                         for r in T.unroll(row_tiles):
-                            mx[0] = T.max(T.max(sacc[2 * r], sacc[2 * r + 1]), T.max(sacc[4 + 2 * r], sacc[5 + 2 * r]))
-                            mx[0] = T.max(mx[0], T.shfl_xor(mx[0], 1))
-                            mx[0] = T.max(mx[0], T.shfl_xor(mx[0], 2))
-                            mx[0] = T.max(m[r], mx[0])
-                            m_use[r] = T.if_then_else(mx[0] == neg_inf, T.float32(0), mx[0])
-                            alpha[r] = T.exp2(m[r] - m_use[r])
-                            m[r] = mx[0]
+                            alpha[r] = T.exp2(m[r] - T.if_then_else(m_use[r] == neg_inf, T.float32(0), m_use[r]))
+                            m[r] = m_use[r]
                             l[r] = l[r] * alpha[r]
                             corr[r] = corr[r] * alpha[r]
-                            probabilities(r, sacc, m_use, l, pb, corr, v_meta)
                         rescale_output(alpha, oacc, t, mx)
-                    else:  # the reference max moves only when a row's max passes it by rescale_slack
-                        grow[0] = 0
-                        for r in T.unroll(row_tiles):
-                            mx[0] = T.max(T.max(sacc[2 * r], sacc[2 * r + 1]), T.max(sacc[4 + 2 * r], sacc[5 + 2 * r]))
-                            mx[0] = T.max(mx[0], T.shfl_xor(mx[0], 1))
-                            mx[0] = T.max(mx[0], T.shfl_xor(mx[0], 2))
-                            m_use[r] = T.max(m[r], mx[0])  # the row's new max, for now
-                            grow[0] = T.if_then_else(m_use[r] > m[r] + T.float32(rescale_slack), 1, grow[0])
-                        if T.call_extern("int32", "quad_warp_any", grow[0]) != 0:  # warp-uniform
-                            for r in T.unroll(row_tiles):
-                                alpha[r] = T.exp2(m[r] - T.if_then_else(m_use[r] == neg_inf, T.float32(0), m_use[r]))
-                                m[r] = m_use[r]
-                                l[r] = l[r] * alpha[r]
-                                corr[r] = corr[r] * alpha[r]
-                            rescale_output(alpha, oacc, t, mx)
-                        for r in T.unroll(row_tiles):
-                            m_use[r] = T.if_then_else(m[r] == neg_inf, T.float32(0), m[r])
-                            probabilities(r, sacc, m_use, l, pb, corr, v_meta)
-                    # Oᵀ += (q_v - 8)ᵀ·(p·scale_v)ᵀ, a packed word at a time (four m-tiles), so only its
-                    # 8 registers of V fragments are live; the next block's V loads go out after the last one.
-                    for i in T.unroll(v_bytes // 4):
-                        T.call_extern("handle", "quad_v_frag", T.address_of(v_raw[4 * i]),
-                                      T.address_of(v_raw[v_bytes + 4 * i]), T.address_of(v_raw[2 * v_bytes + 4 * i]),
-                                      T.address_of(v_raw[3 * v_bytes + 4 * i]), T.address_of(va[0]), 1)
-                        for r in T.unroll(row_tiles):
-                            for j in T.unroll(4):
-                                T.ptx_mma("float32", "m16n8k16", "row", "col", "fp16", "fp16", "fp32", va.data, 8 * j,
-                                          pb.data, 4 * r, oacc.data, (r * m_tiles + 4 * i + j) * 4, T.bool(False))
-                    if stages == 1 and it + 1 < count:  # and its V from here to its P·V
-                        fetch_v(VD, VM, nxt[0], kvh, warp, g, t, v_raw, v_meta)
+                    for r in T.unroll(row_tiles):
+                        m_use[r] = T.if_then_else(m[r] == neg_inf, T.float32(0), m[r])
+                        probabilities(r, sacc, m_use, l, pb, corr, v_meta)
+                # Oᵀ += (q_v - 8)ᵀ·(p·scale_v)ᵀ, a packed word at a time (four m-tiles), so only its
+                # 8 registers of V fragments are live; the next block's V loads go out after the last one.
+                for i in T.unroll(v_bytes // 4):
+                    T.call_extern("handle", "quad_v_frag", T.address_of(v_raw[4 * i]),
+                                  T.address_of(v_raw[v_bytes + 4 * i]), T.address_of(v_raw[2 * v_bytes + 4 * i]),
+                                  T.address_of(v_raw[3 * v_bytes + 4 * i]), T.address_of(va[0]), 1)
+                    for r in T.unroll(row_tiles):
+                        for j in T.unroll(4):
+                            T.ptx_mma("float32", "m16n8k16", "row", "col", "fp16", "fp16", "fp32", va.data, 8 * j,
+                                      pb.data, 4 * r, oacc.data, (r * m_tiles + 4 * i + j) * 4, T.bool(False))
+                if stages == 1 and it + 1 < count:  # and its V from here to its P·V
+                    fetch_v(VD, VM, nxt[0], kvh, warp, g, t, v_raw, v_meta)
 
-                # The warp's rows: sums and corrections over the quad, then Oᵀ less the correction
-                # into shared memory, row max and sum beside it.
-                for r in T.unroll(row_tiles):
-                    l[r] = l[r] + T.shfl_xor(l[r], 1)
-                    l[r] = l[r] + T.shfl_xor(l[r], 2)
-                    corr[r] = corr[r] + T.shfl_xor(corr[r], 1)
-                    corr[r] = corr[r] + T.shfl_xor(corr[r], 2)
-                    if t == 0 and g + 8 * r < group:
-                        ml_s[warp, 0, g + 8 * r] = m[r]
-                        ml_s[warp, 1, g + 8 * r] = l[r]
-                for r in T.unroll(row_tiles):
-                    for cc in T.unroll(2):
-                        mx[0] = T.shfl_sync(corr[r], (2 * t + cc) * 4)
-                        if 8 * r + 2 * t + cc < group:
-                            for mt in T.unroll(m_tiles):
-                                for h in T.unroll(2):
-                                    o_s[warp, 8 * r + 2 * t + cc, chunk * g + 8 * (mt // 4) + mt % 4 + 4 * h] = (
-                                        oacc[(r * m_tiles + mt) * 4 + 2 * h + cc] - mx[0])
-                T.sync_threads()
+            # The warp's rows: sums and corrections over the quad, then Oᵀ less the correction
+            # into shared memory, row max and sum beside it.
+            for r in T.unroll(row_tiles):
+                l[r] = l[r] + T.shfl_xor(l[r], 1)
+                l[r] = l[r] + T.shfl_xor(l[r], 2)
+                corr[r] = corr[r] + T.shfl_xor(corr[r], 1)
+                corr[r] = corr[r] + T.shfl_xor(corr[r], 2)
+                if t == 0 and g + 8 * r < group:
+                    ml_s[warp, 0, g + 8 * r] = m[r]
+                    ml_s[warp, 1, g + 8 * r] = l[r]
+            for r in T.unroll(row_tiles):
+                for cc in T.unroll(2):
+                    mx[0] = T.shfl_sync(corr[r], (2 * t + cc) * 4)
+                    if 8 * r + 2 * t + cc < group:
+                        for mt in T.unroll(m_tiles):
+                            for h in T.unroll(2):
+                                o_s[warp, 8 * r + 2 * t + cc, chunk * g + 8 * (mt // 4) + mt % 4 + 4 * h] = (
+                                    oacc[(r * m_tiles + mt) * 4 + 2 * h + cc] - mx[0])
+            T.sync_threads()
 
-                for e in T.serial(T.ceildiv(group * head_dim, threads)):
-                    item = e * threads + tx
-                    if item < group * head_dim:
-                        i, d = item // head_dim, item % head_dim
-                        top[0] = neg_inf
-                        for w in T.unroll(warps):
-                            top[0] = T.max(top[0], ml_s[w, 0, i])
-                        total[0] = 0
-                        acc[0] = 0
-                        for w in T.unroll(warps):
-                            wt = T.if_then_else(ml_s[w, 0, i] == neg_inf, T.float32(0), T.exp2(ml_s[w, 0, i] - top[0]))
-                            total[0] = total[0] + wt * ml_s[w, 1, i]
-                            acc[0] = acc[0] + wt * o_s[w, i, d]
-                        OP[seq, kvh * group + i, split, d] = T.if_then_else(total[0] > 0, acc[0] / total[0],
-                                                                            T.float32(0))
-                        if d == 0:
-                            LSE[seq, kvh * group + i, split] = T.if_then_else(
-                                total[0] > 0, T.log2(total[0]) + top[0], neg_inf)
+            for e in T.serial(T.ceildiv(group * head_dim, threads)):
+                item = e * threads + tx
+                if item < group * head_dim:
+                    i, d = item // head_dim, item % head_dim
+                    top[0] = neg_inf
+                    for w in T.unroll(warps):
+                        top[0] = T.max(top[0], ml_s[w, 0, i])
+                    total[0] = 0
+                    acc[0] = 0
+                    for w in T.unroll(warps):
+                        wt = T.if_then_else(ml_s[w, 0, i] == neg_inf, T.float32(0), T.exp2(ml_s[w, 0, i] - top[0]))
+                        total[0] = total[0] + wt * ml_s[w, 1, i]
+                        acc[0] = acc[0] + wt * o_s[w, i, d]
+                    OP[seq, kvh * group + i, split, d] = T.if_then_else(total[0] > 0, acc[0] / total[0],
+                                                                        T.float32(0))
+                    if d == 0:
+                        LSE[seq, kvh * group + i, split] = T.if_then_else(
+                            total[0] > 0, T.log2(total[0]) + top[0], neg_inf)
 
-        return main
+        return decode_main(heads, kv_heads, head_dim, num_splits, block_size, threads, program)
 
     return build()
