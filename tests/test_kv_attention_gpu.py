@@ -90,7 +90,9 @@ def test_decode_attention_matches_reference(heads, kv_heads, head_dim, batch, ma
 @pytest.mark.parametrize("batch,max_ctx", [(1, 1), (1, 4097), (5, 1000), (16, 300), (3, 65)])
 @pytest.mark.parametrize("splits", [1, 4, 16])
 # the next block in registers; a cp.async ring of 3; the output rescaled only when a max moves by 2^8
-@pytest.mark.parametrize("stages,slack", [(1, 0.0), (3, 0.0), (1, 8.0)], ids=["registers", "ring3", "lazy8"])
+# (the default's slack), with either pipeline
+@pytest.mark.parametrize("stages,slack", [(1, 0.0), (3, 0.0), (1, 8.0), (3, 8.0)],
+                         ids=["registers", "ring3", "lazy8", "ring3_lazy8"])
 def test_register_fragment_decode_attention_matches_reference(heads, kv_heads, head_dim, batch, max_ctx, splits,
                                                               stages, slack):
     from kernels_tl.kv_attention import attention_decode_op
