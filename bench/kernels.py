@@ -89,8 +89,8 @@ def alternative_kernels(m: int, n: int, k: int, rank: int) -> list:
     (float16 out, no bias; spec as gemm_dispatch's, built by gemm_dispatch._build): from 1024
     tokens the producer-unpack kernel (`ws`) and TileLang's pipelined kernel (`pipelined`); at 5-64
     tokens without a K split those of the pipelined decode kernel (`decode_pipelined`), the
-    producer-unpack one (`decode_ws`) and the pipelined one unpacking into registers (`decode_rs`)
-    the dispatch did not pick. Empty elsewhere."""
+    producer-unpack one (`decode_ws`) and the pipelined one unpacking into registers, one fragment
+    or two (`decode_rs`, `decode_rs2`), the dispatch did not pick. Empty elsewhere."""
     from kernels_tl.gemm import w4ax_gemm, w4ax_gemm_decode
     from kernels_tl.gemm_ws import w4ax_gemm_decode_ws, w4ax_gemm_ws
     spec = gemm_dispatch._spec
@@ -114,6 +114,9 @@ def alternative_kernels(m: int, n: int, k: int, rank: int) -> list:
                                           **gemm_dispatch.DECODE_WS_TILES)))
     kernels.append(("decode_rs", spec(w4ax_gemm_decode, n, k, rank, False, "float16", plan["block_m"],
                                       plan["block_k"], plan["num_stages"], **extra, register_unpack=True)))
+    kernels.append(("decode_rs2", spec(w4ax_gemm_decode, n, k, rank, False, "float16", plan["block_m"],
+                                       plan["block_k"], plan["num_stages"], **extra, register_unpack=True,
+                                       overlap_unpack=True)))
     return [(name, s) for name, s in kernels if s != picked]
 
 
@@ -240,6 +243,8 @@ def main() -> None:
     save()
     gemm_dispatch.prebuild([(m, n, k, RANK if name in ("qkv", "gate_up") else 0, False, "float16")
                             for model in models for name, (n, k) in MODELS[model].items() for m in ms])
+    gemm_dispatch._build_all([spec for model in models for name, (n, k) in MODELS[model].items() for m in ms
+                              for _, spec in alternative_kernels(m, n, k, RANK if name in ("qkv", "gate_up") else 0)])
     for model in models:
         for name, (n, k) in MODELS[model].items():
             rank = RANK if name in ("qkv", "gate_up") else 0
@@ -260,7 +265,7 @@ def main() -> None:
                           f" | {v} graph {row[v + '_graph_ms'] * 1e3:6.1f} us {row[v + '_graph_gbps'] / copy_gbps:4.0%} of copy"
                           f" (max |diff| {row[v + '_max_abs_diff']:.1e})" if v + "_graph_ms" in row
                           else f" | {v} failed: {row[v + '_error']}" if v + "_error" in row else ""
-                          for v in ("decode_ws", "decode_pipelined", "decode_rs"))), flush=True)
+                          for v in ("decode_ws", "decode_pipelined", "decode_rs", "decode_rs2"))), flush=True)
         save()
 
 

@@ -99,7 +99,7 @@ def _register_chunk(block_k: int) -> int:
     return min(REGISTER_CHUNK, block_k)
 
 
-def _register_unpack_gemm(wp_s, x_s, w_frag, acc, block_k: int):
+def _register_unpack_gemm(wp_s, x_s, w_frags, acc, block_k: int):
     """acc += unpack(wp_s) · x_sᵀ with the unpacked weights in registers, never in shared memory.
 
     The staged-unpack kernels write each K tile back to shared memory as int8 for the tensor cores
@@ -109,30 +109,64 @@ def _register_unpack_gemm(wp_s, x_s, w_frag, acc, block_k: int):
     thread reads the packed bytes of its own wgmma A-fragment (64 weight rows are the M side) and
     unpacks them in registers (a 32-bit word holds K elements 0..3 in its low nibbles and 4..7 in
     its high ones, docs/checkpoint-format.md), and the wgmma takes A from registers. wp_s is
-    swizzled so the eight rows a warp reads at once fall in different banks."""
+    swizzled so the eight rows a warp reads at once fall in different banks.
+
+    With one fragment (w_frags of length 1) each chunk's wgmmas are waited for before the next
+    chunk is unpacked. With two, the chunks alternate between them and the wgmmas run
+    asynchronously: chunk c + 1 is unpacked while chunk c's wgmmas run (one wgmma group in flight;
+    the wait before an unpack is for the group that read the fragment about to be rewritten), so
+    the single consumer warpgroup's unpack and the tensor cores overlap instead of taking turns."""
 
     chunk = _register_chunk(block_k)
+    chunks = block_k // chunk
+
+    @T.macro
+    def unpack(c, w_frag):
+        for i, kk in T.Parallel(64, chunk):
+            byte = wp_s[i, c * (chunk // 2) + (kk // 8) * 4 + kk % 4]
+            w_frag[i, kk] = T.Cast("int8", T.if_then_else((kk // 4) % 2 == 0, (byte << T.uint8(4)) & T.uint8(0xF0),
+                                                          byte & T.uint8(0xF0)))
+
+    @T.macro
+    def pair(c):  # chunk c's wgmmas from the first fragment while chunk c + 1 is unpacked into the second
+        T.wgmma_gemm(w_frags[0], x_s[:, c * chunk:(c + 1) * chunk], acc, transpose_B=True)
+        T.wait_wgmma(1)  # chunk c - 1's wgmmas, the last readers of the second fragment
+        unpack(c + 1, w_frags[1])
 
     @T.macro
     def run():
-        for c in T.serial(block_k // chunk):
-            for i, kk in T.Parallel(64, chunk):
-                byte = wp_s[i, c * (chunk // 2) + (kk // 8) * 4 + kk % 4]
-                w_frag[i, kk] = T.Cast("int8", T.if_then_else((kk // 4) % 2 == 0, (byte << T.uint8(4)) & T.uint8(0xF0),
-                                                              byte & T.uint8(0xF0)))
-            T.gemm(w_frag, x_s[:, c * chunk:(c + 1) * chunk], acc, transpose_B=True)
+        if len(w_frags) == 1:
+            for c in T.serial(chunks):
+                unpack(c, w_frags[0])
+                T.gemm(w_frags[0], x_s[:, c * chunk:(c + 1) * chunk], acc, transpose_B=True)
+        else:
+            f0, f1 = w_frags
+            unpack(0, f0)
+            if chunks > 2:
+                for c2 in T.serial(chunks // 2 - 1):
+                    pair(2 * c2)
+                    T.wgmma_gemm(f1, x_s[:, (2 * c2 + 1) * chunk:(2 * c2 + 2) * chunk], acc, transpose_B=True)
+                    T.wait_wgmma(1)  # chunk 2·c2's wgmmas, the last readers of f0
+                    unpack(2 * c2 + 2, f0)
+            pair(chunks - 2)
+            # The last chunk synchronously: its wait covers every wgmma of the tile before the
+            # pipeline releases the stage (an explicit wait would be placed after the release).
+            T.gemm(f1, x_s[:, (chunks - 1) * chunk:chunks * chunk], acc, transpose_B=True)
 
     return run
 
 
-def _decode_weight_product(wp_s, x_s, block_n: int, block_k: int, register_unpack: bool):
+def _decode_weight_product(wp_s, x_s, block_n: int, block_k: int, register_unpack: bool, overlap: bool = False):
     """product(acc): acc += unpack(wp_s) · x_sᵀ for a decode kernel's pipelined K tile, and the
-    buffers it needs: the register-operand unpack (_register_unpack_gemm), or the staged unpack into
-    an int8 tile in shared memory (then the barrier: the tile is rewritten next iteration)."""
+    buffers it needs: the register-operand unpack (_register_unpack_gemm; overlap: two fragments,
+    the unpack of one chunk beside the wgmmas of the last), or the staged unpack into an int8 tile in
+    shared memory (then the barrier: the tile is rewritten next iteration)."""
     if register_unpack:
-        w_frag = T.alloc_fragment((block_n, _register_chunk(block_k)), "int8")
+        chunk = _register_chunk(block_k)
+        frags = [T.alloc_fragment((block_n, chunk), "int8")
+                 for _ in range(2 if overlap and (block_k // chunk) % 2 == 0 else 1)]
         T.annotate_layout({wp_s: tilelang.layout.make_swizzled_layout(wp_s)})
-        return lambda acc: _register_unpack_gemm(wp_s, x_s, w_frag, acc, block_k)()
+        return lambda acc: _register_unpack_gemm(wp_s, x_s, frags, acc, block_k)()
     w_s = T.alloc_shared((block_n, block_k), "int8")
     T.import_source(_UNPACK_SRC)
     unpack = _unpack_tile(wp_s, w_s, block_n, block_k, 128)
@@ -230,12 +264,14 @@ def w4ax_gemm(n: int, k: int, rank: int, has_bias: bool = False, out_dtype: str 
 
 @functools.lru_cache(maxsize=None)
 def w4ax_gemm_splitk(n: int, k: int, split: int, block_m: int = 16, block_n: int = 64, block_k: int = 256,
-                     num_stages: int = 4, target=None, min_blocks: int = 1, register_unpack: bool = False):
+                     num_stages: int = 4, target=None, min_blocks: int = 1, register_unpack: bool = False,
+                     overlap_unpack: bool = False):
     """The decode kernel: ACC[M, n] += Xq · Wqᵀ (int32, 16·q weights) over one of `split` K ranges
     per block, called as kernel(x_q, w_q, acc). ACC must be zero before the first split lands;
     `w4ax_epilogue` reads it and zeroes it again. min_blocks > 1: built to run that many blocks a
     SM (see _decode_pass_configs; the tiles' shared memory must fit too). register_unpack: the
-    weights are unpacked into the wgmma's register operand (_register_unpack_gemm)."""
+    weights are unpacked into the wgmma's register operand (_register_unpack_gemm); overlap_unpack
+    (with it): into two fragments, each chunk's unpack beside the last chunk's wgmmas."""
     assert k % (block_k * split) == 0 and n % block_n == 0 and block_n == 64
     k_tiles = k // block_k // split
 
@@ -251,7 +287,7 @@ def w4ax_gemm_splitk(n: int, k: int, split: int, block_m: int = 16, block_n: int
                 wait_for_producers("gemm")
                 x_s = T.alloc_shared((block_m, block_k), "int8")
                 w_packed = T.alloc_shared((block_n, block_k // 2), "uint8")
-                product = _decode_weight_product(w_packed, x_s, block_n, block_k, register_unpack)
+                product = _decode_weight_product(w_packed, x_s, block_n, block_k, register_unpack, overlap_unpack)
                 acc = T.alloc_fragment((block_n, block_m), "int32")
                 T.clear(acc)
                 for kt in T.Pipelined(k_tiles, num_stages=num_stages):
@@ -270,7 +306,8 @@ def w4ax_gemm_splitk(n: int, k: int, split: int, block_m: int = 16, block_n: int
 @functools.lru_cache(maxsize=None)
 def w4ax_gemm_decode(n: int, k: int, rank: int, has_bias: bool = False, out_dtype: str = "float16",
                      block_m: int = 16, block_k: int = 1024, num_stages: int = 2, weight_bits: int = 4,
-                     target=None, min_blocks: int = 1, register_unpack: bool = False):
+                     target=None, min_blocks: int = 1, register_unpack: bool = False,
+                     overlap_unpack: bool = False):
     """The decode kernel where one block covers all of K (split 1): the split-K kernel's main loop
     (64 weight rows as the wgmma M side, the tokens as N) with the epilogue in the same kernel (the
     scales, the outlier product as a float16 wgmma on a [64, r] weight tile, the bias), so there is
@@ -278,8 +315,8 @@ def w4ax_gemm_decode(n: int, k: int, rank: int, has_bias: bool = False, out_dtyp
     kernel(x_q, x_scale, w_q, w_scale, x_out, w_out, bias, y).
 
     weight_bits 8: int8 weight rows [n, k] with float32 row scales, copied straight to the tensor
-    cores (the int8 lm_head, `ops.head_w8a8`). min_blocks, register_unpack (int4 weights): as
-    w4ax_gemm_splitk's."""
+    cores (the int8 lm_head, `ops.head_w8a8`). min_blocks, register_unpack, overlap_unpack (int4
+    weights): as w4ax_gemm_splitk's."""
     block_n = 64
     assert k % block_k == 0 and n % block_n == 0 and rank % 16 == 0 and weight_bits in (4, 8)
     assert not register_unpack or weight_bits == 4
@@ -310,7 +347,7 @@ def w4ax_gemm_decode(n: int, k: int, rank: int, has_bias: bool = False, out_dtyp
                 x_s = T.alloc_shared((block_m, block_k), "int8")
                 if packed:
                     w_packed = T.alloc_shared((block_n, block_k // 2), "uint8")
-                    product = _decode_weight_product(w_packed, x_s, block_n, block_k, register_unpack)
+                    product = _decode_weight_product(w_packed, x_s, block_n, block_k, register_unpack, overlap_unpack)
                 else:
                     w_s = T.alloc_shared((block_n, block_k), "int8")
                 acc = T.alloc_fragment((block_n, block_m), "int32")

@@ -152,7 +152,8 @@ def kernel_specs(m: int, n: int, k: int, rank: int, has_bias: bool, out_dtype: s
         plan = decode_plan(m, n, k)
         if DECODE_GEMM == "ws" and decode_ws_fits(m, n, k, plan):
             return [_spec(w4ax_gemm_decode_ws, n, k, rank, has_bias, out_dtype, plan["block_m"], **DECODE_WS_TILES)]
-        rs = {"register_unpack": True} if DECODE_GEMM == "rs" else {}
+        rs = ({"register_unpack": True} if DECODE_GEMM == "rs" else
+              {"register_unpack": True, "overlap_unpack": True} if DECODE_GEMM == "rs2" else {})
         if plan["split"] == 1:  # one block covers K: the epilogue runs in the same kernel
             extra = {"min_blocks": plan["min_blocks"]} if "min_blocks" in plan else {}
             extra.update(rs)

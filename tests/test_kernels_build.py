@@ -2,6 +2,8 @@
 
 import shutil
 
+import re
+
 import pytest
 
 tilelang = pytest.importorskip("tilelang")
@@ -137,6 +139,34 @@ def test_decode_gemm_unpacks_the_weights_in_registers(n, k, m, rank, tmp_path):
     # the packed bytes' shared-memory read: the 16-byte column is XORed with the row (swizzle)
     load = next(line for line in src.splitlines() if "w_packed_local_cast + 0) = " in line)
     assert re.search(r"\) & 1\) \* 16\)", load), load
+    assert max(ptxas_spills(src, tmp_path)) == 0
+
+
+@pytest.mark.parametrize("n,k,m,rank", [(6144, 4096, 32, 64), (28672, 4096, 16, 0), (4160, 14336, 64, 0)])
+def test_decode_gemm_overlaps_the_register_unpack_with_the_wgmmas(n, k, m, rank, monkeypatch, tmp_path):
+    """QUAD_DECODE_GEMM=rs2: two weight fragments; after a chunk's wgmmas are issued only the
+    group before them is waited for (wait_wgmma<1>) before the other fragment is rewritten, and the
+    activation stage is released only after the tile's last wgmma completed (warpgroup_wait<0>
+    before its arrive: the copy engine refills that stage next)."""
+    from test_quantize_build import ptxas_spills
+    from kernels_tl import gemm_dispatch
+    from kernels_tl.targets import SM90
+    monkeypatch.setattr(gemm_dispatch, "DECODE_GEMM", "rs2")
+    builder, args, kwargs = gemm_dispatch.kernel_specs(m, n, k, rank, False, "float16")[0]
+    assert dict(kwargs)["overlap_unpack"] is True
+    src = builder(*args, **dict(kwargs), target=SM90).get_kernel_source()
+    assert "wgmma_rs<tl::DataType::kInt8" in src and "signed char f1[128]" in src
+    consumer = src[src.index("warpgroup_reg_alloc"):]
+    body = consumer[consumer.index("for (int kt_1"):]
+    # barrier events in order: a stage's full barrier (waited on) is indexed by the stage alone,
+    # its empty barriers (arrived on) by the stage plus an offset
+    events = [m.group(0) if m.group(1) is None else
+              "arrive" if m.group(2) == "arrive" else "full" if "+" not in m.group(1) else "empty"
+              for m in re.finditer(r"mbarrier\[([^\]]*)\]\.(wait|arrive)\(|wait_wgmma<\d>|warpgroup_wait<0>", body)]
+    # chunk 1 is unpacked after chunk 0's wgmmas were issued, which came after the activations landed
+    assert events.index("full") < events.index("wait_wgmma<1>")
+    arrives = [i for i, e in enumerate(events) if e == "arrive"]
+    assert len(arrives) == 2 and "warpgroup_wait<0>" in events[arrives[0]:arrives[1] + 1]
     assert max(ptxas_spills(src, tmp_path)) == 0
 
 
