@@ -34,12 +34,15 @@ WS_TILES = dict(block_m=256, block_n=128, block_k=128)
 # (gemm._register_unpack_gemm) in the pipelined kernels, fused or split-K: against the
 # shared-memory unpack, qkv 1.13-1.18x and gate_up 1.02-1.13x at 16-64 tokens from CUDA graphs, and
 # a b32 step's GEMM device time 2.68 -> 2.45 ms (bench/results/gemm_rs_decode_h200_2026-12-01.json,
-# decode_ab_h200_2026-12-01d.json). QUAD_DECODE_GEMM=ws: the shared-memory unpack, in
+# decode_ab_h200_2026-12-01d.json). Two fragments, each chunk unpacked while the last chunk's
+# wgmmas run (overlap_unpack): 1.02-1.05x one fragment at every Llama-3-8B decode GEMM, a b32 step
+# 4.141 / 4.349 -> 4.024 / 4.010 ms in two pairs of runs (gemm_rs2_decode_h200_2026-12-02.json,
+# decode_ab_h200_2026-12-02c.json). QUAD_DECODE_GEMM=rs1: one fragment; =ws: the shared-memory unpack, in
 # w4ax_gemm_decode_ws (producer-unpack, two blocks a SM) for grids of DECODE_WS_MIN_WAVES waves or
 # more without a K split (gate_up: 1.07-1.13x the pipelined kernel; 0.75-0.86x elsewhere,
 # gemm_ws_decode_h200_2026-12-01.json) and the pipelined kernels elsewhere; =pipelined: the
 # pipelined kernels everywhere.
-DECODE_GEMM = os.environ.get("QUAD_DECODE_GEMM", "rs")  # rs | ws | pipelined
+DECODE_GEMM = os.environ.get("QUAD_DECODE_GEMM", "rs")  # rs | rs1 | ws | pipelined
 DECODE_WS_MIN_WAVES = 2
 DECODE_WS_TILES = dict(block_k=256, num_stages=3)
 
@@ -152,8 +155,8 @@ def kernel_specs(m: int, n: int, k: int, rank: int, has_bias: bool, out_dtype: s
         plan = decode_plan(m, n, k)
         if DECODE_GEMM == "ws" and decode_ws_fits(m, n, k, plan):
             return [_spec(w4ax_gemm_decode_ws, n, k, rank, has_bias, out_dtype, plan["block_m"], **DECODE_WS_TILES)]
-        rs = ({"register_unpack": True} if DECODE_GEMM == "rs" else
-              {"register_unpack": True, "overlap_unpack": True} if DECODE_GEMM == "rs2" else {})
+        rs = ({"register_unpack": True, "overlap_unpack": True} if DECODE_GEMM == "rs" else
+              {"register_unpack": True} if DECODE_GEMM == "rs1" else {})
         if plan["split"] == 1:  # one block covers K: the epilogue runs in the same kernel
             extra = {"min_blocks": plan["min_blocks"]} if "min_blocks" in plan else {}
             extra.update(rs)

@@ -60,12 +60,12 @@ def test_gemm_rows_time_the_kernels_the_dispatch_did_not_pick(bench_modules):
     assert prefill["pipelined"][1] == (4160, 4096, 0, False, "float16")
     for n, rank in ((28672, 0), (6144, 64)):  # gate_up, qkv: the register-unpack kernel picked
         others = dict(alternatives(16, n, 4096, rank))
-        assert list(others) == ["decode_pipelined", "decode_ws", "decode_rs2"]
+        assert list(others) == ["decode_pipelined", "decode_ws", "decode_rs1"]
         assert others["decode_ws"][0] is w4ax_gemm_decode_ws
         builder, args, kwargs = others["decode_pipelined"]  # the same tiles, unpacked through shared memory
         assert builder is w4ax_gemm_decode and args[5] == 16 and "register_unpack" not in dict(kwargs)
-        builder, args, kwargs = others["decode_rs2"]  # the same tiles, two register fragments
-        assert builder is w4ax_gemm_decode and args[5] == 16 and dict(kwargs)["overlap_unpack"] is True
+        builder, args, kwargs = others["decode_rs1"]  # the same tiles, one register fragment
+        assert builder is w4ax_gemm_decode and args[5] == 16 and "overlap_unpack" not in dict(kwargs)
     assert alternatives(16, 4160, 4096, 0) == [] and alternatives(1, 4160, 4096, 0) == []  # split-K, GEMV
 
 

@@ -143,15 +143,14 @@ def test_decode_gemm_unpacks_the_weights_in_registers(n, k, m, rank, tmp_path):
 
 
 @pytest.mark.parametrize("n,k,m,rank", [(6144, 4096, 32, 64), (28672, 4096, 16, 0), (4160, 14336, 64, 0)])
-def test_decode_gemm_overlaps_the_register_unpack_with_the_wgmmas(n, k, m, rank, monkeypatch, tmp_path):
-    """QUAD_DECODE_GEMM=rs2: two weight fragments; after a chunk's wgmmas are issued only the
+def test_decode_gemm_overlaps_the_register_unpack_with_the_wgmmas(n, k, m, rank, tmp_path):
+    """The dispatch's decode GEMMs: two weight fragments; after a chunk's wgmmas are issued only the
     group before them is waited for (wait_wgmma<1>) before the other fragment is rewritten, and the
     activation stage is released only after the tile's last wgmma completed (warpgroup_wait<0>
     before its arrive: the copy engine refills that stage next)."""
     from test_quantize_build import ptxas_spills
     from kernels_tl import gemm_dispatch
     from kernels_tl.targets import SM90
-    monkeypatch.setattr(gemm_dispatch, "DECODE_GEMM", "rs2")
     builder, args, kwargs = gemm_dispatch.kernel_specs(m, n, k, rank, False, "float16")[0]
     assert dict(kwargs)["overlap_unpack"] is True
     src = builder(*args, **dict(kwargs), target=SM90).get_kernel_source()
