@@ -89,8 +89,10 @@ def alternative_kernels(m: int, n: int, k: int, rank: int) -> list:
     (float16 out, no bias; spec as gemm_dispatch's, built by gemm_dispatch._build): from 1024
     tokens the producer-unpack kernel (`ws`) and TileLang's pipelined kernel (`pipelined`); at 5-64
     tokens without a K split those of the pipelined decode kernel (`decode_pipelined`), the
-    producer-unpack one (`decode_ws`) and the pipelined one unpacking into registers, two fragments
-    or one (`decode_rs`, `decode_rs1`), the dispatch did not pick. Empty elsewhere."""
+    producer-unpack one (`decode_ws`), the pipelined one unpacking into registers, two fragments
+    or one (`decode_rs`, `decode_rs1`; one block a SM), and the two-fragment one with two blocks a
+    SM where the grid is more than a wave (`decode_resident2`), the dispatch did not pick. Empty
+    elsewhere."""
     from kernels_tl.gemm import w4ax_gemm, w4ax_gemm_decode
     from kernels_tl.gemm_ws import w4ax_gemm_decode_ws, w4ax_gemm_ws
     spec = gemm_dispatch._spec
@@ -103,20 +105,24 @@ def alternative_kernels(m: int, n: int, k: int, rank: int) -> list:
         return [(name, s) for name, s in kernels if s != picked]
     if not 4 < m <= 64:
         return []
-    plan = gemm_dispatch.decode_plan(m, n, k)
+    plan = gemm_dispatch.decode_plan(m, n, k, resident=1)
     if plan["split"] != 1:
         return []
     extra = {"min_blocks": plan["min_blocks"]} if "min_blocks" in plan else {}
-    kernels = [("decode_pipelined", spec(w4ax_gemm_decode, n, k, rank, False, "float16", plan["block_m"],
-                                         plan["block_k"], plan["num_stages"], **extra))]
+    tiles = (plan["block_m"], plan["block_k"], plan["num_stages"])
+    kernels = [("decode_pipelined", spec(w4ax_gemm_decode, n, k, rank, False, "float16", *tiles, **extra))]
     if k % 256 == 0 and n % 64 == 0:
         kernels.append(("decode_ws", spec(w4ax_gemm_decode_ws, n, k, rank, False, "float16", plan["block_m"],
                                           **gemm_dispatch.DECODE_WS_TILES)))
-    kernels.append(("decode_rs", spec(w4ax_gemm_decode, n, k, rank, False, "float16", plan["block_m"],
-                                      plan["block_k"], plan["num_stages"], **extra, register_unpack=True,
-                                      overlap_unpack=True)))
-    kernels.append(("decode_rs1", spec(w4ax_gemm_decode, n, k, rank, False, "float16", plan["block_m"],
-                                       plan["block_k"], plan["num_stages"], **extra, register_unpack=True)))
+    kernels.append(("decode_rs", spec(w4ax_gemm_decode, n, k, rank, False, "float16", *tiles, **extra,
+                                      register_unpack=True, overlap_unpack=True)))
+    kernels.append(("decode_rs1", spec(w4ax_gemm_decode, n, k, rank, False, "float16", *tiles, **extra,
+                                       register_unpack=True)))
+    two = gemm_dispatch.decode_plan(m, n, k, resident=2)
+    if two.get("ws_blocks") == 2 and two["split"] == 1:
+        kernels.append(("decode_resident2", spec(w4ax_gemm_decode, n, k, rank, False, "float16", two["block_m"],
+                                                 two["block_k"], two["num_stages"], register_unpack=True,
+                                                 overlap_unpack=True, ws_blocks=2)))
     return [(name, s) for name, s in kernels if s != picked]
 
 
@@ -265,7 +271,8 @@ def main() -> None:
                           f" | {v} graph {row[v + '_graph_ms'] * 1e3:6.1f} us {row[v + '_graph_gbps'] / copy_gbps:4.0%} of copy"
                           f" (max |diff| {row[v + '_max_abs_diff']:.1e})" if v + "_graph_ms" in row
                           else f" | {v} failed: {row[v + '_error']}" if v + "_error" in row else ""
-                          for v in ("decode_ws", "decode_pipelined", "decode_rs", "decode_rs1"))), flush=True)
+                          for v in ("decode_ws", "decode_pipelined", "decode_rs", "decode_rs1", "decode_resident2"))),
+                      flush=True)
         save()
 
 

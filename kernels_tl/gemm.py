@@ -48,6 +48,17 @@ def _decode_pass_configs(min_blocks: int) -> dict:
     pipeline is cp.async issued by all 128 threads, and __launch_bounds__ caps the registers."""
     return {"tl.disable_warp_specialized": True} if min_blocks > 1 else {}
 
+@T.macro
+def _resident_warp_specialized(blocks: int):
+    """blocks > 1: keep TileLang's warp specialization (a TMA producer warp group) but let `blocks`
+    blocks share a SM: no setmaxnreg (it would give the consumer 240 registers, a SM's worth for one
+    block) and __launch_bounds__(256, blocks), so ptxas fits each thread in 65536 / (256 · blocks)
+    registers. One block's pipeline ramp and epilogue then overlap another's weight stream."""
+    if blocks > 1:
+        T.annotate_min_blocks_per_sm(blocks)
+        T.no_set_max_nreg()
+
+
 _UNPACK_SRC = r"""
 // 16 packed bytes = 32 int4 in the checkpoint's 8-interleaved order -> 32 int8 holding 16*q, in K
 // order: each 32-bit word w gives elements 0..3 as (w << 4) & 0xF0F0F0F0 and 4..7 as w & 0xF0F0F0F0.
@@ -265,7 +276,7 @@ def w4ax_gemm(n: int, k: int, rank: int, has_bias: bool = False, out_dtype: str 
 @functools.lru_cache(maxsize=None)
 def w4ax_gemm_splitk(n: int, k: int, split: int, block_m: int = 16, block_n: int = 64, block_k: int = 256,
                      num_stages: int = 4, target=None, min_blocks: int = 1, register_unpack: bool = False,
-                     overlap_unpack: bool = False):
+                     overlap_unpack: bool = False, ws_blocks: int = 1):
     """The decode kernel: ACC[M, n] += Xq · Wqᵀ (int32, 16·q weights) over one of `split` K ranges
     per block, called as kernel(x_q, w_q, acc). ACC must be zero before the first split lands;
     `w4ax_epilogue` reads it and zeroes it again. min_blocks > 1: built to run that many blocks a
@@ -284,6 +295,7 @@ def w4ax_gemm_splitk(n: int, k: int, split: int, block_m: int = 16, block_n: int
             with T.Kernel(T.ceildiv(n, block_n), T.ceildiv(m, block_m), split, threads=128) as (bx, by, bz):
                 if min_blocks > 1:
                     T.annotate_min_blocks_per_sm(min_blocks)
+                _resident_warp_specialized(ws_blocks)
                 wait_for_producers("gemm")
                 x_s = T.alloc_shared((block_m, block_k), "int8")
                 w_packed = T.alloc_shared((block_n, block_k // 2), "uint8")
@@ -307,7 +319,7 @@ def w4ax_gemm_splitk(n: int, k: int, split: int, block_m: int = 16, block_n: int
 def w4ax_gemm_decode(n: int, k: int, rank: int, has_bias: bool = False, out_dtype: str = "float16",
                      block_m: int = 16, block_k: int = 1024, num_stages: int = 2, weight_bits: int = 4,
                      target=None, min_blocks: int = 1, register_unpack: bool = False,
-                     overlap_unpack: bool = False):
+                     overlap_unpack: bool = False, ws_blocks: int = 1):
     """The decode kernel where one block covers all of K (split 1): the split-K kernel's main loop
     (64 weight rows as the wgmma M side, the tokens as N) with the epilogue in the same kernel (the
     scales, the outlier product as a float16 wgmma on a [64, r] weight tile, the bias), so there is
@@ -343,6 +355,7 @@ def w4ax_gemm_decode(n: int, k: int, rank: int, has_bias: bool = False, out_dtyp
             with T.Kernel(n // block_n, T.ceildiv(m, block_m), threads=128) as (bx, by):
                 if min_blocks > 1:
                     T.annotate_min_blocks_per_sm(min_blocks)
+                _resident_warp_specialized(ws_blocks)
                 wait_for_producers("gemm")
                 x_s = T.alloc_shared((block_m, block_k), "int8")
                 if packed:

@@ -43,6 +43,15 @@ WS_TILES = dict(block_m=256, block_n=128, block_k=128)
 # gemm_ws_decode_h200_2026-12-01.json) and the pipelined kernels elsewhere; =pipelined: the
 # pipelined kernels everywhere.
 DECODE_GEMM = os.environ.get("QUAD_DECODE_GEMM", "rs")  # rs | rs1 | ws | pipelined
+# Blocks a SM for the register-unpack decode kernels with their TMA producer warp group kept,
+# where the grid is more than a wave (QUAD_DECODE_GEMM_RESIDENT; 1: setmaxnreg gives the consumer
+# 240 registers, one block a SM, each block's pipeline ramp and epilogue leaving the SM's memory
+# pipe idle; 2: no setmaxnreg, __launch_bounds__(256, 2), K tiles whose shared memory fits twice,
+# see gemm._resident_warp_specialized). gate_up (448 tiles) at 16 / 32 / 64 tokens from CUDA
+# graphs: 22.1 / 27.0 / 35.0 µs against 28.2 / 33.7 / 42.3 (69% of copy at 16); qkv (96 tiles, one
+# block a SM either way) 8.6 / 9.5 / 12.6 against 8.3 / 9.9 / 11.7, so grids within a wave keep
+# the one-block plan (bench/results/gemm_resident_decode_h200_2026-12-02.json).
+DECODE_RESIDENT = int(os.environ.get("QUAD_DECODE_GEMM_RESIDENT", "2"))
 DECODE_WS_MIN_WAVES = 2
 DECODE_WS_TILES = dict(block_k=256, num_stages=3)
 
@@ -100,14 +109,33 @@ def _k_split(tiles: int, k: int, block_k: int, sms: int) -> int:
     return split
 
 
-def decode_plan(m: int, n: int, k: int, sms: int = SMS, min_blocks: int | None = None) -> dict:
+def decode_rs_smem(block_m: int, block_k: int, stages: int) -> int:
+    """Shared memory of a register-unpack decode block: the pipelined activation and packed weight
+    tiles and the epilogue's float32 tile (64 weight rows); no unpacked tile."""
+    return stages * (block_m * block_k + 64 * block_k // 2) + 64 * block_m * 4
+
+
+def decode_plan(m: int, n: int, k: int, sms: int = SMS, min_blocks: int | None = None,
+                resident: int | None = None) -> dict:
     """Token tile, K tile and K split for the split-K kernel: split until the grid fills ~0.7 of
     the SMs (more splits cost more than the idle SMs, measured at Llama-3-8B shapes). min_blocks
     (default DECODE_GEMM_BLOCKS) > 1: the deepest K tile and pipeline whose shared memory lets that
-    many blocks share a SM, and the plan says min_blocks (where none fits, the default plan)."""
+    many blocks share a SM, and the plan says min_blocks (where none fits, the default plan).
+    resident (default DECODE_RESIDENT) > 1, for the register-unpack kernels where the grid is
+    more than a wave: the same choice for that many warp-specialized blocks a SM, and the plan says
+    ws_blocks."""
     min_blocks = min_blocks or DECODE_GEMM_BLOCKS
+    resident = resident or DECODE_RESIDENT
     block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
     tiles = n // 64 * -(-m // block_m)
+    if resident > 1 and min_blocks == 1:
+        fits = [(bk, st) for bk, st in ((1024, 2), (512, 3), (512, 2), (256, 3), (256, 2))
+                if k % bk == 0 and decode_rs_smem(block_m, bk, st) <= SMEM_PER_SM // resident - 2048]
+        if fits:
+            block_k, stages = fits[0]
+            split = _k_split(tiles, k, block_k, sms)
+            if tiles * split > sms:
+                return dict(block_m=block_m, block_k=block_k, split=split, num_stages=stages, ws_blocks=resident)
     if min_blocks > 1:
         fits = [(bk, st) for bk, st in ((1024, 2), (512, 3), (512, 2), (256, 3), (256, 2))
                 if k % bk == 0 and decode_smem(block_m, bk, st) <= SMEM_PER_SM // min_blocks - 1024]
@@ -157,8 +185,10 @@ def kernel_specs(m: int, n: int, k: int, rank: int, has_bias: bool, out_dtype: s
             return [_spec(w4ax_gemm_decode_ws, n, k, rank, has_bias, out_dtype, plan["block_m"], **DECODE_WS_TILES)]
         rs = ({"register_unpack": True, "overlap_unpack": True} if DECODE_GEMM == "rs" else
               {"register_unpack": True} if DECODE_GEMM == "rs1" else {})
+        if "ws_blocks" in plan and not rs:  # the resident plan is for the register-unpack kernels only
+            plan = decode_plan(m, n, k, resident=1)
         if plan["split"] == 1:  # one block covers K: the epilogue runs in the same kernel
-            extra = {"min_blocks": plan["min_blocks"]} if "min_blocks" in plan else {}
+            extra = {key: plan[key] for key in ("min_blocks", "ws_blocks") if key in plan}
             extra.update(rs)
             return [_spec(w4ax_gemm_decode, n, k, rank, has_bias, out_dtype, plan["block_m"], plan["block_k"],
                           plan["num_stages"], **extra)]
@@ -190,7 +220,7 @@ def w8a8_decode_supports(n: int, k: int, rank: int) -> bool:
 
 def _w8a8_spec(m: int, n: int, k: int, rank: int) -> tuple:
     """The int8-weight decode GEMM for M = m (float32 out; the int8 lm_head): one block covers K."""
-    plan = decode_plan(m, n, k, min_blocks=1)  # int8 weight tiles: the kernel's other shared-memory plan
+    plan = decode_plan(m, n, k, min_blocks=1, resident=1)  # int8 weight tiles: the kernel's other shared-memory plan
     return _spec(w4ax_gemm_decode, n, k, rank, False, "float32", plan["block_m"], plan["block_k"],
                  plan["num_stages"], 8)
 

@@ -155,8 +155,7 @@ def test_decode_gemm_overlaps_the_register_unpack_with_the_wgmmas(n, k, m, rank,
     assert dict(kwargs)["overlap_unpack"] is True
     src = builder(*args, **dict(kwargs), target=SM90).get_kernel_source()
     assert "wgmma_rs<tl::DataType::kInt8" in src and "signed char f1[128]" in src
-    consumer = src[src.index("warpgroup_reg_alloc"):]
-    body = consumer[consumer.index("for (int kt_1"):]
+    body = src[src.index("for (int kt_1"):]  # the consumer's K loop (the producer's is kt)
     # barrier events in order: a stage's full barrier (waited on) is indexed by the stage alone,
     # its empty barriers (arrived on) by the stage plus an offset
     events = [m.group(0) if m.group(1) is None else
@@ -167,6 +166,23 @@ def test_decode_gemm_overlaps_the_register_unpack_with_the_wgmmas(n, k, m, rank,
     arrives = [i for i, e in enumerate(events) if e == "arrive"]
     assert len(arrives) == 2 and "warpgroup_wait<0>" in events[arrives[0]:arrives[1] + 1]
     assert max(ptxas_spills(src, tmp_path)) == 0
+
+
+@pytest.mark.parametrize("m", [5, 16, 32, 64])
+def test_resident_decode_gemm_keeps_its_producer_and_fits_two_blocks(m, tmp_path):
+    """gate_up's decode GEMM, two blocks a SM: the TMA producer stays (warp specialization),
+    setmaxnreg is gone and __launch_bounds__(256, 2) holds each thread to 128 registers without
+    spills."""
+    from test_quantize_build import ptxas_log
+    from kernels_tl import gemm_dispatch
+    from kernels_tl.targets import SM90
+    builder, args, kwargs = gemm_dispatch.kernel_specs(m, 28672, 4096, 64, False, "float16")[0]
+    assert dict(kwargs)["ws_blocks"] == 2
+    src = builder(*args, **dict(kwargs), target=SM90).get_kernel_source()
+    assert "__launch_bounds__(256, 2)" in src and "tma_load" in src and "warpgroup_reg_alloc" not in src
+    log = ptxas_log(src, tmp_path)
+    regs = [int(r) for r in re.findall(r"Used (\d+) registers", log)]
+    assert regs and max(regs) <= 128 and "0 bytes spill stores" in log
 
 
 @pytest.mark.parametrize("n,k,m", [(4160, 4096, 1), (6144, 4096, 16), (640, 1536, 64), (960, 576, 3)])
