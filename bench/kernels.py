@@ -93,7 +93,8 @@ def alternative_kernels(m: int, n: int, k: int, rank: int) -> list:
     or one (`decode_rs`, `decode_rs1`; one block a SM), and the two-fragment one with two blocks a
     SM where the grid is more than a wave (`decode_resident2`), the dispatch did not pick. Empty
     elsewhere."""
-    from kernels_tl.gemm import w4ax_gemm, w4ax_gemm_decode
+    from kernels_tl.gemm import w4ax_gemm
+    from kernels_tl.gemm_decode import w4ax_gemm_decode
     from kernels_tl.gemm_ws import w4ax_gemm_decode_ws, w4ax_gemm_ws
     spec = gemm_dispatch._spec
     picked = gemm_dispatch.kernel_specs(m, n, k, rank, False, "float16")[0]

@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kernels import MODELS, bench, bench_graph, build_all, copies_beyond_l2, operands  # noqa: E402
 
-from kernels_tl import gemm, gemm_dispatch, gemv  # noqa: E402
+from kernels_tl import gemm, gemm_decode, gemm_dispatch, gemv  # noqa: E402
 from kernels_tl import reference as ref  # noqa: E402
 
 
@@ -112,7 +112,7 @@ def sweep_decode(n: int, k: int, m: int) -> list[dict]:
                 and (mb == 1 and (bk, st) != (256, 2) and (bk, st) != (256, 3)
                      or mb > 1 and decode_smem(block_m, bk, st) <= SMEM_PER_SM // mb - 1024)]
     plan = decode_plan(m, n, k)
-    builders = {v: (lambda v=v: gemm.w4ax_gemm_splitk(n, k, v[0], block_m, 64, v[1], v[2], min_blocks=v[3]))
+    builders = {v: (lambda v=v: gemm_decode.w4ax_gemm_splitk(n, k, v[0], block_m, 64, v[1], v[2], min_blocks=v[3]))
                 for v in variants}
     built = build_all(builders)
     # The integer sums of one call on a zeroed workspace, the first variant's as the reference.

@@ -10,7 +10,8 @@ whole set in parallel before the first step.
 import os
 
 from kernels_tl.buffers import zeros
-from kernels_tl.gemm import w4ax_epilogue, w4ax_gemm, w4ax_gemm_decode, w4ax_gemm_splitk
+from kernels_tl.gemm import w4ax_gemm
+from kernels_tl.gemm_decode import w4ax_epilogue, w4ax_gemm_decode, w4ax_gemm_splitk
 from kernels_tl.gemm_ws import w4ax_gemm_decode_ws, w4ax_gemm_ws
 from kernels_tl.gemv import w4ax_gemv
 
@@ -20,7 +21,7 @@ LONG_TILES = dict(block_m=384, block_n=128, block_k=128, num_stages=3, threads=3
 LONG_TILES_OUTLIER = dict(block_m=256, block_n=128, block_k=128, num_stages=4, threads=256)
 MEDIUM_TILES = dict(block_m=128, block_n=128, block_k=128, num_stages=4, threads=256)
 # Blocks a SM the tensor-core decode kernels are built for (QUAD_DECODE_GEMM_BLOCKS; 1: TileLang's
-# warp-specialized pipeline, the measured default; 2 or 3: see gemm._decode_pass_configs).
+# warp-specialized pipeline, the measured default; 2 or 3: see gemm_decode._decode_pass_configs).
 DECODE_GEMM_BLOCKS = int(os.environ.get("QUAD_DECODE_GEMM_BLOCKS", "1"))
 SMEM_PER_SM = 227 * 1024
 SMS = 132  # streaming multiprocessors of an H100 SXM or H200: the grids' waves are counted in them
@@ -31,7 +32,7 @@ SMS = 132  # streaming multiprocessors of an H100 SXM or H200: the grids' waves 
 PREFILL_GEMM = os.environ.get("QUAD_PREFILL_GEMM", "ws")  # ws | pipelined
 WS_TILES = dict(block_m=256, block_n=128, block_k=128)
 # Decode GEMMs (5-64 tokens) unpack the weights into the wgmma's register operand
-# (gemm._register_unpack_gemm) in the pipelined kernels, fused or split-K: against the
+# (gemm_decode._register_unpack_gemm) in the pipelined kernels, fused or split-K: against the
 # shared-memory unpack, qkv 1.13-1.18x and gate_up 1.02-1.13x at 16-64 tokens from CUDA graphs, and
 # a b32 step's GEMM device time 2.68 -> 2.45 ms (bench/results/gemm_rs_decode_h200_2026-12-01.json,
 # decode_ab_h200_2026-12-01d.json). Two fragments, each chunk unpacked while the last chunk's
@@ -47,7 +48,7 @@ DECODE_GEMM = os.environ.get("QUAD_DECODE_GEMM", "rs")  # rs | rs1 | ws | pipeli
 # where the grid is more than a wave (QUAD_DECODE_GEMM_RESIDENT; 1: setmaxnreg gives the consumer
 # 240 registers, one block a SM, each block's pipeline ramp and epilogue leaving the SM's memory
 # pipe idle; 2: no setmaxnreg, __launch_bounds__(256, 2), K tiles whose shared memory fits twice,
-# see gemm._resident_warp_specialized). gate_up (448 tiles) at 16 / 32 / 64 tokens from CUDA
+# see gemm_decode._resident_warp_specialized). gate_up (448 tiles) at 16 / 32 / 64 tokens from CUDA
 # graphs: 22.1 / 27.0 / 35.0 µs against 28.2 / 33.7 / 42.3 (69% of copy at 16); qkv (96 tiles, one
 # block a SM either way) 8.6 / 9.5 / 12.6 against 8.3 / 9.9 / 11.7, so grids within a wave keep
 # the one-block plan (bench/results/gemm_resident_decode_h200_2026-12-02.json).

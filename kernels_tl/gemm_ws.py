@@ -25,7 +25,8 @@ import functools
 import tilelang
 import tilelang.language as T
 
-from kernels_tl.gemm import _UNPACK_SRC, _decode_epilogue, _prefill_epilogue
+from kernels_tl.gemm import _UNPACK_SRC, _prefill_epilogue
+from kernels_tl.gemm_decode import _decode_epilogue
 from kernels_tl.pdl import wait_for_producers
 from kernels_tl.targets import SM90, TARGETS  # noqa: F401
 
@@ -206,7 +207,7 @@ DECODE_CONSUMERS = 128  # one consumer warpgroup: the [64, tokens] accumulator i
 def w4ax_gemm_decode_ws(n: int, k: int, rank: int, has_bias: bool = False, out_dtype: str = "float16",
                         block_m: int = 16, block_k: int = 256, num_stages: int = 3, w_buffers: int = 2,
                         target=None):
-    """`gemm.w4ax_gemm_decode` (64 weight rows as the wgmma M side, the tokens as N, one block
+    """`gemm_decode.w4ax_gemm_decode` (64 weight rows as the wgmma M side, the tokens as N, one block
     covering K, the epilogue fused) with the warp roles of `w4ax_gemm_ws`: a producer warpgroup that
     brings the tiles by TMA and unpacks the weights, one consumer warpgroup that multiplies and
     runs the epilogue. There the consumers unpack between two barriers and the next K tile waits

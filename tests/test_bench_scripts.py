@@ -52,7 +52,8 @@ def test_ncu_target_script_imports():
 
 def test_gemm_rows_time_the_kernels_the_dispatch_did_not_pick(bench_modules):
     """bench/kernels.py's further kernels a row: the others of those the dispatch chooses between."""
-    from kernels_tl.gemm import w4ax_gemm, w4ax_gemm_decode
+    from kernels_tl.gemm import w4ax_gemm
+    from kernels_tl.gemm_decode import w4ax_gemm_decode
     from kernels_tl.gemm_ws import w4ax_gemm_decode_ws
     alternatives = bench_modules["kernels"].alternative_kernels
     prefill = dict(alternatives(2048, 4160, 4096, 0))  # the dispatch: the producer-unpack kernel

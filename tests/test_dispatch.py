@@ -118,7 +118,7 @@ def test_prefill_gemm_is_the_producer_unpack_kernel_from_1024_tokens(monkeypatch
 
 def test_decode_gemms_unpack_in_registers_and_the_switches_restore_the_shared_memory_kernels(monkeypatch):
     from kernels_tl import gemm_dispatch
-    from kernels_tl.gemm import w4ax_epilogue, w4ax_gemm_decode, w4ax_gemm_splitk
+    from kernels_tl.gemm_decode import w4ax_epilogue, w4ax_gemm_decode, w4ax_gemm_splitk
     from kernels_tl.gemm_ws import w4ax_gemm_decode_ws
     for m in (5, 16, 32, 64):  # gate_up and qkv: one block covers K, the register-unpack kernel
         for n, rank in ((28672, 0), (6144, 64)):

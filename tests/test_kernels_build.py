@@ -105,7 +105,7 @@ def test_producer_unpack_decode_gemm_builds(n, k, m, rank, tmp_path):
 def test_decode_gemm_with_fused_epilogue_builds(n, k, m, rank):
     """Split-1 decode problems run one kernel: int8 wgmma for the integer part, float16 wgmma for
     the outlier product, no workspace atomics."""
-    from kernels_tl.gemm import SM90, w4ax_gemm_decode
+    from kernels_tl.gemm_decode import SM90, w4ax_gemm_decode
     from kernels_tl.gemm_dispatch import decode_plan
     plan = decode_plan(m, n, k)
     if n == 4160:  # 65 weight tiles do not fill the GPU: this one is split, so not this kernel
@@ -187,7 +187,7 @@ def test_resident_decode_gemm_keeps_its_producer_and_fits_two_blocks(m, tmp_path
 
 @pytest.mark.parametrize("n,k,m", [(4160, 4096, 1), (6144, 4096, 16), (640, 1536, 64), (960, 576, 3)])
 def test_decode_gemm_builds_with_split_k(n, k, m):
-    from kernels_tl.gemm import SM90, w4ax_epilogue, w4ax_gemm_splitk
+    from kernels_tl.gemm_decode import SM90, w4ax_epilogue, w4ax_gemm_splitk
     from kernels_tl.gemm_dispatch import decode_plan
     plan = decode_plan(m, n, k)
     src = w4ax_gemm_splitk(n, k, **plan, target=SM90).get_kernel_source()
@@ -210,7 +210,7 @@ def test_decode_gemm_builds_for_several_blocks_a_sm(n, k, m, rank, min_blocks, t
 
     from test_quantize_build import ptxas_log
 
-    from kernels_tl.gemm import SM90, w4ax_epilogue, w4ax_gemm_decode, w4ax_gemm_splitk
+    from kernels_tl.gemm_decode import SM90, w4ax_epilogue, w4ax_gemm_decode, w4ax_gemm_splitk
     from kernels_tl.gemm_dispatch import SMEM_PER_SM, decode_plan, decode_smem
     plan = decode_plan(m, n, k, min_blocks=min_blocks)
     if "min_blocks" not in plan:  # no K tile fits: 64-token tiles at 3 blocks a SM keep the default kernel
@@ -245,7 +245,7 @@ def test_gemv_builds_on_dp4a_without_spills(tokens, rank):
 @pytest.mark.parametrize("m", [5, 64])
 def test_int8_weight_decode_gemm_builds(m):
     """The int8 lm_head's decode GEMM (weight_bits 8): int8 weight tiles straight to wgmma, no unpack."""
-    from kernels_tl.gemm import SM90, w4ax_gemm_decode
+    from kernels_tl.gemm_decode import SM90, w4ax_gemm_decode
     from kernels_tl.gemm_dispatch import decode_plan, w8a8_decode_supports
     n, k, r = 128256, 4096, 64
     assert w8a8_decode_supports(n, k, r)

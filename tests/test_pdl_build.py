@@ -18,7 +18,7 @@ SYNC, TRIGGER = "cudaGridDependencySynchronize();", "cudaTriggerProgrammaticLaun
 
 
 def _decode_step_kernels():
-    from kernels_tl.gemm import SM90, w4ax_epilogue, w4ax_gemm_decode, w4ax_gemm_splitk
+    from kernels_tl.gemm_decode import SM90, w4ax_epilogue, w4ax_gemm_decode, w4ax_gemm_splitk
     from kernels_tl.gemv import w4ax_gemv
     from kernels_tl.hadamard import hadamard_factors
     from kernels_tl.hadamard_quant import hadamard_quant
