@@ -44,15 +44,20 @@ WS_TILES = dict(block_m=256, block_n=128, block_k=128)
 # gemm_ws_decode_h200_2026-12-01.json) and the pipelined kernels elsewhere; =pipelined: the
 # pipelined kernels everywhere.
 DECODE_GEMM = os.environ.get("QUAD_DECODE_GEMM", "rs")  # rs | rs1 | ws | pipelined
-# Blocks a SM for the register-unpack decode kernels with their TMA producer warp group kept,
-# where the grid is more than a wave (QUAD_DECODE_GEMM_RESIDENT; 1: setmaxnreg gives the consumer
-# 240 registers, one block a SM, each block's pipeline ramp and epilogue leaving the SM's memory
-# pipe idle; 2: no setmaxnreg, __launch_bounds__(256, 2), K tiles whose shared memory fits twice,
-# see gemm_decode._resident_warp_specialized). gate_up (448 tiles) at 16 / 32 / 64 tokens from CUDA
-# graphs: 22.1 / 27.0 / 35.0 µs against 28.2 / 33.7 / 42.3 (69% of copy at 16); qkv (96 tiles, one
-# block a SM either way) 8.6 / 9.5 / 12.6 against 8.3 / 9.9 / 11.7, so grids within a wave keep
-# the one-block plan (bench/results/gemm_resident_decode_h200_2026-12-02.json).
+# Blocks a SM for the register-unpack decode kernels with their TMA producer warp group kept
+# (QUAD_DECODE_GEMM_RESIDENT; 1: setmaxnreg gives the consumer 240 registers, one block a SM, each
+# block's pipeline ramp and epilogue leaving the SM's memory pipe idle; 2: no setmaxnreg,
+# __launch_bounds__(256, 2), K tiles whose shared memory fits twice, see
+# gemm_decode._resident_warp_specialized). gate_up (448 tiles) at 16 / 32 / 64 tokens from CUDA
+# graphs: 22.1 / 27.0 / 35.0 µs against 28.2 / 33.7 / 42.3 (69% of copy at 16); qkv (96 tiles, a
+# block a SM either way) 8.6 / 9.5 / 12.6 against 8.3 / 9.9 / 11.7 (the smaller K tiles); the
+# engine's b32 step with every decode GEMM so, 3.956 against 4.283 ms
+# (bench/results/gemm_resident_decode_h200_2026-12-02.json, decode_ab_h200_2026-12-02d.json).
 DECODE_RESIDENT = int(os.environ.get("QUAD_DECODE_GEMM_RESIDENT", "2"))
+# K splits of the resident plan aim at DECODE_FILL x 0.7 of the SMs (QUAD_DECODE_GEMM_FILL; 2: at 32
+# and 64 tokens o / down 65 tiles x 4 splits and qkv 96 x 2, two blocks a SM, instead of about one
+# block a SM). Not yet measured.
+DECODE_FILL = float(os.environ.get("QUAD_DECODE_GEMM_FILL", "1"))
 DECODE_WS_MIN_WAVES = 2
 DECODE_WS_TILES = dict(block_k=256, num_stages=3)
 
@@ -122,9 +127,8 @@ def decode_plan(m: int, n: int, k: int, sms: int = SMS, min_blocks: int | None =
     the SMs (more splits cost more than the idle SMs, measured at Llama-3-8B shapes). min_blocks
     (default DECODE_GEMM_BLOCKS) > 1: the deepest K tile and pipeline whose shared memory lets that
     many blocks share a SM, and the plan says min_blocks (where none fits, the default plan).
-    resident (default DECODE_RESIDENT) > 1, for the register-unpack kernels where the grid is
-    more than a wave: the same choice for that many warp-specialized blocks a SM, and the plan says
-    ws_blocks."""
+    resident (default DECODE_RESIDENT) > 1, for the register-unpack kernels: the same choice for
+    that many warp-specialized blocks a SM, and the plan says ws_blocks."""
     min_blocks = min_blocks or DECODE_GEMM_BLOCKS
     resident = resident or DECODE_RESIDENT
     block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
@@ -134,9 +138,8 @@ def decode_plan(m: int, n: int, k: int, sms: int = SMS, min_blocks: int | None =
                 if k % bk == 0 and decode_rs_smem(block_m, bk, st) <= SMEM_PER_SM // resident - 2048]
         if fits:
             block_k, stages = fits[0]
-            split = _k_split(tiles, k, block_k, sms)
-            if tiles * split > sms:
-                return dict(block_m=block_m, block_k=block_k, split=split, num_stages=stages, ws_blocks=resident)
+            return dict(block_m=block_m, block_k=block_k, split=_k_split(tiles, k, block_k, int(sms * DECODE_FILL)),
+                        num_stages=stages, ws_blocks=resident)
     if min_blocks > 1:
         fits = [(bk, st) for bk, st in ((1024, 2), (512, 3), (512, 2), (256, 3), (256, 2))
                 if k % bk == 0 and decode_smem(block_m, bk, st) <= SMEM_PER_SM // min_blocks - 1024]

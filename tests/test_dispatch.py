@@ -141,28 +141,30 @@ def test_decode_gemms_unpack_in_registers_and_the_switches_restore_the_shared_me
     assert builder is w4ax_gemm_decode and "register_unpack" not in dict(kwargs)
 
 
-def test_resident_decode_plans_fit_two_blocks_a_sm():
-    """Two warp-specialized blocks a SM (the default, QUAD_DECODE_GEMM_RESIDENT=2) where the grid
-    is more than a wave: K tiles whose shared memory fits twice in a SM, and the kernel is told
-    (ws_blocks); grids within a wave keep the one-block plan."""
+def test_resident_decode_plans_fit_two_blocks_a_sm(monkeypatch):
+    """Two warp-specialized blocks a SM (the default, QUAD_DECODE_GEMM_RESIDENT=2): K tiles whose
+    shared memory fits twice in a SM, the kernel is told (ws_blocks), the K split as for one block
+    unless QUAD_DECODE_GEMM_FILL asks for more."""
     from kernels_tl import gemm_dispatch
     for m in (5, 16, 32, 64):
-        plan = gemm_dispatch.decode_plan(m, 28672, 4096, resident=2)  # gate_up: 448 tiles
-        assert plan["ws_blocks"] == 2 and plan["split"] == 1
-        assert 2 * gemm_dispatch.decode_rs_smem(plan["block_m"], plan["block_k"], plan["num_stages"]) \
-            <= gemm_dispatch.SMEM_PER_SM - 4096
-        assert "ws_blocks" not in gemm_dispatch.decode_plan(m, 28672, 4096, resident=1)
-        for n, k in ((6144, 4096), (4160, 14336), (4160, 4096)):  # qkv 96 tiles, o / down 65 x 2 splits
-            assert gemm_dispatch.decode_plan(m, n, k, resident=2) == gemm_dispatch.decode_plan(m, n, k, resident=1)
+        for n, k in ((28672, 4096), (6144, 4096), (4160, 14336), (4160, 4096)):
+            plan = gemm_dispatch.decode_plan(m, n, k, resident=2)
+            assert plan["ws_blocks"] == 2 and k % (plan["block_k"] * plan["split"]) == 0
+            assert 2 * gemm_dispatch.decode_rs_smem(plan["block_m"], plan["block_k"], plan["num_stages"]) \
+                <= gemm_dispatch.SMEM_PER_SM - 4096
+            assert "ws_blocks" not in gemm_dispatch.decode_plan(m, n, k, resident=1)
     assert gemm_dispatch.decode_plan(32, 28672, 4096, resident=2)["block_k"] == 512  # 1024 x 2 stages is 136 KB
+    assert gemm_dispatch.decode_plan(32, 4160, 4096, resident=2)["split"] == 2  # 130 blocks
+    monkeypatch.setattr(gemm_dispatch, "DECODE_FILL", 2.0)  # QUAD_DECODE_GEMM_FILL=2
+    assert gemm_dispatch.decode_plan(32, 4160, 4096, resident=2)["split"] == 4  # 260 blocks, two a SM
+    assert gemm_dispatch.decode_plan(32, 28672, 4096, resident=2)["split"] == 1
 
 
 def test_resident_switch_reaches_the_register_unpack_kernels_only(monkeypatch):
     from kernels_tl import gemm_dispatch
-    _, _, kwargs = gemm_dispatch.kernel_specs(32, 28672, 4096, 64, False, "float16")[0]
-    assert dict(kwargs)["ws_blocks"] == 2 and dict(kwargs)["register_unpack"] is True
-    _, _, kwargs = gemm_dispatch.kernel_specs(32, 6144, 4096, 64, False, "float16")[0]
-    assert "ws_blocks" not in dict(kwargs)
+    for n, rank in ((28672, 64), (6144, 64), (4160, 0)):
+        _, _, kwargs = gemm_dispatch.kernel_specs(32, n, 4096, rank, False, "float16")[0]
+        assert dict(kwargs)["ws_blocks"] == 2 and dict(kwargs)["register_unpack"] is True
     monkeypatch.setattr(gemm_dispatch, "DECODE_GEMM", "pipelined")
     _, _, kwargs = gemm_dispatch.kernel_specs(32, 28672, 4096, 64, False, "float16")[0]
     assert "ws_blocks" not in dict(kwargs)
