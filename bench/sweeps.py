@@ -111,7 +111,7 @@ def sweep_decode(n: int, k: int, m: int) -> list[dict]:
                 if k % (bk * s) == 0 and k // (bk * s) >= 2
                 and (mb == 1 and (bk, st) != (256, 2) and (bk, st) != (256, 3)
                      or mb > 1 and decode_smem(block_m, bk, st) <= SMEM_PER_SM // mb - 1024)]
-    plan = decode_plan(m, n, k)
+    plan = decode_plan(m, n, k, resident=1)  # the plan of these (shared-memory unpack) kernels
     builders = {v: (lambda v=v: gemm_decode.w4ax_gemm_splitk(n, k, v[0], block_m, 64, v[1], v[2], min_blocks=v[3]))
                 for v in variants}
     built = build_all(builders)

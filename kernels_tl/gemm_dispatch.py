@@ -184,13 +184,11 @@ def kernel_specs(m: int, n: int, k: int, rank: int, has_bias: bool, out_dtype: s
     if m <= GEMV_TOKENS[-1] and n % 16 == 0:
         return [_spec(w4ax_gemv, n, k, rank, has_bias, out_dtype, next(t for t in GEMV_TOKENS if t >= m))]
     if m <= DECODE_MAX_M:
-        plan = decode_plan(m, n, k)
-        if DECODE_GEMM == "ws" and decode_ws_fits(m, n, k, plan):
-            return [_spec(w4ax_gemm_decode_ws, n, k, rank, has_bias, out_dtype, plan["block_m"], **DECODE_WS_TILES)]
         rs = ({"register_unpack": True, "overlap_unpack": True} if DECODE_GEMM == "rs" else
               {"register_unpack": True} if DECODE_GEMM == "rs1" else {})
-        if "ws_blocks" in plan and not rs:  # the resident plan is for the register-unpack kernels only
-            plan = decode_plan(m, n, k, resident=1)
+        plan = decode_plan(m, n, k, resident=None if rs else 1)  # resident blocks: register unpack only
+        if DECODE_GEMM == "ws" and decode_ws_fits(m, n, k, plan):
+            return [_spec(w4ax_gemm_decode_ws, n, k, rank, has_bias, out_dtype, plan["block_m"], **DECODE_WS_TILES)]
         if plan["split"] == 1:  # one block covers K: the epilogue runs in the same kernel
             extra = {key: plan[key] for key in ("min_blocks", "ws_blocks") if key in plan}
             extra.update(rs)
