@@ -83,10 +83,10 @@ def _register_unpack_gemm(wp_s, x_s, w_frags, acc, block_k: int):
                                                           byte & T.uint8(0xF0)))
 
     @T.macro
-    def pair(c):  # chunk c's wgmmas from the first fragment while chunk c + 1 is unpacked into the second
-        T.wgmma_gemm(w_frags[0], x_s[:, c * chunk:(c + 1) * chunk], acc, transpose_B=True)
-        T.wait_wgmma(1)  # chunk c - 1's wgmmas, the last readers of the second fragment
-        unpack(c + 1, w_frags[1])
+    def pair(c, fa, fb):  # chunk c's wgmmas from fragment fa while chunk c + 1 is unpacked into fb
+        T.wgmma_gemm(fa, x_s[:, c * chunk:(c + 1) * chunk], acc, transpose_B=True)
+        T.wait_wgmma(1)  # chunk c - 1's wgmmas, the last readers of fb
+        unpack(c + 1, fb)
 
     @T.macro
     def run():
@@ -99,11 +99,9 @@ def _register_unpack_gemm(wp_s, x_s, w_frags, acc, block_k: int):
             unpack(0, f0)
             if chunks > 2:
                 for c2 in T.serial(chunks // 2 - 1):
-                    pair(2 * c2)
-                    T.wgmma_gemm(f1, x_s[:, (2 * c2 + 1) * chunk:(2 * c2 + 2) * chunk], acc, transpose_B=True)
-                    T.wait_wgmma(1)  # chunk 2·c2's wgmmas, the last readers of f0
-                    unpack(2 * c2 + 2, f0)
-            pair(chunks - 2)
+                    pair(2 * c2, f0, f1)
+                    pair(2 * c2 + 1, f1, f0)
+            pair(chunks - 2, f0, f1)
             # The last chunk synchronously: its wait covers every wgmma of the tile before the
             # pipeline releases the stage (an explicit wait would be placed after the release).
             T.gemm(f1, x_s[:, (chunks - 1) * chunk:chunks * chunk], acc, transpose_B=True)
@@ -133,6 +131,7 @@ def _decode_weight_product(wp_s, x_s, block_n: int, block_k: int, register_unpac
         T.sync_threads()
 
     return staged
+
 
 @functools.lru_cache(maxsize=None)
 def w4ax_gemm_splitk(n: int, k: int, split: int, block_m: int = 16, block_n: int = 64, block_k: int = 256,
