@@ -54,9 +54,9 @@ DECODE_GEMM = os.environ.get("QUAD_DECODE_GEMM", "rs")  # rs | rs1 | ws | pipeli
 # engine's b32 step with every decode GEMM so, 3.956 against 4.283 ms
 # (bench/results/gemm_resident_decode_h200_2026-12-02.json, decode_ab_h200_2026-12-02d.json).
 DECODE_RESIDENT = int(os.environ.get("QUAD_DECODE_GEMM_RESIDENT", "2"))
-# K splits of the resident plan aim at DECODE_FILL x 0.7 of the SMs (QUAD_DECODE_GEMM_FILL; 2: at 32
-# and 64 tokens o / down 65 tiles x 4 splits and qkv 96 x 2, two blocks a SM, instead of about one
-# block a SM). Not yet measured.
+# K splits of the resident plan aim at DECODE_FILL x 0.7 of the SMs (QUAD_DECODE_GEMM_FILL; 2: o /
+# down 65 tiles x 4 splits and qkv 96 x 2, two blocks a SM, instead of about one block a SM; at 16
+# tokens with 512-wide K tiles instead of 1024, where those do not split that far). Not yet measured.
 DECODE_FILL = float(os.environ.get("QUAD_DECODE_GEMM_FILL", "1"))
 DECODE_WS_MIN_WAVES = 2
 DECODE_WS_TILES = dict(block_k=256, num_stages=3)
@@ -137,9 +137,11 @@ def decode_plan(m: int, n: int, k: int, sms: int = SMS, min_blocks: int | None =
         fits = [(bk, st) for bk, st in ((1024, 2), (512, 3), (512, 2), (256, 3), (256, 2))
                 if k % bk == 0 and decode_rs_smem(block_m, bk, st) <= SMEM_PER_SM // resident - 2048]
         if fits:
-            block_k, stages = fits[0]
-            return dict(block_m=block_m, block_k=block_k, split=_k_split(tiles, k, block_k, int(sms * DECODE_FILL)),
-                        num_stages=stages, ws_blocks=resident)
+            # the deepest K tile whose split fills DECODE_FILL x 0.7 of the SMs (with FILL 1 the first)
+            target = int(sms * DECODE_FILL)
+            plans = [(bk, st, _k_split(tiles, k, bk, target)) for bk, st in fits]
+            block_k, stages, split = next((p for p in plans if tiles * p[2] >= 0.7 * target), plans[0])
+            return dict(block_m=block_m, block_k=block_k, split=split, num_stages=stages, ws_blocks=resident)
     if min_blocks > 1:
         fits = [(bk, st) for bk, st in ((1024, 2), (512, 3), (512, 2), (256, 3), (256, 2))
                 if k % bk == 0 and decode_smem(block_m, bk, st) <= SMEM_PER_SM // min_blocks - 1024]

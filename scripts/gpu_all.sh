@@ -17,6 +17,8 @@
 # rescale, then the decode rows of bench/attention.py with those and the tile kernel beside the default),
 # bench-kernels, bench-attention, sweep-splits (decode attention at every split count, engine-like
 # table widths), sweep-decode (split-K variants of the decode GEMM at 16 and 32 tokens),
+# gemm-fill (the decode GEMM tests at 9 / 17 / 40 tokens with QUAD_DECODE_GEMM_FILL=2, then the
+# GEMM rows of bench/kernels.py at 16 / 32 / 64 tokens with it and without),
 # sweep-decode-ws (the producer-unpack decode GEMM's tiles beside the dispatch's kernel: qkv and
 # gate_up at 16 / 32 / 64 tokens),
 # sweep-hadamard, sweep-hadamard-gated (the gated 14336-wide quantizer alone, with its fast-silu
@@ -24,7 +26,7 @@
 # what it measured.
 set -u
 out=${1:?usage: scripts/gpu_all.sh OUT_DIR PART}
-part=${2:?PART: gemm | gemm-decode | gemm-decode-blocks | gemm-pipelined | prefill-sdpa | decode | quantize | quantize-clusters | kv | rope | engine | attention-rf | bench-kernels | bench-attention | sweep-splits | sweep-decode | sweep-decode-ws | sweep-hadamard | sweep-hadamard-gated}
+part=${2:?PART: gemm | gemm-decode | gemm-decode-blocks | gemm-fill | gemm-pipelined | prefill-sdpa | decode | quantize | quantize-clusters | kv | rope | engine | attention-rf | bench-kernels | bench-attention | sweep-splits | sweep-decode | sweep-decode-ws | sweep-hadamard | sweep-hadamard-gated}
 mkdir -p "$out"
 quiet() { grep -v "INFO\|WARNING\|AnnotateWarpGroup" ; }
 case "$part" in
@@ -33,6 +35,14 @@ case "$part" in
   gemm-decode) QUAD_GEMM_TEST_MS=9,17,40 timeout 560 python3 scripts/gpu_gemm_check.py -q 2>&1 | quiet \
                  > "$out/gemm_decode_tests.log"
                tail -n 3 "$out/gemm_decode_tests.log" ;;
+  gemm-fill) QUAD_DECODE_GEMM_FILL=2 QUAD_GEMM_TEST_MS=9,17,40 timeout 300 python3 scripts/gpu_gemm_check.py -q 2>&1 \
+               | quiet > "$out/gemm_fill_tests.log"
+             tail -n 3 "$out/gemm_fill_tests.log"
+             for fill in 1 2; do
+               QUAD_DECODE_GEMM_FILL=$fill timeout 130 python3 bench/kernels.py --quick --gemm-ms 16,32,64 \
+                 --out "$out/kernels_fill$fill.json" 2>&1 | quiet > "$out/kernels_fill$fill.log"
+               tail -n 12 "$out/kernels_fill$fill.log" | cut -c1-200
+             done ;;
   gemm-decode-blocks)  # the decode kernels built for 2 and 3 blocks a SM (QUAD_DECODE_GEMM_BLOCKS), in parallel
     for b in 2 3; do
       QUAD_DECODE_GEMM_BLOCKS=$b QUAD_GEMM_TEST_MS=9,17,40 timeout 540 python3 scripts/gpu_gemm_check.py -q 2>&1 | quiet \

@@ -156,8 +156,12 @@ def test_resident_decode_plans_fit_two_blocks_a_sm(monkeypatch):
     assert gemm_dispatch.decode_plan(32, 28672, 4096, resident=2)["block_k"] == 512  # 1024 x 2 stages is 136 KB
     assert gemm_dispatch.decode_plan(32, 4160, 4096, resident=2)["split"] == 2  # 130 blocks
     monkeypatch.setattr(gemm_dispatch, "DECODE_FILL", 2.0)  # QUAD_DECODE_GEMM_FILL=2
-    assert gemm_dispatch.decode_plan(32, 4160, 4096, resident=2)["split"] == 4  # 260 blocks, two a SM
-    assert gemm_dispatch.decode_plan(32, 28672, 4096, resident=2)["split"] == 1
+    for m in (16, 32, 64):
+        for k in (4096, 14336):  # o, down: 65 tiles x 4 splits, two blocks a SM
+            plan = gemm_dispatch.decode_plan(m, 4160, k, resident=2)
+            assert plan["split"] == 4 and k // (plan["block_k"] * 4) >= 2
+        assert gemm_dispatch.decode_plan(m, 28672, 4096, resident=2)["split"] == 1
+    assert gemm_dispatch.decode_plan(16, 4160, 4096, resident=2)["block_k"] == 512  # 1024 would split only twice
 
 
 def test_resident_switch_reaches_the_register_unpack_kernels_only(monkeypatch):
