@@ -294,7 +294,7 @@ def w4ax_epilogue(n: int, rank: int, has_bias: bool = False, out_dtype: str = "f
                  XO: T.Tensor((m, r), "float16"), WO: T.Tensor((n, r), "float16"), BIAS: T.Tensor((n,), "float16"),
                  Y: T.Tensor((m, n), out_dtype)):
             with T.Kernel(n // block_n, T.ceildiv(m, block_m), threads=128) as (bx, by):
-                wait_for_producers("gemm")
+                wait_for_producers("gemm_epilogue")
                 acc_s = T.alloc_shared((block_m, block_n), "int32")
                 acc = T.alloc_fragment((block_n, block_m), "int32")
                 out = T.alloc_fragment((block_n, block_m), "float32")

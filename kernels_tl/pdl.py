@@ -26,11 +26,13 @@ when skipping norm + hadamard_quant, or kv_store + attention, 6.10 when skipping
 established).
 
 Switches, read when kernels_tl is imported: QUAD_PDL=0 builds every kernel without it;
-QUAD_PDL_SKIP=family,... builds those kernel families without it (default: gemm);
+QUAD_PDL_SKIP=family,... builds those kernel families without it (default: gemm,gemm_epilogue);
 QUAD_PDL_LATE=family,... lets them wait but not trigger early (the next kernel launches when they
 exit); QUAD_PDL_PREFETCH=0 keeps the GEMV from requesting its first weights before the wait.
-Families: norm, hadamard_quant, gemm (the tensor-core decode GEMMs and the split-K epilogue), gemv
-(the CUDA-core GEMV of 1-4 tokens), head (the int8 lm_head GEMV), kv_store, attention.
+Families: norm, hadamard_quant, gemm (the tensor-core decode GEMMs), gemm_epilogue (the split-K
+GEMMs' epilogue kernel: skipped by default with gemm, as measured; QUAD_PDL_SKIP=gemm gives it PDL
+alone, so that the kernel after it may launch early, not yet measured), gemv (the CUDA-core GEMV of
+1-4 tokens), head (the int8 lm_head GEMV), kv_store, attention.
 """
 
 import os
@@ -38,7 +40,7 @@ import os
 import tilelang.language as T
 
 ENABLED = os.environ.get("QUAD_PDL", "1") != "0"
-FAMILIES = ("norm", "hadamard_quant", "gemm", "gemv", "head", "kv_store", "attention")
+FAMILIES = ("norm", "hadamard_quant", "gemm", "gemm_epilogue", "gemv", "head", "kv_store", "attention")
 
 
 def _families(var: str, default: str = "") -> frozenset:
@@ -49,7 +51,7 @@ def _families(var: str, default: str = "") -> frozenset:
     return names
 
 
-SKIP = _families("QUAD_PDL_SKIP", "gemm")
+SKIP = _families("QUAD_PDL_SKIP", "gemm,gemm_epilogue")
 LATE = _families("QUAD_PDL_LATE")
 
 

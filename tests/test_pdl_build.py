@@ -45,7 +45,7 @@ def _decode_step_kernels():
 
 
 FAMILY = {"rmsnorm_quant": "norm", "hadamard_quant": "hadamard_quant", "hadamard_quant_cluster": "hadamard_quant",
-          "w4ax_gemv": "gemv", "w4ax_gemm_decode": "gemm", "w4ax_gemm_splitk": "gemm", "w4ax_epilogue": "gemm",
+          "w4ax_gemv": "gemv", "w4ax_gemm_decode": "gemm", "w4ax_gemm_splitk": "gemm", "w4ax_epilogue": "gemm_epilogue",
           "head_gemv": "head", "kv_store": "kv_store", "attention_decode": "attention", "attention_combine": "attention"}
 
 
