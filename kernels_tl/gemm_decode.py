@@ -8,8 +8,8 @@ partial sums are added as int32 (exact, order-independent) into a workspace, and
 applies the same epilogue and zeroes the workspace for the next call. `w4ax_gemm_decode` also
 takes int8 weight rows (weight_bits 8: the int8 lm_head). With register_unpack (the dispatch's
 default) both unpack the weights into the wgmma's register operand instead of an int8 tile in
-shared memory (`_register_unpack_gemm`); with ws_blocks 2 (the dispatch's choice for grids of more
-than a wave) two warp-specialized blocks share a SM.
+shared memory (`_register_unpack_gemm`); with ws_blocks 2 (the dispatch's choice) two
+warp-specialized blocks share a SM.
 """
 
 import functools

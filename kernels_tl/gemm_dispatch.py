@@ -121,6 +121,15 @@ def decode_rs_smem(block_m: int, block_k: int, stages: int) -> int:
     return stages * (block_m * block_k + 64 * block_k // 2) + 64 * block_m * 4
 
 
+# (K tile, stages) a decode block may take where several must share a SM, deepest K tile first.
+SHARED_SM_TILES = ((1024, 2), (512, 3), (512, 2), (256, 3), (256, 2))
+
+
+def _tiles_within(smem, block_m: int, k: int, budget: int) -> list[tuple[int, int]]:
+    """The SHARED_SM_TILES that divide k and whose shared memory smem(block_m, bk, stages) fits budget."""
+    return [(bk, st) for bk, st in SHARED_SM_TILES if k % bk == 0 and smem(block_m, bk, st) <= budget]
+
+
 def decode_plan(m: int, n: int, k: int, sms: int = SMS, min_blocks: int | None = None,
                 resident: int | None = None) -> dict:
     """Token tile, K tile and K split for the split-K kernel: split until the grid fills ~0.7 of
@@ -134,8 +143,7 @@ def decode_plan(m: int, n: int, k: int, sms: int = SMS, min_blocks: int | None =
     block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
     tiles = n // 64 * -(-m // block_m)
     if resident > 1 and min_blocks == 1:
-        fits = [(bk, st) for bk, st in ((1024, 2), (512, 3), (512, 2), (256, 3), (256, 2))
-                if k % bk == 0 and decode_rs_smem(block_m, bk, st) <= SMEM_PER_SM // resident - 2048]
+        fits = _tiles_within(decode_rs_smem, block_m, k, SMEM_PER_SM // resident - 2048)
         if fits:
             # the deepest K tile whose split fills DECODE_FILL x 0.7 of the SMs (with FILL 1 the first)
             target = int(sms * DECODE_FILL)
@@ -143,8 +151,7 @@ def decode_plan(m: int, n: int, k: int, sms: int = SMS, min_blocks: int | None =
             block_k, stages, split = next((p for p in plans if tiles * p[2] >= 0.7 * target), plans[0])
             return dict(block_m=block_m, block_k=block_k, split=split, num_stages=stages, ws_blocks=resident)
     if min_blocks > 1:
-        fits = [(bk, st) for bk, st in ((1024, 2), (512, 3), (512, 2), (256, 3), (256, 2))
-                if k % bk == 0 and decode_smem(block_m, bk, st) <= SMEM_PER_SM // min_blocks - 1024]
+        fits = _tiles_within(decode_smem, block_m, k, SMEM_PER_SM // min_blocks - 1024)
         if fits:
             block_k, stages = fits[0]
             return dict(block_m=block_m, block_k=block_k, split=_k_split(tiles, k, block_k, sms), num_stages=stages,
