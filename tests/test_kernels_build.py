@@ -159,9 +159,9 @@ def test_decode_gemm_overlaps_the_register_unpack_with_the_wgmmas(n, k, m, rank,
     body = src[src.index("for (int kt_1"):]  # the consumer's K loop (the producer's is kt)
     # barrier events in order: a stage's full barrier (waited on) is indexed by the stage alone,
     # its empty barriers (arrived on) by the stage plus an offset
-    events = [m.group(0) if m.group(1) is None else
-              "arrive" if m.group(2) == "arrive" else "full" if "+" not in m.group(1) else "empty"
-              for m in re.finditer(r"mbarrier\[([^\]]*)\]\.(wait|arrive)\(|wait_wgmma<\d>|warpgroup_wait<0>", body)]
+    events = [e.group(0) if e.group(1) is None else
+              "arrive" if e.group(2) == "arrive" else "full" if "+" not in e.group(1) else "empty"
+              for e in re.finditer(r"mbarrier\[([^\]]*)\]\.(wait|arrive)\(|wait_wgmma<\d>|warpgroup_wait<0>", body)]
     # chunk 1 is unpacked after chunk 0's wgmmas were issued, which came after the activations landed
     assert events.index("full") < events.index("wait_wgmma<1>")
     arrives = [i for i, e in enumerate(events) if e == "arrive"]
