@@ -7,6 +7,7 @@ shape only, so one compiled kernel serves every M of a class, and `prebuild` com
 whole set in parallel before the first step.
 """
 
+import dataclasses
 import os
 
 from kernels_tl.buffers import zeros
@@ -54,10 +55,19 @@ DECODE_GEMM = os.environ.get("QUAD_DECODE_GEMM", "rs")  # rs | rs1 | ws | pipeli
 # engine's b32 step with every decode GEMM so, 3.956 against 4.283 ms
 # (bench/results/gemm_resident_decode_h200_2026-12-02.json, decode_ab_h200_2026-12-02d.json).
 DECODE_RESIDENT = int(os.environ.get("QUAD_DECODE_GEMM_RESIDENT", "2"))
-# K splits of the resident plan aim at DECODE_FILL x 0.7 of the SMs (QUAD_DECODE_GEMM_FILL; 2: o /
-# down 65 tiles x 4 splits and qkv 96 x 2, two blocks a SM, instead of about one block a SM; at 16
-# tokens with 512-wide K tiles instead of 1024, where those do not split that far). Not yet measured.
+# K splits of the resident plan for grids that must split K aim at DECODE_FILL x 0.7 of the SMs
+# (QUAD_DECODE_GEMM_FILL; 2: o / down 65 tiles x 4 splits, two blocks a SM, instead of about one
+# block a SM; at 16 tokens with 512-wide K tiles instead of 1024, where those do not split that far).
+# From CUDA graphs at 16 / 32 / 64 tokens (bench/results/kernels_fill_h200_2026-12-02.json): down
+# 12.6 / 15.3 / 19.5 µs against 14.1 / 16.1 / 23.2, o 7.6 / 10.1 / 13.7 against 7.9 / 10.1 / 14.3;
+# qkv's 96 tiles split in two (the first form of the switch) lost 7-18%, so grids that fill the
+# SMs unsplit stay unsplit.
 DECODE_FILL = float(os.environ.get("QUAD_DECODE_GEMM_FILL", "1"))
+# A split-K GEMM whose output only goes into the residual (o_proj, down_proj) hands its int32 sums
+# to the next norm, which applies the epilogue in its pass over the row (SplitKSums,
+# quantize.rmsnorm_quant's "splitk" mode): one launch fewer per split-K GEMM
+# (QUAD_SPLITK_INTO_NORM=0: the epilogue kernel, then the norm).
+SPLITK_INTO_NORM = os.environ.get("QUAD_SPLITK_INTO_NORM", "1") != "0"
 DECODE_WS_MIN_WAVES = 2
 DECODE_WS_TILES = dict(block_k=256, num_stages=3)
 
@@ -145,8 +155,10 @@ def decode_plan(m: int, n: int, k: int, sms: int = SMS, min_blocks: int | None =
     if resident > 1 and min_blocks == 1:
         fits = _tiles_within(decode_rs_smem, block_m, k, SMEM_PER_SM // resident - 2048)
         if fits:
-            # the deepest K tile whose split fills DECODE_FILL x 0.7 of the SMs (with FILL 1 the first)
-            target = int(sms * DECODE_FILL)
+            # Grids that must split K anyway (fewer tiles than 0.7 of the SMs) aim at DECODE_FILL x
+            # 0.7 of the SMs with the deepest K tile that splits that far (with FILL 1 the first);
+            # grids that fill the SMs unsplit stay unsplit (qkv's 96 tiles split in two lost 7-18%).
+            target = int(sms * DECODE_FILL) if tiles < 0.7 * sms else sms
             plans = [(bk, st, _k_split(tiles, k, bk, target)) for bk, st in fits]
             block_k, stages, split = next((p for p in plans if tiles * p[2] >= 0.7 * target), plans[0])
             return dict(block_m=block_m, block_k=block_k, split=split, num_stages=stages, ws_blocks=resident)
@@ -283,10 +295,40 @@ def _bias_or_zeros(bias, n: int, dev):
     return zeros("bias", n, 1, torch.float16, dev).view(n) if bias is None else bias
 
 
-def w4ax_linear(x_q, x_scale, w_q, w_scale, x_out=None, w_out=None, bias=None, out=None, out_dtype=None):
+@dataclasses.dataclass
+class SplitKSums:
+    """A split-K GEMM's output before its epilogue: Y = ACC · sx · sw / 16 (no outliers, no bias)
+    as float16, with ACC the int32 sums in the shared workspace. The norm that adds the branch to the
+    residual applies it in its pass (quantize.rmsnorm_quant's "splitk" mode) and leaves ACC zero;
+    anything else calls materialize(), the epilogue kernel. The workspace belongs to every split-K
+    GEMM of this width: the sums must be consumed before the next such GEMM runs (the layer's
+    next norm comes first)."""
+
+    acc: "torch.Tensor"  # noqa: F821  int32 [m, n]
+    x_scale: "torch.Tensor"  # noqa: F821  float32 [m]
+    w_scale: "torch.Tensor"  # noqa: F821  float16 [n]
+    epilogue: object  # the compiled w4ax_epilogue of the problem
+    lead: tuple = ()  # the leading shape of the output (quant_linear's callers): [*lead, n]
+
+    def materialize(self):
+        """The float16 output [*lead, n], through the epilogue kernel (which zeroes ACC)."""
+        import torch
+
+        m, n = self.acc.shape
+        dev = self.acc.device
+        x_out, w_out = _no_outliers(m, n, dev)
+        y = torch.empty(m, n, dtype=torch.float16, device=dev)
+        self.epilogue(self.acc, self.x_scale, self.w_scale, x_out, w_out, _bias_or_zeros(None, n, dev), y)
+        return y.reshape(*(self.lead or (m,)), n)
+
+
+def w4ax_linear(x_q, x_scale, w_q, w_scale, x_out=None, w_out=None, bias=None, out=None, out_dtype=None,
+                into_residual=False):
     """Y = quant_linear(...) on the GPU (the dispatch layer's entry point): the CUDA-core GEMV for
     M <= 4, the decode kernel (split-K + epilogue kernel where K is split) for M <= 64, the prefill kernel above.
-    Writes `out` when given. x_scale float32 [M], w_scale float16 [n] (reshaped if [.., 1])."""
+    Writes `out` when given. x_scale float32 [M], w_scale float16 [n] (reshaped if [.., 1]).
+    into_residual (Y only goes into a residual add): a split-K problem without outliers or bias
+    returns its SplitKSums instead of running the epilogue kernel (SPLITK_INTO_NORM)."""
     import torch
 
     m = x_q.shape[0]
@@ -303,6 +345,9 @@ def w4ax_linear(x_q, x_scale, w_q, w_scale, x_out=None, w_out=None, bias=None, o
     if len(kernels) == 2:
         acc = zeros("acc", m, n, torch.int32, dev)  # the epilogue leaves it zero again
         kernels[0](x_q, w_q, acc)
+        if (into_residual and SPLITK_INTO_NORM and rank == 0 and bias is None and out is None
+                and out_dtype == torch.float16):
+            return SplitKSums(acc, xs, ws, kernels[1])
         kernels[1](acc, xs, ws, x_out, w_out, bias_t, y)
     else:
         kernels[0](x_q, xs, w_q, ws, x_out, w_out, bias_t, y)

@@ -77,9 +77,12 @@ def _block_allreduce(value, red, off: int, tx, warps: int, is_sum: bool):
 
 # ---------------------------------------------------------------- RMSNorm + split + quantize
 
-def rmsnorm_body(width: int, rank: int, d: int, bits: int, clip: float, eps: float, threads: int, add: bool):
-    """rmsnorm_quant's work on one token row, as a macro body(H, D, XO, XQ, XS, row) for a block of
-    `threads` threads (with add, H[row] += D[row] first)."""
+def rmsnorm_body(width: int, rank: int, d: int, bits: int, clip: float, eps: float, threads: int, add: str | None):
+    """rmsnorm_quant's work on one token row, as a macro body(H, D, XO, XQ, XS, row, SX, WS) for a
+    block of `threads` threads. add "float16": H[row] += D[row] first; add "splitk": H[row] +=
+    float16(D[row] · SX[row] · WS / 16) first, D being a split-K GEMM's int32 sums (its epilogue,
+    gemm_decode._decode_epilogue without outliers or bias, in the same float32 operations), and
+    D[row] is zeroed for the next GEMM as the epilogue kernel would."""
     _qmax(bits)
     vec = 8
     nvec = width // vec
@@ -88,19 +91,45 @@ def rmsnorm_body(width: int, rank: int, d: int, bits: int, clip: float, eps: flo
     warps = threads // 32
 
     @T.macro
-    def body(H, D, XO, XQ, XS, bx):
+    def body(H, D, XO, XQ, XS, bx, SX, WS):
         tx = T.get_thread_binding()
         xh = T.alloc_local((per_thread, vec), "float16")
-        hf = T.alloc_local((vec,), "float32")
         red = T.alloc_shared((2 * warps,), "float32")
         ss = T.alloc_var("float32", init=0)
         amax = T.alloc_var("float32", init=0)
+        if add:
+            # Every load of the row is issued before the first store: the stores (H, and the zeroed
+            # sums) may alias the loads as far as the compiler knows (the PDL build drops
+            # __restrict__), so loads after a store would wait for it, a memory round trip per vector.
+            hv = T.alloc_local((per_thread, vec), "float32")
+            dv = T.alloc_local((per_thread, vec), "int32" if add == "splitk" else "float16")
+            hf = T.alloc_local((vec,), "float32")
+            if add == "splitk":
+                wv = T.alloc_local((per_thread, vec), "float16")
+                token_scale = T.alloc_var("float32", init=SX[bx])
+            for v in T.unroll(per_thread):
+                col = (v * threads + tx) * vec
+                if not ragged or col < width:
+                    for e in T.vectorized(vec):
+                        hv[v, e] = H[bx, col + e]
+                    for e in T.vectorized(vec):
+                        dv[v, e] = D[bx, col + e]
+                    if add == "splitk":
+                        for e in T.vectorized(vec):
+                            wv[v, e] = WS[col + e]
         for v in T.unroll(per_thread):
             col = (v * threads + tx) * vec
             if not ragged or col < width:
                 if add:
-                    for e in T.vectorized(vec):
-                        hf[e] = H[bx, col + e] + T.Cast("float32", D[bx, col + e])
+                    if add == "splitk":
+                        for e in T.unroll(vec):
+                            hf[e] = hv[v, e] + T.Cast("float32", T.Cast("float16", T.Cast("float32", dv[v, e]) * (
+                                token_scale * T.Cast("float32", wv[v, e]) * T.float32(1.0 / 16))))
+                        for e in T.vectorized(vec):
+                            D[bx, col + e] = 0
+                    else:
+                        for e in T.vectorized(vec):
+                            hf[e] = hv[v, e] + T.Cast("float32", dv[v, e])
                     for e in T.vectorized(vec):
                         H[bx, col + e] = hf[e]
                     for e in T.vectorized(vec):
@@ -151,6 +180,10 @@ def rmsnorm_quant(width: int, rank: int, d: int, bits: int, clip: float, eps: fl
     residual "add": kernel(H, D, XO, XQ, XS): H float32 [m, rank + d] += D float16 in place (the
     residual add of the branch before it), then the norm of float16(H) as above: one pass over
     the row instead of an add kernel, a cast kernel and the norm.
+    residual "splitk": kernel(H, ACC, SX, WS, XO, XQ, XS): the same add with the branch still the
+    int32 sums ACC [m, rank + d] of a split-K GEMM (no outliers, no bias), its token scales SX
+    float32 [m] and weight scales WS float16 [rank + d]: the GEMM's epilogue rides in the norm's
+    pass (gemm_dispatch.SplitKSums), one launch instead of two; ACC is left zero.
     XO float16 [m, max(rank, 16)] (columns >= rank untouched), XQ int8 [m, d] and XS float32 [m]
     are written, not allocated.
 
@@ -160,19 +193,33 @@ def rmsnorm_quant(width: int, rank: int, d: int, bits: int, clip: float, eps: fl
     normalized amax is amax·rsqrt(...) exactly, since rounding x·inv is monotonic in |x|.
     """
     assert width == rank + d and rank % 16 == 0 and d % 8 == 0, (width, rank, d)
-    assert residual in ("float16", "float32", "add"), residual
+    assert residual in ("float16", "float32", "add", "splitk"), residual
     # Enough blocks per SM to keep ~128 KB of loads in flight: at most 5 vectors per thread.
     threads = threads or next((t for t in (128, 256, 512) if (width // 8) <= 5 * t), 1024)
     r = max(rank, 16)  # a zero-width outlier output still needs a legal tensor; it is not written
     in_dtype = "float16" if residual == "float16" else "float32"
-    add = residual == "add"
+    add = {"add": "float16", "splitk": "splitk"}.get(residual)
     body = rmsnorm_body(width, rank, d, bits, clip, eps, threads, add)
 
     @tilelang.jit(target=TARGETS[target], pass_configs=_PASS_CONFIGS)
     def build():
         m = T.dynamic("m")
 
-        if add:
+        if add == "splitk":
+            @T.prim_func
+            def main(
+                H: T.Tensor((m, width), "float32"),
+                ACC: T.Tensor((m, width), "int32"),
+                SX: T.Tensor((m,), "float32"),
+                WS: T.Tensor((width,), "float16"),
+                XO: T.Tensor((m, r), "float16"),
+                XQ: T.Tensor((m, d), "int8"),
+                XS: T.Tensor((m,), "float32"),
+            ):
+                with T.Kernel(m, threads=threads) as bx:
+                    wait_for_producers("norm")
+                    body(H, ACC, XO, XQ, XS, bx, SX, WS)
+        elif add:
             @T.prim_func
             def main(
                 H: T.Tensor((m, width), "float32"),
@@ -183,7 +230,7 @@ def rmsnorm_quant(width: int, rank: int, d: int, bits: int, clip: float, eps: fl
             ):
                 with T.Kernel(m, threads=threads) as bx:
                     wait_for_producers("norm")
-                    body(H, D, XO, XQ, XS, bx)
+                    body(H, D, XO, XQ, XS, bx, None, None)
         else:
             @T.prim_func
             def main(
@@ -194,7 +241,7 @@ def rmsnorm_quant(width: int, rank: int, d: int, bits: int, clip: float, eps: fl
             ):
                 with T.Kernel(m, threads=threads) as bx:
                     wait_for_producers("norm")
-                    body(H, H, XO, XQ, XS, bx)  # D is never read without the add
+                    body(H, H, XO, XQ, XS, bx, None, None)  # D is never read without the add
 
         return main
 
@@ -206,13 +253,17 @@ def rmsnorm_quant(width: int, rank: int, d: int, bits: int, clip: float, eps: fl
 def rmsnorm_quant_op(h, rank: int, d: int, eps: float, bits: int, clip: float, residual=None):
     """(x_out float16 [.., rank], x_q int8 [.., d], x_scale float32 [.., 1]) of the widened residual h
     (float16, or float32: rounded to float16 on load). With `residual` (float16, h's shape; h float32
-    and contiguous) h += residual in place first, in the same pass."""
+    and contiguous) h += residual in place first, in the same pass; residual may also be a split-K
+    GEMM's sums before their epilogue (gemm_dispatch.SplitKSums), which the pass applies."""
     import torch
 
     lead = h.shape[:-1]
+    splitk = residual is not None and not isinstance(residual, torch.Tensor)
     if residual is not None:
         assert h.dtype == torch.float32 and h.is_contiguous(), "the fused add updates a contiguous float32 h"
-        h2, mode = h.view(-1, h.shape[-1]), "add"
+        h2, mode = h.view(-1, h.shape[-1]), "splitk" if splitk else "add"
+        if splitk:
+            assert residual.acc.shape == h2.shape, (residual.acc.shape, h2.shape)
     elif h.dtype == torch.float32:
         h2, mode = h.reshape(-1, h.shape[-1]).contiguous(), "float32"
     else:
@@ -223,7 +274,9 @@ def rmsnorm_quant_op(h, rank: int, d: int, eps: float, bits: int, clip: float, r
     x_q = torch.empty(m, d, dtype=torch.int8, device=h.device)
     x_scale = torch.empty(m, dtype=torch.float32, device=h.device)
     if m:
-        if residual is not None:
+        if splitk:
+            kernel(h2, residual.acc, residual.x_scale, residual.w_scale, x_out, x_q, x_scale)
+        elif residual is not None:
             kernel(h2, residual.reshape(m, -1).to(torch.float16).contiguous(), x_out, x_q, x_scale)
         else:
             kernel(h2, x_out, x_q, x_scale)

@@ -86,13 +86,15 @@ def rmsnorm_quant(h: torch.Tensor, rank: int, hidden: int, eps: float, bits: int
     """Weightless RMSNorm of the widened residual, split into (x_out, x_q, x_scale).
 
     With `residual` (the previous branch's output, not yet added), h += residual in place first:
-    the kernel does both in one pass over the row. With bits >= 16 (unquantized mode) x_q is the
-    float activation and x_scale is None.
+    the kernel does both in one pass over the row, the branch's GEMM epilogue too where it is a
+    split-K GEMM's sums (quant_linear with into_residual). With bits >= 16 (unquantized mode) x_q
+    is the float activation and x_scale is None.
     """
     kernels = bits < 16 and use_kernels(h) and rank % 16 == 0
     if kernels and fusions_enabled() and (residual is None or (h.dtype == torch.float32 and h.is_contiguous())):
         from kernels_tl.quantize import rmsnorm_quant_op
         return rmsnorm_quant_op(h, rank, hidden, eps, bits, clip, residual)
+    residual = materialize(residual)
     if residual is not None:
         h += residual
     if bits >= 16:
@@ -104,6 +106,13 @@ def rmsnorm_quant(h: torch.Tensor, rank: int, hidden: int, eps: float, bits: int
     # The kernels read the residual as float16: so does the reference (see module doc).
     x_out, x_q, x_scale = ref.rmsnorm_split_quant(h.half().float(), rank, hidden, eps, bits, clip)
     return x_out.half(), x_q, x_scale
+
+
+def materialize(branch):
+    """A branch output as a tensor: quant_linear(..., into_residual=True) may return a split-K GEMM's
+    sums before their epilogue (kernels_tl.gemm_dispatch.SplitKSums), which the next norm takes as
+    they are; any other use runs the epilogue here."""
+    return branch.materialize() if hasattr(branch, "materialize") else branch
 
 
 @_profiled("quantize")
@@ -201,13 +210,16 @@ def prebuild_quantizers(cfg, token_counts, int8_head: bool = False, workers: int
         from kernels_tl import hadamard_quant_dispatch, quantize
     except ImportError:
         return
+    from kernels_tl.gemm_dispatch import SPLITK_INTO_NORM
     bits = cfg.act_bits
+    modes = ("float16", "float32", "add") + (("splitk",) if SPLITK_INTO_NORM else ()) if fusions_enabled() \
+        else ("float16",)
     jobs = []
     for site in ("qkv", "gate_up"):
         if bits[site] < 16 and cfg.rank % 16 == 0:
             jobs += [functools.partial(quantize.rmsnorm_quant, cfg.rank + cfg.hidden_size, cfg.rank, cfg.hidden_size,
                                        bits[site], float(cfg.act_clip), float(cfg.rms_norm_eps), residual=mode)
-                     for mode in (("float16", "float32", "add") if fusions_enabled() else ("float16",))]
+                     for mode in modes]
     if int8_head and cfg.rank % 16 == 0:
         jobs.append(functools.partial(quantize.rmsnorm_quant, cfg.rank + cfg.hidden_size, cfg.rank, cfg.hidden_size,
                                       HEAD_BITS, float(HEAD_CLIP), float(cfg.rms_norm_eps),
@@ -238,10 +250,12 @@ def _hadamard_f32(x: torch.Tensor, spec: HadamardSpec | None) -> torch.Tensor:
 
 @_profiled("gemm")
 def quant_linear(x_q: torch.Tensor, x_scale: torch.Tensor | None, weight: "QuantWeights",
-                 x_out: torch.Tensor | None = None) -> torch.Tensor:
+                 x_out: torch.Tensor | None = None, into_residual: bool = False):
     """y = dequant(x_q) @ dequant(W)ᵀ + x_out @ w_outᵀ + bias, with the integer part exact.
 
-    float16 out (float32 in the unquantized mode), from either backend."""
+    float16 out (float32 in the unquantized mode), from either backend. into_residual: y only goes
+    into the residual, through rmsnorm_quant's residual (or materialize): a split-K decode GEMM may
+    then return its sums before the epilogue, which the norm applies in its own pass."""
     lead = x_q.shape[:-1]
     x2 = x_q.reshape(-1, x_q.shape[-1])
     xo = None if x_out is None or x_out.shape[-1] == 0 else x_out.reshape(-1, x_out.shape[-1])
@@ -254,7 +268,11 @@ def quant_linear(x_q: torch.Tensor, x_scale: torch.Tensor | None, weight: "Quant
     elif use_kernels(x2) and _gemm_supports(weight):
         from kernels_tl.gemm_dispatch import w4ax_linear
         y = w4ax_linear(x2.contiguous(), x_scale.reshape(-1).float(), weight.qweight, weight.scale.reshape(-1).half(),
-                        None if xo is None else xo.half().contiguous(), weight.w_out, weight.bias)
+                        None if xo is None else xo.half().contiguous(), weight.w_out, weight.bias,
+                        into_residual=into_residual)
+        if not isinstance(y, torch.Tensor):  # SplitKSums
+            y.lead = tuple(lead)
+            return y
     else:
         y = ref.quant_linear(x2, x_scale.reshape(-1, 1), weight.unpacked(), weight.scale,
                              None if xo is None else xo.half().float(), weight.w_out, weight.bias).half()
@@ -294,8 +312,8 @@ class QuantWeights(torch.nn.Module):
         return self._unpacked[1]
 
     def forward(self, x_q: torch.Tensor, x_scale: torch.Tensor | None,
-                x_out: torch.Tensor | None = None) -> torch.Tensor:
-        return quant_linear(x_q, x_scale, self, x_out)
+                x_out: torch.Tensor | None = None, into_residual: bool = False):
+        return quant_linear(x_q, x_scale, self, x_out, into_residual)
 
     @classmethod
     def from_checkpoint(cls, tensors: dict[str, torch.Tensor], prefix: str) -> "QuantWeights":

@@ -92,7 +92,7 @@ def test_engine_quantizer_prebuild_uses_the_model_sites(monkeypatch):
                           hadamard_o=HadamardSpec(size=4096, factors=[4096], block=None),
                           hadamard_down=HadamardSpec(size=14336, factors=[28, 512], block=None))
     ops.prebuild_quantizers(cfg, [1, 8])
-    assert {mode for _, mode in norms} == {"float16", "float32", "add"}
+    assert {mode for _, mode in norms} == {"float16", "float32", "add", "splitk"}
     assert {a[:4] for a, _ in norms} == {(4160, 64, 4096, 4)}
     assert sorted(problems, key=repr) == sorted([(4096, (4096,), None, 8, 0.9, False),
                                                  (14336, (28, 512), None, 8, 0.9, True)], key=repr)
@@ -161,6 +161,7 @@ def test_resident_decode_plans_fit_two_blocks_a_sm(monkeypatch):
             plan = gemm_dispatch.decode_plan(m, 4160, k, resident=2)
             assert plan["split"] == 4 and k // (plan["block_k"] * 4) >= 2
         assert gemm_dispatch.decode_plan(m, 28672, 4096, resident=2)["split"] == 1
+        assert gemm_dispatch.decode_plan(m, 6144, 4096, resident=2)["split"] == 1  # 96 tiles fill the SMs unsplit
     assert gemm_dispatch.decode_plan(16, 4160, 4096, resident=2)["block_k"] == 512  # 1024 would split only twice
 
 
@@ -176,3 +177,73 @@ def test_resident_switch_reaches_the_register_unpack_kernels_only(monkeypatch):
     monkeypatch.setattr(gemm_dispatch, "DECODE_RESIDENT", 1)  # QUAD_DECODE_GEMM_RESIDENT=1
     _, _, kwargs = gemm_dispatch.kernel_specs(32, 28672, 4096, 64, False, "float16")[0]
     assert "ws_blocks" not in dict(kwargs)
+
+
+def _fake_decode_kernels(monkeypatch, split: bool):
+    """w4ax_linear's kernels replaced by recorders (CPU tensors): a split-K GEMM that adds 16 into
+    every sum, and its epilogue; or one fused decode kernel."""
+    from kernels_tl import gemm_dispatch
+    calls = []
+
+    def gemm(x_q, w_q, acc):
+        calls.append("splitk")
+        acc += 16
+
+    def epilogue(acc, xs, ws, x_out, w_out, bias, y):
+        calls.append("epilogue")
+        y.copy_((acc.float() * (xs[:, None] * ws.float()[None] / 16)).half())
+        acc.zero_()
+
+    def fused(*args):
+        calls.append("fused")
+    monkeypatch.setattr(gemm_dispatch, "kernels_for", lambda *a: [gemm, epilogue] if split else [fused])
+    return calls
+
+
+def test_split_k_sums_go_to_the_norm_only_where_asked_and_possible(monkeypatch):
+    import torch
+
+    from kernels_tl import gemm_dispatch
+    from kernels_tl.buffers import zeros
+    m, n, k = 3, 128, 256
+    x_q, xs = torch.zeros(m, k, dtype=torch.int8), torch.full((m,), 0.5)
+    w_q, ws = torch.zeros(n, k // 2, dtype=torch.uint8), torch.full((n,), 2.0, dtype=torch.float16)
+    calls = _fake_decode_kernels(monkeypatch, split=True)
+    y = gemm_dispatch.w4ax_linear(x_q, xs, w_q, ws)  # not into the residual: the epilogue runs
+    assert calls == ["splitk", "epilogue"] and torch.equal(y, torch.ones(m, n, dtype=torch.float16))
+    calls.clear()
+    sums = gemm_dispatch.w4ax_linear(x_q, xs, w_q, ws, into_residual=True)
+    assert calls == ["splitk"] and isinstance(sums, gemm_dispatch.SplitKSums)
+    assert torch.equal(sums.acc, torch.full((m, n), 16, dtype=torch.int32))
+    assert sums.acc.data_ptr() == zeros("acc", m, n, torch.int32, x_q.device).data_ptr()  # the shared workspace
+    sums.lead = (1, m)
+    y = sums.materialize()
+    assert calls == ["splitk", "epilogue"] and y.shape == (1, m, n) and torch.equal(y, torch.ones(1, m, n).half())
+    assert not sums.acc.any()  # the epilogue left the workspace zero
+    calls.clear()
+    bias = torch.zeros(n, dtype=torch.float16)  # a bias (or outliers) keeps the epilogue kernel
+    assert isinstance(gemm_dispatch.w4ax_linear(x_q, xs, w_q, ws, bias=bias, into_residual=True), torch.Tensor)
+    monkeypatch.setattr(gemm_dispatch, "SPLITK_INTO_NORM", False)  # QUAD_SPLITK_INTO_NORM=0
+    assert isinstance(gemm_dispatch.w4ax_linear(x_q, xs, w_q, ws, into_residual=True), torch.Tensor)
+    assert calls == ["splitk", "epilogue"] * 2
+    calls = _fake_decode_kernels(monkeypatch, split=False)  # one kernel covers K: nothing to defer
+    monkeypatch.setattr(gemm_dispatch, "SPLITK_INTO_NORM", True)
+    assert isinstance(gemm_dispatch.w4ax_linear(x_q, xs, w_q, ws, into_residual=True), torch.Tensor)
+
+
+def test_branch_sums_are_materialized_wherever_the_norm_kernel_does_not_take_them():
+    import torch
+
+    from quad_engine import ops
+    torch.manual_seed(0)
+    h = torch.randn(2, 5, 64 + 256)
+    branch = torch.randn(2, 5, 64 + 256).half()
+
+    class Sums:  # stands in for gemm_dispatch.SplitKSums
+        def materialize(self):
+            return branch
+    assert ops.materialize(branch) is branch and ops.materialize(None) is None
+    expect = ops.rmsnorm_quant(h.clone(), 64, 256, 1e-5, 4, 0.9, residual=branch)
+    h2 = h.clone()
+    got = ops.rmsnorm_quant(h2, 64, 256, 1e-5, 4, 0.9, residual=Sums())  # CPU: the reference path
+    assert all(torch.equal(a, b) for a, b in zip(got, expect)) and torch.equal(h2, h + branch.float())

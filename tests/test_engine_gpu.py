@@ -136,3 +136,30 @@ def test_chunked_prefill_tracks_the_whole_prefill(monkeypatch):
     err_chunked = float(_relative_errors(chunked[-1][None], ref))
     print(f"\nchunked prefill: last-position logits vs reference {err_chunked:.3e} (one-step prefill {err_whole:.3e})")
     assert err_chunked <= 2 * err_whole + 5e-2, (err_chunked, err_whole)
+
+
+def test_split_k_epilogue_in_the_norm_gives_the_tokens_of_the_epilogue_kernel(monkeypatch):
+    """Decode batches of 5-64 run o_proj / down_proj split-K; their epilogue rides in the next norm
+    (gemm_dispatch.SPLITK_INTO_NORM) with the same float32 operations as the epilogue kernel:
+    the same greedy tokens as with it, and the fused path was taken."""
+    from kernels_tl import gemm_dispatch, quantize
+    model = synthetic_model("llama-3-8b", device="cuda", num_layers=2, mode="w4a4a8")
+    rng = random.Random(4)
+    prompts = [[rng.randrange(1000) for _ in range(rng.randint(5, 300))] for _ in range(12)]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    norm_op, fused = quantize.rmsnorm_quant_op, []
+
+    def counting(*args, **kwargs):  # rmsnorm_quant_op(h, rank, d, eps, bits, clip, residual)
+        residual = args[6] if len(args) > 6 else kwargs.get("residual")
+        fused.append(isinstance(residual, gemm_dispatch.SplitKSums))
+        return norm_op(*args, **kwargs)
+    monkeypatch.setattr(quantize, "rmsnorm_quant_op", counting)
+    tokens = {}
+    for into_norm in (True, False):
+        monkeypatch.setattr(gemm_dispatch, "SPLITK_INTO_NORM", into_norm)
+        fused.clear()
+        llm = LLM(model=model, device="cuda", num_blocks=128, max_model_len=512)
+        tokens[into_norm] = [o.token_ids for o in llm.generate(prompts, params)[0]]
+        assert any(fused) == into_norm
+        del llm
+    assert tokens[True] == tokens[False]

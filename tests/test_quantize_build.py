@@ -73,7 +73,7 @@ def test_hadamard_quant_builds(n, bits, tmp_path):
     assert ptxas_spills(src, tmp_path) == [0, 0]
 
 
-@pytest.mark.parametrize("residual", ["float32", "add"])
+@pytest.mark.parametrize("residual", ["float32", "add", "splitk"])
 def test_rmsnorm_quant_float32_residual_variants_build(residual, tmp_path):
     from kernels_tl.quantize import SM90, rmsnorm_quant
     src = rmsnorm_quant(64 + 4096, 64, 4096, 4, 0.9, 1e-5, target=SM90, residual=residual).get_kernel_source()
@@ -81,8 +81,19 @@ def test_rmsnorm_quant_float32_residual_variants_build(residual, tmp_path):
     # (kernels built for programmatic dependent launch lose __restrict__: TileLang drops it so that
     # no read-only-cache load can be hoisted above the wait for the previous kernel)
     assert re.search(r"float\* (__restrict__ )?H\b", src)  # the float32 residual
-    assert ("*(float4*)(H +" in src) and (src.count("*(float4*)(H +") == (2 if residual == "add" else 1))
+    adds = residual in ("add", "splitk")
+    assert ("*(float4*)(H +" in src) and (src.count("*(float4*)(H +") == (2 if adds else 1))
     assert bool(re.search(r"const half_t\* (__restrict__ )?D\b", src)) == (residual == "add")
+    assert bool(re.search(r"int\* (__restrict__ )?ACC\b", src)) == (residual == "splitk")
+    if adds:  # every load of the row comes before the first store (which might alias it)
+        lines = [line.strip() for line in src[src.index("main_kernel("):].splitlines()]
+        loads = [i for i, line in enumerate(lines) if re.search(r"= \*\(\w+\*\)\((H|D|ACC|WS) \+", line)]
+        stores = [i for i, line in enumerate(lines) if re.match(r"\*\(\w+\*\)\((H|ACC) \+", line)]
+        assert len(loads) == (3 if residual == "splitk" else 2) and stores and max(loads) < min(stores)
+        # in a loop over the row's vectors of its own (the source keeps the loops rolled)
+        assert any(line.startswith("for (int v") for line in lines[max(loads):min(stores)])
+    if residual == "splitk":  # the epilogue's float32 operations, then the float16 rounding of the branch
+        assert "((half_t)(((float)dv[" in src and "* 0x1p-4f" in src
     assert src.count("__syncthreads()") == 2
     assert ptxas_spills(src, tmp_path) == [0, 0]
 

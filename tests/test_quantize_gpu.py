@@ -137,6 +137,46 @@ def test_rmsnorm_quant_float32_residual_and_fused_add(rank, d, m, residual):
         torch.testing.assert_close(x_out[:, :rank].float(), out_ref, rtol=1e-3, atol=1e-3, msg=what)
 
 
+@pytest.mark.parametrize("m", [1, 5, 17, 64, 2053])
+@pytest.mark.parametrize("rank,d", [(64, 4096), (64, 576), (0, 3584)])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_rmsnorm_quant_takes_split_k_sums(rank, d, m, bits):
+    """The norm with a split-K GEMM's epilogue in its pass ("splitk") equals the epilogue kernel
+    followed by the fused-add norm, bit for bit (residual, x_out, x_q, x_scale), and leaves the
+    int32 sums zero as the epilogue kernel does; the residual equals torch's float32 epilogue."""
+    from kernels_tl.gemm_decode import w4ax_epilogue
+    from kernels_tl.quantize import rmsnorm_quant
+    seed = SEED + 11 * m + rank + d + bits
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    n = rank + d
+    h = activations(m, n, seed, spread=20.0).float() * (1 + 1e-3 * torch.rand(m, n, device="cuda"))
+    acc = torch.randint(-2**21, 2**21, (m, n), generator=g, device="cuda", dtype=torch.int32)
+    xs = torch.rand(m, generator=g, device="cuda") * 1e-3 + 1e-5
+    ws = (torch.rand(n, generator=g, device="cuda") * 0.02 + 1e-3).half()
+
+    def outputs():
+        return (torch.full((m, max(rank, 16)), float("nan"), device="cuda", dtype=torch.float16),
+                torch.full((m, d), 0x55, device="cuda", dtype=torch.int8),
+                torch.full((m,), float("nan"), device="cuda"))
+    # two kernels: the epilogue (float16 branch), then the fused-add norm
+    acc_a, h_a, (xo_a, xq_a, xs_a) = acc.clone(), h.clone(), outputs()
+    y = torch.full((m, n), float("nan"), device="cuda", dtype=torch.float16)
+    zeros16 = torch.zeros(max(m, 1), 16, device="cuda", dtype=torch.float16)
+    w4ax_epilogue(n, 0, False, "float16", 16)(acc_a, xs, ws, zeros16[:m], torch.zeros(n, 16, device="cuda").half(),
+                                             torch.zeros(n, device="cuda").half(), y)
+    rmsnorm_quant(n, rank, d, bits, CLIP, 1e-5, residual="add")(h_a, y, xo_a, xq_a, xs_a)
+    # one kernel
+    acc_b, h_b, (xo_b, xq_b, xs_b) = acc.clone(), h.clone(), outputs()
+    rmsnorm_quant(n, rank, d, bits, CLIP, 1e-5, residual="splitk")(h_b, acc_b, xs, ws, xo_b, xq_b, xs_b)
+    what = f"splitk norm r={rank} d={d} m={m} bits={bits} seed={seed}"
+    torch_branch = (acc.float() * (xs[:, None] * ws.float()[None] * (1.0 / 16))).half()
+    assert torch.equal(h_b, h + torch_branch.float()), what
+    assert torch.equal(h_b, h_a) and torch.equal(xq_b, xq_a) and torch.equal(xs_b, xs_a), what
+    if rank:
+        assert torch.equal(xo_b[:, :rank], xo_a[:, :rank]), what
+    assert not acc_b.any() and not acc_a.any(), f"{what}: the sums are left zero"
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("m", MS)
 @pytest.mark.parametrize("n", HADAMARD_SIZES)

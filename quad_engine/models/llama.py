@@ -89,7 +89,8 @@ class Attention(nn.Module):
                                           round_trip=ctx.is_prefill and not ctx.has_prefix)
             attn = kv_ops.paged_attention(q, self.kv_cache, ctx.block_tables, ctx.context_lens, ctx.query_lens,
                                        ctx.is_prefill, new_kv, ctx.has_prefix, ctx.host_context_lens)
-            return self.o(*ops.hadamard_quant(attn.reshape(b, t, nq), cfg.hadamard_o, bits["o"], cfg.act_clip))
+            return self.o(*ops.hadamard_quant(attn.reshape(b, t, nq), cfg.hadamard_o, bits["o"], cfg.act_clip),
+                          into_residual=True)
         v = qkv[..., nq + nkv:].view(b, t, cfg.num_kv_heads, hd).transpose(1, 2)
         # The head_dim Hadamard after RoPE spreads K's outliers so its int4 cache quantizes well;
         # Q gets the same one so QKᵀ is unchanged. V's was fused into v_proj offline.
@@ -121,7 +122,7 @@ class Attention(nn.Module):
                                        ctx.host_context_lens)
             attn = attn.reshape(b, t, nq)
         a_q, a_s = ops.hadamard_quant(attn, cfg.hadamard_o, bits["o"], cfg.act_clip)
-        return self.o(a_q, a_s)
+        return self.o(a_q, a_s, into_residual=True)
 
 
 class MLP(nn.Module):
@@ -138,7 +139,7 @@ class MLP(nn.Module):
                                             bits["gate_up"], cfg.act_clip, residual=pending)
         gate_up = self.gate_up(x_q, x_s, x_out)
         a_q, a_s = ops.swiglu_hadamard_quant(gate_up, cfg.hadamard_down, bits["down"], cfg.act_clip)
-        return self.down(a_q, a_s)
+        return self.down(a_q, a_s, into_residual=True)
 
 
 class DecoderLayer(nn.Module):
@@ -150,14 +151,15 @@ class DecoderLayer(nn.Module):
     def forward(self, h: torch.Tensor, pending: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
                 rope_h: torch.Tensor | None = None) -> torch.Tensor:
         """Advance the float32 residual h in place; returns this layer's MLP output, which the next
-        norm adds (each residual add rides in the following norm kernel's pass over the row)."""
+        norm adds (each residual add rides in the following norm kernel's pass over the row; on the
+        GPU a split-K down_proj's sums, whose epilogue rides there too: ops.materialize)."""
         attn = self.attn(h, pending, cos, sin, rope_h)
         return self.mlp(h, attn)
 
     def step(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """The layer as a function of its input residual (a new tensor; h is left as it was)."""
         h = h.float().clone()
-        return h + self(h, None, cos, sin)
+        return h + ops.materialize(self(h, None, cos, sin))
 
 
 class QuadForCausalLM(nn.Module):
@@ -189,7 +191,7 @@ class QuadForCausalLM(nn.Module):
         """Final normalized hidden states (float32, r + d wide)."""
         h, pending = self.residual(input_ids, positions)
         if pending is not None:
-            h += pending
+            h += pending  # a tensor: residual() materializes it
         return ref.rmsnorm_widened(h, self.cfg.hidden_size, self.cfg.rms_norm_eps)
 
     def residual(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None
@@ -218,7 +220,7 @@ class QuadForCausalLM(nn.Module):
         pending = None
         for layer in self.layers:
             pending = layer(h, pending, cos, sin, rope_h)
-        return h, pending
+        return h, ops.materialize(pending)  # a tensor for the caller (the engine takes rows of it)
 
     def head_logits(self, h: torch.Tensor, pending: torch.Tensor | None) -> torch.Tensor:
         """float32 logits [.., V] of residual rows (residual's output, h updated in place). With
