@@ -57,7 +57,7 @@ def attention_decode_rf(heads: int, kv_heads: int, head_dim: int, num_splits: in
     and correction are rescaled, only when the row's max passes it by more than this, decided for
     the warp at once (__any_sync), so most blocks of a long context skip the rescale's multiplies
     and shuffles. Probabilities then reach 2^rescale_slack before the final normalization (float32
-    sums; P·scale_v in float16 stays far from its range at 8). Not yet run on a GPU."""
+    sums; P·scale_v in float16 stays far from its range at 8)."""
     assert 1 <= stages <= 5 and 0 <= rescale_slack <= 10
     group = heads // kv_heads
     assert group <= 16 and head_dim % 64 == 0 and block_size % WARP_TOKENS == 0
