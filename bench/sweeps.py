@@ -92,6 +92,23 @@ def sweep_prefill(n: int, k: int, m: int) -> list[dict]:
     return rows
 
 
+def _measured(row: dict, kern, check, call, wps, weight_bytes: int, label: str) -> dict:
+    """One decode variant's row: check(kern) -> its correctness fields (it runs the kernel once on the
+    first weight copy), then call(kern, w) timed back to back in a CUDA graph over the weight copies
+    wps, GB/s on the packed weight. A build error (kern is the exception) or a failed call is
+    reported in the row, not raised."""
+    try:
+        if isinstance(kern, Exception):
+            raise kern
+        row.update(check(kern))
+        t = bench_graph([lambda w=w: call(kern, w) for w in wps])
+        row.update(ms=t, gbps=weight_bytes / t / 1e6)
+    except Exception as e:  # reported, not fatal
+        row["error"] = str(e).splitlines()[0][:200]
+    print(f"  sweep {label} {row}", flush=True)
+    return row
+
+
 def sweep_decode(n: int, k: int, m: int) -> list[dict]:
     """Split-K variants of the decode kernel at one shape and token count (integer part alone: the
     int32 workspace is not zeroed between calls, its sums only wrap): K splits 1-8, K tiles 256-1024,
@@ -116,27 +133,21 @@ def sweep_decode(n: int, k: int, m: int) -> list[dict]:
                 for v in variants}
     built = build_all(builders)
     # The integer sums of one call on a zeroed workspace, the first variant's as the reference.
-    want = None
+    want = []
+
+    def exact(kern):
+        acc.zero_()
+        kern(xq, wps[0], acc)
+        if not want:
+            want.append(acc.clone())
+        return {"exact": bool(torch.equal(acc, want[0]))}
     rows = []
     for variant in variants:
         split, bk, stages, blocks = variant
         row = {"n": n, "k": k, "m": m, "split": split, "block_k": bk, "stages": stages, "blocks_per_sm": blocks,
                "dispatch": variant == (plan["split"], plan["block_k"], plan["num_stages"], plan.get("min_blocks", 1))}
-        kern = built[variant]
-        try:
-            if isinstance(kern, Exception):
-                raise kern
-            acc.zero_()
-            kern(xq, wps[0], acc)
-            if want is None:
-                want = acc.clone()
-            row["exact"] = bool(torch.equal(acc, want))
-            t = bench_graph([lambda w=w: kern(xq, w, acc) for w in wps])
-            row.update(ms=t, gbps=n * k / 2 / t / 1e6)
-        except Exception as e:  # reported, not fatal
-            row["error"] = str(e).splitlines()[0][:200]
-        rows.append(row)
-        print(f"  sweep decode {row}", flush=True)
+        rows.append(_measured(row, built[variant], exact, lambda kern, w: kern(xq, w, acc), wps, n * k // 2,
+                              "decode"))
     return rows
 
 
@@ -184,22 +195,16 @@ def sweep_decode_ws(n: int, k: int, m: int) -> list[dict]:
     built = build_all({v: (lambda v=v: w4ax_gemm_decode_ws(n, k, rank, False, "float16", block_m, v[0], v[1], v[2]))
                        for v in variants})
     y = torch.empty_like(want)
+
+    def close(kern):
+        y.fill_(float("nan"))
+        kern(xq, xs, wps[0], ws, xo, wo, bias, y)
+        return {"max_abs_diff": float((y.float() - want.float()).abs().max())}
     for variant in variants:
         bk, stages, bufs = variant
         row = {"n": n, "k": k, "m": m, "kernel": "decode_ws", "block_k": bk, "stages": stages, "w_buffers": bufs}
-        kern = built[variant]
-        try:
-            if isinstance(kern, Exception):
-                raise kern
-            y.fill_(float("nan"))
-            kern(xq, xs, wps[0], ws, xo, wo, bias, y)
-            row["max_abs_diff"] = float((y.float() - want.float()).abs().max())
-            t = bench_graph([lambda w=w: kern(xq, xs, w, ws, xo, wo, bias, y) for w in wps])
-            row.update(ms=t, gbps=n * k / 2 / t / 1e6)
-        except Exception as e:  # reported, not fatal
-            row["error"] = str(e).splitlines()[0][:200]
-        rows.append(row)
-        print(f"  sweep decode-ws {row}", flush=True)
+        rows.append(_measured(row, built[variant], close, lambda kern, w: kern(xq, xs, w, ws, xo, wo, bias, y), wps,
+                              n * k // 2, "decode-ws"))
     return rows
 
 

@@ -79,3 +79,23 @@ def test_decode_ws_sweep_variants_fit_the_kernel(bench_modules):
     assert (gemm_dispatch.DECODE_WS_TILES["block_k"], gemm_dispatch.DECODE_WS_TILES["num_stages"], 2) in variants
     assert all(4096 % bk == 0 and 4096 // bk >= st and bufs <= st for bk, st, bufs in variants)
     assert len(set(variants)) == len(variants) >= 12
+
+
+def test_sweep_rows_report_build_and_run_errors_and_time_the_rest(bench_modules, monkeypatch, capsys):
+    """bench/sweeps.py's decode sweeps share one row frame (_measured): a variant that failed to
+    build or to run is a row with its error; the others are checked, then timed over every weight
+    copy, with GB/s on the packed weight."""
+    sweeps = bench_modules["sweeps"]
+    timed = []
+    monkeypatch.setattr(sweeps, "bench_graph", lambda fns: [f() for f in fns] and timed.append(len(fns)) or 0.002)
+    calls = []
+    row = sweeps._measured({"v": 1}, "kernel", lambda kern: {"exact": kern == "kernel"},
+                           lambda kern, w: calls.append(w), ["w0", "w1", "w2"], 4_000_000, "decode")
+    assert row == {"v": 1, "exact": True, "ms": 0.002, "gbps": 2000.0} and calls == ["w0", "w1", "w2"] and timed == [3]
+    row = sweeps._measured({"v": 2}, RuntimeError("ptxas failed\nmore"), None, None, ["w0"], 1, "decode")
+    assert row == {"v": 2, "error": "ptxas failed"}
+
+    def fails(kern):
+        raise ValueError("misaligned")
+    assert sweeps._measured({}, "kernel", fails, None, ["w0"], 1, "decode-ws") == {"error": "misaligned"}
+    assert "sweep decode-ws {'error': 'misaligned'}" in capsys.readouterr().out
