@@ -339,7 +339,6 @@ def w4ax_linear(x_q, x_scale, w_q, w_scale, x_out=None, w_out=None, bias=None, o
     if rank == 0:
         x_out, w_out = _no_outliers(m, n, dev)
     bias_t = _bias_or_zeros(bias, n, dev)
-    y = out if out is not None else torch.empty(m, n, dtype=out_dtype, device=dev)
     xs, ws = x_scale.reshape(-1), w_scale.reshape(-1)
     kernels = kernels_for(m, n, k, rank, bias is not None, str(out_dtype).removeprefix("torch."))
     if len(kernels) == 2:
@@ -347,7 +346,9 @@ def w4ax_linear(x_q, x_scale, w_q, w_scale, x_out=None, w_out=None, bias=None, o
         kernels[0](x_q, w_q, acc)
         if (into_residual and SPLITK_INTO_NORM and rank == 0 and bias is None and out is None
                 and out_dtype == torch.float16):
-            return SplitKSums(acc, xs, ws, kernels[1])
+            return SplitKSums(acc, xs, ws, kernels[1])  # no output tensor: the norm applies the epilogue
+    y = out if out is not None else torch.empty(m, n, dtype=out_dtype, device=dev)
+    if len(kernels) == 2:
         kernels[1](acc, xs, ws, x_out, w_out, bias_t, y)
     else:
         kernels[0](x_q, xs, w_q, ws, x_out, w_out, bias_t, y)

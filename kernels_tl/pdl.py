@@ -31,7 +31,8 @@ QUAD_PDL_LATE=family,... lets them wait but not trigger early (the next kernel l
 exit); QUAD_PDL_PREFETCH=0 keeps the GEMV from requesting its first weights before the wait.
 Families: norm, hadamard_quant, gemm (the tensor-core decode GEMMs), gemm_epilogue (the split-K
 GEMMs' epilogue kernel: skipped by default with gemm, as measured; QUAD_PDL_SKIP=gemm gives it PDL
-alone, so that the kernel after it may launch early, not yet measured), gemv (the CUDA-core GEMV of
+alone, unmeasured, and since split-K sums without outliers or bias go to the next norm
+(gemm_dispatch.SplitKSums) a Llama decode step no longer runs it), gemv (the CUDA-core GEMV of
 1-4 tokens), head (the int8 lm_head GEMV), kv_store, attention.
 """
 
