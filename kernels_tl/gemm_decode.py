@@ -54,7 +54,7 @@ def _register_chunk(block_k: int) -> int:
     return min(REGISTER_CHUNK, block_k)
 
 
-def _register_unpack_gemm(wp_s, x_s, w_frags, acc, block_k: int):
+def _register_unpack_gemm(wp_s, x_s, w_frags, acc, block_k: int, chunk: int | None = None, policy=None):
     """acc += unpack(wp_s) · x_sᵀ with the unpacked weights in registers, never in shared memory.
 
     The staged-unpack kernels write each K tile back to shared memory as int8 for the tensor cores
@@ -70,21 +70,27 @@ def _register_unpack_gemm(wp_s, x_s, w_frags, acc, block_k: int):
     chunk is unpacked. With two, the chunks alternate between them and the wgmmas run
     asynchronously: chunk c + 1 is unpacked while chunk c's wgmmas run (one wgmma group in flight;
     the wait before an unpack is for the group that read the fragment about to be rewritten), so
-    the single consumer warpgroup's unpack and the tensor cores overlap instead of taking turns."""
+    the single consumer warpgroup's unpack and the tensor cores overlap instead of taking turns.
 
-    chunk = _register_chunk(block_k)
+    The weight rows are the fragments' first dimension: 64 in the decode kernels (one consumer
+    warpgroup); the prefill kernel `gemm_rs.w4ax_gemm_rs` has a warpgroup per 64 rows, laid out by
+    `policy`. chunk: the fragments' K columns (default _register_chunk)."""
+
+    chunk = chunk or _register_chunk(block_k)
     chunks = block_k // chunk
+    rows = w_frags[0].shape[0]
+    gemm_args = {} if policy is None else {"policy": policy}
 
     @T.macro
     def unpack(c, w_frag):
-        for i, kk in T.Parallel(64, chunk):
+        for i, kk in T.Parallel(rows, chunk):
             byte = wp_s[i, c * (chunk // 2) + (kk // 8) * 4 + kk % 4]
             w_frag[i, kk] = T.Cast("int8", T.if_then_else((kk // 4) % 2 == 0, (byte << T.uint8(4)) & T.uint8(0xF0),
                                                           byte & T.uint8(0xF0)))
 
     @T.macro
     def pair(c, fa, fb):  # chunk c's wgmmas from fragment fa while chunk c + 1 is unpacked into fb
-        T.wgmma_gemm(fa, x_s[:, c * chunk:(c + 1) * chunk], acc, transpose_B=True)
+        T.wgmma_gemm(fa, x_s[:, c * chunk:(c + 1) * chunk], acc, transpose_B=True, **gemm_args)
         T.wait_wgmma(1)  # chunk c - 1's wgmmas, the last readers of fb
         unpack(c + 1, fb)
 
@@ -93,7 +99,7 @@ def _register_unpack_gemm(wp_s, x_s, w_frags, acc, block_k: int):
         if len(w_frags) == 1:
             for c in T.serial(chunks):
                 unpack(c, w_frags[0])
-                T.gemm(w_frags[0], x_s[:, c * chunk:(c + 1) * chunk], acc, transpose_B=True)
+                T.gemm(w_frags[0], x_s[:, c * chunk:(c + 1) * chunk], acc, transpose_B=True, **gemm_args)
         else:
             f0, f1 = w_frags
             unpack(0, f0)
@@ -104,7 +110,7 @@ def _register_unpack_gemm(wp_s, x_s, w_frags, acc, block_k: int):
             pair(chunks - 2, f0, f1)
             # The last chunk synchronously: its wait covers every wgmma of the tile before the
             # pipeline releases the stage (an explicit wait would be placed after the release).
-            T.gemm(f1, x_s[:, (chunks - 1) * chunk:chunks * chunk], acc, transpose_B=True)
+            T.gemm(f1, x_s[:, (chunks - 1) * chunk:chunks * chunk], acc, transpose_B=True, **gemm_args)
 
     return run
 

@@ -1,8 +1,9 @@
 """Which W4A4 / W4A8 GEMM kernel runs a problem, and the call (`w4ax_linear`, the GEMM's entry point
 in the dispatch layer): the CUDA-core GEMV for M <= 4, for M <= 64 the tensor-core decode kernel
 (epilogue fused where one block covers K, else split-K + epilogue kernel; the weights unpacked into
-the wgmma's register operand), the prefill kernel above that (producer-unpack from 1024 tokens; the
-kernels themselves: `kernels_tl.gemm`, `kernels_tl.gemm_ws`). Tile choices are functions of the
+the wgmma's register operand), the prefill kernel above that (from 1024 tokens the weights unpacked
+into the wgmma's register operand too; the kernels themselves: `kernels_tl.gemm`, `kernels_tl.gemm_rs`,
+`kernels_tl.gemm_ws`). Tile choices are functions of the
 shape only, so one compiled kernel serves every M of a class, and `prebuild` compiles an engine's
 whole set in parallel before the first step.
 """
@@ -13,6 +14,7 @@ import os
 from kernels_tl.buffers import zeros
 from kernels_tl.gemm import w4ax_gemm
 from kernels_tl.gemm_decode import w4ax_epilogue, w4ax_gemm_decode, w4ax_gemm_splitk
+from kernels_tl.gemm_rs import w4ax_gemm_rs
 from kernels_tl.gemm_ws import w4ax_gemm_decode_ws, w4ax_gemm_ws
 from kernels_tl.gemv import w4ax_gemv
 
@@ -26,12 +28,23 @@ MEDIUM_TILES = dict(block_m=128, block_n=128, block_k=128, num_stages=4, threads
 DECODE_GEMM_BLOCKS = int(os.environ.get("QUAD_DECODE_GEMM_BLOCKS", "1"))
 SMEM_PER_SM = 227 * 1024
 SMS = 132  # streaming multiprocessors of an H100 SXM or H200: the grids' waves are counted in them
-# From 1024 tokens the prefill kernel whose producer warpgroup unpacks the weights (kernels_tl.gemm_ws),
-# 256 x 128 tiles: 1.00-1.20x TileLang's pipelined kernel at every Llama-3-8B GEMM at 2048 and 8192
-# tokens, down_proj 1278-1301 int8 TOPS (bench/results/gemm_ws_prefill_h200_2026-12-01.json).
-# QUAD_PREFILL_GEMM=pipelined keeps the pipelined kernel (prefill_tiles) there too.
-PREFILL_GEMM = os.environ.get("QUAD_PREFILL_GEMM", "ws")  # ws | pipelined
+# From 1024 tokens the prefill kernel with the weights unpacked into the wgmma's register operand
+# and the tokens as its N side (kernels_tl.gemm_rs), 128 weight rows x 256 tokens a tile: against
+# the producer-unpack kernel (kernels_tl.gemm_ws, 256 tokens x 128 weight rows, the weights
+# unpacked into shared memory), qkv / o / gate_up / down 1.40 / 1.31 / 1.33 / 1.25x at 2048 tokens
+# and 1.38 / 1.29 / 1.27 / 1.19x at 8192 (1195-1607 int8 TOPS; bench/results/gemm_rs_prefill_h200_2026-12-02.json).
+# QUAD_PREFILL_GEMM=ws keeps the producer-unpack kernel, =pipelined TileLang's pipelined kernel
+# (prefill_tiles) there too.
+# Above 64 tokens and under 1024 it is 1.3-3x TileLang's pipelined kernel (128-512 tokens,
+# gemm_rs_middle_h200_2026-12-02.json), with 128-token tiles where they fill the SMs in fewer
+# waves (rs_tiles).
+PREFILL_GEMM = os.environ.get("QUAD_PREFILL_GEMM", "rs")  # rs | ws | pipelined
 WS_TILES = dict(block_m=256, block_n=128, block_k=128)
+RS_TILES = dict(block_t=256, block_w=128, block_k=128, num_stages=3)
+# Time per token of a register-unpack tile relative to the 256-token tile: a 128-token tile pays
+# its weights' unpack and pipeline for half the tokens (measured 1.35-1.45x at equal waves: gate_up
+# at 256 tokens, 85.8 against 62.2 µs).
+RS_TOKEN_COST = {256: 1.0, 128: 1.4}
 # Decode GEMMs (5-64 tokens) unpack the weights into the wgmma's register operand
 # (gemm_decode._register_unpack_gemm) in the pipelined kernels, fused or split-K: against the
 # shared-memory unpack, qkv 1.13-1.18x and gate_up 1.02-1.13x at 16-64 tokens from CUDA graphs, and
@@ -109,6 +122,16 @@ def prefill_tiles(m: int, n: int, k: int, rank: int = 0, has_bias: bool = False,
     candidates = sorted(prefill_candidates(m, k, rank, has_bias), key=lambda t: -t["block_m"])
     best = min(cost(t) for t in candidates)
     return next(t for t in candidates if cost(t) <= best / 0.9)
+
+
+def rs_tiles(m: int, n: int, k: int, sms: int = SMS) -> dict:
+    """The register-unpack prefill kernel's tiles for m tokens: 256-token tiles, or 128-token ones
+    where whole waves of them cost less (RS_TOKEN_COST): the 33 weight tiles of a 4160-wide o_proj
+    / down_proj at 512 tokens are 66 tiles of 256 tokens, half the SMs idle, or 132 of 128."""
+    def cost(block_t):
+        tiles = -(-n // RS_TILES["block_w"]) * -(-m // block_t)
+        return -(-tiles // sms) * block_t * RS_TOKEN_COST[block_t]
+    return _fit_k({**RS_TILES, "block_t": min(RS_TOKEN_COST, key=cost)}, k)
 
 
 def decode_smem(block_m: int, block_k: int, stages: int) -> int:
@@ -217,6 +240,8 @@ def kernel_specs(m: int, n: int, k: int, rank: int, has_bias: bool, out_dtype: s
                           plan["num_stages"], **extra)]
         return [_spec(w4ax_gemm_splitk, n, k, **plan, **rs),
                 _spec(w4ax_epilogue, n, rank, has_bias, out_dtype, plan["block_m"])]
+    if PREFILL_GEMM == "rs":
+        return [_spec(w4ax_gemm_rs, n, k, rank, has_bias, out_dtype, **rs_tiles(m, n, k))]
     if PREFILL_GEMM != "pipelined" and m >= 1024:
         return [_spec(w4ax_gemm_ws, n, k, rank, has_bias, out_dtype, **_fit_k(WS_TILES, k))]
     return [_spec(w4ax_gemm, n, k, rank, has_bias, out_dtype, **prefill_tiles(m, n, k, rank, has_bias))]
@@ -273,11 +298,15 @@ def prebuild_w8a8(problems, workers: int = 16) -> None:
 
 def prebuild(problems, workers: int = 16) -> None:
     """Compile the kernels for many (m, n, k, rank, has_bias, out_dtype) problems in parallel; for a
-    prefill size, every tile configuration prefill_tiles may pick at some token count of its class."""
+    prefill size under 1024 tokens, every tile configuration rs_tiles / prefill_tiles may pick at
+    some token count of its class."""
     specs = []
     for m, n, k, rank, has_bias, out_dtype in sorted(set(problems)):
         if m <= DECODE_MAX_M or PREFILL_GEMM != "pipelined" and m >= 1024:
             specs += kernel_specs(m, n, k, rank, has_bias, out_dtype)
+        elif PREFILL_GEMM == "rs":  # both token tiles: the choice changes with m within a class
+            specs += [_spec(w4ax_gemm_rs, n, k, rank, has_bias, out_dtype, **_fit_k({**RS_TILES, "block_t": t}, k))
+                      for t in RS_TOKEN_COST]
         else:
             specs += [_spec(w4ax_gemm, n, k, rank, has_bias, out_dtype, **t)
                       for t in prefill_candidates(m, k, rank, has_bias)]

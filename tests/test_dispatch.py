@@ -32,6 +32,13 @@ def test_prebuild_covers_every_tile_the_dispatch_can_pick(monkeypatch):
     assert sorted(built) == [(4160, 256), (4160, 384), (6144, 256)]
     for m in range(1024, 9000, 512):  # whatever a prefill of that class picks was built
         assert (4160, gemm_dispatch.prefill_tiles(m, 4160, 4096)["block_m"]) in built
+    specs = []  # the register-unpack kernel (the default): both token tiles under 1024 tokens
+    monkeypatch.setattr(gemm_dispatch, "PREFILL_GEMM", "rs")
+    monkeypatch.setattr(gemm_dispatch, "_build_all", lambda s, workers=16: specs.extend(s))
+    gemm_dispatch.prebuild([(65, 4160, 4096, 0, False, "float16"), (1024, 28672, 4096, 64, False, "float16")])
+    for m in range(65, 1024, 37):
+        assert gemm_dispatch.kernel_specs(m, 4160, 4096, 0, False, "float16")[0] in specs
+    assert gemm_dispatch.kernel_specs(1024, 28672, 4096, 64, False, "float16")[0] in specs and len(specs) == 3
 
 
 def test_fast_silu_only_in_the_gated_kernels_prefills_run(monkeypatch):
@@ -101,17 +108,37 @@ def test_engine_quantizer_prebuild_uses_the_model_sites(monkeypatch):
     assert ((4160, 64, 4096, ops.HEAD_BITS, ops.HEAD_CLIP, 1e-5), "add") in norms
 
 
-def test_prefill_gemm_is_the_producer_unpack_kernel_from_1024_tokens(monkeypatch):
+def test_register_unpack_prefill_tiles_follow_the_measured_choices():
+    """rs_tiles picks the token tile that was faster in bench/results/gemm_rs_middle_h200_2026-12-02.json
+    (128-512 tokens) and gemm_rs_prefill_h200_2026-12-02.json (2048, 8192): 128-token tiles where
+    256-token ones would leave SMs idle (o / down at 128-512, qkv at 128-256, gate_up at 128)."""
+    from kernels_tl.gemm_dispatch import rs_tiles
+    picks = {(m, n): rs_tiles(m, n, 4096)["block_t"] for m in (128, 256, 512, 2048, 8192)
+             for n in (6144, 4160, 28672)}
+    assert [picks[(m, 6144)] for m in (128, 256, 512, 2048, 8192)] == [128, 128, 256, 256, 256]  # qkv
+    assert [picks[(m, 4160)] for m in (128, 256, 512, 2048, 8192)] == [128, 128, 128, 256, 256]  # o, down
+    assert [picks[(m, 28672)] for m in (128, 256, 512, 2048, 8192)] == [128, 256, 256, 256, 256]  # gate_up
+    assert rs_tiles(2048, 640, 576)["block_k"] == 64  # K tiles divide SmolLM2's 576
+
+
+def test_prefill_gemm_is_the_register_unpack_kernel_above_64_tokens(monkeypatch):
     from kernels_tl import gemm_dispatch
     from kernels_tl.gemm import w4ax_gemm
+    from kernels_tl.gemm_rs import w4ax_gemm_rs
     from kernels_tl.gemm_ws import w4ax_gemm_ws
     builder, args, kwargs = gemm_dispatch.kernel_specs(2048, 640, 576, 64, True, "float16")[0]
-    assert builder is w4ax_gemm_ws and args == (640, 576, 64, True, "float16") and dict(kwargs)["block_k"] == 64
-    assert gemm_dispatch.kernel_specs(1000, 4160, 4096, 0, False, "float16")[0][0] is w4ax_gemm
+    assert builder is w4ax_gemm_rs and args == (640, 576, 64, True, "float16") and dict(kwargs)["block_k"] == 64
+    assert dict(kwargs)["block_t"] == 128 and dict(kwargs)["block_w"] == 128  # 40 tiles of 256 tokens: a third of the SMs
+    assert dict(gemm_dispatch.kernel_specs(2048, 4160, 4096, 0, False, "float16")[0][2])["block_t"] == 256
+    builder, _, kwargs = gemm_dispatch.kernel_specs(100, 4160, 4096, 0, False, "float16")[0]
+    assert builder is w4ax_gemm_rs and dict(kwargs)["block_t"] == 128
     built = []
     monkeypatch.setattr(gemm_dispatch, "_build_all", lambda specs, workers=16: built.extend(specs))
     gemm_dispatch.prebuild([(2048, 4160, 4096, 0, False, "float16")])
     assert built == gemm_dispatch.kernel_specs(4096, 4160, 4096, 0, False, "float16")
+    monkeypatch.setattr(gemm_dispatch, "PREFILL_GEMM", "ws")  # QUAD_PREFILL_GEMM=ws
+    builder, args, kwargs = gemm_dispatch.kernel_specs(2048, 640, 576, 64, True, "float16")[0]
+    assert builder is w4ax_gemm_ws and args == (640, 576, 64, True, "float16") and dict(kwargs)["block_k"] == 64
     monkeypatch.setattr(gemm_dispatch, "PREFILL_GEMM", "pipelined")  # QUAD_PREFILL_GEMM=pipelined
     assert gemm_dispatch.kernel_specs(2048, 4160, 4096, 0, False, "float16")[0][0] is w4ax_gemm
 

@@ -72,6 +72,34 @@ def test_producer_unpack_prefill_gemm_builds(n, k, rank, bias, tmp_path):
     assert spills and max(spills) <= (16 if rank else 0), log[-1500:]
 
 
+@pytest.mark.parametrize("n,k,rank,bias,tiles", [(28672, 4096, 0, False, {}), (6144, 4096, 64, False, {}),
+                                                 (4160, 14336, 0, True, {"num_stages": 4}),
+                                                 (28672, 4096, 0, False, {"block_k": 256, "chunk": 128, "num_stages": 2}),
+                                                 (960, 576, 64, True, {}), (4160, 4096, 0, False, {"block_t": 128})])
+def test_register_unpack_prefill_gemm_builds(n, k, rank, bias, tiles, tmp_path):
+    """kernels_tl.gemm_rs (the prefill GEMM above 64 tokens): the int8 wgmma takes the weights from
+    registers as its M side (two consumer warpgroups, 64 rows each) and 256 (or 128) tokens from
+    shared memory as its N side; no unpacked tile in shared memory; the outlier product on float16 wgmma with the weights
+    as M; the output staged in a padded tile (rows of 136 float16) and stored 16 bytes a thread; a
+    weight tile overhanging n (4160) stores no row past it; the tiles fit and nothing spills."""
+    from test_quantize_build import ptxas_spills
+
+    from kernels_tl.gemm_dispatch import RS_TILES, _fit_k
+    from kernels_tl.gemm_rs import SM90, w4ax_gemm_rs
+    src = w4ax_gemm_rs(n, k, rank, bias, "float16", target=SM90, **{**_fit_k(RS_TILES, k), **tiles}).get_kernel_source()
+    block_t = tiles.get("block_t", 256)
+    assert f"wgmma_rs<tl::DataType::kInt8, tl::DataType::kInt8, tl::DataType::kInt32, 64, {block_t}, 32" in src
+    assert "wgmma_ss<tl::DataType::kInt8" not in src and "quad_unpack_int4x32(" not in src
+    assert (f"wgmma_ss<tl::DataType::kFloat16, tl::DataType::kFloat16, tl::DataType::kFloat32, 64, {block_t}" in src) == (rank > 0)
+    assert "__launch_bounds__(384, 1)" in src and "warpgroup_reg_alloc<240>" in src
+    store = next(line for line in src.splitlines() if "*(uint4*)(Y + " in line)
+    assert "* 136)" in store
+    guard = src[:src.index("*(uint4*)(Y + ")].rsplit("if (", 1)[1]
+    assert (f"< {n // 64})" in guard) == (n % 128 != 0), guard  # the 64-row half tiles within n
+    assert re.search(r"tma_load\(WQ_desc", src) and re.search(r"tma_load\(XQ_desc", src)
+    assert max(ptxas_spills(src, tmp_path)) == 0
+
+
 @pytest.mark.parametrize("n,k,m,rank", [(28672, 4096, 32, 0), (6144, 4096, 16, 64), (28672, 4096, 64, 64)])
 def test_producer_unpack_decode_gemm_builds(n, k, m, rank, tmp_path):
     """gemm_ws.w4ax_gemm_decode_ws (decode GEMMs of several waves, gate_up): a producer warpgroup that loads and

@@ -1,0 +1,105 @@
+"""The prefill W4A4 / W4A8 GEMM with the weights unpacked into the wgmma's register operand.
+
+The prefill kernels of `kernels_tl.gemm` and `kernels_tl.gemm_ws` put the tokens on the wgmma's M
+side and the weights on its N side, which the tensor cores read from shared memory: every packed
+weight tile is unpacked into an int8 tile there (a shared-memory read and two bytes written per
+packed byte), then read by every m64 wgmma of the tile, beside the activation tile. At 256 x 128
+tiles that is ~120 bytes a cycle of the SM's 128 (an m64n128k32 wgmma reads 6 KB in its 64
+cycles, the unpack adds a quarter), so shared memory, not the tensor cores, sets the pace (gate_up
+at 2048 tokens: ~990 int8 TOPS).
+
+Here the roles are exchanged, as in the decode kernels: Yᵀ = W · Xᵀ, the weight rows are the M side
+(one consumer warpgroup per 64 rows) and the tokens the N side (256 a tile, the widest wgmma). Each
+thread unpacks its own A fragment from the packed tile in registers (`gemm_decode.
+_register_unpack_gemm`), so shared memory carries the packed weights once and the activation
+tile once per warpgroup: 8 KB per m64n256k32 wgmma (128 cycles), 64 bytes a cycle. The epilogue
+(scales, the outlier product as a float16 wgmma with the weights as its M side, bias) runs on the
+transposed tile, which is written to Y[token, row] through a padded shared tile so that the global
+stores run along the rows. Same contract and numerics as `gemm.w4ax_gemm`: the integer part exact,
+Y = acc · sx · sw / 16 + x_out · w_outᵀ + bias in float32, rounded once.
+"""
+
+import functools
+
+import tilelang
+import tilelang.language as T
+import tilelang.layout
+
+from kernels_tl.gemm_decode import _register_unpack_gemm
+from kernels_tl.targets import SM90, TARGETS  # noqa: F401
+
+# float16 elements of padding a row of the output staging tile: rows of 128 outputs are 256 bytes,
+# so without it the 8 rows (tokens) one store instruction of a warp touches share their banks.
+STAGE_PAD = 8
+
+
+@functools.lru_cache(maxsize=None)
+def w4ax_gemm_rs(n: int, k: int, rank: int, has_bias: bool = False, out_dtype: str = "float16",
+                 block_t: int = 256, block_w: int = 128, block_k: int = 128, num_stages: int = 3,
+                 chunk: int | None = None, target=None):
+    """kernel(x_q, x_scale, w_q, w_scale, x_out, w_out, bias, y) as `gemm.w4ax_gemm` (y written;
+    x_out / w_out / bias not read when rank == 0 / no bias). Tiles of block_w weight rows (a
+    consumer warpgroup per 64) x block_t tokens, K tiles of block_k in num_stages TMA stages;
+    chunk: the K columns of a register fragment (two fragments alternate where a K tile holds two
+    or more chunks: one unpacked while the other's wgmmas run). A last weight tile that overhangs n
+    (4160 = 32.5 x 128) is zero-filled by the copy engine and its rows are not stored."""
+    assert k % block_k == 0 and rank % 16 == 0 and block_w % 64 == 0 and block_t % 8 == 0 and block_t <= 256
+    r = max(rank, 16)
+    chunk = chunk or min(block_k, 256)
+    assert block_k % chunk == 0 and chunk % 32 == 0
+
+    @tilelang.jit(target=TARGETS[target])
+    def build():
+        m = T.dynamic("m")
+
+        @T.prim_func
+        def main(
+            XQ: T.Tensor((m, k), "int8"),
+            XS: T.Tensor((m,), "float32"),
+            WQ: T.Tensor((n, k // 2), "uint8"),
+            WS: T.Tensor((n,), "float16"),
+            XO: T.Tensor((m, r), "float16"),
+            WO: T.Tensor((n, r), "float16"),
+            BIAS: T.Tensor((n,), "float16"),
+            Y: T.Tensor((m, n), out_dtype),
+        ):
+            with T.Kernel(T.ceildiv(n, block_w), T.ceildiv(m, block_t), threads=2 * block_w) as (bx, by):
+                x_s = T.alloc_shared((block_t, block_k), "int8")
+                w_packed = T.alloc_shared((block_w, block_k // 2), "uint8")
+                frags = [T.alloc_fragment((block_w, chunk), "int8")
+                         for _ in range(2 if (block_k // chunk) % 2 == 0 else 1)]
+                T.annotate_layout({w_packed: tilelang.layout.make_swizzled_layout(w_packed)})
+                acc = T.alloc_fragment((block_w, block_t), "int32")
+                product = _register_unpack_gemm(w_packed, x_s, frags, acc, block_k, chunk, T.GemmWarpPolicy.FullRow)
+                out = T.alloc_fragment((block_w, block_t), "float32")
+                out_s = T.alloc_shared((block_t, block_w + STAGE_PAD), out_dtype)
+                T.clear(acc)
+                for kt in T.Pipelined(k // block_k, num_stages=num_stages):
+                    T.copy(XQ[by * block_t, kt * block_k], x_s)
+                    T.copy(WQ[bx * block_w, kt * (block_k // 2)], w_packed)
+                    product()
+                for i, j in T.Parallel(block_w, block_t):
+                    row = bx * block_w + i
+                    tok = by * block_t + j
+                    out[i, j] = T.Cast("float32", acc[i, j]) * (
+                        T.if_then_else(tok < m, XS[tok], T.float32(0))
+                        * T.Cast("float32", T.if_then_else(row < n, WS[row], T.float16(0))) * T.float32(1.0 / 16))
+                if rank > 0:
+                    xo_s = T.alloc_shared((block_t, r), "float16")
+                    wo_s = T.alloc_shared((block_w, r), "float16")
+                    T.copy(XO[by * block_t, 0], xo_s)
+                    T.copy(WO[bx * block_w, 0], wo_s)
+                    T.gemm(wo_s, xo_s, out, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
+                if has_bias:
+                    for i, j in T.Parallel(block_w, block_t):
+                        row = bx * block_w + i
+                        out[i, j] = out[i, j] + T.Cast("float32", T.if_then_else(row < n, BIAS[row], T.float16(0)))
+                for i, j in T.Parallel(block_w, block_t):
+                    out_s[j, i] = T.Cast(out_dtype, out[i, j])
+                for j, i in T.Parallel(block_t, block_w):
+                    if by * block_t + j < m and bx * block_w + i < n:
+                        Y[by * block_t + j, bx * block_w + i] = out_s[j, i]
+
+        return main
+
+    return build()
