@@ -301,47 +301,6 @@ def sweep_hadamard(n: int, gated: bool, ms=(1, 4, 16, 32, 64, 2048)) -> list[dic
     return rows
 
 
-def sweep_hadamard_tc(n: int = 14336, gated: bool = True, ms=(128, 512, 2048, 8192)) -> list[dict]:
-    """The tensor-core Hadamard quantizer (kernels_tl.hadamard_quant_tc, two blocks a SM and one)
-    against the scalar kernel the dispatch takes without it (QUAD_HADAMARD_TC=0: one block a token,
-    or 2-block clusters from 2048 tokens), per token count, at 8 bits (the W4A4A8 down_proj input),
-    fast silu as prefills run it; each variant's codes compared with the scalar kernel's."""
-    from kernels_tl import hadamard_quant_dispatch as hqd
-    from kernels_tl.hadamard import hadamard_factors
-    from kernels_tl.hadamard_quant_tc import dense_factor, hadamard_quant_tc
-
-    factors = tuple(hadamard_factors(n))
-    rows = []
-    for m in ms:
-        x = torch.randn(m, 2 * n if gated else n, device="cuda").half()
-        tc_default, hqd.TC = hqd.TC, False
-        scalar = hqd.build_choice(hqd.kernel_choice(m, n, factors, None), n, factors, None, 8, 0.9, gated)
-        choice = hqd.kernel_choice(m, n, factors, None)
-        hqd.TC = tc_default
-        a = dense_factor(factors[0], x.device)
-        variants = {f"scalar {choice}": scalar}
-        for blocks in (2, 1):
-            kern = hadamard_quant_tc(n, factors, 8, 0.9, gated=gated, fast_silu=hqd.FAST_SILU, min_blocks=blocks)
-            variants[f"tc, {blocks} blocks a SM"] = lambda x, q, s, kern=kern: kern(x, a, q, s)
-        want_q, want_s = torch.empty(m, n, device="cuda", dtype=torch.int8), torch.empty(m, device="cuda")
-        scalar(x, want_q, want_s)
-        moved = x.numel() * 2 + m * n + m * 4
-        for name, kern in variants.items():
-            q, sc = torch.full_like(want_q, 0x55), torch.full_like(want_s, float("nan"))
-            row = {"n": n, "gated": gated, "m": m, "variant": name}
-            try:
-                kern(x, q, sc)
-                row.update(codes_equal=float((q == want_q).float().mean()),
-                           scale_max_rel=float(((sc - want_s).abs() / want_s.abs()).max()))
-                t = bench(lambda: kern(x, q, sc))
-                row.update(us=1e3 * t, gbps=moved / t / 1e6)
-            except Exception as e:  # reported, not fatal
-                row["error"] = str(e).splitlines()[0][:200]
-            print(f"  sweep hadamard-tc {row}", flush=True)
-            rows.append(row)
-    return rows
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
@@ -350,13 +309,11 @@ def main() -> None:
                        ("decode-ws", "producer-unpack decode GEMM tiles (qkv, gate_up at 16, 32, 64 tokens)"),
                        ("gemv", "dp4a GEMV shapes (the four linears at 1, 4 and 8 tokens)"),
                        ("prefill", "prefill GEMM tiles against the int8 ceiling (4096 tokens)"),
-                       ("hadamard-tc", "the tensor-core Hadamard quantizer against the scalar one (gated 14336)"),
                        ("all", "every sweep above")):
         ap.add_argument(f"--{name}", action="store_true", help=what)
     args = ap.parse_args()
-    if not (args.hadamard or args.decode or args.decode_ws or args.gemv or args.prefill or args.hadamard_tc
-            or args.all):
-        ap.error("choose a sweep: --hadamard, --decode, --decode-ws, --gemv, --prefill, --hadamard-tc or --all")
+    if not (args.hadamard or args.decode or args.decode_ws or args.gemv or args.prefill or args.all):
+        ap.error("choose a sweep: --hadamard, --decode, --decode-ws, --gemv, --prefill or --all")
     copy = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")
     copy_gbps = 2 * copy.numel() / bench(lambda: copy.clone()) / 1e6
     print(f"device copy: {copy_gbps:.0f} GB/s", flush=True)
@@ -392,9 +349,6 @@ def main() -> None:
         for n, k in linears:
             result["sweep_gemv"][f"{n}x{k}"] = sweep_gemv(n, k)
             save()
-    if args.hadamard_tc or args.all:
-        result["sweep_hadamard_tc"] = sweep_hadamard_tc()
-        save()
     if args.prefill or args.all:
         result["sweep_prefill"] = {}
         for n, k in linears:

@@ -1,19 +1,16 @@
 """Which Hadamard + quantize kernel runs a problem, and the call (`hadamard_quant_op`, the entry point
 of the dispatch layer): a thread-block cluster per token row for a few tokens and for thousands
-where the row has a dense factor (kernels_tl.hadamard_quant_cluster), the tensor-core kernel for
-more than 64 tokens of rows it takes (kernels_tl.hadamard_quant_tc), else one block per row
+where the row has a dense factor (kernels_tl.hadamard_quant_cluster), else one block per row
 (kernels_tl.hadamard_quant) in a launch shape chosen by the token count. `prebuild_jobs` lists
 every kernel a set of token counts will use, so an engine can compile them in parallel before its
 first steps.
 """
 
 import functools
-import math
 import os
 
 from kernels_tl.hadamard_quant import hadamard_quant
 from kernels_tl.hadamard_quant_cluster import cluster_layout, hadamard_quant_cluster
-from kernels_tl.hadamard_quant_tc import dense_factor, hadamard_quant_tc, tc_layout
 
 # Up to this many tokens a row with a dense factor is split over a thread-block cluster
 # (kernels_tl.hadamard_quant_cluster): one block per token leaves all but M SMs idle while the
@@ -47,14 +44,6 @@ LARGE_CLUSTER = (2, 256)
 FAST_SILU = os.environ.get("QUAD_FAST_SILU", "1") == "1"
 
 
-# From this many tokens a gated or plain row of factors [f, 512] (Llama-3's 14336 = 28 · 512) runs
-# the tensor-core kernel (kernels_tl.hadamard_quant_tc: the dense factor and the two Sylvester
-# factors as three float16 wgmma products, float32 intermediates carried as hi + lo float16 terms)
-# instead of the scalar kernels' ~100 instructions an element. QUAD_HADAMARD_TC=0: the scalar kernels.
-TC_TOKENS_MIN = 65
-TC = os.environ.get("QUAD_HADAMARD_TC", "1") != "0"
-
-
 def _cluster_shape(m: int) -> tuple[int, int]:
     """(blocks per cluster, threads per block) of the cluster variant at m tokens."""
     return (8, 256) if m <= 4 else (4, 512) if m <= 16 else (4, 256)
@@ -63,8 +52,6 @@ def _cluster_shape(m: int) -> tuple[int, int]:
 def kernel_choice(m: int, n: int, factors: tuple, block) -> tuple:
     """Which kernel `hadamard_quant_op` runs at m tokens: ("cluster", blocks, threads), ("few",) or
     ("default",). Token counts with the same choice share one compiled kernel."""
-    if TC and m >= TC_TOKENS_MIN and tc_layout(n, tuple(factors), block) is not None:
-        return ("tc",)
     if m >= LARGE_TOKENS_MIN and n >= LARGE_ROW_MIN:
         layout = cluster_layout(n, tuple(factors), block, LARGE_CLUSTER[0])
         return ("cluster", *LARGE_CLUSTER) if layout is not None and layout[0] > 1 else ("default",)
@@ -80,26 +67,13 @@ def kernel_choice(m: int, n: int, factors: tuple, block) -> tuple:
 
 def build_choice(choice: tuple, n: int, factors: tuple, block, bits: int, clip: float, gated: bool):
     """The compiled kernel of a kernel_choice (built on first use, then cached)."""
-    prefill_kernel = choice in (("default",), ("cluster", *LARGE_CLUSTER), ("tc",))
+    prefill_kernel = choice == ("default",) or choice == ("cluster", *LARGE_CLUSTER)
     fast = {"fast_silu": True} if gated and FAST_SILU and prefill_kernel else {}
-    if choice[0] == "tc":
-        return _with_dense_factor(hadamard_quant_tc(n, factors, bits, clip, gated=gated, **fast), factors)
     if choice[0] == "cluster":
         return hadamard_quant_cluster(n, factors, bits, clip, cluster=choice[1], threads=choice[2], gated=gated, **fast)
     if choice[0] == "few":
         return hadamard_quant(n, factors, block, bits, clip, gated=gated, **FEW_TOKENS_SHAPE, **fast)
     return hadamard_quant(n, factors, block, bits, clip, gated=gated, **fast)
-
-
-def _with_dense_factor(kernel, factors: tuple):
-    """The tensor-core kernel called as the others, kernel(x, x_q, x_scale): its dense-factor
-    operand (hadamard_quant_tc.dense_factor, built once per device) added."""
-    f = tc_layout(math.prod(factors), factors, None)[0]
-
-    def call(x, x_q, x_scale):
-        kernel(x, dense_factor(f, x.device), x_q, x_scale)
-
-    return call
 
 
 def prebuild_jobs(problems, token_counts) -> list:

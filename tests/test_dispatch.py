@@ -46,7 +46,6 @@ def test_fast_silu_only_in_the_gated_kernels_prefills_run(monkeypatch):
     calls = []
     monkeypatch.setattr(hq, "hadamard_quant", lambda *a, **kw: calls.append(kw.get("fast_silu", False)))
     monkeypatch.setattr(hq, "hadamard_quant_cluster", lambda *a, **kw: calls.append(kw.get("fast_silu", False)))
-    monkeypatch.setattr(hq, "hadamard_quant_tc", lambda *a, **kw: calls.append(kw.get("fast_silu", False)))
     for m in (1, 16, 48, 64, 1024, 2048):
         for gated in (True, False):
             hq.build_choice(hq.kernel_choice(m, 14336, (28, 512), None), 14336, (28, 512), None, 8, 0.9, gated)
@@ -68,29 +67,15 @@ def test_hadamard_prebuild_covers_every_kernel_the_op_can_pick(monkeypatch):
         assert (hq.kernel_choice(m, 14336, (28, 512), None), 14336, True) in built
         assert (hq.kernel_choice(m, 4096, (4096,), None), 4096, False) in built
     # 14336 (a 28-point dense factor): 8- and 4-block clusters, one 512-thread block a token up to
-    # 64 tokens, the tensor-core kernel above; 4096 (no dense factor): one kernel for every count.
+    # 64 tokens, the default shape above, 2-block clusters from 2048 tokens; 4096 (no dense
+    # factor): one kernel for every count.
     assert {c for c, n, _ in built if n == 14336} == {("cluster", 8, 256), ("cluster", 4, 512), ("cluster", 4, 256),
-                                                      ("few",), ("tc",)}
+                                                      ("few",), ("default",), ("cluster", 2, 256)}
     assert {c for c, n, _ in built if n == 4096} == {("default",)}
-    built.clear()  # QUAD_HADAMARD_TC=0: the default shape above 64 tokens, 2-block clusters from 2048
-    monkeypatch.setattr(hq, "TC", False)
-    for job in hq.prebuild_jobs([(14336, (28, 512), None, 8, 0.9, True)], buckets):
-        job()
-    assert {c for c, n, _ in built} == {("cluster", 8, 256), ("cluster", 4, 512), ("cluster", 4, 256), ("few",),
-                                        ("default",), ("cluster", 2, 256)}
 
 
-def test_hadamard_dispatch_takes_the_tensor_core_kernel_above_64_tokens_of_its_rows(monkeypatch):
+def test_hadamard_dispatch_clusters_only_wide_dense_rows_of_a_long_prefill():
     from kernels_tl import hadamard_quant_dispatch as hq
-    assert hq.kernel_choice(hq.TC_TOKENS_MIN, 14336, (28, 512), None) == ("tc",)
-    assert hq.kernel_choice(8192, 6144, (12, 512), None) == ("tc",)
-    assert hq.kernel_choice(hq.TC_TOKENS_MIN - 1, 14336, (28, 512), None) == ("few",)
-    assert hq.kernel_choice(8192, 18944, (148, 128), None) == ("default",)  # no tensor-core layout
-
-
-def test_hadamard_dispatch_clusters_only_wide_dense_rows_of_a_long_prefill(monkeypatch):
-    from kernels_tl import hadamard_quant_dispatch as hq
-    monkeypatch.setattr(hq, "TC", False)  # QUAD_HADAMARD_TC=0
     assert hq.kernel_choice(hq.LARGE_TOKENS_MIN, 14336, (28, 512), None) == ("cluster", *hq.LARGE_CLUSTER)
     assert hq.kernel_choice(hq.LARGE_TOKENS_MIN - 1, 14336, (28, 512), None) == ("default",)
     # Narrow rows (SmolLM2's 1536, Qwen2.5's 3584) fit a block well; a row without a dense factor

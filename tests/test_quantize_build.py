@@ -145,31 +145,3 @@ def test_cluster_layout_declines_rows_it_cannot_split():
     assert cluster_layout(576, tuple(hadamard_factors(576)), None) is None      # 16 columns: 2 a rank
     assert cluster_layout(18944, tuple(hadamard_factors(18944)), None) is None  # 148-point factor
     assert cluster_layout(11008, (1, 256), 256) is None                        # block-diagonal fallback
-
-
-@pytest.mark.parametrize("gated,bits,min_blocks", [(True, 8, 2), (True, 4, 1), (False, 8, 2)])
-def test_tensor_core_hadamard_quant_builds(gated, bits, min_blocks, tmp_path):
-    """kernels_tl.hadamard_quant_tc: the three products on float16 wgmma (the dense factor with the
-    row as an MN-major operand, then the two Sylvester factors, each as hi + lo terms), the
-    reference's rounding, and at two blocks a SM at most a little spilled."""
-    from kernels_tl.hadamard_quant_tc import SM90, hadamard_quant_tc
-    src = hadamard_quant_tc(14336, (28, 512), bits, 0.9, gated=gated, min_blocks=min_blocks, target=SM90).get_kernel_source()
-    assert_reference_rounding(src)
-    wgmma = re.findall(r"wgmma_ss<tl::DataType::kFloat16, tl::DataType::kFloat16, tl::DataType::kFloat32, 64, (\d+), 16, "
-                       r"(true|false)", src)
-    assert ("32", "true") in wgmma and ("32", "false") in wgmma and ("16", "false") in wgmma
-    assert src.count("wgmma_ss<") == 5  # x·A, z_hi·H32, z_lo·H32, w_hi·H16, w_lo·H16
-    assert f"__launch_bounds__(256, {min_blocks})" in src
-    spills = ptxas_spills(src, tmp_path)
-    assert max(spills) <= (128 if min_blocks == 2 else 0), spills
-
-
-def test_tensor_core_layout_takes_rows_of_a_dense_factor_times_512():
-    from kernels_tl.hadamard import hadamard_factors
-    from kernels_tl.hadamard_quant_tc import tc_layout
-    assert tc_layout(14336, (28, 512), None) == (28, 512)
-    assert tc_layout(6144, tuple(hadamard_factors(6144)), None) == (12, 512)
-    assert tc_layout(18944, tuple(hadamard_factors(18944)), None) is None  # 148-point factor
-    assert tc_layout(4096, (4096,), None) is None                           # no dense factor
-    assert tc_layout(1536, (12, 128), None) is None                         # 128 columns
-    assert tc_layout(14336, (28, 512), 512) is None                         # block-diagonal

@@ -286,8 +286,7 @@ def test_cluster_hadamard_quant_matches_reference(n, gated, cluster, threads, m)
 
 def test_dispatch_takes_the_cluster_kernel_for_few_tokens_and_long_prefills():
     """hadamard_quant_op at M = 2 (cluster), M = CLUSTER_MAX_TOKENS + 1 (one block per token) and
-    an odd count past LARGE_TOKENS_MIN (the tensor-core kernel; 2-block clusters with
-    QUAD_HADAMARD_TC=0)."""
+    an odd count past LARGE_TOKENS_MIN (2-block clusters)."""
     from kernels_tl.hadamard_quant_dispatch import CLUSTER_MAX_TOKENS, LARGE_TOKENS_MIN, hadamard_quant_op
     factors, block = hadamard_spec(14336)
     for m in (2, CLUSTER_MAX_TOKENS + 1, LARGE_TOKENS_MIN + 5):
@@ -295,27 +294,3 @@ def test_dispatch_takes_the_cluster_kernel_for_few_tokens_and_long_prefills():
         x_q, x_scale = hadamard_quant_op(gate_up, factors, block, 4, CLIP, gated=True)
         q_ref, s_ref = ref.quantize_act(apply_hadamard(ref.swiglu_f16(gate_up).float(), factors, block), 4, CLIP)
         assert_quantized_close(x_q, x_scale.reshape(-1), q_ref, s_ref, f"hadamard_quant_op gated m={m}")
-
-
-@pytest.mark.parametrize("m", [65, 100, 2053])
-@pytest.mark.parametrize("gated,bits,min_blocks", [(True, 8, 2), (True, 4, 2), (False, 8, 2), (True, 8, 1)])
-def test_tensor_core_hadamard_quant_matches_reference(gated, bits, min_blocks, m):
-    """kernels_tl.hadamard_quant_tc (the dense factor and the Sylvester factors as float16 wgmma
-    products, float32 intermediates as hi + lo terms): the quantizer tolerance against the reference,
-    also on rows a thousand times smaller and a hundred times larger than the others (the
-    per-token power of two that keeps the float16 terms in range)."""
-    from kernels_tl.hadamard_quant_tc import dense_factor, hadamard_quant_tc
-    n, seed = 14336, SEED + 11 * m + bits + 2 * min_blocks + gated
-    factors, block = hadamard_spec(n)
-    x = activations(m, 2 * n if gated else n, seed)
-    x[1, -n:] *= 1e-3  # the row (gated: its up half) scaled, in float16's range
-    x[2, -n:] *= 100
-    kernel = hadamard_quant_tc(n, tuple(factors), bits, CLIP, gated=gated, fast_silu=False, min_blocks=min_blocks)
-    x_q = torch.full((m, n), 0x55, device="cuda", dtype=torch.int8)
-    x_scale = torch.full((m,), float("nan"), device="cuda")
-    kernel(x, dense_factor(28, x.device), x_q, x_scale)
-    src = ref.swiglu_f16(x) if gated else x
-    q_ref, s_ref = ref.quantize_act(apply_hadamard(src.float(), factors, block), bits, CLIP)
-    assert_quantized_close(x_q, x_scale, q_ref, s_ref, f"tensor-core hadamard gated={gated} bits={bits} "
-                                                        f"min_blocks={min_blocks} m={m} seed={seed}")
-    assert x_scale[0].item() == 1.0 and not x_q[0].any()
