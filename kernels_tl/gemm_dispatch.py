@@ -39,6 +39,10 @@ SMS = 132  # streaming multiprocessors of an H100 SXM or H200: the grids' waves 
 # gemm_rs_middle_h200_2026-12-02.json), with 128-token tiles where they fill the SMs in fewer
 # waves (rs_tiles).
 PREFILL_GEMM = os.environ.get("QUAD_PREFILL_GEMM", "rs")  # rs | ws | pipelined
+# QUAD_FUSED_SWIGLU=1: the MLP's gate_up GEMM above 64 tokens writes silu(gate) * up itself
+# (gemm_rs's swiglu epilogue), half the bytes, and the down_proj quantizer runs without the SwiGLU
+# (ops.gate_up_swiglu). Off by default: not yet measured on a GPU.
+FUSED_SWIGLU = os.environ.get("QUAD_FUSED_SWIGLU", "0") == "1"
 WS_TILES = dict(block_m=256, block_n=128, block_k=128)
 RS_TILES = dict(block_t=256, block_w=128, block_k=128, num_stages=3)
 # Time per token of a register-unpack tile relative to the 256-token tile: a 128-token tile pays
@@ -223,6 +227,17 @@ def _build(spec):
     return builder(*args, **dict(kwargs))
 
 
+def swiglu_fusable(m: int, n: int) -> bool:
+    """Whether the gate_up GEMM of m tokens, n = 2h output rows, writes silu(gate) * up itself
+    (w4ax_linear(..., swiglu=True)): the register-unpack prefill kernel with FUSED_SWIGLU."""
+    return FUSED_SWIGLU and PREFILL_GEMM == "rs" and m > DECODE_MAX_M and n % 128 == 0
+
+
+def _swiglu_spec(m: int, n: int, k: int, rank: int, has_bias: bool) -> tuple:
+    from kernels_tl.hadamard_quant_dispatch import FAST_SILU  # the gated quantizers' silu, as prefills run it
+    return _spec(w4ax_gemm_rs, n, k, rank, has_bias, "float16", **rs_tiles(m, n, k), swiglu=True, fast_silu=FAST_SILU)
+
+
 def kernel_specs(m: int, n: int, k: int, rank: int, has_bias: bool, out_dtype: str) -> list[tuple]:
     """The kernels `w4ax_linear` runs for one problem, in call order, as _spec tuples."""
     if m <= GEMV_TOKENS[-1] and n % 16 == 0:
@@ -296,11 +311,18 @@ def prebuild_w8a8(problems, workers: int = 16) -> None:
     _build_all([_w8a8_spec(*p) for p in problems], workers)
 
 
-def prebuild(problems, workers: int = 16) -> None:
+def prebuild(problems, workers: int = 16, swiglu_problems=()) -> None:
     """Compile the kernels for many (m, n, k, rank, has_bias, out_dtype) problems in parallel; for a
     prefill size under 1024 tokens, every tile configuration rs_tiles / prefill_tiles may pick at
-    some token count of its class."""
+    some token count of its class. swiglu_problems: (m, n, k, rank, has_bias) of gate_up GEMMs whose
+    fused SwiGLU form (swiglu_fusable) is built too, both token tiles under 1024 tokens."""
+    from kernels_tl.hadamard_quant_dispatch import FAST_SILU
     specs = []
+    for m, n, k, rank, has_bias in sorted(set(swiglu_problems)):
+        if swiglu_fusable(m, n):
+            tiles = [rs_tiles(m, n, k)] if m >= 1024 else [_fit_k({**RS_TILES, "block_t": t}, k) for t in RS_TOKEN_COST]
+            specs += [_spec(w4ax_gemm_rs, n, k, rank, has_bias, "float16", **t, swiglu=True, fast_silu=FAST_SILU)
+                      for t in tiles]
     for m, n, k, rank, has_bias, out_dtype in sorted(set(problems)):
         if m <= DECODE_MAX_M or PREFILL_GEMM != "pipelined" and m >= 1024:
             specs += kernel_specs(m, n, k, rank, has_bias, out_dtype)
@@ -352,12 +374,13 @@ class SplitKSums:
 
 
 def w4ax_linear(x_q, x_scale, w_q, w_scale, x_out=None, w_out=None, bias=None, out=None, out_dtype=None,
-                into_residual=False):
+                into_residual=False, swiglu=False):
     """Y = quant_linear(...) on the GPU (the dispatch layer's entry point): the CUDA-core GEMV for
     M <= 4, the decode kernel (split-K + epilogue kernel where K is split) for M <= 64, the prefill kernel above.
     Writes `out` when given. x_scale float32 [M], w_scale float16 [n] (reshaped if [.., 1]).
     into_residual (Y only goes into a residual add): a split-K problem without outliers or bias
-    returns its SplitKSums instead of running the epilogue kernel (SPLITK_INTO_NORM)."""
+    returns its SplitKSums instead of running the epilogue kernel (SPLITK_INTO_NORM). swiglu (where
+    swiglu_fusable): w_q is the MLP's gate_up [2h, K] and Y is silu(gate) * up, float16 [M, h]."""
     import torch
 
     m = x_q.shape[0]
@@ -369,6 +392,11 @@ def w4ax_linear(x_q, x_scale, w_q, w_scale, x_out=None, w_out=None, bias=None, o
         x_out, w_out = _no_outliers(m, n, dev)
     bias_t = _bias_or_zeros(bias, n, dev)
     xs, ws = x_scale.reshape(-1), w_scale.reshape(-1)
+    if swiglu:
+        assert swiglu_fusable(m, n) and out_dtype == torch.float16, (m, n, out_dtype)
+        y = out if out is not None else torch.empty(m, n // 2, dtype=torch.float16, device=dev)
+        _build(_swiglu_spec(m, n, k, rank, bias is not None))(x_q, xs, w_q, ws, x_out, w_out, bias_t, y)
+        return y
     kernels = kernels_for(m, n, k, rank, bias is not None, str(out_dtype).removeprefix("torch."))
     if len(kernels) == 2:
         acc = zeros("acc", m, n, torch.int32, dev)  # the epilogue leaves it zero again

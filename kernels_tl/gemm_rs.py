@@ -26,6 +26,7 @@ import tilelang.language as T
 import tilelang.layout
 
 from kernels_tl.gemm_decode import _register_unpack_gemm
+from kernels_tl.hadamard_quant import _swiglu_f16
 from kernels_tl.targets import SM90, TARGETS  # noqa: F401
 
 # float16 elements of padding a row of the output staging tile: rows of 128 outputs are 256 bytes,
@@ -33,17 +34,34 @@ from kernels_tl.targets import SM90, TARGETS  # noqa: F401
 STAGE_PAD = 8
 
 
+def _weight_row(bx, i, block_w: int, pair: int, half: int, swiglu: bool):
+    """The weight row of a tile's row i: consecutive rows, or (swiglu) gate rows then up rows."""
+    if swiglu:
+        return T.if_then_else(i < pair, bx * pair + i, half + bx * pair + i - pair)
+    return bx * block_w + i
+
+
 @functools.lru_cache(maxsize=None)
 def w4ax_gemm_rs(n: int, k: int, rank: int, has_bias: bool = False, out_dtype: str = "float16",
                  block_t: int = 256, block_w: int = 128, block_k: int = 128, num_stages: int = 3,
-                 chunk: int | None = None, target=None):
+                 chunk: int | None = None, swiglu: bool = False, fast_silu: bool = False, target=None):
     """kernel(x_q, x_scale, w_q, w_scale, x_out, w_out, bias, y) as `gemm.w4ax_gemm` (y written;
     x_out / w_out / bias not read when rank == 0 / no bias). Tiles of block_w weight rows (a
     consumer warpgroup per 64) x block_t tokens, K tiles of block_k in num_stages TMA stages;
     chunk: the K columns of a register fragment (two fragments alternate where a K tile holds two
     or more chunks: one unpacked while the other's wgmmas run). A last weight tile that overhangs n
-    (4160 = 32.5 x 128) is zero-filled by the copy engine and its rows are not stored."""
+    (4160 = 32.5 x 128) is zero-filled by the copy engine and its rows are not stored.
+
+    swiglu: the weight is the MLP's gate_up [n = 2h, K] (gate rows first) and y is silu(gate) * up
+    [M, h] in torch's float16 arithmetic (gemm output rounded to float16, then
+    hadamard_quant._swiglu_f16; fast_silu as there): a tile's first 64 rows are gate rows
+    64·bx.., its last 64 the up rows h + 64·bx.. (two copies into the packed tile), so the epilogue
+    has both halves of its 64 outputs in the staging tile. The down_proj quantizer then reads half
+    the bytes and no longer computes the SwiGLU."""
     assert k % block_k == 0 and rank % 16 == 0 and block_w % 64 == 0 and block_t % 8 == 0 and block_t <= 256
+    assert not swiglu or (block_w == 128 and n % 128 == 0 and out_dtype == "float16")
+    half = n // 2  # swiglu: the up rows' offset, and y's width
+    pair = block_w // 2  # swiglu: gate (or up) rows a tile
     r = max(rank, 16)
     chunk = chunk or min(block_k, 256)
     assert block_k % chunk == 0 and chunk % 32 == 0
@@ -61,7 +79,7 @@ def w4ax_gemm_rs(n: int, k: int, rank: int, has_bias: bool = False, out_dtype: s
             XO: T.Tensor((m, r), "float16"),
             WO: T.Tensor((n, r), "float16"),
             BIAS: T.Tensor((n,), "float16"),
-            Y: T.Tensor((m, n), out_dtype),
+            Y: T.Tensor((m, half if swiglu else n), out_dtype),
         ):
             with T.Kernel(T.ceildiv(n, block_w), T.ceildiv(m, block_t), threads=2 * block_w) as (bx, by):
                 x_s = T.alloc_shared((block_t, block_k), "int8")
@@ -76,10 +94,14 @@ def w4ax_gemm_rs(n: int, k: int, rank: int, has_bias: bool = False, out_dtype: s
                 T.clear(acc)
                 for kt in T.Pipelined(k // block_k, num_stages=num_stages):
                     T.copy(XQ[by * block_t, kt * block_k], x_s)
-                    T.copy(WQ[bx * block_w, kt * (block_k // 2)], w_packed)
+                    if swiglu:
+                        T.copy(WQ[bx * pair, kt * (block_k // 2)], w_packed[0:pair, :])
+                        T.copy(WQ[half + bx * pair, kt * (block_k // 2)], w_packed[pair:block_w, :])
+                    else:
+                        T.copy(WQ[bx * block_w, kt * (block_k // 2)], w_packed)
                     product()
                 for i, j in T.Parallel(block_w, block_t):
-                    row = bx * block_w + i
+                    row = _weight_row(bx, i, block_w, pair, half, swiglu)
                     tok = by * block_t + j
                     out[i, j] = T.Cast("float32", acc[i, j]) * (
                         T.if_then_else(tok < m, XS[tok], T.float32(0))
@@ -88,17 +110,28 @@ def w4ax_gemm_rs(n: int, k: int, rank: int, has_bias: bool = False, out_dtype: s
                     xo_s = T.alloc_shared((block_t, r), "float16")
                     wo_s = T.alloc_shared((block_w, r), "float16")
                     T.copy(XO[by * block_t, 0], xo_s)
-                    T.copy(WO[bx * block_w, 0], wo_s)
+                    if swiglu:
+                        T.copy(WO[bx * pair, 0], wo_s[0:pair, :])
+                        T.copy(WO[half + bx * pair, 0], wo_s[pair:block_w, :])
+                    else:
+                        T.copy(WO[bx * block_w, 0], wo_s)
                     T.gemm(wo_s, xo_s, out, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
                 if has_bias:
                     for i, j in T.Parallel(block_w, block_t):
-                        row = bx * block_w + i
+                        row = _weight_row(bx, i, block_w, pair, half, swiglu)
                         out[i, j] = out[i, j] + T.Cast("float32", T.if_then_else(row < n, BIAS[row], T.float16(0)))
                 for i, j in T.Parallel(block_w, block_t):
                     out_s[j, i] = T.Cast(out_dtype, out[i, j])
-                for j, i in T.Parallel(block_t, block_w):
-                    if by * block_t + j < m and bx * block_w + i < n:
-                        Y[by * block_t + j, bx * block_w + i] = out_s[j, i]
+                if swiglu:  # silu(gate) * up over the gate columns, in place, then stored 16 bytes a thread
+                    for j, i in T.Parallel(block_t, pair):
+                        out_s[j, i] = T.Cast("float16", _swiglu_f16(out_s[j, i], out_s[j, pair + i], fast_silu))
+                    for j, i in T.Parallel(block_t, pair):
+                        if by * block_t + j < m:
+                            Y[by * block_t + j, bx * pair + i] = out_s[j, i]
+                else:
+                    for j, i in T.Parallel(block_t, block_w):
+                        if by * block_t + j < m and bx * block_w + i < n:
+                            Y[by * block_t + j, bx * block_w + i] = out_s[j, i]
 
         return main
 

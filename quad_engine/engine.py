@@ -161,14 +161,18 @@ class LLM:
             from kernels_tl import gemm_dispatch
         except ImportError:
             return
-        linears = {}
+        linears, gate_ups = {}, {}
         for layer in self.model.layers:
             for w in (layer.attn.qkv, layer.attn.o, layer.mlp.gate_up, layer.mlp.down):
                 if w.qweight is not None and ops._gemm_supports(w):
                     rank = 0 if w.w_out is None else w.w_out.shape[1]
-                    linears[(w.qweight.shape[0], w.qweight.shape[1] * 2, rank, w.bias is not None)] = None
+                    key = (w.qweight.shape[0], w.qweight.shape[1] * 2, rank, w.bias is not None)
+                    linears[key] = None
+                    if w is layer.mlp.gate_up:
+                        gate_ups[key] = None
         sizes = sorted(set(self.decode_buckets) | {65, min(1024, max_tokens)})
-        gemm_dispatch.prebuild([(m, n, k, rank, bias, "float16") for n, k, rank, bias in linears for m in sizes])
+        gemm_dispatch.prebuild([(m, n, k, rank, bias, "float16") for n, k, rank, bias in linears for m in sizes],
+                               swiglu_problems=[(m, *key) for key in gate_ups for m in sizes])
         if getattr(self.model, "head_int8", False):
             ops.prebuild_head(self.model, self.decode_buckets)
 

@@ -140,6 +140,25 @@ def swiglu_hadamard_quant(gate_up: torch.Tensor, spec: HadamardSpec | None, bits
     return hadamard_quant.__wrapped__(ref.swiglu_f16(gate_up), spec, bits, clip)
 
 
+@_profiled("gemm")
+def gate_up_swiglu(x_q: torch.Tensor, x_scale: torch.Tensor | None, weight: "QuantWeights",
+                   x_out: torch.Tensor | None = None) -> torch.Tensor | None:
+    """silu(gate) * up (float16 [.., h]) straight from the MLP's gate_up GEMM, whose epilogue
+    computes it in torch's float16 arithmetic (kernels_tl.gemm_rs, swiglu), or None where that GEMM
+    cannot (decode sizes, the reference backend, QUAD_FUSED_SWIGLU unset): the caller then runs the
+    GEMM and swiglu_hadamard_quant. Either way the down_proj quantizer sees the same values."""
+    if x_scale is None or not use_kernels(x_q) or not _gemm_supports(weight) or not fusions_enabled():
+        return None
+    from kernels_tl import gemm_dispatch
+    lead, x2 = x_q.shape[:-1], x_q.reshape(-1, x_q.shape[-1])
+    if not gemm_dispatch.swiglu_fusable(x2.shape[0], weight.qweight.shape[0]):
+        return None
+    xo = None if x_out is None or x_out.shape[-1] == 0 else x_out.reshape(-1, x_out.shape[-1]).half().contiguous()
+    y = gemm_dispatch.w4ax_linear(x2.contiguous(), x_scale.reshape(-1).float(), weight.qweight,
+                                  weight.scale.reshape(-1).half(), xo, weight.w_out, weight.bias, swiglu=True)
+    return y.reshape(*lead, y.shape[-1])
+
+
 # The int8 lm_head's activation quantizer: per token, int8, no clipping.
 HEAD_BITS, HEAD_CLIP = 8, 1.0
 

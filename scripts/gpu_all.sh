@@ -21,12 +21,14 @@
 # GEMM rows of bench/kernels.py at 16 / 32 / 64 tokens with it and without),
 # sweep-decode-ws (the producer-unpack decode GEMM's tiles beside the dispatch's kernel: qkv and
 # gate_up at 16 / 32 / 64 tokens),
+# swiglu (QUAD_FUSED_SWIGLU: the gate_up GEMM's SwiGLU epilogue, its GEMM tests, the engine's prefill
+# logits with it and without, then the engine prefill A/B),
 # sweep-hadamard, sweep-hadamard-gated (the gated 14336-wide quantizer alone, with its fast-silu
 # variants). Each benchmark writes its JSON after every section, so a part cut short keeps
 # what it measured.
 set -u
 out=${1:?usage: scripts/gpu_all.sh OUT_DIR PART}
-part=${2:?PART: gemm | gemm-decode | gemm-decode-blocks | gemm-fill | gemm-pipelined | prefill-sdpa | decode | quantize | quantize-clusters | kv | rope | engine | attention-rf | bench-kernels | bench-attention | sweep-splits | sweep-decode | sweep-decode-ws | sweep-hadamard | sweep-hadamard-gated}
+part=${2:?PART: gemm | gemm-decode | gemm-decode-blocks | gemm-fill | gemm-pipelined | prefill-sdpa | decode | quantize | quantize-clusters | kv | rope | engine | attention-rf | swiglu | bench-kernels | bench-attention | sweep-splits | sweep-decode | sweep-decode-ws | sweep-hadamard | sweep-hadamard-gated}
 mkdir -p "$out"
 quiet() { grep -v "INFO\|WARNING\|AnnotateWarpGroup" ; }
 case "$part" in
@@ -94,6 +96,12 @@ case "$part" in
           echo "QUAD_FUSED_ROPE=$fused:"; grep -E "logits vs|passed|failed" "$out/engine_fused_rope_$fused.log"
         done ;;
   engine) bash scripts/gpu_engine.sh "$out" check ;;
+  swiglu) timeout 200 python3 -m pytest -q -m gpu tests/test_gemm_gpu.py -k swiglu 2>&1 | quiet > "$out/swiglu_tests.log"
+          tail -n 1 "$out/swiglu_tests.log"; grep -h "^FAILED" "$out/swiglu_tests.log" | head -n 5
+          timeout 150 python3 -m pytest -q -s -m gpu tests/test_engine_gpu.py -k fused_swiglu 2>&1 | quiet \
+            > "$out/swiglu_engine.log"
+          grep -E "fused SwiGLU|passed|failed" "$out/swiglu_engine.log"
+          AB_VARIANTS="base QUAD_FUSED_SWIGLU=1" AB_PREFILL=1x2048,16x2048 AB_DECODE="" bash scripts/gpu_engine.sh "$out" ab ;;
   bench-kernels) timeout 560 python3 bench/kernels.py --quick --out "$out/kernels.json" 2>&1 | quiet > "$out/kernels.log"
                  tail -n 5 "$out/kernels.log" ;;
   bench-attention) timeout 560 python3 bench/attention.py --quick --out "$out/attention.json" 2>&1 | quiet \

@@ -274,3 +274,34 @@ def test_branch_sums_are_materialized_wherever_the_norm_kernel_does_not_take_the
     h2 = h.clone()
     got = ops.rmsnorm_quant(h2, 64, 256, 1e-5, 4, 0.9, residual=Sums())  # CPU: the reference path
     assert all(torch.equal(a, b) for a, b in zip(got, expect)) and torch.equal(h2, h + branch.float())
+
+
+def test_fused_swiglu_takes_prefill_gate_up_gemms_only_when_switched_on(monkeypatch):
+    """QUAD_FUSED_SWIGLU (off by default): the gate_up GEMM above 64 tokens, in the register-unpack
+    kernel, writes silu(gate) * up; the prebuild covers both token tiles under 1024 tokens and the
+    one picked above; on the CPU (reference backend) ops.gate_up_swiglu declines, so the model runs
+    the GEMM and the gated quantizer."""
+    import torch
+
+    from kernels_tl import gemm_dispatch
+    from kernels_tl.gemm_rs import w4ax_gemm_rs
+    from quad_engine import ops
+    assert not gemm_dispatch.swiglu_fusable(2048, 28672)
+    monkeypatch.setattr(gemm_dispatch, "FUSED_SWIGLU", True)
+    assert gemm_dispatch.swiglu_fusable(65, 28672) and gemm_dispatch.swiglu_fusable(2048, 3072)
+    assert not gemm_dispatch.swiglu_fusable(64, 28672) and not gemm_dispatch.swiglu_fusable(2048, 28672 + 64)
+    builder, args, kwargs = gemm_dispatch._swiglu_spec(2048, 28672, 4096, 64, False)
+    assert builder is w4ax_gemm_rs and dict(kwargs)["swiglu"] is True
+    assert {key: v for key, v in kwargs if key not in ("swiglu", "fast_silu")} == gemm_dispatch.rs_tiles(2048, 28672, 4096)
+    specs = []
+    monkeypatch.setattr(gemm_dispatch, "_build_all", lambda s, workers=16: specs.extend(s))
+    gemm_dispatch.prebuild([], swiglu_problems=[(65, 28672, 4096, 64, False), (2048, 28672, 4096, 64, False),
+                                                (8, 28672, 4096, 64, False)])
+    for m in (65, 100, 500, 1000, 2048, 4096):
+        assert gemm_dispatch._swiglu_spec(m, 28672, 4096, 64, False) in specs
+    assert len(specs) == 3  # two token tiles under 1024 tokens, the 256-token one above; none at 8
+    monkeypatch.setattr(gemm_dispatch, "PREFILL_GEMM", "ws")  # only the register-unpack kernel has it
+    assert not gemm_dispatch.swiglu_fusable(2048, 28672)
+    weight = ops.QuantWeights(torch.zeros(256, 32, dtype=torch.uint8), torch.ones(256, 1, dtype=torch.float16),
+                              None, None)
+    assert ops.gate_up_swiglu(torch.zeros(100, 64, dtype=torch.int8), torch.ones(100, 1), weight) is None

@@ -163,3 +163,35 @@ def test_split_k_epilogue_in_the_norm_gives_the_tokens_of_the_epilogue_kernel(mo
         assert any(fused) == into_norm
         del llm
     assert tokens[True] == tokens[False]
+
+
+def test_fused_swiglu_gives_the_logits_of_the_gated_quantizer(monkeypatch):
+    """QUAD_FUSED_SWIGLU: prefills of more than 64 tokens take silu(gate) * up from the gate_up
+    GEMM's epilogue and quantize it with the plain Hadamard quantizer. The down_proj input is the
+    same float16 SwiGLU either way, so the prefill logits agree with the gated quantizer's to its
+    float32 summation order, and the fused path was taken."""
+    from kernels_tl import gemm_dispatch
+    model = synthetic_model("llama-3-8b", device="cuda", num_layers=2, mode="w4a4a8")
+    rng = random.Random(5)
+    prompt = [rng.randrange(1000) for _ in range(300)]
+    greedy = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    swiglu_op, calls, last = ops.gate_up_swiglu, [], {}
+
+    def counting(*args, **kwargs):
+        out = swiglu_op(*args, **kwargs)
+        calls.append(out is not None)
+        return out
+    monkeypatch.setattr(ops, "gate_up_swiglu", counting)
+    for fused in (True, False):
+        monkeypatch.setattr(gemm_dispatch, "FUSED_SWIGLU", fused)
+        calls.clear()
+        llm = LLM(model=model, device="cuda", num_blocks=64, max_model_len=1024, cuda_graph=False)
+        rows = []
+        llm.logits_hook = lambda seqs, logits: rows.append(logits[-1].float().clone())
+        llm.generate([prompt], greedy)
+        last[fused] = rows[-1]
+        assert any(calls) == fused
+        del llm
+    err = float((last[True] - last[False]).norm() / last[False].norm())
+    print(f"\nfused SwiGLU: prefill logits vs the gated quantizer's {err:.2e}")
+    assert err < 3e-2, err

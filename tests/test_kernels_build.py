@@ -100,6 +100,25 @@ def test_register_unpack_prefill_gemm_builds(n, k, rank, bias, tiles, tmp_path):
     assert max(ptxas_spills(src, tmp_path)) == 0
 
 
+@pytest.mark.parametrize("n,k,rank,block_t", [(28672, 4096, 64, 256), (3072, 576, 64, 128), (37888, 3584, 0, 256)])
+def test_register_unpack_prefill_gemm_builds_with_the_swiglu_epilogue(n, k, rank, block_t, tmp_path):
+    """gemm_rs with swiglu (QUAD_FUSED_SWIGLU): a tile's packed weights come as two copies, the gate
+    rows and the up rows n / 2 further; y is n / 2 wide, computed from the staged float16 gemm
+    output with the approximate silu and stored 16 bytes a thread; at most a few bytes spill."""
+    from test_quantize_build import ptxas_spills
+
+    from kernels_tl.gemm_dispatch import RS_TILES, _fit_k
+    from kernels_tl.gemm_rs import SM90, w4ax_gemm_rs
+    tiles = {**_fit_k(RS_TILES, k), "block_t": block_t}
+    src = w4ax_gemm_rs(n, k, rank, False, "float16", **tiles, swiglu=True, fast_silu=True, target=SM90).get_kernel_source()
+    loads = re.findall(r"tma_load\(WQ_desc, [^;]*", src)
+    assert len(loads) == 2 and loads[1].endswith(f" + {n // 2}))"), loads
+    assert "fast_rcp(" in src and "__expf(" in src
+    store = next(line for line in src.splitlines() if "*(uint4*)(Y + " in line)
+    assert f"* (int64_t){n // 2})" in store  # rows of y are n / 2 wide
+    assert max(ptxas_spills(src, tmp_path)) <= 16
+
+
 @pytest.mark.parametrize("n,k,m,rank", [(28672, 4096, 32, 0), (6144, 4096, 16, 64), (28672, 4096, 64, 64)])
 def test_producer_unpack_decode_gemm_builds(n, k, m, rank, tmp_path):
     """gemm_ws.w4ax_gemm_decode_ws (decode GEMMs of several waves, gate_up): a producer warpgroup that loads and

@@ -137,8 +137,12 @@ class MLP(nn.Module):
         cfg, bits = self.cfg, self.cfg.act_bits
         x_out, x_q, x_s = ops.rmsnorm_quant(h, cfg.rank, cfg.hidden_size, cfg.rms_norm_eps,
                                             bits["gate_up"], cfg.act_clip, residual=pending)
-        gate_up = self.gate_up(x_q, x_s, x_out)
-        a_q, a_s = ops.swiglu_hadamard_quant(gate_up, cfg.hadamard_down, bits["down"], cfg.act_clip)
+        act = ops.gate_up_swiglu(x_q, x_s, self.gate_up, x_out)  # the GEMM's epilogue, where it can
+        if act is not None:
+            a_q, a_s = ops.hadamard_quant(act, cfg.hadamard_down, bits["down"], cfg.act_clip)
+        else:
+            gate_up = self.gate_up(x_q, x_s, x_out)
+            a_q, a_s = ops.swiglu_hadamard_quant(gate_up, cfg.hadamard_down, bits["down"], cfg.act_clip)
         return self.down(a_q, a_s, into_residual=True)
 
 
