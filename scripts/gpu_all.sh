@@ -5,7 +5,8 @@
 # PART: gemm (GEMM tests, every shape and M), gemm-decode (the same at the decode kernels' token
 # counts 9 / 17 / 40 only), gemm-decode-blocks (gemm-decode with the decode kernels built for 2 and 3
 # blocks a SM), gemm-pipelined (the GEMM tests at 9 / 17 / 40 / 2053 tokens with the pipelined
-# kernels the dispatch no longer picks there: QUAD_PREFILL_GEMM / QUAD_DECODE_GEMM=pipelined),
+# kernels the dispatch no longer picks there: QUAD_PREFILL_GEMM / QUAD_DECODE_GEMM=pipelined), gemm-ws (the
+# GEMM tests at 2053 tokens with the producer-unpack prefill kernel, QUAD_PREFILL_GEMM=ws),
 # prefill-sdpa (flash attention over the cache dequantized once, the default for
 # prefills with a cached prefix: its tests, the engine's chunked prefill with it and with the paged
 # kernel, then the prefill rows of bench/attention.py), decode (gemm-decode, the decode-attention
@@ -28,7 +29,7 @@
 # what it measured.
 set -u
 out=${1:?usage: scripts/gpu_all.sh OUT_DIR PART}
-part=${2:?PART: gemm | gemm-decode | gemm-decode-blocks | gemm-fill | gemm-pipelined | prefill-sdpa | decode | quantize | quantize-clusters | kv | rope | engine | attention-rf | swiglu | bench-kernels | bench-attention | sweep-splits | sweep-decode | sweep-decode-ws | sweep-hadamard | sweep-hadamard-gated}
+part=${2:?PART: gemm | gemm-decode | gemm-decode-blocks | gemm-fill | gemm-pipelined | gemm-ws | prefill-sdpa | decode | quantize | quantize-clusters | kv | rope | engine | attention-rf | swiglu | bench-kernels | bench-attention | sweep-splits | sweep-decode | sweep-decode-ws | sweep-hadamard | sweep-hadamard-gated}
 mkdir -p "$out"
 quiet() { grep -v "INFO\|WARNING\|AnnotateWarpGroup" ; }
 case "$part" in
@@ -56,6 +57,10 @@ case "$part" in
     QUAD_PREFILL_GEMM=pipelined QUAD_DECODE_GEMM=pipelined QUAD_GEMM_TEST_MS=9,17,40,2053 timeout 540 \
       python3 scripts/gpu_gemm_check.py -q 2>&1 | quiet > "$out/gemm_pipelined_tests.log"
     tail -n 1 "$out/gemm_pipelined_tests.log"; grep -h "^FAILED" "$out/gemm_pipelined_tests.log" | head -n 5 ;;
+  gemm-ws)
+    QUAD_PREFILL_GEMM=ws QUAD_GEMM_TEST_MS=2053 timeout 300 python3 scripts/gpu_gemm_check.py -q 2>&1 | quiet \
+      > "$out/gemm_ws_tests.log"
+    echo "$(grep -c '^FAILED' "$out/gemm_ws_tests.log") failed"; grep -h "^FAILED" "$out/gemm_ws_tests.log" | head -n 5 ;;
   prefill-sdpa)  # flash attention over the dequantized cache for prefills with a cached prefix
     timeout 120 python3 -m pytest -q -m gpu tests/test_kv_attention_gpu.py -k "flash_over or dequant" 2>&1 | quiet \
       > "$out/prefill_sdpa_tests.log"
