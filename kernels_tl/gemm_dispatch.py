@@ -233,9 +233,25 @@ def swiglu_fusable(m: int, n: int) -> bool:
     return FUSED_SWIGLU and PREFILL_GEMM == "rs" and m > DECODE_MAX_M and n % 128 == 0
 
 
+def _rs_spec(n: int, k: int, rank: int, has_bias: bool, out_dtype: str, tiles: dict, swiglu: bool = False) -> tuple:
+    """The register-unpack prefill kernel at these tiles; swiglu: its SwiGLU epilogue form, with the
+    silu the gated quantizers run at prefill sizes (hadamard_quant_dispatch.FAST_SILU)."""
+    if not swiglu:
+        return _spec(w4ax_gemm_rs, n, k, rank, has_bias, out_dtype, **tiles)
+    from kernels_tl.hadamard_quant_dispatch import FAST_SILU
+    return _spec(w4ax_gemm_rs, n, k, rank, has_bias, out_dtype, **tiles, swiglu=True, fast_silu=FAST_SILU)
+
+
+def _rs_tile_class(m: int, n: int, k: int) -> list[dict]:
+    """The tiles rs_tiles may pick for a prefill of m tokens's class: from 1024 tokens its choice
+    (256-token tiles), below both token tiles (the choice changes with m within the class)."""
+    if m >= 1024:
+        return [rs_tiles(m, n, k)]
+    return [_fit_k({**RS_TILES, "block_t": t}, k) for t in RS_TOKEN_COST]
+
+
 def _swiglu_spec(m: int, n: int, k: int, rank: int, has_bias: bool) -> tuple:
-    from kernels_tl.hadamard_quant_dispatch import FAST_SILU  # the gated quantizers' silu, as prefills run it
-    return _spec(w4ax_gemm_rs, n, k, rank, has_bias, "float16", **rs_tiles(m, n, k), swiglu=True, fast_silu=FAST_SILU)
+    return _rs_spec(n, k, rank, has_bias, "float16", rs_tiles(m, n, k), swiglu=True)
 
 
 def kernel_specs(m: int, n: int, k: int, rank: int, has_bias: bool, out_dtype: str) -> list[tuple]:
@@ -256,7 +272,7 @@ def kernel_specs(m: int, n: int, k: int, rank: int, has_bias: bool, out_dtype: s
         return [_spec(w4ax_gemm_splitk, n, k, **plan, **rs),
                 _spec(w4ax_epilogue, n, rank, has_bias, out_dtype, plan["block_m"])]
     if PREFILL_GEMM == "rs":
-        return [_spec(w4ax_gemm_rs, n, k, rank, has_bias, out_dtype, **rs_tiles(m, n, k))]
+        return [_rs_spec(n, k, rank, has_bias, out_dtype, rs_tiles(m, n, k))]
     if PREFILL_GEMM != "pipelined" and m >= 1024:
         return [_spec(w4ax_gemm_ws, n, k, rank, has_bias, out_dtype, **_fit_k(WS_TILES, k))]
     return [_spec(w4ax_gemm, n, k, rank, has_bias, out_dtype, **prefill_tiles(m, n, k, rank, has_bias))]
@@ -316,19 +332,14 @@ def prebuild(problems, workers: int = 16, swiglu_problems=()) -> None:
     prefill size under 1024 tokens, every tile configuration rs_tiles / prefill_tiles may pick at
     some token count of its class. swiglu_problems: (m, n, k, rank, has_bias) of gate_up GEMMs whose
     fused SwiGLU form (swiglu_fusable) is built too, both token tiles under 1024 tokens."""
-    from kernels_tl.hadamard_quant_dispatch import FAST_SILU
-    specs = []
-    for m, n, k, rank, has_bias in sorted(set(swiglu_problems)):
-        if swiglu_fusable(m, n):
-            tiles = [rs_tiles(m, n, k)] if m >= 1024 else [_fit_k({**RS_TILES, "block_t": t}, k) for t in RS_TOKEN_COST]
-            specs += [_spec(w4ax_gemm_rs, n, k, rank, has_bias, "float16", **t, swiglu=True, fast_silu=FAST_SILU)
-                      for t in tiles]
+    specs = [_rs_spec(n, k, rank, has_bias, "float16", t, swiglu=True)
+             for m, n, k, rank, has_bias in sorted(set(swiglu_problems)) if swiglu_fusable(m, n)
+             for t in _rs_tile_class(m, n, k)]
     for m, n, k, rank, has_bias, out_dtype in sorted(set(problems)):
         if m <= DECODE_MAX_M or PREFILL_GEMM != "pipelined" and m >= 1024:
             specs += kernel_specs(m, n, k, rank, has_bias, out_dtype)
-        elif PREFILL_GEMM == "rs":  # both token tiles: the choice changes with m within a class
-            specs += [_spec(w4ax_gemm_rs, n, k, rank, has_bias, out_dtype, **_fit_k({**RS_TILES, "block_t": t}, k))
-                      for t in RS_TOKEN_COST]
+        elif PREFILL_GEMM == "rs":
+            specs += [_rs_spec(n, k, rank, has_bias, out_dtype, t) for t in _rs_tile_class(m, n, k)]
         else:
             specs += [_spec(w4ax_gemm, n, k, rank, has_bias, out_dtype, **t)
                       for t in prefill_candidates(m, k, rank, has_bias)]
