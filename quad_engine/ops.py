@@ -140,7 +140,6 @@ def swiglu_hadamard_quant(gate_up: torch.Tensor, spec: HadamardSpec | None, bits
     return hadamard_quant.__wrapped__(ref.swiglu_f16(gate_up), spec, bits, clip)
 
 
-@_profiled("gemm")
 def gate_up_swiglu(x_q: torch.Tensor, x_scale: torch.Tensor | None, weight: "QuantWeights",
                    x_out: torch.Tensor | None = None) -> torch.Tensor | None:
     """silu(gate) * up (float16 [.., h]) straight from the MLP's gate_up GEMM, whose epilogue
@@ -149,14 +148,10 @@ def gate_up_swiglu(x_q: torch.Tensor, x_scale: torch.Tensor | None, weight: "Qua
     GEMM and swiglu_hadamard_quant. Either way the down_proj quantizer sees the same values."""
     if x_scale is None or not use_kernels(x_q) or not _gemm_supports(weight) or not fusions_enabled():
         return None
-    from kernels_tl import gemm_dispatch
-    lead, x2 = x_q.shape[:-1], x_q.reshape(-1, x_q.shape[-1])
-    if not gemm_dispatch.swiglu_fusable(x2.shape[0], weight.qweight.shape[0]):
+    from kernels_tl.gemm_dispatch import swiglu_fusable
+    if not swiglu_fusable(x_q.numel() // x_q.shape[-1], weight.qweight.shape[0]):
         return None
-    xo = None if x_out is None or x_out.shape[-1] == 0 else x_out.reshape(-1, x_out.shape[-1]).half().contiguous()
-    y = gemm_dispatch.w4ax_linear(x2.contiguous(), x_scale.reshape(-1).float(), weight.qweight,
-                                  weight.scale.reshape(-1).half(), xo, weight.w_out, weight.bias, swiglu=True)
-    return y.reshape(*lead, y.shape[-1])
+    return quant_linear(x_q, x_scale, weight, x_out, swiglu=True)
 
 
 # The int8 lm_head's activation quantizer: per token, int8, no clipping.
@@ -269,12 +264,13 @@ def _hadamard_f32(x: torch.Tensor, spec: HadamardSpec | None) -> torch.Tensor:
 
 @_profiled("gemm")
 def quant_linear(x_q: torch.Tensor, x_scale: torch.Tensor | None, weight: "QuantWeights",
-                 x_out: torch.Tensor | None = None, into_residual: bool = False):
+                 x_out: torch.Tensor | None = None, into_residual: bool = False, swiglu: bool = False):
     """y = dequant(x_q) @ dequant(W)ᵀ + x_out @ w_outᵀ + bias, with the integer part exact.
 
     float16 out (float32 in the unquantized mode), from either backend. into_residual: y only goes
     into the residual, through rmsnorm_quant's residual (or materialize): a split-K decode GEMM may
-    then return its sums before the epilogue, which the norm applies in its own pass."""
+    then return its sums before the epilogue, which the norm applies in its own pass. swiglu (only
+    where gate_up_swiglu found the GEMM can): silu(gate) * up of the gate_up output instead."""
     lead = x_q.shape[:-1]
     x2 = x_q.reshape(-1, x_q.shape[-1])
     xo = None if x_out is None or x_out.shape[-1] == 0 else x_out.reshape(-1, x_out.shape[-1])
@@ -288,7 +284,7 @@ def quant_linear(x_q: torch.Tensor, x_scale: torch.Tensor | None, weight: "Quant
         from kernels_tl.gemm_dispatch import w4ax_linear
         y = w4ax_linear(x2.contiguous(), x_scale.reshape(-1).float(), weight.qweight, weight.scale.reshape(-1).half(),
                         None if xo is None else xo.half().contiguous(), weight.w_out, weight.bias,
-                        into_residual=into_residual)
+                        into_residual=into_residual, swiglu=swiglu)
         if not isinstance(y, torch.Tensor):  # SplitKSums
             y.lead = tuple(lead)
             return y
