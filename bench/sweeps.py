@@ -7,7 +7,7 @@ bench/kernels.py's. Writes JSON after every section, so a run cut short by a tim
 it measured.
 
     python bench/sweeps.py --out sweep.json \
-        (--hadamard | --decode | --decode-ws | --gemv | --prefill | --all)
+        (--hadamard | --decode | --decode-ws | --gemv | --prefill | --hadamard-stream | --all)
 """
 
 from __future__ import annotations
@@ -301,6 +301,58 @@ def sweep_hadamard(n: int, gated: bool, ms=(1, 4, 16, 32, 64, 2048)) -> list[dic
     return rows
 
 
+STREAM_MS = (128, 256, 512, 1024, 2048, 8192)
+
+
+def sweep_hadamard_stream(n: int, gated: bool, ms=STREAM_MS) -> list[dict]:
+    """The streaming Hadamard+quantize kernel (kernels_tl.hadamard_quant_stream: persistent blocks,
+    the next row copied with cp.async under the current one) at 1 .. blocks_per_sm blocks a SM,
+    beside what the dispatch runs without it and the one-block default, per token count M. Each
+    variant's codes are compared with the default's (gated rows: all with fast_silu, as prefills
+    run them); GB/s counts the row read and the codes and scales written."""
+    from kernels_tl import hadamard_quant_dispatch as hq
+    from kernels_tl.hadamard import hadamard_factors
+    from kernels_tl.hadamard_quant import hadamard_quant
+    from kernels_tl.hadamard_quant_stream import blocks_per_sm, hadamard_quant_stream
+
+    factors = tuple(hadamard_factors(n))
+    fast = gated and hq.FAST_SILU
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    thunks = {("default",): lambda: hadamard_quant(n, factors, None, 8, 0.9, gated=gated, fast_silu=fast)}
+    for b in range(1, blocks_per_sm(n, factors, None, gated) + 1):
+        thunks[("stream", b)] = (lambda b=b: hadamard_quant_stream(n, factors, None, 8, 0.9, b * sms, gated=gated,
+                                                                    fast_silu=fast))
+    for m in ms:
+        choice = hq.kernel_choice(m, n, factors, None, gated)
+        thunks[("dispatch",) + choice] = lambda choice=choice: hq.build_choice(choice, n, factors, None, 8, 0.9, gated)
+    built = build_all(thunks)
+    rows = []
+    for m in ms:
+        x = torch.randn(m, 2 * n if gated else n, device="cuda").half()
+        want_q, want_s = torch.empty(m, n, device="cuda", dtype=torch.int8), torch.empty(m, device="cuda")
+        built[("default",)](x, want_q, want_s)
+        moved = x.numel() * 2 + m * n + m * 4
+        choice = ("dispatch",) + hq.kernel_choice(m, n, factors, None, gated)
+        for key in [choice, ("default",)] + [k for k in built if k[0] == "stream"]:
+            kern, row = built[key], {"n": n, "gated": gated, "m": m, "kernel": list(key)}
+            if isinstance(kern, Exception):
+                rows.append({**row, "error": str(kern).splitlines()[0][:200]})
+                continue
+            q, sc = torch.full_like(want_q, 0x55), torch.full_like(want_s, float("nan"))
+            try:
+                kern(x, q, sc)
+                t = bench(lambda: kern(x, q, sc))
+            except Exception as e:
+                rows.append({**row, "error": str(e).splitlines()[0][:200]})
+                continue
+            row.update(us=1e3 * t, gbps=moved / t / 1e6, codes_equal=(q == want_q).float().mean().item(),
+                       scales_equal=bool(torch.equal(sc, want_s)))
+            rows.append(row)
+            print(f"  stream sweep n={n} gated={gated} M={m} {key}: {row['us']:.1f} us, {row['gbps']:.0f} GB/s, "
+                  f"codes equal {row['codes_equal']:.6f}", flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
@@ -309,11 +361,13 @@ def main() -> None:
                        ("decode-ws", "producer-unpack decode GEMM tiles (qkv, gate_up at 16, 32, 64 tokens)"),
                        ("gemv", "dp4a GEMV shapes (the four linears at 1, 4 and 8 tokens)"),
                        ("prefill", "prefill GEMM tiles against the int8 ceiling (4096 tokens)"),
+                       ("hadamard-stream", "the streaming Hadamard+quantize kernel against the dispatch's (128-8192 tokens)"),
                        ("all", "every sweep above")):
         ap.add_argument(f"--{name}", action="store_true", help=what)
     args = ap.parse_args()
-    if not (args.hadamard or args.decode or args.decode_ws or args.gemv or args.prefill or args.all):
-        ap.error("choose a sweep: --hadamard, --decode, --decode-ws, --gemv, --prefill or --all")
+    if not (args.hadamard or args.decode or args.decode_ws or args.gemv or args.prefill or args.hadamard_stream
+            or args.all):
+        ap.error("choose a sweep: --hadamard, --decode, --decode-ws, --gemv, --prefill, --hadamard-stream or --all")
     copy = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")
     copy_gbps = 2 * copy.numel() / bench(lambda: copy.clone()) / 1e6
     print(f"device copy: {copy_gbps:.0f} GB/s", flush=True)
@@ -330,6 +384,11 @@ def main() -> None:
         result["sweep_hadamard"] = []
         for n, gated, ms in ((4096, False, None), (14336, True, None), (14336, False, (1, 16, 2048))):
             result["sweep_hadamard"] += sweep_hadamard(n, gated, **({"ms": ms} if ms else {}))
+            save()
+    if args.hadamard_stream or args.all:
+        result["sweep_hadamard_stream"] = []
+        for n, gated in ((14336, True), (4096, False), (14336, False)):
+            result["sweep_hadamard_stream"] += sweep_hadamard_stream(n, gated)
             save()
     if args.decode or args.all:
         result["sweep_decode"] = []

@@ -1,7 +1,8 @@
 """Which Hadamard + quantize kernel runs a problem, and the call (`hadamard_quant_op`, the entry point
-of the dispatch layer): a thread-block cluster per token row for a few tokens and for thousands
-where the row has a dense factor (kernels_tl.hadamard_quant_cluster), else one block per row
-(kernels_tl.hadamard_quant) in a launch shape chosen by the token count. `prebuild_jobs` lists
+of the dispatch layer): a thread-block cluster per token row for a few tokens where the row has a
+dense factor (kernels_tl.hadamard_quant_cluster), persistent streaming blocks for the gated rows of
+a prefill (kernels_tl.hadamard_quant_stream), else one block per row (kernels_tl.hadamard_quant) in
+a launch shape chosen by the token count. `prebuild_jobs` lists
 every kernel a set of token counts will use, so an engine can compile them in parallel before its
 first steps.
 """
@@ -11,6 +12,7 @@ import os
 
 from kernels_tl.hadamard_quant import hadamard_quant
 from kernels_tl.hadamard_quant_cluster import cluster_layout, hadamard_quant_cluster
+from kernels_tl.hadamard_quant_stream import hadamard_quant_stream, stream_blocks, stream_fits
 
 # Up to this many tokens a row with a dense factor is split over a thread-block cluster
 # (kernels_tl.hadamard_quant_cluster): one block per token leaves all but M SMs idle while the
@@ -25,23 +27,24 @@ CLUSTER_MAX_TOKENS = 32
 # default is tuned for thousands of tokens, where 512 threads a block were 35% slower).
 FEW_TOKENS_MAX = 64
 FEW_TOKENS_SHAPE = dict(threads=512, cols_per_thread=1, max_radix=4)
-# From this many tokens (a prefill) a dense row of at least LARGE_ROW_MIN goes to 2-block clusters of
-# 256 threads again: the one-block kernel holds the float32 row in shared memory (57 KB at 14336),
-# 3 rows a SM, and waits on latency (Nsight Compute at 2048 tokens: 15% of DRAM bandwidth, 35%
-# occupancy); half a row a block keeps more in flight. The gated 14336-wide input at M = 2048 on an
-# H200 (bench/sweeps.py --hadamard, 2026-12-01): 161.6 µs against 204.1 (4-block clusters 245), the
-# same codes as the default but for 3 in a million (ties rounded after another summation order);
-# their GPU tests against the reference pass (2053 tokens). Unmeasured between 65 and 2047.
-LARGE_TOKENS_MIN = 2048
-LARGE_ROW_MIN = 8192
-LARGE_CLUSTER = (2, 256)
-# The gated kernels that prefills run (the one-block default and the 2-block clusters) compute silu
+# The gated kernels that prefills run (the one-block default and the streaming one) compute silu
 # from the approximate exp and reciprocal (hadamard_quant._swiglu_f16): about half the kernel's
 # instructions at thousands of tokens; a 16 x 2048 Llama-3-8B prefill 612.5 against 619.2 ms
 # (bench/results/prefill_ab_h200_2026-12-01.json), codes within the quantizer tolerance of the
 # reference (tests/test_quantize_gpu.py). The cluster and few-token kernels of decode sizes wait on
 # latency, not on silu, and keep the exact one. QUAD_FAST_SILU=0: the exact silu everywhere.
 FAST_SILU = os.environ.get("QUAD_FAST_SILU", "1") == "1"
+# From this many tokens a gated row that fits twice a SM (Llama-3-8B's 14336) goes to persistent
+# blocks that copy the next row into shared memory under the current one
+# (kernels_tl.hadamard_quant_stream). On an H200 (bench/sweeps.py --hadamard-stream, 2026-12-02),
+# gated 14336: 28.8 against 30.7 µs for the default at M = 512, 48.5 / 52.8 at 1024, 87.8 / 94.0 at
+# 2048, 317.5 / 328.7 at 8192; slower at 256 (19.1 / 17.5). Plain rows gain nothing (14336:
+# 66.0 / 62.0 µs at 2048; 4096: 20.9 / 19.1 with 4 blocks a SM). The 2-block clusters this
+# dispatch used from 2048 tokens took 145.2 µs in that run (plain 14336: 109.7 against 62.0), so
+# a long prefill no longer splits rows. QUAD_HADAMARD_STREAM_MIN=0: never stream.
+STREAM_MIN_TOKENS = int(os.environ.get("QUAD_HADAMARD_STREAM_MIN", "512"))
+# Narrower rows keep several one-block rows a SM in flight already (and are unmeasured gated).
+STREAM_ROW_MIN = 8192
 
 
 def _cluster_shape(m: int) -> tuple[int, int]:
@@ -49,12 +52,12 @@ def _cluster_shape(m: int) -> tuple[int, int]:
     return (8, 256) if m <= 4 else (4, 512) if m <= 16 else (4, 256)
 
 
-def kernel_choice(m: int, n: int, factors: tuple, block) -> tuple:
-    """Which kernel `hadamard_quant_op` runs at m tokens: ("cluster", blocks, threads), ("few",) or
-    ("default",). Token counts with the same choice share one compiled kernel."""
-    if m >= LARGE_TOKENS_MIN and n >= LARGE_ROW_MIN:
-        layout = cluster_layout(n, tuple(factors), block, LARGE_CLUSTER[0])
-        return ("cluster", *LARGE_CLUSTER) if layout is not None and layout[0] > 1 else ("default",)
+def kernel_choice(m: int, n: int, factors: tuple, block, gated: bool = False) -> tuple:
+    """Which kernel `hadamard_quant_op` runs at m tokens: ("stream",), ("cluster", blocks, threads),
+    ("few",) or ("default",). Token counts with the same choice share one compiled kernel."""
+    if (gated and STREAM_MIN_TOKENS and m >= STREAM_MIN_TOKENS and n >= STREAM_ROW_MIN
+            and stream_fits(n, tuple(factors), block, gated)):
+        return ("stream",)
     cluster, threads = _cluster_shape(m)
     layout = cluster_layout(n, tuple(factors), block, cluster)
     dense = layout is not None and layout[0] > 1
@@ -67,8 +70,11 @@ def kernel_choice(m: int, n: int, factors: tuple, block) -> tuple:
 
 def build_choice(choice: tuple, n: int, factors: tuple, block, bits: int, clip: float, gated: bool):
     """The compiled kernel of a kernel_choice (built on first use, then cached)."""
-    prefill_kernel = choice == ("default",) or choice == ("cluster", *LARGE_CLUSTER)
+    prefill_kernel = choice in (("default",), ("stream",))
     fast = {"fast_silu": True} if gated and FAST_SILU and prefill_kernel else {}
+    if choice[0] == "stream":
+        return hadamard_quant_stream(n, factors, block, bits, clip, stream_blocks(n, factors, block, gated), gated=gated,
+                                     **fast)
     if choice[0] == "cluster":
         return hadamard_quant_cluster(n, factors, bits, clip, cluster=choice[1], threads=choice[2], gated=gated, **fast)
     if choice[0] == "few":
@@ -80,7 +86,7 @@ def prebuild_jobs(problems, token_counts) -> list:
     """One build per kernel hadamard_quant_op picks for the (n, factors, block, bits, clip, gated)
     problems at the given token counts: thunks for a thread pool (TileLang compiles through nvcc
     subprocesses, so threads overlap); an engine runs them before capturing its decode steps."""
-    jobs = {(kernel_choice(m, n, tuple(factors), block), n, tuple(factors), block, bits, float(clip), bool(gated))
+    jobs = {(kernel_choice(m, n, tuple(factors), block, gated), n, tuple(factors), block, bits, float(clip), bool(gated))
             for n, factors, block, bits, clip, gated in problems for m in token_counts}
     return [functools.partial(build_choice, *job) for job in sorted(jobs, key=repr)]
 
@@ -94,7 +100,7 @@ def hadamard_quant_op(x, factors, block, bits: int, clip: float, gated: bool = F
     x2 = x.reshape(-1, x.shape[-1]).to(torch.float16).contiguous()
     m = x2.shape[0]
     factors = tuple(factors)
-    kernel = build_choice(kernel_choice(m, n, factors, block), n, factors, block, bits, float(clip), gated)
+    kernel = build_choice(kernel_choice(m, n, factors, block, gated), n, factors, block, bits, float(clip), gated)
     x_q = torch.empty(m, n, dtype=torch.int8, device=x.device)
     x_scale = torch.empty(m, dtype=torch.float32, device=x.device)
     if m:

@@ -64,8 +64,9 @@ def markdown(result: dict) -> str:
 def _breakdown_table(systems: dict, engines: list[str], on_gpu: bool) -> list[str]:
     """ms per step by op at every measured shape, from the profiled eager runs (see breakdown)."""
     lines = []
-    cats = ["gemm", "quantize", "hadamard", "kv_store", "attention", "other", "total"]
-    what_time = "device time of the kernels each op launched" if on_gpu else "host time of each op"
+    cats = ["gemm", "quantize", "hadamard", "kv_store", "attention", "other", "total"] + (["idle"] if on_gpu else [])
+    what_time = ("device time of the kernels each op launched; idle: the GPU's gaps between them, under the "
+                 "profiler" if on_gpu else "host time of each op")
     for phase, size in (("prefill", "tokens"), ("decode", "context")):
         rows = [n for n in engines if systems[n].get("breakdown", {}).get(phase)]
         if not rows:

@@ -81,6 +81,35 @@ def attribute(events: list[dict]) -> dict[tuple[str, str, str], tuple[float, int
     return rows
 
 
+def device_idle(events: list[dict]) -> dict[str, float]:
+    """phase -> µs the GPU stood idle between the first and the last kernel of its steps (summed
+    over the steps): where it waited for the host to launch the next kernel, or for a copy the host
+    waited on. A step whose kernels run back to back has none."""
+    steps = _ranges(events, "quad_step::")
+    step_starts = [r[0] for r in steps]
+    launches = {e["args"]["correlation"]: e["ts"] for e in events
+                if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
+    per_step: dict[tuple[float, str], list[tuple[float, float]]] = {}
+    for e in events:
+        launch = launches.get(e.get("args", {}).get("correlation")) if e.get("cat") in GPU_CATEGORIES else None
+        if launch is None:
+            continue
+        i = bisect.bisect_right(step_starts, launch) - 1
+        while i >= 0 and steps[i][1] < launch:
+            i -= 1
+        if i >= 0:
+            per_step.setdefault((steps[i][0], steps[i][2]), []).append((e["ts"], e["ts"] + e.get("dur", 0)))
+    out: dict[str, float] = {}
+    for (_, phase), spans in per_step.items():
+        spans.sort()
+        idle, busy_until = 0.0, spans[0][0]
+        for start, end in spans:
+            idle += max(0.0, start - busy_until)
+            busy_until = max(busy_until, end)
+        out[phase] = out.get(phase, 0.0) + idle
+    return out
+
+
 def cpu_op_times(events: list[dict]) -> dict[tuple[str, str], float]:
     """(phase, op) -> µs of host time in the outermost op ranges: the breakdown where no GPU runs."""
     ops, steps = _ranges(events, "quad::"), _ranges(events, "quad_step::")
@@ -129,9 +158,12 @@ def annotated_trace():
 
 def breakdown_by_op(events: list[dict]) -> dict[str, dict[str, float]]:
     """"<phase>_ms" -> {op: ms per step, "total": ms per step} from an annotated trace: device
-    time of the kernels when the trace has any (a GPU run), else host time of the op ranges."""
+    time of the kernels when the trace has any (a GPU run), and "idle", the device's gaps between
+    them (device_idle; not in the total: a step's device span is total + idle); else host time of
+    the op ranges."""
     counts = step_counts(events)
     gpu = attribute(events)
+    idle = device_idle(events)
     out = {}
     for phase, (steps, host_us) in counts.items():
         row: dict[str, float] = {}
@@ -141,6 +173,7 @@ def breakdown_by_op(events: list[dict]) -> dict[str, dict[str, float]]:
                     name = "other" if op == "-" else op
                     row[name] = row.get(name, 0.0) + us / 1e3 / steps
             row["total"] = sum(row.values())
+            row["idle"] = idle.get(phase, 0.0) / 1e3 / steps
         else:
             for (ph, op), us in cpu_op_times(events).items():
                 if ph == phase:

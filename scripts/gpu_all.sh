@@ -24,12 +24,14 @@
 # gate_up at 16 / 32 / 64 tokens),
 # swiglu (QUAD_FUSED_SWIGLU: the gate_up GEMM's SwiGLU epilogue, its GEMM tests, the engine's prefill
 # logits with it and without, then the engine prefill A/B),
+# stream (the streaming Hadamard quantizer's GPU tests, the dispatch test, then the engine prefill
+# A/B against the one-block default), sweep-hadamard-stream,
 # sweep-hadamard, sweep-hadamard-gated (the gated 14336-wide quantizer alone, with its fast-silu
 # variants). Each benchmark writes its JSON after every section, so a part cut short keeps
 # what it measured.
 set -u
 out=${1:?usage: scripts/gpu_all.sh OUT_DIR PART}
-part=${2:?PART: gemm | gemm-decode | gemm-decode-blocks | gemm-fill | gemm-pipelined | gemm-ws | prefill-sdpa | decode | quantize | quantize-clusters | kv | rope | engine | attention-rf | swiglu | bench-kernels | bench-attention | sweep-splits | sweep-decode | sweep-decode-ws | sweep-hadamard | sweep-hadamard-gated}
+part=${2:?PART: gemm | gemm-decode | gemm-decode-blocks | gemm-fill | gemm-pipelined | gemm-ws | prefill-sdpa | decode | quantize | quantize-clusters | kv | rope | engine | attention-rf | swiglu | stream | bench-kernels | bench-attention | sweep-splits | sweep-decode | sweep-decode-ws | sweep-hadamard | sweep-hadamard-gated | sweep-hadamard-stream}
 mkdir -p "$out"
 quiet() { grep -v "INFO\|WARNING\|AnnotateWarpGroup" ; }
 case "$part" in
@@ -107,6 +109,14 @@ case "$part" in
             > "$out/swiglu_engine.log"
           grep -E "fused SwiGLU|passed|failed" "$out/swiglu_engine.log"
           AB_VARIANTS="base QUAD_FUSED_SWIGLU=1" AB_PREFILL=1x2048,16x2048 AB_DECODE="" bash scripts/gpu_engine.sh "$out" ab ;;
+  stream) timeout 330 python3 -m pytest -q -m gpu tests/test_quantize_gpu.py -k "stream or dispatch_takes" 2>&1 \
+            | quiet > "$out/stream_tests.log"
+          tail -n 1 "$out/stream_tests.log"; grep -h "^FAILED" "$out/stream_tests.log" | head -n 5
+          AB_VARIANTS="base QUAD_HADAMARD_STREAM_MIN=0" AB_PREFILL=1x2048,16x2048 AB_DECODE="" \
+            bash scripts/gpu_engine.sh "$out" ab ;;
+  sweep-hadamard-stream) timeout 300 python3 bench/sweeps.py --hadamard-stream --out "$out/sweep_stream.json" 2>&1 \
+                           | quiet > "$out/sweep_stream.log"
+                         grep "stream sweep" "$out/sweep_stream.log" | cut -c1-150 ;;
   bench-kernels) timeout 560 python3 bench/kernels.py --quick --out "$out/kernels.json" 2>&1 | quiet > "$out/kernels.log"
                  tail -n 5 "$out/kernels.log" ;;
   bench-attention) timeout 560 python3 bench/attention.py --quick --out "$out/attention.json" 2>&1 | quiet \

@@ -52,7 +52,7 @@ def main() -> None:
         return
     # Operands and kernels first (builds launch nothing; input setup launches only torch kernels).
     gate_up = torch.randn(2048, 2 * F, device=dev).half()
-    had = build_choice(kernel_choice(2048, F, (28, 512), None), F, (28, 512), None, 8, 0.9, True)
+    had = build_choice(kernel_choice(2048, F, (28, 512), None, True), F, (28, 512), None, 8, 0.9, True)
     hq, hs = torch.empty(2048, F, device=dev, dtype=torch.int8), torch.empty(2048, device=dev)
     wq = ref.pack_int4(torch.randint(-8, 8, (2 * F, D), device=dev, dtype=torch.int8))
     ws = torch.rand(2 * F, device=dev).half() * 0.01

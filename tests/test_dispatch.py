@@ -44,14 +44,16 @@ def test_prebuild_covers_every_tile_the_dispatch_can_pick(monkeypatch):
 def test_fast_silu_only_in_the_gated_kernels_prefills_run(monkeypatch):
     from kernels_tl import hadamard_quant_dispatch as hq
     calls = []
-    monkeypatch.setattr(hq, "hadamard_quant", lambda *a, **kw: calls.append(kw.get("fast_silu", False)))
-    monkeypatch.setattr(hq, "hadamard_quant_cluster", lambda *a, **kw: calls.append(kw.get("fast_silu", False)))
-    for m in (1, 16, 48, 64, 1024, 2048):
+    record = lambda *a, **kw: calls.append(kw.get("fast_silu", False))  # noqa: E731
+    for name in ("hadamard_quant", "hadamard_quant_cluster", "hadamard_quant_stream"):
+        monkeypatch.setattr(hq, name, record)
+    monkeypatch.setattr(hq, "stream_blocks", lambda *a: 264)
+    for m in (1, 16, 48, 64, 256, 1024, 2048):
         for gated in (True, False):
-            hq.build_choice(hq.kernel_choice(m, 14336, (28, 512), None), 14336, (28, 512), None, 8, 0.9, gated)
-            assert calls.pop() == (gated and m >= 1024), (m, gated)
+            hq.build_choice(hq.kernel_choice(m, 14336, (28, 512), None, gated), 14336, (28, 512), None, 8, 0.9, gated)
+            assert calls.pop() == (gated and m >= 256), (m, gated)
     monkeypatch.setattr(hq, "FAST_SILU", False)  # QUAD_FAST_SILU=0
-    hq.build_choice(hq.kernel_choice(2048, 14336, (28, 512), None), 14336, (28, 512), None, 8, 0.9, True)
+    hq.build_choice(hq.kernel_choice(2048, 14336, (28, 512), None, True), 14336, (28, 512), None, 8, 0.9, True)
     assert calls.pop() is False
 
 
@@ -59,30 +61,47 @@ def test_hadamard_prebuild_covers_every_kernel_the_op_can_pick(monkeypatch):
     from kernels_tl import hadamard_quant_dispatch as hq
     built = set()
     monkeypatch.setattr(hq, "build_choice", lambda choice, *args: built.add((choice, args[0], args[-1])))
-    buckets = [1, 2, 4, 8, 16, 32, 48, 64, 1024, 8192]
-    for job in hq.prebuild_jobs([(14336, (28, 512), None, 8, 0.9, True), (4096, (4096,), None, 8, 0.9, False)],
-                                buckets):
+    buckets = [1, 2, 4, 8, 16, 32, 48, 64, 256, 1024, 8192]
+    problems = [(14336, (28, 512), None, 8, 0.9, True), (14336, (28, 512), None, 8, 0.9, False),
+                (4096, (4096,), None, 8, 0.9, False)]
+    for job in hq.prebuild_jobs(problems, buckets):
         job()
     for m in buckets:  # whatever the op picks at a bucket's token count was built
-        assert (hq.kernel_choice(m, 14336, (28, 512), None), 14336, True) in built
-        assert (hq.kernel_choice(m, 4096, (4096,), None), 4096, False) in built
+        for n, factors, _, _, _, gated in problems:
+            assert (hq.kernel_choice(m, n, factors, None, gated), n, gated) in built
     # 14336 (a 28-point dense factor): 8- and 4-block clusters, one 512-thread block a token up to
-    # 64 tokens, the default shape above, 2-block clusters from 2048 tokens; 4096 (no dense
-    # factor): one kernel for every count.
-    assert {c for c, n, _ in built if n == 14336} == {("cluster", 8, 256), ("cluster", 4, 512), ("cluster", 4, 256),
-                                                      ("few",), ("default",), ("cluster", 2, 256)}
+    # 64 tokens, the default shape above, streaming blocks for the gated row from 512 tokens;
+    # 4096 (no dense factor): one kernel for every count.
+    few = {("cluster", 8, 256), ("cluster", 4, 512), ("cluster", 4, 256), ("few",), ("default",)}
+    assert {c for c, n, g in built if n == 14336 and g} == few | {("stream",)}
+    assert {c for c, n, g in built if n == 14336 and not g} == few
     assert {c for c, n, _ in built if n == 4096} == {("default",)}
 
 
-def test_hadamard_dispatch_clusters_only_wide_dense_rows_of_a_long_prefill():
+def test_hadamard_dispatch_streams_only_wide_gated_rows_of_a_prefill():
     from kernels_tl import hadamard_quant_dispatch as hq
-    assert hq.kernel_choice(hq.LARGE_TOKENS_MIN, 14336, (28, 512), None) == ("cluster", *hq.LARGE_CLUSTER)
-    assert hq.kernel_choice(hq.LARGE_TOKENS_MIN - 1, 14336, (28, 512), None) == ("default",)
-    # Narrow rows (SmolLM2's 1536, Qwen2.5's 3584) fit a block well; a row without a dense factor
-    # has nothing to split.
-    assert hq.kernel_choice(8192, 1536, (12, 128), None) == ("default",)
-    assert hq.kernel_choice(8192, 3584, (28, 128), None) == ("default",)
+    assert hq.kernel_choice(hq.STREAM_MIN_TOKENS, 14336, (28, 512), None, True) == ("stream",)
+    assert hq.kernel_choice(8192, 14336, (28, 512), None, True) == ("stream",)
+    assert hq.kernel_choice(hq.STREAM_MIN_TOKENS - 1, 14336, (28, 512), None, True) == ("default",)
+    # Plain rows stream slower than the default; Qwen2.5-7B's gated 18944 (a 148-point factor) does
+    # not fit twice a SM; narrow rows (SmolLM2's 1536) keep enough one-block rows in flight.
+    assert hq.kernel_choice(8192, 14336, (28, 512), None, False) == ("default",)
+    assert hq.kernel_choice(8192, 18944, (148, 128), None, True) == ("default",)
+    assert hq.kernel_choice(8192, 1536, (12, 128), None, True) == ("default",)
     assert hq.kernel_choice(8192, 4096, (4096,), None) == ("default",)
+
+
+def test_hadamard_stream_switch_is_read_from_the_environment(monkeypatch):
+    import importlib
+
+    from kernels_tl import hadamard_quant_dispatch as hq
+    monkeypatch.setenv("QUAD_HADAMARD_STREAM_MIN", "0")
+    try:
+        assert importlib.reload(hq).kernel_choice(8192, 14336, (28, 512), None, True) == ("default",)
+    finally:
+        monkeypatch.delenv("QUAD_HADAMARD_STREAM_MIN")
+        importlib.reload(hq)
+    assert hq.kernel_choice(8192, 14336, (28, 512), None, True) == ("stream",)
 
 
 def test_engine_quantizer_prebuild_uses_the_model_sites(monkeypatch):

@@ -48,8 +48,9 @@ def test_kernels_are_filed_under_the_innermost_op_and_their_step():
         ("-", "-", "replayed"): (7.0, 1),
     }
     parts = profiling.breakdown_by_op(events)
-    assert parts["prefill_ms"] == {"quantize": 0.008, "hadamard": 0.004, "total": 0.012}
-    assert parts["decode_ms"] == {"gemm": 0.006, "other": 0.001, "total": 0.007}
+    # Idle: the 0.5 µs gaps between a step's kernels (two in the prefill, one in the decode step).
+    assert parts["prefill_ms"] == {"quantize": 0.008, "hadamard": 0.004, "total": 0.012, "idle": 0.001}
+    assert parts["decode_ms"] == {"gemm": 0.006, "other": 0.001, "total": 0.007, "idle": 0.0005}
 
 
 def test_without_kernels_the_breakdown_is_host_time_of_the_outermost_ops():
@@ -73,3 +74,14 @@ def test_a_kernel_launched_early_is_charged_only_past_the_previous_kernels_end()
     assert rows[("decode", "-", "inside")] == (0.0, 1)
     total = profiling.breakdown_by_op(events)["decode_ms"]["total"]
     assert abs(total - 0.031) < 1e-12  # the busy time, not the 36 µs summed
+
+
+def test_idle_is_the_devices_gaps_between_a_steps_kernels_summed_over_steps():
+    """Two decode steps: the first's kernels back to back, then a 3 µs gap while the host launches;
+    the second's kernel overlaps its predecessor (no gap). The 50 µs between the steps is no step's."""
+    events = [_range("quad_step::decode", 0, 100), _range("quad_step::decode", 200, 100),
+              _launch(10, 1), _launch(20, 2), _launch(30, 3), _launch(210, 4), _launch(220, 5),
+              _kernel("a", 5.0, 1, ts=1000.0), _kernel("b", 5.0, 2, ts=1005.0), _kernel("c", 2.0, 3, ts=1013.0),
+              _kernel("d", 4.0, 4, ts=1065.0), _kernel("e", 4.0, 5, ts=1067.0)]
+    assert profiling.device_idle(events) == {"decode": 3.0}
+    assert profiling.breakdown_by_op(events)["decode_ms"]["idle"] == 0.0015

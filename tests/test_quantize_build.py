@@ -145,3 +145,19 @@ def test_cluster_layout_declines_rows_it_cannot_split():
     assert cluster_layout(576, tuple(hadamard_factors(576)), None) is None      # 16 columns: 2 a rank
     assert cluster_layout(18944, tuple(hadamard_factors(18944)), None) is None  # 148-point factor
     assert cluster_layout(11008, (1, 256), 256) is None                        # block-diagonal fallback
+
+
+@pytest.mark.parametrize("n,gated,fast", [(14336, True, True), (14336, False, False), (4096, False, False)])
+def test_stream_hadamard_quant_builds(n, gated, fast, tmp_path):
+    from kernels_tl.hadamard import hadamard_factors
+    from kernels_tl.hadamard_quant_stream import SM90, blocks_per_sm, hadamard_quant_stream
+    factors = hadamard_factors(n)
+    resident = blocks_per_sm(n, factors, None, gated)
+    src = hadamard_quant_stream(n, factors, None, 8, 0.9, 132 * resident, target=SM90, gated=gated,
+                                fast_silu=fast).get_kernel_source()
+    assert_reference_rounding(src)
+    # The next row's copy: 16-byte cp.async, committed, and waited on once a row before it is read.
+    assert "cp.async.cg.shared.global" in src
+    assert src.count("quad_cp_async_commit();") == 2 and src.count("quad_cp_async_wait_all();") == 1
+    assert f", {resident})" in src[src.index("__launch_bounds__"):][:40]  # the residency the grid assumes
+    assert ptxas_spills(src, tmp_path) == [0, 0]

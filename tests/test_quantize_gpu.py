@@ -284,13 +284,48 @@ def test_cluster_hadamard_quant_matches_reference(n, gated, cluster, threads, m)
         assert x_scale[0].item() == 1.0 and not x_q[0].any()
 
 
-def test_dispatch_takes_the_cluster_kernel_for_few_tokens_and_long_prefills():
+def test_dispatch_takes_the_cluster_kernel_for_few_tokens_and_streams_long_prefills():
     """hadamard_quant_op at M = 2 (cluster), M = CLUSTER_MAX_TOKENS + 1 (one block per token) and
-    an odd count past LARGE_TOKENS_MIN (2-block clusters)."""
-    from kernels_tl.hadamard_quant_dispatch import CLUSTER_MAX_TOKENS, LARGE_TOKENS_MIN, hadamard_quant_op
+    odd counts past STREAM_MIN_TOKENS (streaming blocks) on the gated 14336-wide row."""
+    from kernels_tl.hadamard_quant_dispatch import (CLUSTER_MAX_TOKENS, STREAM_MIN_TOKENS, hadamard_quant_op,
+                                                    kernel_choice)
     factors, block = hadamard_spec(14336)
-    for m in (2, CLUSTER_MAX_TOKENS + 1, LARGE_TOKENS_MIN + 5):
+    counts = (2, CLUSTER_MAX_TOKENS + 1, STREAM_MIN_TOKENS + 5, 2053)
+    assert kernel_choice(2053, 14336, tuple(factors), block, True) == ("stream",)
+    for m in counts:
         gate_up = activations(m, 2 * 14336, SEED + m)
         x_q, x_scale = hadamard_quant_op(gate_up, factors, block, 4, CLIP, gated=True)
         q_ref, s_ref = ref.quantize_act(apply_hadamard(ref.swiglu_f16(gate_up).float(), factors, block), 4, CLIP)
         assert_quantized_close(x_q, x_scale.reshape(-1), q_ref, s_ref, f"hadamard_quant_op gated m={m}")
+
+
+# The streaming variant (persistent blocks, the next row copied with cp.async under the current
+# one): the codes and scales of hadamard_quant's default launch shape, bit for bit, and so within
+# the tolerance of the reference. A grid of 7 blocks makes every block walk many rows (odd counts,
+# a last pass with idle blocks); the grid the dispatch launches, with fewer rows than blocks too.
+STREAM_CASES = [(14336, True, True), (14336, True, False), (14336, False, False), (4096, False, False),
+                (18944, True, True), (11008, False, False), (576, False, False)]
+
+
+@pytest.mark.parametrize("m", [1, 100, 2053])
+@pytest.mark.parametrize("grid", ["7", "dispatch"])
+@pytest.mark.parametrize("n,gated,fast", STREAM_CASES)
+def test_stream_hadamard_quant_matches_the_one_block_kernel(n, gated, fast, grid, m):
+    from kernels_tl.hadamard_quant import hadamard_quant
+    from kernels_tl.hadamard_quant_stream import hadamard_quant_stream, stream_blocks
+    seed = SEED + 71 * m + n + gated
+    factors, block = hadamard_spec(n)
+    x = activations(m, 2 * n if gated else n, seed)
+    blocks = 7 if grid == "7" else stream_blocks(n, factors, block, gated)
+    kernel = hadamard_quant_stream(n, factors, block, 4, CLIP, blocks, gated=gated, fast_silu=fast)
+    x_q = torch.full((m, n), 0x55, device="cuda", dtype=torch.int8)
+    x_scale = torch.full((m,), float("nan"), device="cuda")
+    kernel(x, x_q, x_scale)
+    want_q, want_s = torch.empty_like(x_q), torch.empty_like(x_scale)
+    hadamard_quant(n, factors, block, 4, CLIP, gated=gated, fast_silu=fast)(x, want_q, want_s)
+    what = f"stream hadamard n={n} gated={gated} fast={fast} blocks={blocks} m={m} seed={seed}"
+    assert torch.equal(x_scale, want_s), what
+    assert torch.equal(x_q, want_q), what
+    src = ref.swiglu_f16(x) if gated else x
+    q_ref, s_ref = ref.quantize_act(apply_hadamard(src.float(), factors, block), 4, CLIP)
+    assert_quantized_close(x_q, x_scale, q_ref, s_ref, what)

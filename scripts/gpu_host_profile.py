@@ -1,0 +1,88 @@
+"""Where the host time of an engine prefill goes: the wall time of `generate` (one sampled token)
+beside the device time of its kernels, then the same call under cProfile, by function. A prefill
+whose wall time exceeds its device time by much waits on the host (Python between launches,
+launches themselves). Writes host_profile_<tokens>.txt under OUT_DIR.
+
+    python3 scripts/gpu_host_profile.py OUT_DIR [--arch llama-3-8b] [--prefill 2048] [--batch 1]
+"""
+
+import argparse
+import cProfile
+import io
+import pstats
+import random
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from quad_engine import profiling
+from quad_engine.engine import LLM
+from quad_engine.sampling import SamplingParams
+from quad_engine.synthetic import synthetic_model
+
+ON_GPU = torch.cuda.is_available()
+
+
+def sync() -> None:
+    if ON_GPU:
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("out")
+    p.add_argument("--arch", default="llama-3-8b")
+    p.add_argument("--prefill", type=int, default=2048)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--layers", type=int, default=None, help="decoder layers (default: the architecture's)")
+    p.add_argument("--repeats", type=int, default=5)
+    args = p.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = "cuda" if ON_GPU else "cpu"
+    model = synthetic_model(args.arch, device=device, num_layers=args.layers)
+    llm = LLM(model=model, device=device, max_model_len=args.prefill + 8, kv_cache_gb=8 if ON_GPU else 0.25,
+              max_num_seqs=args.batch)
+    rng = random.Random(0)
+    prompts = [[rng.randrange(1000) for _ in range(args.prefill)] for _ in range(args.batch)]
+    params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+
+    def run() -> None:
+        llm.generate(prompts, params)
+
+    run()
+    run()  # warm-up: builds, allocator
+    walls = []
+    for _ in range(args.repeats):
+        sync()
+        t0 = time.perf_counter()
+        run()
+        sync()
+        walls.append(1e3 * (time.perf_counter() - t0))
+    with profiling.annotated_trace() as events:
+        run()
+    parts = profiling.breakdown_by_op(events).get("prefill_ms", {})
+    prof = cProfile.Profile()
+    sync()
+    prof.enable()
+    run()
+    sync()
+    prof.disable()
+    lines = [f"{args.arch} prefill {args.batch} x {args.prefill} on {torch.cuda.get_device_name() if ON_GPU else 'cpu'}",
+             f"wall ms (generate, 1 token; {args.repeats} runs): median {statistics.median(walls):.2f}, "
+             f"all {[round(w, 2) for w in walls]}",
+             "device ms by op (profiled run): " + ", ".join(f"{k} {v:.2f}" for k, v in parts.items())]
+    for key in ("tottime", "cumulative"):
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).sort_stats(key).print_stats(40)
+        lines += ["", f"== cProfile by {key} (one generate call)", buf.getvalue()]
+    text = "\n".join(lines)
+    path = out / f"host_profile_{args.batch}x{args.prefill}.txt"
+    path.write_text(text)
+    print("\n".join(lines[:3]))
+
+
+if __name__ == "__main__":
+    main()
