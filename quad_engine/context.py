@@ -7,6 +7,7 @@ The engine sets it before a forward pass and clears it after, so the model's for
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -20,6 +21,9 @@ class StepContext:
     query_lens: torch.Tensor      # int64 [B] (CPU): new tokens per sequence (1 each when decoding)
     has_prefix: bool = False      # some sequence already has tokens in the cache (chunked / resumed prefill)
     host_context_lens: list[int] | None = None  # context_lens on the host (prefills): sizes the prefix gathers
+    # Capturing a prefill's piecewise CUDA graphs (quad_engine.prefill_graphs): called as
+    # attention_break(q, k_new, v_new) in place of a prefill's attention over its own tokens.
+    attention_break: Callable | None = None
 
 
 _context: StepContext | None = None

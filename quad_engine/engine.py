@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from quad_engine import kv_cache, ops
+from quad_engine import kv_cache, ops, prefill_graphs
 from quad_engine.block_manager import BlockManager
 from quad_engine.checkpoint import load_model
 from quad_engine.config import QuadConfig
@@ -127,6 +127,7 @@ class LLM:
         self.use_cuda_graph = cuda_graph and self.device.type == "cuda"
         self.graphs: dict[int, tuple] = {}
         self.graph_pool = None
+        self.prefill_graphs = None  # created on the first prefill that can use them
         self.step_hook = None    # called as hook(seconds, is_prefill) after every step (the bench)
         if self.use_cuda_graph:
             self.capture_graphs()
@@ -225,7 +226,9 @@ class LLM:
             h, pending = self.model.residual(ids.unsqueeze(0), positions.unsqueeze(0))
         finally:
             set_context(None)
-        h, pending = h[0], None if pending is None else pending[0]
+        return self._logits(h[0], None if pending is None else pending[0], last)
+
+    def _logits(self, h: torch.Tensor, pending: torch.Tensor | None, last: torch.Tensor | None) -> torch.Tensor:
         if last is not None:  # the step's last rows only (a prefill)
             h, pending = h[last], None if pending is None else pending[last]
         return self.model.head_logits(h, pending)
@@ -257,7 +260,23 @@ class LLM:
             has_prefix=any(seq.num_cached_tokens > 0 for seq in seqs),
             host_context_lens=ends)
         last = (torch.cumsum(ctx.query_lens, 0) - 1).to(dev)
+        graphs = self._prefill_graphs_for(ctx, len(ids))
+        if graphs is not None:
+            return self._logits(*graphs.run(ctx, ids, positions), last)
         return self._forward(ctx, ids, positions, last)
+
+    def _prefill_graphs_for(self, ctx: StepContext, tokens: int):
+        """The piecewise prefill graphs when this step can replay them (quad_engine.prefill_graphs):
+        a QUAD model on CUDA with graphs on, no cached prefix, at most the largest bucket's tokens."""
+        if not (self.use_cuda_graph and isinstance(self.cfg, QuadConfig) and prefill_graphs.enabled()):
+            return None
+        if ctx.has_prefix:
+            return None
+        if self.prefill_graphs is None:
+            self.prefill_graphs = prefill_graphs.PrefillGraphs(
+                self.model, self.device, min(prefill_graphs.MAX_TOKENS, self.scheduler.max_num_batched_tokens),
+                self.graph_pool)
+        return self.prefill_graphs if self.prefill_graphs.bucket(tokens) is not None else None
 
     # Decode runs at a fixed batch size (the next bucket up) so that each bucket's step can be
     # captured once as a CUDA graph and replayed: padding rows have slot -1 (nothing is stored), an

@@ -12,6 +12,7 @@ import os
 import torch
 
 from kernels_tl import reference as ref
+from quad_engine.context import get_context
 from quad_engine.ops import _profiled, use_kernels
 
 def _kv_kernels_support(cache: tuple) -> bool:
@@ -86,7 +87,10 @@ def paged_attention(q: torch.Tensor, cache: tuple, block_tables: torch.Tensor, c
         splits = decode_splits(q.shape[0], cache[0].shape[1], cache[0].shape[2] * block_tables.shape[1])
         return attention_decode_op(q.contiguous(), *cache, block_tables, context_lens, splits)
     if is_prefill and new_kv is not None and not _has_prefix(has_prefix, query_lens, context_lens):
-        return _attend_new_tokens(q, *new_kv, query_lens, causal_attention)
+        ctx = get_context()
+        if ctx is not None and ctx.attention_break is not None:
+            return ctx.attention_break(q, *new_kv)
+        return attend_new_tokens(q, *new_kv, query_lens)
     if is_prefill and use_kernels(q) and _kv_kernels_support(cache):
         if prefix_attention_sdpa():
             from kernels_tl.attention_prefill import attention_prefill_sdpa_op
@@ -131,15 +135,28 @@ def _float_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
                                                             enable_gqa=True)
 
 
+def attend_new_tokens(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_lens: torch.Tensor,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+    """The quantized model's prefill attention without a cached prefix: each packed sequence over its
+    own new tokens (after the cache's int4 round trip), [T, heads, head_dim] float16; into the first
+    rows of `out` when given (the prefill graphs' static buffer)."""
+    return _attend_new_tokens(q, k, v, query_lens, causal_attention, out)
+
+
 def _attend_new_tokens(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_lens: torch.Tensor,
-                       attend=_float_attention) -> torch.Tensor:
-    """Causal attention of each packed sequence over its own tokens, [T, heads, head_dim]."""
-    out, start = [], 0
+                       attend=_float_attention, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention of each packed sequence over its own tokens, [T, heads, head_dim]: one copy
+    of each sequence's [heads, n, head_dim] result into the token-major output."""
+    parts, start = [], 0
     for n in query_lens.tolist():
         qi, ki, vi = (x[start:start + n].transpose(0, 1).unsqueeze(0) for x in (q, k, v))
-        out.append(attend(qi, ki, vi)[0].transpose(0, 1))
+        parts.append((start, n, attend(qi, ki, vi)[0].transpose(0, 1)))
         start += n
-    return torch.cat(out)
+    if out is None:
+        return torch.cat([part for _, _, part in parts])
+    for start, n, part in parts:
+        out[start:start + n].copy_(part)
+    return out[:start]
 
 
 @_profiled("kv_store")

@@ -1,14 +1,20 @@
 """Where the host time of an engine prefill goes: the wall time of `generate` (one sampled token)
 beside the device time of its kernels, then the same call under cProfile, by function. A prefill
 whose wall time exceeds its device time by much waits on the host (Python between launches,
-launches themselves). Writes host_profile_<tokens>.txt under OUT_DIR.
+launches themselves; the step replays piecewise CUDA graphs unless QUAD_PREFILL_GRAPHS=0). Then the
+step's eager forward alone, three ways: the host time to launch it (the
+call returns before the GPU is done), its synchronized wall time, and the replay of the same
+forward captured as one CUDA graph (the step without any host time: the bound a graphed prefill
+could reach). Writes host_profile_<batch>x<tokens>.txt under OUT_DIR.
 
     python3 scripts/gpu_host_profile.py OUT_DIR [--arch llama-3-8b] [--prefill 2048] [--batch 1]
 """
 
 import argparse
+import contextlib
 import cProfile
 import io
+import os
 import pstats
 import random
 import statistics
@@ -28,6 +34,71 @@ ON_GPU = torch.cuda.is_available()
 def sync() -> None:
     if ON_GPU:
         torch.cuda.synchronize()
+
+
+@contextlib.contextmanager
+def eager_prefill():
+    """Prefills without their piecewise graphs (QUAD_PREFILL_GRAPHS=0) inside the block."""
+    switch = os.environ.get("QUAD_PREFILL_GRAPHS")
+    os.environ["QUAD_PREFILL_GRAPHS"] = "0"
+    try:
+        yield
+    finally:
+        if switch is None:
+            del os.environ["QUAD_PREFILL_GRAPHS"]
+        else:
+            os.environ["QUAD_PREFILL_GRAPHS"] = switch
+
+
+def forward_timings(llm: LLM, run, repeats: int) -> list[str]:
+    """Launch-only, synchronized and graph-replayed times of the prefill's forward (ms)."""
+    captured = {}
+    forward = llm._forward
+
+    def recording(*a, **k):
+        captured.setdefault("args", a)
+        return forward(*a, **k)
+
+    llm._forward = recording
+    try:
+        with eager_prefill():  # its launches are what is measured
+            run()
+    finally:
+        llm._forward = forward
+    args = captured["args"]
+    launch, synced = [], []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        forward(*args)
+        launch.append(1e3 * (time.perf_counter() - t0))
+        sync()
+        synced.append(1e3 * (time.perf_counter() - t0))
+    lines = [f"forward launch-only ms: median {statistics.median(launch):.2f}; synchronized: median "
+             f"{statistics.median(synced):.2f}"]
+    if not ON_GPU:
+        return lines
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        forward(*args)  # warm-up on the capture stream
+    torch.cuda.current_stream().wait_stream(stream)
+    sync()
+    try:
+        with torch.cuda.graph(graph):
+            forward(*args)
+    except Exception as exc:  # a step that cannot be captured says why, the rest still stands
+        return lines + [f"graph capture failed: {type(exc).__name__}: {exc}"]
+    replays = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        graph.replay()
+        sync()
+        replays.append(1e3 * (time.perf_counter() - t0))
+    return lines + [f"forward as one CUDA graph, replay ms: median {statistics.median(replays):.2f}, "
+                    f"all {[round(r, 2) for r in replays]}"]
 
 
 def main() -> None:
@@ -61,7 +132,7 @@ def main() -> None:
         run()
         sync()
         walls.append(1e3 * (time.perf_counter() - t0))
-    with profiling.annotated_trace() as events:
+    with eager_prefill(), profiling.annotated_trace() as events:  # a replayed graph hides its kernels' ops
         run()
     parts = profiling.breakdown_by_op(events).get("prefill_ms", {})
     prof = cProfile.Profile()
@@ -70,10 +141,11 @@ def main() -> None:
     run()
     sync()
     prof.disable()
+    lines_forward = forward_timings(llm, run, args.repeats)
     lines = [f"{args.arch} prefill {args.batch} x {args.prefill} on {torch.cuda.get_device_name() if ON_GPU else 'cpu'}",
              f"wall ms (generate, 1 token; {args.repeats} runs): median {statistics.median(walls):.2f}, "
              f"all {[round(w, 2) for w in walls]}",
-             "device ms by op (profiled run): " + ", ".join(f"{k} {v:.2f}" for k, v in parts.items())]
+             "device ms by op (profiled run): " + ", ".join(f"{k} {v:.2f}" for k, v in parts.items())] + lines_forward
     for key in ("tottime", "cumulative"):
         buf = io.StringIO()
         pstats.Stats(prof, stream=buf).sort_stats(key).print_stats(40)
@@ -81,7 +153,7 @@ def main() -> None:
     text = "\n".join(lines)
     path = out / f"host_profile_{args.batch}x{args.prefill}.txt"
     path.write_text(text)
-    print("\n".join(lines[:3]))
+    print("\n".join(lines[:3 + len(lines_forward)]))
 
 
 if __name__ == "__main__":

@@ -157,10 +157,25 @@ def test_synthetic_models_follow_the_checkpoint_schema_and_run_in_the_engine():
     validate_tensors(cfg, synthetic_tensors(cfg))  # names, shapes and dtypes of a converted checkpoint
     model = synthetic_model("smollm2-135m", num_layers=2, vocab_size=512)
     llm = LLM(model=model, device="cpu", num_blocks=16, block_size=16, max_model_len=128)
+    rows = []
+    llm.logits_hook = lambda seqs, logits: rows.extend(
+        row.float().clone() for seq, row in zip(seqs, logits) if list(seq.token_ids[:3]) == [1, 2, 3])
     outputs, _ = llm.generate([[1, 2, 3], [4] * 20], GREEDY)
+    assert outputs[0].text == "" and len(rows) == 12
+    # Teacher-forced against a full recompute of the same tokens. The two sum the float outlier
+    # products and attention in different orders (other row counts), and a random model's
+    # activation quantizers turn such differences into an occasional whole-step flip (~1% of the
+    # logits), so tokens are compared where the recompute's top-2 margin is clear of that.
+    ids = [1, 2, 3] + outputs[0].token_ids
     with torch.no_grad():
-        want = reference_greedy(model, [1, 2, 3], 12)
-    assert outputs[0].token_ids == want and outputs[0].text == ""
+        ref = model(torch.tensor([ids[:-1]]))[0, 2:]
+    got = torch.stack(rows)
+    assert got.argmax(-1).tolist() == outputs[0].token_ids
+    err = (got - ref).norm(dim=-1) / ref.norm(dim=-1)
+    assert err.median() < 1e-4 and err.max() < 5e-2, err.tolist()
+    top2 = ref.topk(2, dim=-1).values
+    clear = top2[:, 0] - top2[:, 1] > 0.1
+    assert clear.sum() >= 6 and (got.argmax(-1) == ref.argmax(-1))[clear].all()
 
 
 def test_stop_strings_and_streaming_see_the_same_text(checkpoint):

@@ -41,8 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the embedding and lm_head as int8 rows (half their memory, no measurable "
                    "perplexity cost on SmolLM2; QUAD checkpoints only; default on, --no-int8-head keeps "
                    "them float16)"),
-    p.add_argument("--no-cuda-graph", action="store_true", help="run decode steps eagerly instead of replaying "
-                   "one captured CUDA graph per batch bucket")
+    p.add_argument("--no-cuda-graph", action="store_true", help="run every step eagerly instead of replaying "
+                   "captured CUDA graphs (decode: one per batch bucket; QUAD prefills of up to 2048 tokens: "
+                   "piecewise, one set per token bucket)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                    help="fraction of GPU memory for weights, activations and KV cache (default 0.9)")
     return p

@@ -1,0 +1,164 @@
+"""Prefill steps as CUDA graphs broken at attention (piecewise capture, as vLLM does).
+
+A 1 x 2048 prefill of Llama-3-8B shapes runs ~30 ms of kernels but took ~40 ms end to end: the
+Python that launches its ~300 kernels is slower than the GPU that runs them. Here everything
+between two attentions (o_proj, the MLP, the next norm, the qkv GEMM, RoPE + the KV store) is one
+CUDA graph, so the host replays 33 graphs and runs 32 attentions instead of launching every kernel.
+
+Attention stays eager: a prefill attends each sequence to its own tokens, one SDPA call a sequence,
+sized by the host's query lengths. A step's T tokens are padded up to a bucket of token counts;
+padding rows have token 0 at position 0 and slot -1 (the KV store skips them), and every kernel
+but attention works row by row, so they never reach the real rows. Attention reads only the real
+rows and writes only their outputs.
+
+Only prefills without a cached prefix (a chunk of a long prompt, a resumed sequence) take graphs;
+the others run eagerly, as do steps above the largest bucket.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from quad_engine import kv_ops
+from quad_engine.context import StepContext, set_context
+
+# Buckets: powers of two up to 128 tokens, then every 128 (at most 127 padding rows; a bucket's
+# capture costs about two eager prefills of its size and its activations in the graph pool).
+MAX_TOKENS = int(os.environ.get("QUAD_PREFILL_GRAPH_MAX", "2048"))
+
+
+def enabled() -> bool:
+    """QUAD_PREFILL_GRAPHS=0 runs every prefill eagerly (for A/B runs and for isolating a kernel)."""
+    return os.environ.get("QUAD_PREFILL_GRAPHS", "1") != "0"
+
+
+def buckets(max_tokens: int = MAX_TOKENS) -> list[int]:
+    small = [b for b in (16, 32, 64) if b < max_tokens]
+    return small + list(range(128, max_tokens + 1, 128))
+
+
+def bucket_for(tokens: int, sizes: list[int]) -> int | None:
+    """The smallest bucket that holds `tokens`, None above the largest."""
+    return next((b for b in sizes if b >= tokens), None)
+
+
+def pad_inputs(ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, size: int
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The step's packed inputs padded to `size` rows: token 0 at position 0, slot -1."""
+    pad = size - ids.shape[0]
+    return (torch.nn.functional.pad(ids, (0, pad)), torch.nn.functional.pad(positions, (0, pad)),
+            torch.nn.functional.pad(slots, (0, pad), value=-1))
+
+
+@dataclass
+class _BucketGraph:
+    ids: torch.Tensor                 # static inputs [size]
+    positions: torch.Tensor
+    slots: torch.Tensor
+    pieces: list = field(default_factory=list)       # torch.cuda.CUDAGraph, layers + 1 of them
+    attentions: list = field(default_factory=list)   # (q, k, v) each layer's attention reads
+    h: torch.Tensor | None = None                    # the forward's outputs (model.residual)
+    pending: torch.Tensor | None = None
+
+
+class PrefillGraphs:
+    """Captures (on first use of a bucket) and replays the piecewise graphs of a model's prefill.
+
+    `attn_out` [max bucket, heads, head_dim] float16 is every layer's attention output: layer i's
+    is consumed by the graph after it before layer i + 1's attention writes it."""
+
+    def __init__(self, model, device: torch.device, max_tokens: int = MAX_TOKENS, pool=None):
+        self.model, self.device = model, device
+        self.sizes = buckets(max_tokens)
+        self.pool = pool  # shared with the decode graphs: never replayed at the same time
+        cfg = model.cfg
+        self.attn_out = torch.empty(self.sizes[-1], cfg.num_heads, cfg.head_dim, dtype=torch.float16, device=device)
+        self.graphs: dict[int, _BucketGraph] = {}
+        self._capturing: _BucketGraph | None = None
+        self._query_lens: list[int] = []
+
+    def bucket(self, tokens: int) -> int | None:
+        return bucket_for(tokens, self.sizes)
+
+    def run(self, ctx: StepContext, ids: torch.Tensor, positions: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(h, pending) of the step, as model.residual returns them, the step's rows only."""
+        tokens = ids.shape[0]
+        size = self.bucket(tokens)
+        graph = self.graphs.get(size)
+        if graph is None:
+            graph = self.graphs[size] = self._capture(size)
+        self._query_lens = ctx.query_lens.tolist()  # a CPU tensor
+        for static, value in zip((graph.ids, graph.positions, graph.slots),
+                                 pad_inputs(ids, positions, ctx.slot_mapping, size)):
+            static.copy_(value)
+        out = self.attn_out[:size]
+        for piece, qkv in zip(graph.pieces, graph.attentions + [None]):
+            piece.replay()
+            if qkv is not None:
+                self._attend(out, *qkv)
+        pending = None if graph.pending is None else graph.pending[0, :tokens]
+        return graph.h[0, :tokens], pending
+
+    def _attend(self, out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Causal attention of each sequence over its own tokens into out's first rows."""
+        kv_ops.attend_new_tokens(q, k, v, torch.tensor(self._query_lens), out=out)
+
+    def _attention_break(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Called by kv_ops.paged_attention in place of the attention while capturing: end this
+        piece, run the attention eagerly (the warm-up's values), start the next piece."""
+        graph = self._capturing
+        graph.pieces[-1].capture_end()
+        graph.attentions.append((q, k, v))
+        out = self.attn_out[:graph.ids.shape[0]]
+        self._attend(out, q, k, v)
+        graph.pieces.append(self._begin())
+        return out
+
+    def _begin(self) -> torch.cuda.CUDAGraph:
+        piece = torch.cuda.CUDAGraph()
+        piece.capture_begin(pool=self.pool)
+        if self.pool is None:
+            self.pool = piece.pool()
+        return piece
+
+    def _context(self, graph: _BucketGraph, attention_break) -> StepContext:
+        """The capture's step: all padding (nothing stored), one sequence of the bucket's tokens.
+        Built before a capture begins: its host-to-device copies cannot be captured."""
+        size = graph.ids.shape[0]
+        return StepContext(is_prefill=True, slot_mapping=graph.slots,
+                           block_tables=torch.zeros(1, 1, dtype=torch.int32, device=self.device),
+                           context_lens=torch.tensor([size], dtype=torch.int32, device=self.device),
+                           query_lens=torch.tensor([size]), has_prefix=False, host_context_lens=[size],
+                           attention_break=attention_break)
+
+    def _forward(self, graph: _BucketGraph, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor | None]:
+        set_context(ctx)
+        try:
+            return self.model.residual(graph.ids.unsqueeze(0), graph.positions.unsqueeze(0))
+        finally:
+            set_context(None)
+
+    def _capture(self, size: int) -> _BucketGraph:
+        graph = _BucketGraph(torch.zeros(size, dtype=torch.long, device=self.device),
+                             torch.zeros(size, dtype=torch.long, device=self.device),
+                             torch.full((size,), -1, dtype=torch.int32, device=self.device))
+        self._query_lens = [size]
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            self._forward(graph, self._context(graph, None))  # warm-up: kernel builds, buffers grown to this size
+            ctx = self._context(graph, self._attention_break)
+            torch.cuda.synchronize(self.device)
+            self._capturing = graph
+            graph.pieces.append(self._begin())
+            try:
+                graph.h, graph.pending = self._forward(graph, ctx)
+            finally:
+                graph.pieces[-1].capture_end()
+                self._capturing = None
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        return graph
