@@ -154,9 +154,9 @@ def _attend_new_tokens(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_
         start += n
     if out is None:
         return torch.cat([part for _, _, part in parts])
-    for start, n, part in parts:
-        out[start:start + n].copy_(part)
-    return out[:start]
+    for first, n, part in parts:
+        out[first:first + n].copy_(part)
+    return out[:start]  # start: the token count by now
 
 
 @_profiled("kv_store")

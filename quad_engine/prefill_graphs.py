@@ -11,6 +11,11 @@ padding rows have token 0 at position 0 and slot -1 (the KV store skips them), a
 but attention works row by row, so they never reach the real rows. Attention reads only the real
 rows and writes only their outputs.
 
+A step of one sequence (the common time-to-first-token case) needs no break at all: causal
+attention over the padded bucket gives its real rows exactly what attention over the T real tokens
+gives (row i attends to keys 0..i, and the padding comes after them), so its whole forward,
+attention included, is one graph.
+
 Only prefills without a cached prefix (a chunk of a long prompt, a resumed sequence) take graphs;
 the others run eagerly, as do steps above the largest bucket.
 """
@@ -36,8 +41,9 @@ def enabled() -> bool:
 
 
 def buckets(max_tokens: int = MAX_TOKENS) -> list[int]:
-    small = [b for b in (16, 32, 64) if b < max_tokens]
-    return small + list(range(128, max_tokens + 1, 128))
+    """16, 32, 64, then every 128, and max_tokens itself last."""
+    sizes = [b for b in (16, 32, 64) if b < max_tokens] + list(range(128, max_tokens, 128))
+    return sizes + [max_tokens]
 
 
 def bucket_for(tokens: int, sizes: list[int]) -> int | None:
@@ -76,7 +82,7 @@ class PrefillGraphs:
         self.pool = pool  # shared with the decode graphs: never replayed at the same time
         cfg = model.cfg
         self.attn_out = torch.empty(self.sizes[-1], cfg.num_heads, cfg.head_dim, dtype=torch.float16, device=device)
-        self.graphs: dict[int, _BucketGraph] = {}
+        self.graphs: dict[tuple[int, bool], _BucketGraph] = {}  # (bucket, one sequence) -> its graphs
         self._capturing: _BucketGraph | None = None
         self._query_lens: list[int] = []
 
@@ -88,10 +94,11 @@ class PrefillGraphs:
         """(h, pending) of the step, as model.residual returns them, the step's rows only."""
         tokens = ids.shape[0]
         size = self.bucket(tokens)
-        graph = self.graphs.get(size)
-        if graph is None:
-            graph = self.graphs[size] = self._capture(size)
         self._query_lens = ctx.query_lens.tolist()  # a CPU tensor
+        key = (size, len(self._query_lens) == 1)
+        graph = self.graphs.get(key)
+        if graph is None:
+            graph = self.graphs[key] = self._capture(*key)
         for static, value in zip((graph.ids, graph.positions, graph.slots),
                                  pad_inputs(ids, positions, ctx.slot_mapping, size)):
             static.copy_(value)
@@ -142,16 +149,18 @@ class PrefillGraphs:
         finally:
             set_context(None)
 
-    def _capture(self, size: int) -> _BucketGraph:
+    def _capture(self, size: int, whole: bool) -> _BucketGraph:
+        """The bucket's graphs: one for the whole forward (whole: a step of one sequence), else one
+        between every two attentions."""
         graph = _BucketGraph(torch.zeros(size, dtype=torch.long, device=self.device),
                              torch.zeros(size, dtype=torch.long, device=self.device),
                              torch.full((size,), -1, dtype=torch.int32, device=self.device))
-        self._query_lens = [size]
+        query_lens, self._query_lens = self._query_lens, [size]
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             self._forward(graph, self._context(graph, None))  # warm-up: kernel builds, buffers grown to this size
-            ctx = self._context(graph, self._attention_break)
+            ctx = self._context(graph, None if whole else self._attention_break)
             torch.cuda.synchronize(self.device)
             self._capturing = graph
             graph.pieces.append(self._begin())
@@ -160,5 +169,6 @@ class PrefillGraphs:
             finally:
                 graph.pieces[-1].capture_end()
                 self._capturing = None
+                self._query_lens = query_lens
         torch.cuda.current_stream(self.device).wait_stream(stream)
         return graph

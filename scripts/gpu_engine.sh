@@ -3,7 +3,8 @@
 # call (10 minutes):
 #   source .gpu/activate.sh && export PYTHONPATH=$PWD:$PYTHONPATH && bash scripts/gpu_engine.sh $OUT check
 #   source .gpu/activate.sh && export PYTHONPATH=$PWD:$PYTHONPATH && bash scripts/gpu_engine.sh $OUT bench
-# (bench-short: the same systems at prefill 1 x 2048 and decode b1 / b32 only; ab: QUAD W4A4A8
+# (graphs: the prefill graphs' GPU tests alone, up to 9 minutes;
+# bench-short: the same systems at prefill 1 x 2048 and decode b1 / b32 only; ab: QUAD W4A4A8
 # alone once per set of QUAD_* switches, e.g. AB_VARIANTS="QUAD_PDL=1 QUAD_PDL=0"; quad-reference:
 # the QUAD reference speed script's Llama-2-13B prefill configuration)
 # check: the engine GPU tests and a kernel-level profile of a Llama-3-8B-shaped prefill and decode
@@ -20,6 +21,12 @@ if [ "$part" = check ]; then
   timeout 260 python3 -m pytest -q -s -m gpu tests/test_engine_gpu.py 2>&1 | quiet > "$out/engine_gpu.log"
   grep -E "logits vs|passed|failed" "$out/engine_gpu.log"
   timeout 200 python3 scripts/gpu_profile_step.py "$out" 2>&1 | quiet | tail -n 3
+elif [ "$part" = graphs ]; then
+  # The prefill graphs against the eager prefill (logits, int4 cache, slots written) and graphs on /
+  # off; most of its time on a fresh machine is kernel compilation (over 200 s).
+  PYTHONUNBUFFERED=1 timeout 540 python3 -m pytest -q -s -m gpu tests/test_engine_gpu.py \
+    -k "prefill_graphs or graphs_on_and_off" 2>&1 | quiet > "$out/graphs_gpu.log"
+  grep -E "prefill graphs|passed|failed|Error" "$out/graphs_gpu.log"
 elif [ "$part" = ab ]; then
   # QUAD W4A4A8 alone, decode b1 / b32 x 1024, once per AB_VARIANTS entry: "base" (the defaults) or
   # comma-separated VAR=VALUE switches, e.g. AB_VARIANTS="base QUAD_DECODE_PREFETCH=1,QUAD_DECODE_MIN_BLOCKS=5";

@@ -91,8 +91,9 @@ def test_cuda_graphs_on_and_off_give_identical_tokens(name):
 
 
 def test_prefill_graphs_give_the_eager_prefill_logits_and_cache(monkeypatch):
-    """Piecewise prefill graphs (quad_engine.prefill_graphs), steps padded to a bucket: one long
-    prompt (2000 -> 2048), three packed prompts (637 -> 640), a short one (5 -> 16). The step's
+    """Prefill graphs (quad_engine.prefill_graphs), steps padded to a bucket: one long prompt (2000
+    -> 2048, one graph), three packed prompts (637 -> 640, a graph between attentions), a short
+    one (5 -> 16). The step's
     logits and the int4 cache it wrote agree with the eager prefill's (the kernels work row by row,
     so padding changes nothing but the token count they see), and padding rows stored nothing."""
     model = synthetic_model("llama-3-8b", device="cuda", num_layers=2, mode="w4a4a8")
@@ -109,7 +110,9 @@ def test_prefill_graphs_give_the_eager_prefill_logits_and_cache(monkeypatch):
             llm.generate(prompts, greedy)
             caches.append([t.clone() for t in model.layers[1].attn.kv_cache])
         if graphs == "1":
-            assert sorted(llm.prefill_graphs.graphs) == [16, 640, 2048]
+            # one sequence: the whole forward as one graph; three: a graph between attentions
+            assert sorted(llm.prefill_graphs.graphs) == [(16, True), (640, False), (2048, True)]
+            assert [len(llm.prefill_graphs.graphs[key].pieces) for key in sorted(llm.prefill_graphs.graphs)] == [1, 3, 1]
         else:
             assert llm.prefill_graphs is None
         runs[graphs] = rows, caches
