@@ -68,6 +68,10 @@ class LLM:
     max_model_len: longest sequence (prompt + generation) accepted; defaults to the checkpoint's
     max_position_embeddings. The cache gets `num_blocks` blocks if given, else `kv_cache_gb`, else
     `gpu_memory_utilization` of the GPU after a warm-up step (on the CPU: 1 GiB).
+
+    On a GPU (cuda_graph=True) decode steps replay one CUDA graph per batch bucket, captured at
+    start-up, and a QUAD model's prefills of up to 2048 tokens replay graphs captured on a token
+    bucket's first use (quad_engine.prefill_graphs); cuda_graph=False runs every step eagerly.
     """
 
     def __init__(self, checkpoint: str | Path | None = None, device: str | None = None,

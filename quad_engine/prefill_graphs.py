@@ -16,8 +16,9 @@ attention over the padded bucket gives its real rows exactly what attention over
 gives (row i attends to keys 0..i, and the padding comes after them), so its whole forward,
 attention included, is one graph.
 
-Only prefills without a cached prefix (a chunk of a long prompt, a resumed sequence) take graphs;
-the others run eagerly, as do steps above the largest bucket.
+A bucket's graphs are captured on its first use (about two eager prefills of its size), not at
+start-up. Prefills with a cached prefix (a later chunk of a long prompt, a resumed sequence) run
+eagerly, as do steps above the largest bucket.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ import torch
 from quad_engine import kv_ops
 from quad_engine.context import StepContext, set_context
 
-# Buckets: powers of two up to 128 tokens, then every 128 (at most 127 padding rows; a bucket's
-# capture costs about two eager prefills of its size and its activations in the graph pool).
+# The largest bucket: its activations stay in the graph pool (~0.3 GB by the tensor sizes at 2048
+# tokens of Llama-3-8B); longer steps are long enough for the GPU to hide the host's launches.
 MAX_TOKENS = int(os.environ.get("QUAD_PREFILL_GRAPH_MAX", "2048"))
 
 
@@ -41,7 +42,7 @@ def enabled() -> bool:
 
 
 def buckets(max_tokens: int = MAX_TOKENS) -> list[int]:
-    """16, 32, 64, then every 128, and max_tokens itself last."""
+    """16, 32, 64, then every 128 (at most 127 padding rows), and max_tokens itself last."""
     sizes = [b for b in (16, 32, 64) if b < max_tokens] + list(range(128, max_tokens, 128))
     return sizes + [max_tokens]
 
@@ -64,14 +65,14 @@ class _BucketGraph:
     ids: torch.Tensor                 # static inputs [size]
     positions: torch.Tensor
     slots: torch.Tensor
-    pieces: list = field(default_factory=list)       # torch.cuda.CUDAGraph, layers + 1 of them
+    pieces: list = field(default_factory=list)       # torch.cuda.CUDAGraph: 1, or layers + 1
     attentions: list = field(default_factory=list)   # (q, k, v) each layer's attention reads
     h: torch.Tensor | None = None                    # the forward's outputs (model.residual)
     pending: torch.Tensor | None = None
 
 
 class PrefillGraphs:
-    """Captures (on first use of a bucket) and replays the piecewise graphs of a model's prefill.
+    """Captures (on first use of a bucket) and replays the graphs of a model's prefill steps.
 
     `attn_out` [max bucket, heads, head_dim] float16 is every layer's attention output: layer i's
     is consumed by the graph after it before layer i + 1's attention writes it."""
