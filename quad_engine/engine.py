@@ -11,6 +11,7 @@ import contextlib
 import itertools
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -132,6 +133,7 @@ class LLM:
         self.graphs: dict[int, tuple] = {}
         self.graph_pool = None
         self.prefill_graphs = None  # created on the first prefill that can use them
+        self.prefill_graphs_failed = False  # a capture failed: prefills run eagerly
         self.step_hook = None    # called as hook(seconds, is_prefill) after every step (the bench)
         if self.use_cuda_graph:
             self.capture_graphs()
@@ -266,13 +268,19 @@ class LLM:
         last = (torch.cumsum(ctx.query_lens, 0) - 1).to(dev)
         graphs = self._prefill_graphs_for(ctx, len(ids))
         if graphs is not None:
-            return self._logits(*graphs.run(ctx, ids, positions), last)
+            try:
+                return self._logits(*graphs.run(ctx, ids, positions), last)
+            except prefill_graphs.CaptureFailed as exc:
+                warnings.warn(f"{exc}; prefills run eagerly from now on", stacklevel=2)
+                self.prefill_graphs_failed = True
         return self._forward(ctx, ids, positions, last)
 
     def _prefill_graphs_for(self, ctx: StepContext, tokens: int):
         """The piecewise prefill graphs when this step can replay them (quad_engine.prefill_graphs):
         a QUAD model on CUDA with graphs on, no cached prefix, at most the largest bucket's tokens."""
         if not (self.use_cuda_graph and isinstance(self.cfg, QuadConfig) and prefill_graphs.enabled()):
+            return None
+        if self.prefill_graphs_failed:
             return None
         if ctx.has_prefix:
             return None

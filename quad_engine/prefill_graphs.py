@@ -18,11 +18,13 @@ attention included, is one graph.
 
 A bucket's graphs are captured on its first use (about two eager prefills of its size), not at
 start-up. Prefills with a cached prefix (a later chunk of a long prompt, a resumed sequence) run
-eagerly, as do steps above the largest bucket.
+eagerly, as do steps above the largest bucket. A capture that fails raises CaptureFailed; the
+engine warns once and runs its prefills eagerly from then on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 
@@ -58,6 +60,10 @@ def pad_inputs(ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, 
     pad = size - ids.shape[0]
     return (torch.nn.functional.pad(ids, (0, pad)), torch.nn.functional.pad(positions, (0, pad)),
             torch.nn.functional.pad(slots, (0, pad), value=-1))
+
+
+class CaptureFailed(RuntimeError):
+    """A bucket's graphs could not be captured (the engine then runs its prefills eagerly)."""
 
 
 @dataclass
@@ -99,7 +105,11 @@ class PrefillGraphs:
         key = (size, len(self._query_lens) == 1)
         graph = self.graphs.get(key)
         if graph is None:
-            graph = self.graphs[key] = self._capture(*key)
+            try:
+                graph = self._capture(*key)
+            except Exception as exc:  # any op the capture cannot take: the step is still computed eagerly
+                raise CaptureFailed(f"capturing the {size}-token prefill graphs failed: {type(exc).__name__}: {exc}") from exc
+            self.graphs[key] = graph
         for static, value in zip((graph.ids, graph.positions, graph.slots),
                                  pad_inputs(ids, positions, ctx.slot_mapping, size)):
             static.copy_(value)
@@ -167,8 +177,12 @@ class PrefillGraphs:
             graph.pieces.append(self._begin())
             try:
                 graph.h, graph.pending = self._forward(graph, ctx)
-            finally:
                 graph.pieces[-1].capture_end()
+            except Exception:
+                with contextlib.suppress(Exception):  # end a capture still open; the first error is the one to see
+                    graph.pieces[-1].capture_end()
+                raise
+            finally:
                 self._capturing = None
                 self._query_lens = query_lens
         torch.cuda.current_stream(self.device).wait_stream(stream)

@@ -124,3 +124,29 @@ def test_a_padded_step_of_one_sequence_attends_over_the_whole_bucket_and_stores_
 
 def test_a_padded_step_of_several_sequences_breaks_at_attention_and_stores_only_its_tokens():
     _assert_same_step(*_padded_step_against_the_plain_one([20, 7, 30], 64, whole=False), rows_exact=1.0)
+
+
+def test_a_failed_capture_leaves_the_prefill_to_the_eager_path():
+    """Where a bucket's graphs cannot be captured (here: no CUDA at all), the engine warns once,
+    computes the step eagerly and runs later prefills eagerly: the same tokens as without graphs."""
+    import warnings
+
+    import pytest
+
+    from quad_engine.engine import LLM
+    from quad_engine.sampling import SamplingParams
+    from quad_engine.synthetic import synthetic_model
+
+    model = synthetic_model("smollm2-135m", num_layers=2, vocab_size=512)
+    llm = LLM(model=model, device="cpu", num_blocks=16, block_size=16, max_model_len=128)
+    params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    prompts = [[1, 2, 3, 4, 5], [7] * 30]
+    want = [o.token_ids for o in llm.generate(prompts, params)[0]]
+    llm.use_cuda_graph = True  # prefills only (max_tokens=1): no decode graph is asked for
+    with pytest.warns(UserWarning, match="prefill graphs failed"):
+        got = [o.token_ids for o in llm.generate(prompts, params)[0]]
+    assert got == want and llm.prefill_graphs_failed and not llm.prefill_graphs.graphs
+    with warnings.catch_warnings(record=True) as later:
+        warnings.simplefilter("always")
+        assert [o.token_ids for o in llm.generate(prompts, params)[0]] == want
+    assert not [w for w in later if "prefill graphs" in str(w.message)]  # eager, no second capture
