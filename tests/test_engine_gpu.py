@@ -103,7 +103,7 @@ def test_prefill_graphs_give_the_eager_prefill_logits_and_cache(monkeypatch):
     runs = {}
     for graphs in ("0", "1"):
         monkeypatch.setenv("QUAD_PREFILL_GRAPHS", graphs)
-        llm = LLM(model=model, device="cuda", kv_cache_gb=1, max_model_len=2048)
+        llm = LLM(model=model, device="cuda", kv_cache_gb=1, max_model_len=2048, max_num_seqs=4)  # few decode builds
         rows, caches = [], []
         llm.logits_hook = lambda seqs, logits: rows.append(logits.float().clone())
         for prompts in batches:
