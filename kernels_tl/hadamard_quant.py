@@ -171,19 +171,24 @@ def _layout(n: int, factors: tuple, block, threads=None, cols_per_thread=None, m
     return _Layout(f, p, nb, cpt, threads, _butterfly_plan(p.bit_length() - 1, cpt.bit_length() - 1, max_radix))
 
 
-@functools.lru_cache(maxsize=None)
-def _hadamard_quant(n: int, factors: tuple, block, bits: int, clip: float, target, threads, cols_per_thread,
-                    min_blocks, max_radix, gated: bool = False, fast_silu: bool = False):
-    _qmax(bits)
-    f, p, nb, cpt, threads, plan = _layout(n, factors, block, threads, cols_per_thread, max_radix)
+class _RowTransform(NamedTuple):
+    """The transform and quantization of one token row, as both Hadamard quantizers run it (this
+    module's one-block kernel and hadamard_quant_stream's persistent one): build-time constants and
+    the two macros around the butterfly passes."""
+    rows: list
+    quads: int
+    group: int       # elements a thread holds per group in the last (contiguous) pass
+    per_thread: int  # groups a thread holds in that pass
+    load: object     # T.macro load(src, row, S, xin, tot, comb, ya, yb, tx): phase 1 into S
+    quantize: object  # T.macro quantize(S, fa, fb, XQ, XS, row, tx): last pass, scale, codes
+
+
+def _row_transform(n: int, lay: _Layout, bits: int, clip: float, gated: bool, fast_silu: bool) -> _RowTransform:
+    f, p, nb, cpt, threads, plan = lay
     size = f * p
     cols = nb * p                      # columns of the [f, cols] view the dense f-product runs on
     ncg = cols // cpt
     warps = threads // 32
-    # Resident threads per SM: 512 with a dense factor, 768 without, by capping registers (nvcc would
-    # take up to 255 otherwise); not for the 148-order factor, whose 2·Σ₊ − Σ form needs its ~150
-    # inputs in registers.
-    min_blocks = min_blocks or (max(1, (768 if f == 1 else 512) // threads) if f <= 64 else 1)
     A = None
     if f > 1:
         from kernels_tl.hadamard import _factor_pm1
@@ -196,8 +201,12 @@ def _hadamard_quant(n: int, factors: tuple, block, bits: int, clip: float, targe
     terms = [_quad_terms(A, i, quads) for i in rows] if quads else None
     plus = [[r for r in rows if A[r, i] > 0] for i in rows] if f > 1 and not quads else None
     norm = 1.0 / math.sqrt(size)
-    last_group = 1 << plan[-1][1]
-    store_vec = max(v for v in (1, 2, 4, 8, 16) if v <= last_group and n % v == 0)
+    stride, radix, lo = plan[-1]
+    assert stride == 0  # the last pass is the contiguous one (see _butterfly_plan)
+    group = 1 << radix
+    ngroups = n // group
+    per_thread = -(-ngroups // threads)
+    store_vec = max(v for v in (1, 2, 4, 8, 16) if v <= group and n % v == 0)
 
     def x_index(s):
         """Row position of element s of the [f, nb, p]-ordered shared buffer ([nb, f, p] in X)."""
@@ -205,6 +214,94 @@ def _hadamard_quant(n: int, factors: tuple, block, bits: int, clip: float, targe
             return s
         seg, j = s // p, s % p
         return ((seg % nb) * f + seg // nb) * p + j
+
+    @T.macro
+    def load(src, row, S, xin, tot, comb, ya, yb, tx):
+        """Phase 1: each thread loads cpt adjacent columns (all f rows of them) of src[row], runs the
+        dense ±1 product across rows (signs baked in at build time) and the butterfly stages inside
+        its cpt columns, and stores to shared memory."""
+        for kk in T.serial(-(-ncg // threads)):
+            cg = kk * threads + tx
+            if ncg % threads == 0 or cg < ncg:
+                col0 = cg * cpt
+                gbase = col0 if nb == 1 or f == 1 else col0 + (col0 // p) * ((f - 1) * p)
+                for i in rows:
+                    if gated:
+                        for t in T.unroll(cpt):
+                            xin[i, t] = _swiglu_f16(src[row, gbase + i * p + t], src[row, n + gbase + i * p + t],
+                                                    fast_silu)
+                    else:
+                        for t in T.vectorized(cpt):
+                            xin[i, t] = T.Cast("float32", src[row, gbase + i * p + t])
+                for t in list(range(cpt)):
+                    if quads:
+                        _quad_combos(xin, comb, t, quads)
+                    elif f > 1:
+                        tot[t] = _column_sum(xin, rows, t)
+                for i in rows:
+                    for t in list(range(cpt)):
+                        if f == 1:
+                            ya[t] = xin[i, t]
+                        elif quads:
+                            ya[t] = _signed_chain([(sg, comb[t, j, k]) for sg, j, k in terms[i]])
+                        else:
+                            ya[t] = _signed_sum(xin, tot[t], plus[i], rows, t)
+                    _register_butterfly(ya, yb, 0, cpt, 0, cpt.bit_length() - 1)
+                    y = ya if (cpt.bit_length() - 1) % 2 == 0 else yb
+                    for q in list(range(0, cpt, 4)):
+                        for e in T.vectorized(min(cpt, 4)):
+                            S[_swizzle_vec(i * cols + col0 + q, min(cpt, 4)) + e] = y[q + e]
+
+    @T.macro
+    def quantize(S, fa, fb, XQ, XS, row, tx):
+        """The last butterfly pass in registers (fa, fb: per_thread · group floats), the block's
+        amax, the token scale into XS[row] and the codes into XQ[row]."""
+        amax = T.alloc_var("float32", init=0)
+        for g in T.unroll(per_thread):
+            gid = g * threads + tx
+            if ngroups % threads == 0 or gid < ngroups:
+                _move_group(S, fa, g * group, gid, stride, radix, False)
+                _register_butterfly(fa, fb, g * group, group, lo, radix)
+            else:
+                for u in T.unroll(group):
+                    fa[g * group + u] = T.float32(0)
+                    fb[g * group + u] = T.float32(0)
+        fin = fa if (radix - lo) % 2 == 0 else fb
+        for u in T.unroll(per_thread * group):
+            fin[u] = fin[u] * T.float32(norm)
+            amax = T.max(amax, T.abs(fin[u]))
+        scale = T.alloc_var("float32", init=_token_scale(_block_allreduce(amax, S, n, tx, warps, False),
+                                                         bits, clip))
+        rcp = T.alloc_var("float32", init=T.float32(1) / scale)
+        if tx == 0:
+            XS[row] = scale
+        qv = T.alloc_local((group,), "int8")
+        for g in T.unroll(per_thread):
+            gid = g * threads + tx
+            if ngroups % threads == 0 or gid < ngroups:
+                # The last pass is the contiguous one: the group's bytes are adjacent in XQ.
+                base = x_index(_group_base(gid, 0, radix))
+                for u in T.unroll(group):
+                    qv[u] = _quantize(fin[g * group + u], scale, rcp, bits)
+                for q in list(range(0, group, store_vec)):
+                    for e in T.vectorized(store_vec):
+                        XQ[row, base + q + e] = qv[q + e]
+
+    return _RowTransform(rows, quads, group, per_thread, load, quantize)
+
+
+@functools.lru_cache(maxsize=None)
+def _hadamard_quant(n: int, factors: tuple, block, bits: int, clip: float, target, threads, cols_per_thread,
+                    min_blocks, max_radix, gated: bool = False, fast_silu: bool = False):
+    _qmax(bits)
+    lay = _layout(n, factors, block, threads, cols_per_thread, max_radix)
+    f, cpt, threads, plan = lay.f, lay.cpt, lay.threads, lay.plan
+    warps = threads // 32
+    # Resident threads per SM: 512 with a dense factor, 768 without, by capping registers (nvcc would
+    # take up to 255 otherwise); not for the 148-order factor, whose 2·Σ₊ − Σ form needs its ~150
+    # inputs in registers.
+    min_blocks = min_blocks or (max(1, (768 if f == 1 else 512) // threads) if f <= 64 else 1)
+    rt = _row_transform(n, lay, bits, clip, gated, fast_silu)
 
     @tilelang.jit(target=TARGETS[target], pass_configs=_PASS_CONFIGS)
     def build():
@@ -226,87 +323,18 @@ def _hadamard_quant(n: int, factors: tuple, block, bits: int, clip: float, targe
                 S = T.alloc_shared((n + warps,), "float32")
                 xin = T.alloc_local((f, cpt), "float32")
                 tot = T.alloc_local((cpt,), "float32")
-                comb = T.alloc_local((cpt, max(quads, 1), 8), "float32")
+                comb = T.alloc_local((cpt, max(rt.quads, 1), 8), "float32")
                 ya = T.alloc_local((cpt,), "float32")
                 yb = T.alloc_local((cpt,), "float32")
-
-                # Phase 1: each thread loads cpt adjacent columns (all f rows of them), runs the dense
-                # ±1 product across rows (signs baked in at build time) and the butterfly stages
-                # inside its cpt columns, and stores to shared memory.
-                for kk in T.serial(-(-ncg // threads)):
-                    cg = kk * threads + tx
-                    if ncg % threads == 0 or cg < ncg:
-                        col0 = cg * cpt
-                        gbase = col0 if nb == 1 or f == 1 else col0 + (col0 // p) * ((f - 1) * p)
-                        for i in rows:
-                            if gated:
-                                for t in T.unroll(cpt):
-                                    xin[i, t] = _swiglu_f16(X[bx, gbase + i * p + t], X[bx, n + gbase + i * p + t],
-                                                            fast_silu)
-                            else:
-                                for t in T.vectorized(cpt):
-                                    xin[i, t] = T.Cast("float32", X[bx, gbase + i * p + t])
-                        for t in list(range(cpt)):
-                            if quads:
-                                _quad_combos(xin, comb, t, quads)
-                            elif f > 1:
-                                tot[t] = _column_sum(xin, rows, t)
-                        for i in rows:
-                            for t in list(range(cpt)):
-                                if f == 1:
-                                    ya[t] = xin[i, t]
-                                elif quads:
-                                    ya[t] = _signed_chain([(sg, comb[t, j, k]) for sg, j, k in terms[i]])
-                                else:
-                                    ya[t] = _signed_sum(xin, tot[t], plus[i], rows, t)
-                            _register_butterfly(ya, yb, 0, cpt, 0, cpt.bit_length() - 1)
-                            y = ya if (cpt.bit_length() - 1) % 2 == 0 else yb
-                            for q in list(range(0, cpt, 4)):
-                                for e in T.vectorized(min(cpt, 4)):
-                                    S[_swizzle_vec(i * cols + col0 + q, min(cpt, 4)) + e] = y[q + e]
+                rt.load(X, bx, S, xin, tot, comb, ya, yb, tx)
                 T.sync_threads()
-
                 # Butterfly passes over the p-long segments; the last one keeps its values in registers.
                 for stride, radix, lo in plan[:-1]:
                     _butterfly_pass(S, tx, threads, n, stride, radix, lo)
                     T.sync_threads()
-                stride, radix, lo = plan[-1]
-                assert stride == 0  # the last pass is the contiguous one (see _butterfly_plan)
-                group = 1 << radix
-                ngroups = n // group
-                per_thread = -(-ngroups // threads)
-                fa = T.alloc_local((per_thread * group,), "float32")
-                fb = T.alloc_local((per_thread * group,), "float32")
-                amax = T.alloc_var("float32", init=0)
-                for g in T.unroll(per_thread):
-                    gid = g * threads + tx
-                    if ngroups % threads == 0 or gid < ngroups:
-                        _move_group(S, fa, g * group, gid, stride, radix, False)
-                        _register_butterfly(fa, fb, g * group, group, lo, radix)
-                    else:
-                        for u in T.unroll(group):
-                            fa[g * group + u] = T.float32(0)
-                            fb[g * group + u] = T.float32(0)
-                fin = fa if (radix - lo) % 2 == 0 else fb
-                for u in T.unroll(per_thread * group):
-                    fin[u] = fin[u] * T.float32(norm)
-                    amax = T.max(amax, T.abs(fin[u]))
-                scale = T.alloc_var("float32", init=_token_scale(_block_allreduce(amax, S, n, tx, warps, False),
-                                                                 bits, clip))
-                rcp = T.alloc_var("float32", init=T.float32(1) / scale)
-                if tx == 0:
-                    XS[bx] = scale
-                qv = T.alloc_local((group,), "int8")
-                for g in T.unroll(per_thread):
-                    gid = g * threads + tx
-                    if ngroups % threads == 0 or gid < ngroups:
-                        # The last pass is the contiguous one: the group's bytes are adjacent in XQ.
-                        base = x_index(_group_base(gid, 0, radix))
-                        for u in T.unroll(group):
-                            qv[u] = _quantize(fin[g * group + u], scale, rcp, bits)
-                        for q in list(range(0, group, store_vec)):
-                            for e in T.vectorized(store_vec):
-                                XQ[bx, base + q + e] = qv[q + e]
+                fa = T.alloc_local((rt.per_thread * rt.group,), "float32")
+                fb = T.alloc_local((rt.per_thread * rt.group,), "float32")
+                rt.quantize(S, fa, fb, XQ, XS, bx, tx)
 
         return main
 

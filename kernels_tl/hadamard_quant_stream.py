@@ -23,11 +23,9 @@ import functools
 import tilelang
 import tilelang.language as T
 
-from kernels_tl.hadamard_quant import (_column_sum, _group_base, _layout, _move_group, _butterfly_pass,
-                                       _quad_combos, _quad_terms, _register_butterfly, _signed_chain,
-                                       _signed_sum, _swiglu_f16, _swizzle_vec)
+from kernels_tl.hadamard_quant import _butterfly_pass, _layout, _row_transform
 from kernels_tl.pdl import wait_for_producers
-from kernels_tl.quantize import _PASS_CONFIGS, _block_allreduce, _qmax, _quantize, _token_scale
+from kernels_tl.quantize import _PASS_CONFIGS, _qmax
 from kernels_tl.targets import SM90, TARGETS  # noqa: F401
 
 # cp.async of 16 bytes, global to shared, bypassing L1 (.cg): the rows are read once.
@@ -70,12 +68,12 @@ def stream_blocks(n: int, factors, block, gated: bool) -> int:
 
 @T.macro
 def _copy_row(R, X, tok, tx, threads: int, width: int):
-    """Start the cp.async copy of X[tok] (width float16) into R: 16 bytes a thread at a time."""
+    """Start the cp.async copy of X[tok] (width float16) into R [1, width]: 16 bytes a thread at a time."""
     chunks = width // 8
     for kk in T.serial(-(-chunks // threads)):
         c = kk * threads + tx
         if chunks % threads == 0 or c < chunks:
-            T.call_extern("handle", "quad_cp_async16", T.address_of(R[c * 8]), T.address_of(X[tok, c * 8]))
+            T.call_extern("handle", "quad_cp_async16", T.address_of(R[0, c * 8]), T.address_of(X[tok, c * 8]))
     T.call_extern("handle", "quad_cp_async_commit")
 
 
@@ -83,31 +81,13 @@ def _copy_row(R, X, tok, tx, threads: int, width: int):
 def _hadamard_quant_stream(n: int, factors: tuple, block, bits: int, clip: float, target, blocks: int,
                            gated: bool, fast_silu: bool):
     _qmax(bits)
-    f, p, nb, cpt, threads, plan = _layout(n, factors, block)
-    size = f * p
-    cols = nb * p
-    ncg = cols // cpt
+    lay = _layout(n, factors, block)
+    f, cpt, threads, plan = lay.f, lay.cpt, lay.threads, lay.plan
     warps = threads // 32
     width = 2 * n if gated else n
     resident = blocks_per_sm(n, factors, block, gated)
     assert width % 8 == 0, "rows are copied 16 bytes at a time"
-    A = None
-    if f > 1:
-        from kernels_tl.hadamard import _factor_pm1
-        A = _factor_pm1(f)
-    rows = list(range(f))
-    quads = f // 4 if 1 < f and f * cpt <= 64 and f % 4 == 0 else 0
-    terms = [_quad_terms(A, i, quads) for i in rows] if quads else None
-    plus = [[r for r in rows if A[r, i] > 0] for i in rows] if f > 1 and not quads else None
-    norm = 1.0 / (size ** 0.5)
-    last_group = 1 << plan[-1][1]
-    store_vec = max(v for v in (1, 2, 4, 8, 16) if v <= last_group and n % v == 0)
-
-    def x_index(s):
-        if nb == 1 or f == 1:
-            return s
-        seg, j = s // p, s % p
-        return ((seg % nb) * f + seg // nb) * p + j
+    rt = _row_transform(n, lay, bits, clip, gated, fast_silu)
 
     @tilelang.jit(target=TARGETS[target], pass_configs=_PASS_CONFIGS)
     def build():
@@ -124,19 +104,15 @@ def _hadamard_quant_stream(n: int, factors: tuple, block, bits: int, clip: float
                 T.annotate_min_blocks_per_sm(resident)
                 wait_for_producers("hadamard_quant")
                 tx = T.get_thread_binding()
-                R = T.alloc_shared((width,), "float16")  # the input row, filled by cp.async
+                R = T.alloc_shared((1, width), "float16")  # the input row, filled by cp.async
                 S = T.alloc_shared((n + warps,), "float32")  # the row in float32 (swizzled), then reduction slots
                 xin = T.alloc_local((f, cpt), "float32")
                 tot = T.alloc_local((cpt,), "float32")
-                comb = T.alloc_local((cpt, max(quads, 1), 8), "float32")
+                comb = T.alloc_local((cpt, max(rt.quads, 1), 8), "float32")
                 ya = T.alloc_local((cpt,), "float32")
                 yb = T.alloc_local((cpt,), "float32")
-                group = 1 << plan[-1][1]
-                ngroups = n // group
-                per_thread = -(-ngroups // threads)
-                fa = T.alloc_local((per_thread * group,), "float32")
-                fb = T.alloc_local((per_thread * group,), "float32")
-                qv = T.alloc_local((group,), "int8")
+                fa = T.alloc_local((rt.per_thread * rt.group,), "float32")
+                fb = T.alloc_local((rt.per_thread * rt.group,), "float32")
 
                 if bx < m:
                     _copy_row(R, X, bx, tx, threads, width)
@@ -144,76 +120,15 @@ def _hadamard_quant_stream(n: int, factors: tuple, block, bits: int, clip: float
                     tok = bx + it * blocks
                     T.call_extern("handle", "quad_cp_async_wait_all")
                     T.sync_threads()
-                    # Phase 1 (hadamard_quant's): each thread's cpt adjacent columns, all f rows, from R;
-                    # the dense ±1 product across rows and the butterfly stages inside the columns.
-                    for kk in T.serial(-(-ncg // threads)):
-                        cg = kk * threads + tx
-                        if ncg % threads == 0 or cg < ncg:
-                            col0 = cg * cpt
-                            gbase = col0 if nb == 1 or f == 1 else col0 + (col0 // p) * ((f - 1) * p)
-                            for i in rows:
-                                if gated:
-                                    for t in T.unroll(cpt):
-                                        xin[i, t] = _swiglu_f16(R[gbase + i * p + t], R[n + gbase + i * p + t],
-                                                                fast_silu)
-                                else:
-                                    for t in T.vectorized(cpt):
-                                        xin[i, t] = T.Cast("float32", R[gbase + i * p + t])
-                            for t in list(range(cpt)):
-                                if quads:
-                                    _quad_combos(xin, comb, t, quads)
-                                elif f > 1:
-                                    tot[t] = _column_sum(xin, rows, t)
-                            for i in rows:
-                                for t in list(range(cpt)):
-                                    if f == 1:
-                                        ya[t] = xin[i, t]
-                                    elif quads:
-                                        ya[t] = _signed_chain([(sg, comb[t, j, k]) for sg, j, k in terms[i]])
-                                    else:
-                                        ya[t] = _signed_sum(xin, tot[t], plus[i], rows, t)
-                                _register_butterfly(ya, yb, 0, cpt, 0, cpt.bit_length() - 1)
-                                y = ya if (cpt.bit_length() - 1) % 2 == 0 else yb
-                                for q in list(range(0, cpt, 4)):
-                                    for e in T.vectorized(min(cpt, 4)):
-                                        S[_swizzle_vec(i * cols + col0 + q, min(cpt, 4)) + e] = y[q + e]
+                    rt.load(R, 0, S, xin, tot, comb, ya, yb, tx)  # phase 1 of hadamard_quant, from R
                     T.sync_threads()
                     # R has been read: the next row's copy runs under the rest of this one.
                     if tok + blocks < m:
                         _copy_row(R, X, tok + blocks, tx, threads, width)
-
                     for stride, radix, lo in plan[:-1]:
                         _butterfly_pass(S, tx, threads, n, stride, radix, lo)
                         T.sync_threads()
-                    stride, radix, lo = plan[-1]
-                    amax = T.alloc_var("float32", init=0)
-                    for g in T.unroll(per_thread):
-                        gid = g * threads + tx
-                        if ngroups % threads == 0 or gid < ngroups:
-                            _move_group(S, fa, g * group, gid, stride, radix, False)
-                            _register_butterfly(fa, fb, g * group, group, lo, radix)
-                        else:
-                            for u in T.unroll(group):
-                                fa[g * group + u] = T.float32(0)
-                                fb[g * group + u] = T.float32(0)
-                    fin = fa if (radix - lo) % 2 == 0 else fb
-                    for u in T.unroll(per_thread * group):
-                        fin[u] = fin[u] * T.float32(norm)
-                        amax = T.max(amax, T.abs(fin[u]))
-                    scale = T.alloc_var("float32", init=_token_scale(_block_allreduce(amax, S, n, tx, warps, False),
-                                                                     bits, clip))
-                    rcp = T.alloc_var("float32", init=T.float32(1) / scale)
-                    if tx == 0:
-                        XS[tok] = scale
-                    for g in T.unroll(per_thread):
-                        gid = g * threads + tx
-                        if ngroups % threads == 0 or gid < ngroups:
-                            base = x_index(_group_base(gid, 0, radix))
-                            for u in T.unroll(group):
-                                qv[u] = _quantize(fin[g * group + u], scale, rcp, bits)
-                            for q in list(range(0, group, store_vec)):
-                                for e in T.vectorized(store_vec):
-                                    XQ[tok, base + q + e] = qv[q + e]
+                    rt.quantize(S, fa, fb, XQ, XS, tok, tx)
 
         return main
 
