@@ -238,6 +238,24 @@ CLUSTER_MAX_M = 64
 CLUSTER_LARGE_M = [dict(cluster=c, threads=256) for c in (2, 4)]
 
 
+def _measured_quantizer(row: dict, kern, x, want_q, want_s, moved: int, graph: bool):
+    """One Hadamard quantizer variant: kern(x, q, s) on poisoned outputs, timed (from a CUDA graph
+    with `graph`); row gets us, GB/s on `moved` bytes and the fraction of codes equal to want_q.
+    Returns the scales it wrote for the caller's comparison, or None after recording a build error
+    (kern is the exception) or a failed launch in the row: reported, not fatal."""
+    q, sc = torch.full_like(want_q, 0x55), torch.full_like(want_s, float("nan"))
+    try:
+        if isinstance(kern, Exception):
+            raise kern
+        kern(x, q, sc)
+        t = bench_graph([lambda: kern(x, q, sc)]) if graph else bench(lambda: kern(x, q, sc))
+    except Exception as e:
+        row["error"] = str(e).splitlines()[0][:200]
+        return None
+    row.update(us=1e3 * t, gbps=moved / t / 1e6, codes_equal=(q == want_q).float().mean().item())
+    return sc
+
+
 def sweep_hadamard(n: int, gated: bool, ms=(1, 4, 16, 32, 64, 2048)) -> list[dict]:
     """Launch shapes of the Hadamard+quantize kernel at one width, per token count M: the decode
     step runs it at M = 1 as a single thread block (10 µs a call for the down_proj input on an
@@ -279,19 +297,10 @@ def sweep_hadamard(n: int, gated: bool, ms=(1, 4, 16, 32, 64, 2048)) -> list[dic
         fast_cluster = [k for k in built if ("fast_silu", True) in k and ("kernel", "cluster") in k]
         for key in keys + fast_block + (cluster_keys + fast_cluster if m <= CLUSTER_MAX_M
                                         else [k for k in large if k in built]):
-            kern, row = built[key], {"n": n, "gated": gated, "m": m, "tuning": dict(key)}
-            if isinstance(kern, Exception):
-                rows.append({**row, "error": str(kern).splitlines()[0][:200]})
-                continue
-            q, sc = torch.full_like(want_q, 0x55), torch.full_like(want_s, float("nan"))
-            try:
-                kern(x, q, sc)
-                t = bench_graph([lambda: kern(x, q, sc)]) if m <= 64 else bench(lambda: kern(x, q, sc))
-            except Exception as e:  # a variant that does not launch is reported, not fatal
-                rows.append({**row, "error": str(e).splitlines()[0][:200]})
-                continue
-            row.update(us=1e3 * t, gbps=moved / t / 1e6, codes_equal=(q == want_q).float().mean().item(),
-                       scale_max_rel=((sc - want_s).abs() / want_s.abs()).max().item())
+            row = {"n": n, "gated": gated, "m": m, "tuning": dict(key)}
+            sc = _measured_quantizer(row, built[key], x, want_q, want_s, moved, graph=m <= 64)
+            if sc is not None:
+                row["scale_max_rel"] = ((sc - want_s).abs() / want_s.abs()).max().item()
             rows.append(row)
         best = min((r for r in rows if r["m"] == m and "us" in r), key=lambda r: r["us"], default=None)
         default = next((r for r in rows if r["m"] == m and r["tuning"] == {} and "us" in r), None)
@@ -334,20 +343,12 @@ def sweep_hadamard_stream(n: int, gated: bool, ms=STREAM_MS) -> list[dict]:
         moved = x.numel() * 2 + m * n + m * 4
         choice = ("dispatch",) + hq.kernel_choice(m, n, factors, None, gated)
         for key in [choice, ("default",)] + [k for k in built if k[0] == "stream"]:
-            kern, row = built[key], {"n": n, "gated": gated, "m": m, "kernel": list(key)}
-            if isinstance(kern, Exception):
-                rows.append({**row, "error": str(kern).splitlines()[0][:200]})
-                continue
-            q, sc = torch.full_like(want_q, 0x55), torch.full_like(want_s, float("nan"))
-            try:
-                kern(x, q, sc)
-                t = bench(lambda: kern(x, q, sc))
-            except Exception as e:
-                rows.append({**row, "error": str(e).splitlines()[0][:200]})
-                continue
-            row.update(us=1e3 * t, gbps=moved / t / 1e6, codes_equal=(q == want_q).float().mean().item(),
-                       scales_equal=bool(torch.equal(sc, want_s)))
+            row = {"n": n, "gated": gated, "m": m, "kernel": list(key)}
+            sc = _measured_quantizer(row, built[key], x, want_q, want_s, moved, graph=False)
             rows.append(row)
+            if sc is None:
+                continue
+            row["scales_equal"] = bool(torch.equal(sc, want_s))
             print(f"  stream sweep n={n} gated={gated} M={m} {key}: {row['us']:.1f} us, {row['gbps']:.0f} GB/s, "
                   f"codes equal {row['codes_equal']:.6f}", flush=True)
     return rows

@@ -11,7 +11,6 @@ could reach). Writes host_profile_<batch>x<tokens>.txt under OUT_DIR.
 """
 
 import argparse
-import contextlib
 import cProfile
 import io
 import os
@@ -20,6 +19,7 @@ import random
 import statistics
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -36,18 +36,9 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-@contextlib.contextmanager
 def eager_prefill():
-    """Prefills without their piecewise graphs (QUAD_PREFILL_GRAPHS=0) inside the block."""
-    switch = os.environ.get("QUAD_PREFILL_GRAPHS")
-    os.environ["QUAD_PREFILL_GRAPHS"] = "0"
-    try:
-        yield
-    finally:
-        if switch is None:
-            del os.environ["QUAD_PREFILL_GRAPHS"]
-        else:
-            os.environ["QUAD_PREFILL_GRAPHS"] = switch
+    """Prefills without their graphs (QUAD_PREFILL_GRAPHS=0) inside the block."""
+    return mock.patch.dict(os.environ, {"QUAD_PREFILL_GRAPHS": "0"})
 
 
 def forward_timings(llm: LLM, run, repeats: int) -> list[str]:
