@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "them float16)"),
     p.add_argument("--no-cuda-graph", action="store_true", help="run every step eagerly instead of replaying "
                    "captured CUDA graphs (decode: one per batch bucket; QUAD prefills of up to 2048 tokens: "
-                   "piecewise, one set per token bucket)")
+                   "one set per token bucket)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                    help="fraction of GPU memory for weights, activations and KV cache (default 0.9)")
     return p
