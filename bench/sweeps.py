@@ -7,7 +7,7 @@ bench/kernels.py's. Writes JSON after every section, so a run cut short by a tim
 it measured.
 
     python bench/sweeps.py --out sweep.json \
-        (--hadamard | --decode | --decode-ws | --gemv | --prefill | --hadamard-stream | --all)
+        (--hadamard | --decode | --decode-ws | --gemv | --prefill | --hadamard-stream | --rs-prefetch | --rope-store | --all)
 """
 
 from __future__ import annotations
@@ -89,6 +89,80 @@ def sweep_prefill(n: int, k: int, m: int) -> list[dict]:
         except Exception as e:  # a variant that does not build or launch is reported, not fatal
             rows.append({"tiles": [bm, bn, bk, stages, threads], "error": str(e).splitlines()[0][:200]})
         print(f"  sweep prefill N={n} K={k} M={m} {rows[-1]}", flush=True)
+    return rows
+
+
+def sweep_rs_prefetch(n: int, k: int, m: int) -> list[dict]:
+    """The register-unpack prefill GEMM with the outlier tiles loaded by cp.async before the K loop
+    (`prefetch`) against the plain loads after it, rank 64: outputs bit-equal to each other and each
+    within the fp16 bound of the float32 reference."""
+    from kernels_tl.gemm_rs import w4ax_gemm_rs
+    xq, xs, wq, ws, xo, wo = operands(m, n, k, 64)
+    wp, bias = ref.pack_int4(wq), torch.zeros(n, device="cuda").half()
+    want = ref.quant_linear(xq, xs[:, None], wq, ws[:, None], xo, wo)
+    tiles = gemm_dispatch.rs_tiles(m, n, k)
+    kernels = build_all({p: (lambda p=p: w4ax_gemm_rs(n, k, 64, False, "float16", **tiles,
+                                                      prefetch_outliers=p)) for p in (False, True)})
+    rows, outs = [], {}
+    for prefetch, kern in kernels.items():
+        row = {"n": n, "k": k, "m": m, "prefetch": prefetch, "tiles": tiles}
+        try:
+            if isinstance(kern, Exception):
+                raise kern
+            y = torch.full((m, n), float("nan"), device="cuda", dtype=torch.float16)
+            kern(xq, xs, wp, ws, xo, wo, bias, y)
+            outs[prefetch] = y.clone()
+            row["rel_err"] = float((y.float() - want).norm() / want.norm())
+            row["ms"] = bench(lambda: kern(xq, xs, wp, ws, xo, wo, bias, y))
+            row["tops"] = 2 * m * n * k / row["ms"] / 1e9
+        except Exception as e:  # reported, not fatal
+            row["error"] = str(e).splitlines()[0][:200]
+        rows.append(row)
+    if len(outs) == 2:
+        for row in rows:
+            row["equal_to_plain"] = bool(torch.equal(outs[True], outs[False]))
+    for row in rows:
+        print(f"  sweep rs-prefetch {row}", flush=True)
+    return rows
+
+
+def sweep_rope_store(tokens: int, heads: int = 32, kv_heads: int = 8, head_dim: int = 128) -> list[dict]:
+    """The fused RoPE + head Hadamard + int4 KV store (round trip, as a prefill runs it) by tokens a
+    warp: every output and the cache equal to one token a warp's, GB/s on the bytes it must move."""
+    from kernels_tl.kv_attention import BLOCK_SIZE
+    from kernels_tl.rope_kv_store import rope_kv_store
+    width = (heads + 2 * kv_heads) * head_dim
+    qkv = (torch.randn(tokens, width, device="cuda") * 2).half()
+    angles = torch.rand(tokens, head_dim, device="cuda") * 6.28
+    cos, sin = angles.cos(), angles.sin()
+    blocks = -(-tokens // BLOCK_SIZE)
+    slots = torch.randperm(blocks * BLOCK_SIZE, device="cuda")[:tokens].int()
+    moved = tokens * (width * 2 + 2 * head_dim * 4 + 4 + heads * head_dim * 2 + 2 * kv_heads * head_dim * 2
+                      + 2 * kv_heads * (head_dim // 2 + 4))
+    kernels = build_all({tpw: (lambda tpw=tpw: rope_kv_store(heads, kv_heads, head_dim, round_trip=True,
+                                                             tokens_per_warp=tpw)) for tpw in (1, 2, 4, 8)})
+    rows, first = [], None
+    for tpw, kern in kernels.items():
+        row = {"tokens": tokens, "tokens_per_warp": tpw}
+        try:
+            if isinstance(kern, Exception):
+                raise kern
+            cache = [torch.zeros(blocks, kv_heads, BLOCK_SIZE, head_dim // 2, dtype=torch.uint8, device="cuda"),
+                     torch.zeros(blocks, kv_heads, BLOCK_SIZE, 2, dtype=torch.float16, device="cuda")]
+            cache = cache + [c.clone() for c in cache]
+            outs = [torch.full((tokens, n, head_dim), float("nan"), dtype=torch.float16, device="cuda")
+                    for n in (heads, kv_heads, kv_heads)]
+            kern(qkv, cos, sin, slots, *cache, *outs)
+            got = [t.clone() for t in outs + cache]
+            first = first or got
+            row["equal_to_one_token_a_warp"] = all(torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+                                                   for a, b in zip(got, first))
+            row["ms"] = bench(lambda: kern(qkv, cos, sin, slots, *cache, *outs))
+            row["gbps"] = moved / row["ms"] / 1e6
+        except Exception as e:  # reported, not fatal
+            row["error"] = str(e).splitlines()[0][:200]
+        print(f"  sweep rope-store {row}", flush=True)
+        rows.append(row)
     return rows
 
 
@@ -363,12 +437,15 @@ def main() -> None:
                        ("gemv", "dp4a GEMV shapes (the four linears at 1, 4 and 8 tokens)"),
                        ("prefill", "prefill GEMM tiles against the int8 ceiling (4096 tokens)"),
                        ("hadamard-stream", "the streaming Hadamard+quantize kernel against the dispatch's (128-8192 tokens)"),
+                       ("rs-prefetch", "the prefill GEMM's outlier tiles by cp.async before the K loop, or after it"),
+                       ("rope-store", "the fused RoPE + KV store by tokens a warp (2048 and 8192 tokens)"),
                        ("all", "every sweep above")):
         ap.add_argument(f"--{name}", action="store_true", help=what)
     args = ap.parse_args()
     if not (args.hadamard or args.decode or args.decode_ws or args.gemv or args.prefill or args.hadamard_stream
-            or args.all):
-        ap.error("choose a sweep: --hadamard, --decode, --decode-ws, --gemv, --prefill, --hadamard-stream or --all")
+            or args.rs_prefetch or args.rope_store or args.all):
+        ap.error("choose a sweep: --hadamard, --decode, --decode-ws, --gemv, --prefill, --hadamard-stream, "
+                 "--rs-prefetch, --rope-store or --all")
     copy = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")
     copy_gbps = 2 * copy.numel() / bench(lambda: copy.clone()) / 1e6
     print(f"device copy: {copy_gbps:.0f} GB/s", flush=True)
@@ -408,6 +485,17 @@ def main() -> None:
         result["sweep_gemv"] = {}
         for n, k in linears:
             result["sweep_gemv"][f"{n}x{k}"] = sweep_gemv(n, k)
+            save()
+    if args.rope_store or args.all:
+        result["sweep_rope_store"] = []
+        for tokens in (2048, 8192, 2053):
+            result["sweep_rope_store"] += sweep_rope_store(tokens)
+            save()
+    if args.rs_prefetch or args.all:
+        result["sweep_rs_prefetch"] = []
+        for n, k, m in ((6144, 4096, 2048), (28672, 4096, 2048), (28672, 4096, 8192), (6144, 4096, 100),
+                        (960, 576, 2053)):
+            result["sweep_rs_prefetch"] += sweep_rs_prefetch(n, k, m)
             save()
     if args.prefill or args.all:
         result["sweep_prefill"] = {}

@@ -20,6 +20,7 @@ Y = acc · sx · sw / 16 + x_out · w_outᵀ + bias in float32, rounded once.
 """
 
 import functools
+import os
 
 import tilelang
 import tilelang.language as T
@@ -28,6 +29,26 @@ import tilelang.layout
 from kernels_tl.gemm_decode import _register_unpack_gemm
 from kernels_tl.hadamard_quant import _swiglu_f16
 from kernels_tl.targets import SM90, TARGETS  # noqa: F401
+
+# The outlier tiles (x_out, w_out) load by cp.async, issued before the K loop (QUAD_RS_PREFETCH=0:
+# loaded after it, as plain loads). The producer warpgroup TileLang adds is threads 0..127.
+PREFETCH_OUTLIERS = os.environ.get("QUAD_RS_PREFETCH", "1") != "0"
+PRODUCER_THREADS = 128
+_CP_ASYNC_SRC = r"""
+__device__ __forceinline__ void quad_cp_async16_zfill(void* dst, const void* src, bool valid) {
+  unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(d), "l"(src), "r"(valid ? 16 : 0) : "memory");
+}
+__device__ __forceinline__ void quad_cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+// Every consumer's pieces landed and visible to the wgmma (async proxy): wait for this thread's
+// copies, fence them to the async proxy, then a barrier of the consumer threads only (the
+// producer warpgroup never reaches it; id 3 as TileLang's own consumer barriers).
+__device__ __forceinline__ void quad_outliers_ready(int consumers) {
+  asm volatile("cp.async.wait_group 0;" ::: "memory");
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+  asm volatile("bar.sync 3, %0;" :: "r"(consumers) : "memory");
+}
+"""
 
 # float16 elements of padding a row of the output staging tile: rows of 128 outputs are 256 bytes,
 # so without it the 8 rows (tokens) one store instruction of a warp touches share their banks.
@@ -44,7 +65,8 @@ def _weight_row(bx, i, block_w: int, pair: int, half: int, swiglu: bool):
 @functools.lru_cache(maxsize=None)
 def w4ax_gemm_rs(n: int, k: int, rank: int, has_bias: bool = False, out_dtype: str = "float16",
                  block_t: int = 256, block_w: int = 128, block_k: int = 128, num_stages: int = 3,
-                 chunk: int | None = None, swiglu: bool = False, fast_silu: bool = False, target=None):
+                 chunk: int | None = None, swiglu: bool = False, fast_silu: bool = False, target=None,
+                 prefetch_outliers: bool | None = None):
     """kernel(x_q, x_scale, w_q, w_scale, x_out, w_out, bias, y) as `gemm.w4ax_gemm` (y written;
     x_out / w_out / bias not read when rank == 0 / no bias). Tiles of block_w weight rows (a
     consumer warpgroup per 64) x block_t tokens, K tiles of block_k in num_stages TMA stages;
@@ -66,6 +88,34 @@ def w4ax_gemm_rs(n: int, k: int, rank: int, has_bias: bool = False, out_dtype: s
     chunk = chunk or min(block_k, 256)
     assert block_k % chunk == 0 and chunk % 32 == 0
 
+    # Not with swiglu (off by default): its epilogue then spilled 84 bytes (ptxas).
+    prefetch = rank > 0 and not swiglu and (PREFETCH_OUTLIERS if prefetch_outliers is None else prefetch_outliers)
+    consumers = 2 * block_w  # the consumer warpgroups' threads, after the producer's 128
+    chunks = r // 8  # 16-byte pieces of an outlier row
+    assert not prefetch or (block_t * chunks % consumers == 0 and block_w * chunks % consumers == 0)
+
+    @T.macro
+    def load_outliers(XO, WO, xo_s, wo_s, bx, by, m):
+        # Issued by the consumers before the main loop, waited for after it: the outlier tiles'
+        # DRAM latency hides under the K loop instead of following it. Rows past the tokens or
+        # the weight rows are zero-filled (cp.async with no source bytes).
+        tx = T.get_thread_binding()
+        if tx >= PRODUCER_THREADS:
+            c = tx - PRODUCER_THREADS
+            for it in T.unroll(block_t * chunks // consumers):
+                row = (it * consumers + c) // chunks
+                col = ((it * consumers + c) % chunks) * 8
+                tok = by * block_t + row
+                T.call_extern("handle", "quad_cp_async16_zfill", T.address_of(xo_s[row, col]),
+                              T.address_of(XO[T.if_then_else(tok < m, tok, 0), col]), tok < m)
+            for it in T.unroll(block_w * chunks // consumers):
+                row = (it * consumers + c) // chunks
+                col = ((it * consumers + c) % chunks) * 8
+                w_row = _weight_row(bx, row, block_w, pair, half, swiglu)
+                T.call_extern("handle", "quad_cp_async16_zfill", T.address_of(wo_s[row, col]),
+                              T.address_of(WO[T.if_then_else(w_row < n, w_row, 0), col]), w_row < n)
+            T.call_extern("handle", "quad_cp_async_commit")
+
     @tilelang.jit(target=TARGETS[target])
     def build():
         m = T.dynamic("m")
@@ -82,6 +132,8 @@ def w4ax_gemm_rs(n: int, k: int, rank: int, has_bias: bool = False, out_dtype: s
             Y: T.Tensor((m, half if swiglu else n), out_dtype),
         ):
             with T.Kernel(T.ceildiv(n, block_w), T.ceildiv(m, block_t), threads=2 * block_w) as (bx, by):
+                if prefetch:
+                    T.import_source(_CP_ASYNC_SRC)
                 x_s = T.alloc_shared((block_t, block_k), "int8")
                 w_packed = T.alloc_shared((block_w, block_k // 2), "uint8")
                 frags = [T.alloc_fragment((block_w, chunk), "int8")
@@ -91,6 +143,11 @@ def w4ax_gemm_rs(n: int, k: int, rank: int, has_bias: bool = False, out_dtype: s
                 product = _register_unpack_gemm(w_packed, x_s, frags, acc, block_k, chunk, T.GemmWarpPolicy.FullRow)
                 out = T.alloc_fragment((block_w, block_t), "float32")
                 out_s = T.alloc_shared((block_t, block_w + STAGE_PAD), out_dtype)
+                if rank > 0:
+                    xo_s = T.alloc_shared((block_t, r), "float16")
+                    wo_s = T.alloc_shared((block_w, r), "float16")
+                    if prefetch:
+                        load_outliers(XO, WO, xo_s, wo_s, bx, by, m)
                 T.clear(acc)
                 for kt in T.Pipelined(k // block_k, num_stages=num_stages):
                     T.copy(XQ[by * block_t, kt * block_k], x_s)
@@ -107,13 +164,14 @@ def w4ax_gemm_rs(n: int, k: int, rank: int, has_bias: bool = False, out_dtype: s
                         T.if_then_else(tok < m, XS[tok], T.float32(0))
                         * T.Cast("float32", T.if_then_else(row < n, WS[row], T.float16(0))) * T.float32(1.0 / 16))
                 if rank > 0:
-                    xo_s = T.alloc_shared((block_t, r), "float16")
-                    wo_s = T.alloc_shared((block_w, r), "float16")
-                    T.copy(XO[by * block_t, 0], xo_s)
-                    if swiglu:
+                    if prefetch:
+                        T.call_extern("handle", "quad_outliers_ready", consumers)
+                    elif swiglu:
+                        T.copy(XO[by * block_t, 0], xo_s)
                         T.copy(WO[bx * pair, 0], wo_s[0:pair, :])
                         T.copy(WO[half + bx * pair, 0], wo_s[pair:block_w, :])
                     else:
+                        T.copy(XO[by * block_t, 0], xo_s)
                         T.copy(WO[bx * block_w, 0], wo_s)
                     T.gemm(wo_s, xo_s, out, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
                 if has_bias:

@@ -28,7 +28,8 @@ Numerics (`rope_kv_store_reference` is the specification):
 hadamard=False: RoPE only; its products and sum are rounded separately (no FMA), as torch
 computes them, so Q and K then equal the reference bit for bit.
 
-Layout: one warp per (token, row), 4 rows a block (ROWS_PER_BLOCK); rows = heads Q rows, then
+Layout: one warp per row of TOKENS_PER_WARP consecutive tokens (all their loads issued before
+the first token's work), 4 rows a block (ROWS_PER_BLOCK); rows = heads Q rows, then
 kv_heads K rows, then kv_heads V rows, the qkv GEMM's column order, so row r of a token is
 QKV[tok, r·hd : (r + 1)·hd]. Lane l holds elements [l·hd/32, (l + 1)·hd/32) (hd/32 = 2 or 4
 consecutive: one 4- or 8-byte load): the Hadamard's low index bits are inside a lane's
@@ -41,6 +42,7 @@ written for every token.
 
 import functools
 import math
+import os
 
 import tilelang
 import tilelang.language as T
@@ -61,11 +63,15 @@ from kernels_tl.targets import SM90, TARGETS  # noqa: F401
 # yet. At decode sizes the grid is smaller than the GPU either way. The rows of a block are
 # independent (no shared memory, no barrier); the last block's spare warps idle (SmolLM2: 15 rows).
 ROWS_PER_BLOCK = 4
+# Tokens a warp handles (its rows of that many consecutive tokens): one token a warp left each
+# warp a single dependent chain (load, shuffles, stores) and the grid ~100k short-lived warps; a
+# 2048-token prefill's store ran at ~40% of copy bandwidth (32 µs a layer on the H200).
+TOKENS_PER_WARP = int(os.environ.get("QUAD_ROPE_TOKENS_PER_WARP", "2"))
 
 
 @functools.lru_cache(maxsize=None)
 def rope_kv_store(heads: int, kv_heads: int, head_dim: int, block_size: int = BLOCK_SIZE, clip: float = 1.0,
-                  hadamard: bool = True, target=None, round_trip: bool = False):
+                  hadamard: bool = True, target=None, round_trip: bool = False, tokens_per_warp: int | None = None):
     """Build the fused RoPE + head Hadamard + int4 KV store; called as
     kernel(qkv, cos, sin, slot_mapping, k_data, k_meta, v_data, v_meta, q_out[, k_out, v_out]).
 
@@ -83,6 +89,7 @@ def rope_kv_store(heads: int, kv_heads: int, head_dim: int, block_size: int = BL
     reg_bits = per_lane.bit_length() - 1       # Hadamard stages inside a lane's registers
     norm = 1.0 / math.sqrt(head_dim)
     blocks_y = -(-rows // ROWS_PER_BLOCK)
+    tpw = tokens_per_warp or TOKENS_PER_WARP
 
     store_row = quantize_store_row(per_lane, block_size, clip, round_trip)
 
@@ -92,36 +99,41 @@ def rope_kv_store(heads: int, kv_heads: int, head_dim: int, block_size: int = BL
         nb = T.dynamic("num_blocks")
 
         @T.macro
-        def body(QKV, COS, SIN, SLOTS, KD, KM, VD, VM, QO, KO, VO, tok, row, lane):
+        def load(QKV, COS, SIN, SLOTS, tok, row, lane, u, slots, xh, cs, sn):
+            """Token tok's inputs of this row into the registers of slot u: its cache slot, the row's
+            float16 values and, for Q and K, its cos / sin."""
+            slots[u] = SLOTS[tok]
+            # A padding token's K / V row is dead work unless round_trip hands it back.
+            if row < heads or round_trip or slots[u] >= 0:
+                for i in T.vectorized(per_lane):
+                    xh[u, i] = QKV[tok, row * head_dim + lane * per_lane + i]
+                if row < heads + kv_heads:
+                    for i in T.vectorized(per_lane):
+                        cs[u, i] = COS[tok, lane * per_lane + i]
+                    for i in T.vectorized(per_lane):
+                        sn[u, i] = SIN[tok, lane * per_lane + i]
+
+        @T.macro
+        def body(KD, KM, VD, VM, QO, KO, VO, tok, row, lane, u, slots, xh, cs, sn):
             x = T.alloc_local((per_lane,), "float32")
             y = T.alloc_local((per_lane,), "float32")   # the register butterfly's ping-pong buffer
-            xh = T.alloc_local((per_lane,), "float16")
-            cs = T.alloc_local((per_lane,), "float32")
-            sn = T.alloc_local((per_lane,), "float32")
             stat = T.alloc_local((4,), "float32")  # lo, hi, scale, zero
-            slot = T.alloc_var("int32", init=SLOTS[tok])  # one load (the pointers may alias: no __restrict__)
+            slot = slots[u]
             is_q = row < heads
             is_k = row >= heads and row < heads + kv_heads
             h = T.if_then_else(is_k, row - heads, row - heads - kv_heads)  # K / V head
-            # A padding token's K / V row is dead work unless round_trip hands it back.
             if is_q or round_trip or slot >= 0:
-                for i in T.vectorized(per_lane):
-                    xh[i] = QKV[tok, row * head_dim + lane * per_lane + i]
                 for i in T.unroll(per_lane):
-                    x[i] = T.Cast("float32", xh[i])
+                    x[i] = T.Cast("float32", xh[u, i])
                 if row < heads + kv_heads:  # Q or K: RoPE, then the head Hadamard
-                    for i in T.vectorized(per_lane):
-                        cs[i] = COS[tok, lane * per_lane + i]
-                    for i in T.vectorized(per_lane):
-                        sn[i] = SIN[tok, lane * per_lane + i]
                     # rotate_half: element j < hd/2 takes -x[j + hd/2], j >= hd/2 takes x[j - hd/2],
                     # both the same register of lane ^ 16. Products and sum rounded separately
                     # (no FMA), as torch computes x·cos + r·sin.
                     for i in T.unroll(per_lane):
                         p = T.shfl_xor(x[i], 16)
                         r = T.if_then_else(lane < 16, -p, p)
-                        x[i] = T.call_extern("float32", "__fadd_rn", T.call_extern("float32", "__fmul_rn", x[i], cs[i]),
-                                             T.call_extern("float32", "__fmul_rn", r, sn[i]))
+                        x[i] = T.call_extern("float32", "__fadd_rn", T.call_extern("float32", "__fmul_rn", x[i], cs[u, i]),
+                                             T.call_extern("float32", "__fmul_rn", r, sn[u, i]))
                     if hadamard:
                         # Index bits below reg_bits: registers (result in x after an even number of
                         # stages, in y after an odd one).
@@ -138,25 +150,37 @@ def rope_kv_store(heads: int, kv_heads: int, head_dim: int, block_size: int = BL
                         for i in T.unroll(per_lane):
                             x[i] = x[i] * T.float32(norm)
                     for i in T.unroll(per_lane):
-                        xh[i] = T.Cast("float16", x[i])
+                        xh[u, i] = T.Cast("float16", x[i])
                     if is_q:
                         for i in T.vectorized(per_lane):
-                            QO[tok, row, lane * per_lane + i] = xh[i]
+                            QO[tok, row, lane * per_lane + i] = xh[u, i]
                     else:  # the cache quantizes the float16 K
                         for i in T.unroll(per_lane):
-                            x[i] = T.Cast("float32", xh[i])
+                            x[i] = T.Cast("float32", xh[u, i])
                 if not is_q:  # kv_store's quantization and store, the same macro
                     store_row(x, stat, slot, slot // block_size, slot % block_size, is_k, h, tok, lane,
                               KD, KM, VD, VM, KO, VO)
 
         @T.macro
         def launch(QKV, COS, SIN, SLOTS, KD, KM, VD, VM, QO, KO, VO):
-            with T.Kernel(t, blocks_y, threads=32 * ROWS_PER_BLOCK) as (tok, by):
+            with T.Kernel(T.ceildiv(t, tpw), blocks_y, threads=32 * ROWS_PER_BLOCK) as (bt, by):
                 wait_for_producers("kv_store")
                 tx = T.get_thread_binding()
                 row = by * ROWS_PER_BLOCK + tx // 32
+                slots = T.alloc_local((tpw,), "int32")
+                xh = T.alloc_local((tpw, per_lane), "float16")
+                cs = T.alloc_local((tpw, per_lane), "float32")
+                sn = T.alloc_local((tpw, per_lane), "float32")
                 if rows % ROWS_PER_BLOCK == 0 or row < rows:  # warp-uniform: no shuffle is split
-                    body(QKV, COS, SIN, SLOTS, KD, KM, VD, VM, QO, KO, VO, tok, row, tx % 32)
+                    # Every token's loads first, then the work and stores: the loads are in flight
+                    # together (the stores may alias them as far as the compiler knows, so loads
+                    # after a store would wait for it).
+                    for u in T.unroll(tpw):
+                        if bt * tpw + u < t:
+                            load(QKV, COS, SIN, SLOTS, bt * tpw + u, row, tx % 32, u, slots, xh, cs, sn)
+                    for u in T.unroll(tpw):
+                        if bt * tpw + u < t:
+                            body(KD, KM, VD, VM, QO, KO, VO, bt * tpw + u, row, tx % 32, u, slots, xh, cs, sn)
 
         if round_trip:
             @T.prim_func

@@ -153,7 +153,10 @@ def _attend_new_tokens(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_
         parts.append((start, n, attend(qi, ki, vi)[0].transpose(0, 1)))
         start += n
     if out is None:
-        return torch.cat([part for _, _, part in parts])
+        # One sequence: flash attention's output is token-major already ([B, n, heads, hd] in
+        # memory), so the transpose back is contiguous and no copy is made (a 2048-token prompt's
+        # copy was 7 µs a layer).
+        return parts[0][2].contiguous() if len(parts) == 1 else torch.cat([part for _, _, part in parts])
     for first, n, part in parts:
         out[first:first + n].copy_(part)
     return out[:start]  # start: the token count by now

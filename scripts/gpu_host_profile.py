@@ -5,7 +5,9 @@ launches themselves; the step replays piecewise CUDA graphs unless QUAD_PREFILL_
 step's eager forward alone, three ways: the host time to launch it (the
 call returns before the GPU is done), its synchronized wall time, and the replay of the same
 forward captured as one CUDA graph (the step without any host time: the bound a graphed prefill
-could reach). Writes host_profile_<batch>x<tokens>.txt under OUT_DIR.
+could reach). Last, one graphed call's timeline under torch.profiler: the host's lead-in before the
+first kernel, the device's busy time and gaps, the host's tail after the last kernel, and the
+largest gaps. Writes host_profile_<batch>x<tokens>.txt under OUT_DIR.
 
     python3 scripts/gpu_host_profile.py OUT_DIR [--arch llama-3-8b] [--prefill 2048] [--batch 1]
 """
@@ -92,6 +94,38 @@ def forward_timings(llm: LLM, run, repeats: int) -> list[str]:
                     f"all {[round(r, 2) for r in replays]}"]
 
 
+def timeline(run) -> list[str]:
+    """One graphed generate call under torch.profiler (host and device on one clock): the host's
+    lead-in before the first kernel, the device span with its busy time and gaps, the host's tail
+    after the last kernel, and the largest gaps with the kernels either side of them."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile, record_function
+    sync()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with record_function("generate_call"):
+            run()
+        sync()
+    events = prof.events()
+    call = next(e for e in events if e.name == "generate_call" and e.device_type == DeviceType.CPU)
+    kernels = sorted((e for e in events if e.device_type == DeviceType.CUDA), key=lambda e: e.time_range.start)
+    if not kernels:
+        return ["timeline: no device activity recorded"]
+    busy, end, gaps = 0.0, kernels[0].time_range.start, []
+    for prev, e in zip([None] + kernels[:-1], kernels):
+        start, stop = e.time_range.start, e.time_range.end
+        if start > end and prev is not None:
+            gaps.append((start - end, prev.name, e.name))
+        busy += max(0.0, stop - max(start, end))
+        end = max(end, stop)
+    first, wall = kernels[0].time_range.start, call.time_range.end - call.time_range.start
+    lines = [f"timeline (one graphed call, profiled; us): wall {wall:.0f}, host lead-in {first - call.time_range.start:.0f}, "
+             f"device span {end - first:.0f} (busy {busy:.0f}, gaps {end - first - busy:.0f} in {len(gaps)}), "
+             f"host tail {call.time_range.end - end:.0f}, {len(kernels)} device ops"]
+    for gap, before, after in sorted(gaps, reverse=True)[:8]:
+        lines.append(f"  gap {gap:7.1f} us after {before[:70]} | before {after[:70]}")
+    return lines
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("out")
@@ -124,6 +158,7 @@ def main() -> None:
         sync()
         walls.append(1e3 * (time.perf_counter() - t0))
     lines_forward = forward_timings(llm, run, args.repeats)  # before any profiler session in this process
+    lines_forward += timeline(run)
     with eager_prefill(), profiling.annotated_trace() as events:  # a replayed graph hides its kernels' ops
         run()
     parts = profiling.breakdown_by_op(events).get("prefill_ms", {})

@@ -81,7 +81,9 @@ def test_register_unpack_prefill_gemm_builds(n, k, rank, bias, tiles, tmp_path):
     registers as its M side (two consumer warpgroups, 64 rows each) and 256 (or 128) tokens from
     shared memory as its N side; no unpacked tile in shared memory; the outlier product on float16 wgmma with the weights
     as M; the output staged in a padded tile (rows of 136 float16) and stored 16 bytes a thread; a
-    weight tile overhanging n (4160) stores no row past it; the tiles fit and nothing spills."""
+    weight tile overhanging n (4160) stores no row past it; the tiles fit and nothing spills. The
+    outlier tiles are loaded by the consumers' cp.async before the roles split (the producer is
+    threads 0..127) and waited for, fenced and barriered after the K loop, before their wgmma."""
     from test_quantize_build import ptxas_spills
 
     from kernels_tl.gemm_dispatch import RS_TILES, _fit_k
@@ -97,6 +99,10 @@ def test_register_unpack_prefill_gemm_builds(n, k, rank, bias, tiles, tmp_path):
     guard = src[:src.index("*(uint4*)(Y + ")].rsplit("if (", 1)[1]
     assert (f"< {n // 64})" in guard) == (n % 128 != 0), guard  # the 64-row half tiles within n
     assert re.search(r"tma_load\(WQ_desc", src) and re.search(r"tma_load\(XQ_desc", src)
+    if rank:
+        issue, split = src.index("if (128 <= ((int)threadIdx.x))"), src.index("warpgroup_reg_dealloc")
+        assert issue < src.index("quad_cp_async16_zfill((&") < src.index("quad_cp_async_commit();") < split
+        assert split < src.index("quad_outliers_ready(256);") < src.index("wgmma_ss<tl::DataType::kFloat16")
     assert max(ptxas_spills(src, tmp_path)) == 0
 
 
