@@ -15,7 +15,9 @@ _register_unpack_gemm`), so shared memory carries the packed weights once and th
 tile once per warpgroup: 8 KB per m64n256k32 wgmma (128 cycles), 64 bytes a cycle. The epilogue
 (scales, the outlier product as a float16 wgmma with the weights as its M side, bias) runs on the
 transposed tile, which is written to Y[token, row] through a padded shared tile so that the global
-stores run along the rows. Same contract and numerics as `gemm.w4ax_gemm`: the integer part exact,
+stores run along the rows. One tile a block and one block a SM: a tile's ramp and epilogue are not
+hidden under another tile's K loop, so the epilogue's own loads are not left to it either: the
+consumers issue the outlier tiles' cp.async before the K loop and wait for them after it. Same contract and numerics as `gemm.w4ax_gemm`: the integer part exact,
 Y = acc · sx · sw / 16 + x_out · w_outᵀ + bias in float32, rounded once.
 """
 
