@@ -256,33 +256,39 @@ class LLM:
             query_lens.append(end - start)
             ends.append(end)
         width, dev = max(len(t) for t in tables), self.device
-        ids, positions = (torch.from_numpy(np.concatenate(a)).to(dev) for a in (ids, positions))
-        ctx = StepContext(
-            is_prefill=True,
-            slot_mapping=torch.from_numpy(np.concatenate(slots).astype(np.int32)).to(dev),
-            block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=dev),
-            context_lens=torch.tensor(ends, dtype=torch.int32, device=dev),
-            query_lens=torch.tensor(query_lens, dtype=torch.long),
-            has_prefix=any(seq.num_cached_tokens > 0 for seq in seqs),
-            host_context_lens=ends)
-        last = (torch.cumsum(ctx.query_lens, 0) - 1).to(dev)
-        graphs = self._prefill_graphs_for(ctx, len(ids))
+        ids, positions, slots = np.concatenate(ids), np.concatenate(positions), np.concatenate(slots).astype(np.int32)
+        has_prefix = any(seq.num_cached_tokens > 0 for seq in seqs)
+        graphs = self._prefill_graphs_for(has_prefix, len(ids))
         if graphs is not None:
             try:
-                return self._logits(*graphs.run(ctx, ids, positions), last)
+                h, pending = graphs.run(ids, positions, slots, query_lens)
+                # One sequence: its last row is a view, no index tensor to copy to the device.
+                last = slice(len(ids) - 1, None) if len(seqs) == 1 else \
+                    torch.from_numpy(np.cumsum(query_lens) - 1).to(dev)
+                return self._logits(h, pending, last)
             except prefill_graphs.CaptureFailed as exc:
                 warnings.warn(f"{exc}; prefills run eagerly from now on", stacklevel=2)
                 self.prefill_graphs_failed = True
+        ids, positions = torch.from_numpy(ids).to(dev), torch.from_numpy(positions).to(dev)
+        ctx = StepContext(
+            is_prefill=True,
+            slot_mapping=torch.from_numpy(slots).to(dev),
+            block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=dev),
+            context_lens=torch.tensor(ends, dtype=torch.int32, device=dev),
+            query_lens=torch.tensor(query_lens, dtype=torch.long),
+            has_prefix=has_prefix,
+            host_context_lens=ends)
+        last = (torch.cumsum(ctx.query_lens, 0) - 1).to(dev)
         return self._forward(ctx, ids, positions, last)
 
-    def _prefill_graphs_for(self, ctx: StepContext, tokens: int):
+    def _prefill_graphs_for(self, has_prefix: bool, tokens: int):
         """The piecewise prefill graphs when this step can replay them (quad_engine.prefill_graphs):
         a QUAD model on CUDA with graphs on, no cached prefix, at most the largest bucket's tokens."""
         if not (self.use_cuda_graph and isinstance(self.cfg, QuadConfig) and prefill_graphs.enabled()):
             return None
         if self.prefill_graphs_failed:
             return None
-        if ctx.has_prefix:
+        if has_prefix:
             return None
         if self.prefill_graphs is None:
             self.prefill_graphs = prefill_graphs.PrefillGraphs(

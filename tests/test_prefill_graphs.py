@@ -150,3 +150,22 @@ def test_a_failed_capture_leaves_the_prefill_to_the_eager_path():
         warnings.simplefilter("always")
         assert [o.token_ids for o in llm.generate(prompts, params)[0]] == want
     assert not [w for w in later if "prefill graphs" in str(w.message)]  # eager, no second capture
+
+
+def test_staged_inputs_are_the_padded_inputs():
+    """PrefillGraphs._stage (host buffers copied into the graph's static inputs) pads as pad_inputs
+    does, also after a longer step left its values in the buffers."""
+    import numpy as np
+
+    from quad_engine.prefill_graphs import PrefillGraphs, _BucketGraph
+    from quad_engine.synthetic import synthetic_model
+
+    graphs = PrefillGraphs(synthetic_model("smollm2-135m", num_layers=1), torch.device("cpu"), max_tokens=64)
+    for tokens, size in ((40, 64), (5, 16)):
+        ids, positions = np.arange(100, 100 + tokens), np.arange(7, 7 + tokens)
+        slots = np.arange(3, 3 + tokens, dtype=np.int32)
+        graph = _BucketGraph(torch.full((size,), 9), torch.full((size,), 9), torch.full((size,), 9, dtype=torch.int32))
+        graphs._stage(graph, ids, positions, slots)
+        want = prefill_graphs.pad_inputs(torch.from_numpy(ids), torch.from_numpy(positions), torch.from_numpy(slots), size)
+        for got, expected in zip((graph.ids, graph.positions, graph.slots), want):
+            assert torch.equal(got, expected)
