@@ -94,6 +94,7 @@ class PrefillGraphs:
         self._capturing: _BucketGraph | None = None
         self._query_lens: list[int] = []
         self._staging: tuple[torch.Tensor, torch.Tensor] | None = None  # pinned (ids, positions) and slots
+        self._staged: torch.cuda.Event | None = None  # recorded after the copies out of them
 
     def bucket(self, tokens: int) -> int | None:
         return bucket_for(tokens, self.sizes)
@@ -126,21 +127,27 @@ class PrefillGraphs:
         """The step's inputs, padded (token 0, position 0, slot -1), into the graph's static inputs:
         filled in pinned host buffers and copied without waiting, so no pageable copy and no padding
         kernel holds the host before the replay (a 2048-token step spent 0.86 ms, profiled, between
-        generate() and its first kernel). pad_inputs states the same padding on device tensors. Reusing the buffers is safe: every step ends by
-        reading its tokens back, after these copies are done."""
+        generate() and its first kernel). pad_inputs states the same padding on device tensors.
+        The buffers are rewritten only once the last step's copies out of them are done (an event:
+        a prefill chunk that samples nothing does not end by waiting for the GPU)."""
         size, tokens = graph.ids.shape[0], len(ids)
         if self._staging is None:
             pinned = self.device.type == "cuda"
             longs = torch.empty(2, self.sizes[-1], dtype=torch.long)
             ints = torch.empty(self.sizes[-1], dtype=torch.int32)
             self._staging = (longs.pin_memory(), ints.pin_memory()) if pinned else (longs, ints)
+            self._staged = torch.cuda.Event() if pinned else None
         longs, ints = self._staging
+        if self._staged is not None:
+            self._staged.synchronize()  # at once unless the last step's copies are still queued
         host = longs.numpy()
         host[0, :tokens], host[1, :tokens], host[:, tokens:size] = ids, positions, 0
         ints.numpy()[:tokens], ints.numpy()[tokens:size] = slots, -1
         graph.ids.copy_(longs[0, :size], non_blocking=True)
         graph.positions.copy_(longs[1, :size], non_blocking=True)
         graph.slots.copy_(ints[:size], non_blocking=True)
+        if self._staged is not None:
+            self._staged.record()
 
     def _attend(self, out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Causal attention of each sequence over its own tokens into out's first rows."""
