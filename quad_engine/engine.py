@@ -225,7 +225,7 @@ class LLM:
         return [next(tokens) if seq.status == Status.RUNNING else None for seq in seqs]
 
     def _forward(self, ctx: StepContext, ids: torch.Tensor, positions: torch.Tensor,
-                 last: torch.Tensor | None = None) -> torch.Tensor:
+                 last: torch.Tensor | slice | None = None) -> torch.Tensor:
         """Logits of the step's rows `last` (None: every row, as decode steps take them: no gather)."""
         set_context(ctx)
         try:
@@ -234,7 +234,7 @@ class LLM:
             set_context(None)
         return self._logits(h[0], None if pending is None else pending[0], last)
 
-    def _logits(self, h: torch.Tensor, pending: torch.Tensor | None, last: torch.Tensor | None) -> torch.Tensor:
+    def _logits(self, h: torch.Tensor, pending: torch.Tensor | None, last: torch.Tensor | slice | None) -> torch.Tensor:
         if last is not None:  # the step's last rows only (a prefill)
             h, pending = h[last], None if pending is None else pending[last]
         return self.model.head_logits(h, pending)
@@ -258,14 +258,12 @@ class LLM:
         width, dev = max(len(t) for t in tables), self.device
         ids, positions, slots = np.concatenate(ids), np.concatenate(positions), np.concatenate(slots).astype(np.int32)
         has_prefix = any(seq.num_cached_tokens > 0 for seq in seqs)
+        # Each sequence's last row; of one sequence a view, no index tensor to copy to the device.
+        last = slice(len(ids) - 1, None) if len(seqs) == 1 else torch.from_numpy(np.cumsum(query_lens) - 1).to(dev)
         graphs = self._prefill_graphs_for(has_prefix, len(ids))
         if graphs is not None:
             try:
-                h, pending = graphs.run(ids, positions, slots, query_lens)
-                # One sequence: its last row is a view, no index tensor to copy to the device.
-                last = slice(len(ids) - 1, None) if len(seqs) == 1 else \
-                    torch.from_numpy(np.cumsum(query_lens) - 1).to(dev)
-                return self._logits(h, pending, last)
+                return self._logits(*graphs.run(ids, positions, slots, query_lens), last)
             except prefill_graphs.CaptureFailed as exc:
                 warnings.warn(f"{exc}; prefills run eagerly from now on", stacklevel=2)
                 self.prefill_graphs_failed = True
@@ -278,7 +276,6 @@ class LLM:
             query_lens=torch.tensor(query_lens, dtype=torch.long),
             has_prefix=has_prefix,
             host_context_lens=ends)
-        last = (torch.cumsum(ctx.query_lens, 0) - 1).to(dev)
         return self._forward(ctx, ids, positions, last)
 
     def _prefill_graphs_for(self, has_prefix: bool, tokens: int):

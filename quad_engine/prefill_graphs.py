@@ -93,8 +93,12 @@ class PrefillGraphs:
         self.graphs: dict[tuple[int, bool], _BucketGraph] = {}  # (bucket, one sequence) -> its graphs
         self._capturing: _BucketGraph | None = None
         self._query_lens: list[int] = []
-        self._staging: tuple[torch.Tensor, torch.Tensor] | None = None  # pinned (ids, positions) and slots
-        self._staged: torch.cuda.Event | None = None  # recorded after the copies out of them
+        # A step's padded inputs on the host (pinned on a GPU: copied without waiting), and an
+        # event recorded after the copies out of them (see _stage).
+        pinned = device.type == "cuda"
+        buffers = [torch.empty(self.sizes[-1], dtype=dtype) for dtype in (torch.long, torch.long, torch.int32)]
+        self._staging = [t.pin_memory() for t in buffers] if pinned else buffers
+        self._staged = torch.cuda.Event() if pinned else None
 
     def bucket(self, tokens: int) -> int | None:
         return bucket_for(tokens, self.sizes)
@@ -125,27 +129,18 @@ class PrefillGraphs:
 
     def _stage(self, graph: _BucketGraph, ids: np.ndarray, positions: np.ndarray, slots: np.ndarray) -> None:
         """The step's inputs, padded (token 0, position 0, slot -1), into the graph's static inputs:
-        filled in pinned host buffers and copied without waiting, so no pageable copy and no padding
-        kernel holds the host before the replay (a 2048-token step spent 0.86 ms, profiled, between
-        generate() and its first kernel). pad_inputs states the same padding on device tensors.
-        The buffers are rewritten only once the last step's copies out of them are done (an event:
-        a prefill chunk that samples nothing does not end by waiting for the GPU)."""
-        size, tokens = graph.ids.shape[0], len(ids)
-        if self._staging is None:
-            pinned = self.device.type == "cuda"
-            longs = torch.empty(2, self.sizes[-1], dtype=torch.long)
-            ints = torch.empty(self.sizes[-1], dtype=torch.int32)
-            self._staging = (longs.pin_memory(), ints.pin_memory()) if pinned else (longs, ints)
-            self._staged = torch.cuda.Event() if pinned else None
-        longs, ints = self._staging
+        padded on the host (pad_inputs) into the staging buffers and copied without waiting, so no
+        pageable copy and no padding kernel holds the host before the replay (a 2048-token step
+        spent 0.86 ms, profiled, between generate() and its first kernel). The buffers are rewritten
+        only once the last step's copies out of them are done (an event: a prefill chunk that
+        samples nothing does not end by waiting for the GPU)."""
+        size = graph.ids.shape[0]
         if self._staged is not None:
             self._staged.synchronize()  # at once unless the last step's copies are still queued
-        host = longs.numpy()
-        host[0, :tokens], host[1, :tokens], host[:, tokens:size] = ids, positions, 0
-        ints.numpy()[:tokens], ints.numpy()[tokens:size] = slots, -1
-        graph.ids.copy_(longs[0, :size], non_blocking=True)
-        graph.positions.copy_(longs[1, :size], non_blocking=True)
-        graph.slots.copy_(ints[:size], non_blocking=True)
+        padded = pad_inputs(*(torch.from_numpy(a) for a in (ids, positions, slots)), size)
+        for static, staging, value in zip((graph.ids, graph.positions, graph.slots), self._staging, padded):
+            staging[:size].copy_(value)
+            static.copy_(staging[:size], non_blocking=True)
         if self._staged is not None:
             self._staged.record()
 

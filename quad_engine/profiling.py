@@ -102,12 +102,19 @@ def device_idle(events: list[dict]) -> dict[str, float]:
     out: dict[str, float] = {}
     for (_, phase), spans in per_step.items():
         spans.sort()
-        idle, busy_until = 0.0, spans[0][0]
-        for start, end in spans:
-            idle += max(0.0, start - busy_until)
-            busy_until = max(busy_until, end)
-        out[phase] = out.get(phase, 0.0) + idle
+        out[phase] = out.get(phase, 0.0) + sum(gap for gap, _ in device_gaps(spans))
     return out
+
+
+def device_gaps(spans: list[tuple[float, float]]) -> list[tuple[float, int]]:
+    """(µs, i) for every stretch between the first start and the last end in which none of the
+    (start, end) spans, sorted by start, ran: i is the span that ends the stretch."""
+    gaps, busy_until = [], spans[0][0]
+    for i, (start, end) in enumerate(spans):
+        if start > busy_until:
+            gaps.append((start - busy_until, i))
+        busy_until = max(busy_until, end)
+    return gaps
 
 
 def cpu_op_times(events: list[dict]) -> dict[tuple[str, str], float]:

@@ -110,19 +110,14 @@ def timeline(run) -> list[str]:
     kernels = sorted((e for e in events if e.device_type == DeviceType.CUDA), key=lambda e: e.time_range.start)
     if not kernels:
         return ["timeline: no device activity recorded"]
-    busy, end, gaps = 0.0, kernels[0].time_range.start, []
-    for prev, e in zip([None] + kernels[:-1], kernels):
-        start, stop = e.time_range.start, e.time_range.end
-        if start > end and prev is not None:
-            gaps.append((start - end, prev.name, e.name))
-        busy += max(0.0, stop - max(start, end))
-        end = max(end, stop)
-    first, wall = kernels[0].time_range.start, call.time_range.end - call.time_range.start
+    gaps = profiling.device_gaps([(e.time_range.start, e.time_range.end) for e in kernels])
+    first, end = kernels[0].time_range.start, max(e.time_range.end for e in kernels)
+    idle, wall = sum(gap for gap, _ in gaps), call.time_range.end - call.time_range.start
     lines = [f"timeline (one graphed call, profiled; us): wall {wall:.0f}, host lead-in {first - call.time_range.start:.0f}, "
-             f"device span {end - first:.0f} (busy {busy:.0f}, gaps {end - first - busy:.0f} in {len(gaps)}), "
+             f"device span {end - first:.0f} (busy {end - first - idle:.0f}, gaps {idle:.0f} in {len(gaps)}), "
              f"host tail {call.time_range.end - end:.0f}, {len(kernels)} device ops"]
-    for gap, before, after in sorted(gaps, reverse=True)[:8]:
-        lines.append(f"  gap {gap:7.1f} us after {before[:70]} | before {after[:70]}")
+    for gap, i in sorted(gaps, reverse=True)[:8]:
+        lines.append(f"  gap {gap:7.1f} us after {kernels[i - 1].name[:70]} | before {kernels[i].name[:70]}")
     return lines
 
 
