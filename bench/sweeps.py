@@ -253,12 +253,14 @@ STREAM_MS = (128, 256, 512, 1024, 2048, 8192)
 def sweep_hadamard_stream(n: int, gated: bool, ms=STREAM_MS) -> list[dict]:
     """The streaming Hadamard+quantize kernel (kernels_tl.hadamard_quant_stream: persistent blocks,
     the next row copied with cp.async under the current one) at 1 .. blocks_per_sm blocks a SM,
-    beside what the dispatch runs without it and the one-block default, per token count M. Each
+    its tensor-core variant (kernels_tl.hadamard_quant_mma) where the row fits it, beside what the
+    dispatch runs and the one-block default, per token count M. Each
     variant's codes are compared with the default's (gated rows: all with fast_silu, as prefills
     run them); GB/s counts the row read and the codes and scales written."""
     from kernels_tl import hadamard_quant_dispatch as hq
     from kernels_tl.hadamard import hadamard_factors
     from kernels_tl.hadamard_quant import hadamard_quant
+    from kernels_tl.hadamard_quant_mma import hadamard_quant_mma, mma_fits
     from kernels_tl.hadamard_quant_stream import blocks_per_sm, hadamard_quant_stream
 
     factors = tuple(hadamard_factors(n))
@@ -268,6 +270,8 @@ def sweep_hadamard_stream(n: int, gated: bool, ms=STREAM_MS) -> list[dict]:
     for b in range(1, blocks_per_sm(n, factors, None, gated) + 1):
         thunks[("stream", b)] = (lambda b=b: hadamard_quant_stream(n, factors, None, 8, 0.9, b * sms, gated=gated,
                                                                     fast_silu=fast))
+    if mma_fits(n, factors, None, gated):  # the dense factor on the tensor cores, at every M
+        thunks[("mma",)] = lambda: hadamard_quant_mma(n, factors, 8, 0.9, blocks_per_sm(n, factors, None, gated) * sms)
     for m in ms:
         choice = hq.kernel_choice(m, n, factors, None, gated)
         thunks[("dispatch",) + choice] = lambda choice=choice: hq.build_choice(choice, n, factors, None, 8, 0.9, gated)
@@ -279,7 +283,7 @@ def sweep_hadamard_stream(n: int, gated: bool, ms=STREAM_MS) -> list[dict]:
         built[("default",)](x, want_q, want_s)
         moved = x.numel() * 2 + m * n + m * 4
         choice = ("dispatch",) + hq.kernel_choice(m, n, factors, None, gated)
-        for key in [choice, ("default",)] + [k for k in built if k[0] == "stream"]:
+        for key in [choice, ("default",)] + [k for k in built if k[0] in ("stream", "mma")]:
             row = {"n": n, "gated": gated, "m": m, "kernel": list(key)}
             sc = _measured_quantizer(row, built[key], x, want_q, want_s, moved, graph=False)
             rows.append(row)

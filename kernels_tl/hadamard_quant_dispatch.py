@@ -1,7 +1,8 @@
 """Which Hadamard + quantize kernel runs a problem, and the call (`hadamard_quant_op`, the entry point
 of the dispatch layer): a thread-block cluster per token row for a few tokens where the row has a
 dense factor (kernels_tl.hadamard_quant_cluster), persistent streaming blocks for the gated rows of
-a prefill (kernels_tl.hadamard_quant_stream), else one block per row (kernels_tl.hadamard_quant) in
+a prefill (kernels_tl.hadamard_quant_stream; with the dense factor on the tensor cores where it
+fits, kernels_tl.hadamard_quant_mma), else one block per row (kernels_tl.hadamard_quant) in
 a launch shape chosen by the token count. `prebuild_jobs` lists
 every kernel a set of token counts will use, so an engine can compile them in parallel before its
 first steps.
@@ -12,6 +13,7 @@ import os
 
 from kernels_tl.hadamard_quant import hadamard_quant
 from kernels_tl.hadamard_quant_cluster import cluster_layout, hadamard_quant_cluster
+from kernels_tl.hadamard_quant_mma import hadamard_quant_mma, mma_fits
 from kernels_tl.hadamard_quant_stream import hadamard_quant_stream, stream_blocks, stream_fits
 
 # Up to this many tokens a row with a dense factor is split over a thread-block cluster
@@ -45,6 +47,10 @@ FAST_SILU = os.environ.get("QUAD_FAST_SILU", "1") == "1"
 STREAM_MIN_TOKENS = int(os.environ.get("QUAD_HADAMARD_STREAM_MIN", "512"))
 # Narrower rows keep several one-block rows a SM in flight already (and are unmeasured gated).
 STREAM_ROW_MIN = 8192
+# Streamed gated rows whose dense factor the tensor cores can take (kernels_tl.hadamard_quant_mma:
+# 17 to 32 points times 512, Llama-3-8B's 14336) run it as mma.sync products instead of float32
+# sums. QUAD_HADAMARD_MMA=0: the scalar streaming kernel.
+MMA = os.environ.get("QUAD_HADAMARD_MMA", "1") == "1"
 
 
 def _cluster_shape(m: int) -> tuple[int, int]:
@@ -53,11 +59,12 @@ def _cluster_shape(m: int) -> tuple[int, int]:
 
 
 def kernel_choice(m: int, n: int, factors: tuple, block, gated: bool = False) -> tuple:
-    """Which kernel `hadamard_quant_op` runs at m tokens: ("stream",), ("cluster", blocks, threads),
-    ("few",) or ("default",). Token counts with the same choice share one compiled kernel."""
+    """Which kernel `hadamard_quant_op` runs at m tokens: ("mma",), ("stream",), ("cluster", blocks,
+    threads), ("few",) or ("default",). Token counts with the same choice share one compiled kernel."""
     if (gated and STREAM_MIN_TOKENS and m >= STREAM_MIN_TOKENS and n >= STREAM_ROW_MIN
             and stream_fits(n, tuple(factors), block, gated)):
-        return ("stream",)
+        # The mma kernel's SwiGLU is the fast one: QUAD_FAST_SILU=0 keeps the scalar kernel.
+        return ("mma",) if MMA and FAST_SILU and mma_fits(n, tuple(factors), block, gated) else ("stream",)
     cluster, threads = _cluster_shape(m)
     layout = cluster_layout(n, tuple(factors), block, cluster)
     dense = layout is not None and layout[0] > 1
@@ -72,6 +79,8 @@ def build_choice(choice: tuple, n: int, factors: tuple, block, bits: int, clip: 
     """The compiled kernel of a kernel_choice (built on first use, then cached)."""
     prefill_kernel = choice in (("default",), ("stream",))
     fast = {"fast_silu": True} if gated and FAST_SILU and prefill_kernel else {}
+    if choice[0] == "mma":
+        return hadamard_quant_mma(n, factors, bits, clip, stream_blocks(n, factors, block, gated))
     if choice[0] == "stream":
         return hadamard_quant_stream(n, factors, block, bits, clip, stream_blocks(n, factors, block, gated), gated=gated,
                                      **fast)

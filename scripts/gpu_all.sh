@@ -25,7 +25,8 @@
 # swiglu (QUAD_FUSED_SWIGLU: the gate_up GEMM's SwiGLU epilogue, its GEMM tests, the engine's prefill
 # logits with it and without, then the engine prefill A/B),
 # stream (the streaming Hadamard quantizer's GPU tests, the dispatch test, then the engine prefill
-# A/B against the one-block default), sweep-hadamard-stream,
+# A/B against the one-block default), mma (the same for its tensor-core variant, the engine A/B
+# against the scalar streaming kernel), sweep-hadamard-stream,
 # sweep-hadamard, sweep-hadamard-gated (the gated 14336-wide quantizer alone, with its fast-silu
 # variants). Each benchmark writes its JSON after every section, so a part cut short keeps
 # what it measured.
@@ -114,6 +115,12 @@ case "$part" in
           tail -n 1 "$out/stream_tests.log"; grep -h "^FAILED" "$out/stream_tests.log" | head -n 5
           AB_VARIANTS="base QUAD_HADAMARD_STREAM_MIN=0" AB_PREFILL=1x2048,16x2048 AB_DECODE="" \
             bash scripts/gpu_engine.sh "$out" ab ;;
+  mma) timeout 330 python3 -m pytest -q -s -m gpu tests/test_quantize_gpu.py -k "mma or dispatch_takes" 2>&1 \
+         | quiet > "$out/mma_tests.log"
+       tail -n 1 "$out/mma_tests.log"; grep -h "^FAILED" "$out/mma_tests.log" | head -n 5
+       grep -h "differing from the scalar" "$out/mma_tests.log" | cut -c1-160
+       AB_VARIANTS="base QUAD_HADAMARD_MMA=0" AB_PREFILL=1x2048,16x2048 AB_DECODE="" \
+         bash scripts/gpu_engine.sh "$out" ab ;;
   sweep-hadamard-stream) timeout 300 python3 bench/sweeps.py --hadamard-stream --out "$out/sweep_stream.json" 2>&1 \
                            | quiet > "$out/sweep_stream.log"
                          grep "stream sweep" "$out/sweep_stream.log" | cut -c1-150 ;;

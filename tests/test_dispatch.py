@@ -47,6 +47,7 @@ def test_fast_silu_only_in_the_gated_kernels_prefills_run(monkeypatch):
     record = lambda *a, **kw: calls.append(kw.get("fast_silu", False))  # noqa: E731
     for name in ("hadamard_quant", "hadamard_quant_cluster", "hadamard_quant_stream"):
         monkeypatch.setattr(hq, name, record)
+    monkeypatch.setattr(hq, "hadamard_quant_mma", lambda *a, **kw: calls.append(True))  # always the fast silu
     monkeypatch.setattr(hq, "stream_blocks", lambda *a: 264)
     for m in (1, 16, 48, 64, 256, 1024, 2048):
         for gated in (True, False):
@@ -70,18 +71,18 @@ def test_hadamard_prebuild_covers_every_kernel_the_op_can_pick(monkeypatch):
         for n, factors, _, _, _, gated in problems:
             assert (hq.kernel_choice(m, n, factors, None, gated), n, gated) in built
     # 14336 (a 28-point dense factor): 8- and 4-block clusters, one 512-thread block a token up to
-    # 64 tokens, the default shape above, streaming blocks for the gated row from 512 tokens;
-    # 4096 (no dense factor): one kernel for every count.
+    # 64 tokens, the default shape above, streaming blocks with the dense factor on the tensor
+    # cores for the gated row from 512 tokens; 4096 (no dense factor): one kernel for every count.
     few = {("cluster", 8, 256), ("cluster", 4, 512), ("cluster", 4, 256), ("few",), ("default",)}
-    assert {c for c, n, g in built if n == 14336 and g} == few | {("stream",)}
+    assert {c for c, n, g in built if n == 14336 and g} == few | {("mma",)}
     assert {c for c, n, g in built if n == 14336 and not g} == few
     assert {c for c, n, _ in built if n == 4096} == {("default",)}
 
 
 def test_hadamard_dispatch_streams_only_wide_gated_rows_of_a_prefill():
     from kernels_tl import hadamard_quant_dispatch as hq
-    assert hq.kernel_choice(hq.STREAM_MIN_TOKENS, 14336, (28, 512), None, True) == ("stream",)
-    assert hq.kernel_choice(8192, 14336, (28, 512), None, True) == ("stream",)
+    assert hq.kernel_choice(hq.STREAM_MIN_TOKENS, 14336, (28, 512), None, True) == ("mma",)
+    assert hq.kernel_choice(8192, 14336, (28, 512), None, True) == ("mma",)
     assert hq.kernel_choice(hq.STREAM_MIN_TOKENS - 1, 14336, (28, 512), None, True) == ("default",)
     # Plain rows stream slower than the default; Qwen2.5-7B's gated 18944 (a 148-point factor) does
     # not fit twice a SM; narrow rows (SmolLM2's 1536) keep enough one-block rows in flight.
@@ -101,7 +102,13 @@ def test_hadamard_stream_switch_is_read_from_the_environment(monkeypatch):
     finally:
         monkeypatch.delenv("QUAD_HADAMARD_STREAM_MIN")
         importlib.reload(hq)
-    assert hq.kernel_choice(8192, 14336, (28, 512), None, True) == ("stream",)
+    assert hq.kernel_choice(8192, 14336, (28, 512), None, True) == ("mma",)
+    monkeypatch.setenv("QUAD_HADAMARD_MMA", "0")
+    try:
+        assert importlib.reload(hq).kernel_choice(8192, 14336, (28, 512), None, True) == ("stream",)
+    finally:
+        monkeypatch.delenv("QUAD_HADAMARD_MMA")
+        importlib.reload(hq)
 
 
 def test_engine_quantizer_prebuild_uses_the_model_sites(monkeypatch):

@@ -161,3 +161,63 @@ def test_stream_hadamard_quant_builds(n, gated, fast, tmp_path):
     assert src.count("quad_cp_async_commit();") == 2 and src.count("quad_cp_async_wait_all();") == 1
     assert f", {resident})" in src[src.index("__launch_bounds__"):][:40]  # the residency the grid assumes
     assert ptxas_spills(src, tmp_path) == [0, 0]
+
+
+def test_mma_hadamard_quant_builds_with_tensor_core_products(tmp_path):
+    """The gated quantizer with the dense factor on the tensor cores: ldmatrix.trans and mma.sync in
+    the source, the next row's copy as in the stream kernel, the residency its grid assumes, no
+    spills; and the rows it declines."""
+    from kernels_tl.hadamard import hadamard_factors
+    from kernels_tl.hadamard_quant_mma import SM90, hadamard_quant_mma, mma_fits
+    from kernels_tl.hadamard_quant_stream import blocks_per_sm
+    n = 14336
+    factors = hadamard_factors(n)
+    resident = blocks_per_sm(n, factors, None, True)
+    src = hadamard_quant_mma(n, factors, 8, 0.9, 132 * resident, target=SM90).get_kernel_source()
+    assert "__float2int_rn(" in src and "__fmaf_rn(" in src  # round half to even of the IEEE quotient
+    assert "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16" in src and "mma_sync<" in src
+    assert src.count("quad_cp_async_commit();") == 2 and src.count("quad_cp_async_wait_all();") == 1
+    assert f", {resident})" in src[src.index("__launch_bounds__"):][:40]
+    spill_store, spill_load = ptxas_spills(src, tmp_path)
+    assert spill_store <= 64 and spill_load <= 64  # a few loop-invariant addresses at most
+    assert mma_fits(n, factors, None, True)
+    assert not mma_fits(n, factors, None, False)                                   # plain rows
+    assert not mma_fits(18944, tuple(hadamard_factors(18944)), None, True)         # 148-point factor
+    assert not mma_fits(4096, tuple(hadamard_factors(4096)), None, True)           # no dense factor
+    assert not mma_fits(11008, (1, 256), 256, True)                                # block-diagonal
+
+
+def test_mma_quantizer_addresses_follow_its_swizzle():
+    """The mma quantizer's hoisted address forms (sb, lm, the P chunks) equal its _swizzle of the
+    positions they stand for; _swizzle is a permutation; the fragment stores and the last pass's
+    loads of a quarter-warp / warp hit distinct banks."""
+    from kernels_tl.hadamard_quant_mma import COLS, _swizzle
+    n, f = 14336, 28
+    assert sorted(_swizzle(s) for s in range(n)) == list(range(n))
+    for tx in range(256):
+        warp, lane = tx // 32, tx % 32
+        g, t = lane // 4, lane % 4
+        sb = (t * 1024 + warp * 8 + g) ^ (t * 8)
+        for j in range(4):
+            for h in range(2):
+                for nt in range(4):
+                    for e in range(2):
+                        o, col = nt * 8 + 2 * t + e, warp * 8 + 64 * j + 256 * h + g
+                        at = (sb ^ (4 * j + 16 * h)) + (nt * 8 + e) * COLS + 64 * j + 256 * h
+                        assert at == _swizzle(o * COLS + col)
+        lm = (tx % 8) ^ (((tx // 16) % 4) * 2)
+        for q in range(16):
+            assert tx * 64 + 32 * (q // 8) + 4 * ((q % 8) ^ lm) == _swizzle(tx * 64 + 4 * q)
+        pc = (tx % 64) ^ (tx // 64)
+        for kk in range(7):  # SwiGLU chunk c: row c // 64, column chunk (c % 64) ^ (row % 8)
+            c = kk * 256 + tx
+            assert kk * 1024 + (tx // 64) * 256 + (pc ^ (kk % 2 * 4)) * 4 == (c // 64) * 256 + ((c % 64) ^ (c // 64 % 8)) * 4
+    for warp in range(8):  # one fragment store: 32 lanes, 32 banks
+        for j, h, nt, e in [(0, 0, 0, 0), (3, 1, 2, 1), (1, 0, 1, 0)]:
+            banks = {_swizzle((nt * 8 + 2 * (lane % 4) + e) * COLS + warp * 8 + 64 * j + 256 * h + lane // 4) % 32
+                     for lane in range(32)}
+            assert len(banks) == 32
+    for base in range(0, 224, 8):  # a last-pass float4 load: 8 lanes, 8 different 16-byte chunks
+        for q in range(16):
+            assert len({(_swizzle(tx * 64 + 4 * q) % 32) // 4 for tx in range(base, base + 8)}) == 8
+    assert f * COLS == n

@@ -286,12 +286,13 @@ def test_cluster_hadamard_quant_matches_reference(n, gated, cluster, threads, m)
 
 def test_dispatch_takes_the_cluster_kernel_for_few_tokens_and_streams_long_prefills():
     """hadamard_quant_op at M = 2 (cluster), M = CLUSTER_MAX_TOKENS + 1 (one block per token) and
-    odd counts past STREAM_MIN_TOKENS (streaming blocks) on the gated 14336-wide row."""
+    odd counts past STREAM_MIN_TOKENS (streaming blocks, the dense factor on the tensor cores) on
+    the gated 14336-wide row."""
     from kernels_tl.hadamard_quant_dispatch import (CLUSTER_MAX_TOKENS, STREAM_MIN_TOKENS, hadamard_quant_op,
                                                     kernel_choice)
     factors, block = hadamard_spec(14336)
     counts = (2, CLUSTER_MAX_TOKENS + 1, STREAM_MIN_TOKENS + 5, 2053)
-    assert kernel_choice(2053, 14336, tuple(factors), block, True) == ("stream",)
+    assert kernel_choice(2053, 14336, tuple(factors), block, True) == ("mma",)
     for m in counts:
         gate_up = activations(m, 2 * 14336, SEED + m)
         x_q, x_scale = hadamard_quant_op(gate_up, factors, block, 4, CLIP, gated=True)
@@ -329,3 +330,36 @@ def test_stream_hadamard_quant_matches_the_one_block_kernel(n, gated, fast, grid
     src = ref.swiglu_f16(x) if gated else x
     q_ref, s_ref = ref.quantize_act(apply_hadamard(src.float(), factors, block), 4, CLIP)
     assert_quantized_close(x_q, x_scale, q_ref, s_ref, what)
+
+
+# The tensor-core variant of the gated streaming kernel (kernels_tl.hadamard_quant_mma): the dense
+# factor as float16 products with float32 accumulation, so another float32 summation order than
+# the scalar kernels' and the codes within the tolerance of the reference, not bit-equal to them.
+# Rows scaled by 8 and by 1/256 (powers of two: the SwiGLU's float16 values stay exact) take the
+# products to both ends of the float16 range.
+@pytest.mark.parametrize("m", [1, 100, 2053])
+@pytest.mark.parametrize("grid", ["7", "dispatch"])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_mma_hadamard_quant_matches_the_reference(bits, grid, m):
+    from kernels_tl.hadamard_quant_mma import hadamard_quant_mma
+    from kernels_tl.hadamard_quant_stream import hadamard_quant_stream, stream_blocks
+    n = 14336
+    seed = SEED + 37 * m + bits
+    factors, block = hadamard_spec(n)
+    x = activations(m, 2 * n, seed)
+    x[1::3] *= 8
+    x[2::3] /= 256
+    blocks = 7 if grid == "7" else stream_blocks(n, factors, block, True)
+    x_q = torch.full((m, n), 0x55, device="cuda", dtype=torch.int8)
+    x_scale = torch.full((m,), float("nan"), device="cuda")
+    hadamard_quant_mma(n, factors, bits, CLIP, blocks)(x, x_q, x_scale)
+    q_ref, s_ref = ref.quantize_act(apply_hadamard(ref.swiglu_f16(x).float(), factors, block), bits, CLIP)
+    what = f"mma hadamard bits={bits} blocks={blocks} m={m} seed={seed}"
+    assert_quantized_close(x_q, x_scale, q_ref, s_ref, what)
+    if m > 1:
+        assert x_scale[0].item() == 1.0 and not x_q[0].any()
+    want_q, want_s = torch.empty_like(x_q), torch.empty_like(x_scale)
+    hadamard_quant_stream(n, factors, block, bits, CLIP, blocks, gated=True, fast_silu=True)(x, want_q, want_s)
+    differ = float((x_q != want_q).float().mean())
+    print(f"{what}: codes differing from the scalar stream kernel's {differ:.2e}, "
+          f"scale max rel {float(((x_scale - want_s).abs() / want_s).max()):.1e}")
