@@ -308,6 +308,7 @@ def main() -> None:
                        ("rope-store", "the fused RoPE + KV store by tokens a warp (2048 and 8192 tokens)"),
                        ("all", "every sweep above")):
         ap.add_argument(f"--{name}", action="store_true", help=what)
+    ap.add_argument("--gated-only", action="store_true", help="--hadamard-stream: the gated 14336-wide row alone")
     args = ap.parse_args()
     if not (args.hadamard or args.decode or args.decode_ws or args.gemv or args.prefill or args.hadamard_stream
             or args.rs_prefetch or args.rope_store or args.all):
@@ -332,7 +333,7 @@ def main() -> None:
             save()
     if args.hadamard_stream or args.all:
         result["sweep_hadamard_stream"] = []
-        for n, gated in ((14336, True), (4096, False), (14336, False)):
+        for n, gated in ((14336, True),) + (() if args.gated_only else ((4096, False), (14336, False))):
             result["sweep_hadamard_stream"] += sweep_hadamard_stream(n, gated)
             save()
     if args.decode or args.all:
