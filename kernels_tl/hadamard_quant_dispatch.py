@@ -48,7 +48,7 @@ STREAM_MIN_TOKENS = int(os.environ.get("QUAD_HADAMARD_STREAM_MIN", "512"))
 # Narrower rows keep several one-block rows a SM in flight already (and are unmeasured gated).
 STREAM_ROW_MIN = 8192
 # Streamed gated rows whose dense factor the tensor cores can take (kernels_tl.hadamard_quant_mma:
-# 17 to 32 points times 512, Llama-3-8B's 14336) run it as mma.sync products instead of float32
+# 24 to 32 points times 512, Llama-3-8B's 14336) run it as mma.sync products instead of float32
 # sums. QUAD_HADAMARD_MMA=0: the scalar streaming kernel.
 MMA = os.environ.get("QUAD_HADAMARD_MMA", "1") == "1"
 

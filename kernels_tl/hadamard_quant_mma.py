@@ -129,15 +129,16 @@ def _bfrag_table(f: int) -> str:
 
 
 def mma_fits(n: int, factors, block, gated: bool) -> bool:
-    """Rows this kernel is for: gated, one Hadamard over the row, a dense factor of 17 to 32 (two
-    k-tiles) times 512, and 2 blocks a SM (the stream kernel's shared memory: R and S)."""
+    """Rows this kernel is for: gated, one Hadamard over the row, a dense factor of 24 to 32 (two
+    k-tiles; the padding rows f .. 31 read rows 8 lower, which must be rows of the factor) times
+    512, and 2 blocks a SM (the stream kernel's shared memory: R and S)."""
     if not gated or block is not None:
         return False
     try:
         lay = _layout(n, tuple(factors), None)
     except (ValueError, NotImplementedError):
         return False
-    return (lay.nb == 1 and 16 < lay.f <= 32 and lay.p == COLS and lay.threads == THREADS
+    return (lay.nb == 1 and 24 <= lay.f <= 32 and lay.p == COLS and lay.threads == THREADS
             and blocks_per_sm(n, factors, None, True) >= 2)
 
 
@@ -207,7 +208,8 @@ def _hadamard_quant_mma(n: int, factors: tuple, bits: int, clip: float, target, 
                     for kk in T.unroll(-(-chunks // THREADS)):
                         c = kk * THREADS + tx
                         if chunks % THREADS == 0 or c < chunks:
-                            T.call_extern("handle", "quad_swiglu8", T.address_of(S[kk * 1024 + (tx // 64) * 256 + (pc ^ (kk % 2 * 4)) * 4]),
+                            T.call_extern("handle", "quad_swiglu8",
+                                          T.address_of(S[kk * 1024 + (tx // 64) * 256 + (pc ^ (kk % 2 * 4)) * 4]),
                                           T.address_of(R[0, c * 8]), T.address_of(R[0, n + c * 8]))
                     T.sync_threads()
                     # R has been read: the next row's copy runs under the rest of this one.

@@ -185,6 +185,7 @@ def test_mma_hadamard_quant_builds_with_tensor_core_products(tmp_path):
     assert not mma_fits(18944, tuple(hadamard_factors(18944)), None, True)         # 148-point factor
     assert not mma_fits(4096, tuple(hadamard_factors(4096)), None, True)           # no dense factor
     assert not mma_fits(11008, (1, 256), 256, True)                                # block-diagonal
+    assert not mma_fits(10240, (20, 512), None, True)  # 20 rows: padding rows 8 lower would not exist
 
 
 def test_mma_quantizer_addresses_follow_its_swizzle():
