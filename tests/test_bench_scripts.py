@@ -105,3 +105,28 @@ def test_sweep_rows_report_build_and_run_errors_and_time_the_rest(bench_modules,
         raise ValueError("misaligned")
     assert sweeps._measured({}, "kernel", fails, None, ["w0"], 1, "decode-ws") == {"error": "misaligned"}
     assert "sweep decode-ws {'error': 'misaligned'}" in capsys.readouterr().out
+
+
+def test_ncu_regions_cuts_the_source_page_at_barriers(tmp_path):
+    """scripts/ncu_regions.py: instructions, opcodes and stall samples summed per barrier-delimited
+    region of an ncu source page (its CSV layout: a kernel-name line, then the header)."""
+    sys.path.insert(0, str(BENCH.parent / "scripts"))
+    try:
+        import ncu_regions
+    finally:
+        sys.path.pop(0)
+    header = ["Address", "Source", "Warp Stall Sampling (All Samples)", "Instructions Executed",
+              "stall_barrier", "stall_short_sb", "stall_barrier (Not Issued)"]
+    rows = [["0x0", "  LDS.U.128 R4, [R2]", "5", "100", "0", "4", "0"],
+            ["0x1", "  @!P0 FADD R1, R2, R3", "1", "300", "0", "0", "0"],
+            ["0x2", "  BAR.SYNC.DEFER_BLOCKING 0x0", "8", "10", "7", "0", "7"],
+            ["0x3", "  FFMA R1, R2, R3, R4", "2", "1,000", "0", "1", "0"],
+            ["0x4", "  STG.E [R2], R1", "-", "10", "0", "0", "0"]]
+    path = tmp_path / "source.csv"
+    path.write_text("\n".join(",".join(f'"{c}"' for c in row) for row in [["Kernel Name", "main_kernel"], header] + rows))
+    found = ncu_regions.regions(str(path))
+    assert [r.instructions for r in found] == [410, 1010]
+    assert found[0].opcodes == {"LDS": 100, "FADD": 300, "BAR": 10}
+    assert found[0].stalls["barrier"] == 7 and found[0].stalls["short_sb"] == 4 and found[1].samples == 2
+    text = ncu_regions.report(found, elements=32 * 1420)
+    assert text.startswith("kernel: 1.00/element instructions, 2 regions") and "barrier 44%" in text  # 7 of 16 samples
