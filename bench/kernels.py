@@ -189,8 +189,9 @@ QUANT_SHAPES = {"llama-3-8b": (4096, 14336), "qwen2.5-7b": (3584, 18944), "smoll
 
 
 def bench_quantize(model: str, m: int) -> list[dict]:
-    """Norm+quantize (d + r wide residual) and Hadamard+quantize (the down_proj input), GB/s on the
-    bytes they must move, and each followed by its GEMM against cuBLAS bf16 on the same shape."""
+    """Norm+quantize (d + r wide residual) and Hadamard+quantize (the down_proj input: plain, and
+    gated as the engine runs it), GB/s on the bytes they must move, and each followed by its GEMM
+    against cuBLAS bf16 on the same shape."""
     from kernels_tl import quantize as qk
     from kernels_tl.hadamard import hadamard_factors
     from kernels_tl.hadamard_quant import hadamard_quant
@@ -225,6 +226,18 @@ def bench_quantize(model: str, m: int) -> list[dict]:
     t_bf16 = bench(lambda: xb @ wb.T)
     rows.append({"model": model, "kernel": "hadamard_quant", "m": m, "n": f, "factors": factors, "ms": t,
                  "gbps": moved / t / 1e6,
+                 "with_gemm": {"n": d, "k": f, "ms": t_fused, "bf16_ms": t_bf16, "speedup_vs_bf16": t_bf16 / t_fused}})
+    # The kernel the engine runs there: the gated one (SwiGLU of gate_up on load, 8-bit codes for
+    # W4A4A8's down_proj) in the dispatch's choice at this token count.
+    from kernels_tl import hadamard_quant_dispatch as hq
+    gate_up = torch.randn(m, 2 * f, device="cuda").half()
+    choice = hq.kernel_choice(m, f, tuple(factors), None, True)
+    gated = hq.build_choice(choice, f, tuple(factors), None, 8, 0.9, True)
+    t = bench(lambda: gated(gate_up, a_q, a_s))
+    moved = gate_up.numel() * 2 + a_q.numel() + m * 4
+    t_fused = bench(lambda: (gated(gate_up, a_q, a_s), gemm_dispatch.w4ax_linear(a_q, a_s, wq, ws, out=y)))
+    rows.append({"model": model, "kernel": "hadamard_gated", "dispatch": list(choice), "m": m, "n": f,
+                 "factors": factors, "ms": t, "gbps": moved / t / 1e6,
                  "with_gemm": {"n": d, "k": f, "ms": t_fused, "bf16_ms": t_bf16, "speedup_vs_bf16": t_bf16 / t_fused}})
     return rows
 
