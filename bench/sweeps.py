@@ -260,7 +260,7 @@ def sweep_hadamard_stream(n: int, gated: bool, ms=STREAM_MS) -> list[dict]:
     from kernels_tl import hadamard_quant_dispatch as hq
     from kernels_tl.hadamard import hadamard_factors
     from kernels_tl.hadamard_quant import hadamard_quant
-    from kernels_tl.hadamard_quant_mma import hadamard_quant_mma, mma_fits
+    from kernels_tl.hadamard_quant_mma import mma_fits
     from kernels_tl.hadamard_quant_stream import blocks_per_sm, hadamard_quant_stream
 
     factors = tuple(hadamard_factors(n))
@@ -271,7 +271,7 @@ def sweep_hadamard_stream(n: int, gated: bool, ms=STREAM_MS) -> list[dict]:
         thunks[("stream", b)] = (lambda b=b: hadamard_quant_stream(n, factors, None, 8, 0.9, b * sms, gated=gated,
                                                                     fast_silu=fast))
     if mma_fits(n, factors, None, gated):  # the dense factor on the tensor cores, at every M
-        thunks[("mma",)] = lambda: hadamard_quant_mma(n, factors, 8, 0.9, blocks_per_sm(n, factors, None, gated) * sms)
+        thunks[("mma",)] = lambda: hq.build_choice(("mma",), n, factors, None, 8, 0.9, gated)
     for m in ms:
         choice = hq.kernel_choice(m, n, factors, None, gated)
         thunks[("dispatch",) + choice] = lambda choice=choice: hq.build_choice(choice, n, factors, None, 8, 0.9, gated)

@@ -34,7 +34,7 @@ import tilelang
 import tilelang.language as T
 
 from kernels_tl.hadamard_quant import _layout
-from kernels_tl.hadamard_quant_stream import _CP_ASYNC_SRC, _copy_row, blocks_per_sm
+from kernels_tl.hadamard_quant_stream import _CP_ASYNC_SRC, _copy_row, blocks_per_sm, stream_fits
 from kernels_tl.pdl import wait_for_producers
 from kernels_tl.quantize import _PASS_CONFIGS, _block_allreduce, _qmax, _token_scale
 from kernels_tl.targets import SM90, TARGETS  # noqa: F401
@@ -129,17 +129,16 @@ def _bfrag_table(f: int) -> str:
 
 
 def mma_fits(n: int, factors, block, gated: bool) -> bool:
-    """Rows this kernel is for: gated, one Hadamard over the row, a dense factor of 24 to 32 (two
-    k-tiles; the padding rows f .. 31 read rows 8 lower, which must be rows of the factor) times
-    512, and 2 blocks a SM (the stream kernel's shared memory: R and S)."""
+    """Rows this kernel is for: gated rows the stream kernel takes (one Hadamard over the row, 2
+    blocks a SM with its shared memory: R and S) whose dense factor has 24 to 32 points (two
+    k-tiles; the padding rows f .. 31 read rows 8 lower, which must be rows of the factor) times 512."""
     if not gated or block is not None:
         return False
     try:
         lay = _layout(n, tuple(factors), None)
     except (ValueError, NotImplementedError):
         return False
-    return (lay.nb == 1 and 24 <= lay.f <= 32 and lay.p == COLS and lay.threads == THREADS
-            and blocks_per_sm(n, factors, None, True) >= 2)
+    return 24 <= lay.f <= 32 and lay.p == COLS and lay.threads == THREADS and stream_fits(n, factors, None, True)
 
 
 @functools.lru_cache(maxsize=None)

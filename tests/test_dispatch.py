@@ -96,19 +96,19 @@ def test_hadamard_stream_switch_is_read_from_the_environment(monkeypatch):
     import importlib
 
     from kernels_tl import hadamard_quant_dispatch as hq
-    monkeypatch.setenv("QUAD_HADAMARD_STREAM_MIN", "0")
-    try:
-        assert importlib.reload(hq).kernel_choice(8192, 14336, (28, 512), None, True) == ("default",)
-    finally:
-        monkeypatch.delenv("QUAD_HADAMARD_STREAM_MIN")
-        importlib.reload(hq)
+
+    def gated_choice_with(switch: str, value: str) -> tuple:
+        """kernel_choice for the gated 14336-wide row at 8192 tokens, the module read with switch set."""
+        monkeypatch.setenv(switch, value)
+        try:
+            return importlib.reload(hq).kernel_choice(8192, 14336, (28, 512), None, True)
+        finally:
+            monkeypatch.delenv(switch)
+            importlib.reload(hq)
+
+    assert gated_choice_with("QUAD_HADAMARD_STREAM_MIN", "0") == ("default",)
     assert hq.kernel_choice(8192, 14336, (28, 512), None, True) == ("mma",)
-    monkeypatch.setenv("QUAD_HADAMARD_MMA", "0")
-    try:
-        assert importlib.reload(hq).kernel_choice(8192, 14336, (28, 512), None, True) == ("stream",)
-    finally:
-        monkeypatch.delenv("QUAD_HADAMARD_MMA")
-        importlib.reload(hq)
+    assert gated_choice_with("QUAD_HADAMARD_MMA", "0") == ("stream",)
 
 
 def test_engine_quantizer_prebuild_uses_the_model_sites(monkeypatch):
