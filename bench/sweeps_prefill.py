@@ -111,6 +111,52 @@ def sweep_rs_prefetch(n: int, k: int, m: int) -> list[dict]:
     return rows
 
 
+def sweep_rs_variants(n: int, k: int, m: int, variants: dict, label: str) -> list[dict]:
+    """The register-unpack prefill GEMM (the dispatch's tiles, rank 64) with each variant's
+    overrides of them (name -> kwargs of gemm_rs.w4ax_gemm_rs): outputs bit-equal to the first
+    variant's and within the fp16 bound of the float32 reference; timed with L2 flushed before each
+    call (triton's do_bench), so the weights come from DRAM as they do in a model's forward."""
+    from kernels_tl.gemm_rs import w4ax_gemm_rs
+    xq, xs, wq, ws, xo, wo = operands(m, n, k, 64)
+    wp, bias = ref.pack_int4(wq), torch.zeros(n, device="cuda").half()
+    want = ref.quant_linear(xq, xs[:, None], wq, ws[:, None], xo, wo)
+    tiles = gemm_dispatch.rs_tiles(m, n, k)
+    kernels = build_all({name: (lambda v=v: w4ax_gemm_rs(n, k, 64, False, "float16", **{**tiles, **v}))
+                         for name, v in variants.items()})
+    rows, first = [], None
+    for name, kern in kernels.items():
+        row = {"n": n, "k": k, "m": m, "variant": name, "tiles": {**tiles, **variants[name]}}
+        try:
+            if isinstance(kern, Exception):
+                raise kern
+            y = torch.full((m, n), float("nan"), device="cuda", dtype=torch.float16)
+            kern(xq, xs, wp, ws, xo, wo, bias, y)
+            first = y.clone() if first is None else first
+            row["equal_to_first"] = bool(torch.equal(y, first))
+            row["rel_err"] = float((y.float() - want).norm() / want.norm())
+            row["ms"] = bench(lambda: kern(xq, xs, wp, ws, xo, wo, bias, y))
+            row["tops"] = 2 * m * n * k / row["ms"] / 1e9
+        except Exception as e:  # reported, not fatal
+            row["error"] = str(e).splitlines()[0][:200]
+        rows.append(row)
+        print(f"  sweep {label} {row}", flush=True)
+    return rows
+
+
+def sweep_rs_panel(n: int, k: int, m: int, panels=(0, 2, 4, 8, 16)) -> list[dict]:
+    """The prefill GEMM's blocks in panels of token tiles (gemm_rs's panel; 0: launch order)."""
+    return sweep_rs_variants(n, k, m, {f"panel{p}": {"panel": p} for p in panels}, "rs-panel")
+
+
+def sweep_rs_persistent(n: int, k: int, m: int) -> list[dict]:
+    """The prefill GEMM as a persistent grid of one block a SM (gemm_rs's blocks, two K stages to fit
+    its shared memory) against one tile a block at the dispatch's tiles and at two stages."""
+    return sweep_rs_variants(n, k, m, {"one_tile": {}, "one_tile_s2": {"num_stages": 2},
+                                       "persistent_s2": {"blocks": gemm_dispatch.SMS, "num_stages": 2},
+                                       "persistent_s2_p0": {"blocks": gemm_dispatch.SMS, "num_stages": 2,
+                                                            "panel": 0}}, "rs-persistent")
+
+
 def sweep_rope_store(tokens: int, heads: int = 32, kv_heads: int = 8, head_dim: int = 128) -> list[dict]:
     """The fused RoPE + head Hadamard + int4 KV store (round trip, as a prefill runs it) by tokens a
     warp: every output and the cache equal to one token a warp's, GB/s on the bytes it must move."""

@@ -45,6 +45,14 @@ PREFILL_GEMM = os.environ.get("QUAD_PREFILL_GEMM", "rs")  # rs | ws | pipelined
 FUSED_SWIGLU = os.environ.get("QUAD_FUSED_SWIGLU", "0") == "1"
 WS_TILES = dict(block_m=256, block_n=128, block_k=128)
 RS_TILES = dict(block_t=256, block_w=128, block_k=128, num_stages=3)
+# The register-unpack kernel's blocks run in panels of RS_PANEL token tiles (gemm_rs's panel) where
+# the packed weight is larger than RS_PANEL_MIN_BYTES: launch order reads such a weight from DRAM
+# once per token tile, a panel once per panel. Measured (bench/sweeps.py --rs-panel, H200): gate_up
+# 28672 x 4096 (56 MiB) 386.9 -> 367.4 µs at 2048 tokens, 6.51 -> 5.97 ms at 32768, even at 8192;
+# the weights that fit in L2 (qkv, o_proj, down_proj: 8-28 MiB) within +-4% either way, so they keep
+# launch order. QUAD_RS_PANEL=0: launch order everywhere.
+RS_PANEL = int(os.environ.get("QUAD_RS_PANEL", "8"))
+RS_PANEL_MIN_BYTES = 40 << 20
 # Time per token of a register-unpack tile relative to the 256-token tile: a 128-token tile pays
 # its weights' unpack and pipeline for half the tokens (measured 1.35-1.45x at equal waves: gate_up
 # at 256 tokens, 85.8 against 62.2 µs).
@@ -135,7 +143,13 @@ def rs_tiles(m: int, n: int, k: int, sms: int = SMS) -> dict:
     def cost(block_t):
         tiles = -(-n // RS_TILES["block_w"]) * -(-m // block_t)
         return -(-tiles // sms) * block_t * RS_TOKEN_COST[block_t]
-    return _fit_k({**RS_TILES, "block_t": min(RS_TOKEN_COST, key=cost)}, k)
+    return _rs_fit(n, k, min(RS_TOKEN_COST, key=cost))
+
+
+def _rs_fit(n: int, k: int, block_t: int) -> dict:
+    """RS_TILES with these token tiles, K tiles that divide k and the panel for this weight."""
+    panel = RS_PANEL if n * k // 2 > RS_PANEL_MIN_BYTES else 0
+    return _fit_k({**RS_TILES, "block_t": block_t, "panel": panel}, k)
 
 
 def decode_smem(block_m: int, block_k: int, stages: int) -> int:
@@ -247,7 +261,7 @@ def _rs_tile_class(m: int, n: int, k: int) -> list[dict]:
     (256-token tiles), below both token tiles (the choice changes with m within the class)."""
     if m >= 1024:
         return [rs_tiles(m, n, k)]
-    return [_fit_k({**RS_TILES, "block_t": t}, k) for t in RS_TOKEN_COST]
+    return [_rs_fit(n, k, t) for t in RS_TOKEN_COST]
 
 
 def _swiglu_spec(m: int, n: int, k: int, rank: int, has_bias: bool) -> tuple:

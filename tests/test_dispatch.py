@@ -147,6 +147,21 @@ def test_register_unpack_prefill_tiles_follow_the_measured_choices():
     assert rs_tiles(2048, 640, 576)["block_k"] == 64  # K tiles divide SmolLM2's 576
 
 
+def test_register_unpack_prefill_panels_only_weights_beyond_l2(monkeypatch):
+    """Panels of 8 token tiles for the weights that do not fit in L2 (Llama-3-8B's and Qwen2.5-7B's
+    gate_up; measured faster in bench/results/sweep_rs_panel_h200_2026-12-03.json), launch order for
+    those that do (within noise there); QUAD_RS_PANEL=0 restores launch order everywhere."""
+    from kernels_tl import gemm_dispatch
+    panels = {name: gemm_dispatch.rs_tiles(2048, n, k)["panel"] for name, (n, k) in
+              {"qkv": (6144, 4096), "o": (4160, 4096), "gate_up": (28672, 4096), "down": (4160, 14336),
+               "qwen gate_up": (37888, 3584), "qwen down": (3648, 18944), "smollm2 gate_up": (3072, 576)}.items()}
+    assert panels == {"qkv": 0, "o": 0, "gate_up": 8, "down": 0, "qwen gate_up": 8, "qwen down": 0,
+                      "smollm2 gate_up": 0}
+    assert all(t["panel"] == 8 for t in gemm_dispatch._rs_tile_class(512, 28672, 4096))
+    monkeypatch.setattr(gemm_dispatch, "RS_PANEL", 0)
+    assert gemm_dispatch.rs_tiles(2048, 28672, 4096)["panel"] == 0
+
+
 def test_prefill_gemm_is_the_register_unpack_kernel_above_64_tokens(monkeypatch):
     from kernels_tl import gemm_dispatch
     from kernels_tl.gemm import w4ax_gemm

@@ -80,16 +80,19 @@ def test_register_unpack_prefill_gemm_builds(n, k, rank, bias, tiles, tmp_path):
     """kernels_tl.gemm_rs (the prefill GEMM above 64 tokens): the int8 wgmma takes the weights from
     registers as its M side (two consumer warpgroups, 64 rows each) and 256 (or 128) tokens from
     shared memory as its N side; no unpacked tile in shared memory; the outlier product on float16 wgmma with the weights
-    as M; the output staged in a padded tile (rows of 136 float16) and stored 16 bytes a thread; a
+    as M; blocks in panels of token tiles where the dispatch asks for them (gate_up); the output staged in a padded tile (rows of 136 float16) and stored 16 bytes a thread; a
     weight tile overhanging n (4160) stores no row past it; the tiles fit and nothing spills. The
     outlier tiles are loaded by the consumers' cp.async before the roles split (the producer is
     threads 0..127) and waited for, fenced and barriered after the K loop, before their wgmma."""
     from test_quantize_build import ptxas_spills
 
-    from kernels_tl.gemm_dispatch import RS_TILES, _fit_k
+    from kernels_tl.gemm_dispatch import rs_tiles
     from kernels_tl.gemm_rs import SM90, w4ax_gemm_rs
-    src = w4ax_gemm_rs(n, k, rank, bias, "float16", target=SM90, **{**_fit_k(RS_TILES, k), **tiles}).get_kernel_source()
-    block_t = tiles.get("block_t", 256)
+    tiles = {**rs_tiles(2048, n, k), **tiles}
+    src = w4ax_gemm_rs(n, k, rank, bias, "float16", target=SM90, **tiles).get_kernel_source()
+    block_t = tiles["block_t"]
+    # gate_up's 56 MiB weight runs its blocks in panels of 8 token tiles (L2 reuse of weight tiles)
+    assert ("const dim3 blockIdx = tl::rasterization2DRow<8>();" in src) == (n == 28672), n
     assert f"wgmma_rs<tl::DataType::kInt8, tl::DataType::kInt8, tl::DataType::kInt32, 64, {block_t}, 32" in src
     assert "wgmma_ss<tl::DataType::kInt8" not in src and "quad_unpack_int4x32(" not in src
     assert (f"wgmma_ss<tl::DataType::kFloat16, tl::DataType::kFloat16, tl::DataType::kFloat32, 64, {block_t}" in src) == (rank > 0)
