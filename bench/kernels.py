@@ -102,7 +102,7 @@ def alternative_kernels(m: int, n: int, k: int, rank: int) -> list:
     picked = gemm_dispatch.kernel_specs(m, n, k, rank, False, "float16")[0]
     if m > 64:
         ws_tiles = gemm_dispatch._fit_k(gemm_dispatch.WS_TILES, k)
-        rs_tiles = gemm_dispatch._fit_k(gemm_dispatch.RS_TILES, k)
+        rs_tiles = gemm_dispatch._rs_fit(n, k, gemm_dispatch.RS_TILES["block_t"])
         kernels = [("ws", spec(w4ax_gemm_ws, n, k, rank, False, "float16", **ws_tiles)),
                    ("pipelined", spec(w4ax_gemm, n, k, rank, False, "float16",
                                       **gemm_dispatch.prefill_tiles(m, n, k, rank))),
