@@ -148,15 +148,6 @@ def sweep_rs_panel(n: int, k: int, m: int, panels=(0, 2, 4, 8, 16)) -> list[dict
     return sweep_rs_variants(n, k, m, {f"panel{p}": {"panel": p} for p in panels}, "rs-panel")
 
 
-def sweep_rs_persistent(n: int, k: int, m: int) -> list[dict]:
-    """The prefill GEMM as a persistent grid of one block a SM (gemm_rs's blocks, two K stages to fit
-    its shared memory) against one tile a block at the dispatch's tiles and at two stages."""
-    return sweep_rs_variants(n, k, m, {"one_tile": {}, "one_tile_s2": {"num_stages": 2},
-                                       "persistent_s2": {"blocks": gemm_dispatch.SMS, "num_stages": 2},
-                                       "persistent_s2_p0": {"blocks": gemm_dispatch.SMS, "num_stages": 2,
-                                                            "panel": 0}}, "rs-persistent")
-
-
 def sweep_rope_store(tokens: int, heads: int = 32, kv_heads: int = 8, head_dim: int = 128) -> list[dict]:
     """The fused RoPE + head Hadamard + int4 KV store (round trip, as a prefill runs it) by tokens a
     warp: every output and the cache equal to one token a warp's, GB/s on the bytes it must move."""

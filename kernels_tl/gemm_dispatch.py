@@ -53,9 +53,6 @@ RS_TILES = dict(block_t=256, block_w=128, block_k=128, num_stages=3)
 # launch order. QUAD_RS_PANEL=0: launch order everywhere.
 RS_PANEL = int(os.environ.get("QUAD_RS_PANEL", "8"))
 RS_PANEL_MIN_BYTES = 40 << 20
-# QUAD_RS_PERSISTENT=1: the register-unpack kernel as a persistent grid of one block a SM (gemm_rs's
-# blocks; two K stages, which is what its shared memory holds beside the epilogue's tiles).
-RS_PERSISTENT = os.environ.get("QUAD_RS_PERSISTENT", "0") == "1"
 # Time per token of a register-unpack tile relative to the 256-token tile: a 128-token tile pays
 # its weights' unpack and pipeline for half the tokens (measured 1.35-1.45x at equal waves: gate_up
 # at 256 tokens, 85.8 against 62.2 µs).
@@ -152,8 +149,7 @@ def rs_tiles(m: int, n: int, k: int, sms: int = SMS) -> dict:
 def _rs_fit(n: int, k: int, block_t: int) -> dict:
     """RS_TILES with these token tiles, K tiles that divide k and the panel for this weight."""
     panel = RS_PANEL if n * k // 2 > RS_PANEL_MIN_BYTES else 0
-    persistent = {"blocks": SMS, "num_stages": 2} if RS_PERSISTENT else {}
-    return _fit_k({**RS_TILES, "block_t": block_t, "panel": panel, **persistent}, k)
+    return _fit_k({**RS_TILES, "block_t": block_t, "panel": panel}, k)
 
 
 def decode_smem(block_m: int, block_k: int, stages: int) -> int:
@@ -269,8 +265,7 @@ def _rs_tile_class(m: int, n: int, k: int) -> list[dict]:
 
 
 def _swiglu_spec(m: int, n: int, k: int, rank: int, has_bias: bool) -> tuple:
-    tiles = {key: v for key, v in rs_tiles(m, n, k).items() if key != "blocks"}  # one tile a block only
-    return _rs_spec(n, k, rank, has_bias, "float16", tiles, swiglu=True)
+    return _rs_spec(n, k, rank, has_bias, "float16", rs_tiles(m, n, k), swiglu=True)
 
 
 def kernel_specs(m: int, n: int, k: int, rank: int, has_bias: bool, out_dtype: str) -> list[tuple]:

@@ -50,9 +50,6 @@ __device__ __forceinline__ void quad_outliers_ready(int consumers) {
   asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
   asm volatile("bar.sync 3, %0;" :: "r"(consumers) : "memory");
 }
-__device__ __forceinline__ void quad_consumers_sync(int consumers) {
-  asm volatile("bar.sync 3, %0;" :: "r"(consumers) : "memory");
-}
 """
 
 # float16 elements of padding a row of the output staging tile: rows of 128 outputs are 256 bytes,
@@ -71,7 +68,7 @@ def _weight_row(bx, i, block_w: int, pair: int, half: int, swiglu: bool):
 def w4ax_gemm_rs(n: int, k: int, rank: int, has_bias: bool = False, out_dtype: str = "float16",
                  block_t: int = 256, block_w: int = 128, block_k: int = 128, num_stages: int = 3,
                  chunk: int | None = None, swiglu: bool = False, fast_silu: bool = False, target=None,
-                 prefetch_outliers: bool | None = None, panel: int = 0, blocks: int = 0):
+                 prefetch_outliers: bool | None = None, panel: int = 0):
     """kernel(x_q, x_scale, w_q, w_scale, x_out, w_out, bias, y) as `gemm.w4ax_gemm` (y written;
     x_out / w_out / bias not read when rank == 0 / no bias). Tiles of block_w weight rows (a
     consumer warpgroup per 64) x block_t tokens, K tiles of block_k in num_stages TMA stages;
@@ -89,11 +86,7 @@ def w4ax_gemm_rs(n: int, k: int, rank: int, has_bias: bool = False, out_dtype: s
     panel: blocks run in panels of that many token tiles, all weight tiles of a panel before the
     next (TileLang's row rasterization), so the blocks running at once share their weight tiles
     through L2 (0: the launch order, every weight tile of one token tile before the next, which
-    reads the weights from DRAM once per token tile).
-
-    blocks: a persistent grid of that many blocks, each taking tiles blocks apart in the panel order
-    above, so that the producer loads the next tile's first K tiles under this tile's epilogue
-    (0: one tile a block)."""
+    reads the weights from DRAM once per token tile)."""
     assert k % block_k == 0 and rank % 16 == 0 and block_w % 64 == 0 and block_t % 8 == 0 and block_t <= 256
     assert not swiglu or (block_w == 128 and n % 128 == 0 and out_dtype == "float16")
     half = n // 2  # swiglu: the up rows' offset, and y's width
@@ -104,7 +97,6 @@ def w4ax_gemm_rs(n: int, k: int, rank: int, has_bias: bool = False, out_dtype: s
 
     # Not with swiglu (off by default): its epilogue then spilled 84 bytes (ptxas).
     prefetch = rank > 0 and not swiglu and (PREFETCH_OUTLIERS if prefetch_outliers is None else prefetch_outliers)
-    assert not blocks or (prefetch or rank == 0) and not swiglu, "persistent: the prefetched outlier form only"
     consumers = 2 * block_w  # the consumer warpgroups' threads, after the producer's 128
     chunks = r // 8  # 16-byte pieces of an outlier row
     assert not prefetch or (block_t * chunks % consumers == 0 and block_w * chunks % consumers == 0)
@@ -116,8 +108,6 @@ def w4ax_gemm_rs(n: int, k: int, rank: int, has_bias: bool = False, out_dtype: s
         # the weight rows are zero-filled (cp.async with no source bytes).
         tx = T.get_thread_binding()
         if tx >= PRODUCER_THREADS:
-            if blocks:  # every consumer is done with the last tile's xo_s / wo_s (its outlier wgmma)
-                T.call_extern("handle", "quad_consumers_sync", consumers)
             c = tx - PRODUCER_THREADS
             for it in T.unroll(block_t * chunks // consumers):
                 row = (it * consumers + c) // chunks
@@ -133,78 +123,7 @@ def w4ax_gemm_rs(n: int, k: int, rank: int, has_bias: bool = False, out_dtype: s
                               T.address_of(WO[T.if_then_else(w_row < n, w_row, 0), col]), w_row < n)
             T.call_extern("handle", "quad_cp_async_commit")
 
-    @T.macro
-    def tile(XQ, XS, WQ, WS, XO, WO, BIAS, Y, x_s, w_packed, acc, product, out, out_s, xo_s, wo_s, bx, by, m):
-        # One tile: its outlier loads issued, the K loop, the epilogue and the stores.
-        if rank > 0 and prefetch:
-            load_outliers(XO, WO, xo_s, wo_s, bx, by, m)
-        T.clear(acc)
-        for kt in T.Pipelined(k // block_k, num_stages=num_stages):
-            T.copy(XQ[by * block_t, kt * block_k], x_s)
-            if swiglu:
-                T.copy(WQ[bx * pair, kt * (block_k // 2)], w_packed[0:pair, :])
-                T.copy(WQ[half + bx * pair, kt * (block_k // 2)], w_packed[pair:block_w, :])
-            else:
-                T.copy(WQ[bx * block_w, kt * (block_k // 2)], w_packed)
-            product()
-        for i, j in T.Parallel(block_w, block_t):
-            row = _weight_row(bx, i, block_w, pair, half, swiglu)
-            tok = by * block_t + j
-            out[i, j] = T.Cast("float32", acc[i, j]) * (
-                T.if_then_else(tok < m, XS[tok], T.float32(0))
-                * T.Cast("float32", T.if_then_else(row < n, WS[row], T.float16(0))) * T.float32(1.0 / 16))
-        if rank > 0:
-            if prefetch:
-                T.call_extern("handle", "quad_outliers_ready", consumers)
-            elif swiglu:
-                T.copy(XO[by * block_t, 0], xo_s)
-                T.copy(WO[bx * pair, 0], wo_s[0:pair, :])
-                T.copy(WO[half + bx * pair, 0], wo_s[pair:block_w, :])
-            else:
-                T.copy(XO[by * block_t, 0], xo_s)
-                T.copy(WO[bx * block_w, 0], wo_s)
-            T.gemm(wo_s, xo_s, out, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
-        if has_bias:
-            for i, j in T.Parallel(block_w, block_t):
-                row = _weight_row(bx, i, block_w, pair, half, swiglu)
-                out[i, j] = out[i, j] + T.Cast("float32", T.if_then_else(row < n, BIAS[row], T.float16(0)))
-        if blocks:  # every consumer is past the last tile's reads of out_s
-            T.call_extern("handle", "quad_consumers_sync", consumers)
-        for i, j in T.Parallel(block_w, block_t):
-            out_s[j, i] = T.Cast(out_dtype, out[i, j])
-        if blocks:
-            T.call_extern("handle", "quad_consumers_sync", consumers)
-        if swiglu:  # silu(gate) * up over the gate columns, in place, then stored 16 bytes a thread
-            for j, i in T.Parallel(block_t, pair):
-                out_s[j, i] = T.Cast("float16", _swiglu_f16(out_s[j, i], out_s[j, pair + i], fast_silu))
-            for j, i in T.Parallel(block_t, pair):
-                if by * block_t + j < m:
-                    Y[by * block_t + j, bx * pair + i] = out_s[j, i]
-        else:
-            for j, i in T.Parallel(block_t, block_w):
-                if by * block_t + j < m and bx * block_w + i < n:
-                    Y[by * block_t + j, bx * block_w + i] = out_s[j, i]
-
-    def buffers():
-        x_s = T.alloc_shared((block_t, block_k), "int8")
-        w_packed = T.alloc_shared((block_w, block_k // 2), "uint8")
-        frags = [T.alloc_fragment((block_w, chunk), "int8")
-                 for _ in range(2 if (block_k // chunk) % 2 == 0 else 1)]
-        T.annotate_layout({w_packed: tilelang.layout.make_swizzled_layout(w_packed)})
-        acc = T.alloc_fragment((block_w, block_t), "int32")
-        product = _register_unpack_gemm(w_packed, x_s, frags, acc, block_k, chunk, T.GemmWarpPolicy.FullRow)
-        out = T.alloc_fragment((block_w, block_t), "float32")
-        out_s = T.alloc_shared((block_t, block_w + STAGE_PAD), out_dtype)
-        xo_s = T.alloc_shared((block_t, r), "float16") if rank > 0 else None
-        wo_s = T.alloc_shared((block_w, r), "float16") if rank > 0 else None
-        return x_s, w_packed, acc, product, out, out_s, xo_s, wo_s
-
-    # The persistent form places its own consumer barriers (quad_consumers_sync): TileLang's storage
-    # sync pass would put a whole-block barrier at the top of the tile loop, which holds the producer
-    # back from loading the next tile's first K tiles under this tile's epilogue.
-    configs = {"tl.disable_thread_storage_sync": True} if blocks else {}
-
-    @tilelang.jit(target=TARGETS[target], pass_configs=configs)
+    @tilelang.jit(target=TARGETS[target])
     def build():
         m = T.dynamic("m")
 
@@ -219,33 +138,67 @@ def w4ax_gemm_rs(n: int, k: int, rank: int, has_bias: bool = False, out_dtype: s
             BIAS: T.Tensor((n,), "float16"),
             Y: T.Tensor((m, half if swiglu else n), out_dtype),
         ):
-            if blocks:
-                with T.Kernel(blocks, threads=2 * block_w) as bid:
+            with T.Kernel(T.ceildiv(n, block_w), T.ceildiv(m, block_t), threads=2 * block_w) as (bx, by):
+                if panel:
+                    T.use_swizzle(panel_size=panel, order="row")
+                if prefetch:
                     T.import_source(_CP_ASYNC_SRC)
-                    x_s, w_packed, acc, product, out, out_s, xo_s, wo_s = buffers()
-                    t_tiles = T.ceildiv(m, block_t)
-                    w_tiles = T.ceildiv(n, block_w)
-                    bx = T.alloc_var("int32")
-                    by = T.alloc_var("int32")
-                    for t in T.serial(bid, t_tiles * w_tiles, step=blocks):
-                        if panel:  # panels of token tiles, token tiles fastest within one
-                            rows = T.min(panel, t_tiles - t // (panel * w_tiles) * panel)
-                            by = t // (panel * w_tiles) * panel + t % (panel * w_tiles) % rows
-                            bx = t % (panel * w_tiles) // rows
-                        else:  # launch order: weight tiles fastest
-                            by = t // w_tiles
-                            bx = t % w_tiles
-                        tile(XQ, XS, WQ, WS, XO, WO, BIAS, Y, x_s, w_packed, acc, product, out, out_s, xo_s, wo_s,
-                             bx, by, m)
-            else:
-                with T.Kernel(T.ceildiv(n, block_w), T.ceildiv(m, block_t), threads=2 * block_w) as (bx, by):
-                    if panel:
-                        T.use_swizzle(panel_size=panel, order="row")
+                x_s = T.alloc_shared((block_t, block_k), "int8")
+                w_packed = T.alloc_shared((block_w, block_k // 2), "uint8")
+                frags = [T.alloc_fragment((block_w, chunk), "int8")
+                         for _ in range(2 if (block_k // chunk) % 2 == 0 else 1)]
+                T.annotate_layout({w_packed: tilelang.layout.make_swizzled_layout(w_packed)})
+                acc = T.alloc_fragment((block_w, block_t), "int32")
+                product = _register_unpack_gemm(w_packed, x_s, frags, acc, block_k, chunk, T.GemmWarpPolicy.FullRow)
+                out = T.alloc_fragment((block_w, block_t), "float32")
+                out_s = T.alloc_shared((block_t, block_w + STAGE_PAD), out_dtype)
+                if rank > 0:
+                    xo_s = T.alloc_shared((block_t, r), "float16")
+                    wo_s = T.alloc_shared((block_w, r), "float16")
                     if prefetch:
-                        T.import_source(_CP_ASYNC_SRC)
-                    x_s, w_packed, acc, product, out, out_s, xo_s, wo_s = buffers()
-                    tile(XQ, XS, WQ, WS, XO, WO, BIAS, Y, x_s, w_packed, acc, product, out, out_s, xo_s, wo_s,
-                         bx, by, m)
+                        load_outliers(XO, WO, xo_s, wo_s, bx, by, m)
+                T.clear(acc)
+                for kt in T.Pipelined(k // block_k, num_stages=num_stages):
+                    T.copy(XQ[by * block_t, kt * block_k], x_s)
+                    if swiglu:
+                        T.copy(WQ[bx * pair, kt * (block_k // 2)], w_packed[0:pair, :])
+                        T.copy(WQ[half + bx * pair, kt * (block_k // 2)], w_packed[pair:block_w, :])
+                    else:
+                        T.copy(WQ[bx * block_w, kt * (block_k // 2)], w_packed)
+                    product()
+                for i, j in T.Parallel(block_w, block_t):
+                    row = _weight_row(bx, i, block_w, pair, half, swiglu)
+                    tok = by * block_t + j
+                    out[i, j] = T.Cast("float32", acc[i, j]) * (
+                        T.if_then_else(tok < m, XS[tok], T.float32(0))
+                        * T.Cast("float32", T.if_then_else(row < n, WS[row], T.float16(0))) * T.float32(1.0 / 16))
+                if rank > 0:
+                    if prefetch:
+                        T.call_extern("handle", "quad_outliers_ready", consumers)
+                    elif swiglu:
+                        T.copy(XO[by * block_t, 0], xo_s)
+                        T.copy(WO[bx * pair, 0], wo_s[0:pair, :])
+                        T.copy(WO[half + bx * pair, 0], wo_s[pair:block_w, :])
+                    else:
+                        T.copy(XO[by * block_t, 0], xo_s)
+                        T.copy(WO[bx * block_w, 0], wo_s)
+                    T.gemm(wo_s, xo_s, out, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
+                if has_bias:
+                    for i, j in T.Parallel(block_w, block_t):
+                        row = _weight_row(bx, i, block_w, pair, half, swiglu)
+                        out[i, j] = out[i, j] + T.Cast("float32", T.if_then_else(row < n, BIAS[row], T.float16(0)))
+                for i, j in T.Parallel(block_w, block_t):
+                    out_s[j, i] = T.Cast(out_dtype, out[i, j])
+                if swiglu:  # silu(gate) * up over the gate columns, in place, then stored 16 bytes a thread
+                    for j, i in T.Parallel(block_t, pair):
+                        out_s[j, i] = T.Cast("float16", _swiglu_f16(out_s[j, i], out_s[j, pair + i], fast_silu))
+                    for j, i in T.Parallel(block_t, pair):
+                        if by * block_t + j < m:
+                            Y[by * block_t + j, bx * pair + i] = out_s[j, i]
+                else:
+                    for j, i in T.Parallel(block_t, block_w):
+                        if by * block_t + j < m and bx * block_w + i < n:
+                            Y[by * block_t + j, bx * block_w + i] = out_s[j, i]
 
         return main
 

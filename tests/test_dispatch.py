@@ -160,17 +160,6 @@ def test_register_unpack_prefill_panels_only_weights_beyond_l2(monkeypatch):
     assert all(t["panel"] == 8 for t in gemm_dispatch._rs_tile_class(512, 28672, 4096))
     monkeypatch.setattr(gemm_dispatch, "RS_PANEL", 0)
     assert gemm_dispatch.rs_tiles(2048, 28672, 4096)["panel"] == 0
-    assert "blocks" not in gemm_dispatch.rs_tiles(2048, 28672, 4096)
-
-
-def test_register_unpack_prefill_persistent_switch(monkeypatch):
-    """QUAD_RS_PERSISTENT=1: the prefill GEMMs as one persistent grid of a block a SM at two K stages;
-    the SwiGLU epilogue form (one tile a block only) keeps its grid."""
-    from kernels_tl import gemm_dispatch
-    monkeypatch.setattr(gemm_dispatch, "RS_PERSISTENT", True)
-    tiles = gemm_dispatch.rs_tiles(2048, 28672, 4096)
-    assert tiles["blocks"] == gemm_dispatch.SMS and tiles["num_stages"] == 2 and tiles["panel"] == 8
-    assert "blocks" not in dict(gemm_dispatch._swiglu_spec(2048, 28672, 4096, 64, False)[2])
 
 
 def test_prefill_gemm_is_the_register_unpack_kernel_above_64_tokens(monkeypatch):

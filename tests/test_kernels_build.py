@@ -310,26 +310,3 @@ def test_int8_weight_decode_gemm_builds(m):
                            target=SM90).get_kernel_source()
     assert "wgmma_ss<tl::DataType::kInt8, tl::DataType::kInt8, tl::DataType::kInt32, 64" in src
     assert "quad_unpack" not in src and "kFloat16, tl::DataType::kFloat16, tl::DataType::kFloat32" in src
-
-
-@pytest.mark.parametrize("n,k,rank", [(28672, 4096, 64), (4160, 14336, 0)])
-def test_register_unpack_prefill_gemm_builds_persistent(n, k, rank, tmp_path):
-    """gemm_rs with blocks (QUAD_RS_PERSISTENT): one grid of a block a SM walks the tiles; TileLang's
-    storage sync pass is off so that no whole-block barrier holds the producer at the top of each
-    tile (only the one after the mbarriers' init remains), and the consumers' own barriers stand
-    where a tile's shared buffers change hands: before the outlier loads reuse xo_s / wo_s, and
-    around the staging tile's writes."""
-    from test_quantize_build import ptxas_spills
-
-    from kernels_tl.gemm_dispatch import SMS, rs_tiles
-    from kernels_tl.gemm_rs import SM90, w4ax_gemm_rs
-    tiles = {**rs_tiles(2048, n, k), "blocks": SMS, "num_stages": 2}
-    kernel = w4ax_gemm_rs(n, k, rank, False, "float16", target=SM90, **tiles)
-    src = kernel.get_kernel_source()
-    assert src.count("__syncthreads()") == 1 and src.index("__syncthreads()") < src.index("for (int ")
-    consumer = src[src.index("} else {", src.index("if (((int)threadIdx.x) < 128)")):]
-    assert consumer.count("quad_consumers_sync(256);") == 2  # around the staging tile's writes
-    if rank:  # before each tile's outlier loads, in the consumers' branch of the load
-        head = src[:src.index("if (((int)threadIdx.x) < 128)")]
-        assert "if (128 <= ((int)threadIdx.x)) {\n      quad_consumers_sync(256);" in head
-    assert max(ptxas_spills(src, tmp_path)) <= 16
