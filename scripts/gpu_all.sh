@@ -28,11 +28,12 @@
 # A/B against the one-block default), mma (the same for its tensor-core variant, the engine A/B
 # against the scalar streaming kernel), sweep-hadamard-stream,
 # sweep-hadamard, sweep-hadamard-gated (the gated 14336-wide quantizer alone, with its fast-silu
-# variants). Each benchmark writes its JSON after every section, so a part cut short keeps
+# variants), sweep-rs-panel (the prefill GEMM's blocks in panels of token tiles, and gate_up's time
+# against K). Each benchmark writes its JSON after every section, so a part cut short keeps
 # what it measured.
 set -u
 out=${1:?usage: scripts/gpu_all.sh OUT_DIR PART}
-part=${2:?PART: gemm | gemm-decode | gemm-decode-blocks | gemm-fill | gemm-pipelined | gemm-ws | prefill-sdpa | decode | quantize | quantize-clusters | kv | rope | engine | attention-rf | swiglu | stream | bench-kernels | bench-attention | sweep-splits | sweep-decode | sweep-decode-ws | sweep-hadamard | sweep-hadamard-gated | sweep-hadamard-stream}
+part=${2:?PART: gemm | gemm-decode | gemm-decode-blocks | gemm-fill | gemm-pipelined | gemm-ws | prefill-sdpa | decode | quantize | quantize-clusters | kv | rope | engine | attention-rf | swiglu | stream | bench-kernels | bench-attention | sweep-splits | sweep-decode | sweep-decode-ws | sweep-hadamard | sweep-hadamard-gated | sweep-hadamard-stream | sweep-rs-panel}
 mkdir -p "$out"
 quiet() { grep -v "INFO\|WARNING\|AnnotateWarpGroup" ; }
 case "$part" in
@@ -124,6 +125,9 @@ case "$part" in
   sweep-hadamard-stream) timeout 300 python3 bench/sweeps.py --hadamard-stream --out "$out/sweep_stream.json" 2>&1 \
                            | quiet > "$out/sweep_stream.log"
                          grep "stream sweep" "$out/sweep_stream.log" | cut -c1-150 ;;
+  sweep-rs-panel) timeout 330 python3 bench/sweeps.py --rs-panel --out "$out/sweep_rs_panel.json" 2>&1 \
+                    | quiet > "$out/sweep_rs_panel.log"
+                  grep "sweep rs-panel" "$out/sweep_rs_panel.log" | sed "s/'tiles': {[^}]*}, //" | cut -c1-170 ;;
   bench-kernels) timeout 560 python3 bench/kernels.py --quick --out "$out/kernels.json" 2>&1 | quiet > "$out/kernels.log"
                  tail -n 5 "$out/kernels.log" ;;
   bench-attention) timeout 560 python3 bench/attention.py --quick --out "$out/attention.json" 2>&1 | quiet \

@@ -79,9 +79,11 @@ def test_producer_unpack_prefill_gemm_builds(n, k, rank, bias, tmp_path):
 def test_register_unpack_prefill_gemm_builds(n, k, rank, bias, tiles, tmp_path):
     """kernels_tl.gemm_rs (the prefill GEMM above 64 tokens): the int8 wgmma takes the weights from
     registers as its M side (two consumer warpgroups, 64 rows each) and 256 (or 128) tokens from
-    shared memory as its N side; no unpacked tile in shared memory; the outlier product on float16 wgmma with the weights
-    as M; blocks in panels of token tiles where the dispatch asks for them (gate_up); the output staged in a padded tile (rows of 136 float16) and stored 16 bytes a thread; a
-    weight tile overhanging n (4160) stores no row past it; the tiles fit and nothing spills. The
+    shared memory as its N side; no unpacked tile in shared memory; the outlier product on float16
+    wgmma with the weights as M; blocks in panels of token tiles where the dispatch asks for them
+    (gate_up); the output staged in a padded tile (rows of 136 float16) and stored 16 bytes a
+    thread; a weight tile overhanging n (4160) stores no row past it; the tiles fit and nothing
+    spills. The
     outlier tiles are loaded by the consumers' cp.async before the roles split (the producer is
     threads 0..127) and waited for, fenced and barriered after the K loop, before their wgmma."""
     from test_quantize_build import ptxas_spills
