@@ -23,7 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kernels import MODELS, bench, bench_graph, build_all, copies_beyond_l2, operands  # noqa: E402
-from sweeps_prefill import sweep_prefill, sweep_rope_store, sweep_rs_panel, sweep_rs_prefetch  # noqa: E402
+from sweeps_prefill import (sweep_prefill, sweep_rope_store, sweep_rs_panel, sweep_rs_prefetch,  # noqa: E402
+                            sweep_rs_stages)
 
 from kernels_tl import gemm_decode, gemm_dispatch, gemv  # noqa: E402
 from kernels_tl import reference as ref  # noqa: E402
@@ -307,14 +308,15 @@ def main() -> None:
                        ("rs-prefetch", "the prefill GEMM's outlier tiles by cp.async before the K loop, or after it"),
                        ("rope-store", "the fused RoPE + KV store by tokens a warp (2048 and 8192 tokens)"),
                        ("rs-panel", "the prefill GEMM's blocks in panels of token tiles (2048, 8192, 32768 tokens)"),
+                       ("rs-stages", "the prefill GEMM's K tiles and stages (gate_up and qkv at 2048 and 8192 tokens)"),
                        ("all", "every sweep above")):
         ap.add_argument(f"--{name}", action="store_true", help=what)
     ap.add_argument("--gated-only", action="store_true", help="--hadamard-stream: the gated 14336-wide row alone")
     args = ap.parse_args()
     if not (args.hadamard or args.decode or args.decode_ws or args.gemv or args.prefill or args.hadamard_stream
-            or args.rs_prefetch or args.rope_store or args.rs_panel or args.all):
+            or args.rs_prefetch or args.rope_store or args.rs_panel or args.rs_stages or args.all):
         ap.error("choose a sweep: --hadamard, --decode, --decode-ws, --gemv, --prefill, --hadamard-stream, "
-                 "--rs-prefetch, --rope-store, --rs-panel or --all")
+                 "--rs-prefetch, --rope-store, --rs-panel, --rs-stages or --all")
     copy = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")
     copy_gbps = 2 * copy.numel() / bench(lambda: copy.clone()) / 1e6
     print(f"device copy: {copy_gbps:.0f} GB/s", flush=True)
@@ -376,6 +378,11 @@ def main() -> None:
         save()
         for k in (2048, 8192, 16384):  # time against K at a fixed grid: the part of a tile not in its K loop
             result["sweep_rs_panel"] += sweep_rs_panel(28672, k, 2048, panels=(0, 8))
+            save()
+    if args.rs_stages or args.all:
+        result["sweep_rs_stages"] = []
+        for n, k, m in ((28672, 4096, 2048), (28672, 4096, 8192), (6144, 4096, 2048)):
+            result["sweep_rs_stages"] += sweep_rs_stages(n, k, m)
             save()
     if args.prefill or args.all:
         result["sweep_prefill"] = {}

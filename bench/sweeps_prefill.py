@@ -148,6 +148,14 @@ def sweep_rs_panel(n: int, k: int, m: int, panels=(0, 2, 4, 8, 16)) -> list[dict
     return sweep_rs_variants(n, k, m, {f"panel{p}": {"panel": p} for p in panels}, "rs-panel")
 
 
+def sweep_rs_stages(n: int, k: int, m: int) -> list[dict]:
+    """The prefill GEMM's K pipeline at the dispatch's tiles (panel included): 3 stages of 128 (the
+    default) against 4, 6 stages of 64, and 2 stages of 256 in two 128-column fragments."""
+    return sweep_rs_variants(n, k, m, {"k128_s3": {}, "k128_s4": {"num_stages": 4},
+                                       "k64_s6": {"block_k": 64, "num_stages": 6},
+                                       "k256_s2": {"block_k": 256, "chunk": 128, "num_stages": 2}}, "rs-stages")
+
+
 def sweep_rope_store(tokens: int, heads: int = 32, kv_heads: int = 8, head_dim: int = 128) -> list[dict]:
     """The fused RoPE + head Hadamard + int4 KV store (round trip, as a prefill runs it) by tokens a
     warp: every output and the cache equal to one token a warp's, GB/s on the bytes it must move."""
