@@ -1,13 +1,14 @@
 """Kernel variant sweeps at Llama-3-8B shapes, each variant checked against the first (or the
 default) on the same inputs and timed in the same run: the prefill ones of bench/sweeps_prefill.py
-(GEMM tiles, the GEMM's outlier tiles, the fused RoPE + KV store), split-K decode GEMMs and the producer-unpack decode GEMM's tiles
+(GEMM tiles, the GEMM's outlier tiles, its panels and K stages, the fused RoPE + KV store), split-K decode GEMMs and the producer-unpack decode GEMM's tiles
 (in CUDA graphs over weight copies larger than L2), the dp4a GEMV's shapes, and the
 Hadamard+quantize kernel's launch shapes per token count. The timing helpers and shapes are
 bench/kernels.py's. Writes JSON after every section, so a run cut short by a time limit keeps what
 it measured.
 
     python bench/sweeps.py --out sweep.json \
-        (--hadamard | --decode | --decode-ws | --gemv | --prefill | --hadamard-stream | --rs-prefetch | --rope-store | --all)
+        (--hadamard | --decode | --decode-ws | --gemv | --prefill | --hadamard-stream | --rs-prefetch | --rope-store
+         | --rs-panel | --rs-stages | --all)
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Prefill-side kernel sweeps at Llama-3-8B shapes (bench/sweeps.py runs them): the prefill GEMM's
-tiles against a plain int8 TileLang GEMM at the same tiles, the register-unpack GEMM's outlier tiles
-loaded before or after its K loop, and the fused RoPE + KV store by tokens a warp. Each variant is
+tiles against a plain int8 TileLang GEMM at the same tiles, the register-unpack GEMM's variants
+(outlier tiles loaded before or after its K loop, blocks in panels of token tiles, K stages), and the
+fused RoPE + KV store by tokens a warp. Each variant is
 checked against the first (or the default) on the same inputs and timed in the same run.
 """
 
@@ -77,40 +78,6 @@ def sweep_prefill(n: int, k: int, m: int) -> list[dict]:
     return rows
 
 
-def sweep_rs_prefetch(n: int, k: int, m: int) -> list[dict]:
-    """The register-unpack prefill GEMM with the outlier tiles loaded by cp.async before the K loop
-    (`prefetch`) against the plain loads after it, rank 64: outputs bit-equal to each other and each
-    within the fp16 bound of the float32 reference."""
-    from kernels_tl.gemm_rs import w4ax_gemm_rs
-    xq, xs, wq, ws, xo, wo = operands(m, n, k, 64)
-    wp, bias = ref.pack_int4(wq), torch.zeros(n, device="cuda").half()
-    want = ref.quant_linear(xq, xs[:, None], wq, ws[:, None], xo, wo)
-    tiles = gemm_dispatch.rs_tiles(m, n, k)
-    kernels = build_all({p: (lambda p=p: w4ax_gemm_rs(n, k, 64, False, "float16", **tiles,
-                                                      prefetch_outliers=p)) for p in (False, True)})
-    rows, outs = [], {}
-    for prefetch, kern in kernels.items():
-        row = {"n": n, "k": k, "m": m, "prefetch": prefetch, "tiles": tiles}
-        try:
-            if isinstance(kern, Exception):
-                raise kern
-            y = torch.full((m, n), float("nan"), device="cuda", dtype=torch.float16)
-            kern(xq, xs, wp, ws, xo, wo, bias, y)
-            outs[prefetch] = y.clone()
-            row["rel_err"] = float((y.float() - want).norm() / want.norm())
-            row["ms"] = bench(lambda: kern(xq, xs, wp, ws, xo, wo, bias, y))
-            row["tops"] = 2 * m * n * k / row["ms"] / 1e9
-        except Exception as e:  # reported, not fatal
-            row["error"] = str(e).splitlines()[0][:200]
-        rows.append(row)
-    if len(outs) == 2:
-        for row in rows:
-            row["equal_to_plain"] = bool(torch.equal(outs[True], outs[False]))
-    for row in rows:
-        print(f"  sweep rs-prefetch {row}", flush=True)
-    return rows
-
-
 def sweep_rs_variants(n: int, k: int, m: int, variants: dict, label: str) -> list[dict]:
     """The register-unpack prefill GEMM (the dispatch's tiles, rank 64) with each variant's
     overrides of them (name -> kwargs of gemm_rs.w4ax_gemm_rs): outputs bit-equal to the first
@@ -141,6 +108,13 @@ def sweep_rs_variants(n: int, k: int, m: int, variants: dict, label: str) -> lis
         rows.append(row)
         print(f"  sweep {label} {row}", flush=True)
     return rows
+
+
+def sweep_rs_prefetch(n: int, k: int, m: int) -> list[dict]:
+    """The prefill GEMM's outlier tiles loaded by cp.async before the K loop against plain loads
+    after it (gemm_rs's prefetch_outliers; the plain form first, the other compared with it)."""
+    return sweep_rs_variants(n, k, m, {"plain": {"prefetch_outliers": False},
+                                       "prefetch": {"prefetch_outliers": True}}, "rs-prefetch")
 
 
 def sweep_rs_panel(n: int, k: int, m: int, panels=(0, 2, 4, 8, 16)) -> list[dict]:
