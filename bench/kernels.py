@@ -8,7 +8,7 @@ triton.testing.do_bench (median). Prints a table and writes JSON.
 Where the dispatch chooses between GEMM kernels, each row also times those it did not pick
 (`alternative_kernels`): above 64 tokens the producer-unpack kernel (kernels_tl.gemm_ws, `ws_ms`),
 TileLang's pipelined kernel (`pipelined_ms`) and the register-unpack one (kernels_tl.gemm_rs, `rs_ms`,
-with 4 stages `rs_s4_ms`, 128-token tiles `rs_t128_ms`, 256-wide K tiles `rs_k256_ms`); at 5-64 tokens without a K split the other of the
+with 3 stages `rs_s3_ms`, 128-token tiles `rs_t128_ms`, 256-wide K tiles `rs_k256_ms`); at 5-64 tokens without a K split the other of the
 pipelined and producer-unpack decode kernels and the pipelined one with the weights unpacked in
 registers (`decode_pipelined_graph_ms` / `decode_ws_graph_ms` / `decode_rs_graph_ms`, replayed from a
 CUDA graph as the dispatch's `graph_ms`); each with its largest difference from the dispatch's kernel.
@@ -89,7 +89,7 @@ def alternative_kernels(m: int, n: int, k: int, rank: int) -> list:
     """(name, spec) of the GEMMs the dispatch did not pick where it chooses between several
     (float16 out, no bias; spec as gemm_dispatch's, built by gemm_dispatch._build): above 64
     tokens the producer-unpack kernel (`ws`), TileLang's pipelined kernel (`pipelined`) and the
-    register-unpack kernel in four tilings (`rs`, `rs_s4`, `rs_t128`: 128-token tiles, `rs_k256`),
+    register-unpack kernel in four tilings (`rs`, `rs_s3`, `rs_t128`: 128-token tiles, `rs_k256`),
     those the dispatch did not pick; at 5-64 tokens without a K split those of the pipelined decode kernel (`decode_pipelined`), the
     producer-unpack one (`decode_ws`), the pipelined one unpacking into registers, two fragments
     or one (`decode_rs`, `decode_rs1`; one block a SM), and the two-fragment one with two blocks a
@@ -107,7 +107,7 @@ def alternative_kernels(m: int, n: int, k: int, rank: int) -> list:
                    ("pipelined", spec(w4ax_gemm, n, k, rank, False, "float16",
                                       **gemm_dispatch.prefill_tiles(m, n, k, rank))),
                    ("rs", spec(w4ax_gemm_rs, n, k, rank, False, "float16", **rs_tiles)),
-                   ("rs_s4", spec(w4ax_gemm_rs, n, k, rank, False, "float16", **{**rs_tiles, "num_stages": 4})),
+                   ("rs_s3", spec(w4ax_gemm_rs, n, k, rank, False, "float16", **{**rs_tiles, "num_stages": 3})),
                    ("rs_t128", spec(w4ax_gemm_rs, n, k, rank, False, "float16", **{**rs_tiles, "block_t": 128}))]
         if k % 256 == 0:  # 256-wide K tiles as two 128-column fragments: one unpacked beside the other's wgmmas
             kernels.append(("rs_k256", spec(w4ax_gemm_rs, n, k, rank, False, "float16",
@@ -293,7 +293,7 @@ def main() -> None:
                           "".join(f" | {v} {row[v + '_ms'] * 1e3:8.1f} us {row[v + '_tops']:7.1f} TOPS"
                                   f" (max |diff| {row[v + '_max_abs_diff']:.1e})" if v + "_ms" in row
                                   else f" | {v} failed: {row[v + '_error']}" if v + "_error" in row else ""
-                                  for v in ("ws", "pipelined", "rs", "rs_s4", "rs_t128", "rs_k256")) + "".join(
+                                  for v in ("ws", "pipelined", "rs", "rs_s3", "rs_t128", "rs_k256")) + "".join(
                           f" | {v} graph {row[v + '_graph_ms'] * 1e3:6.1f} us {row[v + '_graph_gbps'] / copy_gbps:4.0%} of copy"
                           f" (max |diff| {row[v + '_max_abs_diff']:.1e})" if v + "_graph_ms" in row
                           else f" | {v} failed: {row[v + '_error']}" if v + "_error" in row else ""

@@ -8,7 +8,7 @@ it measured.
 
     python bench/sweeps.py --out sweep.json \
         (--hadamard | --decode | --decode-ws | --gemv | --prefill | --hadamard-stream | --rs-prefetch | --rope-store
-         | --rs-panel | --rs-stages | --all)
+         | --rs-panel | --rs-stages | --rs-epilogue | --all)
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kernels import MODELS, bench, bench_graph, build_all, copies_beyond_l2, operands  # noqa: E402
-from sweeps_prefill import (sweep_prefill, sweep_rope_store, sweep_rs_panel, sweep_rs_prefetch,  # noqa: E402
-                            sweep_rs_stages)
+from sweeps_prefill import (sweep_prefill, sweep_rope_store, sweep_rs_epilogue, sweep_rs_panel,  # noqa: E402
+                            sweep_rs_prefetch, sweep_rs_stages)
 
 from kernels_tl import gemm_decode, gemm_dispatch, gemv  # noqa: E402
 from kernels_tl import reference as ref  # noqa: E402
@@ -309,15 +309,16 @@ def main() -> None:
                        ("rs-prefetch", "the prefill GEMM's outlier tiles by cp.async before the K loop, or after it"),
                        ("rope-store", "the fused RoPE + KV store by tokens a warp (2048 and 8192 tokens)"),
                        ("rs-panel", "the prefill GEMM's blocks in panels of token tiles (2048, 8192, 32768 tokens)"),
-                       ("rs-stages", "the prefill GEMM's K tiles and stages (gate_up and qkv at 2048 and 8192 tokens)"),
+                       ("rs-stages", "the prefill GEMM's K tiles, stages and fragments (gate_up, down and qkv at 2048 tokens, gate_up at 8192)"),
+                       ("rs-epilogue", "the prefill GEMM's epilogue scales staged in shared memory, with 3 or 4 K stages"),
                        ("all", "every sweep above")):
         ap.add_argument(f"--{name}", action="store_true", help=what)
     ap.add_argument("--gated-only", action="store_true", help="--hadamard-stream: the gated 14336-wide row alone")
     args = ap.parse_args()
     if not (args.hadamard or args.decode or args.decode_ws or args.gemv or args.prefill or args.hadamard_stream
-            or args.rs_prefetch or args.rope_store or args.rs_panel or args.rs_stages or args.all):
+            or args.rs_prefetch or args.rope_store or args.rs_panel or args.rs_stages or args.rs_epilogue or args.all):
         ap.error("choose a sweep: --hadamard, --decode, --decode-ws, --gemv, --prefill, --hadamard-stream, "
-                 "--rs-prefetch, --rope-store, --rs-panel, --rs-stages or --all")
+                 "--rs-prefetch, --rope-store, --rs-panel, --rs-stages, --rs-epilogue or --all")
     copy = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")
     copy_gbps = 2 * copy.numel() / bench(lambda: copy.clone()) / 1e6
     print(f"device copy: {copy_gbps:.0f} GB/s", flush=True)
@@ -382,8 +383,14 @@ def main() -> None:
             save()
     if args.rs_stages or args.all:
         result["sweep_rs_stages"] = []
-        for n, k, m in ((28672, 4096, 2048), (28672, 4096, 8192), (6144, 4096, 2048)):
+        for n, k, m in ((28672, 4096, 2048), (4160, 14336, 2048), (6144, 4096, 2048), (28672, 4096, 8192)):
             result["sweep_rs_stages"] += sweep_rs_stages(n, k, m)
+            save()
+    if args.rs_epilogue or args.all:
+        result["sweep_rs_epilogue"] = []
+        for n, k, m in ((28672, 4096, 2048), (4160, 14336, 2048), (6144, 4096, 2048), (4160, 4096, 2048),
+                        (28672, 4096, 8192), (6144, 4096, 2053), (4160, 4096, 300)):
+            result["sweep_rs_epilogue"] += sweep_rs_epilogue(n, k, m)
             save()
     if args.prefill or args.all:
         result["sweep_prefill"] = {}

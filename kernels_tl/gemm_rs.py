@@ -36,10 +36,17 @@ from kernels_tl.targets import SM90, TARGETS  # noqa: F401
 # loaded after it, as plain loads). The producer warpgroup TileLang adds is threads 0..127.
 PREFETCH_OUTLIERS = os.environ.get("QUAD_RS_PREFETCH", "1") != "0"
 PRODUCER_THREADS = 128
+# The tile's token and weight-row scales load by cp.async with the outlier tiles into shared memory
+# (QUAD_RS_STAGE_SCALES=0: the epilogue reads them from global memory, 128 scalar loads a thread).
+STAGE_SCALES = os.environ.get("QUAD_RS_STAGE_SCALES", "1") != "0"
 _CP_ASYNC_SRC = r"""
 __device__ __forceinline__ void quad_cp_async16_zfill(void* dst, const void* src, bool valid) {
   unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(d), "l"(src), "r"(valid ? 16 : 0) : "memory");
+}
+__device__ __forceinline__ void quad_cp_async16_bytes(void* dst, const void* src, int bytes) {
+  unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(d), "l"(src), "r"(bytes) : "memory");
 }
 __device__ __forceinline__ void quad_cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 // Every consumer's pieces landed and visible to the wgmma (async proxy): wait for this thread's
@@ -68,7 +75,8 @@ def _weight_row(bx, i, block_w: int, pair: int, half: int, swiglu: bool):
 def w4ax_gemm_rs(n: int, k: int, rank: int, has_bias: bool = False, out_dtype: str = "float16",
                  block_t: int = 256, block_w: int = 128, block_k: int = 128, num_stages: int = 3,
                  chunk: int | None = None, swiglu: bool = False, fast_silu: bool = False, target=None,
-                 prefetch_outliers: bool | None = None, panel: int = 0):
+                 prefetch_outliers: bool | None = None, panel: int = 0,
+                 stage_scales: bool | None = None):
     """kernel(x_q, x_scale, w_q, w_scale, x_out, w_out, bias, y) as `gemm.w4ax_gemm` (y written;
     x_out / w_out / bias not read when rank == 0 / no bias). Tiles of block_w weight rows (a
     consumer warpgroup per 64) x block_t tokens, K tiles of block_k in num_stages TMA stages;
@@ -97,6 +105,9 @@ def w4ax_gemm_rs(n: int, k: int, rank: int, has_bias: bool = False, out_dtype: s
 
     # Not with swiglu (off by default): its epilogue then spilled 84 bytes (ptxas).
     prefetch = rank > 0 and not swiglu and (PREFETCH_OUTLIERS if prefetch_outliers is None else prefetch_outliers)
+    stage_scales = STAGE_SCALES if stage_scales is None else stage_scales
+    assert not stage_scales or (block_t // 4 + block_w // 8 <= 2 * block_w and n % 8 == 0)
+    asynchronous = prefetch or stage_scales  # the consumers wait for their cp.async after the K loop
     consumers = 2 * block_w  # the consumer warpgroups' threads, after the producer's 128
     chunks = r // 8  # 16-byte pieces of an outlier row
     assert not prefetch or (block_t * chunks % consumers == 0 and block_w * chunks % consumers == 0)
@@ -123,6 +134,25 @@ def w4ax_gemm_rs(n: int, k: int, rank: int, has_bias: bool = False, out_dtype: s
                               T.address_of(WO[T.if_then_else(w_row < n, w_row, 0), col]), w_row < n)
             T.call_extern("handle", "quad_cp_async_commit")
 
+    @T.macro
+    def load_scales(XS, WS, xs_s, ws_s, bx, by, m):
+        # Issued with the outlier tiles, waited for with them: a 16-byte piece a consumer thread, the
+        # token scales first (the last piece cut at the tokens' end, the rest zero-filled), then the
+        # weight rows' (zero past n; swiglu: gate rows then up rows, 8 a piece).
+        tx = T.get_thread_binding()
+        c = tx - PRODUCER_THREADS
+        if tx >= PRODUCER_THREADS and c < block_t // 4:
+            tok = by * block_t + c * 4
+            T.call_extern("handle", "quad_cp_async16_bytes", T.address_of(xs_s[c * 4]),
+                          T.address_of(XS[T.if_then_else(tok < m, tok, 0)]),
+                          T.if_then_else(tok < m, T.min(m - tok, 4) * 4, 0))
+        if tx >= PRODUCER_THREADS and c >= block_t // 4 and c < block_t // 4 + block_w // 8:
+            row = _weight_row(bx, (c - block_t // 4) * 8, block_w, pair, half, swiglu)
+            T.call_extern("handle", "quad_cp_async16_zfill", T.address_of(ws_s[(c - block_t // 4) * 8]),
+                          T.address_of(WS[T.if_then_else(row < n, row, 0)]), row < n)
+        if tx >= PRODUCER_THREADS:
+            T.call_extern("handle", "quad_cp_async_commit")
+
     @tilelang.jit(target=TARGETS[target])
     def build():
         m = T.dynamic("m")
@@ -141,7 +171,7 @@ def w4ax_gemm_rs(n: int, k: int, rank: int, has_bias: bool = False, out_dtype: s
             with T.Kernel(T.ceildiv(n, block_w), T.ceildiv(m, block_t), threads=2 * block_w) as (bx, by):
                 if panel:
                     T.use_swizzle(panel_size=panel, order="row")
-                if prefetch:
+                if asynchronous:
                     T.import_source(_CP_ASYNC_SRC)
                 x_s = T.alloc_shared((block_t, block_k), "int8")
                 w_packed = T.alloc_shared((block_w, block_k // 2), "uint8")
@@ -157,6 +187,10 @@ def w4ax_gemm_rs(n: int, k: int, rank: int, has_bias: bool = False, out_dtype: s
                     wo_s = T.alloc_shared((block_w, r), "float16")
                     if prefetch:
                         load_outliers(XO, WO, xo_s, wo_s, bx, by, m)
+                if stage_scales:
+                    xs_s = T.alloc_shared((block_t,), "float32")
+                    ws_s = T.alloc_shared((block_w,), "float16")
+                    load_scales(XS, WS, xs_s, ws_s, bx, by, m)
                 T.clear(acc)
                 for kt in T.Pipelined(k // block_k, num_stages=num_stages):
                     T.copy(XQ[by * block_t, kt * block_k], x_s)
@@ -166,20 +200,25 @@ def w4ax_gemm_rs(n: int, k: int, rank: int, has_bias: bool = False, out_dtype: s
                     else:
                         T.copy(WQ[bx * block_w, kt * (block_k // 2)], w_packed)
                     product()
-                for i, j in T.Parallel(block_w, block_t):
-                    row = _weight_row(bx, i, block_w, pair, half, swiglu)
-                    tok = by * block_t + j
-                    out[i, j] = T.Cast("float32", acc[i, j]) * (
-                        T.if_then_else(tok < m, XS[tok], T.float32(0))
-                        * T.Cast("float32", T.if_then_else(row < n, WS[row], T.float16(0))) * T.float32(1.0 / 16))
+                if asynchronous:
+                    T.call_extern("handle", "quad_outliers_ready", consumers)
+                if stage_scales:  # zero past the tokens and the weight rows, as below
+                    for i, j in T.Parallel(block_w, block_t):
+                        out[i, j] = T.Cast("float32", acc[i, j]) * (
+                            xs_s[j] * T.Cast("float32", ws_s[i]) * T.float32(1.0 / 16))
+                else:
+                    for i, j in T.Parallel(block_w, block_t):
+                        row = _weight_row(bx, i, block_w, pair, half, swiglu)
+                        tok = by * block_t + j
+                        out[i, j] = T.Cast("float32", acc[i, j]) * (
+                            T.if_then_else(tok < m, XS[tok], T.float32(0))
+                            * T.Cast("float32", T.if_then_else(row < n, WS[row], T.float16(0))) * T.float32(1.0 / 16))
                 if rank > 0:
-                    if prefetch:
-                        T.call_extern("handle", "quad_outliers_ready", consumers)
-                    elif swiglu:
+                    if not prefetch and swiglu:
                         T.copy(XO[by * block_t, 0], xo_s)
                         T.copy(WO[bx * pair, 0], wo_s[0:pair, :])
                         T.copy(WO[half + bx * pair, 0], wo_s[pair:block_w, :])
-                    else:
+                    elif not prefetch:
                         T.copy(XO[by * block_t, 0], xo_s)
                         T.copy(WO[bx * block_w, 0], wo_s)
                     T.gemm(wo_s, xo_s, out, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)

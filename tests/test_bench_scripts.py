@@ -59,12 +59,12 @@ def test_gemm_rows_time_the_kernels_the_dispatch_did_not_pick(bench_modules):
     from kernels_tl.gemm_rs import w4ax_gemm_rs
     from kernels_tl.gemm_ws import w4ax_gemm_ws
     prefill = dict(alternatives(2048, 4160, 4096, 0))  # the dispatch: the register-unpack kernel, 3 stages
-    assert list(prefill) == ["ws", "pipelined", "rs_s4", "rs_t128", "rs_k256"] and prefill["pipelined"][0] is w4ax_gemm
+    assert list(prefill) == ["ws", "pipelined", "rs_s3", "rs_t128", "rs_k256"] and prefill["pipelined"][0] is w4ax_gemm
     assert prefill["pipelined"][1] == (4160, 4096, 0, False, "float16") and prefill["ws"][0] is w4ax_gemm_ws
-    assert all(prefill[v][0] is w4ax_gemm_rs for v in ("rs_s4", "rs_t128", "rs_k256"))
+    assert all(prefill[v][0] is w4ax_gemm_rs for v in ("rs_s3", "rs_t128", "rs_k256"))
     assert dict(prefill["rs_t128"][2])["block_t"] == 128 and dict(prefill["rs_k256"][2])["block_k"] == 256
     middle = dict(alternatives(512, 4160, 4096, 0))  # the dispatch: the register-unpack kernel, 128-token tiles
-    assert list(middle) == ["ws", "pipelined", "rs", "rs_s4", "rs_k256"]
+    assert list(middle) == ["ws", "pipelined", "rs", "rs_s3", "rs_k256"]
     for n, rank in ((28672, 0), (6144, 64)):  # gate_up, qkv: the two-blocks-a-SM register-unpack kernel picked
         others = dict(alternatives(16, n, 4096, rank))
         assert list(others) == ["decode_pipelined", "decode_ws", "decode_rs", "decode_rs1"]

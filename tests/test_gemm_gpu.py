@@ -57,6 +57,31 @@ def test_full_output_matches_reference(m, n, k, act_bits, rank):
     assert not torch.isnan(y).any() and rel < 1e-3, rel
 
 
+@pytest.mark.parametrize("m", [100, 2053])
+@pytest.mark.parametrize("n,k,rank", [(6144, 4096, 64), (4160, 14336, 0)])
+def test_prefill_gemm_scales_staged_or_read_give_the_same_output(m, n, k, rank):
+    """gemm_rs's stage_scales (the tile's scales by cp.async into shared memory) against the epilogue
+    reading them from global memory: bit-equal, also with the token edge inside a 4-scale piece (m = 2053)
+    and with both scale vectors passed as views at an offset that is not 16-byte aligned (the dispatch
+    copies those)."""
+    from kernels_tl.gemm_dispatch import rs_tiles, w4ax_linear
+    from kernels_tl.gemm_rs import w4ax_gemm_rs
+    xq, xs, wq, ws, xo, wo = operands(m, n, k, rank, 8, seed=m + 3 * n)
+    wp, xs, ws = ref.pack_int4(wq), xs.reshape(-1), ws.reshape(-1)
+    xo, wo = (xo, wo) if rank else (torch.zeros(m, 16, device="cuda").half(), torch.zeros(n, 16, device="cuda").half())
+    bias = torch.zeros(n, device="cuda").half()
+    ys = []
+    for staged in (False, True):
+        kernel = w4ax_gemm_rs(n, k, rank, False, "float16", **rs_tiles(m, n, k), stage_scales=staged)
+        ys.append(torch.full((m, n), float("nan"), device="cuda", dtype=torch.float16))
+        kernel(xq, xs, wp, ws, xo, wo, bias, ys[-1])
+    assert not torch.isnan(ys[0]).any() and torch.equal(ys[0], ys[1])
+    xs_view, ws_view = torch.cat([xs.new_zeros(1), xs])[1:], torch.cat([ws.new_zeros(1), ws])[1:]
+    assert xs_view.data_ptr() % 16 and ws_view.data_ptr() % 16
+    y = w4ax_linear(xq, xs_view, wp, ws_view, xo if rank else None, wo if rank else None)
+    assert torch.equal(y, ys[1])
+
+
 def test_split_k_workspace_is_left_zero():
     """The split-K path's int32 workspace must be zero again after every call (CUDA graphs replay it)."""
     from kernels_tl import buffers, gemm_dispatch

@@ -73,7 +73,7 @@ def test_producer_unpack_prefill_gemm_builds(n, k, rank, bias, tmp_path):
 
 
 @pytest.mark.parametrize("n,k,rank,bias,tiles", [(28672, 4096, 0, False, {}), (6144, 4096, 64, False, {}),
-                                                 (4160, 14336, 0, True, {"num_stages": 4}),
+                                                 (4160, 14336, 0, True, {"num_stages": 3}),
                                                  (28672, 4096, 0, False, {"block_k": 256, "chunk": 128, "num_stages": 2}),
                                                  (960, 576, 64, True, {}), (4160, 4096, 0, False, {"block_t": 128})])
 def test_register_unpack_prefill_gemm_builds(n, k, rank, bias, tiles, tmp_path):
@@ -108,6 +108,9 @@ def test_register_unpack_prefill_gemm_builds(n, k, rank, bias, tiles, tmp_path):
         issue, split = src.index("if (128 <= ((int)threadIdx.x))"), src.index("warpgroup_reg_dealloc")
         assert issue < src.index("quad_cp_async16_zfill((&") < src.index("quad_cp_async_commit();") < split
         assert split < src.index("quad_outliers_ready(256);") < src.index("wgmma_ss<tl::DataType::kFloat16")
+    # the tile's scales: cp.async before the roles split, then read from shared memory only
+    split, ready = src.index("warpgroup_reg_dealloc"), src.index("quad_outliers_ready(256);")
+    assert src.index("quad_cp_async16_bytes((&") < split < ready and "XS[" not in src[ready:]
     assert max(ptxas_spills(src, tmp_path)) == 0
 
 
