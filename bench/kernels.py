@@ -191,7 +191,8 @@ QUANT_SHAPES = {"llama-3-8b": (4096, 14336), "qwen2.5-7b": (3584, 18944), "smoll
 def bench_quantize(model: str, m: int) -> list[dict]:
     """Norm+quantize (d + r wide residual) and Hadamard+quantize (the down_proj input: plain, and
     gated as the engine runs it), GB/s on the bytes they must move, and each followed by its GEMM
-    against cuBLAS bf16 on the same shape."""
+    against cuBLAS bf16 on the same shape; then the fused-add norm and the o_proj input's quantizer
+    (`_engine_site_quantizers`)."""
     from kernels_tl import quantize as qk
     from kernels_tl.hadamard import hadamard_factors
     from kernels_tl.hadamard_quant import hadamard_quant
@@ -239,6 +240,44 @@ def bench_quantize(model: str, m: int) -> list[dict]:
     rows.append({"model": model, "kernel": "hadamard_gated", "dispatch": list(choice), "m": m, "n": f,
                  "factors": factors, "ms": t, "gbps": moved / t / 1e6,
                  "with_gemm": {"n": d, "k": f, "ms": t_fused, "bf16_ms": t_bf16, "speedup_vs_bf16": t_bf16 / t_fused}})
+    rows += _engine_site_quantizers(model, m)
+    return rows
+
+
+def _engine_site_quantizers(model: str, m: int) -> list[dict]:
+    """The other two quantizers a prefill layer runs, as the engine calls them: the norm with the
+    residual add fused (float32 residual += float16 branch, written back; 4-bit codes, the qkv /
+    gate_up site of W4A4A8) and the o_proj input's Hadamard over the whole attention width (8-bit
+    codes), the latter followed by the o_proj GEMM against cuBLAS bf16 on the same shape."""
+    from kernels_tl import hadamard_quant_dispatch as hq
+    from kernels_tl import quantize as qk
+    from kernels_tl.hadamard import hadamard_factors
+
+    d = QUANT_SHAPES[model][0]
+    width = RANK + d
+    h, delta = torch.randn(m, width, device="cuda"), torch.randn(m, width, device="cuda").half()
+    x_out, x_q = torch.empty(m, RANK, device="cuda").half(), torch.empty(m, d, device="cuda", dtype=torch.int8)
+    x_s = torch.empty(m, device="cuda")
+    norm = qk.rmsnorm_quant(width, RANK, d, 4, 0.9, 1e-5, residual="add")
+    t = bench(lambda: norm(h, delta, x_out, x_q, x_s))
+    moved = h.numel() * (4 + 2 + 4) + x_out.numel() * 2 + x_q.numel() + m * 4
+    rows = [{"model": model, "kernel": "rmsnorm_quant_add", "m": m, "width": width, "ms": t, "gbps": moved / t / 1e6}]
+    factors = tuple(hadamard_factors(d))
+    attn = torch.randn(m, d, device="cuda").half()
+    a_q, a_s = torch.empty(m, d, device="cuda", dtype=torch.int8), torch.empty(m, device="cuda")
+    choice = hq.kernel_choice(m, d, factors, None, False)
+    had = hq.build_choice(choice, d, factors, None, 8, 0.9, False)
+    t = bench(lambda: had(attn, a_q, a_s))
+    moved = attn.numel() * 2 + a_q.numel() + m * 4
+    n_o = width  # o_proj writes the widened residual
+    wq = ref.pack_int4(torch.randint(-8, 8, (n_o, d), device="cuda", dtype=torch.int8))
+    ws, y = torch.rand(n_o, device="cuda").half(), torch.empty(m, n_o, device="cuda").half()
+    t_fused = bench(lambda: (had(attn, a_q, a_s), gemm_dispatch.w4ax_linear(a_q, a_s, wq, ws, out=y)))
+    xb, wb = torch.randn(m, d, device="cuda").bfloat16(), torch.randn(n_o, d, device="cuda").bfloat16()
+    t_bf16 = bench(lambda: xb @ wb.T)
+    rows.append({"model": model, "kernel": "hadamard_o", "dispatch": list(choice), "m": m, "n": d,
+                 "factors": list(factors), "ms": t, "gbps": moved / t / 1e6,
+                 "with_gemm": {"n": n_o, "k": d, "ms": t_fused, "bf16_ms": t_bf16, "speedup_vs_bf16": t_bf16 / t_fused}})
     return rows
 
 
@@ -265,10 +304,11 @@ def main() -> None:
         for m in (2048, 8192):
             for row in bench_quantize(model, m):
                 result["quantize"].append(row)
-                g = row["with_gemm"]
-                print(f"{model:11s} {row['kernel']:15s} M={m:5d}: {row['ms'] * 1e3:8.1f} us {row['gbps']:6.0f} GB/s "
-                      f"({row['gbps'] / copy_gbps:4.0%} of copy); + GEMM {g['n']}x{g['k']}: {g['ms'] * 1e3:8.1f} us, "
-                      f"bf16 {g['bf16_ms'] * 1e3:8.1f} us x{g['speedup_vs_bf16']:.2f}", flush=True)
+                g = row.get("with_gemm")
+                print(f"{model:11s} {row['kernel']:17s} M={m:5d}: {row['ms'] * 1e3:8.1f} us {row['gbps']:6.0f} GB/s "
+                      f"({row['gbps'] / copy_gbps:4.0%} of copy)" + (
+                          f"; + GEMM {g['n']}x{g['k']}: {g['ms'] * 1e3:8.1f} us, "
+                          f"bf16 {g['bf16_ms'] * 1e3:8.1f} us x{g['speedup_vs_bf16']:.2f}" if g else ""), flush=True)
     save()
     def rank_of(name):  # the outlier path runs on the norm-fed linears
         return RANK if name in ("qkv", "gate_up") else 0
