@@ -26,7 +26,7 @@ import time
 import torch
 from triton.testing import do_bench
 
-from kernels_tl import gemm_dispatch
+from kernels_tl import gemm_dispatch, gemm_plans
 from kernels_tl import reference as ref
 
 MODELS = {
@@ -101,11 +101,11 @@ def alternative_kernels(m: int, n: int, k: int, rank: int) -> list:
     spec = gemm_dispatch._spec
     picked = gemm_dispatch.kernel_specs(m, n, k, rank, False, "float16")[0]
     if m > 64:
-        ws_tiles = gemm_dispatch._fit_k(gemm_dispatch.WS_TILES, k)
-        rs_tiles = gemm_dispatch._rs_fit(n, k, gemm_dispatch.RS_TILES["block_t"])
+        ws_tiles = gemm_plans.fit_k(gemm_plans.WS_TILES, k)
+        rs_tiles = gemm_plans.rs_fit(n, k, gemm_plans.RS_TILES["block_t"])
         kernels = [("ws", spec(w4ax_gemm_ws, n, k, rank, False, "float16", **ws_tiles)),
                    ("pipelined", spec(w4ax_gemm, n, k, rank, False, "float16",
-                                      **gemm_dispatch.prefill_tiles(m, n, k, rank))),
+                                      **gemm_plans.prefill_tiles(m, n, k, rank))),
                    ("rs", spec(w4ax_gemm_rs, n, k, rank, False, "float16", **rs_tiles)),
                    ("rs_s3", spec(w4ax_gemm_rs, n, k, rank, False, "float16", **{**rs_tiles, "num_stages": 3})),
                    ("rs_t128", spec(w4ax_gemm_rs, n, k, rank, False, "float16", **{**rs_tiles, "block_t": 128}))]
@@ -115,7 +115,7 @@ def alternative_kernels(m: int, n: int, k: int, rank: int) -> list:
         return [(name, s) for name, s in kernels if s != picked]
     if not 4 < m <= 64:
         return []
-    plan = gemm_dispatch.decode_plan(m, n, k, resident=1)
+    plan = gemm_plans.decode_plan(m, n, k, resident=1)
     if plan["split"] != 1:
         return []
     extra = {"min_blocks": plan["min_blocks"]} if "min_blocks" in plan else {}
@@ -123,12 +123,12 @@ def alternative_kernels(m: int, n: int, k: int, rank: int) -> list:
     kernels = [("decode_pipelined", spec(w4ax_gemm_decode, n, k, rank, False, "float16", *tiles, **extra))]
     if k % 256 == 0 and n % 64 == 0:
         kernels.append(("decode_ws", spec(w4ax_gemm_decode_ws, n, k, rank, False, "float16", plan["block_m"],
-                                          **gemm_dispatch.DECODE_WS_TILES)))
+                                          **gemm_plans.DECODE_WS_TILES)))
     kernels.append(("decode_rs", spec(w4ax_gemm_decode, n, k, rank, False, "float16", *tiles, **extra,
                                       register_unpack=True, overlap_unpack=True)))
     kernels.append(("decode_rs1", spec(w4ax_gemm_decode, n, k, rank, False, "float16", *tiles, **extra,
                                        register_unpack=True)))
-    two = gemm_dispatch.decode_plan(m, n, k, resident=2)
+    two = gemm_plans.decode_plan(m, n, k, resident=2)
     if two.get("ws_blocks") == 2 and two["split"] == 1:
         kernels.append(("decode_resident2", spec(w4ax_gemm_decode, n, k, rank, False, "float16", two["block_m"],
                                                  two["block_k"], two["num_stages"], register_unpack=True,

@@ -27,7 +27,7 @@ from kernels import MODELS, bench, bench_graph, build_all, copies_beyond_l2, ope
 from sweeps_prefill import (sweep_prefill, sweep_rope_store, sweep_rs_epilogue, sweep_rs_panel,  # noqa: E402
                             sweep_rs_prefetch, sweep_rs_stages)
 
-from kernels_tl import gemm_decode, gemm_dispatch, gemv  # noqa: E402
+from kernels_tl import gemm_decode, gemm_dispatch, gemm_plans, gemv  # noqa: E402
 from kernels_tl import reference as ref  # noqa: E402
 
 
@@ -54,7 +54,7 @@ def sweep_decode(n: int, k: int, m: int) -> list[dict]:
     pipeline depth 2-4, built for 1-3 blocks a SM, timed back to back in a CUDA graph over weight
     copies larger than L2 (as a decode step runs), with the dispatch's own plan marked. GB/s on the
     packed weight; each variant's int32 sums checked against the first variant's."""
-    from kernels_tl.gemm_dispatch import SMEM_PER_SM, decode_plan, decode_smem
+    from kernels_tl.gemm_plans import SMEM_PER_SM, decode_plan, decode_smem
 
     xq, xs, wq, ws, _, _ = operands(m, n, k, 0)
     wps = [ref.pack_int4(wq)] + [ref.pack_int4(wq).clone() for _ in range(copies_beyond_l2(n * k // 2) - 1)]
@@ -95,7 +95,7 @@ def decode_ws_variants(n: int, k: int, m: int) -> list[tuple[int, int, int]]:
     covering K can run at this shape: at least as many K tiles as stages, shared memory (stages of
     activation and packed weight tiles, the unpacked tiles, the epilogue's float32 tile) within a
     SM's."""
-    from kernels_tl.gemm_dispatch import SMEM_PER_SM
+    from kernels_tl.gemm_plans import SMEM_PER_SM
     block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
     out = []
     for bk in (128, 256, 512):
@@ -351,7 +351,7 @@ def main() -> None:
         result["sweep_decode_ws"] = []
         for m in (16, 32, 64):
             for n, k in linears:  # the problems one block covers K of (qkv, gate_up); o / down split K
-                if gemm_dispatch.decode_plan(m, n, k)["split"] == 1:
+                if gemm_plans.decode_plan(m, n, k)["split"] == 1:
                     result["sweep_decode_ws"] += sweep_decode_ws(n, k, m)
                     save()
     if args.gemv or args.all:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from kernels import bench, build_all, operands
 
-from kernels_tl import gemm, gemm_dispatch
+from kernels_tl import gemm, gemm_plans
 from kernels_tl import reference as ref
 
 
@@ -87,7 +87,7 @@ def sweep_rs_variants(n: int, k: int, m: int, variants: dict, label: str) -> lis
     xq, xs, wq, ws, xo, wo = operands(m, n, k, 64)
     wp, bias = ref.pack_int4(wq), torch.zeros(n, device="cuda").half()
     want = ref.quant_linear(xq, xs[:, None], wq, ws[:, None], xo, wo)
-    tiles = gemm_dispatch.rs_tiles(m, n, k)
+    tiles = gemm_plans.rs_tiles(m, n, k)
     kernels = build_all({name: (lambda v=v: w4ax_gemm_rs(n, k, 64, False, "float16", **{**tiles, **v}))
                          for name, v in variants.items()})
     rows, first = [], None

@@ -13,11 +13,11 @@ mkdir -p "$out"
 work=$(mktemp -d)
 cat > "$work/launch.py" <<PY
 import torch
-from kernels_tl import gemm_dispatch
+from kernels_tl import gemm_plans
 from kernels_tl import reference as ref
 from kernels_tl.gemm_rs import w4ax_gemm_rs
 n, k, m, rank = $n, $k, $tokens, 64
-tiles = gemm_dispatch.rs_tiles(m, n, k)
+tiles = gemm_plans.rs_tiles(m, n, k)
 kernel = w4ax_gemm_rs(n, k, rank, False, "float16", **tiles)
 xq = torch.randint(-8, 8, (m, k), device="cuda", dtype=torch.int8)
 wp = ref.pack_int4(torch.randint(-8, 8, (n, k), device="cuda", dtype=torch.int8))

@@ -80,9 +80,9 @@ def test_gemm_rows_time_the_kernels_the_dispatch_did_not_pick(bench_modules):
 def test_decode_ws_sweep_variants_fit_the_kernel(bench_modules):
     """bench/sweeps.py --decode-ws: every tile it sweeps is one the kernel accepts (K tiles >=
     stages, unpacked tiles <= stages, shared memory within a SM), and the dispatch's tile is among them."""
-    from kernels_tl import gemm_dispatch
+    from kernels_tl import gemm_plans
     variants = bench_modules["sweeps"].decode_ws_variants(28672, 4096, 32)
-    assert (gemm_dispatch.DECODE_WS_TILES["block_k"], gemm_dispatch.DECODE_WS_TILES["num_stages"], 2) in variants
+    assert (gemm_plans.DECODE_WS_TILES["block_k"], gemm_plans.DECODE_WS_TILES["num_stages"], 2) in variants
     assert all(4096 % bk == 0 and 4096 // bk >= st and bufs <= st for bk, st, bufs in variants)
     assert len(set(variants)) == len(variants) >= 12
 

@@ -7,7 +7,7 @@ pytest.importorskip("tilelang")
 
 
 def test_prefill_tiles_avoid_a_half_empty_last_wave():
-    from kernels_tl.gemm_dispatch import prefill_tiles
+    from kernels_tl.gemm_plans import prefill_tiles
     # Llama-3-8B o_proj / down_proj outputs: 4096 + 64 outlier channels = 33 column tiles. 2048
     # tokens in 384-row tiles: 198 tiles on 132 SMs, a second wave half empty; 256-row: 264, two full.
     assert prefill_tiles(2048, 4160, 4096)["block_m"] == 256
@@ -24,14 +24,14 @@ def test_prefill_tiles_avoid_a_half_empty_last_wave():
 
 
 def test_prebuild_covers_every_tile_the_dispatch_can_pick(monkeypatch):
-    from kernels_tl import gemm_dispatch
+    from kernels_tl import gemm_dispatch, gemm_plans
     built = []
     monkeypatch.setattr(gemm_dispatch, "PREFILL_GEMM", "pipelined")  # QUAD_PREFILL_GEMM=pipelined: tiles by shape
     monkeypatch.setattr(gemm_dispatch, "w4ax_gemm", lambda n, k, rank, bias, dtype, **t: built.append((n, t["block_m"])))
     gemm_dispatch.prebuild([(1024, 4160, 4096, 0, False, "float16"), (1024, 6144, 4096, 64, False, "float16")])
     assert sorted(built) == [(4160, 256), (4160, 384), (6144, 256)]
     for m in range(1024, 9000, 512):  # whatever a prefill of that class picks was built
-        assert (4160, gemm_dispatch.prefill_tiles(m, 4160, 4096)["block_m"]) in built
+        assert (4160, gemm_plans.prefill_tiles(m, 4160, 4096)["block_m"]) in built
     specs = []  # the register-unpack kernel (the default): both token tiles under 1024 tokens
     monkeypatch.setattr(gemm_dispatch, "PREFILL_GEMM", "rs")
     monkeypatch.setattr(gemm_dispatch, "_build_all", lambda s, workers=16: specs.extend(s))
@@ -138,7 +138,7 @@ def test_register_unpack_prefill_tiles_follow_the_measured_choices():
     """rs_tiles picks the token tile that was faster in bench/results/gemm_rs_middle_h200_2026-12-02.json
     (128-512 tokens) and gemm_rs_prefill_h200_2026-12-02.json (2048, 8192): 128-token tiles where
     256-token ones would leave SMs idle (o / down at 128-512, qkv at 128-256, gate_up at 128)."""
-    from kernels_tl.gemm_dispatch import rs_tiles
+    from kernels_tl.gemm_plans import rs_tiles
     picks = {(m, n): rs_tiles(m, n, 4096)["block_t"] for m in (128, 256, 512, 2048, 8192)
              for n in (6144, 4160, 28672)}
     assert [picks[(m, 6144)] for m in (128, 256, 512, 2048, 8192)] == [128, 128, 256, 256, 256]  # qkv
@@ -151,15 +151,15 @@ def test_register_unpack_prefill_panels_only_weights_beyond_l2(monkeypatch):
     """Panels of 8 token tiles for the weights that do not fit in L2 (Llama-3-8B's and Qwen2.5-7B's
     gate_up; measured faster in bench/results/sweep_rs_panel_h200_2026-12-03.json), launch order for
     those that do (within noise there); QUAD_RS_PANEL=0 restores launch order everywhere."""
-    from kernels_tl import gemm_dispatch
-    panels = {name: gemm_dispatch.rs_tiles(2048, n, k)["panel"] for name, (n, k) in
+    from kernels_tl import gemm_dispatch, gemm_plans
+    panels = {name: gemm_plans.rs_tiles(2048, n, k)["panel"] for name, (n, k) in
               {"qkv": (6144, 4096), "o": (4160, 4096), "gate_up": (28672, 4096), "down": (4160, 14336),
                "qwen gate_up": (37888, 3584), "qwen down": (3648, 18944), "smollm2 gate_up": (3072, 576)}.items()}
     assert panels == {"qkv": 0, "o": 0, "gate_up": 8, "down": 0, "qwen gate_up": 8, "qwen down": 0,
                       "smollm2 gate_up": 0}
     assert all(t["panel"] == 8 for t in gemm_dispatch._rs_tile_class(512, 28672, 4096))
-    monkeypatch.setattr(gemm_dispatch, "RS_PANEL", 0)
-    assert gemm_dispatch.rs_tiles(2048, 28672, 4096)["panel"] == 0
+    monkeypatch.setattr(gemm_plans, "RS_PANEL", 0)
+    assert gemm_plans.rs_tiles(2048, 28672, 4096)["panel"] == 0
 
 
 def test_prefill_gemm_is_the_register_unpack_kernel_above_64_tokens(monkeypatch):
@@ -185,14 +185,14 @@ def test_prefill_gemm_is_the_register_unpack_kernel_above_64_tokens(monkeypatch)
 
 
 def test_decode_gemms_unpack_in_registers_and_the_switches_restore_the_shared_memory_kernels(monkeypatch):
-    from kernels_tl import gemm_dispatch
+    from kernels_tl import gemm_dispatch, gemm_plans
     from kernels_tl.gemm_decode import w4ax_epilogue, w4ax_gemm_decode, w4ax_gemm_splitk
     from kernels_tl.gemm_ws import w4ax_gemm_decode_ws
     for m in (5, 16, 32, 64):  # gate_up and qkv: one block covers K, the register-unpack kernel
         for n, rank in ((28672, 0), (6144, 64)):
             builder, args, kwargs = gemm_dispatch.kernel_specs(m, n, 4096, rank, False, "float16")[0]
             assert builder is w4ax_gemm_decode and dict(kwargs)["register_unpack"] is True
-            assert args[5] == gemm_dispatch.decode_plan(m, n, 4096)["block_m"]
+            assert args[5] == gemm_plans.decode_plan(m, n, 4096)["block_m"]
     # o_proj's 65 weight tiles are split over K: the split-K kernel (register unpack) and its epilogue
     (splitk, _, kwargs), (epilogue, _, _) = gemm_dispatch.kernel_specs(32, 4160, 4096, 0, False, "float16")
     assert splitk is w4ax_gemm_splitk and dict(kwargs)["register_unpack"] is True and epilogue is w4ax_epilogue
@@ -200,7 +200,7 @@ def test_decode_gemms_unpack_in_registers_and_the_switches_restore_the_shared_me
     monkeypatch.setattr(gemm_dispatch, "DECODE_GEMM", "ws")  # QUAD_DECODE_GEMM=ws
     for m in (5, 16, 32, 64):  # gate_up, 448 weight tiles: the producer-unpack kernel
         builder, args, _ = gemm_dispatch.kernel_specs(m, 28672, 4096, 0, False, "float16")[0]
-        assert builder is w4ax_gemm_decode_ws and args[-1] == gemm_dispatch.decode_plan(m, 28672, 4096)["block_m"]
+        assert builder is w4ax_gemm_decode_ws and args[-1] == gemm_plans.decode_plan(m, 28672, 4096)["block_m"]
     # qkv's 96 tiles (under a wave, measured slower there): the shared-memory pipelined kernel
     builder, _, kwargs = gemm_dispatch.kernel_specs(32, 6144, 4096, 64, False, "float16")[0]
     assert builder is w4ax_gemm_decode and "register_unpack" not in dict(kwargs)
@@ -213,28 +213,28 @@ def test_resident_decode_plans_fit_two_blocks_a_sm(monkeypatch):
     """Two warp-specialized blocks a SM (the default, QUAD_DECODE_GEMM_RESIDENT=2): K tiles whose
     shared memory fits twice in a SM, the kernel is told (ws_blocks), the K split as for one block
     unless QUAD_DECODE_GEMM_FILL asks for more."""
-    from kernels_tl import gemm_dispatch
+    from kernels_tl import gemm_plans
     for m in (5, 16, 32, 64):
         for n, k in ((28672, 4096), (6144, 4096), (4160, 14336), (4160, 4096)):
-            plan = gemm_dispatch.decode_plan(m, n, k, resident=2)
+            plan = gemm_plans.decode_plan(m, n, k, resident=2)
             assert plan["ws_blocks"] == 2 and k % (plan["block_k"] * plan["split"]) == 0
-            assert 2 * gemm_dispatch.decode_rs_smem(plan["block_m"], plan["block_k"], plan["num_stages"]) \
-                <= gemm_dispatch.SMEM_PER_SM - 4096
-            assert "ws_blocks" not in gemm_dispatch.decode_plan(m, n, k, resident=1)
-    assert gemm_dispatch.decode_plan(32, 28672, 4096, resident=2)["block_k"] == 512  # 1024 x 2 stages is 136 KB
-    assert gemm_dispatch.decode_plan(32, 4160, 4096, resident=2)["split"] == 2  # 130 blocks
-    monkeypatch.setattr(gemm_dispatch, "DECODE_FILL", 2.0)  # QUAD_DECODE_GEMM_FILL=2
+            assert 2 * gemm_plans.decode_rs_smem(plan["block_m"], plan["block_k"], plan["num_stages"]) \
+                <= gemm_plans.SMEM_PER_SM - 4096
+            assert "ws_blocks" not in gemm_plans.decode_plan(m, n, k, resident=1)
+    assert gemm_plans.decode_plan(32, 28672, 4096, resident=2)["block_k"] == 512  # 1024 x 2 stages is 136 KB
+    assert gemm_plans.decode_plan(32, 4160, 4096, resident=2)["split"] == 2  # 130 blocks
+    monkeypatch.setattr(gemm_plans, "DECODE_FILL", 2.0)  # QUAD_DECODE_GEMM_FILL=2
     for m in (16, 32, 64):
         for k in (4096, 14336):  # o, down: 65 tiles x 4 splits, two blocks a SM
-            plan = gemm_dispatch.decode_plan(m, 4160, k, resident=2)
+            plan = gemm_plans.decode_plan(m, 4160, k, resident=2)
             assert plan["split"] == 4 and k // (plan["block_k"] * 4) >= 2
-        assert gemm_dispatch.decode_plan(m, 28672, 4096, resident=2)["split"] == 1
-        assert gemm_dispatch.decode_plan(m, 6144, 4096, resident=2)["split"] == 1  # 96 tiles fill the SMs unsplit
-    assert gemm_dispatch.decode_plan(16, 4160, 4096, resident=2)["block_k"] == 512  # 1024 would split only twice
+        assert gemm_plans.decode_plan(m, 28672, 4096, resident=2)["split"] == 1
+        assert gemm_plans.decode_plan(m, 6144, 4096, resident=2)["split"] == 1  # 96 tiles fill the SMs unsplit
+    assert gemm_plans.decode_plan(16, 4160, 4096, resident=2)["block_k"] == 512  # 1024 would split only twice
 
 
 def test_resident_switch_reaches_the_register_unpack_kernels_only(monkeypatch):
-    from kernels_tl import gemm_dispatch
+    from kernels_tl import gemm_dispatch, gemm_plans
     for n, rank in ((28672, 64), (6144, 64), (4160, 0)):
         _, _, kwargs = gemm_dispatch.kernel_specs(32, n, 4096, rank, False, "float16")[0]
         assert dict(kwargs)["ws_blocks"] == 2 and dict(kwargs)["register_unpack"] is True
@@ -242,7 +242,7 @@ def test_resident_switch_reaches_the_register_unpack_kernels_only(monkeypatch):
     _, _, kwargs = gemm_dispatch.kernel_specs(32, 28672, 4096, 64, False, "float16")[0]
     assert "ws_blocks" not in dict(kwargs)
     monkeypatch.setattr(gemm_dispatch, "DECODE_GEMM", "rs")
-    monkeypatch.setattr(gemm_dispatch, "DECODE_RESIDENT", 1)  # QUAD_DECODE_GEMM_RESIDENT=1
+    monkeypatch.setattr(gemm_plans, "DECODE_RESIDENT", 1)  # QUAD_DECODE_GEMM_RESIDENT=1
     _, _, kwargs = gemm_dispatch.kernel_specs(32, 28672, 4096, 64, False, "float16")[0]
     assert "ws_blocks" not in dict(kwargs)
 
@@ -324,7 +324,7 @@ def test_fused_swiglu_takes_prefill_gate_up_gemms_only_when_switched_on(monkeypa
     the GEMM and the gated quantizer."""
     import torch
 
-    from kernels_tl import gemm_dispatch
+    from kernels_tl import gemm_dispatch, gemm_plans
     from kernels_tl.gemm_rs import w4ax_gemm_rs
     from quad_engine import ops
     assert not gemm_dispatch.swiglu_fusable(2048, 28672)
@@ -333,7 +333,7 @@ def test_fused_swiglu_takes_prefill_gate_up_gemms_only_when_switched_on(monkeypa
     assert not gemm_dispatch.swiglu_fusable(64, 28672) and not gemm_dispatch.swiglu_fusable(2048, 28672 + 64)
     builder, args, kwargs = gemm_dispatch._swiglu_spec(2048, 28672, 4096, 64, False)
     assert builder is w4ax_gemm_rs and dict(kwargs)["swiglu"] is True
-    assert {key: v for key, v in kwargs if key not in ("swiglu", "fast_silu")} == gemm_dispatch.rs_tiles(2048, 28672, 4096)
+    assert {key: v for key, v in kwargs if key not in ("swiglu", "fast_silu")} == gemm_plans.rs_tiles(2048, 28672, 4096)
     specs = []
     monkeypatch.setattr(gemm_dispatch, "_build_all", lambda s, workers=16: specs.extend(s))
     gemm_dispatch.prebuild([], swiglu_problems=[(65, 28672, 4096, 64, False), (2048, 28672, 4096, 64, False),

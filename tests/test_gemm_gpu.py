@@ -64,7 +64,8 @@ def test_prefill_gemm_scales_staged_or_read_give_the_same_output(m, n, k, rank):
     reading them from global memory: bit-equal, also with the token edge inside a 4-scale piece (m = 2053)
     and with both scale vectors passed as views at an offset that is not 16-byte aligned (the dispatch
     copies those)."""
-    from kernels_tl.gemm_dispatch import rs_tiles, w4ax_linear
+    from kernels_tl.gemm_dispatch import w4ax_linear
+    from kernels_tl.gemm_plans import rs_tiles
     from kernels_tl.gemm_rs import w4ax_gemm_rs
     xq, xs, wq, ws, xo, wo = operands(m, n, k, rank, 8, seed=m + 3 * n)
     wp, xs, ws = ref.pack_int4(wq), xs.reshape(-1), ws.reshape(-1)
@@ -84,8 +85,8 @@ def test_prefill_gemm_scales_staged_or_read_give_the_same_output(m, n, k, rank):
 
 def test_split_k_workspace_is_left_zero():
     """The split-K path's int32 workspace must be zero again after every call (CUDA graphs replay it)."""
-    from kernels_tl import buffers, gemm_dispatch
-    assert gemm_dispatch.decode_plan(9, 4160, 4096)["split"] > 1
+    from kernels_tl import buffers, gemm_dispatch, gemm_plans
+    assert gemm_plans.decode_plan(9, 4160, 4096)["split"] > 1
     xq, xs, wq, ws, _, _ = operands(9, 4160, 4096, 0, 4, seed=1)
     y1 = gemm_dispatch.w4ax_linear(xq, xs, ref.pack_int4(wq), ws)
     y2 = gemm_dispatch.w4ax_linear(xq, xs, ref.pack_int4(wq), ws)
@@ -104,14 +105,14 @@ def test_swiglu_epilogue_matches_gate_up_then_swiglu(n, k, m, fast_silu):
     """gemm_rs's swiglu epilogue (QUAD_FUSED_SWIGLU): silu(gate) * up of the float16 GEMM output, as
     torch computes it in float16 (bit-exact with the exact silu; with the approximate one within the
     gated quantizers' tolerance: a few float16 values round the other way)."""
-    from kernels_tl import gemm_dispatch
+    from kernels_tl import gemm_dispatch, gemm_plans
     from kernels_tl.gemm_rs import w4ax_gemm_rs
     xq, xs, wq, ws, xo, wo = operands(m, n, k, 64, 4, seed=m + n + fast_silu)
     wp, bias = ref.pack_int4(wq), torch.zeros(n, device="cuda", dtype=torch.float16)
     gate_up = torch.full((m, n), float("nan"), device="cuda", dtype=torch.float16)
     gemm_dispatch.w4ax_linear(xq, xs.reshape(-1), wp, ws.reshape(-1), xo, wo, out=gate_up)
     y = torch.full((m, n // 2), float("nan"), device="cuda", dtype=torch.float16)
-    kernel = w4ax_gemm_rs(n, k, 64, False, "float16", **gemm_dispatch.rs_tiles(m, n, k), swiglu=True, fast_silu=fast_silu)
+    kernel = w4ax_gemm_rs(n, k, 64, False, "float16", **gemm_plans.rs_tiles(m, n, k), swiglu=True, fast_silu=fast_silu)
     kernel(xq, xs.reshape(-1), wp, ws.reshape(-1), xo, wo, bias, y)
     want = ref.swiglu_f16(gate_up)
     if not fast_silu:

@@ -14,7 +14,7 @@ if shutil.which("nvcc") is None:
 @pytest.mark.parametrize("rank,bias,block_m", [(64, False, 256), (0, False, 384), (0, False, 256), (32, True, 256)])
 def test_prefill_gemm_builds_with_int8_wgmma(rank, bias, block_m):
     from kernels_tl.gemm import SM90, w4ax_gemm
-    from kernels_tl.gemm_dispatch import prefill_candidates
+    from kernels_tl.gemm_plans import prefill_candidates
     tiles = next(t for t in prefill_candidates(2048, 1536, rank, bias) if t["block_m"] == block_m)
     kernel = w4ax_gemm(640, 1536, rank, bias, "float16", target=SM90, **tiles)
     src = kernel.get_kernel_source()
@@ -38,9 +38,9 @@ def test_producer_unpack_prefill_gemm_builds(n, k, rank, bias, tmp_path):
 
     from test_quantize_build import ptxas_log
 
-    from kernels_tl.gemm_dispatch import WS_TILES, _fit_k
+    from kernels_tl.gemm_plans import WS_TILES, fit_k
     from kernels_tl.gemm_ws import SM90, w4ax_gemm_ws
-    tiles = _fit_k(WS_TILES, k)
+    tiles = fit_k(WS_TILES, k)
     src = w4ax_gemm_ws(n, k, rank, bias, "float16", target=SM90, **tiles).get_kernel_source()
     producer, consumer = src.split("if (256 <= ((int)threadIdx.x)) {")[1].split("if (((int)threadIdx.x) < 256) {")
     assert "warpgroup_reg_dealloc<40>" in producer and "warpgroup_reg_alloc<232>" in consumer
@@ -88,7 +88,7 @@ def test_register_unpack_prefill_gemm_builds(n, k, rank, bias, tiles, tmp_path):
     threads 0..127) and waited for, fenced and barriered after the K loop, before their wgmma."""
     from test_quantize_build import ptxas_spills
 
-    from kernels_tl.gemm_dispatch import rs_tiles
+    from kernels_tl.gemm_plans import rs_tiles
     from kernels_tl.gemm_rs import SM90, w4ax_gemm_rs
     tiles = {**rs_tiles(2048, n, k), **tiles}
     src = w4ax_gemm_rs(n, k, rank, bias, "float16", target=SM90, **tiles).get_kernel_source()
@@ -121,9 +121,9 @@ def test_register_unpack_prefill_gemm_builds_with_the_swiglu_epilogue(n, k, rank
     output with the approximate silu and stored 16 bytes a thread; at most a few bytes spill."""
     from test_quantize_build import ptxas_spills
 
-    from kernels_tl.gemm_dispatch import RS_TILES, _fit_k
+    from kernels_tl.gemm_plans import RS_TILES, fit_k
     from kernels_tl.gemm_rs import SM90, w4ax_gemm_rs
-    tiles = {**_fit_k(RS_TILES, k), "block_t": block_t}
+    tiles = {**fit_k(RS_TILES, k), "block_t": block_t}
     src = w4ax_gemm_rs(n, k, rank, False, "float16", **tiles, swiglu=True, fast_silu=True, target=SM90).get_kernel_source()
     loads = re.findall(r"tma_load\(WQ_desc, [^;]*", src)
     assert len(loads) == 2 and loads[1].endswith(f" + {n // 2}))"), loads
@@ -143,7 +143,7 @@ def test_producer_unpack_decode_gemm_builds(n, k, m, rank, tmp_path):
 
     from test_quantize_build import ptxas_log
 
-    from kernels_tl.gemm_dispatch import DECODE_WS_TILES, decode_plan
+    from kernels_tl.gemm_plans import DECODE_WS_TILES, decode_plan
     from kernels_tl.gemm_ws import SM90, w4ax_gemm_decode_ws
     block_m = decode_plan(m, n, k)["block_m"]
     tiles = DECODE_WS_TILES
@@ -167,7 +167,7 @@ def test_decode_gemm_with_fused_epilogue_builds(n, k, m, rank):
     """Split-1 decode problems run one kernel: int8 wgmma for the integer part, float16 wgmma for
     the outlier product, no workspace atomics."""
     from kernels_tl.gemm_decode import SM90, w4ax_gemm_decode
-    from kernels_tl.gemm_dispatch import decode_plan
+    from kernels_tl.gemm_plans import decode_plan
     plan = decode_plan(m, n, k)
     if n == 4160:  # 65 weight tiles do not fill the GPU: this one is split, so not this kernel
         assert plan["split"] > 1
@@ -249,7 +249,7 @@ def test_resident_decode_gemm_keeps_its_producer_and_fits_two_blocks(n, k, m, tm
 @pytest.mark.parametrize("n,k,m", [(4160, 4096, 1), (6144, 4096, 16), (640, 1536, 64), (960, 576, 3)])
 def test_decode_gemm_builds_with_split_k(n, k, m):
     from kernels_tl.gemm_decode import SM90, w4ax_epilogue, w4ax_gemm_splitk
-    from kernels_tl.gemm_dispatch import decode_plan
+    from kernels_tl.gemm_plans import decode_plan
     plan = decode_plan(m, n, k)
     src = w4ax_gemm_splitk(n, k, **plan, target=SM90).get_kernel_source()
     assert "wgmma_ss<tl::DataType::kInt8, tl::DataType::kInt8, tl::DataType::kInt32, 64" in src
@@ -272,7 +272,7 @@ def test_decode_gemm_builds_for_several_blocks_a_sm(n, k, m, rank, min_blocks, t
     from test_quantize_build import ptxas_log
 
     from kernels_tl.gemm_decode import SM90, w4ax_epilogue, w4ax_gemm_decode, w4ax_gemm_splitk
-    from kernels_tl.gemm_dispatch import SMEM_PER_SM, decode_plan, decode_smem
+    from kernels_tl.gemm_plans import SMEM_PER_SM, decode_plan, decode_smem
     plan = decode_plan(m, n, k, min_blocks=min_blocks)
     if "min_blocks" not in plan:  # no K tile fits: 64-token tiles at 3 blocks a SM keep the default kernel
         assert (plan["block_m"], min_blocks) == (64, 3)
@@ -307,7 +307,8 @@ def test_gemv_builds_on_dp4a_without_spills(tokens, rank):
 def test_int8_weight_decode_gemm_builds(m):
     """The int8 lm_head's decode GEMM (weight_bits 8): int8 weight tiles straight to wgmma, no unpack."""
     from kernels_tl.gemm_decode import SM90, w4ax_gemm_decode
-    from kernels_tl.gemm_dispatch import decode_plan, w8a8_decode_supports
+    from kernels_tl.gemm_dispatch import w8a8_decode_supports
+    from kernels_tl.gemm_plans import decode_plan
     n, k, r = 128256, 4096, 64
     assert w8a8_decode_supports(n, k, r)
     plan = decode_plan(m, n, k)

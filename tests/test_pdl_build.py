@@ -72,7 +72,7 @@ def test_decode_step_kernels_wait_for_their_producer_first(name):
 
 def test_prefill_gemm_is_an_ordinary_launch():
     from kernels_tl.gemm import SM90, w4ax_gemm
-    from kernels_tl.gemm_dispatch import prefill_candidates
+    from kernels_tl.gemm_plans import prefill_candidates
     tiles = next(t for t in prefill_candidates(2048, 1536, 64, False) if t["block_m"] == 256)
     src = w4ax_gemm(640, 1536, 64, False, "float16", target=SM90, **tiles).get_kernel_source()
     assert SYNC not in src and TRIGGER not in src
