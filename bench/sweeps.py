@@ -8,7 +8,7 @@ it measured.
 
     python bench/sweeps.py --out sweep.json \
         (--hadamard | --decode | --decode-ws | --gemv | --prefill | --hadamard-stream | --rs-prefetch | --rope-store
-         | --rs-panel | --rs-stages | --rs-epilogue | --all)
+         | --rs-panel | --rs-stages | --rs-epilogue | --hadamard-square | --all)
 """
 
 from __future__ import annotations
@@ -255,7 +255,8 @@ STREAM_MS = (128, 256, 512, 1024, 2048, 8192)
 def sweep_hadamard_stream(n: int, gated: bool, ms=STREAM_MS) -> list[dict]:
     """The streaming Hadamard+quantize kernel (kernels_tl.hadamard_quant_stream: persistent blocks,
     the next row copied with cp.async under the current one) at 1 .. blocks_per_sm blocks a SM,
-    its tensor-core variant (kernels_tl.hadamard_quant_mma) where the row fits it, beside what the
+    its tensor-core variant (kernels_tl.hadamard_quant_mma) where the row fits it, the two-pass
+    kernel of square plain rows (kernels_tl.hadamard_quant_square) where it fits, beside what the
     dispatch runs and the one-block default, per token count M. Each
     variant's codes are compared with the default's (gated rows: all with fast_silu, as prefills
     run them); GB/s counts the row read and the codes and scales written."""
@@ -263,6 +264,7 @@ def sweep_hadamard_stream(n: int, gated: bool, ms=STREAM_MS) -> list[dict]:
     from kernels_tl.hadamard import hadamard_factors
     from kernels_tl.hadamard_quant import hadamard_quant
     from kernels_tl.hadamard_quant_mma import mma_fits
+    from kernels_tl.hadamard_quant_square import square_fits
     from kernels_tl.hadamard_quant_stream import blocks_per_sm, hadamard_quant_stream
 
     factors = tuple(hadamard_factors(n))
@@ -274,6 +276,8 @@ def sweep_hadamard_stream(n: int, gated: bool, ms=STREAM_MS) -> list[dict]:
                                                                     fast_silu=fast))
     if mma_fits(n, factors, None, gated):  # the dense factor on the tensor cores, at every M
         thunks[("mma",)] = lambda: hq.build_choice(("mma",), n, factors, None, 8, 0.9, gated)
+    if square_fits(n, factors, None, gated):  # two register passes over a square row, at every M
+        thunks[("square",)] = lambda: hq.build_choice(("square",), n, factors, None, 8, 0.9, gated)
     for m in ms:
         choice = hq.kernel_choice(m, n, factors, None, gated)
         thunks[("dispatch",) + choice] = lambda choice=choice: hq.build_choice(choice, n, factors, None, 8, 0.9, gated)
@@ -285,7 +289,7 @@ def sweep_hadamard_stream(n: int, gated: bool, ms=STREAM_MS) -> list[dict]:
         built[("default",)](x, want_q, want_s)
         moved = x.numel() * 2 + m * n + m * 4
         choice = ("dispatch",) + hq.kernel_choice(m, n, factors, None, gated)
-        for key in [choice, ("default",)] + [k for k in built if k[0] in ("stream", "mma")]:
+        for key in [choice, ("default",)] + [k for k in built if k[0] in ("stream", "mma", "square")]:
             row = {"n": n, "gated": gated, "m": m, "kernel": list(key)}
             sc = _measured_quantizer(row, built[key], x, want_q, want_s, moved, graph=False)
             rows.append(row)
@@ -310,15 +314,17 @@ def main() -> None:
                        ("rope-store", "the fused RoPE + KV store by tokens a warp (2048 and 8192 tokens)"),
                        ("rs-panel", "the prefill GEMM's blocks in panels of token tiles (2048, 8192, 32768 tokens)"),
                        ("rs-stages", "the prefill GEMM's K tiles, stages and fragments (gate_up, down and qkv at 2048 tokens, gate_up at 8192)"),
+                       ("hadamard-square", "the two-pass quantizer of square rows (4096) beside the one-block kernel, 1-8192 tokens"),
                        ("rs-epilogue", "the prefill GEMM's epilogue scales staged in shared memory, with 3 or 4 K stages"),
                        ("all", "every sweep above")):
         ap.add_argument(f"--{name}", action="store_true", help=what)
     ap.add_argument("--gated-only", action="store_true", help="--hadamard-stream: the gated 14336-wide row alone")
     args = ap.parse_args()
     if not (args.hadamard or args.decode or args.decode_ws or args.gemv or args.prefill or args.hadamard_stream
-            or args.rs_prefetch or args.rope_store or args.rs_panel or args.rs_stages or args.rs_epilogue or args.all):
+            or args.rs_prefetch or args.rope_store or args.rs_panel or args.rs_stages or args.rs_epilogue
+            or args.hadamard_square or args.all):
         ap.error("choose a sweep: --hadamard, --decode, --decode-ws, --gemv, --prefill, --hadamard-stream, "
-                 "--rs-prefetch, --rope-store, --rs-panel, --rs-stages, --rs-epilogue or --all")
+                 "--rs-prefetch, --rope-store, --rs-panel, --rs-stages, --rs-epilogue, --hadamard-square or --all")
     copy = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")
     copy_gbps = 2 * copy.numel() / bench(lambda: copy.clone()) / 1e6
     print(f"device copy: {copy_gbps:.0f} GB/s", flush=True)
@@ -364,6 +370,9 @@ def main() -> None:
         for tokens in (2048, 8192, 2053):
             result["sweep_rope_store"] += sweep_rope_store(tokens)
             save()
+    if args.hadamard_square or args.all:  # the o_proj input of Llama-3-8B, decode to prefill sizes
+        result["sweep_hadamard_square"] = sweep_hadamard_stream(4096, False, ms=(1, 16, 64, 128, 512, 2048, 8192))
+        save()
     if args.rs_prefetch or args.all:
         result["sweep_rs_prefetch"] = []
         for n, k, m in ((6144, 4096, 2048), (28672, 4096, 2048), (28672, 4096, 8192), (6144, 4096, 100),

@@ -2,8 +2,9 @@
 of the dispatch layer): a thread-block cluster per token row for a few tokens where the row has a
 dense factor (kernels_tl.hadamard_quant_cluster), persistent streaming blocks for the gated rows of
 a prefill (kernels_tl.hadamard_quant_stream; with the dense factor on the tensor cores where it
-fits, kernels_tl.hadamard_quant_mma), else one block per row (kernels_tl.hadamard_quant) in
-a launch shape chosen by the token count. `prebuild_jobs` lists
+fits, kernels_tl.hadamard_quant_mma), two register passes for square plain rows where switched on
+(kernels_tl.hadamard_quant_square), else one block per row (kernels_tl.hadamard_quant) in a launch
+shape chosen by the token count. `prebuild_jobs` lists
 every kernel a set of token counts will use, so an engine can compile them in parallel before its
 first steps.
 """
@@ -14,6 +15,7 @@ import os
 from kernels_tl.hadamard_quant import hadamard_quant
 from kernels_tl.hadamard_quant_cluster import cluster_layout, hadamard_quant_cluster
 from kernels_tl.hadamard_quant_mma import hadamard_quant_mma, mma_fits
+from kernels_tl.hadamard_quant_square import hadamard_quant_square, square_fits
 from kernels_tl.hadamard_quant_stream import hadamard_quant_stream, stream_blocks, stream_fits
 
 # Up to this many tokens a row with a dense factor is split over a thread-block cluster
@@ -51,6 +53,10 @@ STREAM_ROW_MIN = 8192
 # 24 to 32 points times 512, Llama-3-8B's 14336) run it as mma.sync products instead of float32
 # sums. QUAD_HADAMARD_MMA=0: the scalar streaming kernel.
 MMA = os.environ.get("QUAD_HADAMARD_MMA", "1") == "1"
+# Square plain rows (4096 = 64 x 64: the o_proj input of Llama-3-8B-class models; 1024) in two
+# register passes (kernels_tl.hadamard_quant_square) from this many tokens. 0, the default: never
+# (not yet measured on a GPU; bench/sweeps.py --hadamard-stream times it beside the one-block kernel).
+SQUARE_MIN_TOKENS = int(os.environ.get("QUAD_HADAMARD_SQUARE_MIN", "0"))
 
 
 def _cluster_shape(m: int) -> tuple[int, int]:
@@ -59,12 +65,15 @@ def _cluster_shape(m: int) -> tuple[int, int]:
 
 
 def kernel_choice(m: int, n: int, factors: tuple, block, gated: bool = False) -> tuple:
-    """Which kernel `hadamard_quant_op` runs at m tokens: ("mma",), ("stream",), ("cluster", blocks,
-    threads), ("few",) or ("default",). Token counts with the same choice share one compiled kernel."""
+    """Which kernel `hadamard_quant_op` runs at m tokens: ("mma",), ("stream",), ("square",),
+    ("cluster", blocks, threads), ("few",) or ("default",). Token counts with the same choice share
+    one compiled kernel."""
     if (gated and STREAM_MIN_TOKENS and m >= STREAM_MIN_TOKENS and n >= STREAM_ROW_MIN
             and stream_fits(n, tuple(factors), block, gated)):
         # The mma kernel's SwiGLU is the fast one: QUAD_FAST_SILU=0 keeps the scalar kernel.
         return ("mma",) if MMA and FAST_SILU and mma_fits(n, tuple(factors), block, gated) else ("stream",)
+    if SQUARE_MIN_TOKENS and m >= SQUARE_MIN_TOKENS and square_fits(n, tuple(factors), block, gated):
+        return ("square",)
     cluster, threads = _cluster_shape(m)
     layout = cluster_layout(n, tuple(factors), block, cluster)
     dense = layout is not None and layout[0] > 1
@@ -81,6 +90,8 @@ def build_choice(choice: tuple, n: int, factors: tuple, block, bits: int, clip: 
     fast = {"fast_silu": True} if gated and FAST_SILU and prefill_kernel else {}
     if choice[0] == "mma":
         return hadamard_quant_mma(n, factors, bits, clip, stream_blocks(n, factors, block, gated))
+    if choice[0] == "square":
+        return hadamard_quant_square(n, bits, clip)
     if choice[0] == "stream":
         return hadamard_quant_stream(n, factors, block, bits, clip, stream_blocks(n, factors, block, gated), gated=gated,
                                      **fast)

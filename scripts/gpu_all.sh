@@ -26,14 +26,16 @@
 # logits with it and without, then the engine prefill A/B),
 # stream (the streaming Hadamard quantizer's GPU tests, the dispatch test, then the engine prefill
 # A/B against the one-block default), mma (the same for its tensor-core variant, the engine A/B
-# against the scalar streaming kernel), sweep-hadamard-stream,
+# against the scalar streaming kernel), square (the two-pass quantizer of square rows, QUAD_HADAMARD_SQUARE_MIN:
+# its GPU tests, its sweep beside the one-block kernel at 1-8192 tokens, the engine prefill A/B),
+# sweep-hadamard-stream,
 # sweep-hadamard, sweep-hadamard-gated (the gated 14336-wide quantizer alone, with its fast-silu
 # variants), sweep-rs-panel (the prefill GEMM's blocks in panels of token tiles, and gate_up's time
 # against K). Each benchmark writes its JSON after every section, so a part cut short keeps
 # what it measured.
 set -u
 out=${1:?usage: scripts/gpu_all.sh OUT_DIR PART}
-part=${2:?PART: gemm | gemm-decode | gemm-decode-blocks | gemm-fill | gemm-pipelined | gemm-ws | prefill-sdpa | decode | quantize | quantize-clusters | kv | rope | engine | attention-rf | swiglu | stream | bench-kernels | bench-attention | sweep-splits | sweep-decode | sweep-decode-ws | sweep-hadamard | sweep-hadamard-gated | sweep-hadamard-stream | sweep-rs-panel}
+part=${2:?PART: gemm | gemm-decode | gemm-decode-blocks | gemm-fill | gemm-pipelined | gemm-ws | prefill-sdpa | decode | quantize | quantize-clusters | kv | rope | engine | attention-rf | swiglu | stream | square | bench-kernels | bench-attention | sweep-splits | sweep-decode | sweep-decode-ws | sweep-hadamard | sweep-hadamard-gated | sweep-hadamard-stream | sweep-rs-panel}
 mkdir -p "$out"
 quiet() { grep -v "INFO\|WARNING\|AnnotateWarpGroup" ; }
 case "$part" in
@@ -122,6 +124,14 @@ case "$part" in
        grep -h "differing from the scalar" "$out/mma_tests.log" | cut -c1-160
        AB_VARIANTS="base QUAD_HADAMARD_MMA=0" AB_PREFILL=1x2048,16x2048 AB_DECODE="" \
          bash scripts/gpu_engine.sh "$out" ab ;;
+  square) timeout 200 python3 -m pytest -q -s -m gpu tests/test_quantize_gpu.py -k square 2>&1 | quiet > "$out/square_tests.log"
+          tail -n 1 "$out/square_tests.log"; grep -h "^FAILED" "$out/square_tests.log" | head -n 5
+          grep -h "differing from the one-block" "$out/square_tests.log" | cut -c1-160 | head -n 8
+          timeout 200 python3 bench/sweeps.py --hadamard-square --out "$out/sweep_square.json" 2>&1 | quiet \
+            > "$out/sweep_square.log"
+          grep "stream sweep" "$out/sweep_square.log" | cut -c1-150
+          AB_VARIANTS="base QUAD_HADAMARD_SQUARE_MIN=65" AB_PREFILL=1x2048,16x2048 AB_DECODE="" \
+            bash scripts/gpu_engine.sh "$out" ab ;;
   sweep-hadamard-stream) timeout 300 python3 bench/sweeps.py --hadamard-stream --out "$out/sweep_stream.json" 2>&1 \
                            | quiet > "$out/sweep_stream.log"
                          grep "stream sweep" "$out/sweep_stream.log" | cut -c1-150 ;;

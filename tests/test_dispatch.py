@@ -92,6 +92,21 @@ def test_hadamard_dispatch_streams_only_wide_gated_rows_of_a_prefill():
     assert hq.kernel_choice(8192, 4096, (4096,), None) == ("default",)
 
 
+def test_square_hadamard_kernel_takes_square_plain_rows_only_when_switched_on(monkeypatch):
+    """QUAD_HADAMARD_SQUARE_MIN (off by default, not yet measured on a GPU): from that many tokens
+    the o_proj input's 4096-wide row runs the two-pass kernel; gated rows, rows with a dense factor
+    and block-diagonal Hadamards keep their kernels."""
+    from kernels_tl import hadamard_quant_dispatch as hq
+    assert hq.SQUARE_MIN_TOKENS == 0 and hq.kernel_choice(2048, 4096, (4096,), None) == ("default",)
+    monkeypatch.setattr(hq, "SQUARE_MIN_TOKENS", 65)
+    assert hq.kernel_choice(2048, 4096, (4096,), None) == ("square",)
+    assert hq.kernel_choice(65, 1024, (1024,), None) == ("square",)
+    assert hq.kernel_choice(64, 4096, (4096,), None) == ("default",)
+    assert hq.kernel_choice(2048, 14336, (28, 512), None, True) == ("mma",)
+    assert hq.kernel_choice(2048, 3584, (28, 128), None) == ("default",)
+    assert hq.kernel_choice(2048, 8192, (4096,), 4096) == ("default",)  # block-diagonal: not one square row
+
+
 def test_hadamard_stream_switch_is_read_from_the_environment(monkeypatch):
     import importlib
 

@@ -222,3 +222,39 @@ def test_mma_quantizer_addresses_follow_its_swizzle():
         for q in range(16):
             assert len({(_swizzle(tx * 64 + 4 * q) % 32) // 4 for tx in range(base, base + 8)}) == 8
     assert f * COLS == n
+
+
+@pytest.mark.parametrize("n,bits", [(4096, 8), (4096, 4), (1024, 8)])
+def test_square_hadamard_quant_builds(n, bits, tmp_path):
+    """kernels_tl.hadamard_quant_square: 16-byte loads of the row, the reference's rounding, exactly
+    two barriers (after the first register pass, and the token's amax), no spills."""
+    from kernels_tl.hadamard_quant_square import SM90, hadamard_quant_square
+    src = hadamard_quant_square(n, bits, 0.9, target=SM90).get_kernel_source()
+    assert_reference_rounding(src)
+    assert "*(uint4*)(X + " in src                      # the row's float16 values, 16 bytes a load
+    assert "*(float4*)(S + " in src                     # the first pass's stores, 16 bytes each
+    assert src.count("__syncthreads()") == 2
+    assert ptxas_spills(src, tmp_path) == [0, 0]
+
+
+def test_square_quantizer_layout():
+    """The square kernel's shared-memory index is a permutation of each row's E x E block, the
+    second pass reads what the first wrote at the same position, and both passes' accesses are
+    free of bank conflicts (8 lanes of float4 stores; 32 lanes of float32 loads)."""
+    from kernels_tl.hadamard_quant_square import _swizzled, square_fits, square_side
+    for e in (32, 64):
+        assert sorted(_swizzled(r, c, e) for r in range(e) for c in range(e)) == list(range(e * e))
+        for r in range(e):
+            for c in range(e):  # the kernel's two forms: pass 1's float4 chunks, pass 2's columns
+                assert _swizzled(r, c, e) == r * e + ((c // 4) ^ (r % (e // 4))) * 4 + c % 4
+                assert _swizzled(r, c, e) == r * e + (c ^ ((r % (e // 4)) * 4))
+        for q in range(e // 4):  # pass 1: lanes r .. r + 7 store chunk q of their rows
+            for r0 in range(0, e, 8):
+                assert len({(_swizzled(r, 4 * q, e) // 4) % 8 for r in range(r0, r0 + 8)}) == 8
+        for u in range(e):  # pass 2: lanes c .. c + 31 load row u
+            for c0 in range(0, e, 32):
+                assert len({_swizzled(u, c, e) % 32 for c in range(c0, c0 + 32)}) == 32
+    assert square_side(4096) == 64 and square_side(1024) == 32 and square_side(14336) is None
+    assert square_fits(4096, (4096,), None, False) and not square_fits(4096, (4096,), None, True)
+    assert not square_fits(4096, (64, 64), None, False) and not square_fits(3584, (28, 128), None, False)
+

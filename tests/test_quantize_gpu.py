@@ -363,3 +363,33 @@ def test_mma_hadamard_quant_matches_the_reference(bits, grid, m):
     differ = float((x_q != want_q).float().mean())
     print(f"{what}: codes differing from the scalar stream kernel's {differ:.2e}, "
           f"scale max rel {float(((x_scale - want_s).abs() / want_s).max()):.1e}")
+
+
+# The two-pass kernel of square plain rows (kernels_tl.hadamard_quant_square; QUAD_HADAMARD_SQUARE_MIN
+# switches it on in the dispatch): its own float32 summation order, so the codes within the
+# tolerance of the reference, and compared with the one-block kernel's. Rows scaled by 2^6 (the
+# planted outliers stay finite in float16) and 2^-10 reach both ends of its range; odd token counts
+# leave a block's second row empty.
+@pytest.mark.parametrize("m", [1, 3, 100, 2053])
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("n", [4096, 1024])
+def test_square_hadamard_quant_matches_the_reference(n, bits, m):
+    from kernels_tl.hadamard_quant import hadamard_quant
+    from kernels_tl.hadamard_quant_square import hadamard_quant_square
+    seed = SEED + 53 * m + n + bits
+    x = activations(m, n, seed)
+    x[1::3] *= 64
+    x[2::3] /= 1024
+    assert torch.isfinite(x).all()
+    x_q = torch.full((m, n), 0x55, device="cuda", dtype=torch.int8)
+    x_scale = torch.full((m,), float("nan"), device="cuda")
+    hadamard_quant_square(n, bits, CLIP)(x, x_q, x_scale)
+    q_ref, s_ref = ref.quantize_act(apply_hadamard(x.float(), [n], None), bits, CLIP)
+    what = f"square hadamard n={n} bits={bits} m={m} seed={seed}"
+    assert_quantized_close(x_q, x_scale, q_ref, s_ref, what)
+    if m > 1:
+        assert x_scale[0].item() == 1.0 and not x_q[0].any()
+    want_q, want_s = torch.empty_like(x_q), torch.empty_like(x_scale)
+    hadamard_quant(n, (n,), None, bits, CLIP)(x, want_q, want_s)
+    print(f"{what}: codes differing from the one-block kernel's {float((x_q != want_q).float().mean()):.2e}, "
+          f"scale max rel {float(((x_scale - want_s).abs() / want_s).max()):.1e}")
