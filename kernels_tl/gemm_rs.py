@@ -17,7 +17,9 @@ tile once per warpgroup: 8 KB per m64n256k32 wgmma (128 cycles), 64 bytes a cycl
 transposed tile, which is written to Y[token, row] through a padded shared tile so that the global
 stores run along the rows. One tile a block and one block a SM: a tile's ramp and epilogue are not
 hidden under another tile's K loop, so the epilogue's own loads are not left to it either: the
-consumers issue the outlier tiles' cp.async before the K loop and wait for them after it. Same contract and numerics as `gemm.w4ax_gemm`: the integer part exact,
+consumers issue the cp.async of the outlier tiles and of the tile's token and weight-row scales
+before the K loop and wait for them after it (read in the epilogue, the scales were 128 dependent
+global loads a thread). Same contract and numerics as `gemm.w4ax_gemm`: the integer part exact,
 Y = acc · sx · sw / 16 + x_out · w_outᵀ + bias in float32, rounded once.
 """
 
@@ -49,10 +51,10 @@ __device__ __forceinline__ void quad_cp_async16_bytes(void* dst, const void* src
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(d), "l"(src), "r"(bytes) : "memory");
 }
 __device__ __forceinline__ void quad_cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-// Every consumer's pieces landed and visible to the wgmma (async proxy): wait for this thread's
-// copies, fence them to the async proxy, then a barrier of the consumer threads only (the
-// producer warpgroup never reaches it; id 3 as TileLang's own consumer barriers).
-__device__ __forceinline__ void quad_outliers_ready(int consumers) {
+// Every consumer's pieces (outlier tiles, scales) landed and visible to the wgmma (async proxy):
+// wait for this thread's copies, fence them to the async proxy, then a barrier of the consumer
+// threads only (the producer warpgroup never reaches it; id 3 as TileLang's own consumer barriers).
+__device__ __forceinline__ void quad_cp_async_ready(int consumers) {
   asm volatile("cp.async.wait_group 0;" ::: "memory");
   asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
   asm volatile("bar.sync 3, %0;" :: "r"(consumers) : "memory");
@@ -201,7 +203,7 @@ def w4ax_gemm_rs(n: int, k: int, rank: int, has_bias: bool = False, out_dtype: s
                         T.copy(WQ[bx * block_w, kt * (block_k // 2)], w_packed)
                     product()
                 if asynchronous:
-                    T.call_extern("handle", "quad_outliers_ready", consumers)
+                    T.call_extern("handle", "quad_cp_async_ready", consumers)
                 if stage_scales:  # zero past the tokens and the weight rows, as below
                     for i, j in T.Parallel(block_w, block_t):
                         out[i, j] = T.Cast("float32", acc[i, j]) * (

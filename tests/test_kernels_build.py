@@ -107,9 +107,9 @@ def test_register_unpack_prefill_gemm_builds(n, k, rank, bias, tiles, tmp_path):
     if rank:
         issue, split = src.index("if (128 <= ((int)threadIdx.x))"), src.index("warpgroup_reg_dealloc")
         assert issue < src.index("quad_cp_async16_zfill((&") < src.index("quad_cp_async_commit();") < split
-        assert split < src.index("quad_outliers_ready(256);") < src.index("wgmma_ss<tl::DataType::kFloat16")
+        assert split < src.index("quad_cp_async_ready(256);") < src.index("wgmma_ss<tl::DataType::kFloat16")
     # the tile's scales: cp.async before the roles split, then read from shared memory only
-    split, ready = src.index("warpgroup_reg_dealloc"), src.index("quad_outliers_ready(256);")
+    split, ready = src.index("warpgroup_reg_dealloc"), src.index("quad_cp_async_ready(256);")
     assert src.index("quad_cp_async16_bytes((&") < split < ready and "XS[" not in src[ready:]
     assert max(ptxas_spills(src, tmp_path)) == 0
 
