@@ -264,7 +264,7 @@ def sweep_hadamard_stream(n: int, gated: bool, ms=STREAM_MS) -> list[dict]:
     from kernels_tl.hadamard import hadamard_factors
     from kernels_tl.hadamard_quant import hadamard_quant
     from kernels_tl.hadamard_quant_mma import mma_fits
-    from kernels_tl.hadamard_quant_square import square_fits
+    from kernels_tl.hadamard_quant_square import hadamard_quant_square, square_fits
     from kernels_tl.hadamard_quant_stream import blocks_per_sm, hadamard_quant_stream
 
     factors = tuple(hadamard_factors(n))
@@ -278,6 +278,9 @@ def sweep_hadamard_stream(n: int, gated: bool, ms=STREAM_MS) -> list[dict]:
         thunks[("mma",)] = lambda: hq.build_choice(("mma",), n, factors, None, 8, 0.9, gated)
     if square_fits(n, factors, None, gated):  # two register passes over a square row, at every M
         thunks[("square",)] = lambda: hq.build_choice(("square",), n, factors, None, 8, 0.9, gated)
+        thunks[("square", "codes via shared")] = lambda: hadamard_quant_square(n, 8, 0.9, stage_codes=True)
+        for rows in (1, 4):
+            thunks[("square", f"{rows} rows a block")] = lambda rows=rows: hadamard_quant_square(n, 8, 0.9, rows=rows)
     for m in ms:
         choice = hq.kernel_choice(m, n, factors, None, gated)
         thunks[("dispatch",) + choice] = lambda choice=choice: hq.build_choice(choice, n, factors, None, 8, 0.9, gated)

@@ -12,9 +12,10 @@ row, viewed as an E x E matrix (position s = E·r + c):
    in registers, scales by 1 / E, and after the token's amax writes its E codes, a warp's 32
    lanes writing 32 adjacent bytes at a time.
 So one shared-memory round trip and two barriers a row, E values a thread in registers, and
-THREADS / E rows a block. The butterfly stages commute (they act on different index bits), so the
-transform is the Sylvester Hadamard the reference applies; only the float32 summation order
-differs from the other kernels', and codes agree with the reference to the quantizer tolerance.
+ROWS rows a block (128 threads). The butterfly stages commute (they act on different index bits),
+so the transform is the Sylvester Hadamard the reference applies; only the float32 summation
+order differs from the other kernels', and codes agree with the reference to the quantizer
+tolerance.
 """
 
 import functools
@@ -27,8 +28,9 @@ from kernels_tl.pdl import wait_for_producers
 from kernels_tl.quantize import _PASS_CONFIGS, _qmax, _quantize, _token_scale
 from kernels_tl.targets import SM90, TARGETS  # noqa: F401
 
-THREADS = 128
-# Blocks a SM the build asks for (caps registers at 65536 / (THREADS · MIN_BLOCKS) a thread).
+# Rows a block (its threads: ROWS · E) and the blocks a SM its build asks for: 128 threads, and at
+# most 128 registers a thread (65536 / (128 · 4)).
+ROWS = {32: 4, 64: 2}
 MIN_BLOCKS = 4
 
 
@@ -63,13 +65,15 @@ def _butterfly(v, tmp, size: int):
 
 
 @functools.lru_cache(maxsize=None)
-def _hadamard_quant_square(n: int, bits: int, clip: float, target):
+def _hadamard_quant_square(n: int, bits: int, clip: float, target, rows: int | None, stage_codes: bool):
     _qmax(bits)
     e = square_side(n)
     assert e is not None, n
-    tokens = THREADS // e  # rows a block
-    warps = e // 32        # warps a row
-    norm = 1.0 / e         # 1 / sqrt(n), a power of two
+    tokens = rows or ROWS[e]  # rows a block
+    threads = tokens * e
+    warps = e // 32           # warps a row
+    norm = 1.0 / e            # 1 / sqrt(n), a power of two
+    min_blocks = max(1, MIN_BLOCKS * 128 // threads)
 
     @tilelang.jit(target=TARGETS[target], pass_configs=_PASS_CONFIGS)
     def build():
@@ -81,14 +85,14 @@ def _hadamard_quant_square(n: int, bits: int, clip: float, target):
             XQ: T.Tensor((m, n), "int8"),
             XS: T.Tensor((m,), "float32"),
         ):
-            with T.Kernel(T.ceildiv(m, tokens), threads=THREADS) as bx:
-                T.annotate_min_blocks_per_sm(MIN_BLOCKS)
+            with T.Kernel(T.ceildiv(m, tokens), threads=threads) as bx:
+                T.annotate_min_blocks_per_sm(min_blocks)
                 wait_for_producers("hadamard_quant")
                 tx = T.get_thread_binding()
                 slot, i = tx // e, tx % e
                 tok = bx * tokens + slot
                 # The block's rows in float32 (swizzled), then one amax slot a warp.
-                S = T.alloc_shared((tokens * n + THREADS // 32,), "float32")
+                S = T.alloc_shared((tokens * n + threads // 32,), "float32")
                 xin = T.alloc_local((e,), "float16")
                 v = T.alloc_local((e,), "float32")
                 tmp = T.alloc_local((1,), "float32")
@@ -125,9 +129,19 @@ def _hadamard_quant_square(n: int, bits: int, clip: float, target):
                     total = T.max(total, S[tokens * n + slot * warps + k])
                 scale = T.alloc_var("float32", init=_token_scale(total, bits, clip))
                 rcp = T.alloc_var("float32", init=T.float32(1) / scale)
-                if tok < m:
-                    if i == 0:
-                        XS[tok] = scale
+                if tok < m and i == 0:
+                    XS[tok] = scale
+                if stage_codes:
+                    # Through an int8 tile in shared memory, then 16-byte stores of adjacent codes.
+                    Q = T.alloc_shared((tokens * n,), "int8")
+                    for u in T.unroll(e):
+                        Q[base + u * e + i] = _quantize(v[u], scale, rcp, bits)
+                    T.sync_threads()
+                    if tok < m:
+                        for c in T.unroll(e // 16):
+                            for k in T.vectorized(16):
+                                XQ[tok, (c * e + i) * 16 + k] = Q[base + (c * e + i) * 16 + k]
+                elif tok < m:
                     for u in T.unroll(e):
                         XQ[tok, u * e + i] = _quantize(v[u], scale, rcp, bits)
 
@@ -136,8 +150,11 @@ def _hadamard_quant_square(n: int, bits: int, clip: float, target):
     return build()
 
 
-def hadamard_quant_square(n: int, bits: int, clip: float, target=None):
+def hadamard_quant_square(n: int, bits: int, clip: float, target=None, rows: int | None = None,
+                          stage_codes: bool = False):
     """Build (and cache) the two-pass quantizer for square rows (square_fits). Call it as
     kernel(X, XQ, XS): X float16 [m, n] is read, XQ int8 [m, n] and XS float32 [m] are written;
-    the same contract as `hadamard_quant.hadamard_quant` with factors (n,) and no block."""
-    return _hadamard_quant_square(int(n), int(bits), float(clip), target)
+    the same contract as `hadamard_quant.hadamard_quant` with factors (n,) and no block.
+    For the sweeps: rows (a block; default ROWS) and stage_codes (the codes through shared memory
+    into 16-byte stores, where by default a warp stores 32 adjacent bytes at a time)."""
+    return _hadamard_quant_square(int(n), int(bits), float(clip), target, rows, bool(stage_codes))

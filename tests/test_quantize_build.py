@@ -224,16 +224,20 @@ def test_mma_quantizer_addresses_follow_its_swizzle():
     assert f * COLS == n
 
 
-@pytest.mark.parametrize("n,bits", [(4096, 8), (4096, 4), (1024, 8)])
-def test_square_hadamard_quant_builds(n, bits, tmp_path):
+@pytest.mark.parametrize("n,bits,variant", [(4096, 8, {}), (4096, 4, {}), (1024, 8, {}),
+                                            (4096, 8, {"stage_codes": True}), (4096, 8, {"rows": 1})])
+def test_square_hadamard_quant_builds(n, bits, variant, tmp_path):
     """kernels_tl.hadamard_quant_square: 16-byte loads of the row, the reference's rounding, exactly
-    two barriers (after the first register pass, and the token's amax), no spills."""
+    two barriers (after the first register pass, and the token's amax; a third before the staged
+    codes' 16-byte stores), no spills."""
     from kernels_tl.hadamard_quant_square import SM90, hadamard_quant_square
-    src = hadamard_quant_square(n, bits, 0.9, target=SM90).get_kernel_source()
+    src = hadamard_quant_square(n, bits, 0.9, target=SM90, **variant).get_kernel_source()
     assert_reference_rounding(src)
     assert "*(uint4*)(X + " in src                      # the row's float16 values, 16 bytes a load
-    assert "*(float4*)(S + " in src                     # the first pass's stores, 16 bytes each
-    assert src.count("__syncthreads()") == 2
+    assert re.search(r"\*\(float4\*\)\((\(\(float\*\))?S\)? \+ ", src)  # pass 1's stores, 16 bytes each
+    staged = variant.get("stage_codes", False)
+    assert src.count("__syncthreads()") == 2 + staged
+    assert ("*(int4*)(XQ + " in src) == staged          # staged codes: 16 a store
     assert ptxas_spills(src, tmp_path) == [0, 0]
 
 

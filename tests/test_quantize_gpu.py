@@ -373,7 +373,8 @@ def test_mma_hadamard_quant_matches_the_reference(bits, grid, m):
 @pytest.mark.parametrize("m", [1, 3, 100, 2053])
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("n", [4096, 1024])
-def test_square_hadamard_quant_matches_the_reference(n, bits, m):
+@pytest.mark.parametrize("variant", [{}, {"stage_codes": True}, {"rows": 1}])
+def test_square_hadamard_quant_matches_the_reference(n, bits, m, variant):
     from kernels_tl.hadamard_quant import hadamard_quant
     from kernels_tl.hadamard_quant_square import hadamard_quant_square
     seed = SEED + 53 * m + n + bits
@@ -383,9 +384,9 @@ def test_square_hadamard_quant_matches_the_reference(n, bits, m):
     assert torch.isfinite(x).all()
     x_q = torch.full((m, n), 0x55, device="cuda", dtype=torch.int8)
     x_scale = torch.full((m,), float("nan"), device="cuda")
-    hadamard_quant_square(n, bits, CLIP)(x, x_q, x_scale)
+    hadamard_quant_square(n, bits, CLIP, **variant)(x, x_q, x_scale)
     q_ref, s_ref = ref.quantize_act(apply_hadamard(x.float(), [n], None), bits, CLIP)
-    what = f"square hadamard n={n} bits={bits} m={m} seed={seed}"
+    what = f"square hadamard n={n} bits={bits} m={m} {variant} seed={seed}"
     assert_quantized_close(x_q, x_scale, q_ref, s_ref, what)
     if m > 1:
         assert x_scale[0].item() == 1.0 and not x_q[0].any()
