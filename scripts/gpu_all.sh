@@ -27,7 +27,8 @@
 # stream (the streaming Hadamard quantizer's GPU tests, the dispatch test, then the engine prefill
 # A/B against the one-block default), mma (the same for its tensor-core variant, the engine A/B
 # against the scalar streaming kernel), square (the two-pass quantizer of square rows, QUAD_HADAMARD_SQUARE_MIN:
-# its GPU tests, its sweep beside the one-block kernel at 1-8192 tokens, the engine prefill A/B),
+# its GPU tests, its sweep beside the one-block kernel at 1-8192 tokens, the engine A/B with it at every
+# token count: prefill 1 / 16 x 2048, decode b1 / b32),
 # sweep-hadamard-stream,
 # sweep-hadamard, sweep-hadamard-gated (the gated 14336-wide quantizer alone, with its fast-silu
 # variants), sweep-rs-panel (the prefill GEMM's blocks in panels of token tiles, and gate_up's time
@@ -130,8 +131,7 @@ case "$part" in
           timeout 200 python3 bench/sweeps.py --hadamard-square --out "$out/sweep_square.json" 2>&1 | quiet \
             > "$out/sweep_square.log"
           grep "stream sweep" "$out/sweep_square.log" | cut -c1-150
-          AB_VARIANTS="base QUAD_HADAMARD_SQUARE_MIN=65" AB_PREFILL=1x2048,16x2048 AB_DECODE="" \
-            bash scripts/gpu_engine.sh "$out" ab ;;
+          AB_VARIANTS="base QUAD_HADAMARD_SQUARE_MIN=1" AB_PREFILL=1x2048,16x2048 bash scripts/gpu_engine.sh "$out" ab ;;
   sweep-hadamard-stream) timeout 300 python3 bench/sweeps.py --hadamard-stream --out "$out/sweep_stream.json" 2>&1 \
                            | quiet > "$out/sweep_stream.log"
                          grep "stream sweep" "$out/sweep_stream.log" | cut -c1-150 ;;
