@@ -49,7 +49,8 @@ def _swizzled(r, c, e: int):
     """Shared-memory index of (row r, column c) within a row's E x E block: the 16-byte chunk c // 4
     XORed with r mod (E / 4), written as a product of 4 so that the vectorizer sees the alignment.
     Pass 1's float4 stores (8 lanes: 8 rows, one chunk each) and pass 2's scalar loads (32 lanes:
-    32 adjacent columns of one row) are both conflict-free."""
+    32 adjacent columns of one row) are both conflict-free. The kernel writes the two forms of it
+    each pass can hoist; tests/test_quantize_build.py holds them to this definition."""
     return r * e + ((c // 4) ^ (r % (e // 4))) * 4 + c % 4
 
 
