@@ -1,8 +1,9 @@
 """Kernel variant sweeps at Llama-3-8B shapes, each variant checked against the first (or the
 default) on the same inputs and timed in the same run: the prefill ones of bench/sweeps_prefill.py
-(GEMM tiles, the GEMM's outlier tiles, its panels and K stages, the fused RoPE + KV store), split-K decode GEMMs and the producer-unpack decode GEMM's tiles
-(in CUDA graphs over weight copies larger than L2), the dp4a GEMV's shapes, and the
-Hadamard+quantize kernel's launch shapes per token count. The timing helpers and shapes are
+(GEMM tiles, the GEMM's outlier tiles, panels, K stages and epilogue, the fused RoPE + KV store),
+the Hadamard+quantize ones of bench/sweeps_quantize.py, and here split-K decode GEMMs and the
+producer-unpack decode GEMM's tiles (in CUDA graphs over weight copies larger than L2) and the
+dp4a GEMV's shapes. The timing helpers and shapes are
 bench/kernels.py's. Writes JSON after every section, so a run cut short by a time limit keeps what
 it measured.
 
@@ -26,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kernels import MODELS, bench, bench_graph, build_all, copies_beyond_l2, operands  # noqa: E402
 from sweeps_prefill import (sweep_prefill, sweep_rope_store, sweep_rs_epilogue, sweep_rs_panel,  # noqa: E402
                             sweep_rs_prefetch, sweep_rs_stages)
+from sweeps_quantize import sweep_hadamard, sweep_hadamard_stream  # noqa: E402
 
 from kernels_tl import gemm_decode, gemm_dispatch, gemm_plans, gemv  # noqa: E402
 from kernels_tl import reference as ref  # noqa: E402
@@ -166,168 +168,28 @@ def sweep_gemv(n: int, k: int) -> list[dict]:
     return rows
 
 
-HADAMARD_TUNINGS = [dict()] + [dict(threads=t, cols_per_thread=c, max_radix=r) for t in (128, 256, 512, 1024)
-                                for c in (1, 2, 4, 8) for r in (3, 4)]
-# The cluster variant (kernels_tl.hadamard_quant_cluster), timed at the small token counts it is for.
-CLUSTER_TUNINGS = [dict(cluster=c, threads=t) for c in (2, 4, 8) for t in (128, 256, 512)]
-CLUSTER_MAX_M = 64
-# At thousands of tokens only the shapes that keep 3 blocks a SM (72 registers at 256 threads): the
-# one-block kernel holds 3 rows a SM there (57 KB of float32 row each), a 2-block cluster half a row
-# a block (Nsight Compute at 2048 tokens: 15% of DRAM bandwidth, 35% occupancy).
-CLUSTER_LARGE_M = [dict(cluster=c, threads=256) for c in (2, 4)]
-
-
-def _measured_quantizer(row: dict, kern, x, want_q, want_s, moved: int, graph: bool):
-    """One Hadamard quantizer variant: kern(x, q, s) on poisoned outputs, timed (from a CUDA graph
-    with `graph`); row gets us, GB/s on `moved` bytes and the fraction of codes equal to want_q.
-    Returns the scales it wrote for the caller's comparison, or None after recording a build error
-    (kern is the exception) or a failed launch in the row: reported, not fatal."""
-    q, sc = torch.full_like(want_q, 0x55), torch.full_like(want_s, float("nan"))
-    try:
-        if isinstance(kern, Exception):
-            raise kern
-        kern(x, q, sc)
-        t = bench_graph([lambda: kern(x, q, sc)]) if graph else bench(lambda: kern(x, q, sc))
-    except Exception as e:
-        row["error"] = str(e).splitlines()[0][:200]
-        return None
-    row.update(us=1e3 * t, gbps=moved / t / 1e6, codes_equal=(q == want_q).float().mean().item())
-    return sc
-
-
-def sweep_hadamard(n: int, gated: bool, ms=(1, 4, 16, 32, 64, 2048)) -> list[dict]:
-    """Launch shapes of the Hadamard+quantize kernel at one width, per token count M: the decode
-    step runs it at M = 1 as a single thread block (10 µs a call for the down_proj input on an
-    H200), so its best shape at small M is not that at M = 2048. Each variant's codes are compared
-    with the default's (same inputs), and timed back to back in a CUDA graph for M <= 64 (as the
-    decode step runs), with do_bench above. Up to CLUSTER_MAX_M tokens the cluster variant
-    (the row split over a thread-block cluster) is timed too; gated, the default and cluster
-    shapes again with fast_silu (approximate exp / reciprocal in silu)."""
-    from kernels_tl.hadamard import hadamard_factors
-    from kernels_tl.hadamard_quant import hadamard_quant
-    from kernels_tl.hadamard_quant_cluster import hadamard_quant_cluster
-
-    factors = tuple(hadamard_factors(n))
-
-    def variant(t: dict, fast: bool = False):
-        """(key, build thunk) of a tuning: the one-block kernel's, or the cluster kernel's where t
-        names a cluster size; fast: its build with fast_silu."""
-        cluster = "cluster" in t
-        key = (("kernel", "cluster"),) * cluster + (("fast_silu", True),) * fast + tuple(sorted(t.items()))
-        extra = {"fast_silu": True} if fast else {}
-        if cluster:
-            return key, lambda: hadamard_quant_cluster(n, factors, 8, 0.9, gated=gated, **t, **extra)
-        return key, lambda: hadamard_quant(n, factors, None, 8, 0.9, gated=gated, **t, **extra)
-
-    keys = [variant(t)[0] for t in HADAMARD_TUNINGS]
-    cluster_keys = [variant(t)[0] for t in CLUSTER_TUNINGS]
-    thunks = dict(variant(t) for t in HADAMARD_TUNINGS + CLUSTER_TUNINGS)
-    if gated:  # silu from the approximate exp / reciprocal, in the default and the cluster shapes
-        thunks.update(variant(t, fast=True) for t in [dict()] + CLUSTER_TUNINGS + CLUSTER_LARGE_M)
-    built = build_all(thunks)
-    rows = []
-    for m in ms:
-        x = torch.randn(m, 2 * n if gated else n, device="cuda").half()
-        want_q, want_s = torch.empty(m, n, device="cuda", dtype=torch.int8), torch.empty(m, device="cuda")
-        built[keys[0]](x, want_q, want_s)
-        moved = x.numel() * 2 + m * n + m * 4
-        large = [variant(t, fast)[0] for fast in (False, True) for t in CLUSTER_LARGE_M]
-        fast_block = [k for k in built if ("fast_silu", True) in k and ("kernel", "cluster") not in k]
-        fast_cluster = [k for k in built if ("fast_silu", True) in k and ("kernel", "cluster") in k]
-        for key in keys + fast_block + (cluster_keys + fast_cluster if m <= CLUSTER_MAX_M
-                                        else [k for k in large if k in built]):
-            row = {"n": n, "gated": gated, "m": m, "tuning": dict(key)}
-            sc = _measured_quantizer(row, built[key], x, want_q, want_s, moved, graph=m <= 64)
-            if sc is not None:
-                row["scale_max_rel"] = ((sc - want_s).abs() / want_s.abs()).max().item()
-            rows.append(row)
-        best = min((r for r in rows if r["m"] == m and "us" in r), key=lambda r: r["us"], default=None)
-        default = next((r for r in rows if r["m"] == m and r["tuning"] == {} and "us" in r), None)
-        if best and default:
-            print(f"  sweep hadamard n={n} gated={gated} M={m}: default {default['us']:.1f} us, best {best['us']:.1f} us "
-                  f"{best['tuning']} (codes equal {best['codes_equal']:.4f})", flush=True)
-    return rows
-
-
-STREAM_MS = (128, 256, 512, 1024, 2048, 8192)
-
-
-def sweep_hadamard_stream(n: int, gated: bool, ms=STREAM_MS) -> list[dict]:
-    """The streaming Hadamard+quantize kernel (kernels_tl.hadamard_quant_stream: persistent blocks,
-    the next row copied with cp.async under the current one) at 1 .. blocks_per_sm blocks a SM,
-    its tensor-core variant (kernels_tl.hadamard_quant_mma) where the row fits it, the two-pass
-    kernel of square plain rows (kernels_tl.hadamard_quant_square) where it fits, beside what the
-    dispatch runs and the one-block default, per token count M. Each
-    variant's codes are compared with the default's (gated rows: all with fast_silu, as prefills
-    run them); GB/s counts the row read and the codes and scales written."""
-    from kernels_tl import hadamard_quant_dispatch as hq
-    from kernels_tl.hadamard import hadamard_factors
-    from kernels_tl.hadamard_quant import hadamard_quant
-    from kernels_tl.hadamard_quant_mma import mma_fits
-    from kernels_tl.hadamard_quant_square import hadamard_quant_square, square_fits
-    from kernels_tl.hadamard_quant_stream import blocks_per_sm, hadamard_quant_stream
-
-    factors = tuple(hadamard_factors(n))
-    fast = gated and hq.FAST_SILU
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    thunks = {("default",): lambda: hadamard_quant(n, factors, None, 8, 0.9, gated=gated, fast_silu=fast)}
-    for b in range(1, blocks_per_sm(n, factors, None, gated) + 1):
-        thunks[("stream", b)] = (lambda b=b: hadamard_quant_stream(n, factors, None, 8, 0.9, b * sms, gated=gated,
-                                                                    fast_silu=fast))
-    if mma_fits(n, factors, None, gated):  # the dense factor on the tensor cores, at every M
-        thunks[("mma",)] = lambda: hq.build_choice(("mma",), n, factors, None, 8, 0.9, gated)
-    if square_fits(n, factors, None, gated):  # two register passes over a square row, at every M
-        thunks[("square",)] = lambda: hq.build_choice(("square",), n, factors, None, 8, 0.9, gated)
-        thunks[("square", "codes via shared")] = lambda: hadamard_quant_square(n, 8, 0.9, stage_codes=True)
-        for rows in (1, 4):
-            thunks[("square", f"{rows} rows a block")] = lambda rows=rows: hadamard_quant_square(n, 8, 0.9, rows=rows)
-    for m in ms:
-        choice = hq.kernel_choice(m, n, factors, None, gated)
-        thunks[("dispatch",) + choice] = lambda choice=choice: hq.build_choice(choice, n, factors, None, 8, 0.9, gated)
-    built = build_all(thunks)
-    rows = []
-    for m in ms:
-        x = torch.randn(m, 2 * n if gated else n, device="cuda").half()
-        want_q, want_s = torch.empty(m, n, device="cuda", dtype=torch.int8), torch.empty(m, device="cuda")
-        built[("default",)](x, want_q, want_s)
-        moved = x.numel() * 2 + m * n + m * 4
-        choice = ("dispatch",) + hq.kernel_choice(m, n, factors, None, gated)
-        for key in [choice, ("default",)] + [k for k in built if k[0] in ("stream", "mma", "square")]:
-            row = {"n": n, "gated": gated, "m": m, "kernel": list(key)}
-            sc = _measured_quantizer(row, built[key], x, want_q, want_s, moved, graph=False)
-            rows.append(row)
-            if sc is None:
-                continue
-            row["scales_equal"] = bool(torch.equal(sc, want_s))
-            print(f"  stream sweep n={n} gated={gated} M={m} {key}: {row['us']:.1f} us, {row['gbps']:.0f} GB/s, "
-                  f"codes equal {row['codes_equal']:.6f}", flush=True)
-    return rows
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
-    for name, what in (("hadamard", "Hadamard+quantize launch shapes (o_proj and gated down_proj inputs)"),
-                       ("decode", "split-K decode GEMM variants (the four linears at 16 and 32 tokens)"),
-                       ("decode-ws", "producer-unpack decode GEMM tiles (qkv, gate_up at 16, 32, 64 tokens)"),
-                       ("gemv", "dp4a GEMV shapes (the four linears at 1, 4 and 8 tokens)"),
-                       ("prefill", "prefill GEMM tiles against the int8 ceiling (4096 tokens)"),
-                       ("hadamard-stream", "the streaming Hadamard+quantize kernel against the dispatch's (128-8192 tokens)"),
-                       ("rs-prefetch", "the prefill GEMM's outlier tiles by cp.async before the K loop, or after it"),
-                       ("rope-store", "the fused RoPE + KV store by tokens a warp (2048 and 8192 tokens)"),
-                       ("rs-panel", "the prefill GEMM's blocks in panels of token tiles (2048, 8192, 32768 tokens)"),
-                       ("rs-stages", "the prefill GEMM's K tiles, stages and fragments (gate_up, down and qkv at 2048 tokens, gate_up at 8192)"),
-                       ("hadamard-square", "the two-pass quantizer of square rows (4096) beside the one-block kernel, 1-8192 tokens"),
-                       ("rs-epilogue", "the prefill GEMM's epilogue scales staged in shared memory, with 3 or 4 K stages"),
-                       ("all", "every sweep above")):
+    sweeps = (("hadamard", "Hadamard+quantize launch shapes (o_proj and gated down_proj inputs)"),
+              ("decode", "split-K decode GEMM variants (the four linears at 16 and 32 tokens)"),
+              ("decode-ws", "producer-unpack decode GEMM tiles (qkv, gate_up at 16, 32, 64 tokens)"),
+              ("gemv", "dp4a GEMV shapes (the four linears at 1, 4 and 8 tokens)"),
+              ("prefill", "prefill GEMM tiles against the int8 ceiling (4096 tokens)"),
+              ("hadamard-stream", "the streaming Hadamard+quantize kernel against the dispatch's (128-8192 tokens)"),
+              ("rs-prefetch", "the prefill GEMM's outlier tiles by cp.async before the K loop, or after it"),
+              ("rope-store", "the fused RoPE + KV store by tokens a warp (2048 and 8192 tokens)"),
+              ("rs-panel", "the prefill GEMM's blocks in panels of token tiles (2048, 8192, 32768 tokens)"),
+              ("rs-stages", "the prefill GEMM's K tiles, stages and fragments (gate_up, down and qkv at 2048 tokens, gate_up at 8192)"),
+              ("hadamard-square", "the two-pass quantizer of square rows (4096) beside the one-block kernel, 1-8192 tokens"),
+              ("rs-epilogue", "the prefill GEMM's epilogue scales staged in shared memory, with 3 or 4 K stages"),
+              ("all", "every sweep above"))
+    for name, what in sweeps:
         ap.add_argument(f"--{name}", action="store_true", help=what)
     ap.add_argument("--gated-only", action="store_true", help="--hadamard-stream: the gated 14336-wide row alone")
     args = ap.parse_args()
-    if not (args.hadamard or args.decode or args.decode_ws or args.gemv or args.prefill or args.hadamard_stream
-            or args.rs_prefetch or args.rope_store or args.rs_panel or args.rs_stages or args.rs_epilogue
-            or args.hadamard_square or args.all):
-        ap.error("choose a sweep: --hadamard, --decode, --decode-ws, --gemv, --prefill, --hadamard-stream, "
-                 "--rs-prefetch, --rope-store, --rs-panel, --rs-stages, --rs-epilogue, --hadamard-square or --all")
+    if not any(getattr(args, name.replace("-", "_")) for name, _ in sweeps):
+        ap.error("choose a sweep: " + ", ".join(f"--{name}" for name, _ in sweeps))
     copy = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")
     copy_gbps = 2 * copy.numel() / bench(lambda: copy.clone()) / 1e6
     print(f"device copy: {copy_gbps:.0f} GB/s", flush=True)

@@ -123,13 +123,15 @@ def sweep_rs_panel(n: int, k: int, m: int, panels=(0, 2, 4, 8, 16)) -> list[dict
 
 
 def sweep_rs_stages(n: int, k: int, m: int) -> list[dict]:
-    """The prefill GEMM's K pipeline at the dispatch's tiles (panel included): 3 stages of 128 (the
-    default) against 4, 6 stages of 64, 2 stages of 256 in two 128-column fragments, and K tiles of
-    128 in two 64-column fragments (one unpacked while the other's wgmmas run) at 3 and 4 stages."""
-    return sweep_rs_variants(n, k, m, {"k128_s3": {}, "k128_s4": {"num_stages": 4},
+    """The prefill GEMM's K pipeline at the dispatch's tiles (panel and scales included): 3 stages of
+    128 against 4 (the default since this sweep), 6 stages of 64, 2 stages of 256 in two 128-column
+    fragments, and K tiles of 128 in two 64-column fragments (one unpacked while the other's wgmmas
+    run) at 3 and 4 stages. Every variant names its stages, so the rows keep their meaning whatever
+    the dispatch's default."""
+    return sweep_rs_variants(n, k, m, {"k128_s3": {"num_stages": 3}, "k128_s4": {"num_stages": 4},
                                        "k64_s6": {"block_k": 64, "num_stages": 6},
                                        "k256_s2": {"block_k": 256, "chunk": 128, "num_stages": 2},
-                                       "k128_s3_c64": {"chunk": 64},
+                                       "k128_s3_c64": {"num_stages": 3, "chunk": 64},
                                        "k128_s4_c64": {"num_stages": 4, "chunk": 64}}, "rs-stages")
 
 
@@ -137,7 +139,8 @@ def sweep_rs_epilogue(n: int, k: int, m: int) -> list[dict]:
     """The prefill GEMM's epilogue scales read from global memory (128 scalar loads a thread) or
     staged in shared memory by cp.async under the K loop (gemm_rs's stage_scales), the latter also
     with 4 K stages (the plain form first, the others compared with it)."""
-    return sweep_rs_variants(n, k, m, {"plain": {"stage_scales": False}, "scales": {"stage_scales": True},
+    return sweep_rs_variants(n, k, m, {"plain": {"stage_scales": False, "num_stages": 3},
+                                       "scales": {"stage_scales": True, "num_stages": 3},
                                        "scales_s4": {"stage_scales": True, "num_stages": 4}}, "rs-epilogue")
 
 

@@ -157,8 +157,8 @@ case "$part" in
                   grep "sweep hadamard" "$out/sweep_hadamard.log" | tail -n 20 ;;
   sweep-hadamard-gated)
     PYTHONPATH=$PWD/bench:${PYTHONPATH:-} timeout 500 python3 -c "
-import json, sys, torch, sweeps
-rows = sweeps.sweep_hadamard(14336, True)
+import json, sys, torch, sweeps_quantize
+rows = sweeps_quantize.sweep_hadamard(14336, True)
 json.dump({'device': torch.cuda.get_device_name(), 'torch': torch.__version__, 'rows': rows},
           open(sys.argv[1], 'w'), indent=1)" "$out/sweep_hadamard_gated.json" 2>&1 | quiet > "$out/sweep_hadamard_gated.log"
     grep "sweep hadamard" "$out/sweep_hadamard_gated.log" | tail -n 8 ;;

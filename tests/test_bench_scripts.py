@@ -21,7 +21,7 @@ def bench_modules(monkeypatch):
         monkeypatch.setitem(sys.modules, "triton", types.ModuleType("triton"))
         monkeypatch.setitem(sys.modules, "triton.testing", testing)
     monkeypatch.syspath_prepend(str(BENCH))
-    for name in ("kernels", "sweeps", "attention"):
+    for name in ("kernels", "sweeps", "sweeps_prefill", "sweeps_quantize", "attention"):
         monkeypatch.delitem(sys.modules, name, raising=False)
     return {name: importlib.import_module(name) for name in ("kernels", "sweeps", "attention")}
 
