@@ -29,14 +29,5 @@ for _ in range(2):  # the first launch is skipped by ncu (module load)
 torch.cuda.synchronize()
 print("profiled", n, k, m, "tokens", tiles)
 PY
-python3 "$work/launch.py" > "$work/build.log" 2>&1 || { tail -n 20 "$work/build.log"; exit 1; }
-timeout 240 ncu --clock-control none --kernel-name regex:main_kernel --launch-skip 1 --launch-count 1 \
-  --section SpeedOfLight --section Occupancy --section WarpStateStats --section MemoryWorkloadAnalysis \
-  --section ComputeWorkloadAnalysis --section SchedulerStats --section InstructionStats --section SourceCounters \
-  -o "$work/report" -f python3 "$work/launch.py" > "$work/ncu.log" 2>&1
-ncu --import "$work/report.ncu-rep" --page details > "$work/details.txt" 2>&1
-ncu --import "$work/report.ncu-rep" --page source --csv --print-source sass > "$work/source.csv" 2>&1
-tar czf "$out/ncu_gemm.tgz" -C "$work" details.txt source.csv ncu.log
-grep -E "profiled|Duration|Issue Slots Busy|Executed Instructions  |DRAM Throughput|Registers Per|Local Memory Spilling Requests  " \
-  "$work/ncu.log" "$work/details.txt" | sed 's/^[^:]*://'
+bash scripts/ncu_source_profile.sh "$work" "$out/ncu_gemm.tgz" 240 || exit 1
 python3 scripts/ncu_regions.py "$work/source.csv"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Nsight Compute on the gated down_proj quantizer a prefill of TOKENS runs (the dispatch's choice:
 # QUAD_HADAMARD_MMA=0 profiles the scalar streaming kernel), with the source counters, cut into its
-# barrier-delimited phases by scripts/ncu_regions.py:
+# barrier-delimited phases by scripts/ncu_regions.py (the profile itself: scripts/ncu_source_profile.sh):
 #   source .gpu/activate.sh && export PYTHONPATH=$PWD:$PYTHONPATH && bash scripts/gpu_ncu_quantizer.sh $OUT [TOKENS]
 # One file comes back ($1/ncu_quantizer.tgz: the details page, the source page, the log), since a
 # device call returns only a few files; the summary is printed.
@@ -23,14 +23,5 @@ for _ in range(2):  # the first launch is skipped by ncu (module load)
 torch.cuda.synchronize()
 print("profiled", choice, m, "tokens")
 PY
-python3 "$work/launch.py" > "$work/build.log" 2>&1 || { tail -n 20 "$work/build.log"; exit 1; }
-timeout 200 ncu --clock-control none --kernel-name regex:main_kernel --launch-skip 1 --launch-count 1 \
-  --section SpeedOfLight --section Occupancy --section WarpStateStats --section MemoryWorkloadAnalysis \
-  --section ComputeWorkloadAnalysis --section SchedulerStats --section InstructionStats --section SourceCounters \
-  -o "$work/report" -f python3 "$work/launch.py" > "$work/ncu.log" 2>&1
-ncu --import "$work/report.ncu-rep" --page details > "$work/details.txt" 2>&1
-ncu --import "$work/report.ncu-rep" --page source --csv --print-source sass > "$work/source.csv" 2>&1
-tar czf "$out/ncu_quantizer.tgz" -C "$work" details.txt source.csv ncu.log
-grep -E "profiled|Duration|Issue Slots Busy|Executed Instructions  |DRAM Throughput|Local Memory Spilling Requests  " \
-  "$work/ncu.log" "$work/details.txt" | sed 's/^[^:]*://'
+bash scripts/ncu_source_profile.sh "$work" "$out/ncu_quantizer.tgz" 200 || exit 1
 python3 scripts/ncu_regions.py "$work/source.csv" --elements $((tokens * 14336))
