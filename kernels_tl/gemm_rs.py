@@ -31,7 +31,7 @@ import tilelang.language as T
 import tilelang.layout
 
 from kernels_tl.gemm_decode import _register_unpack_gemm
-from kernels_tl.hadamard_quant import _swiglu_f16
+from kernels_tl.hadamard_rows import _swiglu_f16
 from kernels_tl.targets import SM90, TARGETS  # noqa: F401
 
 # The outlier tiles (x_out, w_out) load by cp.async, issued before the K loop (QUAD_RS_PREFETCH=0:
@@ -88,7 +88,7 @@ def w4ax_gemm_rs(n: int, k: int, rank: int, has_bias: bool = False, out_dtype: s
 
     swiglu: the weight is the MLP's gate_up [n = 2h, K] (gate rows first) and y is silu(gate) * up
     [M, h] in torch's float16 arithmetic (gemm output rounded to float16, then
-    hadamard_quant._swiglu_f16; fast_silu as there): a tile's first 64 rows are gate rows
+    hadamard_rows._swiglu_f16; fast_silu as there): a tile's first 64 rows are gate rows
     64·bx.., its last 64 the up rows h + 64·bx.. (two copies into the packed tile), so the epilogue
     has both halves of its 64 outputs in the staging tile. The down_proj quantizer then reads half
     the bytes and no longer computes the SwiGLU.

@@ -27,7 +27,7 @@ import math
 import tilelang
 import tilelang.language as T
 
-from kernels_tl.hadamard_quant import _is_pow2, _quad_combos, _quad_terms, _signed_chain, _swiglu_f16
+from kernels_tl.hadamard_rows import _is_pow2, _quad_combos, _quad_terms, _signed_chain, _swiglu_f16
 from kernels_tl.pdl import wait_for_producers
 from kernels_tl.quantize import _PASS_CONFIGS, _block_allreduce, _qmax, _quantize, _token_scale
 from kernels_tl.targets import SM90, TARGETS  # noqa: F401

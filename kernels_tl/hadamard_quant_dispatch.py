@@ -32,7 +32,7 @@ CLUSTER_MAX_TOKENS = 32
 FEW_TOKENS_MAX = 64
 FEW_TOKENS_SHAPE = dict(threads=512, cols_per_thread=1, max_radix=4)
 # The gated kernels that prefills run (the one-block default and the streaming one) compute silu
-# from the approximate exp and reciprocal (hadamard_quant._swiglu_f16): about half the kernel's
+# from the approximate exp and reciprocal (hadamard_rows._swiglu_f16): about half the kernel's
 # instructions at thousands of tokens; a 16 x 2048 Llama-3-8B prefill 612.5 against 619.2 ms
 # (bench/results/prefill_ab_h200_2026-12-01.json), codes within the quantizer tolerance of the
 # reference (tests/test_quantize_gpu.py). The cluster and few-token kernels of decode sizes wait on

@@ -33,7 +33,7 @@ import math
 import tilelang
 import tilelang.language as T
 
-from kernels_tl.hadamard_quant import _layout
+from kernels_tl.hadamard_rows import _layout
 from kernels_tl.hadamard_quant_stream import _CP_ASYNC_SRC, _copy_row, blocks_per_sm, stream_fits
 from kernels_tl.pdl import wait_for_producers
 from kernels_tl.quantize import _PASS_CONFIGS, _block_allreduce, _qmax, _token_scale
@@ -73,7 +73,7 @@ __device__ __forceinline__ float quad_rcp_approx(float x) {
 }
 
 // torch's float16 F.silu(gate) * up for 8 elements: silu in float32 from the approximate exp and
-// reciprocal (hadamard_quant._swiglu_f16 with fast), rounded to float16, then the float16 product.
+// reciprocal (hadamard_rows._swiglu_f16 with fast), rounded to float16, then the float16 product.
 // The product of two float16 values is exact in float32, so __hmul2's correctly rounded float16
 // product equals the float32 product rounded to float16 (what torch computes).
 __device__ __forceinline__ void quad_swiglu8(void* dst, const void* gate, const void* up) {

@@ -23,7 +23,7 @@ import functools
 import tilelang
 import tilelang.language as T
 
-from kernels_tl.hadamard_quant import _butterfly_pass, _layout, _row_transform
+from kernels_tl.hadamard_rows import _butterfly_pass, _layout, _row_transform
 from kernels_tl.pdl import wait_for_producers
 from kernels_tl.quantize import _PASS_CONFIGS, _qmax
 from kernels_tl.targets import SM90, TARGETS  # noqa: F401

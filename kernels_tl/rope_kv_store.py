@@ -50,7 +50,7 @@ import torch
 
 from kernels_tl import reference as ref
 from kernels_tl.hadamard import apply_hadamard, hadamard_factors
-from kernels_tl.hadamard_quant import _register_butterfly
+from kernels_tl.hadamard_rows import _register_butterfly
 from kernels_tl.kv_attention import BLOCK_SIZE
 from kernels_tl.kv_store import quantize_store_row
 from kernels_tl.pdl import wait_for_producers

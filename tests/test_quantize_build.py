@@ -57,7 +57,8 @@ def test_rmsnorm_quant_builds(rank, d, bits, tmp_path):
 @pytest.mark.parametrize("n,bits", [(14336, 4), (576, 8), (11008, 4)])
 def test_hadamard_quant_builds(n, bits, tmp_path):
     from kernels_tl.hadamard import block_hadamard_size, hadamard_factors
-    from kernels_tl.hadamard_quant import SM90, _layout, hadamard_quant
+    from kernels_tl.hadamard_quant import SM90, hadamard_quant
+    from kernels_tl.hadamard_rows import _layout
     factors, block = hadamard_factors(n), None
     if factors is None:  # 11008: block-diagonal fallback
         block = block_hadamard_size(n)
