@@ -9,7 +9,7 @@ it measured.
 
     python bench/sweeps.py --out sweep.json \
         (--hadamard | --decode | --decode-ws | --gemv | --prefill | --hadamard-stream | --rs-prefetch | --rope-store
-         | --rs-panel | --rs-stages | --rs-epilogue | --hadamard-square | --all)
+         | --rs-panel | --rs-stages | --rs-epilogue | --hadamard-square | --norm-threads | --all)
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kernels import MODELS, bench, bench_graph, build_all, copies_beyond_l2, operands  # noqa: E402
 from sweeps_prefill import (sweep_prefill, sweep_rope_store, sweep_rs_epilogue, sweep_rs_panel,  # noqa: E402
                             sweep_rs_prefetch, sweep_rs_stages)
-from sweeps_quantize import sweep_hadamard, sweep_hadamard_stream  # noqa: E402
+from sweeps_quantize import sweep_hadamard, sweep_hadamard_stream, sweep_norm_threads  # noqa: E402
 
 from kernels_tl import gemm_decode, gemm_dispatch, gemm_plans, gemv  # noqa: E402
 from kernels_tl import reference as ref  # noqa: E402
@@ -183,6 +183,7 @@ def main() -> None:
               ("rs-stages", "the prefill GEMM's K tiles, stages and fragments (gate_up, down and qkv at 2048 tokens, gate_up at 8192)"),
               ("hadamard-square", "the two-pass quantizer of square rows (4096) beside the one-block kernel, 1-8192 tokens"),
               ("rs-epilogue", "the prefill GEMM's epilogue scales staged in shared memory, with 3 or 4 K stages"),
+              ("norm-threads", "the fused norm by threads a block, in its three decode modes (1-2048 tokens)"),
               ("all", "every sweep above"))
     for name, what in sweeps:
         ap.add_argument(f"--{name}", action="store_true", help=what)
@@ -237,6 +238,9 @@ def main() -> None:
             save()
     if args.hadamard_square or args.all:  # the o_proj input of Llama-3-8B, decode to prefill sizes
         result["sweep_hadamard_square"] = sweep_hadamard_stream(4096, False, ms=(1, 16, 64, 128, 512, 2048, 8192))
+        save()
+    if args.norm_threads or args.all:
+        result["sweep_norm_threads"] = sweep_norm_threads()
         save()
     if args.rs_prefetch or args.all:
         result["sweep_rs_prefetch"] = []

@@ -145,3 +145,59 @@ def sweep_hadamard_stream(n: int, gated: bool, ms=STREAM_MS) -> list[dict]:
             print(f"  stream sweep n={n} gated={gated} M={m} {key}: {row['us']:.1f} us, {row['gbps']:.0f} GB/s, "
                   f"codes equal {row['codes_equal']:.6f}", flush=True)
     return rows
+
+
+NORM_THREADS = (None, 128, 256, 512, 1024)
+
+
+def sweep_norm_threads(width: int = 64 + 4096, rank: int = 64, ms=(1, 4, 32, 2048)) -> list[dict]:
+    """The fused norm (kernels_tl.quantize.rmsnorm_quant) by threads a block, in the modes the
+    decode step runs (float32 residual read, residual add, split-K sums added), per token count M:
+    one block a token, so at decode sizes a row's latency is the kernel's time and more threads
+    shorten each thread's serial part. Timed back to back from a CUDA graph up to 64 tokens, each
+    call on its own buffers; codes and scales compared with the width rule's (None)."""
+    from kernels_tl.quantize import rmsnorm_quant
+
+    d = width - rank
+    modes = ("float32", "add", "splitk")
+    built = build_all({(mode, t): (lambda mode=mode, t=t: rmsnorm_quant(width, rank, d, 4, 0.9, 1e-5, threads=t,
+                                                                           residual=mode))
+                       for mode in modes for t in NORM_THREADS})
+    rows = []
+    for m in ms:
+        copies = max(1, min(16, (64 << 20) // (m * width * 8)))
+        for mode in modes:
+            def operands_of(seed: int):
+                g = torch.Generator(device="cuda").manual_seed(seed)
+                h = torch.randn(m, width, device="cuda", generator=g) * 3
+                outs = (torch.full((m, max(rank, 16)), float("nan"), device="cuda", dtype=torch.float16),
+                        torch.full((m, d), 0x55, device="cuda", dtype=torch.int8),
+                        torch.full((m,), float("nan"), device="cuda"))
+                if mode == "float32":
+                    return (h,) + outs
+                if mode == "add":
+                    return (h, torch.randn(m, width, device="cuda", generator=g).half()) + outs
+                acc = torch.randint(-2**20, 2**20, (m, width), device="cuda", dtype=torch.int32, generator=g)
+                sx, ws = torch.rand(m, device="cuda", generator=g) * 1e-3, torch.rand(width, device="cuda", generator=g).half()
+                return (h, acc, sx, ws) + outs
+            want = None
+            for t in NORM_THREADS:
+                row = {"width": width, "m": m, "mode": mode, "threads": t}
+                rows.append(row)
+                kern = built[(mode, t)]
+                if isinstance(kern, Exception):
+                    row["error"] = str(kern).splitlines()[0][:200]
+                    continue
+                check = operands_of(0)  # same inputs for every thread count: outputs compared
+                kern(*check)
+                got = [x.clone() for x in check[-3:]]
+                if want is None:
+                    want = got
+                row["codes_equal"] = (got[1] == want[1]).float().mean().item()
+                row["scales_equal"] = bool(torch.equal(got[2], want[2]))
+                sets = [operands_of(1 + i) for i in range(copies)]
+                fns = [lambda a=a: kern(*a) for a in sets]
+                row["us"] = 1e3 * (bench_graph(fns) if m <= 64 else bench(fns[0]))
+                print(f"  norm sweep mode={mode} M={m} threads={t}: {row['us']:.2f} us, codes equal "
+                      f"{row['codes_equal']:.6f}, scales equal {row['scales_equal']}", flush=True)
+    return rows

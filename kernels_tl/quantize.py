@@ -16,6 +16,7 @@ rather than with tile ops, as is the Hadamard quantizer's, whose butterflies nee
 """
 
 import functools
+import os
 
 import tilelang
 import tilelang.language as T
@@ -250,6 +251,22 @@ def rmsnorm_quant(width: int, rank: int, d: int, bits: int, clip: float, eps: fl
 
 # ---------------------------------------------------------------- dispatch entry point
 
+# Threads a block for rows of at most DECODE_TOKENS tokens (decode steps): one block a token there, so
+# the width rule of rmsnorm_quant (enough loads in flight across many blocks a SM) does not apply and
+# a row's latency (its loads, two block reductions, the quantize) is the kernel's time. 512 threads
+# take a Llama-3-8B row (4160 wide, 520 vectors of 8) in about one 16-byte vector a thread: 2.31
+# against 3.89 µs a call at 1 token with the residual add, 2.82 against 3.08 with split-K sums
+# (bench/sweeps.py --norm-threads), and the decode step 1.82 against 2.00 ms at batch 1
+# (docs/results.md, 2026-12-03). QUAD_NORM_DECODE_THREADS=0 gives the width rule at every M.
+DECODE_TOKENS = 64
+DECODE_THREADS = int(os.environ.get("QUAD_NORM_DECODE_THREADS", "512"))
+
+
+def norm_threads(m: int) -> int | None:
+    """Threads a block of the norm for m tokens: DECODE_THREADS at decode sizes, else None (the width rule)."""
+    return DECODE_THREADS if 0 < m <= DECODE_TOKENS and DECODE_THREADS else None
+
+
 def rmsnorm_quant_op(h, rank: int, d: int, eps: float, bits: int, clip: float, residual=None):
     """(x_out float16 [.., rank], x_q int8 [.., d], x_scale float32 [.., 1]) of the widened residual h
     (float16, or float32: rounded to float16 on load). With `residual` (float16, h's shape; h float32
@@ -269,7 +286,7 @@ def rmsnorm_quant_op(h, rank: int, d: int, eps: float, bits: int, clip: float, r
     else:
         h2, mode = h.reshape(-1, h.shape[-1]).to(torch.float16).contiguous(), "float16"
     m = h2.shape[0]
-    kernel = rmsnorm_quant(rank + d, rank, d, bits, float(clip), float(eps), residual=mode)
+    kernel = rmsnorm_quant(rank + d, rank, d, bits, float(clip), float(eps), threads=norm_threads(m), residual=mode)
     x_out = torch.empty(m, max(rank, 16), dtype=torch.float16, device=h.device)
     x_q = torch.empty(m, d, dtype=torch.int8, device=h.device)
     x_scale = torch.empty(m, dtype=torch.float32, device=h.device)

@@ -229,15 +229,20 @@ def prebuild_quantizers(cfg, token_counts, int8_head: bool = False, workers: int
     modes = ("float16", "float32", "add") + (("splitk",) if SPLITK_INTO_NORM else ()) if fusions_enabled() \
         else ("float16",)
     jobs = []
+    # The norm's threads a block depend on the token count (quantize.norm_threads); keyword arguments
+    # as rmsnorm_quant_op passes them, so these builds are the ones its calls find in the cache.
+    threads = {quantize.norm_threads(m) for m in token_counts}
     for site in ("qkv", "gate_up"):
         if bits[site] < 16 and cfg.rank % 16 == 0:
             jobs += [functools.partial(quantize.rmsnorm_quant, cfg.rank + cfg.hidden_size, cfg.rank, cfg.hidden_size,
-                                       bits[site], float(cfg.act_clip), float(cfg.rms_norm_eps), residual=mode)
-                     for mode in modes]
+                                       bits[site], float(cfg.act_clip), float(cfg.rms_norm_eps), threads=t,
+                                       residual=mode)
+                     for mode in modes for t in threads]
     if int8_head and cfg.rank % 16 == 0:
-        jobs.append(functools.partial(quantize.rmsnorm_quant, cfg.rank + cfg.hidden_size, cfg.rank, cfg.hidden_size,
-                                      HEAD_BITS, float(HEAD_CLIP), float(cfg.rms_norm_eps),
-                                      residual="add" if fusions_enabled() else "float16"))
+        jobs += [functools.partial(quantize.rmsnorm_quant, cfg.rank + cfg.hidden_size, cfg.rank, cfg.hidden_size,
+                                   HEAD_BITS, float(HEAD_CLIP), float(cfg.rms_norm_eps), threads=t,
+                                   residual="add" if fusions_enabled() else "float16")
+                 for t in threads]
     problems = [(spec.size, tuple(spec.factors), spec.block, bits[site], float(cfg.act_clip), gated)
                 for spec, site, gated in ((cfg.hadamard_o, "o", False), (cfg.hadamard_down, "down", fusions_enabled()))
                 if spec is not None and bits[site] < 16]

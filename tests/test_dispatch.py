@@ -133,20 +133,39 @@ def test_engine_quantizer_prebuild_uses_the_model_sites(monkeypatch):
     from quad_engine import ops
     from quad_engine.config import HadamardSpec
     norms, problems = [], []
-    monkeypatch.setattr(quantize, "rmsnorm_quant", lambda *a, **kw: norms.append((a, kw["residual"])))
+    monkeypatch.setattr(quantize, "rmsnorm_quant", lambda *a, **kw: norms.append((a, kw["residual"], kw["threads"])))
     monkeypatch.setattr(hadamard_quant_dispatch, "prebuild_jobs", lambda probs, counts: problems.extend(probs) or [])
     cfg = SimpleNamespace(act_bits={"qkv": 4, "gate_up": 4, "o": 8, "down": 8}, rank=64, hidden_size=4096,
                           act_clip=0.9, rms_norm_eps=1e-5,
                           hadamard_o=HadamardSpec(size=4096, factors=[4096], block=None),
                           hadamard_down=HadamardSpec(size=14336, factors=[28, 512], block=None))
-    ops.prebuild_quantizers(cfg, [1, 8])
-    assert {mode for _, mode in norms} == {"float16", "float32", "add", "splitk"}
-    assert {a[:4] for a, _ in norms} == {(4160, 64, 4096, 4)}
+    ops.prebuild_quantizers(cfg, [1, 8, 2048])
+    assert {mode for _, mode, _ in norms} == {"float16", "float32", "add", "splitk"}
+    assert {a[:4] for a, _, _ in norms} == {(4160, 64, 4096, 4)}
+    # decode sizes take quantize.DECODE_THREADS, the prefill size the width rule (None)
+    assert {t for _, _, t in norms} == {quantize.DECODE_THREADS, None}
     assert sorted(problems, key=repr) == sorted([(4096, (4096,), None, 8, 0.9, False),
                                                  (14336, (28, 512), None, 8, 0.9, True)], key=repr)
     norms.clear()
     ops.prebuild_quantizers(cfg, [1, 8], int8_head=True)  # and the final norm of the int8 head
-    assert ((4160, 64, 4096, ops.HEAD_BITS, ops.HEAD_CLIP, 1e-5), "add") in norms
+    assert ((4160, 64, 4096, ops.HEAD_BITS, ops.HEAD_CLIP, 1e-5), "add", quantize.DECODE_THREADS) in norms
+
+
+def test_norm_threads_follow_the_token_count(monkeypatch):
+    """The norm runs DECODE_THREADS a block up to DECODE_TOKENS tokens (one block a token, latency
+    bound) and the width rule (None) above; QUAD_NORM_DECODE_THREADS=0 keeps the width rule."""
+    import importlib
+
+    from kernels_tl import quantize
+    assert quantize.DECODE_THREADS == 512
+    assert [quantize.norm_threads(m) for m in (1, 32, 64, 65, 2048)] == [512, 512, 512, None, None]
+    monkeypatch.setenv("QUAD_NORM_DECODE_THREADS", "0")
+    try:
+        importlib.reload(quantize)
+        assert quantize.norm_threads(1) is None
+    finally:
+        monkeypatch.delenv("QUAD_NORM_DECODE_THREADS")
+        importlib.reload(quantize)
 
 
 def test_register_unpack_prefill_tiles_follow_the_measured_choices():

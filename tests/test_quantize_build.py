@@ -74,10 +74,12 @@ def test_hadamard_quant_builds(n, bits, tmp_path):
     assert ptxas_spills(src, tmp_path) == [0, 0]
 
 
+@pytest.mark.parametrize("threads", [None, 512])  # the width rule's block, the decode steps' (ragged: 520 vectors)
 @pytest.mark.parametrize("residual", ["float32", "add", "splitk"])
-def test_rmsnorm_quant_float32_residual_variants_build(residual, tmp_path):
+def test_rmsnorm_quant_float32_residual_variants_build(residual, threads, tmp_path):
     from kernels_tl.quantize import SM90, rmsnorm_quant
-    src = rmsnorm_quant(64 + 4096, 64, 4096, 4, 0.9, 1e-5, target=SM90, residual=residual).get_kernel_source()
+    src = rmsnorm_quant(64 + 4096, 64, 4096, 4, 0.9, 1e-5, target=SM90, threads=threads,
+                        residual=residual).get_kernel_source()
     assert_reference_rounding(src)
     # (kernels built for programmatic dependent launch lose __restrict__: TileLang drops it so that
     # no read-only-cache load can be hoisted above the wait for the previous kernel)

@@ -57,21 +57,26 @@ def exact_fp32_matmul():
 NORM_SHAPES = [(0, 4096), (64, 4096), (128, 3584), (64, 576), (128, 8192)]
 
 
+# The width rule's block (None) and the decode steps' (kernels_tl.quantize.DECODE_THREADS).
+NORM_THREADS = [None, 512]
+
+
+@pytest.mark.parametrize("threads", NORM_THREADS)
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("m", MS)
 @pytest.mark.parametrize("rank,d", NORM_SHAPES)
-def test_rmsnorm_quant_matches_reference(rank, d, m, bits):
+def test_rmsnorm_quant_matches_reference(rank, d, m, bits, threads):
     from kernels_tl.quantize import rmsnorm_quant
     seed = SEED + 1000 * m + rank + d + bits
     h = activations(m, rank + d, seed, spread=20.0)
     eps = 1e-5
-    kernel = rmsnorm_quant(rank + d, rank, d, bits, CLIP, eps)
+    kernel = rmsnorm_quant(rank + d, rank, d, bits, CLIP, eps, threads=threads)
     x_out = torch.full((m, max(rank, 16)), float("nan"), device="cuda", dtype=torch.float16)
     x_q = torch.full((m, d), 0x55, device="cuda", dtype=torch.int8)
     x_scale = torch.full((m,), float("nan"), device="cuda")
     kernel(h, x_out, x_q, x_scale)
     out_ref, q_ref, s_ref = ref.rmsnorm_split_quant(h, rank, d, eps, bits, CLIP)
-    what = f"rmsnorm r={rank} d={d} m={m} bits={bits} seed={seed}"
+    what = f"rmsnorm r={rank} d={d} m={m} bits={bits} threads={threads} seed={seed}"
     assert_quantized_close(x_q, x_scale, q_ref, s_ref, what)
     if rank:
         torch.testing.assert_close(x_out[:, :rank].float(), out_ref, rtol=1e-3, atol=1e-3, msg=what)
@@ -115,14 +120,15 @@ def check_hadamard_quant(n: int, m: int, bits: int, **tuning):
 @pytest.mark.parametrize("m", [1, 17, 2053])
 @pytest.mark.parametrize("rank,d", [(64, 4096), (64, 576), (0, 3584)])
 @pytest.mark.parametrize("residual", ["float32", "add"])
-def test_rmsnorm_quant_float32_residual_and_fused_add(rank, d, m, residual):
+@pytest.mark.parametrize("threads", NORM_THREADS)
+def test_rmsnorm_quant_float32_residual_and_fused_add(rank, d, m, residual, threads):
     """The float32-residual variants: h read as float32 and rounded to float16 on load; with the
     fused add, h += d in place (bit-exact: one float32 add) before the norm."""
     from kernels_tl.quantize import rmsnorm_quant
     seed = SEED + 7 * m + rank + d
     h = activations(m, rank + d, seed, spread=20.0).float() * (1 + 1e-3 * torch.rand(m, rank + d, device="cuda"))
     delta = activations(m, rank + d, seed + 1)
-    kernel = rmsnorm_quant(rank + d, rank, d, 4, CLIP, 1e-5, residual=residual)
+    kernel = rmsnorm_quant(rank + d, rank, d, 4, CLIP, 1e-5, threads=threads, residual=residual)
     x_out = torch.full((m, max(rank, 16)), float("nan"), device="cuda", dtype=torch.float16)
     x_q = torch.full((m, d), 0x55, device="cuda", dtype=torch.int8)
     x_scale = torch.full((m,), float("nan"), device="cuda")
@@ -131,7 +137,7 @@ def test_rmsnorm_quant_float32_residual_and_fused_add(rank, d, m, residual):
     kernel(*args, x_out, x_q, x_scale)
     assert torch.equal(h, want_h), "the residual after the kernel"
     out_ref, q_ref, s_ref = ref.rmsnorm_split_quant(want_h.half().float(), rank, d, 1e-5, 4, CLIP)
-    what = f"rmsnorm {residual} r={rank} d={d} m={m} seed={seed}"
+    what = f"rmsnorm {residual} r={rank} d={d} m={m} threads={threads} seed={seed}"
     assert_quantized_close(x_q, x_scale, q_ref, s_ref, what)
     if rank:
         torch.testing.assert_close(x_out[:, :rank].float(), out_ref, rtol=1e-3, atol=1e-3, msg=what)
@@ -140,7 +146,8 @@ def test_rmsnorm_quant_float32_residual_and_fused_add(rank, d, m, residual):
 @pytest.mark.parametrize("m", [1, 5, 17, 64, 2053])
 @pytest.mark.parametrize("rank,d", [(64, 4096), (64, 576), (0, 3584)])
 @pytest.mark.parametrize("bits", [4, 8])
-def test_rmsnorm_quant_takes_split_k_sums(rank, d, m, bits):
+@pytest.mark.parametrize("threads", NORM_THREADS)
+def test_rmsnorm_quant_takes_split_k_sums(rank, d, m, bits, threads):
     """The norm with a split-K GEMM's epilogue in its pass ("splitk") equals the epilogue kernel
     followed by the fused-add norm, bit for bit (residual, x_out, x_q, x_scale), and leaves the
     int32 sums zero as the epilogue kernel does; the residual equals torch's float32 epilogue."""
@@ -164,11 +171,11 @@ def test_rmsnorm_quant_takes_split_k_sums(rank, d, m, bits):
     zeros16 = torch.zeros(max(m, 1), 16, device="cuda", dtype=torch.float16)
     w4ax_epilogue(n, 0, False, "float16", 16)(acc_a, xs, ws, zeros16[:m], torch.zeros(n, 16, device="cuda").half(),
                                              torch.zeros(n, device="cuda").half(), y)
-    rmsnorm_quant(n, rank, d, bits, CLIP, 1e-5, residual="add")(h_a, y, xo_a, xq_a, xs_a)
+    rmsnorm_quant(n, rank, d, bits, CLIP, 1e-5, threads=threads, residual="add")(h_a, y, xo_a, xq_a, xs_a)
     # one kernel
     acc_b, h_b, (xo_b, xq_b, xs_b) = acc.clone(), h.clone(), outputs()
-    rmsnorm_quant(n, rank, d, bits, CLIP, 1e-5, residual="splitk")(h_b, acc_b, xs, ws, xo_b, xq_b, xs_b)
-    what = f"splitk norm r={rank} d={d} m={m} bits={bits} seed={seed}"
+    rmsnorm_quant(n, rank, d, bits, CLIP, 1e-5, threads=threads, residual="splitk")(h_b, acc_b, xs, ws, xo_b, xq_b, xs_b)
+    what = f"splitk norm r={rank} d={d} m={m} bits={bits} threads={threads} seed={seed}"
     torch_branch = (acc.float() * (xs[:, None] * ws.float()[None] * (1.0 / 16))).half()
     assert torch.equal(h_b, h + torch_branch.float()), what
     assert torch.equal(h_b, h_a) and torch.equal(xq_b, xq_a) and torch.equal(xs_b, xs_a), what
