@@ -256,8 +256,8 @@ def rmsnorm_quant(width: int, rank: int, d: int, bits: int, clip: float, eps: fl
 # a row's latency (its loads, two block reductions, the quantize) is the kernel's time. 512 threads
 # take a Llama-3-8B row (4160 wide, 520 vectors of 8) in about one 16-byte vector a thread: 2.31
 # against 3.89 µs a call at 1 token with the residual add, 2.82 against 3.08 with split-K sums
-# (bench/sweeps.py --norm-threads), and the decode step 1.82 against 2.00 ms at batch 1
-# (docs/results.md, 2026-12-03). QUAD_NORM_DECODE_THREADS=0 gives the width rule at every M.
+# (bench/sweeps.py --norm-threads); the decode step's quantizers 0.41 against 0.50 ms of device
+# time at batch 1 (docs/results.md, 2026-12-03). QUAD_NORM_DECODE_THREADS=0: the width rule at every M.
 DECODE_TOKENS = 64
 DECODE_THREADS = int(os.environ.get("QUAD_NORM_DECODE_THREADS", "512"))
 

@@ -29,6 +29,8 @@
 # against the scalar streaming kernel), square (the two-pass quantizer of square rows, QUAD_HADAMARD_SQUARE_MIN:
 # its GPU tests, its sweep beside the one-block kernel at 1-8192 tokens, the engine A/B with it at every
 # token count: prefill 1 / 16 x 2048, decode b1 / b32),
+# norm (the norm + quantize at both block sizes, the width rule's and the decode steps' 512
+# threads: its GPU tests, then the engine A/B against QUAD_NORM_DECODE_THREADS=0 in two rounds),
 # sweep-hadamard-stream,
 # sweep-hadamard, sweep-hadamard-gated (the gated 14336-wide quantizer alone, with its fast-silu
 # variants), sweep-rs-panel (the prefill GEMM's blocks in panels of token tiles, and gate_up's time
@@ -36,7 +38,7 @@
 # what it measured.
 set -u
 out=${1:?usage: scripts/gpu_all.sh OUT_DIR PART}
-part=${2:?PART: gemm | gemm-decode | gemm-decode-blocks | gemm-fill | gemm-pipelined | gemm-ws | prefill-sdpa | decode | quantize | quantize-clusters | kv | rope | engine | attention-rf | swiglu | stream | square | bench-kernels | bench-attention | sweep-splits | sweep-decode | sweep-decode-ws | sweep-hadamard | sweep-hadamard-gated | sweep-hadamard-stream | sweep-rs-panel}
+part=${2:?PART: norm | gemm | gemm-decode | gemm-decode-blocks | gemm-fill | gemm-pipelined | gemm-ws | prefill-sdpa | decode | quantize | quantize-clusters | kv | rope | engine | attention-rf | swiglu | stream | square | bench-kernels | bench-attention | sweep-splits | sweep-decode | sweep-decode-ws | sweep-hadamard | sweep-hadamard-gated | sweep-hadamard-stream | sweep-rs-panel}
 mkdir -p "$out"
 quiet() { grep -v "INFO\|WARNING\|AnnotateWarpGroup" ; }
 case "$part" in
@@ -132,6 +134,9 @@ case "$part" in
             > "$out/sweep_square.log"
           grep "stream sweep" "$out/sweep_square.log" | cut -c1-150
           AB_VARIANTS="base QUAD_HADAMARD_SQUARE_MIN=1" AB_PREFILL=1x2048,16x2048 bash scripts/gpu_engine.sh "$out" ab ;;
+  norm) timeout 200 python3 -m pytest -q -m gpu tests/test_quantize_gpu.py -k rmsnorm 2>&1 | quiet > "$out/norm_tests.log"
+        tail -n 1 "$out/norm_tests.log"; grep -h "^FAILED" "$out/norm_tests.log" | head -n 5
+        AB_ROUNDS=2 AB_VARIANTS="base QUAD_NORM_DECODE_THREADS=0" bash scripts/gpu_engine.sh "$out" ab ;;
   sweep-hadamard-stream) timeout 300 python3 bench/sweeps.py --hadamard-stream --out "$out/sweep_stream.json" 2>&1 \
                            | quiet > "$out/sweep_stream.log"
                          grep "stream sweep" "$out/sweep_stream.log" | cut -c1-150 ;;

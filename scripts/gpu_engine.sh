@@ -32,12 +32,16 @@ elif [ "$part" = ab ]; then
   # comma-separated VAR=VALUE switches, e.g. AB_VARIANTS="base QUAD_DECODE_PREFETCH=1,QUAD_DECODE_MIN_BLOCKS=5";
   # one process each (about 80 s a variant, 30 s once the kernels are in TileLang's cache).
   # AB_PREFILL=1x2048,16x2048 adds prefill rows; AB_DECODE overrides the decode shapes ("" for none).
-  for variant in ${AB_VARIANTS:-base}; do
-    env=(); [ "$variant" != base ] && IFS=, read -r -a env <<< "$variant"
-    echo "== $variant"
-    env "${env[@]}" timeout 200 python3 -m quad_engine.cli.bench --arch llama-3-8b --prefill "${AB_PREFILL:-}" \
-      --decode "${AB_DECODE-1x1024,32x1024}" --systems quad-w4a4a8 --throughput 0 --repeats 3 --decode-steps 16 \
-      --out-dir "$out" --name "ab_${variant//[=,]/_}" 2>&1 | quiet | grep -A4 "^| batch" | head -n 12
+  # AB_ROUNDS=N runs the list N times over (base, X, base, X, ...): a step's wall time has moved by
+  # up to ~5% between processes running the same kernels, so one process a variant can mislead.
+  for round in $(seq "${AB_ROUNDS:-1}"); do
+    for variant in ${AB_VARIANTS:-base}; do
+      env=(); [ "$variant" != base ] && IFS=, read -r -a env <<< "$variant"
+      echo "== $variant (round $round)"
+      env "${env[@]}" timeout 200 python3 -m quad_engine.cli.bench --arch llama-3-8b --prefill "${AB_PREFILL:-}" \
+        --decode "${AB_DECODE-1x1024,32x1024}" --systems quad-w4a4a8 --throughput 0 --repeats 3 --decode-steps 16 \
+        --out-dir "$out" --name "ab_${variant//[=,]/_}_r$round" 2>&1 | quiet | grep -A4 "^| batch" | head -n 12
+    done
   done
 elif [ "$part" = quad-reference ]; then
   # The QUAD reference speed script's configuration: Llama-2-13B shapes, prefill 1-16 x 2048, QUAD
