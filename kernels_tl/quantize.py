@@ -21,6 +21,7 @@ import os
 import tilelang
 import tilelang.language as T
 
+from kernels_tl.l2_prefetch import PREFETCH_SRC, prefetch_share
 from kernels_tl.pdl import wait_for_producers
 
 from kernels_tl.targets import SM90, TARGETS  # noqa: F401
@@ -172,7 +173,7 @@ def rmsnorm_body(width: int, rank: int, d: int, bits: int, clip: float, eps: flo
 
 @functools.lru_cache(maxsize=None)
 def rmsnorm_quant(width: int, rank: int, d: int, bits: int, clip: float, eps: float, target=None,
-                  threads=None, residual: str = "float16"):
+                  threads=None, residual: str = "float16", prefetch_blocks: int = 0):
     """Build (and cache) the fused norm for one residual width (= rank + d).
 
     residual "float16": call it as kernel(H, XO, XQ, XS): H float16 [m, rank + d] is read.
@@ -187,6 +188,9 @@ def rmsnorm_quant(width: int, rank: int, d: int, bits: int, clip: float, eps: fl
     pass (gemm_dispatch.SplitKSums), one launch instead of two; ACC is left zero.
     XO float16 [m, max(rank, 16)] (columns >= rank untouched), XQ int8 [m, d] and XS float32 [m]
     are written, not allocated.
+    prefetch_blocks > 0 (residual "add" or "splitk", the decode steps' modes): the kernel takes one
+    more argument, PF uint8 [pn], and runs that many more blocks, which ask for PF's bytes in L2
+    (kernels_tl.l2_prefetch: the next GEMM's packed weights) and write nothing.
 
     One block per token: each thread loads 16-byte vectors of 8 halves (interleaved over threads, so
     a warp reads 512 contiguous bytes), keeps them in registers, and one block reduction gives both
@@ -201,12 +205,51 @@ def rmsnorm_quant(width: int, rank: int, d: int, bits: int, clip: float, eps: fl
     in_dtype = "float16" if residual == "float16" else "float32"
     add = {"add": "float16", "splitk": "splitk"}.get(residual)
     body = rmsnorm_body(width, rank, d, bits, clip, eps, threads, add)
+    pfb = prefetch_blocks
+    assert pfb == 0 or add, "the L2 prefetch rides in the fused-add modes (decode steps)"
 
     @tilelang.jit(target=TARGETS[target], pass_configs=_PASS_CONFIGS)
     def build():
         m = T.dynamic("m")
+        pn = T.dynamic("pn")
 
-        if add == "splitk":
+        if add == "splitk" and pfb:
+            @T.prim_func
+            def main(
+                H: T.Tensor((m, width), "float32"),
+                ACC: T.Tensor((m, width), "int32"),
+                SX: T.Tensor((m,), "float32"),
+                WS: T.Tensor((width,), "float16"),
+                XO: T.Tensor((m, r), "float16"),
+                XQ: T.Tensor((m, d), "int8"),
+                XS: T.Tensor((m,), "float32"),
+                PF: T.Tensor((pn,), "uint8"),
+            ):
+                with T.Kernel(m + pfb, threads=threads) as bx:
+                    wait_for_producers("norm")
+                    T.import_source(PREFETCH_SRC)
+                    if bx < m:
+                        body(H, ACC, XO, XQ, XS, bx, SX, WS)
+                    else:
+                        prefetch_share(PF, pn, bx - m, pfb, threads)
+        elif add and pfb:
+            @T.prim_func
+            def main(
+                H: T.Tensor((m, width), "float32"),
+                D: T.Tensor((m, width), "float16"),
+                XO: T.Tensor((m, r), "float16"),
+                XQ: T.Tensor((m, d), "int8"),
+                XS: T.Tensor((m,), "float32"),
+                PF: T.Tensor((pn,), "uint8"),
+            ):
+                with T.Kernel(m + pfb, threads=threads) as bx:
+                    wait_for_producers("norm")
+                    T.import_source(PREFETCH_SRC)
+                    if bx < m:
+                        body(H, D, XO, XQ, XS, bx, None, None)
+                    else:
+                        prefetch_share(PF, pn, bx - m, pfb, threads)
+        elif add == "splitk":
             @T.prim_func
             def main(
                 H: T.Tensor((m, width), "float32"),
@@ -267,11 +310,46 @@ def norm_threads(m: int) -> int | None:
     return DECODE_THREADS if 0 < m <= DECODE_TOKENS and DECODE_THREADS else None
 
 
-def rmsnorm_quant_op(h, rank: int, d: int, eps: float, bits: int, clip: float, residual=None):
+# At decode sizes the fused-add norms can ask for the first L2_PREFETCH_MB MiB of the next GEMM's
+# packed weights in L2 (kernels_tl.l2_prefetch), from L2_PREFETCH_BLOCKS extra blocks (0: one a
+# SM). Off (0 MiB) until an engine A/B shows it pays.
+L2_PREFETCH_MB = float(os.environ.get("QUAD_L2_PREFETCH_MB", "0"))
+L2_PREFETCH_BLOCKS = int(os.environ.get("QUAD_L2_PREFETCH_BLOCKS", "0"))
+
+
+def prefetch_blocks(m: int, mode: str, device=None) -> int:
+    """Extra blocks of a norm call that asks for the next GEMM's weights in L2: at decode sizes, in
+    the fused-add modes, with the switch on; else 0."""
+    if not (L2_PREFETCH_MB > 0 and 0 < m <= DECODE_TOKENS and mode in ("add", "splitk")):
+        return 0
+    return L2_PREFETCH_BLOCKS or _sm_count(device)
+
+
+def prefetch_bytes(weights):
+    """The bytes of `weights` the prefetch blocks ask for (uint8, 1-D): the first L2_PREFETCH_MB MiB,
+    a multiple of 16; None where the tensor is not 16-byte aligned or not contiguous."""
+    import torch
+
+    if not weights.is_contiguous() or weights.data_ptr() % 16:
+        return None
+    flat = weights.reshape(-1).view(torch.uint8)
+    nbytes = min(flat.numel(), int(L2_PREFETCH_MB * (1 << 20))) // 16 * 16
+    return flat[:nbytes] if nbytes else None
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device) -> int:
+    import torch
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def rmsnorm_quant_op(h, rank: int, d: int, eps: float, bits: int, clip: float, residual=None, prefetch=None):
     """(x_out float16 [.., rank], x_q int8 [.., d], x_scale float32 [.., 1]) of the widened residual h
     (float16, or float32: rounded to float16 on load). With `residual` (float16, h's shape; h float32
     and contiguous) h += residual in place first, in the same pass; residual may also be a split-K
-    GEMM's sums before their epilogue (gemm_dispatch.SplitKSums), which the pass applies."""
+    GEMM's sums before their epilogue (gemm_dispatch.SplitKSums), which the pass applies.
+    prefetch: the next GEMM's packed weights, whose first bytes the call may ask for in L2
+    (prefetch_blocks, prefetch_bytes); the outputs are the same either way."""
     import torch
 
     lead = h.shape[:-1]
@@ -286,15 +364,20 @@ def rmsnorm_quant_op(h, rank: int, d: int, eps: float, bits: int, clip: float, r
     else:
         h2, mode = h.reshape(-1, h.shape[-1]).to(torch.float16).contiguous(), "float16"
     m = h2.shape[0]
-    kernel = rmsnorm_quant(rank + d, rank, d, bits, float(clip), float(eps), threads=norm_threads(m), residual=mode)
+    blocks = prefetch_blocks(m, mode, h.device) if prefetch is not None else 0
+    pf = prefetch_bytes(prefetch) if blocks else None
+    blocks = blocks if pf is not None else 0
+    kernel = rmsnorm_quant(rank + d, rank, d, bits, float(clip), float(eps), threads=norm_threads(m), residual=mode,
+                           prefetch_blocks=blocks)
+    extra = (pf,) if blocks else ()
     x_out = torch.empty(m, max(rank, 16), dtype=torch.float16, device=h.device)
     x_q = torch.empty(m, d, dtype=torch.int8, device=h.device)
     x_scale = torch.empty(m, dtype=torch.float32, device=h.device)
     if m:
         if splitk:
-            kernel(h2, residual.acc, residual.x_scale, residual.w_scale, x_out, x_q, x_scale)
+            kernel(h2, residual.acc, residual.x_scale, residual.w_scale, x_out, x_q, x_scale, *extra)
         elif residual is not None:
-            kernel(h2, residual.reshape(m, -1).to(torch.float16).contiguous(), x_out, x_q, x_scale)
+            kernel(h2, residual.reshape(m, -1).to(torch.float16).contiguous(), x_out, x_q, x_scale, *extra)
         else:
             kernel(h2, x_out, x_q, x_scale)
     return x_out[:, :rank].reshape(*lead, rank), x_q.reshape(*lead, d), x_scale.reshape(*lead, 1)

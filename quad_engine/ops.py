@@ -82,18 +82,21 @@ def fusions_enabled() -> bool:
 
 @_profiled("quantize")
 def rmsnorm_quant(h: torch.Tensor, rank: int, hidden: int, eps: float, bits: int, clip: float,
-                  residual=None):
+                  residual=None, prefetch: "QuantWeights | None" = None):
     """Weightless RMSNorm of the widened residual, split into (x_out, x_q, x_scale).
 
     With `residual` (the previous branch's output, not yet added), h += residual in place first:
     the kernel does both in one pass over the row, the branch's GEMM epilogue too where it is a
     split-K GEMM's sums (quant_linear with into_residual). With bits >= 16 (unquantized mode) x_q
-    is the float activation and x_scale is None.
+    is the float activation and x_scale is None. prefetch: the linear layer that reads the result,
+    whose packed weights the kernel may start bringing into L2 (kernels_tl.l2_prefetch; off unless
+    QUAD_L2_PREFETCH_MB is set): a hint, the outputs are the same.
     """
     kernels = bits < 16 and use_kernels(h) and rank % 16 == 0
     if kernels and fusions_enabled() and (residual is None or (h.dtype == torch.float32 and h.is_contiguous())):
         from kernels_tl.quantize import rmsnorm_quant_op
-        return rmsnorm_quant_op(h, rank, hidden, eps, bits, clip, residual)
+        return rmsnorm_quant_op(h, rank, hidden, eps, bits, clip, residual,
+                                prefetch=None if prefetch is None else prefetch.qweight)
     residual = materialize(residual)
     if residual is not None:
         h += residual
@@ -229,15 +232,18 @@ def prebuild_quantizers(cfg, token_counts, int8_head: bool = False, workers: int
     modes = ("float16", "float32", "add") + (("splitk",) if SPLITK_INTO_NORM else ()) if fusions_enabled() \
         else ("float16",)
     jobs = []
-    # The norm's threads a block depend on the token count (quantize.norm_threads); keyword arguments
-    # as rmsnorm_quant_op passes them, so these builds are the ones its calls find in the cache.
+    # The norm's threads a block depend on the token count (quantize.norm_threads), and so do its L2
+    # prefetch blocks (quantize.prefetch_blocks, the layers' norms only); keyword arguments as
+    # rmsnorm_quant_op passes them, so these builds are the ones its calls find in the cache.
     threads = {quantize.norm_threads(m) for m in token_counts}
+    variants = {(mode, quantize.norm_threads(m), quantize.prefetch_blocks(m, mode))
+                for mode in modes for m in token_counts}
     for site in ("qkv", "gate_up"):
         if bits[site] < 16 and cfg.rank % 16 == 0:
             jobs += [functools.partial(quantize.rmsnorm_quant, cfg.rank + cfg.hidden_size, cfg.rank, cfg.hidden_size,
                                        bits[site], float(cfg.act_clip), float(cfg.rms_norm_eps), threads=t,
-                                       residual=mode)
-                     for mode in modes for t in threads]
+                                       residual=mode, prefetch_blocks=blocks)
+                     for mode, t, blocks in variants]
     if int8_head and cfg.rank % 16 == 0:
         jobs += [functools.partial(quantize.rmsnorm_quant, cfg.rank + cfg.hidden_size, cfg.rank, cfg.hidden_size,
                                    HEAD_BITS, float(HEAD_CLIP), float(cfg.rms_norm_eps), threads=t,

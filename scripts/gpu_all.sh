@@ -31,6 +31,8 @@
 # token count: prefill 1 / 16 x 2048, decode b1 / b32),
 # norm (the norm + quantize at both block sizes, the width rule's and the decode steps' 512
 # threads: its GPU tests, then the engine A/B against QUAD_NORM_DECODE_THREADS=0 in two rounds),
+# l2-prefetch (the norms asking for the next GEMM's weights in L2, QUAD_L2_PREFETCH_MB: its GPU
+# tests, the engine's logits and graphs with it, then the engine A/B at 8 / 16 / 32 MiB, decode only),
 # sweep-hadamard-stream,
 # sweep-hadamard, sweep-hadamard-gated (the gated 14336-wide quantizer alone, with its fast-silu
 # variants), sweep-rs-panel (the prefill GEMM's blocks in panels of token tiles, and gate_up's time
@@ -38,7 +40,7 @@
 # what it measured.
 set -u
 out=${1:?usage: scripts/gpu_all.sh OUT_DIR PART}
-part=${2:?PART: norm | gemm | gemm-decode | gemm-decode-blocks | gemm-fill | gemm-pipelined | gemm-ws | prefill-sdpa | decode | quantize | quantize-clusters | kv | rope | engine | attention-rf | swiglu | stream | square | bench-kernels | bench-attention | sweep-splits | sweep-decode | sweep-decode-ws | sweep-hadamard | sweep-hadamard-gated | sweep-hadamard-stream | sweep-rs-panel}
+part=${2:?PART: norm | l2-prefetch | gemm | gemm-decode | gemm-decode-blocks | gemm-fill | gemm-pipelined | gemm-ws | prefill-sdpa | decode | quantize | quantize-clusters | kv | rope | engine | attention-rf | swiglu | stream | square | bench-kernels | bench-attention | sweep-splits | sweep-decode | sweep-decode-ws | sweep-hadamard | sweep-hadamard-gated | sweep-hadamard-stream | sweep-rs-panel}
 mkdir -p "$out"
 quiet() { grep -v "INFO\|WARNING\|AnnotateWarpGroup" ; }
 case "$part" in
@@ -137,6 +139,14 @@ case "$part" in
   norm) timeout 200 python3 -m pytest -q -m gpu tests/test_quantize_gpu.py -k rmsnorm 2>&1 | quiet > "$out/norm_tests.log"
         tail -n 1 "$out/norm_tests.log"; grep -h "^FAILED" "$out/norm_tests.log" | head -n 5
         AB_ROUNDS=2 AB_VARIANTS="base QUAD_NORM_DECODE_THREADS=0" bash scripts/gpu_engine.sh "$out" ab ;;
+  l2-prefetch) timeout 150 python3 -m pytest -q -m gpu tests/test_quantize_gpu.py -k prefetch 2>&1 | quiet \
+                 > "$out/l2_prefetch_tests.log"
+               tail -n 1 "$out/l2_prefetch_tests.log"; grep -h "^FAILED" "$out/l2_prefetch_tests.log" | head -n 5
+               QUAD_L2_PREFETCH_MB=32 timeout 150 python3 -m pytest -q -s -m gpu tests/test_engine_gpu.py \
+                 -k "logits_track or graphs_on_and_off" 2>&1 | quiet > "$out/l2_prefetch_engine.log"
+               grep -E "logits vs|passed|failed" "$out/l2_prefetch_engine.log"
+               AB_DECODE=1x1024,32x1024 AB_VARIANTS="base QUAD_L2_PREFETCH_MB=8 QUAD_L2_PREFETCH_MB=16 QUAD_L2_PREFETCH_MB=32" \
+                 bash scripts/gpu_engine.sh "$out" ab ;;
   sweep-hadamard-stream) timeout 300 python3 bench/sweeps.py --hadamard-stream --out "$out/sweep_stream.json" 2>&1 \
                            | quiet > "$out/sweep_stream.log"
                          grep "stream sweep" "$out/sweep_stream.log" | cut -c1-150 ;;

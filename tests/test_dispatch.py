@@ -380,3 +380,46 @@ def test_fused_swiglu_takes_prefill_gate_up_gemms_only_when_switched_on(monkeypa
     weight = ops.QuantWeights(torch.zeros(256, 32, dtype=torch.uint8), torch.ones(256, 1, dtype=torch.float16),
                               None, None)
     assert ops.gate_up_swiglu(torch.zeros(100, 64, dtype=torch.int8), torch.ones(100, 1), weight) is None
+
+
+def test_l2_prefetch_plan_follows_the_switch_the_mode_and_the_token_count(monkeypatch):
+    """The norm's L2 prefetch blocks (kernels_tl.l2_prefetch): none while QUAD_L2_PREFETCH_MB is 0
+    (the default), none past decode sizes or outside the fused-add modes; the bytes are the first
+    L2_PREFETCH_MB MiB of the weights, a multiple of 16, and none of a misaligned view."""
+    import torch
+
+    from kernels_tl import quantize
+    assert quantize.L2_PREFETCH_MB == 0 and quantize.prefetch_blocks(1, "add") == 0
+    monkeypatch.setattr(quantize, "L2_PREFETCH_MB", 1.0)
+    monkeypatch.setattr(quantize, "L2_PREFETCH_BLOCKS", 132)
+    assert [quantize.prefetch_blocks(m, "add") for m in (1, 64, 65)] == [132, 132, 0]
+    assert [quantize.prefetch_blocks(1, mode) for mode in ("splitk", "float32", "float16")] == [132, 0, 0]
+    w = torch.zeros(4096, 2048, dtype=torch.uint8)
+    pf = quantize.prefetch_bytes(w)
+    assert pf.dtype == torch.uint8 and pf.numel() == 1 << 20 and pf.data_ptr() == w.data_ptr()
+    assert quantize.prefetch_bytes(torch.zeros(1000, dtype=torch.uint8)).numel() == 992  # whole 16-byte pieces
+    assert quantize.prefetch_bytes(torch.zeros(4096, dtype=torch.uint8)[1:]) is None
+    assert quantize.prefetch_bytes(torch.zeros(8, dtype=torch.uint8)) is None
+
+
+def test_engine_quantizer_prebuild_builds_the_prefetch_variants_it_will_run(monkeypatch):
+    from types import SimpleNamespace
+
+    from kernels_tl import hadamard_quant_dispatch, quantize
+    from quad_engine import ops
+    from quad_engine.config import HadamardSpec
+    norms = []
+    monkeypatch.setattr(quantize, "rmsnorm_quant", lambda *a, **kw: norms.append(
+        (kw["residual"], kw["threads"], kw.get("prefetch_blocks", 0))))
+    monkeypatch.setattr(hadamard_quant_dispatch, "prebuild_jobs", lambda probs, counts: [])
+    monkeypatch.setattr(quantize, "L2_PREFETCH_MB", 16.0)
+    monkeypatch.setattr(quantize, "L2_PREFETCH_BLOCKS", 132)
+    cfg = SimpleNamespace(act_bits={"qkv": 4, "gate_up": 4, "o": 8, "down": 8}, rank=64, hidden_size=4096,
+                          act_clip=0.9, rms_norm_eps=1e-5,
+                          hadamard_o=HadamardSpec(size=4096, factors=[4096], block=None),
+                          hadamard_down=HadamardSpec(size=14336, factors=[28, 512], block=None))
+    ops.prebuild_quantizers(cfg, [1, 32, 2048])
+    decode = quantize.DECODE_THREADS
+    assert set(norms) == {("add", decode, 132), ("splitk", decode, 132), ("float32", decode, 0),
+                          ("float16", decode, 0), ("add", None, 0), ("splitk", None, 0), ("float32", None, 0),
+                          ("float16", None, 0)}

@@ -265,3 +265,29 @@ def test_square_quantizer_layout():
     assert square_fits(4096, (4096,), None, False) and not square_fits(4096, (4096,), None, True)
     assert not square_fits(4096, (64, 64), None, False) and not square_fits(3584, (28, 128), None, False)
 
+
+
+@pytest.mark.parametrize("residual", ["add", "splitk"])
+def test_rmsnorm_quant_with_l2_prefetch_blocks_builds(residual, tmp_path):
+    """The decode modes with L2 prefetch blocks (kernels_tl.l2_prefetch): one more argument (the
+    bytes to prefetch), the norm's rows in the blocks below m and the prefetch pieces in the blocks
+    past it, one cp.async.bulk.prefetch.L2 a piece; every block waits for the previous kernel."""
+    from kernels_tl.quantize import SM90, rmsnorm_quant
+    src = rmsnorm_quant(64 + 4096, 64, 4096, 4, 0.9, 1e-5, target=SM90, threads=512, residual=residual,
+                        prefetch_blocks=132).get_kernel_source()
+    assert_reference_rounding(src)
+    assert re.search(r"uchar\* (__restrict__ )?PF\b", src)
+    body = src[src.index("main_kernel("):]
+    assert "cp.async.bulk.prefetch.L2.global" in src and body.count("quad_prefetch_l2(") == 1
+    assert body.index("cudaGridDependencySynchronize()") < body.index("if (((int)blockIdx.x) < m)")
+    assert src.count("__syncthreads()") == 2
+    assert ptxas_spills(src, tmp_path) == [0, 0]
+    plain = rmsnorm_quant(64 + 4096, 64, 4096, 4, 0.9, 1e-5, target=SM90, threads=512,
+                          residual=residual).get_kernel_source()
+    assert "quad_prefetch_l2" not in plain and not re.search(r"\bPF\b", plain)
+
+
+def test_l2_prefetch_rides_only_in_the_fused_add_modes():
+    from kernels_tl.quantize import SM90, rmsnorm_quant
+    with pytest.raises(AssertionError, match="fused-add"):
+        rmsnorm_quant(64 + 4096, 64, 4096, 4, 0.9, 1e-5, target=SM90, residual="float32", prefetch_blocks=8)

@@ -184,6 +184,40 @@ def test_rmsnorm_quant_takes_split_k_sums(rank, d, m, bits, threads):
     assert not acc_b.any() and not acc_a.any(), f"{what}: the sums are left zero"
 
 
+@pytest.mark.parametrize("prefetch_bytes", [16, 12345 * 16, 40 << 20])
+@pytest.mark.parametrize("m", [1, 5, 64])
+@pytest.mark.parametrize("residual", ["add", "splitk"])
+def test_l2_prefetch_blocks_leave_the_norm_outputs_unchanged(residual, m, prefetch_bytes):
+    """The norm with L2 prefetch blocks (kernels_tl.l2_prefetch) writes what it writes without them,
+    bit for bit (residual, x_out, x_q, x_scale, the split-K sums left zero), and leaves the
+    prefetched tensor as it was: one piece, a ragged last piece, more pieces than threads."""
+    from kernels_tl.quantize import rmsnorm_quant
+    rank, d, threads = 64, 4096, 512
+    n = rank + d
+    seed = SEED + 13 * m + prefetch_bytes % 1000
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    h = activations(m, n, seed, spread=20.0).float()
+    branch = activations(m, n, seed + 1) if residual == "add" else torch.randint(
+        -2**20, 2**20, (m, n), generator=g, device="cuda", dtype=torch.int32)
+    extra = () if residual == "add" else (torch.rand(m, generator=g, device="cuda") * 1e-3 + 1e-5,
+                                          (torch.rand(n, generator=g, device="cuda") * 0.02 + 1e-3).half())
+    weights = torch.randint(0, 256, (prefetch_bytes,), generator=g, device="cuda", dtype=torch.uint8)
+    kept = weights.clone()
+    results = []
+    for blocks in (0, 132):
+        outs = (torch.full((m, rank), float("nan"), device="cuda", dtype=torch.float16),
+                torch.full((m, d), 0x55, device="cuda", dtype=torch.int8),
+                torch.full((m,), float("nan"), device="cuda"))
+        hb, bb = h.clone(), branch.clone()
+        kernel = rmsnorm_quant(n, rank, d, 4, CLIP, 1e-5, threads=threads, residual=residual, prefetch_blocks=blocks)
+        kernel(hb, bb, *extra, *outs, *((weights,) if blocks else ()))
+        results.append((hb, bb) + outs)
+    what = f"prefetch {residual} m={m} bytes={prefetch_bytes} seed={seed}"
+    for got, want in zip(results[1], results[0]):  # (the poison is NaN: an unwritten output fails)
+        assert torch.equal(got, want), what
+    assert torch.equal(weights, kept), f"{what}: the prefetched tensor changed"
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("m", MS)
 @pytest.mark.parametrize("n", HADAMARD_SIZES)

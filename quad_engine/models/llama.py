@@ -78,7 +78,7 @@ class Attention(nn.Module):
         cfg, bits = self.cfg, self.cfg.act_bits
         b, t, _ = h.shape
         x_out, x_q, x_s = ops.rmsnorm_quant(h, cfg.rank, cfg.hidden_size, cfg.rms_norm_eps,
-                                            bits["qkv"], cfg.act_clip, residual=pending)
+                                            bits["qkv"], cfg.act_clip, residual=pending, prefetch=self.qkv)
         qkv = self.qkv(x_q, x_s, x_out)
         nq, nkv, hd = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.head_dim
         ctx = get_context()
@@ -136,7 +136,7 @@ class MLP(nn.Module):
         """The MLP branch's output for residual h, after h += pending (fused into the norm)."""
         cfg, bits = self.cfg, self.cfg.act_bits
         x_out, x_q, x_s = ops.rmsnorm_quant(h, cfg.rank, cfg.hidden_size, cfg.rms_norm_eps,
-                                            bits["gate_up"], cfg.act_clip, residual=pending)
+                                            bits["gate_up"], cfg.act_clip, residual=pending, prefetch=self.gate_up)
         act = ops.gate_up_swiglu(x_q, x_s, self.gate_up, x_out)  # the GEMM's epilogue, where it can
         if act is not None:
             a_q, a_s = ops.hadamard_quant(act, cfg.hadamard_down, bits["down"], cfg.act_clip)
