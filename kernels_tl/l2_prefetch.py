@@ -12,9 +12,63 @@ its outputs are bit-identical with and without; the next GEMM then finds those b
 The prefetch blocks wait for the previous kernel like the others: launched early under
 programmatic dependent launch, their fetches would compete with the previous GEMM's weight stream
 and could be evicted by it before use.
+
+Where no kernel of ours precedes the GEMM closely enough to carry the blocks (the o_proj and
+down_proj inputs' quantizers come in many variants), `l2_prefetch_kernel` is the same prefetch as
+a kernel of its own, placed in the stream early (after the GEMM before, so its fetches find the
+DRAM idle): it waits for the previous kernel, lets the next one launch at once (programmatic
+dependent launch), issues its pieces and exits, so the next kernel's start moves by the time it
+takes to issue them, not by a launch.
 """
 
+import functools
+import os
+import re
+
+import tilelang
 import tilelang.language as T
+
+from kernels_tl.pdl import wait_for_producers
+from kernels_tl.targets import SM90, TARGETS  # noqa: F401
+
+# The switches (read at import): MiB of a GEMM's packed weights asked for (0: off, the default
+# until an engine A/B shows it pays), the blocks that ask (0: one a SM), and the sites: "norm" (the
+# layers' norms, for qkv and gate_up), "o" (a kernel after the qkv GEMM, for o_proj), "down" (a
+# kernel after the gate_up GEMM, for down_proj), separated by "," or "+".
+MB = float(os.environ.get("QUAD_L2_PREFETCH_MB", "0"))
+BLOCKS = int(os.environ.get("QUAD_L2_PREFETCH_BLOCKS", "0"))
+SITES = frozenset(re.split(r"[,+]", os.environ.get("QUAD_L2_PREFETCH_SITES", "norm,o,down"))) - {""}
+assert SITES <= {"norm", "o", "down"}, f"QUAD_L2_PREFETCH_SITES: unknown sites {sorted(SITES - {'norm', 'o', 'down'})}"
+# Token counts up to which a step prefetches (decode steps; prefill GEMMs are compute bound).
+MAX_TOKENS = 64
+
+
+def enabled(site: str, tokens: int) -> bool:
+    """Whether a step of `tokens` tokens prefetches at this site."""
+    return MB > 0 and site in SITES and 0 < tokens <= MAX_TOKENS
+
+
+def prefetch_bytes(weights):
+    """The bytes of `weights` to ask for (uint8, 1-D view): the first MB MiB, a multiple of 16;
+    None where the tensor is not 16-byte aligned or not contiguous."""
+    import torch
+
+    if not weights.is_contiguous() or weights.data_ptr() % 16:
+        return None
+    flat = weights.reshape(-1).view(torch.uint8)
+    nbytes = min(flat.numel(), int(MB * (1 << 20))) // 16 * 16
+    return flat[:nbytes] if nbytes else None
+
+
+def prefetch_blocks(device=None) -> int:
+    """Blocks that ask: BLOCKS, or one a SM of the device."""
+    return BLOCKS or _sm_count(device)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device) -> int:
+    import torch
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 PREFETCH_SRC = r"""
 // Ask for [p, p + bytes) in L2 (a hint: no data comes back, nothing to wait for).
@@ -45,3 +99,31 @@ def prefetch_share(PF, total, part, parts: int, threads: int):
             start = piece * PIECE
             T.call_extern("handle", "quad_prefetch_l2", T.address_of(PF[start]),
                           T.Cast("uint32", T.min(total - start, PIECE)))
+
+
+@functools.lru_cache(maxsize=None)
+def l2_prefetch_kernel(blocks: int, threads: int = 128, target=None):
+    """kernel(PF): ask for all of PF's bytes (uint8 1-D, 16-byte aligned, a multiple of 16 long) in
+    L2 from `blocks` blocks; writes nothing."""
+
+    @tilelang.jit(target=TARGETS[target])
+    def build():
+        pn = T.dynamic("pn")
+
+        @T.prim_func
+        def main(PF: T.Tensor((pn,), "uint8")):
+            with T.Kernel(blocks, threads=threads) as bx:
+                wait_for_producers("l2_prefetch")
+                T.import_source(PREFETCH_SRC)
+                prefetch_share(PF, pn, bx, blocks, threads)
+
+        return main
+
+    return build()
+
+
+def l2_prefetch_op(weights) -> None:
+    """Run l2_prefetch_kernel on the first MB MiB of `weights` (nothing where prefetch_bytes has none)."""
+    pf = prefetch_bytes(weights)
+    if pf is not None:
+        l2_prefetch_kernel(prefetch_blocks(weights.device))(pf)

@@ -33,7 +33,8 @@ Families: norm, hadamard_quant, gemm (the tensor-core decode GEMMs), gemm_epilog
 GEMMs' epilogue kernel: skipped by default with gemm, as measured; QUAD_PDL_SKIP=gemm gives it PDL
 alone, unmeasured, and since split-K sums without outliers or bias go to the next norm
 (gemm_dispatch.SplitKSums) a Llama decode step no longer runs it), gemv (the CUDA-core GEMV of
-1-4 tokens), head (the int8 lm_head GEMV), kv_store, attention.
+1-4 tokens), head (the int8 lm_head GEMV), kv_store, attention, l2_prefetch (kernels_tl.l2_prefetch's
+kernel, which only asks for weights in L2).
 """
 
 import os
@@ -41,7 +42,7 @@ import os
 import tilelang.language as T
 
 ENABLED = os.environ.get("QUAD_PDL", "1") != "0"
-FAMILIES = ("norm", "hadamard_quant", "gemm", "gemm_epilogue", "gemv", "head", "kv_store", "attention")
+FAMILIES = ("norm", "hadamard_quant", "gemm", "gemm_epilogue", "gemv", "head", "kv_store", "attention", "l2_prefetch")
 
 
 def _families(var: str, default: str = "") -> frozenset:

@@ -21,6 +21,7 @@ import os
 import tilelang
 import tilelang.language as T
 
+from kernels_tl import l2_prefetch
 from kernels_tl.l2_prefetch import PREFETCH_SRC, prefetch_share
 from kernels_tl.pdl import wait_for_producers
 
@@ -310,37 +311,12 @@ def norm_threads(m: int) -> int | None:
     return DECODE_THREADS if 0 < m <= DECODE_TOKENS and DECODE_THREADS else None
 
 
-# At decode sizes the fused-add norms can ask for the first L2_PREFETCH_MB MiB of the next GEMM's
-# packed weights in L2 (kernels_tl.l2_prefetch), from L2_PREFETCH_BLOCKS extra blocks (0: one a
-# SM). Off (0 MiB) until an engine A/B shows it pays.
-L2_PREFETCH_MB = float(os.environ.get("QUAD_L2_PREFETCH_MB", "0"))
-L2_PREFETCH_BLOCKS = int(os.environ.get("QUAD_L2_PREFETCH_BLOCKS", "0"))
-
-
 def prefetch_blocks(m: int, mode: str, device=None) -> int:
-    """Extra blocks of a norm call that asks for the next GEMM's weights in L2: at decode sizes, in
-    the fused-add modes, with the switch on; else 0."""
-    if not (L2_PREFETCH_MB > 0 and 0 < m <= DECODE_TOKENS and mode in ("add", "splitk")):
+    """Extra blocks of a norm call that asks for the next GEMM's weights in L2 (kernels_tl.l2_prefetch,
+    site "norm"): at decode sizes, in the fused-add modes, with the switch on; else 0."""
+    if not (l2_prefetch.enabled("norm", m) and mode in ("add", "splitk")):
         return 0
-    return L2_PREFETCH_BLOCKS or _sm_count(device)
-
-
-def prefetch_bytes(weights):
-    """The bytes of `weights` the prefetch blocks ask for (uint8, 1-D): the first L2_PREFETCH_MB MiB,
-    a multiple of 16; None where the tensor is not 16-byte aligned or not contiguous."""
-    import torch
-
-    if not weights.is_contiguous() or weights.data_ptr() % 16:
-        return None
-    flat = weights.reshape(-1).view(torch.uint8)
-    nbytes = min(flat.numel(), int(L2_PREFETCH_MB * (1 << 20))) // 16 * 16
-    return flat[:nbytes] if nbytes else None
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device) -> int:
-    import torch
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return l2_prefetch.prefetch_blocks(device)
 
 
 def rmsnorm_quant_op(h, rank: int, d: int, eps: float, bits: int, clip: float, residual=None, prefetch=None):
@@ -349,7 +325,7 @@ def rmsnorm_quant_op(h, rank: int, d: int, eps: float, bits: int, clip: float, r
     and contiguous) h += residual in place first, in the same pass; residual may also be a split-K
     GEMM's sums before their epilogue (gemm_dispatch.SplitKSums), which the pass applies.
     prefetch: the next GEMM's packed weights, whose first bytes the call may ask for in L2
-    (prefetch_blocks, prefetch_bytes); the outputs are the same either way."""
+    (prefetch_blocks); the outputs are the same either way."""
     import torch
 
     lead = h.shape[:-1]
@@ -365,7 +341,7 @@ def rmsnorm_quant_op(h, rank: int, d: int, eps: float, bits: int, clip: float, r
         h2, mode = h.reshape(-1, h.shape[-1]).to(torch.float16).contiguous(), "float16"
     m = h2.shape[0]
     blocks = prefetch_blocks(m, mode, h.device) if prefetch is not None else 0
-    pf = prefetch_bytes(prefetch) if blocks else None
+    pf = l2_prefetch.prefetch_bytes(prefetch) if blocks else None
     blocks = blocks if pf is not None else 0
     kernel = rmsnorm_quant(rank + d, rank, d, bits, float(clip), float(eps), threads=norm_threads(m), residual=mode,
                            prefetch_blocks=blocks)

@@ -118,6 +118,19 @@ def materialize(branch):
     return branch.materialize() if hasattr(branch, "materialize") else branch
 
 
+def l2_prefetch(weight: "QuantWeights", site: str, tokens: int) -> None:
+    """Start bringing the first bytes of a linear layer's packed weights into L2 from a kernel of
+    its own (kernels_tl.l2_prefetch), early in the run of small kernels before that layer's GEMM:
+    only with QUAD_L2_PREFETCH_MB set, at decode sizes, at the sites QUAD_L2_PREFETCH_SITES names
+    ("o", "down"; the norms carry "norm" themselves). A hint: nothing is computed."""
+    w = weight.qweight
+    if w is None or not use_kernels(w):
+        return
+    from kernels_tl import l2_prefetch as pf
+    if pf.enabled(site, tokens):
+        pf.l2_prefetch_op(w)
+
+
 @_profiled("quantize")
 def hadamard_quant(x: torch.Tensor, spec: HadamardSpec | None, bits: int, clip: float):
     """Online Hadamard over the last dim, then per-token quantization: (x_q, x_scale)."""

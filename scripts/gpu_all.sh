@@ -31,8 +31,9 @@
 # token count: prefill 1 / 16 x 2048, decode b1 / b32),
 # norm (the norm + quantize at both block sizes, the width rule's and the decode steps' 512
 # threads: its GPU tests, then the engine A/B against QUAD_NORM_DECODE_THREADS=0 in two rounds),
-# l2-prefetch (the norms asking for the next GEMM's weights in L2, QUAD_L2_PREFETCH_MB: its GPU
-# tests, the engine's logits and graphs with it, then the engine A/B at 8 / 16 / 32 MiB, decode only),
+# l2-prefetch (the next GEMM's weights asked for in L2 under the small kernels before it,
+# QUAD_L2_PREFETCH_MB: its GPU tests, the engine's logits and graphs with it, then the engine A/B at
+# 16 / 32 MiB at every site, the norms' sites alone and the o / down sites alone, decode only),
 # sweep-hadamard-stream,
 # sweep-hadamard, sweep-hadamard-gated (the gated 14336-wide quantizer alone, with its fast-silu
 # variants), sweep-rs-panel (the prefill GEMM's blocks in panels of token tiles, and gate_up's time
@@ -145,7 +146,8 @@ case "$part" in
                QUAD_L2_PREFETCH_MB=32 timeout 150 python3 -m pytest -q -s -m gpu tests/test_engine_gpu.py \
                  -k "logits_track or graphs_on_and_off" 2>&1 | quiet > "$out/l2_prefetch_engine.log"
                grep -E "logits vs|passed|failed" "$out/l2_prefetch_engine.log"
-               AB_DECODE=1x1024,32x1024 AB_VARIANTS="base QUAD_L2_PREFETCH_MB=8 QUAD_L2_PREFETCH_MB=16 QUAD_L2_PREFETCH_MB=32" \
+               AB_DECODE=1x1024,32x1024 AB_VARIANTS="base QUAD_L2_PREFETCH_MB=16 QUAD_L2_PREFETCH_MB=32
+                 QUAD_L2_PREFETCH_MB=32,QUAD_L2_PREFETCH_SITES=norm QUAD_L2_PREFETCH_MB=32,QUAD_L2_PREFETCH_SITES=o+down" \
                  bash scripts/gpu_engine.sh "$out" ab ;;
   sweep-hadamard-stream) timeout 300 python3 bench/sweeps.py --hadamard-stream --out "$out/sweep_stream.json" 2>&1 \
                            | quiet > "$out/sweep_stream.log"

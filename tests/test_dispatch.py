@@ -382,38 +382,64 @@ def test_fused_swiglu_takes_prefill_gate_up_gemms_only_when_switched_on(monkeypa
     assert ops.gate_up_swiglu(torch.zeros(100, 64, dtype=torch.int8), torch.ones(100, 1), weight) is None
 
 
-def test_l2_prefetch_plan_follows_the_switch_the_mode_and_the_token_count(monkeypatch):
-    """The norm's L2 prefetch blocks (kernels_tl.l2_prefetch): none while QUAD_L2_PREFETCH_MB is 0
-    (the default), none past decode sizes or outside the fused-add modes; the bytes are the first
-    L2_PREFETCH_MB MiB of the weights, a multiple of 16, and none of a misaligned view."""
+def test_l2_prefetch_plan_follows_the_switch_the_site_and_the_token_count(monkeypatch):
+    """L2 prefetch (kernels_tl.l2_prefetch): nowhere while QUAD_L2_PREFETCH_MB is 0 (the default),
+    nowhere past decode sizes or at a site left out; in the norms only in the fused-add modes; the
+    bytes are the first MB MiB of the weights, a multiple of 16, and none of a misaligned view."""
     import torch
 
-    from kernels_tl import quantize
-    assert quantize.L2_PREFETCH_MB == 0 and quantize.prefetch_blocks(1, "add") == 0
-    monkeypatch.setattr(quantize, "L2_PREFETCH_MB", 1.0)
-    monkeypatch.setattr(quantize, "L2_PREFETCH_BLOCKS", 132)
+    from kernels_tl import l2_prefetch, quantize
+    assert l2_prefetch.MB == 0 and not l2_prefetch.enabled("norm", 1) and quantize.prefetch_blocks(1, "add") == 0
+    monkeypatch.setattr(l2_prefetch, "MB", 1.0)
+    monkeypatch.setattr(l2_prefetch, "BLOCKS", 132)
     assert [quantize.prefetch_blocks(m, "add") for m in (1, 64, 65)] == [132, 132, 0]
     assert [quantize.prefetch_blocks(1, mode) for mode in ("splitk", "float32", "float16")] == [132, 0, 0]
+    assert [l2_prefetch.enabled(site, 1) for site in ("norm", "o", "down")] == [True] * 3
+    monkeypatch.setattr(l2_prefetch, "SITES", frozenset({"down"}))
+    assert [l2_prefetch.enabled(site, 1) for site in ("norm", "o", "down")] == [False, False, True]
+    assert quantize.prefetch_blocks(1, "add") == 0
     w = torch.zeros(4096, 2048, dtype=torch.uint8)
-    pf = quantize.prefetch_bytes(w)
+    pf = l2_prefetch.prefetch_bytes(w)
     assert pf.dtype == torch.uint8 and pf.numel() == 1 << 20 and pf.data_ptr() == w.data_ptr()
-    assert quantize.prefetch_bytes(torch.zeros(1000, dtype=torch.uint8)).numel() == 992  # whole 16-byte pieces
-    assert quantize.prefetch_bytes(torch.zeros(4096, dtype=torch.uint8)[1:]) is None
-    assert quantize.prefetch_bytes(torch.zeros(8, dtype=torch.uint8)) is None
+    assert l2_prefetch.prefetch_bytes(torch.zeros(1000, dtype=torch.uint8)).numel() == 992  # whole 16-byte pieces
+    assert l2_prefetch.prefetch_bytes(torch.zeros(4096, dtype=torch.uint8)[1:]) is None
+    assert l2_prefetch.prefetch_bytes(torch.zeros(8, dtype=torch.uint8)) is None
+
+
+def test_l2_prefetch_sites_are_checked_and_inert_on_the_cpu(monkeypatch):
+    """An unknown site in QUAD_L2_PREFETCH_SITES is an error at import; ops.l2_prefetch does nothing
+    on CPU tensors (the reference backend has no cache to warm) even with the switch on."""
+    import importlib
+
+    import torch
+
+    from kernels_tl import l2_prefetch
+    from quad_engine import ops
+    monkeypatch.setenv("QUAD_L2_PREFETCH_SITES", "norm,qkv")
+    try:
+        with pytest.raises(AssertionError, match="unknown sites"):
+            importlib.reload(l2_prefetch)
+    finally:
+        monkeypatch.delenv("QUAD_L2_PREFETCH_SITES")
+        importlib.reload(l2_prefetch)
+    monkeypatch.setattr(l2_prefetch, "MB", 16.0)
+    monkeypatch.setattr(l2_prefetch, "l2_prefetch_op", lambda w: pytest.fail("prefetch on the CPU"))
+    weight = ops.QuantWeights(torch.zeros(64, 32, dtype=torch.uint8), torch.ones(64, 1).half(), None, None)
+    ops.l2_prefetch(weight, "o", 1)
 
 
 def test_engine_quantizer_prebuild_builds_the_prefetch_variants_it_will_run(monkeypatch):
     from types import SimpleNamespace
 
-    from kernels_tl import hadamard_quant_dispatch, quantize
+    from kernels_tl import hadamard_quant_dispatch, l2_prefetch, quantize
     from quad_engine import ops
     from quad_engine.config import HadamardSpec
     norms = []
     monkeypatch.setattr(quantize, "rmsnorm_quant", lambda *a, **kw: norms.append(
         (kw["residual"], kw["threads"], kw.get("prefetch_blocks", 0))))
     monkeypatch.setattr(hadamard_quant_dispatch, "prebuild_jobs", lambda probs, counts: [])
-    monkeypatch.setattr(quantize, "L2_PREFETCH_MB", 16.0)
-    monkeypatch.setattr(quantize, "L2_PREFETCH_BLOCKS", 132)
+    monkeypatch.setattr(l2_prefetch, "MB", 16.0)
+    monkeypatch.setattr(l2_prefetch, "BLOCKS", 132)
     cfg = SimpleNamespace(act_bits={"qkv": 4, "gate_up": 4, "o": 8, "down": 8}, rank=64, hidden_size=4096,
                           act_clip=0.9, rms_norm_eps=1e-5,
                           hadamard_o=HadamardSpec(size=4096, factors=[4096], block=None),

@@ -291,3 +291,15 @@ def test_l2_prefetch_rides_only_in_the_fused_add_modes():
     from kernels_tl.quantize import SM90, rmsnorm_quant
     with pytest.raises(AssertionError, match="fused-add"):
         rmsnorm_quant(64 + 4096, 64, 4096, 4, 0.9, 1e-5, target=SM90, residual="float32", prefetch_blocks=8)
+
+
+def test_l2_prefetch_kernel_builds(tmp_path):
+    """The prefetch as a kernel of its own (the o_proj and down_proj sites): waits for the previous
+    kernel, lets the next launch, one cp.async.bulk.prefetch.L2 a piece, no stores."""
+    from kernels_tl.l2_prefetch import SM90, l2_prefetch_kernel
+    src = l2_prefetch_kernel(132, target=SM90).get_kernel_source()
+    body = src[src.index("main_kernel("):]
+    assert body.index("cudaGridDependencySynchronize()") < body.index("cudaTriggerProgrammaticLaunchCompletion()")
+    assert body.count("quad_prefetch_l2(") == 1 and "cp.async.bulk.prefetch.L2.global" in src
+    assert not re.search(r"PF\[[^]]*\] =", body)
+    assert ptxas_spills(src, tmp_path) == [0, 0]

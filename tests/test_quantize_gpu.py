@@ -218,6 +218,25 @@ def test_l2_prefetch_blocks_leave_the_norm_outputs_unchanged(residual, m, prefet
     assert torch.equal(weights, kept), f"{what}: the prefetched tensor changed"
 
 
+@pytest.mark.parametrize("prefetch_bytes", [16, 12345 * 16, 40 << 20])
+def test_l2_prefetch_kernel_runs_and_leaves_its_tensor(prefetch_bytes):
+    """The prefetch kernel of its own (the o_proj / down_proj sites) runs, eagerly and replayed
+    from a CUDA graph, and leaves the tensor it prefetches as it was."""
+    from kernels_tl.l2_prefetch import l2_prefetch_kernel
+    g = torch.Generator(device="cuda").manual_seed(SEED + prefetch_bytes % 1000)
+    weights = torch.randint(0, 256, (prefetch_bytes,), generator=g, device="cuda", dtype=torch.uint8)
+    kept = weights.clone()
+    kernel = l2_prefetch_kernel(132)
+    kernel(weights)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        kernel(weights)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(weights, kept)
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("m", MS)
 @pytest.mark.parametrize("n", HADAMARD_SIZES)

@@ -80,6 +80,7 @@ class Attention(nn.Module):
         x_out, x_q, x_s = ops.rmsnorm_quant(h, cfg.rank, cfg.hidden_size, cfg.rms_norm_eps,
                                             bits["qkv"], cfg.act_clip, residual=pending, prefetch=self.qkv)
         qkv = self.qkv(x_q, x_s, x_out)
+        ops.l2_prefetch(self.o, "o", b * t)  # under RoPE, the KV store and attention (decode steps)
         nq, nkv, hd = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.head_dim
         ctx = get_context()
         if ctx is not None and kv_ops.fused_rope_store_supports(cfg, qkv, self.kv_cache):
@@ -142,6 +143,7 @@ class MLP(nn.Module):
             a_q, a_s = ops.hadamard_quant(act, cfg.hadamard_down, bits["down"], cfg.act_clip)
         else:
             gate_up = self.gate_up(x_q, x_s, x_out)
+            ops.l2_prefetch(self.down, "down", gate_up.numel() // gate_up.shape[-1])  # under the quantizer
             a_q, a_s = ops.swiglu_hadamard_quant(gate_up, cfg.hadamard_down, bits["down"], cfg.act_clip)
         return self.down(a_q, a_s, into_residual=True)
 
