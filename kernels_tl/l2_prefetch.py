@@ -38,7 +38,9 @@ from kernels_tl.targets import SM90, TARGETS  # noqa: F401
 MB = float(os.environ.get("QUAD_L2_PREFETCH_MB", "0"))
 BLOCKS = int(os.environ.get("QUAD_L2_PREFETCH_BLOCKS", "0"))
 SITES = frozenset(re.split(r"[,+]", os.environ.get("QUAD_L2_PREFETCH_SITES", "norm,o,down"))) - {""}
-assert SITES <= {"norm", "o", "down"}, f"QUAD_L2_PREFETCH_SITES: unknown sites {sorted(SITES - {'norm', 'o', 'down'})}"
+if not SITES <= {"norm", "o", "down"}:
+    raise ValueError(f"QUAD_L2_PREFETCH_SITES: unknown sites {sorted(SITES - {'norm', 'o', 'down'})} "
+                     "(known: norm, o, down)")
 # Token counts up to which a step prefetches (decode steps; prefill GEMMs are compute bound).
 MAX_TOKENS = 64
 
@@ -69,6 +71,7 @@ def prefetch_blocks(device=None) -> int:
 def _sm_count(device) -> int:
     import torch
     return torch.cuda.get_device_properties(device).multi_processor_count
+
 
 PREFETCH_SRC = r"""
 // Ask for [p, p + bytes) in L2 (a hint: no data comes back, nothing to wait for).

@@ -417,7 +417,7 @@ def test_l2_prefetch_sites_are_checked_and_inert_on_the_cpu(monkeypatch):
     from quad_engine import ops
     monkeypatch.setenv("QUAD_L2_PREFETCH_SITES", "norm,qkv")
     try:
-        with pytest.raises(AssertionError, match="unknown sites"):
+        with pytest.raises(ValueError, match="unknown sites"):
             importlib.reload(l2_prefetch)
     finally:
         monkeypatch.delenv("QUAD_L2_PREFETCH_SITES")
