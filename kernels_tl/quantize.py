@@ -209,6 +209,16 @@ def rmsnorm_quant(width: int, rank: int, d: int, bits: int, clip: float, eps: fl
     pfb = prefetch_blocks
     assert pfb == 0 or add, "the L2 prefetch rides in the fused-add modes (decode steps)"
 
+    @T.macro
+    def row_or_prefetch(H, D, XO, XQ, XS, SX, WS, PF, pn, m, bx):
+        """With prefetch blocks: the norm's row in blocks below m, the prefetch pieces past it."""
+        wait_for_producers("norm")
+        T.import_source(PREFETCH_SRC)
+        if bx < m:
+            body(H, D, XO, XQ, XS, bx, SX, WS)
+        else:
+            prefetch_share(PF, pn, bx - m, pfb, threads)
+
     @tilelang.jit(target=TARGETS[target], pass_configs=_PASS_CONFIGS)
     def build():
         m = T.dynamic("m")
@@ -227,12 +237,7 @@ def rmsnorm_quant(width: int, rank: int, d: int, bits: int, clip: float, eps: fl
                 PF: T.Tensor((pn,), "uint8"),
             ):
                 with T.Kernel(m + pfb, threads=threads) as bx:
-                    wait_for_producers("norm")
-                    T.import_source(PREFETCH_SRC)
-                    if bx < m:
-                        body(H, ACC, XO, XQ, XS, bx, SX, WS)
-                    else:
-                        prefetch_share(PF, pn, bx - m, pfb, threads)
+                    row_or_prefetch(H, ACC, XO, XQ, XS, SX, WS, PF, pn, m, bx)
         elif add and pfb:
             @T.prim_func
             def main(
@@ -244,12 +249,7 @@ def rmsnorm_quant(width: int, rank: int, d: int, bits: int, clip: float, eps: fl
                 PF: T.Tensor((pn,), "uint8"),
             ):
                 with T.Kernel(m + pfb, threads=threads) as bx:
-                    wait_for_producers("norm")
-                    T.import_source(PREFETCH_SRC)
-                    if bx < m:
-                        body(H, D, XO, XQ, XS, bx, None, None)
-                    else:
-                        prefetch_share(PF, pn, bx - m, pfb, threads)
+                    row_or_prefetch(H, D, XO, XQ, XS, None, None, PF, pn, m, bx)
         elif add == "splitk":
             @T.prim_func
             def main(
